@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the tests use, when running as root and they are missing.
+set -euo pipefail
+need=()
+command -v mosquitto_pub >/dev/null || need+=(mosquitto-clients)
+command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
+command -v runc >/dev/null || need+=(runc)
+command -v ctr >/dev/null || need+=(containerd)
+command -v nft >/dev/null || [ -x /usr/sbin/nft ] || need+=(nftables)
+[ -x /bin/busybox ] || need+=(busybox-static)
+command -v umoci >/dev/null || need+=(umoci)
+command -v ip >/dev/null || [ -x /usr/sbin/ip ] || need+=(iproute2)
+[ ${#need[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
+  echo "note: missing ${need[*]}; tests that need them will be skipped (install them as root to run those)" >&2
+  exit 0
+fi
+echo "installing ${need[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq >/dev/null
+apt-get install -y -qq "${need[@]}" >/dev/null

@@ -1,0 +1,184 @@
+"""Benchmarks of the three tiers with the process runtime (issue 2).
+
+* submit-to-RUNNING: ``services/deploy`` of a one-replica process service through root -> cluster ->
+  worker until the root's retained state says RUNNING, against spawning the same process directly;
+* worker death to RUNNING elsewhere: kill -9 a worker and time until its instances run on the other;
+* idle footprint of a 1-DOC stack (``oak up``): RSS and CPU of the process tree.
+
+Run: ``.venv/bin/python -m bench.three_tiers [--rounds N]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+from bench.common import record, summary
+from services.cli.client import OakClient, Profile, decode_state
+from services.common import topics
+from tests.stack import Proc, Stack, eventually, free_port, oak
+
+
+def sla(app: str, name: str, cmd: list[str]) -> bytes:
+    return json.dumps({"sla_version": "v2.0", "customerID": "bench", "applications": [{
+        "applicationID": "", "application_name": app, "application_namespace": "bench", "application_desc": "",
+        "microservices": [{"microserviceID": "", "microservice_name": name, "microservice_namespace": "bench",
+                           "virtualization": "process", "code": "", "cmd": cmd, "memory": 10, "vcpus": 0.01}]}]}).encode()
+
+
+async def client_for(stack: Stack) -> OakClient:
+    await eventually(lambda: (stack.base / "root" / "credentials.json").exists(), 30, what="root up")
+    client = OakClient(stack.profile())
+    return await client.__aenter__()
+
+
+async def wait_status(client: OakClient, job: str, want: str) -> float:
+    """Return the monotonic time at which *job*'s retained state first says *want*."""
+    topic = topics.api_service_state(client.profile.username, job)
+    while True:
+        message = await client.session.get(30)
+        if message.topic == topic and message.payload and decode_state(message.payload)["status"] == want:
+            return time.monotonic()
+
+
+async def spawn_baseline(rounds: int) -> list[float]:
+    """Milliseconds to start ``sleep`` directly and see it running."""
+    out = []
+    for _ in range(rounds):
+        t0 = time.monotonic()
+        proc = await asyncio.create_subprocess_exec("sleep", "30")
+        psutil.Process(proc.pid).status()
+        out.append((time.monotonic() - t0) * 1000)
+        proc.kill()
+        await proc.wait()
+    return out
+
+
+async def submit_to_running(rounds: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        stack = Stack(Path(tmp))
+        try:
+            stack.root()
+            stack.cluster("c1")
+            stack.worker("w1", "c1")
+            client = await client_for(stack)
+            await eventually(lambda: _online(client, 1), 30, what="worker online")
+            await client.request("apps", "create", raw=sla("lat", "svc", ["sleep", "3600"]))
+            job = "lat.bench.svc.bench"
+            client.session.subscribe(topics.api_service_state(client.profile.username, job))
+            latencies = []
+            for _ in range(rounds):
+                t0 = time.monotonic()
+                await client.request("services", "deploy", {"service": job, "replicas": 1})
+                latencies.append((await wait_status(client, job, "RUNNING") - t0) * 1000)
+                await client.request("services", "undeploy", {"service": job})
+                await wait_status(client, job, "UNDEPLOYED")
+            baseline = await spawn_baseline(rounds)
+            await client.__aexit__(None, None, None)
+        finally:
+            stack.stop()
+    lat, base = summary(latencies), summary(baseline)
+    record("submit_to_running", {
+        "command": "python -m bench.three_tiers", "unit": "ms", "orchestrated": lat, "direct_spawn": base,
+        "ratio_median": lat["median"] / base["median"], "added_median_ms": lat["median"] - base["median"],
+        "goal": "p50 under 150 ms",
+    })
+
+
+async def _online(client: OakClient, count: int) -> bool:
+    return sum(1 for n in await client.request("nodes", "list") if n["online"]) >= count
+
+
+async def worker_death(rounds: int) -> None:
+    durations = []
+    with tempfile.TemporaryDirectory() as tmp:
+        stack = Stack(Path(tmp))
+        try:
+            stack.root()
+            stack.cluster("c1")
+            stack.worker("wa", "c1")
+            stack.worker("wb", "c1")
+            client = await client_for(stack)
+            await eventually(lambda: _online(client, 2), 30, what="workers online")
+            await client.request("apps", "create", raw=sla("fail", "svc", ["sleep", "3601"]))
+            job = "fail.bench.svc.bench"
+            await client.request("services", "deploy", {"service": job, "replicas": 4})
+            for _ in range(rounds):
+                state = await eventually(lambda: _all_running(client, job, 4), 30, what="all running")
+                victim = max({i["node"] for i in state["instances"]},
+                             key=lambda n: sum(i["node"] == n for i in state["instances"]))
+                moved = {i["iid"] for i in state["instances"] if i["node"] == victim}
+                t0 = time.monotonic()
+                stack.procs[victim].kill9()
+                for proc in psutil.process_iter(["cmdline"]):
+                    if proc.info["cmdline"] == ["sleep", "3601"] and proc.parent() is None:
+                        proc.kill()
+                await eventually(lambda: _moved(client, job, moved, victim), 30, 0.02, what="moved")
+                durations.append(time.monotonic() - t0)
+                stack.procs[victim].start()
+                await eventually(lambda: _online(client, 2), 30, what="victim back")
+            await client.__aexit__(None, None, None)
+        finally:
+            stack.stop()
+    record("worker_death_to_running", {
+        "command": "python -m bench.three_tiers", "unit": "s", "failover": summary(durations),
+        "baseline": "Oakestra: 30-45 s (30 s inactivity threshold + 15 s redeploy tick)",
+        "ratio_median_vs_oakestra_30s": summary(durations)["median"] / 30.0, "goal": "under 5 s",
+    })
+
+
+async def _all_running(client: OakClient, job: str, n: int) -> dict | None:
+    state = await client.request("services", "inspect", {"service": job})
+    ok = len(state["instances"]) == n and all(i["status"] == "RUNNING" for i in state["instances"])
+    return state if ok else None
+
+
+async def _moved(client: OakClient, job: str, iids: set[str], victim: str) -> bool:
+    state = await client.request("services", "inspect", {"service": job})
+    return all(i["status"] == "RUNNING" and i["node"] != victim for i in state["instances"] if i["iid"] in iids)
+
+
+async def idle_footprint(seconds: float) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        port, cport = free_port(), free_port()
+        proc = Proc("up", oak("up", "--data-dir", tmp, "--host", "127.0.0.1", "--port", str(port),
+                              "--cluster-port", str(cport), "--name", "bench-worker"), Path(tmp)).start()
+        try:
+            await eventually(lambda: (Path(tmp) / "credentials.json").exists(), 30, what="up")
+            client = await OakClient(Profile.load(Path(tmp))).__aenter__()
+            await eventually(lambda: _online(client, 1), 30, what="worker online")
+            await client.__aexit__(None, None, None)
+            await asyncio.sleep(5)  # settle
+            ps = psutil.Process(proc.popen.pid)  # type: ignore[union-attr]
+            cpu0 = sum(ps.cpu_times()[:2])
+            await asyncio.sleep(seconds)
+            cpu = (sum(ps.cpu_times()[:2]) - cpu0) / seconds * 100
+            rss = ps.memory_info().rss / 2**20
+        finally:
+            proc.stop()
+    record("idle_footprint_1doc", {
+        "command": "python -m bench.three_tiers", "rss_mb": round(rss, 1), "cpu_percent_of_one_core": round(cpu, 2),
+        "window_s": seconds, "processes": 1, "baseline": "Oakestra's control plane: 0.5-1 GB RSS (paper)",
+        "ratio_rss_vs_oakestra_512mb": round(rss / 512, 3), "goal": "under 150 MB and under 2 % of a core",
+    })
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--failovers", type=int, default=5)
+    p.add_argument("--idle-seconds", type=float, default=30)
+    args = p.parse_args()
+    asyncio.run(submit_to_running(args.rounds))
+    asyncio.run(worker_death(args.failovers))
+    asyncio.run(idle_footprint(args.idle_seconds))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""Topic rules: who may publish, subscribe to and receive what. Pure functions, no broker needed.
+
+* a service (the root or cluster orchestrator itself, the bridge's local side): everything;
+* user ``U``: publish under ``oak/api/U/request/``, read ``oak/api/U/#``;
+* cluster ``C`` (root broker): publish under ``oak/clusters/C/up/``, read ``oak/clusters/C/down/#``
+  and ``oak/root/avail``;
+* node ``N`` (cluster broker): publish under ``oak/nodes/N/up/``, read ``oak/nodes/N/down/#`` and
+  ``oak/cluster/avail``;
+* a newcomer ``join:X``: publish ``oak/join/request/X``, read ``oak/join/response/X``.
+
+A subscription is allowed only when its filter is *confined* to an allowed subtree: the subtree's
+levels appear literally at the start of the filter, so ``+`` or ``#`` can never reach past it.
+"""
+
+from __future__ import annotations
+
+from broker.identity import CLUSTER, JOIN, NODE, SERVICE, USER, Identity
+from services.common import topics
+
+PUBLISH, SUBSCRIBE, RECEIVE = "publish", "subscribe", "receive"
+
+
+def _under(topic: str, prefix: str) -> bool:
+    """True when *topic* (or filter) lies in the subtree *prefix* without wildcards reaching above it."""
+    want = prefix.strip("/").split("/")
+    got = topic.split("/")
+    return len(got) > len(want) and got[: len(want)] == want
+
+
+def _rules(identity: Identity) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """(publish subtrees, readable subtrees, readable exact topics) of *identity*."""
+    name = identity.name
+    if identity.kind == USER:
+        return (f"oak/api/{name}/request",), (f"oak/api/{name}",), ()
+    if identity.kind == CLUSTER:
+        return (f"oak/clusters/{name}/up",), (f"oak/clusters/{name}/down",), (topics.ROOT_AVAIL,)
+    if identity.kind == NODE:
+        return (f"oak/nodes/{name}/up",), (f"oak/nodes/{name}/down",), (topics.CLUSTER_AVAIL,)
+    return (), (), ()
+
+
+def allowed(identity: Identity, action: str, topic: str) -> bool:
+    """Return True when *identity* may do *action* (publish/subscribe/receive) on *topic*."""
+    if identity.kind == SERVICE:
+        return True
+    if not topics.is_valid_id(identity.name):
+        return False
+    if identity.kind == JOIN:
+        exact = topics.join_request(identity.name) if action == PUBLISH else topics.join_response(identity.name)
+        return topic == exact
+    publish, readable, exact = _rules(identity)
+    if action == PUBLISH:
+        return "+" not in topic and "#" not in topic and any(_under(topic, p) for p in publish)
+    return topic in exact or any(_under(topic, p) for p in readable)

@@ -1,0 +1,112 @@
+"""Per-identity credentials: salted PBKDF2 hashes kept in the service's TinyDB, never plain passwords."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import secrets
+from dataclasses import dataclass
+
+from broker.identity import JOIN, SERVICE, Identity
+from services.common.store import Store
+
+log = logging.getLogger(__name__)
+
+TABLE = "identities"
+ITERATIONS = 100_000
+
+
+def new_password() -> str:
+    """A fresh random password for a machine identity."""
+    return secrets.token_urlsafe(24)
+
+
+def _hash(password: str, salt: bytes, iterations: int) -> str:
+    return hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations).hex()
+
+
+@dataclass(frozen=True)
+class Account:
+    """A stored identity: its username, password hash and whether it administers the system."""
+
+    username: str
+    salt: str
+    hash: str
+    iterations: int = ITERATIONS
+    admin: bool = False
+
+
+class Credentials:
+    """The accounts a broker accepts, backed by a :class:`Store`.
+
+    Also admits, without storing anything, the in-process services (``svc:*``, with a password made
+    at start-up) and newcomers (``join:<nonce>``) when joining is open or their token is right.
+    """
+
+    def __init__(self, store: Store, join_token: str | None = None) -> None:
+        self._store = store
+        self._accounts: dict[str, Account] = {}
+        self._services: dict[str, str] = {}
+        self._verified: dict[str, bytes] = {}
+        self.join_token = join_token
+
+    async def load(self) -> None:
+        """Read the accounts from the store."""
+        self._accounts = {k: Account(**v) for k, v in (await self._store.load(TABLE)).items()}
+
+    def service_password(self, username: str) -> str:
+        """Return (creating it once) the in-memory password of an in-process service identity."""
+        return self._services.setdefault(username, new_password())
+
+    def exists(self, username: str) -> bool:
+        """True when an account *username* is stored."""
+        return username in self._accounts
+
+    def is_admin(self, username: str) -> bool:
+        """True when *username* is an administrator."""
+        account = self._accounts.get(username)
+        return bool(account and account.admin)
+
+    def usernames(self) -> list[str]:
+        """Every stored username."""
+        return sorted(self._accounts)
+
+    async def set_password(self, username: str, password: str, *, admin: bool = False) -> None:
+        """Create or replace the account *username*."""
+        salt = secrets.token_bytes(16)
+        account = Account(username, salt.hex(), _hash(password, salt, ITERATIONS), ITERATIONS, admin)
+        await self._store.put(TABLE, username, account.__dict__)
+        self._accounts[username] = account
+        self._verified.pop(username, None)
+
+    async def remove(self, username: str) -> None:
+        """Delete the account *username*."""
+        await self._store.delete(TABLE, username)
+        self._accounts.pop(username, None)
+        self._verified.pop(username, None)
+
+    def verify(self, username: str | None, password: str | bytes | None) -> Identity | None:
+        """Return the identity when *password* is right for *username*, else None."""
+        if not username or password is None:
+            return None
+        if isinstance(password, bytes):
+            password = password.decode(errors="replace")
+        identity = Identity.of(username)
+        if identity.kind == SERVICE:
+            expected = self._services.get(username)
+            return identity if expected and hmac.compare_digest(expected, password) else None
+        if identity.kind == JOIN:
+            if self.join_token is None:
+                return identity
+            return identity if hmac.compare_digest(self.join_token, password) else None
+        account = self._accounts.get(username)
+        if account is None:
+            return None
+        digest = hashlib.sha256(password.encode()).digest()
+        if self._verified.get(username) == digest:  # PBKDF2 once per password, not per reconnect
+            return identity
+        if hmac.compare_digest(_hash(password, bytes.fromhex(account.salt), account.iterations), account.hash):
+            self._verified[username] = digest
+            return identity
+        return None

@@ -1,0 +1,116 @@
+"""Joining: a new cluster (at the root) or worker (at a cluster) obtains credentials of its own.
+
+The newcomer connects as ``join:<nonce>`` (password: the join token, or anything when joining is
+open), publishes ``{"kind": "node", "name": "w1"}`` on ``oak/join/request/<nonce>`` and reads its
+username and password from ``oak/join/response/<nonce>``; the ACL lets no one else read that topic.
+It keeps them in ``<data-dir>/identity.json`` (mode 0600) and uses only them from then on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from broker.credentials import Credentials, new_password
+from broker.identity import Identity
+from services.common import topics
+from services.common.mqtt import BrokerUrl, Message, MqttError, MqttSession
+
+log = logging.getLogger(__name__)
+
+IDENTITY_FILE = "identity.json"
+
+
+@dataclass(frozen=True)
+class Login:
+    """A username and password to connect with."""
+
+    username: str
+    password: str
+
+
+def write_secret(path: Path, data: dict[str, str]) -> None:
+    """Write *data* as JSON readable by the owner only."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(data, handle)
+    os.replace(tmp, path)
+
+
+async def obtain_login(
+    data_dir: Path, url: BrokerUrl, kind: str, name: str, token: str | None, timeout: float = 30.0
+) -> Login:
+    """Return this cluster's or worker's login, joining the parent first if it has none yet."""
+    path = data_dir / IDENTITY_FILE
+    if path.exists():
+        saved = json.loads(path.read_text())
+        return Login(saved["username"], saved["password"])
+    nonce = secrets.token_hex(16)
+    async with MqttSession(url, f"join-{nonce}", f"join:{nonce}", token or "-") as session:
+        session.subscribe(topics.join_response(nonce))
+        request = json.dumps({"kind": kind, "name": name}).encode()
+        async with asyncio.timeout(timeout):
+            while True:
+                session.publish(topics.join_request(nonce), request)
+                try:
+                    answer = json.loads((await session.get(3.0)).payload)
+                    break
+                except TimeoutError:
+                    log.info("waiting for %s to answer the join request of %s %r", url, kind, name)
+    if not answer.get("ok"):
+        raise MqttError(f"{url} refused to let {kind} {name!r} join: {answer.get('error') or answer}")
+    login = Login(answer["username"], answer["password"])
+    write_secret(path, {"username": login.username, "password": login.password})
+    log.info("joined %s as %s; credentials kept in %s", url, login.username, path)
+    return login
+
+
+class JoinDesk:
+    """Answers join requests of one kind of newcomer (``cluster`` at the root, ``node`` at a cluster)."""
+
+    def __init__(self, credentials: Credentials, kind: str) -> None:
+        self.credentials = credentials
+        self.kind = kind
+
+    async def handle(self, session: MqttSession, message: Message) -> str | None:
+        """Answer one request; return the name that joined, if one did."""
+        nonce = message.topic.rsplit("/", 1)[-1]
+        try:
+            request = json.loads(message.payload)
+            kind, name = request["kind"], request["name"]
+        except (ValueError, KeyError, TypeError):
+            return self._answer(session, nonce, error="the join request must be {\"kind\": ..., \"name\": ...}")
+        if kind != self.kind:
+            return self._answer(session, nonce, error=f"only a {self.kind} can join here, not a {kind}")
+        if not isinstance(name, str) or not topics.is_valid_id(name):
+            return self._answer(session, nonce, error=f"bad name {name!r}: use letters, digits, '-' and '_'")
+        username = Identity(kind, name).username
+        if self.credentials.exists(username):
+            return self._answer(
+                session,
+                nonce,
+                error=f"a {kind} named {name!r} has already joined; restart it with its own data dir "
+                f"(it keeps its credentials in {IDENTITY_FILE}) or choose another name",
+            )
+        password = new_password()
+        await self.credentials.set_password(username, password)
+        if self.credentials.join_token is None:
+            log.warning(
+                "OPEN JOIN: %s %r joined without a token; start with --join-token to require one", kind, name
+            )
+        self._answer(session, nonce, login=Login(username, password))
+        return name
+
+    @staticmethod
+    def _answer(session: MqttSession, nonce: str, *, error: str = "", login: Login | None = None) -> None:
+        body = {"ok": True, **login.__dict__} if login else {"ok": False, "error": error}
+        session.publish(topics.join_response(nonce), json.dumps(body).encode())
+        if error:
+            log.warning("join refused: %s", error)

@@ -1,0 +1,47 @@
+"""The amqtt plugins that make an embedded broker Oakling's: authentication and topic rules."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from amqtt.contexts import Action
+from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
+from amqtt.session import Session
+
+from broker import acl
+from broker.identity import Identity
+
+ACTIONS = {Action.PUBLISH: acl.PUBLISH, Action.SUBSCRIBE: acl.SUBSCRIBE, Action.RECEIVE: acl.RECEIVE}
+
+
+class OakAuthPlugin(BaseAuthPlugin):
+    """Admits a client only with the right password for its identity; no anonymous access."""
+
+    @dataclass
+    class Config:
+        """``credentials``: the :class:`broker.credentials.Credentials` to check against."""
+
+        credentials: Any = None
+
+    async def authenticate(self, *, session: Session) -> bool | None:
+        """Check the session's username and password."""
+        identity = self.config.credentials.verify(session.username, session.password)
+        session.is_anonymous = identity is None
+        return identity is not None
+
+
+class OakTopicPlugin(BaseTopicPlugin):
+    """Applies :mod:`broker.acl` to every publish, subscribe and delivery."""
+
+    @dataclass
+    class Config:
+        """No options: the rules follow from the identity in the username."""
+
+    async def topic_filtering(
+        self, *, session: Session | None = None, topic: str | None = None, action: Action | None = None
+    ) -> bool | None:
+        """Allow or deny *action* on *topic* for the session's identity."""
+        if session is None or topic is None or action is None or not session.username:
+            return False
+        return acl.allowed(Identity.of(session.username), ACTIONS[action], topic)

@@ -1,0 +1,176 @@
+"""What each ``oak`` command does: run services, or send one API request and render the answer."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from services.cli.client import CliError, OakClient, Profile
+from services.cli.tables import table
+from services.cluster.app import ClusterConfig, run_cluster
+from services.common.mqtt import BrokerUrl
+from services.root.app import RootConfig, run_root
+from services.worker.app import WorkerConfig, run_worker
+
+Render = Callable[[Any], str]
+
+# ---- services ---------------------------------------------------------------------------------
+
+
+def _root_config(args: argparse.Namespace, home: Path) -> RootConfig:
+    return RootConfig(home, args.host, args.port, args.scheduler, args.join_token,
+                      getattr(args, "advertise", "127.0.0.1"))
+
+
+async def root(args: argparse.Namespace, home: Path) -> None:
+    """``oak root``."""
+    await run_root(_root_config(args, home))
+
+
+async def cluster(args: argparse.Namespace, home: Path, root_url: BrokerUrl) -> None:
+    """``oak cluster``."""
+    await run_cluster(ClusterConfig(home, args.name, root_url, args.location, args.host, args.port,
+                                    args.scheduler, args.join_token, args.root_join_token))
+
+
+async def worker(args: argparse.Namespace, home: Path, cluster_url: BrokerUrl) -> None:
+    """``oak worker``."""
+    await run_worker(WorkerConfig(home, cluster_url, args.name, tuple(args.runtime or ("process",)),
+                                  args.collector, args.join_token, args.location))
+
+
+async def up(args: argparse.Namespace, home: Path) -> None:
+    """``oak up``: root, cluster and worker in one process (1-DOC); each keeps its own data dir."""
+    root_ready, cluster_ready = asyncio.Event(), asyncio.Event()
+    ports: dict[str, int] = {}
+
+    async def start_cluster() -> None:
+        await root_ready.wait()
+        await run_cluster(
+            ClusterConfig(home / "cluster", args.cluster_name, BrokerUrl("127.0.0.1", ports["root"]),
+                          host=args.host, port=args.cluster_port, scheduler=args.scheduler,
+                          join_token=args.join_token, root_join_token=args.join_token),
+            cluster_ready,
+        )
+
+    async def start_worker() -> None:
+        await cluster_ready.wait()
+        await run_worker(WorkerConfig(home / "worker", BrokerUrl("127.0.0.1", args.cluster_port),
+                                      args.name, join_token=args.join_token))
+
+    async def announce() -> None:
+        await cluster_ready.wait()
+        print(f"Oakling is up: root on port {ports['root']}, cluster {args.cluster_name!r} on port "
+              f"{args.cluster_port}, worker {args.name!r}.\nAdmin credentials: {home / 'credentials.json'}\n"
+              f"Try: oak app create sla.json && oak service list    (Ctrl-C stops everything)",
+              file=sys.stderr, flush=True)
+
+    cfg = _root_config(args, home)
+    ports["root"] = args.port
+    async with asyncio.TaskGroup() as tasks:
+        tasks.create_task(run_root(cfg, root_ready))
+        tasks.create_task(start_cluster())
+        tasks.create_task(start_worker())
+        tasks.create_task(announce())
+
+
+# ---- client commands ---------------------------------------------------------------------------
+
+SERVICE_COLUMNS = [("SERVICE", "job_name"), ("ID", "service_id"), ("STATUS", "status"),
+                   ("REPLICAS", "replicas"), ("VIRT", "virtualization"), ("CODE", "code")]
+INSTANCE_COLUMNS = [("#", "number"), ("STATUS", "status"), ("CLUSTER", "cluster"), ("NODE", "node"),
+                    ("CPU%", "cpu_percent"), ("MEM MB", "memory_mb"), ("RESTARTS", "restarts"),
+                    ("REASON", "reason")]
+
+
+def _services(data: Any) -> str:
+    return table(data, SERVICE_COLUMNS) if data else "no services"
+
+
+def _service(data: Any) -> str:
+    head = (f"{data['job_name']}  ({data['service_id']})  {data['status']}\n"
+            f"{data['virtualization']} {data['code'] or ' '.join(data['cmd'])}  "
+            f"vcpus={data['vcpus']} memory={data['memory']}MB replicas={data['replicas']}\n")
+    return head + (table(data["instances"], INSTANCE_COLUMNS) if data["instances"] else "no instances")
+
+
+def _apps(data: Any) -> str:
+    rows = [{**a, "services": [s["job_name"] for s in a["services"]]} for a in data]
+    return table(rows, [("APP", "name"), ("NAMESPACE", "namespace"), ("ID", "app_id"),
+                        ("SERVICES", "services")]) if rows else "no applications"
+
+
+def _read_sla(path: str) -> bytes:
+    try:
+        return sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+    except OSError as exc:
+        raise CliError(f"cannot read {path}: {exc.strerror}") from None
+
+
+async def client_command(args: argparse.Namespace) -> tuple[Any, Render]:
+    """Run one client command; return its data and how to render it."""
+    from services.cli.client import oak_home
+
+    profile = Profile.load(oak_home(args.data_dir), args.root)
+    async with OakClient(profile) as oak:
+        group, action = args.command, getattr(args, "action", None)
+        if group == "app" and action == "create":
+            return await oak.request("apps", "create", raw=_read_sla(args.sla)), _apps
+        if group == "app" and action == "list":
+            return await oak.request("apps", "list"), _apps
+        if group == "app" and action == "delete":
+            data = await oak.request("apps", "delete", {"app": args.app})
+            return data, lambda d: f"deleted {d['app_id']} ({', '.join(d['deleted_services']) or 'no services'})"
+        if group == "service":
+            return await _service_command(oak, args)
+        if group == "cluster":
+            return await oak.request("clusters", "list"), lambda d: table(
+                d, [("CLUSTER", "name"), ("ONLINE", "online"), ("LOCATION", "location"), ("NODES", "nodes"),
+                    ("CPUS", "cpu_cores"), ("MEM MB", "memory_mb"), ("CPU%", "cpu_percent"),
+                    ("INSTANCES", "instances")]) if d else "no clusters"
+        if group == "node":
+            return await oak.request("nodes", "list"), lambda d: table(
+                d, [("NODE", "name"), ("CLUSTER", "cluster"), ("ONLINE", "online"), ("CPUS", "cpu_cores"),
+                    ("CPU FREE", "cpu_free"), ("MEM MB", "memory_mb"), ("MEM FREE", "memory_free_mb"),
+                    ("CPU%", "cpu_percent"), ("RUNTIMES", "runtimes"), ("INSTANCES", "instances")]) if d else "no nodes"
+        if group == "user" and action == "create":
+            password = args.password or os.environ.get("OAK_NEW_PASSWORD") or getpass.getpass("password: ")
+            data = await oak.request("users", "create", {"username": args.username, "password": password,
+                                                         "admin": args.admin})
+            return data, lambda d: f"created user {d['username']}" + (" (admin)" if d["admin"] else "")
+        if group == "user" and action == "list":
+            return await oak.request("users", "list"), lambda d: table(d, [("USER", "username"), ("ADMIN", "admin")])
+    raise CliError(f"unknown command {group} {action}")
+
+
+async def _service_command(oak: OakClient, args: argparse.Namespace) -> tuple[Any, Render]:
+    action = args.action
+    if action == "list":
+        return await oak.request("services", "list", {"app": args.app} if args.app else {}), _services
+    if action == "inspect":
+        return await oak.request("services", "inspect", {"service": args.service}), _service
+    if action == "scale":
+        return await oak.request("services", "scale", {"service": args.service, "replicas": args.replicas}), _service
+    if action == "undeploy":
+        body: dict[str, Any] = {"service": args.service}
+        if args.instance is not None:
+            body["instance"] = args.instance
+        return await oak.request("services", "undeploy", body), _service
+    data = await oak.request("services", "deploy", {"service": args.service, "replicas": args.replicas})
+    if args.wait:
+        seen: list[str] = []
+
+        def progress(state: dict[str, Any]) -> None:
+            line = ", ".join(f"#{i['number']} {i['status']}" for i in state["instances"])
+            if not seen or seen[-1] != line:
+                seen.append(line)
+                print(f"{state['job_name']}: {line}", file=sys.stderr, flush=True)
+
+        data = await oak.wait_until_running(data["job_name"], args.timeout, progress)
+    return data, _service

@@ -1,0 +1,179 @@
+"""``oak``: run Oakling's services and drive them from a terminal."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from services.cli import commands
+from services.cli.client import CliError, oak_home
+from services.common.lifecycle import run_until_signalled, setup_logging
+from services.common.mqtt import BrokerUrl, MqttError
+from services.common.plugins import PluginError
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", help="state, credentials and logs (default: $OAK_HOME or ~/.oak)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.add_argument("--root", help="the root broker, HOST:PORT (default: from credentials.json)")
+
+
+def _add_service_flags(p: argparse.ArgumentParser, port: int) -> None:
+    p.add_argument("--data-dir", help="state, credentials and logs (default: $OAK_HOME or ~/.oak)")
+    p.add_argument("--host", default="0.0.0.0", help="address the broker listens on (default 0.0.0.0)")
+    p.add_argument("--port", type=int, default=port, help=f"broker port (default {port}; 0 = any free port)")
+    p.add_argument("--scheduler", default="least-loaded", help="scheduler plugin (default least-loaded)")
+    p.add_argument("--join-token", default=os.environ.get("OAK_JOIN_TOKEN"),
+                   help="require this token from clusters/workers that join (default: open joining)")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+
+def parser() -> argparse.ArgumentParser:
+    """The whole command line."""
+    top = argparse.ArgumentParser(prog="oak", description="Oakling: a hierarchical edge orchestrator.")
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = sub.add_parser("up", help="run root + cluster + worker on this machine (1-DOC)")
+    _add_service_flags(up, 10000)
+    up.add_argument("--cluster-port", type=int, default=10003, help="cluster broker port (default 10003)")
+    up.add_argument("--cluster-name", default="cluster1")
+    up.add_argument("--name", default=socket.gethostname(), help="worker name (default: hostname)")
+
+    root = sub.add_parser("root", help="run the root orchestrator")
+    _add_service_flags(root, 10000)
+    root.add_argument("--advertise", default="127.0.0.1", help="address written into credentials.json")
+
+    cluster = sub.add_parser("cluster", help="run a cluster orchestrator, or `oak cluster list`")
+    cluster.add_argument("action", nargs="?", choices=["list"], help="list the clusters instead of running one")
+    _add_service_flags(cluster, 10003)
+    cluster.add_argument("--root", help="root broker HOST:PORT (default $OAK_ROOT or "
+                         "$SYSTEM_MANAGER_URL:$SYSTEM_MANAGER_PORT, else 127.0.0.1:10000)")
+    cluster.add_argument("--name", default=os.environ.get("CLUSTER_NAME"), help="default $CLUSTER_NAME")
+    cluster.add_argument("--location", default=os.environ.get("CLUSTER_LOCATION", ""),
+                         help="default $CLUSTER_LOCATION (e.g. 48.14,11.58)")
+    cluster.add_argument("--root-join-token", default=os.environ.get("OAK_ROOT_JOIN_TOKEN"))
+    cluster.add_argument("--json", action="store_true", help="with list: print JSON")
+
+    worker = sub.add_parser("worker", help="run a worker (NodeEngine)")
+    worker.add_argument("--data-dir")
+    worker.add_argument("--cluster", default="127.0.0.1:10003", help="cluster broker HOST:PORT")
+    worker.add_argument("--name", default=socket.gethostname(), help="worker name (default: hostname)")
+    worker.add_argument("--runtime", action="append", help="runtime plugin(s) to enable (default: process)")
+    worker.add_argument("--collector", default="psutil")
+    worker.add_argument("--join-token", default=os.environ.get("OAK_JOIN_TOKEN"))
+    worker.add_argument("--location", default="")
+    worker.add_argument("-v", "--verbose", action="store_true")
+
+    app = sub.add_parser("app", help="applications").add_subparsers(dest="action", required=True)
+    p = app.add_parser("create", help="create the applications of an SLA file")
+    p.add_argument("sla", help="SLA v2.0 JSON file ('-' for stdin)")
+    _add_common(p)
+    _add_common(app.add_parser("list", help="list your applications"))
+    p = app.add_parser("delete", help="undeploy and delete an application")
+    p.add_argument("app", help="application name or id")
+    _add_common(p)
+
+    svc = sub.add_parser("service", help="services").add_subparsers(dest="action", required=True)
+    p = svc.add_parser("deploy", help="deploy a service")
+    p.add_argument("service", help="job name (app.appns.svc.svcns) or id")
+    p.add_argument("-n", "--replicas", type=int, default=1)
+    p.add_argument("--wait", action="store_true", help="follow its status until it runs")
+    p.add_argument("--timeout", type=float, default=60.0)
+    _add_common(p)
+    p = svc.add_parser("scale", help="set the number of instances")
+    p.add_argument("service")
+    p.add_argument("replicas", type=int)
+    _add_common(p)
+    p = svc.add_parser("undeploy", help="stop all instances, or one")
+    p.add_argument("service")
+    p.add_argument("instance", nargs="?", type=int, help="instance number")
+    _add_common(p)
+    p = svc.add_parser("list", help="list your services")
+    p.add_argument("--app", help="only this application's")
+    _add_common(p)
+    p = svc.add_parser("inspect", help="one service and its instances")
+    p.add_argument("service")
+    _add_common(p)
+
+    node = sub.add_parser("node", help="workers").add_subparsers(dest="action", required=True)
+    _add_common(node.add_parser("list", help="list every worker"))
+
+    user = sub.add_parser("user", help="users (administrators only)").add_subparsers(dest="action", required=True)
+    p = user.add_parser("create", help="create a user")
+    p.add_argument("username")
+    p.add_argument("--password", help="default: read from $OAK_NEW_PASSWORD or a prompt")
+    p.add_argument("--admin", action="store_true")
+    _add_common(p)
+    _add_common(user.add_parser("list", help="list users"))
+    return top
+
+
+def root_url(value: str | None) -> BrokerUrl:
+    """The root broker from a flag, or the environment (Oakling's or Oakestra's names)."""
+    value = value or os.environ.get("OAK_ROOT")
+    if not value and os.environ.get("SYSTEM_MANAGER_URL"):
+        value = f"{os.environ['SYSTEM_MANAGER_URL']}:{os.environ.get('SYSTEM_MANAGER_PORT', '10000')}"
+    return BrokerUrl.parse(value or "127.0.0.1:10000", 10000)
+
+
+def _run_services(args: argparse.Namespace) -> Callable[[], Awaitable[None]] | None:
+    """The coroutine factory of a service command, or None for a client command."""
+    home = oak_home(args.data_dir)
+    if args.command == "up":
+        return lambda: commands.up(args, home)
+    if args.command == "root":
+        return lambda: commands.root(args, home)
+    if args.command == "cluster" and args.action is None:
+        if not args.name:
+            raise CliError("a cluster needs a name: --name or $CLUSTER_NAME")
+        return lambda: commands.cluster(args, home, root_url(args.root))
+    if args.command == "worker":
+        return lambda: commands.worker(args, home, BrokerUrl.parse(args.cluster, 10003))
+    return None
+
+
+def _print(data: Any, args: argparse.Namespace, render: Callable[[Any], str]) -> None:
+    print(json.dumps(data, indent=2) if getattr(args, "json", False) else render(data))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``oak``."""
+    args = parser().parse_args(argv)
+    try:
+        service = _run_services(args)
+        if service is not None:
+            setup_logging(getattr(args, "verbose", False))
+            asyncio.run(run_until_signalled(service))
+            return 0
+        data, render = asyncio.run(commands.client_command(args))
+        _print(data, args, render)
+        return 0
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # one clear line per failure, no traceback, for errors people can fix
+        leaves = _leaves(exc)
+        if not all(isinstance(leaf, EXPECTED) for leaf in leaves):
+            raise
+        for leaf in leaves:
+            print(f"oak: {leaf}", file=sys.stderr)
+        return 1
+
+
+EXPECTED = (CliError, MqttError, PluginError, ValueError, OSError)
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The errors inside (possibly nested) exception groups."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

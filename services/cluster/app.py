@@ -1,0 +1,95 @@
+"""Wires a cluster orchestrator: its broker, the bridge to the root, its store and scheduler."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from broker.bridge import Bridge
+from broker.credentials import Credentials
+from broker.join import JoinDesk, obtain_login
+from broker.server import EmbeddedBroker, Listeners
+from services.cluster.orchestrator import ClusterOrchestrator
+from services.common import envelope, models, plugins, topics
+from services.common.models import ClusterInfo
+from services.common.mqtt import BrokerUrl, MqttSession, dispatch
+from services.common.store import Store
+
+log = logging.getLogger(__name__)
+VERSION = "0.1.0"
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """How to run a cluster orchestrator."""
+
+    data_dir: Path
+    name: str
+    root: BrokerUrl
+    location: str = ""
+    host: str = "0.0.0.0"
+    port: int = 10003
+    scheduler: str = "least-loaded"
+    join_token: str | None = None
+    root_join_token: str | None = None
+
+
+async def run_cluster(cfg: ClusterConfig, ready: asyncio.Event | None = None) -> None:
+    """Run a cluster orchestrator until cancelled; set *ready* once workers can connect."""
+    if not topics.is_valid_id(cfg.name):
+        raise ValueError(f"bad cluster name {cfg.name!r}: use letters, digits, '-' and '_' (at most 63)")
+    scheduler = plugins.load_scheduler(plugins.make_manager(), cfg.scheduler)
+    store = Store(cfg.data_dir / "cluster.db.json")
+    credentials = Credentials(store, cfg.join_token)
+    await credentials.load()
+    desk = JoinDesk(credentials, "node")
+    try:
+        async with EmbeddedBroker(Listeners(cfg.host, cfg.port), credentials) as broker:
+            local = BrokerUrl("127.0.0.1", broker.port)
+            session = MqttSession(
+                local, "cluster", "svc:cluster", credentials.service_password("svc:cluster"),
+                avail_topic=topics.CLUSTER_AVAIL,
+            )
+            async with session:
+                orchestrator = ClusterOrchestrator(cfg.name, store, scheduler, session)
+                await orchestrator.restore()
+                orchestrator.subscribe()
+                session.subscribe(topics.JOIN_REQUESTS)
+                info = ClusterInfo(cfg.name, cfg.location, VERSION, cfg.scheduler)
+                session.publish(
+                    topics.upstream("info"),
+                    envelope.encode("cluster.info", models.dump(info), f"cluster/{cfg.name}"),
+                    retain=True,
+                )
+                log.info("cluster %s serving workers on port %d", cfg.name, broker.port)
+                if ready:
+                    ready.set()
+                async with asyncio.TaskGroup() as tasks:
+                    tasks.create_task(orchestrator.run())
+                    tasks.create_task(
+                        dispatch(
+                            session,
+                            {
+                                topics.JOIN_REQUEST_PREFIX: lambda m: desk.handle(session, m),
+                                topics.BASE + "/": orchestrator.handle,
+                            },
+                        )
+                    )
+                    tasks.create_task(_bridge(cfg, local, credentials))
+    finally:
+        store.close()
+
+
+async def _bridge(cfg: ClusterConfig, local: BrokerUrl, credentials: Credentials) -> None:
+    """Join the root if needed, then forward between the brokers for as long as the cluster runs."""
+    login = await obtain_login(cfg.data_dir, cfg.root, "cluster", cfg.name, cfg.root_join_token, timeout=3600)
+    root_side = MqttSession(
+        cfg.root, f"bridge-{cfg.name}", login.username, login.password,
+        avail_topic=topics.up(topics.CLUSTERS, cfg.name, "avail"), clean_session=False,
+    )
+    local_side = MqttSession(local, "bridge", "svc:bridge", credentials.service_password("svc:bridge"))
+    async with root_side, local_side:
+        log.info("cluster %s bridged to the root at %s", cfg.name, cfg.root)
+        await Bridge(cfg.name, root_side, local_side).run()

@@ -1,0 +1,294 @@
+"""The cluster orchestrator: places the root's instances on workers and reports back.
+
+It reads, on its own broker, the root's desired map (``oak/downstream/desired``, delivered by the
+bridge) and every worker's ``avail``/``info``/``state``; it writes each worker's desired map and the
+cluster's ``info``/``state`` for the root (``oak/upstream/...``).
+
+Fit is judged on *declared* demand (the SLA's vcpus and memory summed over a worker's instances), so
+two placements in a row never double-book a worker; measured load only breaks ties.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.common import envelope, models, scheduling, topics
+from services.common.hookspecs import Candidate, SchedulerPlugin
+from services.common.models import InstanceSpec, InstanceStatus, NodeInfo, NodeSummary
+from services.common.mqtt import Message, MqttSession
+from services.common.store import Store
+
+log = logging.getLogger(__name__)
+
+DESIRED, ASSIGNED = "desired", "assigned"
+STATE_INTERVAL = 2.0
+RETRY_INTERVAL = 1.0
+
+
+@dataclass
+class NodeView:
+    """What the cluster knows of one worker."""
+
+    name: str
+    online: bool = False
+    info: NodeInfo | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    statuses: dict[str, InstanceStatus] = field(default_factory=dict)
+
+
+class ClusterOrchestrator:
+    """Desired instances from the root, placed on workers; observed statuses, reported upward."""
+
+    def __init__(self, name: str, store: Store, scheduler: SchedulerPlugin, session: MqttSession) -> None:
+        self.name = name
+        self.store = store
+        self.scheduler = scheduler
+        self.session = session
+        self.nodes: dict[str, NodeView] = {}
+        self.desired: dict[str, InstanceSpec] = {}
+        self.assigned: dict[str, str] = {}
+        self.unplaced: dict[str, str] = {}
+        self._published: dict[str, frozenset[str]] = {}
+        self._changed = asyncio.Event()
+
+    # ---- start-up ----------------------------------------------------------------------------
+
+    async def restore(self) -> None:
+        """Load the desired map and assignments of a previous run and republish workers' maps."""
+        for iid, doc in (await self.store.load(DESIRED)).items():
+            with contextlib.suppress(ValueError):
+                self.desired[iid] = models.load(InstanceSpec, doc)
+        self.assigned = {
+            iid: doc["node"] for iid, doc in (await self.store.load(ASSIGNED)).items() if iid in self.desired
+        }
+        for node in set(self.assigned.values()):
+            self.nodes.setdefault(node, NodeView(node))
+            self._publish_node(node)
+
+    def subscribe(self) -> None:
+        """Subscribe to the root's desired map and every worker's channels."""
+        self.session.subscribe(
+            topics.downstream("desired"),
+            topics.up_filter(topics.NODES, "avail"),
+            topics.up_filter(topics.NODES, "info"),
+            topics.up_filter(topics.NODES, "state"),
+        )
+
+    # ---- messages ----------------------------------------------------------------------------
+
+    async def handle(self, message: Message) -> None:
+        """Apply one message; a malformed one is logged and changes nothing."""
+        try:
+            if message.topic == topics.downstream("desired"):
+                await self._on_desired(message.payload)
+                return
+            parsed = topics.parse_child(message.topic)
+            if parsed is None or parsed.kind != topics.NODES or parsed.direction != "up":
+                return
+            node = self.nodes.setdefault(parsed.child, NodeView(parsed.child))
+            if parsed.channel == "avail":
+                await self._on_avail(node, envelope.is_online(message.payload))
+            elif parsed.channel == "info" and message.payload:
+                node.info = models.load(NodeInfo, envelope.decode(message.payload, "node.info").data)
+                self._changed.set()
+            elif parsed.channel == "state" and message.payload:
+                self._on_state(node, envelope.decode(message.payload, "node.state").data)
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring a bad message on %s: %s", message.topic, exc)
+
+    async def _on_desired(self, payload: bytes) -> None:
+        desired = models.load_desired(envelope.decode(payload, "desired").data) if payload else {}
+        gone = [iid for iid in self.desired if iid not in desired]
+        self.desired = desired
+        touched = {self.assigned.pop(iid) for iid in gone if iid in self.assigned}
+        for iid in gone:
+            self.unplaced.pop(iid, None)
+        await self.store.put_many(DESIRED, {i: models.dump(s) for i, s in desired.items()}, tuple(gone))
+        await self.store.put_many(ASSIGNED, {}, tuple(gone))
+        for node in touched:
+            self._publish_node(node)
+        await self.place_pending()
+
+    async def _on_avail(self, node: NodeView, online: bool) -> None:
+        was = node.online
+        node.online = online
+        if online and not was:
+            log.info("worker %s is online", node.name)
+        if not online and was:
+            lost = [iid for iid, n in self.assigned.items() if n == node.name]
+            log.warning("worker %s went offline; moving its %d instance(s)", node.name, len(lost))
+            for iid in lost:
+                del self.assigned[iid]
+            await self.store.put_many(ASSIGNED, {}, tuple(lost))
+            node.statuses = {}
+            self._publish_node(node.name)
+            await self.place_pending()
+        self._changed.set()
+
+    def _on_state(self, node: NodeView, data: dict[str, Any]) -> None:
+        statuses = models.load_statuses(data.get("instances", {}))
+        changed = {i: s.status for i, s in statuses.items()} != {i: s.status for i, s in node.statuses.items()}
+        node.statuses = statuses
+        node.metrics = {k: float(v) for k, v in data.items() if isinstance(v, int | float)}
+        if changed:
+            self._changed.set()
+
+    # ---- placement ---------------------------------------------------------------------------
+
+    def candidates(self) -> list[Candidate]:
+        """Every online worker with what remains free of its capacity after its instances' demands."""
+        used: dict[str, list[float]] = {}
+        for iid, node in self.assigned.items():
+            demand = self.desired[iid].demand()
+            total = used.setdefault(node, [0.0, 0.0])
+            total[0] += demand.vcpus
+            total[1] += demand.memory_mb
+        out = []
+        for view in self.nodes.values():
+            if not view.online or view.info is None:
+                continue
+            cpu_used, mem_used = used.get(view.name, [0.0, 0.0])
+            out.append(
+                Candidate(
+                    id=view.name,
+                    cpu_free=view.info.cpu_cores - cpu_used,
+                    memory_free_mb=view.info.memory_mb - mem_used,
+                    cpu_total=view.info.cpu_cores,
+                    memory_total_mb=view.info.memory_mb,
+                    virtualizations=tuple(view.info.runtimes),
+                    cpu_percent=view.metrics.get("cpu_percent", 0.0),
+                    location=view.info.location,
+                )
+            )
+        return out
+
+    async def place_pending(self) -> None:
+        """Place every desired instance that has no worker; publish the workers' maps that changed."""
+        pending = [iid for iid in self.desired if iid not in self.assigned]
+        if not pending:
+            return
+        candidates = {c.id: c for c in self.candidates()}
+        placed: dict[str, dict[str, str]] = {}
+        for iid in sorted(pending, key=lambda i: (self.desired[i].job_name, self.desired[i].instance_number)):
+            demand = self.desired[iid].demand()
+            decision = scheduling.place(demand, list(candidates.values()), self.scheduler, "node")
+            if decision.choice is None:
+                reason = decision.why_not() if candidates else "no worker online"
+                if self.unplaced.get(iid) != reason:
+                    log.warning("cannot place %s: %s", iid, reason)
+                self.unplaced[iid] = reason
+                continue
+            chosen = decision.choice
+            candidates[chosen.id] = Candidate(
+                **{
+                    **chosen.__dict__,
+                    "cpu_free": chosen.cpu_free - demand.vcpus,
+                    "memory_free_mb": chosen.memory_free_mb - demand.memory_mb,
+                }
+            )
+            self.assigned[iid] = chosen.id
+            self.unplaced.pop(iid, None)
+            placed[iid] = {"node": chosen.id}
+            log.info("placed %s on %s", iid, chosen.id)
+        if placed:
+            await self.store.put_many(ASSIGNED, placed)
+            for node in {p["node"] for p in placed.values()}:
+                self._publish_node(node)
+        self._changed.set()
+
+    def _publish_node(self, node: str) -> None:
+        mine = {iid: models.dump(self.desired[iid]) for iid, n in self.assigned.items() if n == node}
+        key = frozenset(mine)
+        if self._published.get(node) == key:
+            return
+        self._published[node] = key
+        self.session.publish(
+            topics.down(topics.NODES, node, "desired"),
+            envelope.encode("desired", {"instances": mine}, f"cluster/{self.name}"),
+            retain=True,
+        )
+
+    # ---- reporting ---------------------------------------------------------------------------
+
+    def statuses(self) -> dict[str, InstanceStatus]:
+        """The status of every desired instance, as the root should see it."""
+        out = {}
+        for iid in self.desired:
+            node = self.assigned.get(iid)
+            if node is None:
+                reason = self.unplaced.get(iid, "")
+                status = models.NO_WORKER_CAPACITY if reason else models.REQUESTED
+                out[iid] = InstanceStatus(status, reason, cluster=self.name)
+                continue
+            seen = self.nodes[node].statuses.get(iid) if node in self.nodes else None
+            if seen is None:
+                out[iid] = InstanceStatus(models.NODE_SCHEDULED, node=node, cluster=self.name)
+            else:
+                out[iid] = InstanceStatus(**{**seen.__dict__, "node": node, "cluster": self.name})
+        return out
+
+    def summaries(self) -> dict[str, NodeSummary]:
+        """Every known worker as the root sees it."""
+        free = {c.id: c for c in self.candidates()}
+        counts: dict[str, int] = {}
+        for node in self.assigned.values():
+            counts[node] = counts.get(node, 0) + 1
+        out = {}
+        for view in self.nodes.values():
+            if view.info is None:
+                continue
+            cand = free.get(view.name)
+            out[view.name] = NodeSummary(
+                name=view.name,
+                online=view.online,
+                cpu_cores=view.info.cpu_cores,
+                memory_mb=view.info.memory_mb,
+                cpu_free=cand.cpu_free if cand else 0.0,
+                memory_free_mb=cand.memory_free_mb if cand else 0.0,
+                cpu_percent=view.metrics.get("cpu_percent", 0.0),
+                runtimes=list(view.info.runtimes),
+                instances=counts.get(view.name, 0),
+                arch=view.info.arch,
+            )
+        return out
+
+    def state(self) -> dict[str, Any]:
+        """The cluster's retained ``state`` for the root."""
+        return {
+            "nodes": {n: models.dump(s) for n, s in self.summaries().items()},
+            "instances": {i: models.dump(s) for i, s in self.statuses().items()},
+        }
+
+    async def run(self) -> None:
+        """Retry placements and publish the cluster state, until cancelled."""
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._report())
+            tasks.create_task(self._retry())
+
+    async def _retry(self) -> None:
+        while True:
+            await asyncio.sleep(RETRY_INTERVAL)
+            await self.place_pending()
+
+    async def _report(self) -> None:
+        topic = topics.upstream("state")
+        last = b""
+        next_periodic = 0.0
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), STATE_INTERVAL)
+            await asyncio.sleep(0.005)  # coalesce bursts
+            self._changed.clear()
+            body = json.dumps(self.state(), sort_keys=True).encode()
+            now = time.monotonic()
+            if body != last or now >= next_periodic:
+                self.session.publish(
+                    topic, envelope.encode("cluster.state", json.loads(body), f"cluster/{self.name}"), retain=True
+                )
+                last, next_periodic = body, now + STATE_INTERVAL * 5

@@ -1,0 +1,210 @@
+"""The plugin contract of Oakling: every ``oak_*`` hook, documented like pytest's hookspecs.
+
+Plugins are plain modules (or objects) carrying ``@hookimpl`` functions. Oakling finds them through the
+entry-point groups ``oak.schedulers``, ``oak.runtimes`` and ``oak.collectors`` (its own built-ins are
+declared there too) and asks them, by name, for the one the operator chose at startup.
+
+pluggy calls hooks synchronously; a hook therefore *returns an object* whose methods may be async
+(a :class:`Runtime`), it is never a coroutine itself. Always call hooks with keyword arguments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import pluggy
+
+PROJECT = "oak"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+# --------------------------------------------------------------------------------------------------
+# Runtimes: how a worker runs an instance
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """Everything a runtime needs to start one instance of a service."""
+
+    iid: str
+    job_name: str
+    instance_number: int
+    virtualization: str
+    code: str
+    cmd: tuple[str, ...]
+    environment: tuple[str, ...]
+    memory_mb: int
+    vcpus: float
+    one_shot: bool
+    log_path: str
+    work_dir: str
+
+
+@dataclass(frozen=True)
+class Handle:
+    """What a runtime remembers of a started instance; stored in TinyDB so a restarted worker can adopt it."""
+
+    iid: str
+    runtime: str
+    pid: int
+    started_at: float
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Exit:
+    """How an instance ended: its exit code (None when unknown) and a reason people can read."""
+
+    code: int | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class InstanceStats:
+    """A sample of one instance's resource use."""
+
+    cpu_percent: float
+    memory_mb: float
+
+
+@runtime_checkable
+class Runtime(Protocol):
+    """A way to run instances (OS processes, OCI containers, VMs).
+
+    ``virtualizations`` are the SLA ``virtualization`` values this runtime serves; the worker advertises
+    them in its node info, and the schedulers never place a service on a worker lacking its value.
+    """
+
+    name: str
+    virtualizations: tuple[str, ...]
+
+    async def start(self, spec: LaunchSpec) -> Handle:
+        """Start the instance; raise :class:`RuntimeError` with a readable message when it cannot start."""
+        ...
+
+    async def wait(self, handle: Handle) -> Exit:
+        """Return once the instance has ended."""
+        ...
+
+    async def stop(self, handle: Handle, grace: float) -> None:
+        """Ask the instance to stop (SIGTERM), kill it after *grace* seconds, and clean up after it."""
+        ...
+
+    async def adopt(self, handle: Handle) -> bool:
+        """Return True when the instance behind *handle* still runs, so a restarted worker keeps it."""
+        ...
+
+    async def stats(self, handle: Handle) -> InstanceStats | None:
+        """Return a resource sample of a running instance, or None when it cannot be measured."""
+        ...
+
+
+# --------------------------------------------------------------------------------------------------
+# Collectors: what a worker reports about itself
+# --------------------------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class Collector(Protocol):
+    """Measures the node a worker runs on."""
+
+    name: str
+
+    def info(self) -> dict[str, Any]:
+        """Static facts: ``cpu_cores``, ``memory_mb``, ``arch``, ``os``, ``hostname``."""
+        ...
+
+    def sample(self) -> dict[str, Any]:
+        """Dynamic facts: ``cpu_percent``, ``memory_free_mb``, ``memory_percent``, ``disk_percent``."""
+        ...
+
+
+# --------------------------------------------------------------------------------------------------
+# Schedulers: where an instance goes
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Demand:
+    """What one instance asks of the candidate it is placed on."""
+
+    vcpus: float
+    memory_mb: int
+    virtualization: str
+    clusters: tuple[str, ...] = ()
+    nodes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A place an instance can go: a worker (at a cluster) or a cluster (at the root).
+
+    For a cluster, ``cpu_free``/``memory_free_mb`` describe its *largest free single worker*, never a
+    sum, so the root never sends an instance no worker of the cluster can hold.
+    """
+
+    id: str
+    cpu_free: float
+    memory_free_mb: float
+    cpu_total: float
+    memory_total_mb: float
+    virtualizations: tuple[str, ...]
+    cpu_percent: float = 0.0
+    location: str = ""
+    node_names: tuple[str, ...] = ()
+
+
+@runtime_checkable
+class SchedulerPlugin(Protocol):
+    """Chooses among the candidates that fit an instance.
+
+    The framework has already removed candidates that lack the resources, the virtualization or a
+    ``direct`` constraint; a plugin may reject more (``filter``) and ranks the rest (``score``).
+    """
+
+    name: str
+
+    def filter(self, demand: Demand, candidate: Candidate) -> str | None:
+        """Return None to keep *candidate*, or a reason such as ``"node-3: too hot"`` to reject it."""
+        ...
+
+    def score(self, demand: Demand, candidate: Candidate) -> float:
+        """Return a score in 0..100; the highest score wins."""
+        ...
+
+
+# --------------------------------------------------------------------------------------------------
+# Hooks
+# --------------------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def oak_make_runtime(name: str, config: dict[str, Any]) -> Runtime | None:
+    """Return the runtime called *name*, built with *config*, or None if this plugin has no such runtime.
+
+    Called once per runtime the worker was told to enable (``--runtime``), at worker startup.
+    Stops at first non-None result.
+
+    :param name: the runtime's name as the operator wrote it, e.g. ``"process"``.
+    :param config: ``data_dir`` (the worker's data directory) plus any runtime options.
+    """
+
+
+@hookspec(firstresult=True)
+def oak_make_collector(name: str) -> Collector | None:
+    """Return the metrics collector called *name*, or None.
+
+    Called once at worker startup. Stops at first non-None result.
+    """
+
+
+@hookspec(firstresult=True)
+def oak_make_scheduler(name: str) -> SchedulerPlugin | None:
+    """Return the scheduler plugin called *name*, or None.
+
+    Called once at root or cluster startup; the same plugins serve both tiers (the candidates are
+    clusters at the root and workers at a cluster). Stops at first non-None result.
+    """

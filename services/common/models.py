@@ -1,0 +1,142 @@
+"""The messages tiers exchange, as frozen dataclasses with a JSON form.
+
+Readers build them with :func:`load`, which ignores unknown keys (newer senders may add optional
+ones) and raises :class:`ValueError` on a malformed body.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from services.common.hookspecs import Demand
+from services.common.sla import ServiceSpec
+
+T = TypeVar("T")
+
+# Instance statuses, as Oakestra names them on the wire.
+REQUESTED = "REQUESTED"
+CLUSTER_SCHEDULED = "CLUSTER_SCHEDULED"
+NODE_SCHEDULED = "NODE_SCHEDULED"
+CREATING = "CREATING"
+RUNNING = "RUNNING"
+FAILED = "FAILED"
+DEAD = "DEAD"
+COMPLETED = "COMPLETED"
+NO_CLUSTER_CAPACITY = "NoActiveClusterWithCapacity"
+NO_WORKER_CAPACITY = "NO_WORKER_CAPACITY"
+UNSCHEDULED = (REQUESTED, NO_CLUSTER_CAPACITY)
+
+
+def load(cls: type[T], data: Any) -> T:
+    """Build dataclass *cls* from a JSON object, ignoring unknown keys."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{cls.__name__}: expected an object, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    try:
+        return cls(**{k: v for k, v in data.items() if k in names})
+    except TypeError as exc:
+        raise ValueError(f"{cls.__name__}: {exc}") from None
+
+
+def dump(obj: Any) -> dict[str, Any]:
+    """The JSON form of a dataclass."""
+    return dataclasses.asdict(obj)
+
+
+@dataclass(frozen=True)
+class InstanceSpec:
+    """One instance a parent wants running: the value type of every ``desired`` map."""
+
+    iid: str
+    owner: str
+    job_name: str
+    instance_number: int
+    service: dict[str, Any]
+
+    @property
+    def spec(self) -> ServiceSpec:
+        """The service this is an instance of."""
+        return ServiceSpec.from_dict(self.service)
+
+    def demand(self) -> Demand:
+        """What the instance asks of the place it runs on."""
+        spec = self.spec
+        return Demand(
+            vcpus=float(spec.vcpus),
+            memory_mb=int(spec.memory),
+            virtualization=spec.virtualization,
+            clusters=tuple(spec.clusters),
+            nodes=tuple(spec.nodes),
+        )
+
+
+def load_desired(data: Any) -> dict[str, InstanceSpec]:
+    """Decode a ``desired`` map ``{"instances": {iid: spec}}``."""
+    if not isinstance(data, dict) or not isinstance(data.get("instances"), dict):
+        raise ValueError("desired: expected {'instances': {...}}")
+    return {iid: load(InstanceSpec, spec) for iid, spec in data["instances"].items()}
+
+
+@dataclass(frozen=True)
+class InstanceStatus:
+    """What is observed of one instance; travels up from worker to cluster to root."""
+
+    status: str
+    reason: str = ""
+    node: str = ""
+    cluster: str = ""
+    cpu_percent: float = 0.0
+    memory_mb: float = 0.0
+    restarts: int = 0
+    exit_code: int | None = None
+    since: float = 0.0
+
+
+def load_statuses(data: Any) -> dict[str, InstanceStatus]:
+    """Decode an ``{iid: status}`` map."""
+    if not isinstance(data, dict):
+        raise ValueError("instances: expected an object")
+    return {iid: load(InstanceStatus, status) for iid, status in data.items()}
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """A worker's static facts (retained ``info``)."""
+
+    name: str
+    cpu_cores: float
+    memory_mb: float
+    runtimes: list[str]
+    arch: str = ""
+    os: str = ""
+    hostname: str = ""
+    location: str = ""
+    version: str = ""
+
+
+@dataclass(frozen=True)
+class NodeSummary:
+    """A worker as its cluster reports it to the root: capacity, what is free, and its load."""
+
+    name: str
+    online: bool
+    cpu_cores: float
+    memory_mb: float
+    cpu_free: float
+    memory_free_mb: float
+    cpu_percent: float
+    runtimes: list[str]
+    instances: int = 0
+    arch: str = ""
+
+
+@dataclass(frozen=True)
+class ClusterInfo:
+    """A cluster's static facts (retained ``info``)."""
+
+    name: str
+    location: str = ""
+    version: str = ""
+    scheduler: str = ""

@@ -1,0 +1,225 @@
+"""An asyncio MQTT 3.1.1 session over gmqtt, shaped like aiomqtt.
+
+What every Oakling service needs from its broker connection, in one place:
+
+* MQTT 3.1.1 always (amqtt speaks nothing else), credentials always;
+* a retained last will (``{"state":"offline"}``) and a retained birth once connected;
+* gmqtt owns reconnection; on every (re)connect this session resubscribes and, once gmqtt has
+  replayed its in-flight messages, republishes every retained topic it owns, so a broker that
+  restarted empty is refilled and an old in-flight message never overwrites a newer one;
+* incoming messages as an async iterator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+from urllib.parse import urlsplit
+
+import gmqtt
+from gmqtt.mqtt.constants import MQTTv311
+
+from services.common.envelope import OFFLINE, ONLINE
+
+log = logging.getLogger(__name__)
+logging.getLogger("gmqtt").setLevel(logging.WARNING)
+
+CONNECT_TIMEOUT = 10.0
+
+
+class MqttError(Exception):
+    """The broker cannot be reached or refused us."""
+
+
+@dataclass(frozen=True)
+class BrokerUrl:
+    """Where a broker listens: ``mqtt://host:port`` or ``mqtts://host:port``."""
+
+    host: str
+    port: int
+    tls: bool = False
+
+    @classmethod
+    def parse(cls, url: str, default_port: int = 1883) -> BrokerUrl:
+        """Parse ``mqtt://host:port``, ``mqtts://host:port`` or a bare ``host[:port]``."""
+        if "://" not in url:
+            url = f"mqtt://{url}"
+        parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl") or not parts.hostname:
+            raise ValueError(f"not a broker URL: {url!r} (expected mqtt://host:port)")
+        return cls(parts.hostname, parts.port or default_port, parts.scheme in ("mqtts", "ssl"))
+
+    def __str__(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Message:
+    """A message received from the broker."""
+
+    topic: str
+    payload: bytes
+    retain: bool
+    qos: int
+
+
+class MqttSession:
+    """One client connection; use as ``async with MqttSession(...) as session``."""
+
+    def __init__(
+        self,
+        url: BrokerUrl,
+        client_id: str,
+        username: str,
+        password: str,
+        *,
+        avail_topic: str | None = None,
+        clean_session: bool = True,
+        keepalive: int = 10,
+        retry_first_connect: bool = True,
+    ) -> None:
+        self.url = url
+        self.client_id = client_id
+        self._avail_topic = avail_topic
+        self._retry = retry_first_connect
+        self._keepalive = keepalive
+        will = gmqtt.Message(avail_topic, OFFLINE, qos=1, retain=True) if avail_topic else None
+        self._client = gmqtt.Client(client_id, clean_session=clean_session, will_message=will)
+        self._client.set_auth_credentials(username, password)
+        self._client.set_config({"reconnect_retries": -1, "reconnect_delay": 1})
+        self._client.on_connect = self._on_connect
+        self._client.on_message = self._on_message
+        self._client.on_disconnect = self._on_disconnect
+        self._filters: dict[str, int] = {}
+        self._retained: dict[str, bytes] = {}
+        self._queue: asyncio.Queue[Message] = asyncio.Queue()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.connected = asyncio.Event()
+        self.reconnects = 0
+        self._closing = False
+
+    # ---- connection --------------------------------------------------------------------------
+
+    async def __aenter__(self) -> MqttSession:
+        delay = 0.2
+        while True:
+            try:
+                await asyncio.wait_for(self._connect_once(), CONNECT_TIMEOUT)
+                return self
+            except gmqtt.mqtt.handler.MQTTConnectError as exc:
+                raise MqttError(f"{self.url} refused {self.client_id!r}: {exc}") from None
+            except (OSError, TimeoutError) as exc:
+                if not self._retry:
+                    raise MqttError(f"cannot reach the broker at {self.url}: {exc}") from None
+                log.warning("cannot reach the broker at %s (%s); retrying in %.1f s", self.url, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _connect_once(self) -> None:
+        tls: Any = ssl.create_default_context() if self.url.tls else False
+        await self._client.connect(
+            self.url.host, self.url.port, ssl=tls, keepalive=self._keepalive, version=MQTTv311
+        )
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Say offline (a graceful disconnect suppresses the will) and disconnect."""
+        for task in self._tasks:
+            task.cancel()
+        self.connected.clear()
+        self._closing = True
+        if self._avail_topic and self._client.is_connected:
+            self._client.publish(self._avail_topic, OFFLINE, qos=1, retain=True)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._client._persistent_storage.wait_empty(), 2)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._client.disconnect(), 2)
+
+    def _on_connect(self, client: gmqtt.Client, flags: int, rc: int, properties: Any) -> None:
+        if self.connected.is_set() or self.reconnects:
+            log.info("%s reconnected to %s", self.client_id, self.url)
+        self.reconnects += 1
+        for topic_filter, qos in self._filters.items():
+            client.subscribe(topic_filter, qos=qos)
+        task = asyncio.get_running_loop().create_task(self._refill())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _refill(self) -> None:
+        """After gmqtt has replayed its in-flight messages, republish every retained topic we own."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._client._persistent_storage.wait_empty(), 3)
+        for topic, payload in list(self._retained.items()):
+            self._client.publish(topic, payload, qos=1, retain=True)
+        if self._avail_topic:
+            self._client.publish(self._avail_topic, ONLINE, qos=1, retain=True)
+        self.connected.set()
+
+    def _on_disconnect(self, client: gmqtt.Client, packet: Any, exc: Any = None) -> None:
+        if self.connected.is_set() and not self._closing:
+            log.warning("%s lost the broker at %s; reconnecting", self.client_id, self.url)
+        self.connected.clear()
+
+    def _on_message(self, client: gmqtt.Client, topic: str, payload: bytes, qos: int, properties: Any) -> int:
+        retain = bool(properties.get("retain", 0)) if isinstance(properties, dict) else False
+        self._queue.put_nowait(Message(topic, payload or b"", retain, qos))
+        return 0
+
+    # ---- traffic -----------------------------------------------------------------------------
+
+    def subscribe(self, *filters: str, qos: int = 1) -> None:
+        """Subscribe now and after every reconnect."""
+        for topic_filter in filters:
+            self._filters[topic_filter] = qos
+            if self._client.is_connected:
+                self._client.subscribe(topic_filter, qos=qos)
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1) -> None:
+        """Publish; a retained topic is remembered and republished after every reconnect.
+
+        An empty retained payload clears the topic at the broker and here.
+        """
+        if retain:
+            if payload:
+                self._retained[topic] = payload
+            else:
+                self._retained.pop(topic, None)
+        self._client.publish(topic, payload, qos=qos, retain=retain)
+
+    async def messages(self) -> AsyncIterator[Message]:
+        """Yield incoming messages forever."""
+        while True:
+            yield await self._queue.get()
+
+    async def get(self, timeout: float) -> Message:
+        """Return the next incoming message, or raise TimeoutError."""
+        return await asyncio.wait_for(self._queue.get(), timeout)
+
+
+Handler = Callable[[Message], Awaitable[Any]]
+
+
+async def dispatch(session: MqttSession, routes: dict[str, Handler]) -> None:
+    """Hand every incoming message to the handler of the longest matching topic prefix, forever.
+
+    A handler that raises is logged and the loop goes on: one bad message never stops a service.
+    """
+    ordered = sorted(routes.items(), key=lambda item: -len(item[0]))
+    async for message in session.messages():
+        for prefix, handler in ordered:
+            if message.topic.startswith(prefix):
+                try:
+                    await handler(message)
+                except Exception:
+                    log.exception("failed to handle a message on %s", message.topic)
+                break

@@ -1,0 +1,71 @@
+"""The plugin manager: loads the plugin a service was told to use, by name, from entry points."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pluggy
+
+from services.common import hookspecs
+from services.common.hookspecs import Collector, Runtime, SchedulerPlugin
+
+GROUPS = {"scheduler": "oak.schedulers", "runtime": "oak.runtimes", "collector": "oak.collectors"}
+
+
+class PluginError(Exception):
+    """A plugin was asked for by name and cannot be found or built."""
+
+
+def make_manager() -> pluggy.PluginManager:
+    """Return a plugin manager that knows the ``oak_*`` hookspecs and no plugins yet."""
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    return pm
+
+
+def _load(pm: pluggy.PluginManager, kind: str, name: str) -> None:
+    """Register the entry point *name* of *kind*'s group (unless autoload is switched off)."""
+    if os.environ.get("OAK_DISABLE_PLUGIN_AUTOLOAD"):
+        return
+    pm.load_setuptools_entrypoints(GROUPS[kind], name=name)
+    pm.check_pending()
+
+
+def available(kind: str) -> list[str]:
+    """Names of the installed plugins of *kind* (``scheduler``, ``runtime`` or ``collector``)."""
+    from importlib.metadata import entry_points
+
+    return sorted(ep.name for ep in entry_points(group=GROUPS[kind]))
+
+
+def _missing(kind: str, name: str) -> PluginError:
+    names = ", ".join(available(kind)) or "none"
+    return PluginError(f"no {kind} plugin named {name!r} (installed: {names})")
+
+
+def load_runtime(pm: pluggy.PluginManager, name: str, config: dict[str, Any]) -> Runtime:
+    """Return the runtime *name*; raise :class:`PluginError` naming the installed ones if it is unknown."""
+    _load(pm, "runtime", name)
+    runtime = pm.hook.oak_make_runtime(name=name, config=config)
+    if runtime is None:
+        raise _missing("runtime", name)
+    return runtime  # type: ignore[no-any-return]
+
+
+def load_collector(pm: pluggy.PluginManager, name: str) -> Collector:
+    """Return the metrics collector *name*."""
+    _load(pm, "collector", name)
+    collector = pm.hook.oak_make_collector(name=name)
+    if collector is None:
+        raise _missing("collector", name)
+    return collector  # type: ignore[no-any-return]
+
+
+def load_scheduler(pm: pluggy.PluginManager, name: str) -> SchedulerPlugin:
+    """Return the scheduler plugin *name*."""
+    _load(pm, "scheduler", name)
+    scheduler = pm.hook.oak_make_scheduler(name=name)
+    if scheduler is None:
+        raise _missing("scheduler", name)
+    return scheduler  # type: ignore[no-any-return]

@@ -1,0 +1,302 @@
+"""Oakestra's SLA v2.0 deployment descriptor: parsed and validated with errors that name the field.
+
+Accepted as Oakestra accepts it (extra keys pass through untouched); rejected with :class:`SlaError`
+whose ``field`` is the JSON path of the culprit, e.g. ``applications[0].microservices[1].memory``.
+Garbage of any shape gives an :class:`SlaError`, never a crash.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+NAME_RE = re.compile(r"^[a-zA-Z0-9]{1,30}$")
+VIRT_RE = re.compile(r"^[a-z0-9_-]{1,30}$")
+ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
+PORT_RE = re.compile(r"^(\d{1,5})(?::(\d{1,5}))?(?:/(tcp|udp))?$")
+CONSTRAINT_TYPES = ("direct", "geo", "latency", "addons", "clusters")
+RR_NET = ipaddress.ip_network("10.30.0.0/16")
+MICRO_KEYS = {"microserviceID", "microservice_name", "microservice_namespace", "virtualization", "code", "cmd",
+              "environment", "memory", "vcpus", "vcpu", "vgpus", "storage", "port", "one_shot", "privileged",
+              "addresses", "constraints"}
+
+
+class SlaError(ValueError):
+    """An SLA is invalid; ``field`` is the JSON path of the culprit."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """One validated microservice of an application."""
+
+    app_name: str
+    app_namespace: str
+    name: str
+    namespace: str
+    virtualization: str
+    code: str
+    cmd: tuple[str, ...] = ()
+    environment: tuple[str, ...] = ()
+    memory: int = 0
+    vcpus: float = 0
+    vgpus: int = 0
+    storage: int = 0
+    port: str = ""
+    one_shot: bool = False
+    privileged: bool = False
+    rr_ip: str = ""
+    clusters: tuple[str, ...] = ()
+    nodes: tuple[str, ...] = ()
+    constraints: tuple[dict[str, Any], ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def job_name(self) -> str:
+        """Oakestra's job name ``app.appns.svc.svcns``."""
+        return f"{self.app_name}.{self.app_namespace}.{self.name}.{self.namespace}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form; :meth:`from_dict` reads it back exactly."""
+        return {
+            "app_name": self.app_name, "app_namespace": self.app_namespace, "name": self.name,
+            "namespace": self.namespace, "virtualization": self.virtualization, "code": self.code,
+            "cmd": list(self.cmd), "environment": list(self.environment), "memory": self.memory,
+            "vcpus": self.vcpus, "vgpus": self.vgpus, "storage": self.storage, "port": self.port,
+            "one_shot": self.one_shot, "privileged": self.privileged, "rr_ip": self.rr_ip,
+            "clusters": list(self.clusters), "nodes": list(self.nodes),
+            "constraints": [dict(c) for c in self.constraints], "extra": dict(self.extra),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ServiceSpec:
+        """Inverse of :meth:`to_dict`."""
+        return cls(**{
+            **data,
+            "cmd": tuple(data.get("cmd", ())), "environment": tuple(data.get("environment", ())),
+            "clusters": tuple(data.get("clusters", ())), "nodes": tuple(data.get("nodes", ())),
+            "constraints": tuple(data.get("constraints", ())), "extra": dict(data.get("extra", {})),
+        })
+
+
+@dataclass(frozen=True)
+class AppSpec:
+    """One validated application with its services."""
+
+    name: str
+    namespace: str
+    desc: str
+    services: tuple[ServiceSpec, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        return {"name": self.name, "namespace": self.namespace, "desc": self.desc,
+                "services": [s.to_dict() for s in self.services]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AppSpec:
+        """Inverse of :meth:`to_dict`."""
+        return cls(data["name"], data["namespace"], data["desc"],
+                   tuple(ServiceSpec.from_dict(s) for s in data["services"]))
+
+
+# ---- field checks ---------------------------------------------------------------------------------
+
+
+def _obj(value: Any, path: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise SlaError(path, f"expected an object, got {_kind(value)}")
+    return value
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _str(obj: dict[str, Any], key: str, path: str, required: bool = False, default: str = "") -> str:
+    if key not in obj:
+        if required:
+            raise SlaError(f"{path}.{key}", "is required")
+        return default
+    value = obj[key]
+    if not isinstance(value, str):
+        raise SlaError(f"{path}.{key}", f"expected a string, got {_kind(value)}")
+    return value
+
+
+def _name(obj: dict[str, Any], key: str, path: str) -> str:
+    value = _str(obj, key, path, required=True)
+    if not NAME_RE.match(value):
+        raise SlaError(f"{path}.{key}", f"{value!r} must be 1-30 letters or digits")
+    return value
+
+
+def _empty_id(obj: dict[str, Any], key: str, path: str) -> None:
+    if _str(obj, key, path):
+        raise SlaError(f"{path}.{key}", "must be empty when creating")
+
+
+def _number(obj: dict[str, Any], key: str, path: str, integer: bool) -> float:
+    value = obj.get(key, 0)
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise SlaError(f"{path}.{key}", f"expected a number, got {_kind(value)}")
+    if value < 0:
+        raise SlaError(f"{path}.{key}", f"must not be negative (got {value})")
+    if integer and value != int(value):
+        raise SlaError(f"{path}.{key}", f"expected a whole number, got {value}")
+    return int(value) if integer else value
+
+
+def _bool(obj: dict[str, Any], key: str, path: str) -> bool:
+    value = obj.get(key, False)
+    if not isinstance(value, bool):
+        raise SlaError(f"{path}.{key}", f"expected true or false, got {_kind(value)}")
+    return value
+
+
+def _strings(obj: dict[str, Any], key: str, path: str) -> tuple[str, ...]:
+    value = obj.get(key, [])
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise SlaError(f"{path}.{key}", f"expected a list of strings, got {_kind(value)}")
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise SlaError(f"{path}.{key}[{i}]", f"expected a string, got {_kind(item)}")
+    return tuple(value)
+
+
+def _port(value: str, path: str) -> str:
+    for item in filter(None, value.split(";")):
+        match = PORT_RE.match(item.strip())
+        if not match or not all(1 <= int(p) <= 65535 for p in match.groups()[:2] if p):
+            raise SlaError(path, f"{item!r} is not 'port', 'host:container' or 'host:container/tcp|udp'")
+    return value
+
+
+def _names(value: Any, path: str) -> tuple[str, ...]:
+    if value is None or value == "":
+        return ()
+    if isinstance(value, str):
+        return tuple(n.strip() for n in re.split(r"[;,]", value) if n.strip())
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(v.strip() for v in value if v.strip())
+    raise SlaError(path, "expected a name, a ';'-separated list of names, or a list of strings")
+
+
+def _constraints(micro: dict[str, Any], path: str) -> tuple[tuple[dict[str, Any], ...], tuple[str, ...], tuple[str, ...]]:
+    raw = micro.get("constraints", [])
+    if raw is None:
+        return (), (), ()
+    if not isinstance(raw, list):
+        raise SlaError(f"{path}.constraints", f"expected a list, got {_kind(raw)}")
+    clusters: list[str] = []
+    nodes: list[str] = []
+    for i, item in enumerate(raw):
+        where = f"{path}.constraints[{i}]"
+        constraint = _obj(item, where)
+        kind = _str(constraint, "type", where, required=True)
+        if kind not in CONSTRAINT_TYPES:
+            raise SlaError(f"{where}.type", f"{kind!r} is not one of {', '.join(CONSTRAINT_TYPES)}")
+        if kind == "direct":
+            c = _names(constraint.get("cluster"), f"{where}.cluster")
+            n = _names(constraint.get("node"), f"{where}.node")
+            if not c and not n:
+                raise SlaError(where, "a direct constraint needs a 'cluster' or a 'node'")
+            clusters += c
+            nodes += n
+    return tuple(raw), tuple(dict.fromkeys(clusters)), tuple(dict.fromkeys(nodes))
+
+
+def _service(micro: Any, path: str, app: str, app_ns: str) -> ServiceSpec:
+    micro = _obj(micro, path)
+    _empty_id(micro, "microserviceID", path)
+    name, namespace = _name(micro, "microservice_name", path), _name(micro, "microservice_namespace", path)
+    virtualization = _str(micro, "virtualization", path, required=True)
+    virtualization = "container" if virtualization == "docker" else virtualization
+    if not VIRT_RE.match(virtualization):
+        raise SlaError(f"{path}.virtualization", f"{virtualization!r} is not a runtime name")
+    code = _str(micro, "code", path, required=virtualization != "process")
+    if not code and virtualization != "process":
+        raise SlaError(f"{path}.code", f"a {virtualization} service needs its image or kernel in 'code'")
+    cmd = _strings(micro, "cmd", path)
+    if virtualization == "process" and not cmd:
+        raise SlaError(f"{path}.cmd", "a process service needs the command to run, e.g. [\"sleep\", \"60\"]")
+    environment = _strings(micro, "environment", path)
+    for i, entry in enumerate(environment):
+        if not ENV_RE.match(entry):
+            raise SlaError(f"{path}.environment[{i}]", f"{entry!r} is not KEY=VALUE")
+    vcpus_key = "vcpus" if "vcpus" in micro or "vcpu" not in micro else "vcpu"
+    addresses = _obj(micro.get("addresses") or {}, f"{path}.addresses")
+    rr_ip = _str(addresses, "rr_ip", f"{path}.addresses")
+    if rr_ip:
+        try:
+            if ipaddress.ip_address(rr_ip) not in RR_NET:
+                raise ValueError
+        except ValueError:
+            raise SlaError(f"{path}.addresses.rr_ip", f"{rr_ip!r} is not an address in {RR_NET}") from None
+    constraints, clusters, nodes = _constraints(micro, path)
+    return ServiceSpec(
+        app_name=app, app_namespace=app_ns, name=name, namespace=namespace, virtualization=virtualization,
+        code=code, cmd=cmd, environment=environment,
+        memory=int(_number(micro, "memory", path, integer=True)),
+        vcpus=_number(micro, vcpus_key, path, integer=False),
+        vgpus=int(_number(micro, "vgpus", path, integer=True)),
+        storage=int(_number(micro, "storage", path, integer=True)),
+        port=_port(_str(micro, "port", path), f"{path}.port"),
+        one_shot=_bool(micro, "one_shot", path), privileged=_bool(micro, "privileged", path),
+        rr_ip=rr_ip, clusters=clusters, nodes=nodes, constraints=constraints,
+        extra={k: v for k, v in micro.items() if k not in MICRO_KEYS},
+    )
+
+
+def _application(raw: Any, path: str) -> AppSpec:
+    app = _obj(raw, path)
+    name, namespace = _name(app, "application_name", path), _name(app, "application_namespace", path)
+    _empty_id(app, "applicationID", path)
+    desc = _str(app, "application_desc", path)
+    if "microservices" not in app:
+        raise SlaError(f"{path}.microservices", "is required")
+    micros = app["microservices"]
+    if not isinstance(micros, list):
+        raise SlaError(f"{path}.microservices", f"expected a list, got {_kind(micros)}")
+    services: list[ServiceSpec] = []
+    for i, micro in enumerate(micros):
+        service = _service(micro, f"{path}.microservices[{i}]", name, namespace)
+        if any(s.name == service.name and s.namespace == service.namespace for s in services):
+            raise SlaError(f"{path}.microservices[{i}]", f"service {service.name}.{service.namespace} appears twice")
+        services.append(service)
+    return AppSpec(name, namespace, desc, tuple(services))
+
+
+def parse_sla(payload: bytes | str | dict[str, Any]) -> tuple[AppSpec, ...]:
+    """Validate an SLA v2.0 document (JSON bytes/str or a decoded dict); return its applications."""
+    if isinstance(payload, bytes | str):
+        try:
+            payload = json.loads(payload)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise SlaError("$", f"not valid JSON: {exc}") from None
+    doc = _obj(payload, "$")
+    version = _str(doc, "sla_version", "$", required=True)
+    if version != "v2.0":
+        raise SlaError("sla_version", f"{version!r} is not supported (use \"v2.0\")")
+    _str(doc, "customerID", "$", required=True)
+    apps = doc.get("applications")
+    if not isinstance(apps, list) or not apps:
+        raise SlaError("applications", "expected a non-empty list of applications")
+    out: list[AppSpec] = []
+    for i, raw in enumerate(apps):
+        app = _application(raw, f"applications[{i}]")
+        if any(a.name == app.name and a.namespace == app.namespace for a in out):
+            raise SlaError(f"applications[{i}]", f"application {app.name}.{app.namespace} appears twice")
+        out.append(app)
+    return tuple(out)

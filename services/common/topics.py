@@ -1,0 +1,167 @@
+"""The one topic table of Oakling: every MQTT topic is built and parsed here, nowhere else.
+
+Two kinds of broker carry the same shapes:
+
+* the **root broker** (port 10000): users' API, clusters (through their bridge) and joins;
+* each **cluster broker** (port 10003): its workers and the cluster's own side of the bridge.
+
+A child of a tier (a cluster under the root, a worker under a cluster) owns two subtrees:
+``oak/<kind>/<id>/up/<channel>`` (it publishes) and ``oak/<kind>/<id>/down/<channel>`` (it reads).
+On a cluster broker the cluster orchestrator talks to the root through the bridge's mirror of its
+own subtree: it publishes ``oak/upstream/<channel>`` and reads ``oak/downstream/<channel>``; the bridge
+forwards them as ``oak/clusters/<cid>/up/<channel>`` and ``oak/clusters/<cid>/down/<channel>``.
+
+Channels (``RETAINED`` says which are retained; their owner republishes them after every reconnect):
+
+=========== ========= ===========================================================================
+channel     retained  payload
+=========== ========= ===========================================================================
+avail       yes       ``{"state": "online"|"offline"}``; the offline body is the last will
+info        yes       static facts: name, location, resources, runtimes, software version
+state       yes       live facts: metrics and the status of every instance, every few seconds
+desired     yes       the full map of instances the parent wants running there, ``{iid: spec}``
+cmd/<verb>  no        a one-shot request (``logs``), answered on ``res/<verb>``
+res/<verb>  no        the answer, with the request's ``id``
+evt/<kind>  no        events (placement failures, restarts) for feeds
+=========== ========= ===========================================================================
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+BASE = "oak"
+CLUSTERS = "clusters"
+NODES = "nodes"
+RETAINED = frozenset({"avail", "info", "state", "desired"})
+
+ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
+USER_RE = ID_RE
+
+
+def is_valid_id(value: str) -> bool:
+    """True when *value* may be used as a cluster, node or user id inside a topic."""
+    return bool(ID_RE.match(value))
+
+
+def is_retained_channel(channel: str) -> bool:
+    """True when messages on *channel* (``info``, ``cmd/logs``...) are published retained."""
+    return channel in RETAINED
+
+
+# ---- tier children: clusters at the root broker, nodes at a cluster broker -----------------------
+
+
+def up(kind: str, child: str, channel: str) -> str:
+    """Topic a child (*kind* = ``clusters``/``nodes``) publishes *channel* on."""
+    return f"{BASE}/{kind}/{child}/up/{channel}"
+
+
+def down(kind: str, child: str, channel: str) -> str:
+    """Topic a parent publishes *channel* to its child on."""
+    return f"{BASE}/{kind}/{child}/down/{channel}"
+
+
+def up_filter(kind: str, channel: str) -> str:
+    """Filter a parent subscribes with to hear *channel* from all its children."""
+    return f"{BASE}/{kind}/+/up/{channel}"
+
+
+@dataclass(frozen=True)
+class ChildTopic:
+    """A parsed ``oak/<kind>/<child>/<up|down>/<channel>`` topic."""
+
+    kind: str
+    child: str
+    direction: str
+    channel: str
+
+
+def parse_child(topic: str) -> ChildTopic | None:
+    """Parse a child topic, or return None if *topic* is not one."""
+    parts = topic.split("/", 5)
+    if len(parts) != 5 or parts[0] != BASE or parts[1] not in (CLUSTERS, NODES):
+        return None
+    if parts[3] not in ("up", "down"):
+        return None
+    return ChildTopic(parts[1], parts[2], parts[3], parts[4])
+
+
+# ---- the cluster side of the bridge ---------------------------------------------------------------
+
+UPSTREAM = f"{BASE}/upstream"
+DOWNSTREAM = f"{BASE}/downstream"
+ROOT_AVAIL = f"{BASE}/root/avail"
+CLUSTER_AVAIL = f"{BASE}/cluster/avail"
+
+
+def upstream(channel: str) -> str:
+    """Topic the cluster orchestrator publishes for the root on its own broker."""
+    return f"{UPSTREAM}/{channel}"
+
+
+def downstream(channel: str) -> str:
+    """Topic the bridge delivers the root's *channel* on, on the cluster broker."""
+    return f"{DOWNSTREAM}/{channel}"
+
+
+# ---- joining: a new cluster or worker asks for credentials ---------------------------------------
+
+
+def join_request(nonce: str) -> str:
+    """Topic a newcomer publishes its join request on."""
+    return f"{BASE}/join/request/{nonce}"
+
+
+def join_response(nonce: str) -> str:
+    """Topic the newcomer reads its credentials (or refusal) from."""
+    return f"{BASE}/join/response/{nonce}"
+
+
+JOIN_REQUESTS = f"{BASE}/join/request/+"
+JOIN_REQUEST_PREFIX = f"{BASE}/join/request/"
+
+
+# ---- the user-facing API on the root broker (Zigbee2MQTT style) ----------------------------------
+
+API_REQUESTS = f"{BASE}/api/+/request/#"
+API_PREFIX = f"{BASE}/api/"
+CLUSTERS_PREFIX = f"{BASE}/{CLUSTERS}/"
+
+
+def api_request(user: str, resource: str, action: str) -> str:
+    """Topic a user publishes a request on."""
+    return f"{BASE}/api/{user}/request/{resource}/{action}"
+
+
+def api_response(user: str, resource: str, action: str) -> str:
+    """Topic the answer to a user's request is published on."""
+    return f"{BASE}/api/{user}/response/{resource}/{action}"
+
+
+def api_service_state(user: str, job_name: str) -> str:
+    """Retained topic with a user's service: spec summary, status and every instance."""
+    return f"{BASE}/api/{user}/state/services/{job_name}"
+
+
+def api_state_filter(user: str) -> str:
+    """Filter for every retained state topic of *user*."""
+    return f"{BASE}/api/{user}/state/#"
+
+
+@dataclass(frozen=True)
+class ApiTopic:
+    """A parsed ``oak/api/<user>/request/<resource>/<action>`` topic."""
+
+    user: str
+    resource: str
+    action: str
+
+
+def parse_api_request(topic: str) -> ApiTopic | None:
+    """Parse a request topic, or None when it has another shape."""
+    parts = topic.split("/")
+    if len(parts) != 6 or parts[:2] != [BASE, "api"] or parts[3] != "request":
+        return None
+    return ApiTopic(parts[2], parts[4], parts[5])

@@ -1,0 +1,267 @@
+"""The user-facing MQTT API of the root (Zigbee2MQTT style request/response).
+
+A request is published on ``oak/api/<user>/request/<resource>/<action>``; the answer goes to
+``oak/api/<user>/response/<resource>/<action>`` as ``{"ok": true, "data": ..., "transaction": ...}`` or
+``{"ok": false, "error": {"code": ..., "message": ...}}``. The broker has already checked that the
+publisher is ``<user>``. A bad request changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from broker.credentials import Credentials
+from services.common import models, topics
+from services.common.mqtt import Message, MqttSession
+from services.common.sla import SlaError, parse_sla
+from services.root.catalog import App, Catalog, Conflict, NotFound, Service
+from services.root.orchestrator import RootOrchestrator
+
+log = logging.getLogger(__name__)
+
+MAX_REPLICAS = 1000
+
+
+class ApiError(Exception):
+    """A request that cannot be served; *code* is machine-readable, the message is for people."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+Handler = Callable[[str, Any], Awaitable[Any]]
+
+
+class Api:
+    """Serves the requests of every user."""
+
+    def __init__(self, catalog: Catalog, orchestrator: RootOrchestrator, credentials: Credentials) -> None:
+        self.catalog = catalog
+        self.orchestrator = orchestrator
+        self.credentials = credentials
+        self.routes: dict[tuple[str, str], Handler] = {
+            ("apps", "create"): self.apps_create,
+            ("apps", "list"): self.apps_list,
+            ("apps", "delete"): self.apps_delete,
+            ("services", "list"): self.services_list,
+            ("services", "inspect"): self.services_inspect,
+            ("services", "deploy"): self.services_deploy,
+            ("services", "scale"): self.services_scale,
+            ("services", "undeploy"): self.services_undeploy,
+            ("clusters", "list"): self.clusters_list,
+            ("nodes", "list"): self.nodes_list,
+            ("users", "create"): self.users_create,
+            ("users", "list"): self.users_list,
+        }
+
+    async def handle(self, session: MqttSession, message: Message) -> None:
+        """Answer one request message."""
+        parsed = topics.parse_api_request(message.topic)
+        if parsed is None:
+            return
+        transaction, body = None, None
+        try:
+            body = self._body(message.payload)
+            if isinstance(body, dict) and isinstance(body.get("transaction"), str):
+                transaction = body["transaction"]
+            handler = self.routes.get((parsed.resource, parsed.action))
+            if handler is None:
+                known = ", ".join(f"{r}/{a}" for r, a in self.routes)
+                raise ApiError("unknown_action", f"no action {parsed.resource}/{parsed.action} (known: {known})")
+            answer: dict[str, Any] = {"ok": True, "data": await handler(parsed.user, body)}
+        except ApiError as exc:
+            answer = {"ok": False, "error": {"code": exc.code, "message": str(exc)}}
+        except SlaError as exc:
+            answer = {"ok": False, "error": {"code": "invalid_sla", "message": str(exc), "field": exc.field}}
+        except NotFound as exc:
+            answer = {"ok": False, "error": {"code": "not_found", "message": str(exc)}}
+        except Conflict as exc:
+            answer = {"ok": False, "error": {"code": "conflict", "message": str(exc)}}
+        if transaction is not None:
+            answer["transaction"] = transaction
+        if not answer["ok"]:
+            log.info("%s %s/%s refused: %s", parsed.user, parsed.resource, parsed.action, answer["error"]["message"])
+        session.publish(
+            topics.api_response(parsed.user, parsed.resource, parsed.action),
+            json.dumps(answer).encode(),
+        )
+        self.orchestrator.flush_states()
+
+    @staticmethod
+    def _body(payload: bytes) -> Any:
+        if not payload.strip():
+            return {}
+        try:
+            return json.loads(payload)
+        except (ValueError, UnicodeDecodeError):
+            raise ApiError("bad_request", "the request is not JSON") from None
+
+    # ---- argument helpers ---------------------------------------------------------------------
+
+    @staticmethod
+    def _arg(body: Any, name: str, kind: type | tuple[type, ...], required: bool = True) -> Any:
+        if not isinstance(body, dict):
+            raise ApiError("bad_request", "the request must be a JSON object")
+        value = body.get(name)
+        if value is None:
+            if required:
+                raise ApiError("bad_request", f"missing {name!r}")
+            return None
+        if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+            raise ApiError("bad_request", f"{name!r} has the wrong type")
+        return value
+
+    def _replicas(self, body: Any, default: int | None) -> int:
+        value = self._arg(body, "replicas", int, required=default is None)
+        value = default if value is None else value
+        if not 0 <= value <= MAX_REPLICAS:
+            raise ApiError("bad_request", f"'replicas' must be between 0 and {MAX_REPLICAS}")
+        return int(value)
+
+    def _service(self, user: str, body: Any) -> Service:
+        return self.catalog.find_service(user, self._arg(body, "service", str))
+
+    # ---- apps --------------------------------------------------------------------------------
+
+    def _app_view(self, app: App) -> dict[str, Any]:
+        return {
+            "app_id": app.app_id,
+            "name": app.name,
+            "namespace": app.namespace,
+            "desc": app.desc,
+            "services": [
+                {"service_id": sid, "job_name": self.catalog.services[sid].job_name}
+                for sid in app.services
+                if sid in self.catalog.services
+            ],
+        }
+
+    async def apps_create(self, user: str, body: Any) -> Any:
+        """Create the applications of an SLA (nothing is deployed yet)."""
+        specs = parse_sla(body)
+        for spec in specs:
+            if any(a.name == spec.name and a.namespace == spec.namespace for a in self.catalog.apps_of(user)):
+                raise Conflict(f"application {spec.name}.{spec.namespace} exists already")
+        created = [await self.catalog.create_app(user, spec) for spec in specs]
+        for app in created:
+            for service in self.catalog.services_of(user, app.app_id):
+                self.orchestrator.mark(service)
+        return [self._app_view(app) for app in created]
+
+    async def apps_list(self, user: str, body: Any) -> Any:
+        """The user's applications with their services."""
+        return [self._app_view(app) for app in self.catalog.apps_of(user)]
+
+    async def apps_delete(self, user: str, body: Any) -> Any:
+        """Undeploy and delete an application and all its services."""
+        app = self.catalog.find_app(user, self._arg(body, "app", str))
+        removed = [i for sid in app.services for i in self.catalog.instances_of(sid)]
+        services = await self.catalog.delete_app(app)
+        await self.orchestrator.forget(removed)
+        for service in services:
+            self.orchestrator.clear_state(service)
+        return {"app_id": app.app_id, "deleted_services": [s.job_name for s in services]}
+
+    # ---- services ----------------------------------------------------------------------------
+
+    async def services_list(self, user: str, body: Any) -> Any:
+        """The user's services (of one application if ``app`` is given) with their status."""
+        app_ref = self._arg(body, "app", str, required=False) if body else None
+        app_id = self.catalog.find_app(user, app_ref).app_id if app_ref else None
+        return [self.orchestrator.service_state(s) for s in self.catalog.services_of(user, app_id)]
+
+    async def services_inspect(self, user: str, body: Any) -> Any:
+        """One service with every instance."""
+        return self.orchestrator.service_state(self._service(user, body))
+
+    async def _scale(self, service: Service, replicas: int) -> Any:
+        added, removed = await self.catalog.set_replicas(service, replicas)
+        await self.orchestrator.forget(removed)
+        service = self.catalog.services[service.sid]
+        self.orchestrator.mark(service)
+        await self.orchestrator.reconcile()
+        return {**self.orchestrator.service_state(service), "added": [i.number for i in added],
+                "removed": [i.number for i in removed]}
+
+    async def services_deploy(self, user: str, body: Any) -> Any:
+        """Deploy a service with ``replicas`` instances (default 1)."""
+        replicas = self._replicas(body, 1)
+        if replicas < 1:
+            raise ApiError("bad_request", "deploy needs at least 1 replica (use undeploy to stop a service)")
+        return await self._scale(self._service(user, body), replicas)
+
+    async def services_scale(self, user: str, body: Any) -> Any:
+        """Set the number of instances of a service."""
+        return await self._scale(self._service(user, body), self._replicas(body, None))
+
+    async def services_undeploy(self, user: str, body: Any) -> Any:
+        """Stop every instance of a service, or only ``instance`` (its number)."""
+        service = self._service(user, body)
+        number = self._arg(body, "instance", int, required=False)
+        if number is None:
+            return await self._scale(service, 0)
+        removed = await self.catalog.remove_instance(service, number)
+        await self.orchestrator.forget([removed])
+        self.orchestrator.mark(self.catalog.services[service.sid])
+        return self.orchestrator.service_state(self.catalog.services[service.sid])
+
+    # ---- infrastructure ----------------------------------------------------------------------
+
+    async def clusters_list(self, user: str, body: Any) -> Any:
+        """Every cluster: online, location, workers and their aggregate capacity."""
+        out = []
+        for view in sorted(self.orchestrator.clusters.values(), key=lambda v: v.name):
+            nodes = [n for n in view.nodes.values() if n.online]
+            out.append({
+                "name": view.name,
+                "online": view.online,
+                "location": view.info.location if view.info else "",
+                "nodes": len(nodes),
+                "cpu_cores": sum(n.cpu_cores for n in nodes),
+                "memory_mb": sum(n.memory_mb for n in nodes),
+                "cpu_percent": round(sum(n.cpu_percent for n in nodes) / len(nodes), 1) if nodes else 0.0,
+                "instances": len(view.statuses),
+            })
+        return out
+
+    async def nodes_list(self, user: str, body: Any) -> Any:
+        """Every worker of every cluster."""
+        return [
+            {"cluster": view.name, **models.dump(node), "online": node.online and view.online}
+            for view in sorted(self.orchestrator.clusters.values(), key=lambda v: v.name)
+            for node in sorted(view.nodes.values(), key=lambda n: n.name)
+        ]
+
+    # ---- users -------------------------------------------------------------------------------
+
+    def _admin(self, user: str) -> None:
+        if not self.credentials.is_admin(user):
+            raise ApiError("forbidden", "only an administrator may manage users")
+
+    async def users_create(self, user: str, body: Any) -> Any:
+        """Create a user (administrators only)."""
+        self._admin(user)
+        name = self._arg(body, "username", str)
+        password = self._arg(body, "password", str)
+        admin = bool(self._arg(body, "admin", bool, required=False))
+        if not topics.is_valid_id(name):
+            raise ApiError("bad_request", f"bad username {name!r}: use letters, digits, '-' and '_'")
+        if len(password) < 8:
+            raise ApiError("bad_request", "the password must have at least 8 characters")
+        if self.credentials.exists(name):
+            raise Conflict(f"user {name!r} exists already")
+        await self.credentials.set_password(name, password, admin=admin)
+        return {"username": name, "admin": admin}
+
+    async def users_list(self, user: str, body: Any) -> Any:
+        """Every user (administrators only)."""
+        self._admin(user)
+        return [
+            {"username": name, "admin": self.credentials.is_admin(name)}
+            for name in self.credentials.usernames()
+            if ":" not in name
+        ]

@@ -1,0 +1,90 @@
+"""Wires the root orchestrator: its broker, store, credentials, scheduler, API and placement."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from broker.credentials import Credentials, new_password
+from broker.join import JoinDesk, write_secret
+from broker.server import EmbeddedBroker, Listeners
+from services.common import plugins, topics
+from services.common.mqtt import BrokerUrl, MqttSession, dispatch
+from services.common.store import Store
+from services.root.api import Api
+from services.root.catalog import Catalog
+from services.root.orchestrator import RootOrchestrator
+
+log = logging.getLogger(__name__)
+CREDENTIALS_FILE = "credentials.json"
+ADMIN = "admin"
+
+
+@dataclass(frozen=True)
+class RootConfig:
+    """How to run the root orchestrator."""
+
+    data_dir: Path
+    host: str = "0.0.0.0"
+    port: int = 10000
+    scheduler: str = "least-loaded"
+    join_token: str | None = None
+    advertise: str = "127.0.0.1"
+
+
+async def ensure_admin(cfg: RootConfig, credentials: Credentials, port: int) -> None:
+    """Create the admin user on first start and keep its credentials in ``credentials.json`` (0600)."""
+    path = cfg.data_dir / CREDENTIALS_FILE
+    url = f"mqtt://{cfg.advertise}:{port}"
+    if credentials.exists(ADMIN) and path.exists():
+        saved = json.loads(path.read_text())
+        if saved.get("root") != url:  # the port may differ from the last run (e.g. --port 0)
+            write_secret(path, {**saved, "root": url})
+        return
+    password = new_password()
+    await credentials.set_password(ADMIN, password, admin=True)
+    write_secret(path, {"username": ADMIN, "password": password, "root": url})
+    log.info("created user %r; its credentials are in %s", ADMIN, path)
+
+
+async def run_root(cfg: RootConfig, ready: asyncio.Event | None = None) -> None:
+    """Run the root orchestrator until cancelled; set *ready* once it serves requests."""
+    scheduler = plugins.load_scheduler(plugins.make_manager(), cfg.scheduler)
+    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    store = Store(cfg.data_dir / "root.db.json")
+    credentials = Credentials(store, cfg.join_token)
+    await credentials.load()
+    catalog = Catalog(store)
+    await catalog.load()
+    try:
+        async with EmbeddedBroker(Listeners(cfg.host, cfg.port), credentials) as broker:
+            await ensure_admin(cfg, credentials, broker.port)
+            url = BrokerUrl("127.0.0.1", broker.port)
+            session = MqttSession(url, "root", "svc:root", credentials.service_password("svc:root"),
+                                  avail_topic=topics.ROOT_AVAIL)
+            async with session:
+                orchestrator = RootOrchestrator(catalog, scheduler, session)
+                api = Api(catalog, orchestrator, credentials)
+                desk = JoinDesk(credentials, "cluster")
+                orchestrator.start()
+                session.subscribe(topics.API_REQUESTS, topics.JOIN_REQUESTS)
+                log.info("root serving on port %d (scheduler %s)", broker.port, cfg.scheduler)
+                if ready:
+                    ready.set()
+                async with asyncio.TaskGroup() as tasks:
+                    tasks.create_task(orchestrator.run())
+                    tasks.create_task(
+                        dispatch(
+                            session,
+                            {
+                                topics.JOIN_REQUEST_PREFIX: lambda m: desk.handle(session, m),
+                                topics.API_PREFIX: lambda m: api.handle(session, m),
+                                topics.CLUSTERS_PREFIX: orchestrator.handle_cluster,
+                            },
+                        )
+                    )
+    finally:
+        store.close()

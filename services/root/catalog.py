@@ -1,0 +1,197 @@
+"""The root's durable records: applications, services and their instances, per user.
+
+Everything here is in memory and written through to TinyDB before a change is acknowledged.
+Service ids and instance ids are short random hex strings, unique across users; a service's job name
+(``app.appns.svc.svcns``) is unique per user only, so two users may use the same names.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, replace
+
+from services.common import models
+from services.common.sla import AppSpec, ServiceSpec
+from services.common.store import Store
+
+APPS, SERVICES, INSTANCES, CLUSTERS = "apps", "services", "instances", "clusters"
+
+
+class NotFound(LookupError):
+    """No such application, service or instance for this user."""
+
+
+class Conflict(ValueError):
+    """The thing to create exists already."""
+
+
+def new_id() -> str:
+    """A fresh id for an application, service or instance."""
+    return secrets.token_hex(5)
+
+
+@dataclass(frozen=True)
+class App:
+    """An application: a named group of services owned by one user."""
+
+    app_id: str
+    owner: str
+    name: str
+    namespace: str
+    desc: str
+    services: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Service:
+    """A service: its validated spec and how many instances of it should run."""
+
+    sid: str
+    owner: str
+    app_id: str
+    spec: dict[str, object]
+    replicas: int = 0
+    next_number: int = 0
+
+    @property
+    def sla(self) -> ServiceSpec:
+        """The service spec."""
+        return ServiceSpec.from_dict(self.spec)
+
+    @property
+    def job_name(self) -> str:
+        """Oakestra's ``app.appns.svc.svcns`` name."""
+        return self.sla.job_name
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One instance of a service and the cluster it is assigned to ('' while unplaced)."""
+
+    iid: str
+    sid: str
+    number: int
+    cluster: str = ""
+
+
+def _load_table(raw: dict[str, dict[str, object]], cls: type) -> dict[str, object]:
+    return {key: models.load(cls, {**doc, "services": tuple(doc.get("services", ()))} if cls is App else doc)
+            for key, doc in raw.items()}
+
+
+class Catalog:
+    """Applications, services and instances of every user."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.apps: dict[str, App] = {}
+        self.services: dict[str, Service] = {}
+        self.instances: dict[str, Instance] = {}
+        self.known_clusters: set[str] = set()
+
+    async def load(self) -> None:
+        """Read every record from the store."""
+        self.apps = _load_table(await self.store.load(APPS), App)  # type: ignore[assignment]
+        self.services = _load_table(await self.store.load(SERVICES), Service)  # type: ignore[assignment]
+        self.instances = _load_table(await self.store.load(INSTANCES), Instance)  # type: ignore[assignment]
+        self.known_clusters = set(await self.store.load(CLUSTERS))
+
+    # ---- look-ups ----------------------------------------------------------------------------
+
+    def apps_of(self, owner: str) -> list[App]:
+        """A user's applications, by name."""
+        return sorted((a for a in self.apps.values() if a.owner == owner), key=lambda a: (a.name, a.namespace))
+
+    def services_of(self, owner: str, app_id: str | None = None) -> list[Service]:
+        """A user's services (of one application when *app_id* is given), by job name."""
+        found = [s for s in self.services.values() if s.owner == owner and app_id in (None, s.app_id)]
+        return sorted(found, key=lambda s: s.job_name)
+
+    def instances_of(self, sid: str) -> list[Instance]:
+        """A service's instances, by number."""
+        return sorted((i for i in self.instances.values() if i.sid == sid), key=lambda i: i.number)
+
+    def find_app(self, owner: str, ref: object) -> App:
+        """The user's application with this id or name (``name`` or ``name.namespace``)."""
+        for app in self.apps_of(owner):
+            if ref in (app.app_id, app.name, f"{app.name}.{app.namespace}"):
+                return app
+        raise NotFound(f"no application {ref!r}")
+
+    def find_service(self, owner: str, ref: object) -> Service:
+        """The user's service with this id or job name."""
+        for service in self.services_of(owner):
+            if ref in (service.sid, service.job_name):
+                return service
+        raise NotFound(f"no service {ref!r}")
+
+    # ---- changes -----------------------------------------------------------------------------
+
+    async def create_app(self, owner: str, spec: AppSpec) -> App:
+        """Create an application and its services (not deployed yet)."""
+        if any(a.name == spec.name and a.namespace == spec.namespace for a in self.apps_of(owner)):
+            raise Conflict(f"application {spec.name}.{spec.namespace} exists already")
+        app_id = new_id()
+        services = [Service(new_id(), owner, app_id, svc.to_dict()) for svc in spec.services]
+        app = App(app_id, owner, spec.name, spec.namespace, spec.desc, tuple(s.sid for s in services))
+        await self.store.put_many(SERVICES, {s.sid: models.dump(s) for s in services})
+        await self.store.put(APPS, app_id, models.dump(app))
+        self.apps[app_id] = app
+        self.services.update({s.sid: s for s in services})
+        return app
+
+    async def delete_app(self, app: App) -> list[Service]:
+        """Delete an application, its services and their instances; return the services deleted."""
+        gone = [self.services[sid] for sid in app.services if sid in self.services]
+        iids = tuple(i.iid for s in gone for i in self.instances_of(s.sid))
+        await self.store.put_many(INSTANCES, {}, iids)
+        await self.store.put_many(SERVICES, {}, tuple(s.sid for s in gone))
+        await self.store.delete(APPS, app.app_id)
+        for iid in iids:
+            del self.instances[iid]
+        for service in gone:
+            del self.services[service.sid]
+        del self.apps[app.app_id]
+        return gone
+
+    async def set_replicas(self, service: Service, replicas: int) -> tuple[list[Instance], list[Instance]]:
+        """Add or remove (highest numbers first) instances to reach *replicas*; return (added, removed)."""
+        current = self.instances_of(service.sid)
+        added = [
+            Instance(new_id(), service.sid, service.next_number + k)
+            for k in range(max(0, replicas - len(current)))
+        ]
+        removed = current[replicas:] if replicas < len(current) else []
+        await self._commit(service, replicas, added, removed)
+        return added, removed
+
+    async def remove_instance(self, service: Service, number: int) -> Instance:
+        """Remove the instance *number* of *service*."""
+        for instance in self.instances_of(service.sid):
+            if instance.number == number:
+                await self._commit(service, service.replicas - 1, [], [instance])
+                return instance
+        raise NotFound(f"service {service.job_name} has no instance {number}")
+
+    async def _commit(self, service: Service, replicas: int, added: list[Instance], removed: list[Instance]) -> None:
+        updated = replace(service, replicas=replicas, next_number=service.next_number + len(added))
+        await self.store.put_many(
+            INSTANCES, {i.iid: models.dump(i) for i in added}, tuple(i.iid for i in removed)
+        )
+        await self.store.put(SERVICES, updated.sid, models.dump(updated))
+        self.services[updated.sid] = updated
+        for instance in removed:
+            del self.instances[instance.iid]
+        self.instances.update({i.iid: i for i in added})
+
+    async def assign(self, changes: dict[str, str]) -> None:
+        """Record the cluster of each instance in *changes* (``''`` = unplaced)."""
+        if not changes:
+            return
+        updated = {iid: replace(self.instances[iid], cluster=c) for iid, c in changes.items() if iid in self.instances}
+        await self.store.put_many(INSTANCES, {iid: models.dump(i) for iid, i in updated.items()})
+        self.instances.update(updated)
+        new_clusters = {c for c in changes.values() if c and c not in self.known_clusters}
+        if new_clusters:
+            await self.store.put_many(CLUSTERS, {c: {} for c in new_clusters})
+            self.known_clusters |= new_clusters

@@ -1,0 +1,259 @@
+"""The root orchestrator: places instances on clusters, moves them when a cluster fails, and keeps
+every user's retained service state up to date.
+
+It publishes one retained desired map per cluster (``oak/clusters/<cid>/down/desired``) and reads the
+clusters' ``avail``/``info``/``state``. An instance a cluster cannot place (NO_WORKER_CAPACITY) is
+moved to another cluster that can hold it; a cluster that goes offline has its instances moved after
+a short grace, and one never heard from after a root restart after a longer one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+from services.common import envelope, models, scheduling, topics
+from services.common.hookspecs import SchedulerPlugin
+from services.common.models import ClusterInfo, InstanceSpec, InstanceStatus, NodeSummary
+from services.common.mqtt import Message, MqttSession
+from services.root.catalog import Catalog, Instance, Service
+from services.root.clusters import STARTUP_GRACE, ClusterView
+
+log = logging.getLogger(__name__)
+TICK = 0.5
+
+
+class RootOrchestrator:
+    """Placement across clusters and the users' view of their services."""
+
+    def __init__(self, catalog: Catalog, scheduler: SchedulerPlugin, session: MqttSession) -> None:
+        self.catalog = catalog
+        self.scheduler = scheduler
+        self.session = session
+        self.clusters: dict[str, ClusterView] = {}
+        self.unplaced: dict[str, str] = {}
+        self.reserved: dict[str, tuple[str, str, float, float]] = {}
+        self._excluded: dict[str, set[str]] = {}
+        self._published_desired: dict[str, str] = {}
+        self._published_state: dict[str, bytes] = {}
+        self._dirty: set[str] = set()
+
+    def start(self) -> None:
+        """Subscribe, and republish every cluster's desired map and every service's state."""
+        for name in self.catalog.known_clusters:
+            view = self.clusters.setdefault(name, ClusterView(name))
+            view.set_online(False, grace=STARTUP_GRACE)
+        for channel in ("avail", "info", "state"):
+            self.session.subscribe(topics.up_filter(topics.CLUSTERS, channel))
+        for name in self.catalog.known_clusters:
+            self.publish_desired(name)
+        self._dirty |= set(self.catalog.services)
+
+    # ---- clusters ----------------------------------------------------------------------------
+
+    async def handle_cluster(self, message: Message) -> None:
+        """Apply a cluster's avail, info or state message."""
+        parsed = topics.parse_child(message.topic)
+        if parsed is None or parsed.direction != "up":
+            return
+        view = self.clusters.setdefault(parsed.child, ClusterView(parsed.child))
+        if parsed.channel == "avail":
+            online = envelope.is_online(message.payload)
+            if online != view.online:
+                log.info("cluster %s is %s", view.name, "online" if online else "offline")
+            view.set_online(online)
+            if online:
+                self._excluded_clear(view.name)
+        elif parsed.channel == "info" and message.payload:
+            view.info = models.load(ClusterInfo, envelope.decode(message.payload, "cluster.info").data)
+        elif parsed.channel == "state" and message.payload:
+            data = envelope.decode(message.payload, "cluster.state").data
+            view.nodes = {n: models.load(NodeSummary, s) for n, s in data.get("nodes", {}).items()}
+            view.statuses = models.load_statuses(data.get("instances", {}))
+            self._absorb(view)
+        await self.reconcile()
+
+    def _excluded_clear(self, cluster: str) -> None:
+        for excluded in self._excluded.values():
+            excluded.discard(cluster)
+
+    def _absorb(self, view: ClusterView) -> None:
+        """Take in a cluster's statuses: drop reservations it has accounted for, note what it cannot place."""
+        for iid, status in view.statuses.items():
+            instance = self.catalog.instances.get(iid)
+            if instance is None or instance.cluster != view.name:
+                continue
+            if status.node or status.status == models.NO_WORKER_CAPACITY:
+                self.reserved.pop(iid, None)
+            if status.status == models.NO_WORKER_CAPACITY:
+                self._excluded.setdefault(iid, set()).add(view.name)
+            self._dirty.add(instance.sid)
+
+    # ---- placement ---------------------------------------------------------------------------
+
+    def spec_of(self, instance: Instance) -> InstanceSpec:
+        """The desired-map entry of an instance."""
+        service = self.catalog.services[instance.sid]
+        return InstanceSpec(instance.iid, service.owner, service.job_name, instance.number, service.spec)
+
+    def _reserved_on(self, cluster: str) -> dict[str, tuple[float, float]]:
+        out: dict[str, tuple[float, float]] = {}
+        for c, node, cpu, mem in self.reserved.values():
+            if c == cluster:
+                prev = out.get(node, (0.0, 0.0))
+                out[node] = (prev[0] + cpu, prev[1] + mem)
+        return out
+
+    async def reconcile(self) -> None:
+        """Move instances off failed clusters, place unplaced ones, publish what changed."""
+        changes: dict[str, str] = {}
+        for view in self.clusters.values():
+            if view.should_move():
+                moving = [i.iid for i in self.catalog.instances.values() if i.cluster == view.name]
+                if moving:
+                    log.warning("cluster %s is gone; moving its %d instance(s)", view.name, len(moving))
+                changes.update({iid: "" for iid in moving})
+                view.move_after = None
+        for iid, instance in self.catalog.instances.items():
+            cluster = changes.get(iid, instance.cluster)
+            stuck = cluster and cluster in self._excluded.get(iid, ())
+            if cluster and not stuck:
+                continue
+            target = self._choose(instance, avoid=self._excluded.get(iid, set()))
+            if target and target != cluster:
+                changes[iid] = target
+        if changes:
+            touched = {self.catalog.instances[i].cluster for i in changes} | set(changes.values())
+            await self.catalog.assign(changes)
+            for iid in changes:
+                self._dirty.add(self.catalog.instances[iid].sid)
+            for cluster in touched - {""}:
+                self.publish_desired(cluster)
+        self.flush_states()
+
+    def _choose(self, instance: Instance, avoid: set[str]) -> str:
+        spec = self.spec_of(instance)
+        demand = spec.demand()
+        pairs = {name: view.candidate(demand, self._reserved_on(name)) for name, view in self.clusters.items()
+                 if name not in avoid}
+        decision = scheduling.place(demand, [c for c, _ in pairs.values()], self.scheduler, "cluster")
+        if decision.choice is None:
+            reason = decision.why_not() if pairs else "no cluster has joined"
+            if self.unplaced.get(instance.iid) != reason:
+                log.warning("cannot place %s (%s): %s", instance.iid, spec.job_name, reason)
+                self._dirty.add(instance.sid)
+            self.unplaced[instance.iid] = reason
+            return ""
+        self.unplaced.pop(instance.iid, None)
+        cluster = decision.choice.id
+        self.reserved[instance.iid] = (cluster, pairs[cluster][1], demand.vcpus, float(demand.memory_mb))
+        log.info("placed %s (%s #%d) on cluster %s", instance.iid, spec.job_name, instance.number, cluster)
+        return cluster
+
+    def publish_desired(self, cluster: str) -> None:
+        """Publish the desired map of *cluster* if it changed."""
+        mine = {
+            i.iid: models.dump(self.spec_of(i))
+            for i in self.catalog.instances.values()
+            if i.cluster == cluster
+        }
+        body = json.dumps(mine, sort_keys=True)
+        if self._published_desired.get(cluster) == body:
+            return
+        self._published_desired[cluster] = body
+        self.session.publish(
+            topics.down(topics.CLUSTERS, cluster, "desired"),
+            envelope.encode("desired", {"instances": mine}, "root"),
+            retain=True,
+        )
+
+    async def forget(self, removed: list[Instance]) -> None:
+        """Drop removed instances from their clusters' desired maps."""
+        for instance in removed:
+            self.unplaced.pop(instance.iid, None)
+            self.reserved.pop(instance.iid, None)
+            self._excluded.pop(instance.iid, None)
+        for cluster in {i.cluster for i in removed} - {""}:
+            self.publish_desired(cluster)
+
+    # ---- what users see ----------------------------------------------------------------------
+
+    def instance_status(self, instance: Instance) -> InstanceStatus:
+        """The best-known status of one instance."""
+        if not instance.cluster:
+            reason = self.unplaced.get(instance.iid, "")
+            return InstanceStatus(models.NO_CLUSTER_CAPACITY if reason else models.REQUESTED, reason)
+        view = self.clusters.get(instance.cluster)
+        seen = view.statuses.get(instance.iid) if view else None
+        if seen is None:
+            return InstanceStatus(models.CLUSTER_SCHEDULED, cluster=instance.cluster)
+        if view is not None and not view.online:
+            return InstanceStatus(**{**seen.__dict__, "reason": f"cluster {view.name} is offline; last: {seen.status}"})
+        return seen
+
+    def service_state(self, service: Service) -> dict[str, Any]:
+        """A service as its owner sees it: spec summary, overall status, every instance."""
+        spec = service.sla
+        instances = []
+        for instance in self.catalog.instances_of(service.sid):
+            status = self.instance_status(instance)
+            instances.append({"number": instance.number, "iid": instance.iid, "cluster": instance.cluster,
+                              **{k: v for k, v in models.dump(status).items() if k != "cluster"}})
+        return {
+            "service_id": service.sid,
+            "job_name": service.job_name,
+            "app_id": service.app_id,
+            "virtualization": spec.virtualization,
+            "code": spec.code,
+            "cmd": list(spec.cmd),
+            "memory": spec.memory,
+            "vcpus": spec.vcpus,
+            "replicas": service.replicas,
+            "status": overall_status(service.replicas, [i["status"] for i in instances]),
+            "instances": instances,
+        }
+
+    def flush_states(self) -> None:
+        """Republish the retained state of every service that changed."""
+        dirty, self._dirty = self._dirty, set()
+        for sid in dirty:
+            service = self.catalog.services.get(sid)
+            if service is None:
+                continue
+            body = envelope.encode("service.state", self.service_state(service), "root")
+            compare = json.dumps(json.loads(body)["data"], sort_keys=True).encode()
+            if self._published_state.get(sid) == compare:
+                continue
+            self._published_state[sid] = compare
+            self.session.publish(topics.api_service_state(service.owner, service.job_name), body, retain=True)
+
+    def mark(self, service: Service) -> None:
+        """Note that *service* changed, so its state is republished."""
+        self._dirty.add(service.sid)
+
+    def clear_state(self, service: Service) -> None:
+        """Remove a deleted service's retained state."""
+        self._published_state.pop(service.sid, None)
+        self.session.publish(topics.api_service_state(service.owner, service.job_name), b"", retain=True)
+
+    async def run(self) -> None:
+        """Reconcile periodically (failover deadlines, retries) until cancelled."""
+        while True:
+            await asyncio.sleep(TICK)
+            await self.reconcile()
+
+
+def overall_status(replicas: int, statuses: list[str]) -> str:
+    """One word for a service: UNDEPLOYED, RUNNING, COMPLETED, or the status holding it back."""
+    if replicas == 0 and not statuses:
+        return "UNDEPLOYED"
+    if statuses and all(s == models.RUNNING for s in statuses):
+        return models.RUNNING
+    if statuses and all(s == models.COMPLETED for s in statuses):
+        return models.COMPLETED
+    for worst in (models.FAILED, models.DEAD, models.NO_CLUSTER_CAPACITY, models.NO_WORKER_CAPACITY):
+        if worst in statuses:
+            return worst
+    return next((s for s in statuses if s != models.RUNNING), models.REQUESTED)

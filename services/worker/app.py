@@ -1,0 +1,108 @@
+"""Wires a worker: its login, store, runtimes, collector, engine and MQTT session."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from broker.join import obtain_login
+from services.common import envelope, models, plugins, topics
+from services.common.models import NodeInfo
+from services.common.mqtt import BrokerUrl, MqttSession
+from services.common.store import Store
+from services.worker.engine import Engine
+from services.worker.reporter import Reporter
+
+log = logging.getLogger(__name__)
+VERSION = "0.1.0"
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """How to run a worker."""
+
+    data_dir: Path
+    cluster: BrokerUrl
+    name: str = field(default_factory=socket.gethostname)
+    runtimes: tuple[str, ...] = ("process",)
+    collector: str = "psutil"
+    join_token: str | None = None
+    location: str = ""
+    report_interval: float = 2.0
+
+
+async def run_worker(cfg: WorkerConfig) -> None:
+    """Run a worker until cancelled."""
+    if not topics.is_valid_id(cfg.name):
+        raise ValueError(f"bad worker name {cfg.name!r}: use letters, digits, '-' and '_' (at most 63)")
+    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    pm = plugins.make_manager()
+    runtimes = {}
+    for name in cfg.runtimes:
+        runtime = plugins.load_runtime(pm, name, {"data_dir": str(cfg.data_dir)})
+        for virtualization in runtime.virtualizations:
+            runtimes[virtualization] = runtime
+    collector = plugins.load_collector(pm, cfg.collector)
+    login = await obtain_login(cfg.data_dir, cfg.cluster, "node", cfg.name, cfg.join_token)
+    store = Store(cfg.data_dir / "worker.db.json")
+    reporter = Reporter(cfg.name, collector)
+    engine = Engine(cfg.name, runtimes, store, cfg.data_dir, on_change=reporter.poke)
+    reporter.engine = engine
+    await engine.restore()
+    session = MqttSession(
+        cfg.cluster,
+        f"node-{cfg.name}",
+        login.username,
+        login.password,
+        avail_topic=topics.up(topics.NODES, cfg.name, "avail"),
+        clean_session=False,
+    )
+    try:
+        async with session:
+            facts = collector.info()
+            info = NodeInfo(
+                name=cfg.name,
+                cpu_cores=float(facts["cpu_cores"]),
+                memory_mb=float(facts["memory_mb"]),
+                runtimes=sorted(runtimes),
+                arch=facts.get("arch", ""),
+                os=facts.get("os", ""),
+                hostname=facts.get("hostname", ""),
+                location=cfg.location,
+                version=VERSION,
+            )
+            session.publish(
+                topics.up(topics.NODES, cfg.name, "info"),
+                envelope.encode("node.info", models.dump(info), f"node/{cfg.name}"),
+                retain=True,
+            )
+            session.subscribe(topics.down(topics.NODES, cfg.name, "desired"))
+            log.info("worker %s connected to its cluster at %s; runtimes: %s", cfg.name, cfg.cluster,
+                     ", ".join(sorted(runtimes)))
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(reporter.run(session, cfg.report_interval))
+                tasks.create_task(_follow_desired(session, engine))
+    finally:
+        await engine.close()
+        store.close()
+
+
+async def _follow_desired(session: MqttSession, engine: Engine) -> None:
+    async for message in session.messages():
+        if not message.topic.endswith("/down/desired"):
+            continue
+        if not message.payload:
+            await engine.apply({})
+            continue
+        try:
+            desired = models.load_desired(envelope.decode(message.payload, "desired").data)
+        except (ValueError, json.JSONDecodeError) as exc:
+            log.warning("ignoring a bad desired map: %s", exc)
+            continue
+        with contextlib.suppress(asyncio.CancelledError):
+            await engine.apply(desired)

@@ -1,0 +1,225 @@
+"""The NodeEngine core: make what runs on this node match the desired map from the cluster.
+
+Each instance has a supervisor task that starts it through its runtime, waits for it to end,
+reports how it ended and restarts it with exponential backoff, except a ``one_shot`` service that
+exited 0 (COMPLETED). Handles are stored in TinyDB, so a restarted worker re-adopts instances that
+are still running instead of starting them twice, and stops those no longer wanted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from services.common import models
+from services.common.hookspecs import Exit, Handle, LaunchSpec, Runtime
+from services.common.models import InstanceSpec, InstanceStatus
+from services.common.store import Store
+
+log = logging.getLogger(__name__)
+
+TABLE = "instances"
+STOP_GRACE = 5.0
+BACKOFF_FIRST, BACKOFF_MAX = 1.0, 30.0
+
+
+def backoff(restarts: int) -> float:
+    """Seconds to wait before restart number *restarts* (1, 2, 4 ... up to 30)."""
+    return float(min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** max(0, restarts - 1)))
+
+
+def ended_status(spec: InstanceSpec, end: Exit, restarts: int) -> InstanceStatus:
+    """COMPLETED for a one_shot service that exited 0; DEAD for any other end."""
+    if spec.spec.one_shot and end.code == 0:
+        return InstanceStatus(models.COMPLETED, end.reason, exit_code=0, restarts=restarts)
+    return InstanceStatus(models.DEAD, end.reason, exit_code=end.code, restarts=restarts)
+
+
+@dataclass
+class Slot:
+    """One instance on this node: what is wanted, its handle and status, and its supervisor."""
+
+    spec: InstanceSpec
+    status: InstanceStatus
+    handle: Handle | None = None
+    task: asyncio.Task[None] | None = None
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+class Engine:
+    """Reconciles desired instances with running ones."""
+
+    def __init__(
+        self,
+        node: str,
+        runtimes: dict[str, Runtime],
+        store: Store,
+        data_dir: Path,
+        on_change: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.node = node
+        self.runtimes = runtimes
+        self.store = store
+        self.data_dir = data_dir
+        self.on_change = on_change
+        self.slots: dict[str, Slot] = {}
+        self._stopping: set[asyncio.Task[None]] = set()
+
+    # ---- state -------------------------------------------------------------------------------
+
+    def statuses(self) -> dict[str, InstanceStatus]:
+        """The observed status of every instance this node holds."""
+        out = {}
+        for iid, slot in self.slots.items():
+            out[iid] = replace(
+                slot.status,
+                node=self.node,
+                cpu_percent=slot.stats.get("cpu_percent", 0.0),
+                memory_mb=slot.stats.get("memory_mb", 0.0),
+            )
+        return out
+
+    async def _save(self, slot: Slot) -> None:
+        handle = models.dump(slot.handle) if slot.handle else None
+        await self.store.put(
+            TABLE,
+            slot.spec.iid,
+            {"spec": models.dump(slot.spec), "handle": handle, "status": models.dump(slot.status)},
+        )
+
+    def _set(self, slot: Slot, status: InstanceStatus) -> None:
+        slot.status = replace(status, since=round(time.time(), 3))
+        self.on_change()
+
+    # ---- reconciliation ----------------------------------------------------------------------
+
+    async def restore(self) -> None:
+        """Load the instances of a previous run; adopt the ones still running."""
+        for iid, doc in (await self.store.load(TABLE)).items():
+            try:
+                spec = models.load(InstanceSpec, doc["spec"])
+                status = models.load(InstanceStatus, doc["status"])
+                handle = models.load(Handle, doc["handle"]) if doc.get("handle") else None
+            except (ValueError, KeyError) as exc:
+                log.warning("dropping unreadable stored instance %s: %s", iid, exc)
+                await self.store.delete(TABLE, iid)
+                continue
+            runtime = self.runtimes.get(spec.spec.virtualization)
+            adopted = bool(handle and runtime and await runtime.adopt(handle))
+            slot = Slot(spec, status, handle if adopted else None)
+            self.slots[iid] = slot
+            if adopted:
+                log.info("adopted %s (pid %s), still running", iid, handle.pid if handle else "?")
+            if status.status != models.COMPLETED:
+                slot.task = asyncio.create_task(self._supervise(slot, adopted=adopted))
+
+    async def apply(self, desired: dict[str, InstanceSpec]) -> None:
+        """Start what is newly desired and stop what no longer is."""
+        for iid in [iid for iid in self.slots if iid not in desired]:
+            slot = self.slots.pop(iid)
+            task = asyncio.create_task(self._remove(slot))
+            self._stopping.add(task)
+            task.add_done_callback(self._stopping.discard)
+        for iid, spec in desired.items():
+            if iid in self.slots:
+                continue
+            slot = Slot(spec, InstanceStatus(models.CREATING))
+            self.slots[iid] = slot
+            await self._save(slot)
+            slot.task = asyncio.create_task(self._supervise(slot, adopted=False))
+        self.on_change()
+
+    async def _remove(self, slot: Slot) -> None:
+        if slot.task:
+            slot.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await slot.task
+        runtime = self.runtimes.get(slot.spec.spec.virtualization)
+        if slot.handle and runtime:
+            await runtime.stop(slot.handle, STOP_GRACE)
+        await self.store.delete(TABLE, slot.spec.iid)
+        log.info("removed %s", slot.spec.iid)
+
+    async def _supervise(self, slot: Slot, *, adopted: bool) -> None:
+        """Run one instance until it completes or is removed."""
+        spec = slot.spec
+        runtime = self.runtimes.get(spec.spec.virtualization)
+        if runtime is None:
+            self._set(slot, InstanceStatus(models.FAILED, f"this node has no {spec.spec.virtualization} runtime"))
+            return
+        restarts = slot.status.restarts
+        while True:
+            if not adopted:
+                try:
+                    slot.handle = await runtime.start(self._launch_spec(spec))
+                except RuntimeError as exc:
+                    slot.handle = None
+                    restarts += 1
+                    self._set(slot, InstanceStatus(models.FAILED, str(exc), restarts=restarts))
+                    await self._save(slot)
+                    await asyncio.sleep(backoff(restarts))
+                    continue
+                self._set(slot, InstanceStatus(models.RUNNING, restarts=restarts))
+                await self._save(slot)
+                log.info("started %s (%s)", spec.iid, spec.job_name)
+            adopted = False
+            assert slot.handle is not None
+            end = await runtime.wait(slot.handle)
+            slot.handle = None
+            status = ended_status(spec, end, restarts)
+            self._set(slot, status)
+            await self._save(slot)
+            log.info("%s ended: %s (%s)", spec.iid, status.status, end.reason)
+            if status.status == models.COMPLETED:
+                return
+            restarts += 1
+            await asyncio.sleep(backoff(restarts))
+
+    def _launch_spec(self, spec: InstanceSpec) -> LaunchSpec:
+        svc = spec.spec
+        return LaunchSpec(
+            iid=spec.iid,
+            job_name=spec.job_name,
+            instance_number=spec.instance_number,
+            virtualization=svc.virtualization,
+            code=svc.code,
+            cmd=tuple(svc.cmd),
+            environment=tuple(svc.environment),
+            memory_mb=int(svc.memory),
+            vcpus=float(svc.vcpus),
+            one_shot=svc.one_shot,
+            log_path=str(self.data_dir / "logs" / f"{spec.iid}.log"),
+            work_dir=str(self.data_dir / "work" / spec.iid),
+        )
+
+    async def sample(self) -> None:
+        """Refresh the resource use of every running instance."""
+        for slot in self.slots.values():
+            runtime = self.runtimes.get(slot.spec.spec.virtualization)
+            stats = await runtime.stats(slot.handle) if runtime and slot.handle else None
+            slot.stats = {"cpu_percent": stats.cpu_percent, "memory_mb": stats.memory_mb} if stats else {}
+
+    async def close(self) -> None:
+        """Stop supervising and stop every instance (they restart from the store on the next run).
+
+        Only a graceful stop does this; after ``kill -9`` the instances keep running and the next
+        run adopts them.
+        """
+        for slot in self.slots.values():
+            if slot.task:
+                slot.task.cancel()
+        for slot in self.slots.values():
+            if slot.task:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await slot.task
+        stops = [
+            runtime.stop(slot.handle, STOP_GRACE)
+            for slot in self.slots.values()
+            if slot.handle and (runtime := self.runtimes.get(slot.spec.spec.virtualization))
+        ]
+        await asyncio.gather(*stops, *self._stopping, return_exceptions=True)

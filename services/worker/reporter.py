@@ -1,0 +1,49 @@
+"""Reports the node's metrics and its instances' statuses: every few seconds, and at once on a change."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import TYPE_CHECKING
+
+from services.common import envelope, models, topics
+from services.common.hookspecs import Collector
+from services.common.mqtt import MqttSession
+
+if TYPE_CHECKING:
+    from services.worker.engine import Engine
+
+
+class Reporter:
+    """Publishes the retained ``state`` of one node."""
+
+    def __init__(self, node: str, collector: Collector) -> None:
+        self.node = node
+        self.collector = collector
+        self.engine: Engine | None = None
+        self._changed = asyncio.Event()
+
+    def poke(self) -> None:
+        """Ask for a report now (an instance changed)."""
+        self._changed.set()
+
+    def state(self) -> dict[str, object]:
+        """The node state as published."""
+        statuses = self.engine.statuses() if self.engine else {}
+        return {
+            **self.collector.sample(),
+            "instances": {iid: models.dump(status) for iid, status in statuses.items()},
+        }
+
+    async def run(self, session: MqttSession, interval: float) -> None:
+        """Publish now, then whenever poked and at least every *interval* seconds."""
+        topic = topics.up(topics.NODES, self.node, "state")
+        while True:
+            self._changed.clear()
+            session.publish(topic, envelope.encode("node.state", self.state(), f"node/{self.node}"), retain=True)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), interval)
+                await asyncio.sleep(0.005)  # coalesce a burst of changes into one report
+                continue
+            if self.engine:
+                await self.engine.sample()

@@ -1,0 +1,125 @@
+"""The seed guide's commands, usable verbatim: ``NetManager -p 6000`` and ``NodeEngine -n 6000 -p 10100 -a HOST``.
+
+Oakestra's NodeEngine registers over HTTP on the cluster's port 10100 and is then told the MQTT port
+(10003). Oakling has no HTTP: ``-p 10100`` is therefore read as "the cluster's usual port" and the
+worker connects to the cluster broker on ``ClusterMqttPort`` from netcfg.json (default 10003). Any
+other ``-p`` is taken as the broker port itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import socket
+import sys
+from pathlib import Path
+
+from services.cli.client import oak_home
+from services.common.lifecycle import run_until_signalled, setup_logging
+from services.common.mqtt import BrokerUrl
+from services.worker.app import WorkerConfig, run_worker
+from services.worker.netcfg import DEFAULT_PATH, NetConfig, NetConfigError
+
+log = logging.getLogger("NodeEngine")
+OAKESTRA_HTTP_PORT = 10100
+
+
+def _flag(value: str) -> bool:
+    return value.lstrip("=").lower() in ("", "true", "1", "yes", "on")
+
+
+def node_engine_parser() -> argparse.ArgumentParser:
+    """NodeEngine's flags (Oakestra's legacy ones plus Oakling's)."""
+    p = argparse.ArgumentParser(prog="NodeEngine", description="Run an Oakling worker (seed-compatible).")
+    p.add_argument("-a", "--clusterAddr", help="cluster orchestrator address (default: ClusterUrl of netcfg.json)")
+    p.add_argument("-p", "--clusterPort", type=int, default=OAKESTRA_HTTP_PORT,
+                   help="cluster port; 10100 (Oakestra's) means the cluster broker's ClusterMqttPort")
+    p.add_argument("-n", "--netmanagerPort", type=int, help="port of the local NetManager")
+    p.add_argument("-u", "--unikernel", nargs="?", const="true", default="false", help="enable unikernels")
+    p.add_argument("--netcfg", type=Path, default=DEFAULT_PATH, help=f"netcfg.json (default {DEFAULT_PATH})")
+    p.add_argument("--data-dir", help="worker state (default: $OAK_HOME/worker or ~/.oak/worker)")
+    p.add_argument("--name", default=socket.gethostname(), help="worker name (default: hostname)")
+    p.add_argument("--join-token")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def _check_netmanager(port: int) -> None:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as conn:
+            conn.sendall(b'{"op":"status"}\n')
+            answer = json.loads(conn.makefile().readline() or "{}")
+        log.info("NetManager on port %d answers: %s", port, "ok" if answer.get("ok") else answer)
+    except (OSError, ValueError) as exc:
+        log.warning("no NetManager on port %d (%s); running without it", port, exc)
+
+
+def node_engine_main(argv: list[str] | None = None) -> int:
+    """Entry point of ``NodeEngine``."""
+    args = node_engine_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        net = NetConfig.load(args.netcfg)
+    except NetConfigError as exc:
+        print(f"NodeEngine: {exc}", file=sys.stderr)
+        return 1
+    port = args.clusterPort
+    if port == OAKESTRA_HTTP_PORT:
+        port = net.cluster_mqtt_port
+        log.info("port %d is Oakestra's HTTP port; using the cluster broker on port %d", OAKESTRA_HTTP_PORT, port)
+    if _flag(args.unikernel):
+        log.warning("-u: no unikernel runtime plugin is installed on this worker; not advertising unikernel")
+    if args.netmanagerPort:
+        _check_netmanager(args.netmanagerPort)
+    cluster = BrokerUrl(args.clusterAddr or net.cluster_url, port)
+    cfg = WorkerConfig(Path(args.data_dir) if args.data_dir else oak_home(None) / "worker", cluster, args.name,
+                       join_token=args.join_token)
+    try:
+        asyncio.run(run_until_signalled(lambda: run_worker(cfg)))
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+async def _serve_netmanager(port: int, net: NetConfig) -> None:
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while line := await reader.readline():
+                try:
+                    op = json.loads(line).get("op")
+                except (ValueError, AttributeError):
+                    op = None
+                if op == "status":
+                    reply = {"ok": True, "overlay": False, "config": net.__dict__}
+                else:
+                    reply = {"ok": False, "error": f"unsupported operation {op!r}: this NetManager has no overlay"}
+                writer.write(json.dumps(reply).encode() + b"\n")
+                await writer.drain()
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", port)
+    logging.getLogger("NetManager").info("NetManager listening on 127.0.0.1:%d (no overlay yet)", port)
+    async with server:
+        await server.serve_forever()
+
+
+def net_manager_main(argv: list[str] | None = None) -> int:
+    """Entry point of ``NetManager``."""
+    p = argparse.ArgumentParser(prog="NetManager", description="The worker's network manager (seed-compatible).")
+    p.add_argument("-p", "--port", type=int, default=6000, help="local API port (default 6000)")
+    p.add_argument("--netcfg", type=Path, default=DEFAULT_PATH, help=f"netcfg.json (default {DEFAULT_PATH})")
+    args = p.parse_args(argv)
+    setup_logging()
+    try:
+        net = NetConfig.load(args.netcfg)
+    except NetConfigError as exc:
+        print(f"NetManager: {exc}", file=sys.stderr)
+        return 1
+    try:
+        asyncio.run(run_until_signalled(lambda: _serve_netmanager(args.port, net)))
+    except KeyboardInterrupt:
+        return 130
+    return 0

@@ -1,0 +1,92 @@
+"""Shared test helpers: free ports, real service processes, and an API client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.cli.client import OakClient
+from services.common.mqtt import BrokerUrl
+from tests.stack import Stack, eventually
+
+__all__ = ["Stack", "eventually"]
+
+
+def need_binary(name: str) -> None:
+    """Skip the test, saying why, when *name* is not installed."""
+    if shutil.which(name) is None:
+        pytest.skip(f"{name} is not installed (make test installs it when run as root)")
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[Stack]:
+    """A stack of processes, stopped at the end of the test."""
+    s = Stack(tmp_path)
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+async def connect(stack: Stack, timeout: float = 20.0) -> OakClient:
+    """An API client for the admin, once the root is up."""
+    await eventually(lambda: (stack.base / "root" / "credentials.json").exists(), timeout, what="root credentials")
+    profile = stack.profile()
+    client = OakClient(profile)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await client.__aenter__()
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+            client = OakClient(profile)
+
+
+@pytest.fixture
+async def api(stack: Stack) -> AsyncIterator[Callable[[], Any]]:
+    """Yields a coroutine factory ``await api()`` connecting the admin client (closed at the end)."""
+    clients: list[OakClient] = []
+
+    async def make() -> OakClient:
+        client = await connect(stack)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        await client.__aexit__(None, None, None)
+
+
+def sla(*services: dict[str, Any], app: str = "demo", ns: str = "test") -> dict[str, Any]:
+    """An SLA v2.0 document with *services* (dicts of microservice fields over sane defaults)."""
+    micro = []
+    for svc in services:
+        micro.append({"microserviceID": "", "microservice_namespace": ns, "virtualization": "process", "code": "",
+                      "memory": 10, "vcpus": 0.1, "one_shot": False, **svc})
+    return {"sla_version": "v2.0", "customerID": "Admin",
+            "applications": [{"applicationID": "", "application_name": app, "application_namespace": ns,
+                              "application_desc": "test app", "microservices": micro}]}
+
+
+def sleeper(name: str, seconds: int = 600, **extra: Any) -> dict[str, Any]:
+    """A process service that sleeps."""
+    return {"microservice_name": name, "cmd": ["sleep", str(seconds)], **extra}
+
+
+def broker_url(port: int) -> BrokerUrl:
+    """The loopback broker on *port*."""
+    return BrokerUrl("127.0.0.1", port)
+
+
+def dumps(doc: Any) -> bytes:
+    """JSON bytes."""
+    return json.dumps(doc).encode()

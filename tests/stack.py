@@ -1,0 +1,135 @@
+"""Real Oakling processes on loopback ports, for tests and benchmarks."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from services.cli.client import Profile
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Proc:
+    """An Oakling service started as its own process, with its log kept in a file."""
+
+    def __init__(self, name: str, args: list[str], log_dir: Path, env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.args = args
+        self.log = log_dir / f"{name}.log"
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.popen: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Proc:
+        """Start (or restart) the process."""
+        handle = open(self.log, "ab")  # noqa: SIM115 - closed with the process
+        self.popen = subprocess.Popen(self.args, stdout=handle, stderr=handle, env=self.env, cwd=REPO,
+                                      start_new_session=True)
+        handle.close()
+        return self
+
+    def kill9(self) -> None:
+        """Kill it abruptly, as a crash would."""
+        assert self.popen is not None
+        self.popen.send_signal(signal.SIGKILL)
+        self.popen.wait(10)
+
+    def stop(self) -> None:
+        """Stop it gracefully (SIGTERM), then kill it if it lingers."""
+        if self.popen is None or self.popen.poll() is not None:
+            return
+        self.popen.send_signal(signal.SIGTERM)
+        try:
+            self.popen.wait(15)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait(5)
+
+    def tail(self, lines: int = 30) -> str:
+        """The end of its log, for failure messages."""
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:]) if self.log.exists() else ""
+
+
+def oak(*args: str) -> list[str]:
+    """The command line of ``oak ARGS`` run with this interpreter."""
+    return [sys.executable, "-m", "services.cli.main", *args]
+
+
+class Stack:
+    """Root, clusters and workers as separate processes on loopback ports, each with its own data dir."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.procs: dict[str, Proc] = {}
+        self.root_port = free_port()
+        self.cluster_ports: dict[str, int] = {}
+
+    def _start(self, name: str, args: list[str]) -> Proc:
+        proc = Proc(name, args, self.base).start()
+        self.procs[name] = proc
+        return proc
+
+    def root(self, *extra: str) -> Proc:
+        """Start the root."""
+        return self._start("root", oak("root", "--data-dir", str(self.base / "root"), "--host", "127.0.0.1",
+                                       "--port", str(self.root_port), *extra))
+
+    def cluster(self, name: str, *extra: str) -> Proc:
+        """Start a cluster orchestrator called *name*."""
+        port = self.cluster_ports.setdefault(name, free_port())
+        return self._start(name, oak("cluster", "--name", name, "--data-dir", str(self.base / name),
+                                     "--host", "127.0.0.1", "--port", str(port),
+                                     "--root", f"127.0.0.1:{self.root_port}", *extra))
+
+    def worker(self, name: str, cluster: str, *extra: str) -> Proc:
+        """Start a worker called *name* under *cluster*."""
+        return self._start(name, oak("worker", "--name", name, "--data-dir", str(self.base / name),
+                                     "--cluster", f"127.0.0.1:{self.cluster_ports[cluster]}", *extra))
+
+    def profile(self) -> Profile:
+        """The admin's profile, once the root has written it."""
+        return Profile.load(self.base / "root")
+
+    def logs(self) -> str:
+        """Every process's recent log, for failure messages."""
+        return "\n".join(f"--- {name} ---\n{proc.tail()}" for name, proc in self.procs.items())
+
+    def stop(self) -> None:
+        """Stop every process (workers first, so their instances stop with them)."""
+        for proc in sorted(self.procs.values(), key=lambda p: p.name == "root"):
+            proc.stop()
+
+
+async def eventually(check: Callable[[], Any], timeout: float = 20.0, interval: float = 0.1,
+                     what: str = "condition") -> Any:
+    """Poll *check* (sync or async) until it returns something truthy; fail after *timeout* seconds."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+            if asyncio.iscoroutine(last):
+                last = await last
+            if last:
+                return last
+        except (AssertionError, KeyError, FileNotFoundError, IndexError) as exc:
+            last = exc
+        await asyncio.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
+
+

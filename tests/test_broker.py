@@ -1,0 +1,172 @@
+"""The embedded broker with real gmqtt clients: credentials, topic rules, joining and the bridge."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from broker.bridge import Bridge
+from broker.credentials import Credentials
+from broker.join import JoinDesk, obtain_login
+from broker.server import EmbeddedBroker, Listeners
+from services.common import topics
+from services.common.mqtt import BrokerUrl, MqttError, MqttSession, dispatch
+from services.common.store import Store
+
+
+@pytest.fixture
+async def creds(tmp_path: Path) -> Credentials:
+    """Credentials with one user, alice."""
+    c = Credentials(Store(tmp_path / "db.json"))
+    await c.load()
+    await c.set_password("alice", "alice-password")
+    return c
+
+
+@pytest.fixture
+async def broker(creds: Credentials) -> AsyncIterator[EmbeddedBroker]:
+    """An embedded broker on an ephemeral loopback port."""
+    async with EmbeddedBroker(Listeners(port=0), creds) as b:
+        yield b
+
+
+def url(b: EmbeddedBroker) -> BrokerUrl:
+    return BrokerUrl("127.0.0.1", b.port)
+
+
+async def nothing(session: MqttSession, wait: float = 0.4) -> bool:
+    """True when *session* receives nothing for *wait* seconds."""
+    try:
+        await session.get(wait)
+    except TimeoutError:
+        return True
+    return False
+
+
+async def test_no_anonymous_and_no_wrong_password(broker: EmbeddedBroker) -> None:
+    """Connections without the right password are refused."""
+    for username, password in [("alice", "wrong"), ("nobody", "x"), ("svc:root", "guess"), ("", "")]:
+        with pytest.raises(MqttError):
+            async with MqttSession(url(broker), "x", username, password, retry_first_connect=False):
+                pass
+
+
+async def test_passwords_are_stored_hashed(tmp_path: Path, creds: Credentials) -> None:
+    """The database never holds a password in clear."""
+    assert "alice-password" not in (tmp_path / "db.json").read_text()
+    assert creds.verify("alice", "alice-password") is not None
+    assert creds.verify("alice", "alice-passwort") is None
+
+
+async def test_worker_cannot_publish_as_another_worker(broker: EmbeddedBroker, creds: Credentials) -> None:
+    """node:w1 may publish its own state, not w2's; and cannot read w2's desired map."""
+    await creds.set_password("node:w1", "pw1")
+    observer = MqttSession(url(broker), "obs", "svc:test", creds.service_password("svc:test"))
+    w1 = MqttSession(url(broker), "w1", "node:w1", "pw1")
+    async with observer, w1:
+        observer.subscribe("oak/nodes/#")
+        w1.subscribe("oak/nodes/w2/down/desired", "oak/nodes/w1/down/desired")
+        await asyncio.sleep(0.2)
+        w1.publish("oak/nodes/w2/up/state", b"forged")
+        assert await nothing(observer)
+        w1.publish("oak/nodes/w1/up/state", b"mine")
+        assert (await observer.get(2)).payload == b"mine"
+        observer.publish("oak/nodes/w2/down/desired", b"for w2", retain=True)
+        observer.publish("oak/nodes/w1/down/desired", b"for w1", retain=True)
+        got = await w1.get(2)
+        assert (got.topic, got.payload) == ("oak/nodes/w1/down/desired", b"for w1")
+        assert await nothing(w1)
+
+
+async def test_user_cannot_read_or_touch_another_users_api(broker: EmbeddedBroker, creds: Credentials) -> None:
+    """alice sees only oak/api/alice/#, and cannot publish requests as bob."""
+    await creds.set_password("bob", "bob-password")
+    observer = MqttSession(url(broker), "obs", "svc:test", creds.service_password("svc:test"))
+    alice = MqttSession(url(broker), "alice", "alice", "alice-password")
+    async with observer, alice:
+        observer.publish(topics.api_service_state("bob", "a.b.c.d"), b"bob's", retain=True)
+        observer.subscribe(topics.API_REQUESTS)
+        alice.subscribe("oak/#", "oak/api/+/state/#", "oak/api/bob/#", topics.api_state_filter("alice"))
+        await asyncio.sleep(0.2)
+        assert await nothing(alice)
+        alice.publish(topics.api_request("bob", "apps", "delete"), b"{}")
+        assert await nothing(observer)
+        alice.publish(topics.api_request("alice", "apps", "list"), b"{}")
+        assert (await observer.get(2)).topic == topics.api_request("alice", "apps", "list")
+
+
+async def test_join_gives_own_credentials_once(tmp_path: Path, broker: EmbeddedBroker, creds: Credentials) -> None:
+    """A newcomer gets credentials of its own; a second node with the same name is refused."""
+    server = MqttSession(url(broker), "desk", "svc:desk", creds.service_password("svc:desk"))
+    async with server:
+        server.subscribe(topics.JOIN_REQUESTS)
+        desk = JoinDesk(creds, "node")
+        serving = asyncio.create_task(dispatch(server, {topics.JOIN_REQUEST_PREFIX: lambda m: desk.handle(server, m)}))
+        login = await obtain_login(tmp_path / "w1", url(broker), "node", "w1", None, timeout=10)
+        assert login.username == "node:w1"
+        assert (tmp_path / "w1" / "identity.json").stat().st_mode & 0o777 == 0o600
+        assert await obtain_login(tmp_path / "w1", url(broker), "node", "w1", None) == login
+        with pytest.raises(MqttError, match="already joined"):
+            await obtain_login(tmp_path / "other", url(broker), "node", "w1", None, timeout=10)
+        with pytest.raises(MqttError, match="only a node"):
+            await obtain_login(tmp_path / "c", url(broker), "cluster", "c9", None, timeout=10)
+        serving.cancel()
+
+
+async def test_join_token_is_enforced(tmp_path: Path) -> None:
+    """With a join token, a newcomer without it cannot even connect."""
+    creds = Credentials(Store(tmp_path / "db.json"), join_token="s3cret")
+    await creds.load()
+    async with EmbeddedBroker(Listeners(port=0), creds) as b:
+        with pytest.raises(MqttError):
+            async with MqttSession(url(b), "j", "join:abc", "wrong", retry_first_connect=False):
+                pass
+        async with MqttSession(url(b), "j", "join:abc", "s3cret", retry_first_connect=False):
+            pass
+
+
+async def test_bridge_forwards_both_ways_and_keeps_retain(tmp_path: Path) -> None:
+    """Root down/* reaches the cluster as downstream/*, upstream/* reaches the root as up/*, retained."""
+    root_creds = Credentials(Store(tmp_path / "root.json"))
+    local_creds = Credentials(Store(tmp_path / "local.json"))
+    await root_creds.load()
+    await local_creds.load()
+    await root_creds.set_password("cluster:c1", "c1pw")
+    async with EmbeddedBroker(Listeners(port=0), root_creds) as root, \
+            EmbeddedBroker(Listeners(port=0), local_creds) as local:
+        root_side = MqttSession(url(root), "bridge-c1", "cluster:c1", "c1pw",
+                                avail_topic=topics.up(topics.CLUSTERS, "c1", "avail"), clean_session=False)
+        local_side = MqttSession(url(local), "bridge", "svc:bridge", local_creds.service_password("svc:bridge"))
+        root_app = MqttSession(url(root), "root", "svc:root", root_creds.service_password("svc:root"))
+        cluster_app = MqttSession(url(local), "cl", "svc:cl", local_creds.service_password("svc:cl"))
+        async with root_side, local_side, root_app, cluster_app:
+            bridge = asyncio.create_task(Bridge("c1", root_side, local_side).run())
+            await asyncio.sleep(0.3)
+            root_app.publish(topics.down(topics.CLUSTERS, "c1", "desired"), b"D", retain=True)
+            cluster_app.publish(topics.upstream("state"), b"S", retain=True)
+            await asyncio.sleep(0.5)
+            # Late subscribers see retained copies on both sides: the retain flag survived the bridge.
+            cluster_app.subscribe(topics.downstream("desired"))
+            root_app.subscribe(topics.up(topics.CLUSTERS, "c1", "state"), topics.up(topics.CLUSTERS, "c1", "avail"))
+            received = [await cluster_app.get(2), await root_app.get(2), await root_app.get(2)]
+            got = {(m.topic, m.payload) for m in received}
+            assert got == {(topics.downstream("desired"), b"D"), (topics.up(topics.CLUSTERS, "c1", "state"), b"S"),
+                           (topics.up(topics.CLUSTERS, "c1", "avail"), b'{"state":"online"}')}
+            bridge.cancel()
+
+
+async def test_connecting_client_gets_no_retained_messages_of_other_subscriptions(
+        broker: EmbeddedBroker, creds: Credentials) -> None:
+    """amqtt replays retained messages of every client's filters at CONNECT; ours only the client's own."""
+    await creds.set_password("bob", "bob-password")
+    owner = MqttSession(url(broker), "svc", "svc:test", creds.service_password("svc:test"))
+    bob = MqttSession(url(broker), "bob", "bob", "bob-password")
+    async with owner, bob:
+        owner.publish(topics.api_service_state("bob", "a.b.c.d"), b"bob's secret", retain=True)
+        bob.subscribe(topics.api_state_filter("bob"))
+        assert (await bob.get(2)).payload == b"bob's secret"
+        async with MqttSession(url(broker), "alice", "alice", "alice-password") as alice:
+            assert await nothing(alice)

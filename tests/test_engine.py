@@ -1,0 +1,79 @@
+"""The worker engine with the real process runtime: start, exit statuses, backoff restarts, adoption."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from plugins.runtimes.process import ProcessRuntime
+from services.common.sla import ServiceSpec
+
+from services.common import models
+from services.common.models import InstanceSpec
+from services.common.store import Store
+from services.worker import engine as engine_module
+from services.worker.engine import Engine, backoff
+from tests.conftest import eventually
+
+
+def spec(iid: str, cmd: list[str], one_shot: bool = False) -> InstanceSpec:
+    service = ServiceSpec(app_name="a", app_namespace="n", name="s", namespace="n", virtualization="process",
+                          code="", cmd=tuple(cmd), one_shot=one_shot)
+    return InstanceSpec(iid, "admin", service.job_name, 0, service.to_dict())
+
+
+@pytest.fixture(autouse=True)
+def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Restart after 0.1 s instead of 1 s, so the tests are quick."""
+    monkeypatch.setattr(engine_module, "BACKOFF_FIRST", 0.1)
+
+
+def make(tmp_path: Path) -> Engine:
+    return Engine("w1", {"process": ProcessRuntime(data_dir=str(tmp_path))}, Store(tmp_path / "w.json"), tmp_path)
+
+
+def test_backoff_doubles_up_to_a_cap() -> None:
+    """First delay, then doubling (0.1 s first here; 1 s in production), never more than 30 s."""
+    assert [backoff(n) for n in (1, 2, 3, 4)] == [0.1, 0.2, 0.4, 0.8]
+    assert backoff(50) == 30.0
+
+
+async def test_statuses_running_completed_dead_failed(tmp_path: Path) -> None:
+    """RUNNING while it runs, COMPLETED for a one_shot exit 0, DEAD (restarted) otherwise, FAILED if it can't start."""
+    eng = make(tmp_path)
+    await eng.apply({
+        "run": spec("run", ["sleep", "7001"]),
+        "once": spec("once", ["true"], one_shot=True),
+        "crash": spec("crash", ["sh", "-c", "exit 3"]),
+        "nope": spec("nope", ["/no/such/binary"]),
+    })
+    await eventually(lambda: eng.statuses()["run"].status == models.RUNNING, what="run RUNNING")
+    await eventually(lambda: eng.statuses()["once"].status == models.COMPLETED, what="once COMPLETED")
+    await eventually(lambda: eng.statuses()["crash"].restarts >= 2, what="crash restarted twice")
+    crash = eng.statuses()["crash"]
+    assert crash.status in (models.DEAD, models.RUNNING)
+    await eventually(lambda: eng.statuses()["nope"].status == models.FAILED, what="nope FAILED")
+    assert "no such file" in eng.statuses()["nope"].reason.lower()
+    await eng.apply({})
+    await eventually(lambda: not eng.slots, what="all removed")
+    await asyncio.sleep(0.1)
+    await eng.close()
+
+
+async def test_restarted_engine_adopts_running_instances(tmp_path: Path) -> None:
+    """A new engine on the same store finds the running process and does not start a second one."""
+    first = make(tmp_path)
+    await first.apply({"run": spec("run", ["sleep", "7002"])})
+    await eventually(lambda: first.statuses()["run"].status == models.RUNNING, what="RUNNING")
+    pid = first.slots["run"].handle.pid  # type: ignore[union-attr]
+    for slot in first.slots.values():  # simulate kill -9 of the worker: supervisors vanish, processes stay
+        slot.task.cancel()  # type: ignore[union-attr]
+    second = make(tmp_path)
+    await second.restore()
+    assert second.slots["run"].handle is not None
+    assert second.slots["run"].handle.pid == pid
+    await second.apply({})
+    await eventually(lambda: not second.slots, what="removed")
+    await asyncio.sleep(0.2)
+    await second.close()

@@ -1,0 +1,221 @@
+"""The seed guide's set-ups end to end: real processes, real brokers on loopback, real OS processes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psutil
+import pytest
+
+from services.cli.client import ApiFailure, OakClient
+from tests.conftest import Stack, dumps, eventually, sla, sleeper
+
+
+async def state(client: OakClient, service: str) -> dict[str, Any]:
+    """The service as the root reports it."""
+    return await client.request("services", "inspect", {"service": service})
+
+
+async def running(client: OakClient, service: str, replicas: int, what: str = "", timeout: float = 30.0) -> dict:
+    """Wait until *service* has exactly *replicas* instances, all RUNNING; return its state."""
+
+    async def check() -> dict | None:
+        s = await state(client, service)
+        ok = len(s["instances"]) == replicas and all(i["status"] == "RUNNING" for i in s["instances"])
+        return s if ok else None
+
+    return await eventually(check, timeout, what=what or f"{service} x{replicas} RUNNING")
+
+
+def sleeps(token: str) -> list[psutil.Process]:
+    """Live ``sleep <token>`` processes (tests use unusual durations as tokens)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        if proc.info["cmdline"] == ["sleep", token] and proc.info["status"] != psutil.STATUS_ZOMBIE:
+            found.append(proc)
+    return found
+
+
+TWO_SERVICES = sla(sleeper("web", 6001), sleeper("cache", 6002), app="shop")
+WEB, CACHE = "shop.test.web.test", "shop.test.cache.test"
+
+
+@pytest.mark.timeout(120)
+async def test_mdoc_deploy_scale_undeploy(stack: Stack, api: Any) -> None:
+    """One cluster, two workers: a two-service SLA runs, scales up and down, and undeploys cleanly."""
+    stack.root()
+    stack.cluster("c1")
+    stack.worker("w1", "c1")
+    stack.worker("w2", "c1")
+    client = await api()
+    await eventually(lambda: client.request("nodes", "list"), what="workers")
+    await eventually(lambda: _online_nodes(client, 2), what="two workers online")
+
+    apps = await client.request("apps", "create", raw=dumps(TWO_SERVICES))
+    assert [s["job_name"] for s in apps[0]["services"]] == [WEB, CACHE]
+    assert (await state(client, WEB))["status"] == "UNDEPLOYED"
+
+    await client.request("services", "deploy", {"service": WEB, "replicas": 2})
+    await client.request("services", "deploy", {"service": CACHE})
+    web = await running(client, WEB, 2)
+    await running(client, CACHE, 1)
+    assert {i["node"] for i in web["instances"]} == {"w1", "w2"}, "least-loaded spreads replicas"
+    assert {i["cluster"] for i in web["instances"]} == {"c1"}
+    assert len(sleeps("6001")) == 2
+    assert len(sleeps("6002")) == 1
+
+    await client.request("services", "scale", {"service": WEB, "replicas": 3})
+    web = await running(client, WEB, 3)
+    assert [i["number"] for i in web["instances"]] == [0, 1, 2]
+    await client.request("services", "scale", {"service": WEB, "replicas": 1})
+    web = await running(client, WEB, 1)
+    assert [i["number"] for i in web["instances"]] == [0]
+    await eventually(lambda: len(sleeps("6001")) == 1, what="scaled-down processes gone")
+
+    await client.request("services", "undeploy", {"service": WEB})
+    await eventually(lambda: not sleeps("6001"), what="undeployed processes gone")
+    assert (await state(client, WEB))["status"] == "UNDEPLOYED"
+    await client.request("apps", "delete", {"app": "shop"})
+    await eventually(lambda: not sleeps("6002"), what="deleted app's processes gone")
+    assert await client.request("apps", "list") == []
+
+
+async def _online_nodes(client: OakClient, count: int) -> bool:
+    nodes = await client.request("nodes", "list")
+    return sum(1 for n in nodes if n["online"]) == count
+
+
+@pytest.mark.timeout(120)
+async def test_worker_killed_moves_its_instances(stack: Stack, api: Any) -> None:
+    """kill -9 of a worker: its instances run on the other worker within seconds (last will, no poll)."""
+    stack.root()
+    stack.cluster("c1")
+    stack.worker("w1", "c1")
+    client = await api()
+    await eventually(lambda: _online_nodes(client, 1), what="w1 online")
+    await client.request("apps", "create", raw=dumps(sla(sleeper("job", 6011), app="move")))
+    await client.request("services", "deploy", {"service": "move.test.job.test", "replicas": 2})
+    first = await running(client, "move.test.job.test", 2)
+    assert {i["node"] for i in first["instances"]} == {"w1"}
+    stack.worker("w2", "c1")
+    await eventually(lambda: _online_nodes(client, 2), what="w2 online")
+
+    stack.procs["w1"].kill9()
+    for orphan in sleeps("6011"):  # the dead worker's children; a real machine would have died with them
+        orphan.kill()
+
+    async def moved() -> bool:
+        s = await state(client, "move.test.job.test")
+        return all(i["node"] == "w2" and i["status"] == "RUNNING" for i in s["instances"])
+
+    await eventually(moved, timeout=20, what="instances RUNNING on w2")
+    after = await state(client, "move.test.job.test")
+    assert [i["iid"] for i in after["instances"]] == [i["iid"] for i in first["instances"]]
+
+
+@pytest.mark.timeout(150)
+async def test_mdnc_cluster_killed_moves_instances_to_other_cluster(stack: Stack, api: Any) -> None:
+    """One root, two clusters of two workers: kill -9 a cluster and its instances run in the other."""
+    stack.root()
+    for cluster in ("c1", "c2"):
+        stack.cluster(cluster)
+        stack.worker(f"{cluster}w1", cluster)
+        stack.worker(f"{cluster}w2", cluster)
+    client = await api()
+    await eventually(lambda: _online_nodes(client, 4), what="four workers online")
+    clusters = await client.request("clusters", "list")
+    assert [(c["name"], c["online"], c["nodes"]) for c in clusters] == [("c1", True, 2), ("c2", True, 2)]
+
+    await client.request("apps", "create", raw=dumps(TWO_SERVICES))
+    await client.request("services", "deploy", {"service": WEB, "replicas": 4})
+    await client.request("services", "deploy", {"service": CACHE, "replicas": 1})
+    web = await running(client, WEB, 4)
+    await running(client, CACHE, 1)
+    assert {i["cluster"] for i in web["instances"]} == {"c1", "c2"}, "spread over both clusters"
+
+    stack.procs["c1"].kill9()
+
+    async def all_in_c2() -> bool:
+        s = await state(client, WEB)
+        return all(i["cluster"] == "c2" and i["status"] == "RUNNING" for i in s["instances"])
+
+    await eventually(all_in_c2, timeout=30, what="every web instance RUNNING in c2")
+    clusters = {c["name"]: c for c in await client.request("clusters", "list")}
+    assert clusters["c1"]["online"] is False
+
+
+@pytest.mark.timeout(120)
+async def test_root_killed_and_restarted_loses_nothing(stack: Stack, api: Any) -> None:
+    """kill -9 of the root: after a restart it has every app, service and instance, still RUNNING."""
+    stack.root()
+    stack.cluster("c1")
+    stack.worker("w1", "c1")
+    client = await api()
+    await eventually(lambda: _online_nodes(client, 1), what="w1 online")
+    await client.request("apps", "create", raw=dumps(TWO_SERVICES))
+    await client.request("services", "deploy", {"service": WEB, "replicas": 2})
+    before = await running(client, WEB, 2)
+    pids = {p.pid for p in sleeps("6001")}
+    await client.__aexit__(None, None, None)
+
+    stack.procs["root"].kill9()
+    stack.procs["root"].start()
+    client = await api()
+    after = await running(client, WEB, 2, what="web RUNNING after the root restarted")
+    assert [i["iid"] for i in after["instances"]] == [i["iid"] for i in before["instances"]]
+    assert {p.pid for p in sleeps("6001")} == pids, "the instances were not restarted"
+    assert [a["name"] for a in await client.request("apps", "list")] == ["shop"]
+    await client.request("services", "deploy", {"service": CACHE})
+    await running(client, CACHE, 1, what="a new deployment after the restart")
+
+
+@pytest.mark.timeout(120)
+async def test_cluster_and_worker_restart_resume(stack: Stack, api: Any) -> None:
+    """kill -9 of a cluster and of a worker, then restart: same instances, adopted, not duplicated."""
+    stack.root()
+    stack.cluster("c1")
+    stack.worker("w1", "c1")
+    client = await api()
+    await eventually(lambda: _online_nodes(client, 1), what="w1 online")
+    await client.request("apps", "create", raw=dumps(sla(sleeper("job", 6021), app="resume")))
+    await client.request("services", "deploy", {"service": "resume.test.job.test", "replicas": 2})
+    before = await running(client, "resume.test.job.test", 2)
+    pids = {p.pid for p in sleeps("6021")}
+
+    stack.procs["w1"].kill9()
+    stack.procs["c1"].kill9()
+    stack.procs["c1"].start()
+    stack.procs["w1"].start()
+    after = await running(client, "resume.test.job.test", 2, what="RUNNING after restarts")
+    assert [i["iid"] for i in after["instances"]] == [i["iid"] for i in before["instances"]]
+    await eventually(lambda: {p.pid for p in sleeps("6021")} == pids, what="the same processes, adopted")
+
+
+@pytest.mark.timeout(90)
+async def test_bad_requests_get_errors_and_change_nothing(stack: Stack, api: Any) -> None:
+    """Invalid SLAs and garbage get an error naming the problem; nothing is created."""
+    stack.root()
+    client = await api()
+    bad = sla(sleeper("web"))
+    bad["applications"][0]["microservices"][0]["memory"] = "lots"
+    with pytest.raises(ApiFailure) as err:
+        await client.request("apps", "create", raw=dumps(bad))
+    assert err.value.code == "invalid_sla"
+    assert "applications[0].microservices[0].memory" in str(err.value)
+    with pytest.raises(ApiFailure) as err:
+        await client.request("apps", "create", raw=b'{"sla_version": "v2.0"')
+    assert err.value.code in ("bad_request", "invalid_sla")
+    with pytest.raises(ApiFailure) as err:
+        await client.request("services", "deploy", {"service": "nope.test.x.test"})
+    assert err.value.code == "not_found"
+    with pytest.raises(ApiFailure) as err:
+        await client.request("services", "frobnicate", {})
+    assert err.value.code == "unknown_action"
+    with pytest.raises(ApiFailure):
+        await client.request("services", "scale", {"service": 3, "replicas": "two"})
+    assert await client.request("apps", "list") == []
+    await client.request("apps", "create", raw=dumps(TWO_SERVICES))
+    with pytest.raises(ApiFailure) as err:
+        await client.request("apps", "create", raw=dumps(TWO_SERVICES))
+    assert err.value.code == "conflict"
+    assert len(await client.request("apps", "list")) == 1
