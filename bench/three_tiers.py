@@ -26,10 +26,11 @@ from tests.stack import Proc, Stack, eventually, free_port, oak
 
 
 def sla(app: str, name: str, cmd: list[str]) -> bytes:
+    service = {"microserviceID": "", "microservice_name": name, "microservice_namespace": "bench",
+               "virtualization": "process", "code": "", "cmd": cmd, "memory": 10, "vcpus": 0.01}
     return json.dumps({"sla_version": "v2.0", "customerID": "bench", "applications": [{
         "applicationID": "", "application_name": app, "application_namespace": "bench", "application_desc": "",
-        "microservices": [{"microserviceID": "", "microservice_name": name, "microservice_namespace": "bench",
-                           "virtualization": "process", "code": "", "cmd": cmd, "memory": 10, "vcpus": 0.01}]}]}).encode()
+        "microservices": [service]}]}).encode()
 
 
 async def client_for(stack: Stack) -> OakClient:
@@ -42,7 +43,7 @@ async def wait_status(client: OakClient, job: str, want: str) -> float:
     """Return the monotonic time at which *job*'s retained state first says *want*."""
     topic = topics.api_service_state(client.profile.username, job)
     while True:
-        message = await client.session.get(30)
+        message = await asyncio.wait_for(client.updates.get(), 30)
         if message.topic == topic and message.payload and decode_state(message.payload)["status"] == want:
             return time.monotonic()
 
@@ -119,7 +120,7 @@ async def worker_death(rounds: int) -> None:
                 for proc in psutil.process_iter(["cmdline"]):
                     if proc.info["cmdline"] == ["sleep", "3601"] and proc.parent() is None:
                         proc.kill()
-                await eventually(lambda: _moved(client, job, moved, victim), 30, 0.02, what="moved")
+                await eventually(lambda m=moved, v=victim: _moved(client, job, m, v), 30, 0.02, what="moved")
                 durations.append(time.monotonic() - t0)
                 stack.procs[victim].start()
                 await eventually(lambda: _online(client, 2), 30, what="victim back")

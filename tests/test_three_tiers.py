@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 from typing import Any
 
 import psutil
 import pytest
 
 from services.cli.client import ApiFailure, OakClient
+from services.common import topics
 from tests.conftest import Stack, dumps, eventually, sla, sleeper
 
 
@@ -202,9 +205,11 @@ async def test_bad_requests_get_errors_and_change_nothing(stack: Stack, api: Any
         await client.request("apps", "create", raw=dumps(bad))
     assert err.value.code == "invalid_sla"
     assert "applications[0].microservices[0].memory" in str(err.value)
-    with pytest.raises(ApiFailure) as err:
-        await client.request("apps", "create", raw=b'{"sla_version": "v2.0"')
-    assert err.value.code in ("bad_request", "invalid_sla")
+    for garbage in (b'{"sla_version": "v2.0"', b"\xff\xfe", b"[1, 2]"):
+        client.session.publish(topics.api_request(client.profile.username, "apps", "create"), garbage)
+        answer = json.loads((await asyncio.wait_for(client.updates.get(), 10)).payload)
+        assert answer["ok"] is False
+        assert answer["error"]["code"] in ("bad_request", "invalid_sla")
     with pytest.raises(ApiFailure) as err:
         await client.request("services", "deploy", {"service": "nope.test.x.test"})
     assert err.value.code == "not_found"

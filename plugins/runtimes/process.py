@@ -13,7 +13,7 @@ import contextlib
 import os
 import signal
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import psutil
 
@@ -33,6 +33,13 @@ def _describe(returncode: int) -> str:
     return f"exited with code {returncode}"
 
 
+def _open_log(spec: LaunchSpec) -> BinaryIO:
+    """Create the instance's directories and open its log for appending."""
+    Path(spec.work_dir).mkdir(parents=True, exist_ok=True)
+    Path(spec.log_path).parent.mkdir(parents=True, exist_ok=True)
+    return open(spec.log_path, "ab")  # noqa: SIM115 - the caller closes it
+
+
 class ProcessRuntime:
     """Runs instances as OS processes."""
 
@@ -48,11 +55,9 @@ class ProcessRuntime:
         """Start ``spec.cmd`` with its environment, logging to ``spec.log_path``."""
         if not spec.cmd:
             raise RuntimeError("no cmd to run")
-        Path(spec.work_dir).mkdir(parents=True, exist_ok=True)
-        Path(spec.log_path).parent.mkdir(parents=True, exist_ok=True)
         env = {**BASE_ENV, "HOME": spec.work_dir, "HOSTNAME": f"instance-{spec.instance_number}"}
         env.update(entry.split("=", 1) for entry in spec.environment if "=" in entry)  # type: ignore[misc]
-        with open(spec.log_path, "ab") as log:
+        with _open_log(spec) as log:
             try:
                 child = await asyncio.create_subprocess_exec(
                     *spec.cmd, cwd=spec.work_dir, env=env, stdin=asyncio.subprocess.DEVNULL,

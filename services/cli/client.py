@@ -13,7 +13,7 @@ from types import TracebackType
 from typing import Any
 
 from services.common import envelope, models, topics
-from services.common.mqtt import BrokerUrl, MqttError, MqttSession
+from services.common.mqtt import BrokerUrl, Message, MqttError, MqttSession
 
 REQUEST_TIMEOUT = 15.0
 
@@ -59,7 +59,11 @@ class ApiFailure(CliError):
 
 
 class OakClient:
-    """A user session with the root: ``async with OakClient(profile) as oak: await oak.request(...)``."""
+    """A user session with the root: ``async with OakClient(profile) as oak: await oak.request(...)``.
+
+    Answers are matched to requests by transaction; every other message (retained service states the
+    caller subscribed to) is queued on :attr:`updates`.
+    """
 
     def __init__(self, profile: Profile) -> None:
         self.profile = profile
@@ -67,6 +71,9 @@ class OakClient:
             profile.root, f"oak-cli-{secrets.token_hex(4)}", profile.username, profile.password,
             retry_first_connect=False,
         )
+        self.updates: asyncio.Queue[Message] = asyncio.Queue()
+        self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._reader: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> OakClient:
         try:
@@ -74,12 +81,31 @@ class OakClient:
         except MqttError as exc:
             raise CliError(str(exc)) from None
         self.session.subscribe(f"{topics.BASE}/api/{self.profile.username}/response/#")
+        self._reader = asyncio.create_task(self._read())
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        if self._reader:
+            self._reader.cancel()
         await self.session.close()
+
+    async def _read(self) -> None:
+        responses = f"{topics.BASE}/api/{self.profile.username}/response/"
+        async for message in self.session.messages():
+            if not message.topic.startswith(responses):
+                self.updates.put_nowait(message)
+                continue
+            try:
+                answer = json.loads(message.payload)
+                waiter = self._pending.pop(answer.get("transaction"), None)
+            except (ValueError, AttributeError, TypeError):
+                waiter = None
+            if waiter and not waiter.done():
+                waiter.set_result(answer)
+            else:  # not ours to match (another client of this user, or a request sent without a transaction)
+                self.updates.put_nowait(message)
 
     async def request(self, resource: str, action: str, body: dict[str, Any] | None = None,
                       raw: bytes | None = None) -> Any:
@@ -90,26 +116,23 @@ class OakClient:
                 document = json.loads(raw)
             except (ValueError, UnicodeDecodeError):
                 document = None
-            payload = json.dumps({**document, "transaction": transaction}).encode() if isinstance(
-                document, dict) else raw
+            if not isinstance(document, dict):
+                raise CliError("the SLA file must hold a JSON object")
+            payload = json.dumps({**document, "transaction": transaction}).encode()
         else:
             payload = json.dumps({**(body or {}), "transaction": transaction}).encode()
+        waiter = self._pending[transaction] = asyncio.get_running_loop().create_future()
         self.session.publish(topics.api_request(self.profile.username, resource, action), payload)
-        response_topic = topics.api_response(self.profile.username, resource, action)
         try:
-            while True:
-                message = await self.session.get(REQUEST_TIMEOUT)
-                if message.topic != response_topic:
-                    continue
-                answer = json.loads(message.payload)
-                if answer.get("transaction") not in (transaction, None):
-                    continue
-                if not answer.get("ok"):
-                    error = answer.get("error", {})
-                    raise ApiFailure(error.get("code", "error"), error.get("message", "refused"))
-                return answer.get("data")
+            answer = await asyncio.wait_for(waiter, REQUEST_TIMEOUT)
         except TimeoutError:
             raise CliError(f"the root at {self.profile.root} did not answer within {REQUEST_TIMEOUT:.0f} s") from None
+        finally:
+            self._pending.pop(transaction, None)
+        if not answer.get("ok"):
+            error = answer.get("error", {})
+            raise ApiFailure(error.get("code", "error"), error.get("message", "refused"))
+        return answer.get("data")
 
     async def wait_until_running(
         self, job_name: str, timeout: float, on_update: Callable[[dict[str, Any]], None]
@@ -120,7 +143,7 @@ class OakClient:
         try:
             async with asyncio.timeout(timeout):
                 while True:
-                    message = await self.session.get(timeout)
+                    message = await self.updates.get()
                     if message.topic != topic or not message.payload:
                         continue
                     state = decode_state(message.payload)

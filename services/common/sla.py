@@ -193,7 +193,10 @@ def _names(value: Any, path: str) -> tuple[str, ...]:
     raise SlaError(path, "expected a name, a ';'-separated list of names, or a list of strings")
 
 
-def _constraints(micro: dict[str, Any], path: str) -> tuple[tuple[dict[str, Any], ...], tuple[str, ...], tuple[str, ...]]:
+Constraints = tuple[tuple[dict[str, Any], ...], tuple[str, ...], tuple[str, ...]]
+
+
+def _constraints(micro: dict[str, Any], path: str) -> Constraints:
     raw = micro.get("constraints", [])
     if raw is None:
         return (), (), ()

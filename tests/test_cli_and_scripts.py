@@ -1,0 +1,170 @@
+"""What people type: `oak up` and the `oak` CLI, the seed's NodeEngine/NetManager, and mosquitto scripts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from services.common.envelope import decode
+from tests.conftest import need_binary, sla, sleeper
+from tests.stack import REPO, Proc, Stack, free_port, oak
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def run_oak(home: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run ``oak ARGS`` against the stack in *home*; fail with its stderr when it fails unexpectedly."""
+    done = subprocess.run(oak(*args, "--data-dir", str(home)), capture_output=True, text=True, cwd=REPO,
+                          timeout=60)
+    if check and done.returncode != 0:
+        raise AssertionError(f"oak {' '.join(args)} failed ({done.returncode}): {done.stderr}")
+    return done
+
+
+def wait_until(check, timeout: float = 30.0, what: str = "condition"):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def up(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """`oak up` (1-DOC in one process) on free ports, stopped at the end."""
+    proc = Proc("up", oak("up", "--data-dir", str(tmp_path), "--host", "127.0.0.1", "--port", str(free_port()),
+                          "--cluster-port", str(free_port()), "--name", "solo"), tmp_path).start()
+    try:
+        wait_until(lambda: (tmp_path / "credentials.json").exists(), what="credentials")
+        wait_until(lambda: "solo" in run_oak(tmp_path, "node", "list", check=False).stdout, what="worker listed")
+        yield tmp_path
+    finally:
+        proc.stop()
+
+
+def test_oak_up_and_the_cli(up: Path) -> None:
+    """The README's walk-through: create, deploy --wait, list, inspect, scale, undeploy, delete."""
+    (up / "sla.json").write_text(json.dumps(sla(sleeper("web", 6101), sleeper("cache", 6102), app="readme")))
+    out = run_oak(up, "app", "create", str(up / "sla.json")).stdout
+    assert "readme" in out
+    assert "readme.test.web.test" in out
+    deploy = run_oak(up, "service", "deploy", "readme.test.web.test", "--replicas", "2", "--wait")
+    assert "RUNNING" in deploy.stdout
+    assert "#0" in deploy.stderr, "deploy --wait shows progress"
+    listing = run_oak(up, "service", "list").stdout.splitlines()
+    assert listing[0].split() == ["SERVICE", "ID", "STATUS", "REPLICAS", "VIRT", "CODE"]
+    assert any(line.startswith("readme.test.web.test") and "RUNNING" in line for line in listing)
+    inspect = json.loads(run_oak(up, "service", "inspect", "readme.test.web.test", "--json").stdout)
+    assert [(i["number"], i["node"], i["cluster"]) for i in inspect["instances"]] == [(0, "solo", "cluster1"),
+                                                                                    (1, "solo", "cluster1")]
+    run_oak(up, "service", "scale", "readme.test.web.test", "1")
+    run_oak(up, "service", "undeploy", "readme.test.web.test")
+    clusters = run_oak(up, "cluster", "list").stdout
+    assert "cluster1" in clusters
+    assert "yes" in clusters
+    assert "solo" in run_oak(up, "node", "list").stdout
+    assert "deleted" in run_oak(up, "app", "delete", "readme").stdout
+    assert run_oak(up, "app", "list").stdout.strip() == "no applications"
+
+
+def test_cli_errors_are_one_line_and_non_zero(up: Path, tmp_path: Path) -> None:
+    """Mistakes print one clear line on stderr and exit 1."""
+    for args, expected in [
+        (["service", "deploy", "nope.x.y.z"], "no service 'nope.x.y.z'"),
+        (["app", "create", str(tmp_path / "missing.json")], "cannot read"),
+        (["app", "delete", "ghost"], "no application 'ghost'"),
+    ]:
+        done = run_oak(up, *args, check=False)
+        assert done.returncode == 1
+        assert expected in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
+    (tmp_path / "bad.json").write_text('{"sla_version": "v1.0", "customerID": "x", "applications": []}')
+    done = run_oak(up, "app", "create", str(tmp_path / "bad.json"), check=False)
+    assert done.returncode == 1
+    assert "sla_version" in done.stderr
+    done = subprocess.run(oak("app", "list", "--data-dir", str(tmp_path / "nowhere")), capture_output=True,
+                          text=True, cwd=REPO)
+    assert done.returncode == 1
+    assert "no credentials" in done.stderr
+
+
+def test_seed_commands_verbatim(tmp_path: Path) -> None:
+    """`NetManager -p PORT` and `NodeEngine -n PORT -p 10100 -a HOST` join a cluster as in the seed guide."""
+    stack = Stack(tmp_path)
+    netcfg = tmp_path / "netcfg.json"
+    try:
+        stack.root()
+        stack.cluster("c1")
+        netcfg.write_text(json.dumps({"NodePublicAddress": "127.0.0.1", "NodePublicPort": "50103",
+                                      "ClusterUrl": "localhost", "ClusterMqttPort": str(stack.cluster_ports["c1"])}))
+        nm_port = free_port()
+        bin_dir = Path(sys.executable).parent
+        stack.procs["nm"] = Proc("nm", [str(bin_dir / "NetManager"), "-p", str(nm_port), "--netcfg", str(netcfg)],
+                                 tmp_path).start()
+        wait_until(lambda: "listening" in stack.procs["nm"].tail(), what="NetManager up")
+        stack.procs["ne"] = Proc("ne", [str(bin_dir / "NodeEngine"), "-n", str(nm_port), "-p", "10100", "-a",
+                                        "127.0.0.1", "--netcfg", str(netcfg), "--name", "seedworker",
+                                        "--data-dir", str(tmp_path / "ne")], tmp_path).start()
+        home = tmp_path / "root"
+        wait_until(lambda: "seedworker" in run_oak(home, "node", "list", check=False).stdout, what="worker joined")
+        log = stack.procs["ne"].tail()
+        assert "using the cluster broker on port" in log
+        assert "answers: ok" in log
+        netcfg.write_text('{"ClusterMqttPort": "not-a-port"}')
+        bad = subprocess.run([str(bin_dir / "NodeEngine"), "-a", "127.0.0.1", "--netcfg", str(netcfg)],
+                             capture_output=True, text=True, timeout=30)
+        assert bad.returncode == 1
+        assert "ClusterMqttPort" in bad.stderr
+    finally:
+        stack.stop()
+
+
+def test_mosquitto_script_creates_deploys_and_watches(stack: Stack) -> None:
+    """A shell script with mosquitto_pub/mosquitto_sub drives the API exactly as the README shows."""
+    need_binary("mosquitto_pub")
+    stack.root()
+    stack.cluster("c1")
+    stack.worker("w1", "c1")
+    home = stack.base / "root"
+    wait_until(lambda: "w1" in run_oak(home, "node", "list", check=False).stdout, what="w1 joined")
+    creds = json.loads((home / "credentials.json").read_text())
+    user, password = creds["username"], creds["password"]
+    common = ["-V", "mqttv311", "-h", "127.0.0.1", "-p", str(stack.root_port), "-u", user, "-P", password, "-q", "1"]
+    (stack.base / "sla.json").write_text(json.dumps(sla(sleeper("job", 6201), app="script")))
+    responses = subprocess.Popen(["mosquitto_sub", *common, "-t", f"oak/api/{user}/response/#", "-v", "-C", "3"],
+                                 stdout=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    subprocess.run(["mosquitto_pub", *common, "-t", f"oak/api/{user}/request/apps/create", "-f",
+                    str(stack.base / "sla.json")], check=True, timeout=10)
+    subprocess.run(["mosquitto_pub", *common, "-t", f"oak/api/{user}/request/services/deploy", "-m",
+                    '{"service": "script.test.job.test", "replicas": 2, "transaction": "t-42"}'], check=True,
+                   timeout=10)
+    subprocess.run(["mosquitto_pub", *common, "-t", f"oak/api/{user}/request/apps/create", "-m", "garbage"],
+                   check=True, timeout=10)
+    out, _ = responses.communicate(timeout=20)
+    lines = [line.split(" ", 1) for line in out.strip().splitlines()]
+    answers: dict[str, list[dict]] = {}
+    for topic, body in lines:
+        answers.setdefault("/".join(topic.split("/")[-2:]), []).append(json.loads(body))
+    assert [a["ok"] for a in answers["apps/create"]] == [True, False], "the SLA is accepted, the garbage is not"
+    assert answers["apps/create"][1]["error"]["code"] == "bad_request"
+    assert answers["services/deploy"][0]["ok"] is True
+    assert answers["services/deploy"][0]["transaction"] == "t-42"
+    state_topic = f"oak/api/{user}/state/services/script.test.job.test"
+
+    def running() -> bool:
+        got = subprocess.run(["mosquitto_sub", *common, "-t", state_topic, "-C", "1", "-W", "5"],
+                             capture_output=True, text=True, timeout=10)
+        return got.returncode == 0 and decode(got.stdout.strip()).data["status"] == "RUNNING"
+
+    wait_until(running, what="the retained state says RUNNING")
+    spy = subprocess.run(["mosquitto_sub", *common, "-t", "oak/#", "-C", "1", "-W", "2"], capture_output=True,
+                         text=True, timeout=10)
+    assert spy.stdout == "", "a user cannot subscribe to everything"
