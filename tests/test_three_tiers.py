@@ -224,3 +224,49 @@ async def test_bad_requests_get_errors_and_change_nothing(stack: Stack, api: Any
         await client.request("apps", "create", raw=dumps(TWO_SERVICES))
     assert err.value.code == "conflict"
     assert len(await client.request("apps", "list")) == 1
+
+
+@pytest.mark.timeout(120)
+async def test_statuses_reach_the_user(stack: Stack, api: Any) -> None:
+    """COMPLETED for a one_shot exit 0, DEAD then restarted for a crash, FAILED with the reason, and a
+    placement no worker can hold says why per cluster and is retried."""
+    stack.root()
+    stack.cluster("c1")
+    stack.worker("w1", "c1")
+    client = await api()
+    await eventually(lambda: _online_nodes(client, 1), what="w1 online")
+    doc = sla(
+        {"microservice_name": "once", "cmd": ["true"], "one_shot": True},
+        {"microservice_name": "crash", "cmd": ["sh", "-c", "sleep 0.2; exit 7"]},
+        {"microservice_name": "missing", "cmd": ["/no/such/program"]},
+        sleeper("huge", 6031, memory=10_000_000),
+        app="status",
+    )
+    await client.request("apps", "create", raw=dumps(doc))
+    for name in ("once", "crash", "missing", "huge"):
+        await client.request("services", "deploy", {"service": f"status.test.{name}.test"})
+
+    async def instance(name: str) -> dict[str, Any]:
+        return (await state(client, f"status.test.{name}.test"))["instances"][0]
+
+    async def completed() -> bool:
+        return (await state(client, "status.test.once.test"))["status"] == "COMPLETED"
+
+    await eventually(completed, what="once COMPLETED")
+
+    async def restarted() -> dict[str, Any] | None:
+        i = await instance("crash")
+        return i if i["restarts"] >= 2 else None
+
+    crash = await eventually(restarted, what="crash restarted twice")
+    assert crash["status"] in ("DEAD", "RUNNING")
+
+    async def failed() -> dict[str, Any] | None:
+        i = await instance("missing")
+        return i if i["status"] == "FAILED" else None
+
+    assert "no such file" in (await eventually(failed, what="missing FAILED"))["reason"].lower()
+    huge = await instance("huge")
+    assert huge["status"] == "NoActiveClusterWithCapacity"
+    assert huge["reason"].startswith("c1: memory ")
+    assert huge["reason"].endswith("< 10000000")
