@@ -72,7 +72,7 @@ async def submit_to_running(rounds: int) -> None:
             await eventually(lambda: _online(client, 1), 30, what="worker online")
             await client.request("apps", "create", raw=sla("lat", "svc", ["sleep", "3600"]))
             job = "lat.bench.svc.bench"
-            client.session.subscribe(topics.api_service_state(client.profile.username, job))
+            await client.session.subscribe_confirmed(topics.api_service_state(client.profile.username, job))
             latencies = []
             for _ in range(rounds):
                 t0 = time.monotonic()

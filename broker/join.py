@@ -54,7 +54,7 @@ async def obtain_login(
         return Login(saved["username"], saved["password"])
     nonce = secrets.token_hex(16)
     async with MqttSession(url, f"join-{nonce}", f"join:{nonce}", token or "-") as session:
-        session.subscribe(topics.join_response(nonce))
+        await session.subscribe_confirmed(topics.join_response(nonce))
         request = json.dumps({"kind": kind, "name": name}).encode()
         async with asyncio.timeout(timeout):
             while True:

@@ -58,6 +58,7 @@ def test_oak_up_and_the_cli(up: Path) -> None:
     deploy = run_oak(up, "service", "deploy", "readme.test.web.test", "--replicas", "2", "--wait")
     assert "RUNNING" in deploy.stdout
     assert "#0" in deploy.stderr, "deploy --wait shows progress"
+    assert "RUNNING" in run_oak(up, "service", "deploy", "readme.test.cache.test", "--wait").stdout
     listing = run_oak(up, "service", "list").stdout.splitlines()
     assert listing[0].split() == ["SERVICE", "ID", "STATUS", "REPLICAS", "VIRT", "CODE"]
     assert any(line.startswith("readme.test.web.test") and "RUNNING" in line for line in listing)

@@ -9,7 +9,7 @@ from typing import Any
 import psutil
 import pytest
 
-from services.cli.client import ApiFailure, OakClient
+from services.cli.client import ApiFailure, OakClient, Profile
 from services.common import topics
 from tests.conftest import Stack, dumps, eventually, sla, sleeper
 
@@ -270,3 +270,40 @@ async def test_statuses_reach_the_user(stack: Stack, api: Any) -> None:
     assert huge["status"] == "NoActiveClusterWithCapacity"
     assert huge["reason"].startswith("c1: memory ")
     assert huge["reason"].endswith("< 10000000")
+
+
+@pytest.mark.timeout(90)
+async def test_users_cannot_see_or_touch_each_others_services(stack: Stack, api: Any) -> None:
+    """bob, created by the admin, sees none of the admin's services and cannot change them."""
+    stack.root()
+    admin = await api()
+    await admin.request("apps", "create", raw=dumps(TWO_SERVICES))
+    created = await admin.request("users", "create", {"username": "bob", "password": "bob-password-1"})
+    assert created == {"username": "bob", "admin": False}
+    with pytest.raises(ApiFailure) as err:
+        await admin.request("users", "create", {"username": "bob", "password": "another-password"})
+    assert err.value.code == "conflict"
+    bob = await OakClient(Profile("bob", "bob-password-1", admin.profile.root)).__aenter__()
+    try:
+        assert await bob.request("services", "list") == []
+        assert await bob.request("apps", "list") == []
+        for resource, action, body in [("services", "inspect", {"service": WEB}),
+                                       ("services", "deploy", {"service": WEB}),
+                                       ("apps", "delete", {"app": "shop"})]:
+            with pytest.raises(ApiFailure) as err:
+                await bob.request(resource, action, body)
+            assert err.value.code == "not_found"
+        with pytest.raises(ApiFailure) as err:
+            await bob.request("users", "create", {"username": "eve", "password": "eve-password"})
+        assert err.value.code == "forbidden"
+        bob.session.subscribe(topics.api_state_filter("admin"))
+        bob.session.publish(topics.api_request("admin", "apps", "delete"), dumps({"app": "shop"}))
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(bob.updates.get(), 1.0)
+        # bob may use the same names as the admin: job names are unique per user only
+        await bob.request("apps", "create", raw=dumps(TWO_SERVICES))
+        assert [s["job_name"] for s in await bob.request("services", "list")] == [CACHE, WEB]
+    finally:
+        await bob.__aexit__(None, None, None)
+    assert [a["name"] for a in await admin.request("apps", "list")] == ["shop"]
+    assert (await state(admin, WEB))["status"] == "UNDEPLOYED"

@@ -80,7 +80,7 @@ class OakClient:
             await self.session.__aenter__()
         except MqttError as exc:
             raise CliError(str(exc)) from None
-        self.session.subscribe(f"{topics.BASE}/api/{self.profile.username}/response/#")
+        await self.session.subscribe_confirmed(f"{topics.BASE}/api/{self.profile.username}/response/#")
         self._reader = asyncio.create_task(self._read())
         return self
 
@@ -139,7 +139,7 @@ class OakClient:
     ) -> dict[str, Any]:
         """Follow a service's retained state until every instance is RUNNING (or COMPLETED)."""
         topic = topics.api_service_state(self.profile.username, job_name)
-        self.session.subscribe(topic)
+        await self.session.subscribe_confirmed(topic)
         try:
             async with asyncio.timeout(timeout):
                 while True:

@@ -56,7 +56,7 @@ async def run_cluster(cfg: ClusterConfig, ready: asyncio.Event | None = None) ->
                 orchestrator = ClusterOrchestrator(cfg.name, store, scheduler, session)
                 await orchestrator.restore()
                 orchestrator.subscribe()
-                session.subscribe(topics.JOIN_REQUESTS)
+                await session.subscribe_confirmed(topics.JOIN_REQUESTS)
                 info = ClusterInfo(cfg.name, cfg.location, VERSION, cfg.scheduler)
                 session.publish(
                     topics.upstream("info"),

@@ -30,6 +30,15 @@ from services.common.envelope import OFFLINE, ONLINE
 log = logging.getLogger(__name__)
 logging.getLogger("gmqtt").setLevel(logging.WARNING)
 
+
+def _not_cancelled_reconnect(record: logging.LogRecord) -> bool:
+    """Drop gmqtt's report of its own reconnect task being cancelled at shutdown (harmless noise)."""
+    exc = record.exc_info[1] if record.exc_info else None
+    return not (isinstance(exc, asyncio.CancelledError) and "reconnect" in record.getMessage())
+
+
+logging.getLogger("asyncio").addFilter(_not_cancelled_reconnect)
+
 CONNECT_TIMEOUT = 10.0
 
 
@@ -96,6 +105,8 @@ class MqttSession:
         self._client.on_connect = self._on_connect
         self._client.on_message = self._on_message
         self._client.on_disconnect = self._on_disconnect
+        self._client.on_subscribe = self._on_subscribe
+        self._subacks: dict[int, asyncio.Future[None]] = {}
         self._filters: dict[str, int] = {}
         self._retained: dict[str, bytes] = {}
         self._queue: asyncio.Queue[Message] = asyncio.Queue()
@@ -183,6 +194,26 @@ class MqttSession:
             self._filters[topic_filter] = qos
             if self._client.is_connected:
                 self._client.subscribe(topic_filter, qos=qos)
+
+    async def subscribe_confirmed(self, *filters: str, qos: int = 1, timeout: float = 10.0) -> None:
+        """Subscribe and wait for the broker's SUBACK, so nothing published after this is missed.
+
+        amqtt handles SUBSCRIBE and PUBLISH packets of one connection concurrently: a request
+        published right after a plain :meth:`subscribe` may be answered before the subscription exists.
+        """
+        loop = asyncio.get_running_loop()
+        waiters = []
+        for topic_filter in filters:
+            self._filters[topic_filter] = qos
+            waiter = loop.create_future()
+            self._subacks[self._client.subscribe(topic_filter, qos=qos)] = waiter
+            waiters.append(waiter)
+        await asyncio.wait_for(asyncio.gather(*waiters), timeout)
+
+    def _on_subscribe(self, client: gmqtt.Client, mid: int, qos: Any, properties: Any) -> None:
+        waiter = self._subacks.pop(mid, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1) -> None:
         """Publish; a retained topic is remembered and republished after every reconnect.

@@ -61,7 +61,6 @@ async def run_root(cfg: RootConfig, ready: asyncio.Event | None = None) -> None:
     await catalog.load()
     try:
         async with EmbeddedBroker(Listeners(cfg.host, cfg.port), credentials) as broker:
-            await ensure_admin(cfg, credentials, broker.port)
             url = BrokerUrl("127.0.0.1", broker.port)
             session = MqttSession(url, "root", "svc:root", credentials.service_password("svc:root"),
                                   avail_topic=topics.ROOT_AVAIL)
@@ -70,7 +69,8 @@ async def run_root(cfg: RootConfig, ready: asyncio.Event | None = None) -> None:
                 api = Api(catalog, orchestrator, credentials)
                 desk = JoinDesk(credentials, "cluster")
                 orchestrator.start()
-                session.subscribe(topics.API_REQUESTS, topics.JOIN_REQUESTS)
+                await session.subscribe_confirmed(topics.API_REQUESTS, topics.JOIN_REQUESTS)
+                await ensure_admin(cfg, credentials, broker.port)  # last: its file tells clients we serve
                 log.info("root serving on port %d (scheduler %s)", broker.port, cfg.scheduler)
                 if ready:
                     ready.set()
