@@ -169,3 +169,48 @@ def test_mosquitto_script_creates_deploys_and_watches(stack: Stack) -> None:
     spy = subprocess.run(["mosquitto_sub", *common, "-t", "oak/#", "-C", "1", "-W", "2"], capture_output=True,
                          text=True, timeout=10)
     assert spy.stdout == "", "a user cannot subscribe to everything"
+
+
+def test_tls_and_websocket_listeners(stack: Stack) -> None:
+    """With --tls-port and --ws-port the root broker also speaks MQTT over TLS and websockets, with the
+    same credentials and rules."""
+    need_binary("openssl")
+    need_binary("mosquitto_pub")
+    cert, key = stack.base / "cert.pem", stack.base / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                    "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True, timeout=60)
+    tls_port, ws_port = free_port(), free_port()
+    stack.root("--tls-port", str(tls_port), "--certfile", str(cert), "--keyfile", str(key), "--ws-port",
+               str(ws_port))
+    home = stack.base / "root"
+    wait_until(lambda: (home / "credentials.json").exists(), what="root up")
+    creds = json.loads((home / "credentials.json").read_text())
+    user, password = creds["username"], creds["password"]
+    tls = ["-V", "mqttv311", "-h", "127.0.0.1", "-p", str(tls_port), "--cafile", str(cert), "-u", user,
+           "-P", password, "-q", "1"]
+    answer = subprocess.Popen(["mosquitto_sub", *tls, "-t", f"oak/api/{user}/response/apps/list", "-C", "1",
+                               "-W", "10"], stdout=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    subprocess.run(["mosquitto_pub", *tls, "-t", f"oak/api/{user}/request/apps/list", "-m", "{}"], check=True,
+                   timeout=10)
+    out, _ = answer.communicate(timeout=15)
+    assert json.loads(out) == {"ok": True, "data": []}
+    wrong = subprocess.run(["mosquitto_pub", *tls[:-4], "-u", user, "-P", "wrong", "-t", "x", "-m", "x"],
+                           capture_output=True, text=True, timeout=10)
+    assert wrong.returncode != 0
+
+    async def over_websocket() -> dict:
+        from amqtt.client import MQTTClient
+
+        client = MQTTClient(config={"auto_reconnect": False})
+        await client.connect(f"ws://{user}:{password}@127.0.0.1:{ws_port}/")
+        await client.subscribe([(f"oak/api/{user}/response/apps/list", 1)])
+        await client.publish(f"oak/api/{user}/request/apps/list", b"{}", qos=1)
+        message = await client.deliver_message(timeout_duration=10)
+        await client.disconnect()
+        return json.loads(message.publish_packet.payload.data)
+
+    import asyncio
+
+    assert asyncio.run(over_websocket()) == {"ok": True, "data": []}

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from broker.server import Listeners
 from services.cli.client import CliError, OakClient, Profile
 from services.cli.tables import table
 from services.cluster.app import ClusterConfig, run_cluster
@@ -23,9 +24,16 @@ Render = Callable[[Any], str]
 # ---- services ---------------------------------------------------------------------------------
 
 
+def listeners(args: argparse.Namespace, port: int | None = None) -> Listeners:
+    """The broker listeners asked for on the command line."""
+    if args.tls_port is not None and not (args.certfile and args.keyfile):
+        raise CliError("--tls-port needs --certfile and --keyfile")
+    return Listeners(args.host, args.port if port is None else port, args.tls_port, args.certfile, args.keyfile,
+                     args.ws_port)
+
+
 def _root_config(args: argparse.Namespace, home: Path) -> RootConfig:
-    return RootConfig(home, args.host, args.port, args.scheduler, args.join_token,
-                      getattr(args, "advertise", "127.0.0.1"))
+    return RootConfig(home, listeners(args), args.scheduler, args.join_token, getattr(args, "advertise", "127.0.0.1"))
 
 
 async def root(args: argparse.Namespace, home: Path) -> None:
@@ -35,8 +43,8 @@ async def root(args: argparse.Namespace, home: Path) -> None:
 
 async def cluster(args: argparse.Namespace, home: Path, root_url: BrokerUrl) -> None:
     """``oak cluster``."""
-    await run_cluster(ClusterConfig(home, args.name, root_url, args.location, args.host, args.port,
-                                    args.scheduler, args.join_token, args.root_join_token))
+    await run_cluster(ClusterConfig(home, args.name, root_url, args.location, listeners(args), args.scheduler,
+                                    args.join_token, args.root_join_token))
 
 
 async def worker(args: argparse.Namespace, home: Path, cluster_url: BrokerUrl) -> None:
@@ -54,7 +62,7 @@ async def up(args: argparse.Namespace, home: Path) -> None:
         await root_ready.wait()
         await run_cluster(
             ClusterConfig(home / "cluster", args.cluster_name, BrokerUrl("127.0.0.1", ports["root"]),
-                          host=args.host, port=args.cluster_port, scheduler=args.scheduler,
+                          listen=Listeners(args.host, args.cluster_port), scheduler=args.scheduler,
                           join_token=args.join_token, root_join_token=args.join_token),
             cluster_ready,
         )

@@ -28,6 +28,10 @@ def _add_service_flags(p: argparse.ArgumentParser, port: int) -> None:
     p.add_argument("--data-dir", help="state, credentials and logs (default: $OAK_HOME or ~/.oak)")
     p.add_argument("--host", default="0.0.0.0", help="address the broker listens on (default 0.0.0.0)")
     p.add_argument("--port", type=int, default=port, help=f"broker port (default {port}; 0 = any free port)")
+    p.add_argument("--tls-port", type=int, help="also listen with TLS on this port (needs --certfile/--keyfile)")
+    p.add_argument("--certfile", help="PEM certificate for the TLS listener")
+    p.add_argument("--keyfile", help="PEM private key for the TLS listener")
+    p.add_argument("--ws-port", type=int, help="also listen for MQTT over websockets on this port")
     p.add_argument("--scheduler", default="least-loaded", help="scheduler plugin (default least-loaded)")
     p.add_argument("--join-token", default=os.environ.get("OAK_JOIN_TOKEN"),
                    help="require this token from clusters/workers that join (default: open joining)")

@@ -29,8 +29,7 @@ class ClusterConfig:
     name: str
     root: BrokerUrl
     location: str = ""
-    host: str = "0.0.0.0"
-    port: int = 10003
+    listen: Listeners = Listeners("0.0.0.0", 10003)
     scheduler: str = "least-loaded"
     join_token: str | None = None
     root_join_token: str | None = None
@@ -46,7 +45,7 @@ async def run_cluster(cfg: ClusterConfig, ready: asyncio.Event | None = None) ->
     await credentials.load()
     desk = JoinDesk(credentials, "node")
     try:
-        async with EmbeddedBroker(Listeners(cfg.host, cfg.port), credentials) as broker:
+        async with EmbeddedBroker(cfg.listen, credentials) as broker:
             local = BrokerUrl("127.0.0.1", broker.port)
             session = MqttSession(
                 local, "cluster", "svc:cluster", credentials.service_password("svc:cluster"),

@@ -28,8 +28,7 @@ class RootConfig:
     """How to run the root orchestrator."""
 
     data_dir: Path
-    host: str = "0.0.0.0"
-    port: int = 10000
+    listen: Listeners = Listeners("0.0.0.0", 10000)
     scheduler: str = "least-loaded"
     join_token: str | None = None
     advertise: str = "127.0.0.1"
@@ -60,7 +59,7 @@ async def run_root(cfg: RootConfig, ready: asyncio.Event | None = None) -> None:
     catalog = Catalog(store)
     await catalog.load()
     try:
-        async with EmbeddedBroker(Listeners(cfg.host, cfg.port), credentials) as broker:
+        async with EmbeddedBroker(cfg.listen, credentials) as broker:
             url = BrokerUrl("127.0.0.1", broker.port)
             session = MqttSession(url, "root", "svc:root", credentials.service_password("svc:root"),
                                   avail_topic=topics.ROOT_AVAIL)
