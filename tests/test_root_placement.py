@@ -5,8 +5,10 @@ from __future__ import annotations
 from plugins.schedulers.least_loaded import LeastLoaded
 from services.common.hookspecs import Demand
 from services.common.models import NodeSummary
-from services.common.scheduling import place
-from services.root.clusters import ClusterView
+from services.common.scheduling import Profile, Weighted
+from services.root.clusters import ClusterView, choose
+
+PROFILE = Profile((Weighted(LeastLoaded()),))
 
 
 def cluster(name: str, *nodes: tuple[str, float, float], online: bool = True) -> ClusterView:
@@ -21,34 +23,34 @@ def test_sum_of_small_workers_does_not_fit_a_big_instance() -> None:
     """Two workers with 1 GB free each cannot hold a 1.5 GB instance, though they sum to 2 GB."""
     small = cluster("small", ("a", 4, 1024), ("b", 4, 1024))
     big = cluster("big", ("c", 4, 2048))
-    demand = Demand(1, 1536, "process")
-    cands = [small.candidate(demand, {})[0], big.candidate(demand, {})[0]]
-    decision = place(demand, cands, LeastLoaded(), "cluster")
+    decision, worker = choose(Demand(1, 1536, "process"), [small, big], {}, PROFILE)
     assert decision.choice is not None
-    assert decision.choice.id == "big"
-    assert decision.reasons == {"small": "memory 1024 < 1536"}
+    assert (decision.choice.id, worker) == ("big", "c")
+    assert decision.reasons == {"small": "no worker fits (a: memory 1024 < 1536; b: memory 1024 < 1536)"}
 
 
 def test_reservations_lower_the_free_capacity() -> None:
     """What the root placed but the cluster has not reported yet counts as used."""
     view = cluster("c", ("a", 4, 1024))
-    cand, node = view.candidate(Demand(1, 512, "process"), {"a": (1.0, 768.0)})
-    assert node == ""
-    assert cand.memory_free_mb == 256
+    decision, _ = choose(Demand(1, 512, "process"), [view], {"c": {"a": Demand(1, 768, "process")}}, PROFILE)
+    assert decision.choice is None
+    assert decision.why_not() == "c: no worker fits (a: memory 256 < 512)"
 
 
 def test_offline_cluster_offers_nothing() -> None:
-    """An offline cluster has no capacity and its reason says so."""
-    view = cluster("gone", ("a", 4, 4096), online=False)
-    decision = place(Demand(1, 10, "process"), [view.candidate(Demand(1, 10, "process"), {})[0]], LeastLoaded(),
-                     "cluster")
+    """An offline cluster is never chosen, and says so."""
+    decision, _ = choose(Demand(1, 10, "process"), [cluster("gone", ("a", 4, 4096), online=False)], {}, PROFILE)
     assert decision.choice is None
-    assert decision.reasons["gone"].startswith("no process runtime")
+    assert decision.reasons == {"gone": "offline"}
 
 
-def test_direct_node_picks_that_worker() -> None:
-    """A direct node constraint makes the cluster's candidate that worker."""
-    view = cluster("c", ("a", 4, 4000), ("b", 1, 100))
-    cand, node = view.candidate(Demand(1, 50, "process", nodes=("b",)), {})
-    assert node == "b"
-    assert cand.memory_free_mb == 100
+def test_direct_constraints_pick_the_cluster_and_worker() -> None:
+    """Direct cluster and node lists narrow the choice at both levels."""
+    c1, c2 = cluster("c1", ("a", 4, 4000)), cluster("c2", ("b", 1, 100), ("d", 4, 4000))
+    decision, worker = choose(Demand(1, 50, "process", nodes=("b",)), [c1, c2], {}, PROFILE)
+    assert decision.choice is not None
+    assert (decision.choice.id, worker) == ("c2", "b")
+    decision, worker = choose(Demand(1, 50, "process", clusters=("c1",)), [c1, c2], {}, PROFILE)
+    assert decision.choice is not None
+    assert (decision.choice.id, worker) == ("c1", "a")
+    assert decision.reasons == {"c2": "not in direct cluster list c1"}

@@ -6,7 +6,9 @@ import pytest
 
 from plugins.schedulers.least_loaded import LeastLoaded
 from services.common.hookspecs import Candidate, Demand
-from services.common.scheduling import fit, place
+from services.common.scheduling import Profile, Weighted, fit, place
+
+PROFILE = Profile((Weighted(LeastLoaded()),))
 
 
 def node(name: str, cpu: float = 4, mem: float = 4096, virt: tuple[str, ...] = ("process",),
@@ -40,16 +42,14 @@ def test_fit(demand: Demand, cand: Candidate, level: str, reason: str | None) ->
 
 def test_place_picks_least_loaded_and_explains_failures() -> None:
     """The emptiest fitting candidate wins; when none fits, every rejection is listed."""
-    plugin = LeastLoaded()
-    decision = place(DEMAND, [node("busy", cpu=1.5, mem=600), node("idle"), node("hot", load=90)], plugin, "node")
+    decision = place(DEMAND, [node("busy", cpu=1.5, mem=600), node("idle"), node("hot", load=90)], PROFILE, "node")
     assert decision.choice is not None
     assert decision.choice.id == "idle"
-    decision = place(Demand(1, 9999, "process"), [node("a"), node("b", virt=("container",))], plugin, "node")
+    decision = place(Demand(1, 9999, "process"), [node("a"), node("b", virt=("container",))], PROFILE, "node")
     assert decision.choice is None
     assert decision.why_not() == "a: memory 4096 < 9999; b: no process runtime (has container)"
 
 
 def test_place_is_deterministic_on_ties() -> None:
     """Equal candidates are broken by id, so a decision can be replayed."""
-    plugin = LeastLoaded()
-    assert place(DEMAND, [node("b"), node("a"), node("c")], plugin, "node").choice.id == "c"  # type: ignore[union-attr]
+    assert place(DEMAND, [node("b"), node("a"), node("c")], PROFILE, "node").choice.id == "c"  # type: ignore[union-attr]

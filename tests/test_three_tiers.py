@@ -268,8 +268,8 @@ async def test_statuses_reach_the_user(stack: Stack, api: Any) -> None:
     assert "no such file" in (await eventually(failed, what="missing FAILED"))["reason"].lower()
     huge = await instance("huge")
     assert huge["status"] == "NoActiveClusterWithCapacity"
-    assert huge["reason"].startswith("c1: memory ")
-    assert huge["reason"].endswith("< 10000000")
+    assert huge["reason"].startswith("c1: no worker fits (w1: memory ")
+    assert huge["reason"].endswith("< 10000000)")
 
 
 @pytest.mark.timeout(90)

@@ -1,14 +1,24 @@
-"""``least-loaded``: prefer the candidate with the most free capacity left after placing the instance.
+"""``least-loaded``: spread instances; prefer the candidate with the most capacity left after placement.
 
-Spreads load: the score is the mean of the free CPU and free memory fractions that would remain,
-lowered by the candidate's measured CPU load.
+Score: the mean of the free CPU and free memory fractions that would remain, lowered by a tenth of the
+candidate's measured CPU load. Filters nothing.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from services.common.hookspecs import Candidate, Demand, hookimpl
 
 NAME = "least-loaded"
+
+
+def left_fraction(demand: Demand, candidate: Candidate) -> float:
+    """Mean fraction of CPU and memory that would remain free on *candidate* after placing *demand*."""
+    cpu = (candidate.cpu_free - demand.vcpus) / candidate.cpu_total if candidate.cpu_total else 0.0
+    total_mem = candidate.memory_total_mb
+    mem = (candidate.memory_free_mb - demand.memory_mb) / total_mem if total_mem else 0.0
+    return (cpu + mem) / 2
 
 
 class LeastLoaded:
@@ -21,17 +31,11 @@ class LeastLoaded:
         return None
 
     def score(self, demand: Demand, candidate: Candidate) -> float:
-        """Mean free fraction of CPU and memory after placement, minus a share of the measured load."""
-        cpu_left = (candidate.cpu_free - demand.vcpus) / candidate.cpu_total if candidate.cpu_total else 0.0
-        mem_left = (
-            (candidate.memory_free_mb - demand.memory_mb) / candidate.memory_total_mb
-            if candidate.memory_total_mb
-            else 0.0
-        )
-        return 100.0 * (cpu_left + mem_left) / 2 - candidate.cpu_percent / 10
+        """Free fraction after placement (0..100), minus a tenth of the measured CPU load."""
+        return 100.0 * left_fraction(demand, candidate) - candidate.cpu_percent / 10
 
 
 @hookimpl
-def oak_make_scheduler(name: str) -> LeastLoaded | None:
+def oak_make_scheduler(name: str, args: dict[str, Any]) -> LeastLoaded | None:
     """Build the plugin when asked for by its name."""
     return LeastLoaded() if name == NAME else None

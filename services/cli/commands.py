@@ -33,7 +33,8 @@ def listeners(args: argparse.Namespace, port: int | None = None) -> Listeners:
 
 
 def _root_config(args: argparse.Namespace, home: Path) -> RootConfig:
-    return RootConfig(home, listeners(args), args.scheduler, args.join_token, getattr(args, "advertise", "127.0.0.1"))
+    return RootConfig(home, listeners(args), args.scheduler, args.scheduler_profile, args.join_token,
+                      getattr(args, "advertise", "127.0.0.1"))
 
 
 async def root(args: argparse.Namespace, home: Path) -> None:
@@ -44,13 +45,13 @@ async def root(args: argparse.Namespace, home: Path) -> None:
 async def cluster(args: argparse.Namespace, home: Path, root_url: BrokerUrl) -> None:
     """``oak cluster``."""
     await run_cluster(ClusterConfig(home, args.name, root_url, args.location, listeners(args), args.scheduler,
-                                    args.join_token, args.root_join_token))
+                                    args.scheduler_profile, args.join_token, args.root_join_token))
 
 
 async def worker(args: argparse.Namespace, home: Path, cluster_url: BrokerUrl) -> None:
     """``oak worker``."""
     await run_worker(WorkerConfig(home, cluster_url, args.name, tuple(args.runtime or ("process",)),
-                                  args.collector, args.join_token, args.location))
+                                  args.collector, args.join_token, args.location, tuple(args.label)))
 
 
 async def up(args: argparse.Namespace, home: Path) -> None:
@@ -63,6 +64,7 @@ async def up(args: argparse.Namespace, home: Path) -> None:
         await run_cluster(
             ClusterConfig(home / "cluster", args.cluster_name, BrokerUrl("127.0.0.1", ports["root"]),
                           listen=Listeners(args.host, args.cluster_port), scheduler=args.scheduler,
+                          scheduler_profile=args.scheduler_profile,
                           join_token=args.join_token, root_join_token=args.join_token),
             cluster_ready,
         )

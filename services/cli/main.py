@@ -9,6 +9,7 @@ import os
 import socket
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from services.cli import commands
@@ -16,6 +17,7 @@ from services.cli.client import CliError, oak_home
 from services.common.lifecycle import run_until_signalled, setup_logging
 from services.common.mqtt import BrokerUrl, MqttError
 from services.common.plugins import PluginError
+from services.common.profile import DEFAULT as DEFAULT_PROFILE
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -32,7 +34,10 @@ def _add_service_flags(p: argparse.ArgumentParser, port: int) -> None:
     p.add_argument("--certfile", help="PEM certificate for the TLS listener")
     p.add_argument("--keyfile", help="PEM private key for the TLS listener")
     p.add_argument("--ws-port", type=int, help="also listen for MQTT over websockets on this port")
-    p.add_argument("--scheduler", default="least-loaded", help="scheduler plugin (default least-loaded)")
+    p.add_argument("--scheduler", default=DEFAULT_PROFILE,
+                   help=f"scheduler plugins with optional weights, e.g. 'least-loaded,anti-affinity=2' "
+                        f"(default {DEFAULT_PROFILE})")
+    p.add_argument("--scheduler-profile", type=Path, help="a TOML scheduling profile (see docs/plugins.md)")
     p.add_argument("--join-token", default=os.environ.get("OAK_JOIN_TOKEN"),
                    help="require this token from clusters/workers that join (default: open joining)")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -71,7 +76,8 @@ def parser() -> argparse.ArgumentParser:
     worker.add_argument("--runtime", action="append", help="runtime plugin(s) to enable (default: process)")
     worker.add_argument("--collector", default="psutil")
     worker.add_argument("--join-token", default=os.environ.get("OAK_JOIN_TOKEN"))
-    worker.add_argument("--location", default="")
+    worker.add_argument("--location", default="", help="where the worker is, 'latitude,longitude'")
+    worker.add_argument("--label", action="append", default=[], help="a label SLAs can need (repeatable)")
     worker.add_argument("-v", "--verbose", action="store_true")
 
     app = sub.add_parser("app", help="applications").add_subparsers(dest="action", required=True)

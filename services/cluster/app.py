@@ -12,7 +12,7 @@ from broker.credentials import Credentials
 from broker.join import JoinDesk, obtain_login
 from broker.server import EmbeddedBroker, Listeners
 from services.cluster.orchestrator import ClusterOrchestrator
-from services.common import envelope, models, plugins, topics
+from services.common import envelope, models, plugins, profile, topics
 from services.common.models import ClusterInfo
 from services.common.mqtt import BrokerUrl, MqttSession, dispatch
 from services.common.store import Store
@@ -30,7 +30,8 @@ class ClusterConfig:
     root: BrokerUrl
     location: str = ""
     listen: Listeners = Listeners("0.0.0.0", 10003)
-    scheduler: str = "least-loaded"
+    scheduler: str = profile.DEFAULT
+    scheduler_profile: Path | None = None
     join_token: str | None = None
     root_join_token: str | None = None
 
@@ -39,7 +40,7 @@ async def run_cluster(cfg: ClusterConfig, ready: asyncio.Event | None = None) ->
     """Run a cluster orchestrator until cancelled; set *ready* once workers can connect."""
     if not topics.is_valid_id(cfg.name):
         raise ValueError(f"bad cluster name {cfg.name!r}: use letters, digits, '-' and '_' (at most 63)")
-    scheduler = plugins.load_scheduler(plugins.make_manager(), cfg.scheduler)
+    scheduling = profile.load(plugins.make_manager(), cfg.scheduler, cfg.scheduler_profile)
     store = Store(cfg.data_dir / "cluster.db.json")
     credentials = Credentials(store, cfg.join_token)
     await credentials.load()
@@ -52,11 +53,11 @@ async def run_cluster(cfg: ClusterConfig, ready: asyncio.Event | None = None) ->
                 avail_topic=topics.CLUSTER_AVAIL,
             )
             async with session:
-                orchestrator = ClusterOrchestrator(cfg.name, store, scheduler, session)
+                orchestrator = ClusterOrchestrator(cfg.name, store, scheduling, session, cfg.location)
                 await orchestrator.restore()
                 orchestrator.subscribe()
                 await session.subscribe_confirmed(topics.JOIN_REQUESTS)
-                info = ClusterInfo(cfg.name, cfg.location, VERSION, cfg.scheduler)
+                info = ClusterInfo(cfg.name, cfg.location, VERSION, ",".join(scheduling.names))
                 session.publish(
                     topics.upstream("info"),
                     envelope.encode("cluster.info", models.dump(info), f"cluster/{cfg.name}"),

@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.common import envelope, models, scheduling, topics
-from services.common.hookspecs import Candidate, SchedulerPlugin
+from services.common.hookspecs import Candidate
 from services.common.models import InstanceSpec, InstanceStatus, NodeInfo, NodeSummary
 from services.common.mqtt import Message, MqttSession
+from services.common.scheduling import Profile, reserve
 from services.common.store import Store
 
 log = logging.getLogger(__name__)
@@ -45,10 +46,11 @@ class NodeView:
 class ClusterOrchestrator:
     """Desired instances from the root, placed on workers; observed statuses, reported upward."""
 
-    def __init__(self, name: str, store: Store, scheduler: SchedulerPlugin, session: MqttSession) -> None:
+    def __init__(self, name: str, store: Store, profile: Profile, session: MqttSession, location: str = "") -> None:
         self.name = name
+        self.location = location
         self.store = store
-        self.scheduler = scheduler
+        self.profile = profile
         self.session = session
         self.nodes: dict[str, NodeView] = {}
         self.desired: dict[str, InstanceSpec] = {}
@@ -141,32 +143,39 @@ class ClusterOrchestrator:
 
     # ---- placement ---------------------------------------------------------------------------
 
-    def candidates(self) -> list[Candidate]:
-        """Every online worker with what remains free of its capacity after its instances' demands."""
+    def summaries(self) -> dict[str, NodeSummary]:
+        """Every known worker: capacity, what remains free after its instances' demands, labels, replicas."""
         used: dict[str, list[float]] = {}
+        services: dict[str, dict[str, int]] = {}
         for iid, node in self.assigned.items():
-            demand = self.desired[iid].demand()
-            total = used.setdefault(node, [0.0, 0.0])
+            spec = self.desired[iid]
+            demand = spec.demand()
+            total = used.setdefault(node, [0.0, 0.0, 0.0, 0.0])
             total[0] += demand.vcpus
             total[1] += demand.memory_mb
-        out = []
+            total[2] += demand.gpus
+            total[3] += 1
+            counts = services.setdefault(node, {})
+            counts[spec.service_key] = counts.get(spec.service_key, 0) + 1
+        out = {}
         for view in self.nodes.values():
-            if not view.online or view.info is None:
+            if view.info is None:
                 continue
-            cpu_used, mem_used = used.get(view.name, [0.0, 0.0])
-            out.append(
-                Candidate(
-                    id=view.name,
-                    cpu_free=view.info.cpu_cores - cpu_used,
-                    memory_free_mb=view.info.memory_mb - mem_used,
-                    cpu_total=view.info.cpu_cores,
-                    memory_total_mb=view.info.memory_mb,
-                    virtualizations=tuple(view.info.runtimes),
-                    cpu_percent=view.metrics.get("cpu_percent", 0.0),
-                    location=view.info.location,
-                )
+            cpu, mem, gpus, count = used.get(view.name, [0.0, 0.0, 0.0, 0.0])
+            info = view.info
+            out[view.name] = NodeSummary(
+                name=view.name, online=view.online, cpu_cores=info.cpu_cores, memory_mb=info.memory_mb,
+                cpu_free=info.cpu_cores - cpu, memory_free_mb=info.memory_mb - mem,
+                cpu_percent=view.metrics.get("cpu_percent", 0.0), runtimes=list(info.runtimes),
+                instances=int(count), arch=info.arch, labels=list(info.labels),
+                location=info.location or self.location, gpus_free=info.gpus - gpus,
+                services=services.get(view.name, {}),
             )
         return out
+
+    def candidates(self) -> list[Candidate]:
+        """Every online worker as a scheduling candidate."""
+        return [summary.candidate() for summary in self.summaries().values() if summary.online]
 
     async def place_pending(self) -> None:
         """Place every desired instance that has no worker; publish the workers' maps that changed."""
@@ -177,7 +186,7 @@ class ClusterOrchestrator:
         placed: dict[str, dict[str, str]] = {}
         for iid in sorted(pending, key=lambda i: (self.desired[i].job_name, self.desired[i].instance_number)):
             demand = self.desired[iid].demand()
-            decision = scheduling.place(demand, list(candidates.values()), self.scheduler, "node")
+            decision = scheduling.place(demand, list(candidates.values()), self.profile, "node")
             if decision.choice is None:
                 reason = decision.why_not() if candidates else "no worker online"
                 if self.unplaced.get(iid) != reason:
@@ -185,13 +194,7 @@ class ClusterOrchestrator:
                 self.unplaced[iid] = reason
                 continue
             chosen = decision.choice
-            candidates[chosen.id] = Candidate(
-                **{
-                    **chosen.__dict__,
-                    "cpu_free": chosen.cpu_free - demand.vcpus,
-                    "memory_free_mb": chosen.memory_free_mb - demand.memory_mb,
-                }
-            )
+            candidates[chosen.id] = reserve(chosen, demand)
             self.assigned[iid] = chosen.id
             self.unplaced.pop(iid, None)
             placed[iid] = {"node": chosen.id}
@@ -231,31 +234,6 @@ class ClusterOrchestrator:
                 out[iid] = InstanceStatus(models.NODE_SCHEDULED, node=node, cluster=self.name)
             else:
                 out[iid] = InstanceStatus(**{**seen.__dict__, "node": node, "cluster": self.name})
-        return out
-
-    def summaries(self) -> dict[str, NodeSummary]:
-        """Every known worker as the root sees it."""
-        free = {c.id: c for c in self.candidates()}
-        counts: dict[str, int] = {}
-        for node in self.assigned.values():
-            counts[node] = counts.get(node, 0) + 1
-        out = {}
-        for view in self.nodes.values():
-            if view.info is None:
-                continue
-            cand = free.get(view.name)
-            out[view.name] = NodeSummary(
-                name=view.name,
-                online=view.online,
-                cpu_cores=view.info.cpu_cores,
-                memory_mb=view.info.memory_mb,
-                cpu_free=cand.cpu_free if cand else 0.0,
-                memory_free_mb=cand.memory_free_mb if cand else 0.0,
-                cpu_percent=view.metrics.get("cpu_percent", 0.0),
-                runtimes=list(view.info.runtimes),
-                instances=counts.get(view.name, 0),
-                arch=view.info.arch,
-            )
         return out
 
     def state(self) -> dict[str, Any]:

@@ -129,21 +129,31 @@ class Collector(Protocol):
 
 @dataclass(frozen=True)
 class Demand:
-    """What one instance asks of the candidate it is placed on."""
+    """What one instance asks of the candidate it is placed on.
+
+    ``service`` identifies the service (``owner/job_name``) so plugins can see where its other
+    replicas run; ``near`` holds geo constraints as ``(latitude, longitude, max_km)``.
+    """
 
     vcpus: float
     memory_mb: int
     virtualization: str
     clusters: tuple[str, ...] = ()
     nodes: tuple[str, ...] = ()
+    service: str = ""
+    gpus: int = 0
+    arch: tuple[str, ...] = ()
+    needs: tuple[str, ...] = ()
+    near: tuple[tuple[float, float, float], ...] = ()
 
 
 @dataclass(frozen=True)
 class Candidate:
     """A place an instance can go: a worker (at a cluster) or a cluster (at the root).
 
-    For a cluster, ``cpu_free``/``memory_free_mb`` describe its *largest free single worker*, never a
-    sum, so the root never sends an instance no worker of the cluster can hold.
+    For a cluster, the resources, architecture and labels are those of the worker of that cluster that
+    would take the instance (never sums), so the root never sends an instance no worker can hold.
+    ``services`` counts the replicas of each service already there; ``location`` is ``"lat,long"``.
     """
 
     id: str
@@ -155,24 +165,38 @@ class Candidate:
     cpu_percent: float = 0.0
     location: str = ""
     node_names: tuple[str, ...] = ()
+    gpus_free: float = 0.0
+    arch: str = ""
+    labels: tuple[str, ...] = ()
+    services: dict[str, int] = field(default_factory=dict)
 
 
 @runtime_checkable
 class SchedulerPlugin(Protocol):
-    """Chooses among the candidates that fit an instance.
+    """One scheduling plugin: it may filter, score and normalise (Kubernetes' extension points).
 
-    The framework has already removed candidates that lack the resources, the virtualization or a
-    ``direct`` constraint; a plugin may reject more (``filter``) and ranks the rest (``score``).
+    The framework first removes candidates that lack the resources, the virtualization, the
+    architecture or a ``direct`` constraint (*fit*). Then, for the plugins of the profile, in order:
+
+    * ``filter(demand, candidate)``: return None to keep the candidate, or a short reason to reject
+      it (``"memory 512 < 1024"``); the reason is shown to users when nothing fits;
+    * ``score(demand, candidate)``: a number, higher is better, for every surviving candidate;
+    * ``normalize(scores)`` (optional): map this plugin's raw scores of one decision to 0..100.
+      Without it, scores are clamped to 0..100.
+
+    The framework multiplies each plugin's normalised score by the weight the profile gives it, sums
+    them, and picks the highest total (ties broken by candidate id). Plugins never see the weights.
+    A plugin that only filters returns 0 from ``score``.
     """
 
     name: str
 
     def filter(self, demand: Demand, candidate: Candidate) -> str | None:
-        """Return None to keep *candidate*, or a reason such as ``"node-3: too hot"`` to reject it."""
+        """Return None to keep *candidate*, or a reason to reject it."""
         ...
 
     def score(self, demand: Demand, candidate: Candidate) -> float:
-        """Return a score in 0..100; the highest score wins."""
+        """Return a score; the highest (after normalisation and weighting) wins."""
         ...
 
 
@@ -202,9 +226,14 @@ def oak_make_collector(name: str) -> Collector | None:
 
 
 @hookspec(firstresult=True)
-def oak_make_scheduler(name: str) -> SchedulerPlugin | None:
-    """Return the scheduler plugin called *name*, or None.
+def oak_make_scheduler(name: str, args: dict[str, Any]) -> SchedulerPlugin | None:
+    """Return the scheduler plugin called *name*, configured with *args*, or None.
 
-    Called once at root or cluster startup; the same plugins serve both tiers (the candidates are
-    clusters at the root and workers at a cluster). Stops at first non-None result.
+    Called once per plugin of the scheduling profile, at root or cluster startup; the same plugins
+    serve both tiers (the candidates are clusters at the root and workers at a cluster). Raise
+    ``ValueError`` with a readable message for bad *args*. Stops at first non-None result.
+
+    :param name: the plugin's name as the profile writes it, e.g. ``"least-loaded"``.
+    :param args: the profile's ``args`` table for this plugin (``{}`` when it has none). An
+        implementation may leave this parameter out if it takes no arguments.
     """

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from services.common.hookspecs import Demand
+from services.common.hookspecs import Candidate, Demand
 from services.common.sla import ServiceSpec
 
 T = TypeVar("T")
@@ -60,15 +60,26 @@ class InstanceSpec:
         """The service this is an instance of."""
         return ServiceSpec.from_dict(self.service)
 
+    @property
+    def service_key(self) -> str:
+        """Identifies the service across users: ``owner/job_name``."""
+        return f"{self.owner}/{self.job_name}"
+
     def demand(self) -> Demand:
         """What the instance asks of the place it runs on."""
         spec = self.spec
+        arch = spec.extra.get("arch", ())
         return Demand(
             vcpus=float(spec.vcpus),
             memory_mb=int(spec.memory),
             virtualization=spec.virtualization,
             clusters=tuple(spec.clusters),
             nodes=tuple(spec.nodes),
+            service=self.service_key,
+            gpus=int(spec.vgpus),
+            arch=tuple(a for a in arch if isinstance(a, str)) if isinstance(arch, list) else (),
+            needs=tuple(spec.needs),
+            near=tuple(spec.near),
         )
 
 
@@ -114,6 +125,8 @@ class NodeInfo:
     hostname: str = ""
     location: str = ""
     version: str = ""
+    labels: list[str] = dataclasses.field(default_factory=list)
+    gpus: int = 0
 
 
 @dataclass(frozen=True)
@@ -130,6 +143,19 @@ class NodeSummary:
     runtimes: list[str]
     instances: int = 0
     arch: str = ""
+    labels: list[str] = dataclasses.field(default_factory=list)
+    location: str = ""
+    gpus_free: float = 0.0
+    services: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def candidate(self) -> Candidate:
+        """This worker as a scheduling candidate."""
+        return Candidate(
+            id=self.name, cpu_free=self.cpu_free, memory_free_mb=self.memory_free_mb, cpu_total=self.cpu_cores,
+            memory_total_mb=self.memory_mb, virtualizations=tuple(self.runtimes), cpu_percent=self.cpu_percent,
+            location=self.location, gpus_free=self.gpus_free, arch=self.arch, labels=tuple(self.labels),
+            services=dict(self.services),
+        )
 
 
 @dataclass(frozen=True)

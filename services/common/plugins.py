@@ -13,7 +13,7 @@ from services.common.hookspecs import Collector, Runtime, SchedulerPlugin
 GROUPS = {"scheduler": "oak.schedulers", "runtime": "oak.runtimes", "collector": "oak.collectors"}
 
 
-class PluginError(Exception):
+class PluginError(ValueError):
     """A plugin was asked for by name and cannot be found or built."""
 
 
@@ -62,10 +62,10 @@ def load_collector(pm: pluggy.PluginManager, name: str) -> Collector:
     return collector  # type: ignore[no-any-return]
 
 
-def load_scheduler(pm: pluggy.PluginManager, name: str) -> SchedulerPlugin:
-    """Return the scheduler plugin *name*."""
+def load_scheduler(pm: pluggy.PluginManager, name: str, args: dict[str, Any] | None = None) -> SchedulerPlugin:
+    """Return the scheduler plugin *name* built with *args*."""
     _load(pm, "scheduler", name)
-    scheduler = pm.hook.oak_make_scheduler(name=name)
+    scheduler = pm.hook.oak_make_scheduler(name=name, args=args or {})
     if scheduler is None:
         raise _missing("scheduler", name)
     return scheduler  # type: ignore[no-any-return]

@@ -1,12 +1,13 @@
 """The scheduling framework shared by the root (candidates = clusters) and clusters (candidates = workers).
 
-One call, :func:`place`, runs the pipeline in this order:
+:func:`place` runs one decision through the profile, in this order:
 
-1. **fit** (always, not pluggable): virtualization offered, ``direct`` constraint, enough free vCPUs
-   and memory. Cheap checks first; each rejection keeps a reason people can read.
-2. the plugin's **filter**, for whatever else it wants to exclude.
-3. the plugin's **score** (0..100) on the survivors; the highest wins, ties broken by id so a decision
-   can be replayed.
+1. **fit** (always, not pluggable): the virtualization, the architecture and the ``direct`` constraint
+   first (cheap), then free vCPUs, memory and GPUs. Every rejection keeps a reason people can read.
+2. each plugin's **filter**, in profile order, on the candidates that are left;
+3. each plugin's **score** on the survivors, **normalised** per plugin to 0..100, multiplied by the
+   plugin's weight and summed. The highest total wins; ties go to the larger id, so a decision can be
+   replayed.
 
 Reservations are the caller's job: it lowers the chosen candidate's free resources before the next
 decision, so a burst of deployments does not pile onto one node.
@@ -14,20 +15,44 @@ decision, so a burst of deployments does not pile onto one node.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
 from services.common.hookspecs import Candidate, Demand, SchedulerPlugin
+
+MIN_SCORE, MAX_SCORE = 0.0, 100.0
+
+
+@dataclass(frozen=True)
+class Weighted:
+    """A plugin of a profile and its weight."""
+
+    plugin: SchedulerPlugin
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class Profile:
+    """The plugins a root or cluster schedules with, in order, with their weights."""
+
+    plugins: tuple[Weighted, ...]
+
+    @property
+    def names(self) -> list[str]:
+        """The plugins' names, for logs and info."""
+        return [w.plugin.name for w in self.plugins]
 
 
 @dataclass(frozen=True)
 class Decision:
-    """The chosen candidate (None when nothing fits) and why every other candidate was rejected."""
+    """The chosen candidate (None when nothing fits), every candidate's total, and why others lost."""
 
     choice: Candidate | None
     reasons: dict[str, str] = field(default_factory=dict)
+    totals: dict[str, float] = field(default_factory=dict)
 
     def why_not(self) -> str:
-        """One line that explains a failed placement, e.g. ``"w1: memory 512 < 1024; w2: offline"``."""
+        """One line explaining a failed placement, e.g. ``"w1: memory 512 < 1024; w2: no process runtime"``."""
         if not self.reasons:
             return "no candidates"
         return "; ".join(f"{cid}: {reason}" for cid, reason in sorted(self.reasons.items()))
@@ -38,6 +63,8 @@ def fit(demand: Demand, candidate: Candidate, level: str) -> str | None:
     if demand.virtualization not in candidate.virtualizations:
         offered = ",".join(candidate.virtualizations) or "none"
         return f"no {demand.virtualization} runtime (has {offered})"
+    if demand.arch and candidate.arch not in demand.arch:
+        return f"architecture {candidate.arch or 'unknown'} not in {','.join(demand.arch)}"
     wanted = demand.clusters if level == "cluster" else demand.nodes
     if wanted and candidate.id not in wanted:
         return f"not in direct {level} list {','.join(wanted)}"
@@ -47,20 +74,54 @@ def fit(demand: Demand, candidate: Candidate, level: str) -> str | None:
         return f"vcpus {candidate.cpu_free:g} < {demand.vcpus:g}"
     if candidate.memory_free_mb + 1e-9 < demand.memory_mb:
         return f"memory {candidate.memory_free_mb:.0f} < {demand.memory_mb}"
+    if candidate.gpus_free + 1e-9 < demand.gpus:
+        return f"gpus {candidate.gpus_free:g} < {demand.gpus}"
     return None
 
 
-def place(demand: Demand, candidates: list[Candidate], plugin: SchedulerPlugin, level: str) -> Decision:
-    """Choose the candidate for one instance."""
+def _normalized(plugin: SchedulerPlugin, raw: dict[str, float]) -> dict[str, float]:
+    normalize = getattr(plugin, "normalize", None)
+    scores = normalize(raw) if normalize else raw
+    return {cid: max(MIN_SCORE, min(MAX_SCORE, score)) for cid, score in scores.items()}
+
+
+def feasible(demand: Demand, candidates: Sequence[Candidate], profile: Profile,
+             level: str) -> tuple[list[Candidate], dict[str, str]]:
+    """The candidates that pass fit and every plugin's filter, and the reasons of the others."""
     reasons: dict[str, str] = {}
-    feasible: list[Candidate] = []
+    survivors: list[Candidate] = []
     for candidate in candidates:
-        reason = fit(demand, candidate, level) or plugin.filter(demand, candidate)
+        reason = fit(demand, candidate, level)
+        for weighted in profile.plugins:
+            if reason:
+                break
+            reason = weighted.plugin.filter(demand, candidate)
         if reason:
             reasons[candidate.id] = reason
         else:
-            feasible.append(candidate)
-    if not feasible:
+            survivors.append(candidate)
+    return survivors, reasons
+
+
+def place(demand: Demand, candidates: Sequence[Candidate], profile: Profile, level: str) -> Decision:
+    """Choose the candidate for one instance."""
+    # Filtering comes first and is where most candidates drop out, so scoring runs on few.
+    survivors, reasons = feasible(demand, candidates, profile, level)
+    if not survivors:
         return Decision(None, reasons)
-    best = max(feasible, key=lambda c: (max(0.0, min(100.0, plugin.score(demand, c))), c.id))
-    return Decision(best, reasons)
+    totals = dict.fromkeys((c.id for c in survivors), 0.0)
+    for weighted in profile.plugins:
+        raw = {c.id: float(weighted.plugin.score(demand, c)) for c in survivors}
+        for cid, score in _normalized(weighted.plugin, raw).items():
+            totals[cid] += weighted.weight * score
+    best = max(survivors, key=lambda c: (totals[c.id], c.id))
+    return Decision(best, reasons, totals)
+
+
+def reserve(candidate: Candidate, demand: Demand) -> Candidate:
+    """*candidate* after it took *demand*: less free capacity and one more replica of the service."""
+    services = dict(candidate.services)
+    services[demand.service] = services.get(demand.service, 0) + 1
+    return replace(candidate, cpu_free=candidate.cpu_free - demand.vcpus,
+                   memory_free_mb=candidate.memory_free_mb - demand.memory_mb,
+                   gpus_free=candidate.gpus_free - demand.gpus, services=services)

@@ -59,6 +59,21 @@ class ServiceSpec:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def needs(self) -> tuple[str, ...]:
+        """Labels the service needs, from its ``addons`` constraints."""
+        return tuple(dict.fromkeys(n for c in self.constraints if c.get("type") == "addons" for n in c["needs"]))
+
+    @property
+    def near(self) -> tuple[tuple[float, float, float], ...]:
+        """(latitude, longitude, max km) of each ``geo`` constraint."""
+        out = []
+        for c in self.constraints:
+            if c.get("type") == "geo":
+                lat, lon = (float(x) for x in str(c["location"]).split(",")[:2])
+                out.append((lat, lon, float(c["threshold"])))
+        return tuple(out)
+
+    @property
     def job_name(self) -> str:
         """Oakestra's job name ``app.appns.svc.svcns``."""
         return f"{self.app_name}.{self.app_namespace}.{self.name}.{self.namespace}"
@@ -210,6 +225,12 @@ def _constraints(micro: dict[str, Any], path: str) -> Constraints:
         kind = _str(constraint, "type", where, required=True)
         if kind not in CONSTRAINT_TYPES:
             raise SlaError(f"{where}.type", f"{kind!r} is not one of {', '.join(CONSTRAINT_TYPES)}")
+        if kind == "geo":
+            _geo(constraint, where)
+        if kind == "addons":
+            needs = constraint.get("needs")
+            if not isinstance(needs, list) or not needs or not all(isinstance(n, str) and n for n in needs):
+                raise SlaError(f"{where}.needs", "expected a non-empty list of labels")
         if kind == "direct":
             c = _names(constraint.get("cluster"), f"{where}.cluster")
             n = _names(constraint.get("node"), f"{where}.node")
@@ -218,6 +239,21 @@ def _constraints(micro: dict[str, Any], path: str) -> Constraints:
             clusters += c
             nodes += n
     return tuple(raw), tuple(dict.fromkeys(clusters)), tuple(dict.fromkeys(nodes))
+
+
+def _geo(constraint: dict[str, Any], where: str) -> None:
+    location = constraint.get("location")
+    parts = location.split(",") if isinstance(location, str) else []
+    try:
+        lat, lon = float(parts[0]), float(parts[1])
+        ok = -90 <= lat <= 90 and -180 <= lon <= 180
+    except (ValueError, IndexError):
+        ok = False
+    if not ok:
+        raise SlaError(f"{where}.location", f"{location!r} is not 'latitude,longitude'")
+    threshold = constraint.get("threshold")
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float) or threshold <= 0:
+        raise SlaError(f"{where}.threshold", "expected the distance in km, a positive number")
 
 
 def _service(micro: Any, path: str, app: str, app_ns: str) -> ServiceSpec:

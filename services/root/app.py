@@ -11,7 +11,7 @@ from pathlib import Path
 from broker.credentials import Credentials, new_password
 from broker.join import JoinDesk, write_secret
 from broker.server import EmbeddedBroker, Listeners
-from services.common import plugins, topics
+from services.common import plugins, profile, topics
 from services.common.mqtt import BrokerUrl, MqttSession, dispatch
 from services.common.store import Store
 from services.root.api import Api
@@ -29,7 +29,8 @@ class RootConfig:
 
     data_dir: Path
     listen: Listeners = Listeners("0.0.0.0", 10000)
-    scheduler: str = "least-loaded"
+    scheduler: str = profile.DEFAULT
+    scheduler_profile: Path | None = None
     join_token: str | None = None
     advertise: str = "127.0.0.1"
 
@@ -51,7 +52,7 @@ async def ensure_admin(cfg: RootConfig, credentials: Credentials, port: int) -> 
 
 async def run_root(cfg: RootConfig, ready: asyncio.Event | None = None) -> None:
     """Run the root orchestrator until cancelled; set *ready* once it serves requests."""
-    scheduler = plugins.load_scheduler(plugins.make_manager(), cfg.scheduler)
+    scheduling = profile.load(plugins.make_manager(), cfg.scheduler, cfg.scheduler_profile)
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
     store = Store(cfg.data_dir / "root.db.json")
     credentials = Credentials(store, cfg.join_token)
@@ -64,13 +65,13 @@ async def run_root(cfg: RootConfig, ready: asyncio.Event | None = None) -> None:
             session = MqttSession(url, "root", "svc:root", credentials.service_password("svc:root"),
                                   avail_topic=topics.ROOT_AVAIL)
             async with session:
-                orchestrator = RootOrchestrator(catalog, scheduler, session)
+                orchestrator = RootOrchestrator(catalog, scheduling, session)
                 api = Api(catalog, orchestrator, credentials)
                 desk = JoinDesk(credentials, "cluster")
                 orchestrator.start()
                 await session.subscribe_confirmed(topics.API_REQUESTS, topics.JOIN_REQUESTS)
                 await ensure_admin(cfg, credentials, broker.port)  # last: its file tells clients we serve
-                log.info("root serving on port %d (scheduler %s)", broker.port, cfg.scheduler)
+                log.info("root serving on port %d (scheduling: %s)", broker.port, ", ".join(scheduling.names))
                 if ready:
                     ready.set()
                 async with asyncio.TaskGroup() as tasks:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from services.common.hookspecs import Candidate, Demand
 from services.common.models import ClusterInfo, InstanceStatus, NodeSummary
+from services.common.scheduling import Decision, Profile, place, reserve
 
 FAILOVER_GRACE = 2.0
 STARTUP_GRACE = 10.0
@@ -36,36 +37,53 @@ class ClusterView:
         """True when this cluster's instances should be placed elsewhere."""
         return not self.online and self.move_after is not None and time.monotonic() >= self.move_after
 
-    def candidate(self, demand: Demand, reserved: dict[str, tuple[float, float]]) -> tuple[Candidate, str]:
-        """This cluster as a scheduling candidate for *demand*, and the worker that would likely take it.
+    def worker_candidates(self, reserved: dict[str, Demand]) -> list[Candidate]:
+        """The cluster's online workers as candidates, after the root's *reserved* demands per worker
+        (placed by the root, not reported by the cluster yet)."""
+        if not self.online:
+            return []
+        location = self.info.location if self.info else ""
+        out = []
+        for node in self.nodes.values():
+            if not node.online:
+                continue
+            candidate = node.candidate()
+            if not candidate.location:
+                candidate = replace(candidate, location=location)
+            if node.name in reserved:
+                candidate = reserve(candidate, reserved[node.name])
+            out.append(candidate)
+        return out
 
-        Its free capacity is that of its best *single* worker for the demand (never a sum), after the
-        root's own *reserved* ``{node: (vcpus, memory)}`` that the cluster has not reported yet.
-        """
-        nodes = [n for n in self.nodes.values() if n.online] if self.online else []
-        free = {
-            n.name: (n.cpu_free - reserved.get(n.name, (0.0, 0.0))[0],
-                     n.memory_free_mb - reserved.get(n.name, (0.0, 0.0))[1])
-            for n in nodes
-        }
-        fitting = [
-            n for n in nodes
-            if demand.virtualization in n.runtimes
-            and (not demand.nodes or n.name in demand.nodes)
-            and free[n.name][0] + 1e-9 >= demand.vcpus
-            and free[n.name][1] + 1e-9 >= demand.memory_mb
-        ]
-        pool = fitting or [n for n in nodes if demand.virtualization in n.runtimes] or nodes
-        best = max(pool, key=lambda n: (free[n.name][1], free[n.name][0], n.name), default=None)
-        runtimes = tuple(best.runtimes) if fitting and best else tuple(sorted({r for n in nodes for r in n.runtimes}))
-        return Candidate(
-            id=self.name,
-            cpu_free=free[best.name][0] if best else 0.0,
-            memory_free_mb=free[best.name][1] if best else 0.0,
-            cpu_total=sum(n.cpu_cores for n in nodes),
-            memory_total_mb=sum(n.memory_mb for n in nodes),
-            virtualizations=runtimes,
-            cpu_percent=sum(n.cpu_percent for n in nodes) / len(nodes) if nodes else 0.0,
-            location=self.info.location if self.info else "",
-            node_names=tuple(n.name for n in nodes),
-        ), best.name if best and fitting else ""
+
+def choose(demand: Demand, clusters: list[ClusterView], reserved: dict[str, dict[str, Demand]],
+           profile: Profile) -> tuple[Decision, str]:
+    """Choose a cluster for *demand*, and the worker of it that would take the instance.
+
+    Each cluster is judged by its best worker for this demand, chosen with the same profile (so fit,
+    filters and scores all see one real worker, never sums); the clusters are then ranked with the
+    profile as candidates that look like their best worker.
+    """
+    reasons: dict[str, str] = {}
+    stand_ins: dict[str, tuple[Candidate, str]] = {}
+    for view in clusters:
+        if demand.clusters and view.name not in demand.clusters:
+            reasons[view.name] = f"not in direct cluster list {','.join(demand.clusters)}"
+            continue
+        workers = view.worker_candidates(reserved.get(view.name, {}))
+        if not workers:
+            reasons[view.name] = "offline" if not view.online else "no worker online"
+            continue
+        inner = place(demand, workers, profile, "node")
+        if inner.choice is None:
+            reasons[view.name] = f"no worker fits ({inner.why_not()})"
+            continue
+        services = {}
+        for worker in workers:
+            for key, count in worker.services.items():
+                services[key] = services.get(key, 0) + count
+        stand_in = replace(inner.choice, id=view.name, node_names=tuple(w.id for w in workers), services=services)
+        stand_ins[view.name] = (stand_in, inner.choice.id)
+    outer = place(demand, [c for c, _ in stand_ins.values()], profile, "cluster")
+    decision = Decision(outer.choice, {**reasons, **outer.reasons}, outer.totals)
+    return decision, stand_ins[outer.choice.id][1] if outer.choice else ""

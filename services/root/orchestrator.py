@@ -14,12 +14,13 @@ import json
 import logging
 from typing import Any
 
-from services.common import envelope, models, scheduling, topics
-from services.common.hookspecs import SchedulerPlugin
+from services.common import envelope, models, topics
+from services.common.hookspecs import Demand
 from services.common.models import ClusterInfo, InstanceSpec, InstanceStatus, NodeSummary
 from services.common.mqtt import Message, MqttSession
+from services.common.scheduling import Profile
 from services.root.catalog import Catalog, Instance, Service
-from services.root.clusters import STARTUP_GRACE, ClusterView
+from services.root.clusters import STARTUP_GRACE, ClusterView, choose
 
 log = logging.getLogger(__name__)
 TICK = 0.5
@@ -28,13 +29,13 @@ TICK = 0.5
 class RootOrchestrator:
     """Placement across clusters and the users' view of their services."""
 
-    def __init__(self, catalog: Catalog, scheduler: SchedulerPlugin, session: MqttSession) -> None:
+    def __init__(self, catalog: Catalog, profile: Profile, session: MqttSession) -> None:
         self.catalog = catalog
-        self.scheduler = scheduler
+        self.profile = profile
         self.session = session
         self.clusters: dict[str, ClusterView] = {}
         self.unplaced: dict[str, str] = {}
-        self.reserved: dict[str, tuple[str, str, float, float]] = {}
+        self.reserved: dict[str, tuple[str, str, Demand]] = {}
         self._excluded: dict[str, set[str]] = {}
         self._published_desired: dict[str, str] = {}
         self._published_state: dict[str, bytes] = {}
@@ -98,12 +99,15 @@ class RootOrchestrator:
         service = self.catalog.services[instance.sid]
         return InstanceSpec(instance.iid, service.owner, service.job_name, instance.number, service.spec)
 
-    def _reserved_on(self, cluster: str) -> dict[str, tuple[float, float]]:
-        out: dict[str, tuple[float, float]] = {}
-        for c, node, cpu, mem in self.reserved.values():
-            if c == cluster:
-                prev = out.get(node, (0.0, 0.0))
-                out[node] = (prev[0] + cpu, prev[1] + mem)
+    def _reservations(self) -> dict[str, dict[str, Demand]]:
+        """What the root placed and the clusters have not reported yet: ``{cluster: {worker: demand}}``."""
+        out: dict[str, dict[str, Demand]] = {}
+        for cluster, node, demand in self.reserved.values():
+            per_node = out.setdefault(cluster, {})
+            prev = per_node.get(node)
+            per_node[node] = demand if prev is None else Demand(
+                prev.vcpus + demand.vcpus, prev.memory_mb + demand.memory_mb, demand.virtualization,
+                service=demand.service, gpus=prev.gpus + demand.gpus)
         return out
 
     async def reconcile(self) -> None:
@@ -136,11 +140,10 @@ class RootOrchestrator:
     def _choose(self, instance: Instance, avoid: set[str]) -> str:
         spec = self.spec_of(instance)
         demand = spec.demand()
-        pairs = {name: view.candidate(demand, self._reserved_on(name)) for name, view in self.clusters.items()
-                 if name not in avoid}
-        decision = scheduling.place(demand, [c for c, _ in pairs.values()], self.scheduler, "cluster")
+        views = [v for name, v in self.clusters.items() if name not in avoid]
+        decision, worker = choose(demand, views, self._reservations(), self.profile)
         if decision.choice is None:
-            reason = decision.why_not() if pairs else "no cluster has joined"
+            reason = decision.why_not() if views else "no cluster has joined"
             if self.unplaced.get(instance.iid) != reason:
                 log.warning("cannot place %s (%s): %s", instance.iid, spec.job_name, reason)
                 self._dirty.add(instance.sid)
@@ -148,7 +151,7 @@ class RootOrchestrator:
             return ""
         self.unplaced.pop(instance.iid, None)
         cluster = decision.choice.id
-        self.reserved[instance.iid] = (cluster, pairs[cluster][1], demand.vcpus, float(demand.memory_mb))
+        self.reserved[instance.iid] = (cluster, worker, demand)
         log.info("placed %s (%s #%d) on cluster %s", instance.iid, spec.job_name, instance.number, cluster)
         return cluster
 

@@ -33,6 +33,7 @@ class WorkerConfig:
     collector: str = "psutil"
     join_token: str | None = None
     location: str = ""
+    labels: tuple[str, ...] = ()
     report_interval: float = 2.0
 
 
@@ -75,6 +76,7 @@ async def run_worker(cfg: WorkerConfig) -> None:
                 hostname=facts.get("hostname", ""),
                 location=cfg.location,
                 version=VERSION,
+                labels=list(cfg.labels),
             )
             session.publish(
                 topics.up(topics.NODES, cfg.name, "info"),
