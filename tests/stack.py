@@ -73,14 +73,15 @@ def oak(*args: str) -> list[str]:
 class Stack:
     """Root, clusters and workers as separate processes on loopback ports, each with its own data dir."""
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, env: dict[str, str] | None = None) -> None:
         self.base = base
+        self.env = env or {}
         self.procs: dict[str, Proc] = {}
         self.root_port = free_port()
         self.cluster_ports: dict[str, int] = {}
 
     def _start(self, name: str, args: list[str]) -> Proc:
-        proc = Proc(name, args, self.base).start()
+        proc = Proc(name, args, self.base, self.env).start()
         self.procs[name] = proc
         return proc
 

@@ -78,11 +78,9 @@ def choose(demand: Demand, clusters: list[ClusterView], reserved: dict[str, dict
         if inner.choice is None:
             reasons[view.name] = f"no worker fits ({inner.why_not()})"
             continue
-        services = {}
-        for worker in workers:
-            for key, count in worker.services.items():
-                services[key] = services.get(key, 0) + count
-        stand_in = replace(inner.choice, id=view.name, node_names=tuple(w.id for w in workers), services=services)
+        # The stand-in is the worker that would take the instance, named after its cluster: its
+        # resources, labels, location and replicas are what the plugins judge at this level too.
+        stand_in = replace(inner.choice, id=view.name, node_names=tuple(w.id for w in workers))
         stand_ins[view.name] = (stand_in, inner.choice.id)
     outer = place(demand, [c for c, _ in stand_ins.values()], profile, "cluster")
     decision = Decision(outer.choice, {**reasons, **outer.reasons}, outer.totals)
