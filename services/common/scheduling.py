@@ -15,7 +15,9 @@ decision, so a burst of deployments does not pile onto one node.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import zlib
+from collections.abc import Iterator, Sequence
+from itertools import chain, islice
 from dataclasses import dataclass, field, replace
 
 from services.common.hookspecs import Candidate, Demand, SchedulerPlugin
@@ -33,9 +35,15 @@ class Weighted:
 
 @dataclass(frozen=True)
 class Profile:
-    """The plugins a root or cluster schedules with, in order, with their weights."""
+    """The plugins a root or cluster schedules with, in order, with their weights.
+
+    ``sample`` bounds the work of one decision on large fleets: once that many candidates (at least,
+    or 5 % of them when more) have passed the filters, the rest are not looked at. The scan starts at
+    a place derived from the service, so replicas do not all probe the same candidates first.
+    """
 
     plugins: tuple[Weighted, ...]
+    sample: int = 100
 
     @property
     def names(self) -> list[str]:
@@ -82,15 +90,26 @@ def fit(demand: Demand, candidate: Candidate, level: str) -> str | None:
 def _normalized(plugin: SchedulerPlugin, raw: dict[str, float]) -> dict[str, float]:
     normalize = getattr(plugin, "normalize", None)
     scores = normalize(raw) if normalize else raw
+    if all(MIN_SCORE <= score <= MAX_SCORE for score in scores.values()):
+        return scores
     return {cid: max(MIN_SCORE, min(MAX_SCORE, score)) for cid, score in scores.items()}
+
+
+def _scan_order(demand: Demand, candidates: Sequence[Candidate]) -> Iterator[Candidate]:
+    start = zlib.crc32(demand.service.encode()) % len(candidates) if candidates else 0
+    return chain(islice(candidates, start, None), islice(candidates, start))
 
 
 def feasible(demand: Demand, candidates: Sequence[Candidate], profile: Profile,
              level: str) -> tuple[list[Candidate], dict[str, str]]:
-    """The candidates that pass fit and every plugin's filter, and the reasons of the others."""
+    """Candidates that pass fit and every plugin's filter (up to the profile's sample), and the
+    reasons of those rejected on the way."""
     reasons: dict[str, str] = {}
     survivors: list[Candidate] = []
-    for candidate in candidates:
+    enough = max(profile.sample, len(candidates) // 20)
+    for candidate in _scan_order(demand, candidates):
+        if len(survivors) >= enough:
+            break
         reason = fit(demand, candidate, level)
         for weighted in profile.plugins:
             if reason:
@@ -111,9 +130,10 @@ def place(demand: Demand, candidates: Sequence[Candidate], profile: Profile, lev
         return Decision(None, reasons)
     totals = dict.fromkeys((c.id for c in survivors), 0.0)
     for weighted in profile.plugins:
-        raw = {c.id: float(weighted.plugin.score(demand, c)) for c in survivors}
-        for cid, score in _normalized(weighted.plugin, raw).items():
-            totals[cid] += weighted.weight * score
+        score, weight = weighted.plugin.score, weighted.weight
+        raw = {c.id: score(demand, c) for c in survivors}
+        for cid, value in _normalized(weighted.plugin, raw).items():
+            totals[cid] += weight * value
     best = max(survivors, key=lambda c: (totals[c.id], c.id))
     return Decision(best, reasons, totals)
 
