@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Iterator, Sequence
-from itertools import chain, islice
 from dataclasses import dataclass, field, replace
+from itertools import chain, islice
 
 from services.common.hookspecs import Candidate, Demand, SchedulerPlugin
 
