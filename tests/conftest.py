@@ -90,3 +90,14 @@ def broker_url(port: int) -> BrokerUrl:
 def dumps(doc: Any) -> bytes:
     """JSON bytes."""
     return json.dumps(doc).encode()
+
+
+@pytest.fixture(scope="session")
+def busybox_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An OCI archive with busybox, built once per test session (skips, saying why, when it cannot be)."""
+    from tests.images import build_busybox, missing
+
+    reason = missing()
+    if reason:
+        pytest.skip(reason)
+    return build_busybox(tmp_path_factory.mktemp("image"))

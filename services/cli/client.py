@@ -6,7 +6,7 @@ import asyncio
 import json
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -108,9 +108,9 @@ class OakClient:
                 self.updates.put_nowait(message)
 
     async def request(self, resource: str, action: str, body: dict[str, Any] | None = None,
-                      raw: bytes | None = None) -> Any:
+                      raw: bytes | None = None, transaction: str | None = None) -> Any:
         """Send one request and return its ``data``; raise :class:`ApiFailure` when refused."""
-        transaction = secrets.token_hex(6)
+        transaction = transaction or secrets.token_hex(6)
         if raw is not None:  # sent as is (the root judges it), with our transaction when it is an object
             try:
                 document = json.loads(raw)
@@ -133,6 +133,26 @@ class OakClient:
             error = answer.get("error", {})
             raise ApiFailure(error.get("code", "error"), error.get("message", "refused"))
         return answer.get("data")
+
+    async def stream(self, resource: str, action: str, body: dict[str, Any]) -> tuple[Any, AsyncIterator[dict]]:
+        """Send a request answered many times (``services/logs``): its first answer's data, and the rest."""
+        transaction = secrets.token_hex(6)
+        first = await self.request(resource, action, body, transaction=transaction)
+        topic = topics.api_response(self.profile.username, resource, action)
+
+        async def rest() -> AsyncIterator[dict]:
+            while True:
+                message = await self.updates.get()
+                if message.topic != topic:
+                    continue
+                try:
+                    answer = json.loads(message.payload)
+                except ValueError:
+                    continue
+                if answer.get("transaction") == transaction:
+                    yield answer
+
+        return first, rest()
 
     async def wait_until_running(
         self, job_name: str, timeout: float, on_update: Callable[[dict[str, Any]], None]

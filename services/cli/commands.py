@@ -51,7 +51,8 @@ async def cluster(args: argparse.Namespace, home: Path, root_url: BrokerUrl) -> 
 async def worker(args: argparse.Namespace, home: Path, cluster_url: BrokerUrl) -> None:
     """``oak worker``."""
     await run_worker(WorkerConfig(home, cluster_url, args.name, tuple(args.runtime or ("process",)),
-                                  args.collector, args.join_token, args.location, tuple(args.label)))
+                                  args.collector, args.join_token, args.location, tuple(args.label),
+                                  stop_grace=args.stop_grace))
 
 
 async def up(args: argparse.Namespace, home: Path) -> None:
@@ -159,8 +160,40 @@ async def client_command(args: argparse.Namespace) -> tuple[Any, Render]:
     raise CliError(f"unknown command {group} {action}")
 
 
+FOLLOW_SECONDS = 3600
+
+
+async def _logs(oak: OakClient, args: argparse.Namespace) -> tuple[Any, Render]:
+    """Print log lines as they arrive (prefixed with the instance when there are several)."""
+    body: dict[str, Any] = {"service": args.service, "tail": args.tail}
+    if args.instance is not None:
+        body["instance"] = args.instance
+    if args.follow:
+        body["follow"] = FOLLOW_SECONDS
+    first, answers = await oak.stream("services", "logs", body)
+    waiting = set(first["instances"])
+    prefix = len(waiting) > 1
+    try:
+        async for answer in answers:
+            data = answer.get("data") or {}
+            if not answer.get("ok"):
+                print(f"oak: instance {data.get('number')}: {answer.get('error', {}).get('message')}", file=sys.stderr)
+            for line in data.get("lines", []):
+                print(f"#{data['number']} {line}" if prefix else line, flush=True)
+            if data.get("done"):
+                waiting.discard(data.get("number"))
+                if not waiting:
+                    break
+    finally:
+        if args.follow and waiting:
+            await oak.request("services", "logs", {"stop": first["stream"]})
+    return None, lambda _: ""
+
+
 async def _service_command(oak: OakClient, args: argparse.Namespace) -> tuple[Any, Render]:
     action = args.action
+    if action == "logs":
+        return await _logs(oak, args)
     if action == "list":
         return await oak.request("services", "list", {"app": args.app} if args.app else {}), _services
     if action == "inspect":

@@ -78,6 +78,8 @@ def parser() -> argparse.ArgumentParser:
     worker.add_argument("--join-token", default=os.environ.get("OAK_JOIN_TOKEN"))
     worker.add_argument("--location", default="", help="where the worker is, 'latitude,longitude'")
     worker.add_argument("--label", action="append", default=[], help="a label SLAs can need (repeatable)")
+    worker.add_argument("--stop-grace", type=float, default=5.0,
+                        help="seconds between SIGTERM and SIGKILL when stopping an instance (default 5)")
     worker.add_argument("-v", "--verbose", action="store_true")
 
     app = sub.add_parser("app", help="applications").add_subparsers(dest="action", required=True)
@@ -106,6 +108,12 @@ def parser() -> argparse.ArgumentParser:
     _add_common(p)
     p = svc.add_parser("list", help="list your services")
     p.add_argument("--app", help="only this application's")
+    _add_common(p)
+    p = svc.add_parser("logs", help="print (and follow) the logs of a service's instances")
+    p.add_argument("service")
+    p.add_argument("instance", nargs="?", type=int, help="instance number (default: all)")
+    p.add_argument("-n", "--tail", type=int, default=100, help="lines from the end (default 100)")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines (Ctrl-C stops)")
     _add_common(p)
     p = svc.add_parser("inspect", help="one service and its instances")
     p.add_argument("service")
@@ -149,6 +157,8 @@ def _run_services(args: argparse.Namespace) -> Callable[[], Awaitable[None]] | N
 
 
 def _print(data: Any, args: argparse.Namespace, render: Callable[[Any], str]) -> None:
+    if data is None:  # the command printed as it went (logs)
+        return
     print(json.dumps(data, indent=2) if getattr(args, "json", False) else render(data))
 
 

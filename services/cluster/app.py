@@ -12,6 +12,7 @@ from broker.credentials import Credentials
 from broker.join import JoinDesk, obtain_login
 from broker.server import EmbeddedBroker, Listeners
 from services.cluster.orchestrator import ClusterOrchestrator
+from services.cluster.relay import Relay
 from services.common import envelope, models, plugins, profile, topics
 from services.common.models import ClusterInfo
 from services.common.mqtt import BrokerUrl, MqttSession, dispatch
@@ -56,6 +57,7 @@ async def run_cluster(cfg: ClusterConfig, ready: asyncio.Event | None = None) ->
                 orchestrator = ClusterOrchestrator(cfg.name, store, scheduling, session, cfg.location)
                 await orchestrator.restore()
                 orchestrator.subscribe()
+                relay = Relay(orchestrator, session)
                 await session.subscribe_confirmed(topics.JOIN_REQUESTS)
                 info = ClusterInfo(cfg.name, cfg.location, VERSION, ",".join(scheduling.names))
                 session.publish(
@@ -72,8 +74,10 @@ async def run_cluster(cfg: ClusterConfig, ready: asyncio.Event | None = None) ->
                         dispatch(
                             session,
                             {
-                                topics.JOIN_REQUEST_PREFIX: lambda m: desk.handle(session, m),
-                                topics.BASE + "/": orchestrator.handle,
+                                topics.JOIN_REQUESTS: lambda m: desk.handle(session, m),
+                                topics.downstream("cmd/+"): relay.command,
+                                topics.up_filter(topics.NODES, "res/+"): relay.answer,
+                                topics.BASE + "/#": orchestrator.handle,
                             },
                         )
                     )

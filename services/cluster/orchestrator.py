@@ -77,6 +77,8 @@ class ClusterOrchestrator:
         """Subscribe to the root's desired map and every worker's channels."""
         self.session.subscribe(
             topics.downstream("desired"),
+            topics.downstream("cmd/+"),
+            topics.up_filter(topics.NODES, "res/+"),
             topics.up_filter(topics.NODES, "avail"),
             topics.up_filter(topics.NODES, "info"),
             topics.up_filter(topics.NODES, "state"),

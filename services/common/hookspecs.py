@@ -41,6 +41,8 @@ class LaunchSpec:
     one_shot: bool
     log_path: str
     work_dir: str
+    privileged: bool = False
+    port: str = ""
 
 
 @dataclass(frozen=True)

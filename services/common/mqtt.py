@@ -26,6 +26,7 @@ import gmqtt
 from gmqtt.mqtt.constants import MQTTv311
 
 from services.common.envelope import OFFLINE, ONLINE
+from services.common.topics import matches
 
 log = logging.getLogger(__name__)
 logging.getLogger("gmqtt").setLevel(logging.WARNING)
@@ -241,14 +242,14 @@ Handler = Callable[[Message], Awaitable[Any]]
 
 
 async def dispatch(session: MqttSession, routes: dict[str, Handler]) -> None:
-    """Hand every incoming message to the handler of the longest matching topic prefix, forever.
+    """Hand every incoming message to the handler of the first topic filter it matches, forever.
 
-    A handler that raises is logged and the loop goes on: one bad message never stops a service.
+    *routes* maps MQTT filters (``+``/``#`` allowed) to handlers, tried in order. A handler that raises
+    is logged and the loop goes on: one bad message never stops a service.
     """
-    ordered = sorted(routes.items(), key=lambda item: -len(item[0]))
     async for message in session.messages():
-        for prefix, handler in ordered:
-            if message.topic.startswith(prefix):
+        for topic_filter, handler in routes.items():
+            if matches(topic_filter, message.topic):
                 try:
                     await handler(message)
                 except Exception:

@@ -50,6 +50,17 @@ def is_retained_channel(channel: str) -> bool:
     return channel in RETAINED
 
 
+def matches(topic_filter: str, topic: str) -> bool:
+    """True when *topic* matches the MQTT filter *topic_filter* (``+`` one level, ``#`` the rest)."""
+    want, got = topic_filter.split("/"), topic.split("/")
+    for i, level in enumerate(want):
+        if level == "#":
+            return True
+        if i >= len(got) or (level != "+" and level != got[i]):
+            return False
+    return len(want) == len(got)
+
+
 # ---- tier children: clusters at the root broker, nodes at a cluster broker -----------------------
 
 
@@ -80,7 +91,7 @@ class ChildTopic:
 
 def parse_child(topic: str) -> ChildTopic | None:
     """Parse a child topic, or return None if *topic* is not one."""
-    parts = topic.split("/", 5)
+    parts = topic.split("/", 4)
     if len(parts) != 5 or parts[0] != BASE or parts[1] not in (CLUSTERS, NODES):
         return None
     if parts[3] not in ("up", "down"):
@@ -120,14 +131,13 @@ def join_response(nonce: str) -> str:
 
 
 JOIN_REQUESTS = f"{BASE}/join/request/+"
-JOIN_REQUEST_PREFIX = f"{BASE}/join/request/"
+
 
 
 # ---- the user-facing API on the root broker (Zigbee2MQTT style) ----------------------------------
 
 API_REQUESTS = f"{BASE}/api/+/request/#"
-API_PREFIX = f"{BASE}/api/"
-CLUSTERS_PREFIX = f"{BASE}/{CLUSTERS}/"
+
 
 
 def api_request(user: str, resource: str, action: str) -> str:

@@ -19,6 +19,7 @@ from services.common.mqtt import Message, MqttSession
 from services.common.sla import SlaError, parse_sla
 from services.root.catalog import App, Catalog, Conflict, NotFound, Service
 from services.root.orchestrator import RootOrchestrator
+from services.root.streams import LogStreams
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +40,13 @@ Handler = Callable[[str, Any], Awaitable[Any]]
 class Api:
     """Serves the requests of every user."""
 
-    def __init__(self, catalog: Catalog, orchestrator: RootOrchestrator, credentials: Credentials) -> None:
+    def __init__(self, catalog: Catalog, orchestrator: RootOrchestrator, credentials: Credentials,
+                 streams: LogStreams) -> None:
         self.catalog = catalog
         self.orchestrator = orchestrator
         self.credentials = credentials
+        self.streams = streams
+        self._transaction: str | None = None
         self.routes: dict[tuple[str, str], Handler] = {
             ("apps", "create"): self.apps_create,
             ("apps", "list"): self.apps_list,
@@ -52,6 +56,7 @@ class Api:
             ("services", "deploy"): self.services_deploy,
             ("services", "scale"): self.services_scale,
             ("services", "undeploy"): self.services_undeploy,
+            ("services", "logs"): self.services_logs,
             ("clusters", "list"): self.clusters_list,
             ("nodes", "list"): self.nodes_list,
             ("users", "create"): self.users_create,
@@ -68,6 +73,7 @@ class Api:
             body = self._body(message.payload)
             if isinstance(body, dict) and isinstance(body.get("transaction"), str):
                 transaction = body["transaction"]
+            self._transaction = transaction
             handler = self.routes.get((parsed.resource, parsed.action))
             if handler is None:
                 known = ", ".join(f"{r}/{a}" for r, a in self.routes)
@@ -208,6 +214,31 @@ class Api:
         await self.orchestrator.forget([removed])
         self.orchestrator.mark(self.catalog.services[service.sid])
         return self.orchestrator.service_state(self.catalog.services[service.sid])
+
+    async def services_logs(self, user: str, body: Any) -> Any:
+        """Stream the logs of a service's instances (or of ``instance``): the last ``tail`` lines (default
+        100), then for ``follow`` seconds new ones, as further answers; ``stop`` ends a stream early."""
+        stop = self._arg(body, "stop", str, required=False)
+        if stop is not None:
+            if not self.streams.stop(user, stop):
+                raise ApiError("not_found", f"no log stream {stop!r}")
+            return {"stopped": stop}
+        service = self._service(user, body)
+        number = self._arg(body, "instance", int, required=False)
+        tail = self._arg(body, "tail", int, required=False)
+        follow = self._arg(body, "follow", (int, float), required=False) or 0
+        if tail is not None and not 0 <= tail <= 10_000:
+            raise ApiError("bad_request", "'tail' must be between 0 and 10000")
+        if not 0 <= follow <= 3600:
+            raise ApiError("bad_request", "'follow' is seconds, between 0 and 3600")
+        chosen = [i for i in self.catalog.instances_of(service.sid) if number in (None, i.number)]
+        if number is not None and not chosen:
+            raise NotFound(f"service {service.job_name} has no instance {number}")
+        placed = {i.iid: (i.number, i.cluster) for i in chosen if i.cluster}
+        if not placed:
+            raise ApiError("not_running", f"{service.job_name} has no instance on a cluster")
+        stream = self.streams.open(user, self._transaction, placed, 100 if tail is None else tail, float(follow))
+        return {"stream": stream, "instances": sorted(n for n, _ in placed.values())}
 
     # ---- infrastructure ----------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from services.common.store import Store
 from services.root.api import Api
 from services.root.catalog import Catalog
 from services.root.orchestrator import RootOrchestrator
+from services.root.streams import LogStreams
 
 log = logging.getLogger(__name__)
 CREDENTIALS_FILE = "credentials.json"
@@ -66,7 +67,8 @@ async def run_root(cfg: RootConfig, ready: asyncio.Event | None = None) -> None:
                                   avail_topic=topics.ROOT_AVAIL)
             async with session:
                 orchestrator = RootOrchestrator(catalog, scheduling, session)
-                api = Api(catalog, orchestrator, credentials)
+                streams = LogStreams(session)
+                api = Api(catalog, orchestrator, credentials, streams)
                 desk = JoinDesk(credentials, "cluster")
                 orchestrator.start()
                 await session.subscribe_confirmed(topics.API_REQUESTS, topics.JOIN_REQUESTS)
@@ -80,9 +82,10 @@ async def run_root(cfg: RootConfig, ready: asyncio.Event | None = None) -> None:
                         dispatch(
                             session,
                             {
-                                topics.JOIN_REQUEST_PREFIX: lambda m: desk.handle(session, m),
-                                topics.API_PREFIX: lambda m: api.handle(session, m),
-                                topics.CLUSTERS_PREFIX: orchestrator.handle_cluster,
+                                topics.JOIN_REQUESTS: lambda m: desk.handle(session, m),
+                                topics.API_REQUESTS: lambda m: api.handle(session, m),
+                                topics.up_filter(topics.CLUSTERS, "res/+"): streams.answer,
+                                topics.up_filter(topics.CLUSTERS, "#"): orchestrator.handle_cluster,
                             },
                         )
                     )

@@ -80,7 +80,9 @@ def choose(demand: Demand, clusters: list[ClusterView], reserved: dict[str, dict
             continue
         # The stand-in is the worker that would take the instance, named after its cluster: its
         # resources, labels, location and replicas are what the plugins judge at this level too.
-        stand_in = replace(inner.choice, id=view.name, node_names=tuple(w.id for w in workers))
+        # Its measured load is the cluster's average, which is steadier than one worker's sample.
+        load = sum(w.cpu_percent for w in workers) / len(workers)
+        stand_in = replace(inner.choice, id=view.name, node_names=tuple(w.id for w in workers), cpu_percent=load)
         stand_ins[view.name] = (stand_in, inner.choice.id)
     outer = place(demand, [c for c, _ in stand_ins.values()], profile, "cluster")
     decision = Decision(outer.choice, {**reasons, **outer.reasons}, outer.totals)

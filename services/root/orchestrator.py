@@ -46,7 +46,7 @@ class RootOrchestrator:
         for name in self.catalog.known_clusters:
             view = self.clusters.setdefault(name, ClusterView(name))
             view.set_online(False, grace=STARTUP_GRACE)
-        for channel in ("avail", "info", "state"):
+        for channel in ("avail", "info", "state", "res/+"):
             self.session.subscribe(topics.up_filter(topics.CLUSTERS, channel))
         for name in self.catalog.known_clusters:
             self.publish_desired(name)

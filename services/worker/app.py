@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
 import socket
 from dataclasses import dataclass, field
@@ -13,9 +11,10 @@ from pathlib import Path
 from broker.join import obtain_login
 from services.common import envelope, models, plugins, topics
 from services.common.models import NodeInfo
-from services.common.mqtt import BrokerUrl, MqttSession
+from services.common.mqtt import BrokerUrl, Message, MqttSession, dispatch
 from services.common.store import Store
 from services.worker.engine import Engine
+from services.worker.logs import LogServer
 from services.worker.reporter import Reporter
 
 log = logging.getLogger(__name__)
@@ -35,6 +34,7 @@ class WorkerConfig:
     location: str = ""
     labels: tuple[str, ...] = ()
     report_interval: float = 2.0
+    stop_grace: float = 5.0
 
 
 async def run_worker(cfg: WorkerConfig) -> None:
@@ -52,7 +52,7 @@ async def run_worker(cfg: WorkerConfig) -> None:
     login = await obtain_login(cfg.data_dir, cfg.cluster, "node", cfg.name, cfg.join_token)
     store = Store(cfg.data_dir / "worker.db.json")
     reporter = Reporter(cfg.name, collector)
-    engine = Engine(cfg.name, runtimes, store, cfg.data_dir, on_change=reporter.poke)
+    engine = Engine(cfg.name, runtimes, store, cfg.data_dir, on_change=reporter.poke, stop_grace=cfg.stop_grace)
     reporter.engine = engine
     await engine.restore()
     session = MqttSession(
@@ -83,28 +83,30 @@ async def run_worker(cfg: WorkerConfig) -> None:
                 envelope.encode("node.info", models.dump(info), f"node/{cfg.name}"),
                 retain=True,
             )
-            session.subscribe(topics.down(topics.NODES, cfg.name, "desired"))
+            session.subscribe(topics.down(topics.NODES, cfg.name, "desired"),
+                              topics.down(topics.NODES, cfg.name, "cmd/+"))
+            logs = LogServer(cfg.name, cfg.data_dir, session)
             log.info("worker %s connected to its cluster at %s; runtimes: %s", cfg.name, cfg.cluster,
                      ", ".join(sorted(runtimes)))
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(reporter.run(session, cfg.report_interval))
-                tasks.create_task(_follow_desired(session, engine))
+                tasks.create_task(dispatch(session, {
+                    topics.down(topics.NODES, cfg.name, "desired"): lambda m: _apply_desired(engine, m),
+                    topics.down(topics.NODES, cfg.name, "cmd/logs"): logs.handle,
+                }))
     finally:
         await engine.close()
         store.close()
 
 
-async def _follow_desired(session: MqttSession, engine: Engine) -> None:
-    async for message in session.messages():
-        if not message.topic.endswith("/down/desired"):
-            continue
-        if not message.payload:
-            await engine.apply({})
-            continue
-        try:
-            desired = models.load_desired(envelope.decode(message.payload, "desired").data)
-        except (ValueError, json.JSONDecodeError) as exc:
-            log.warning("ignoring a bad desired map: %s", exc)
-            continue
-        with contextlib.suppress(asyncio.CancelledError):
-            await engine.apply(desired)
+async def _apply_desired(engine: Engine, message: Message) -> None:
+    """Reconcile with a desired map from the cluster (empty payload = nothing wanted)."""
+    if not message.payload:
+        await engine.apply({})
+        return
+    try:
+        desired = models.load_desired(envelope.decode(message.payload, "desired").data)
+    except ValueError as exc:
+        log.warning("ignoring a bad desired map: %s", exc)
+        return
+    await engine.apply(desired)

@@ -61,8 +61,10 @@ class Engine:
         store: Store,
         data_dir: Path,
         on_change: Callable[[], None] = lambda: None,
+        stop_grace: float = STOP_GRACE,
     ) -> None:
         self.node = node
+        self.stop_grace = stop_grace
         self.runtimes = runtimes
         self.store = store
         self.data_dir = data_dir
@@ -141,7 +143,7 @@ class Engine:
                 await slot.task
         runtime = self.runtimes.get(slot.spec.spec.virtualization)
         if slot.handle and runtime:
-            await runtime.stop(slot.handle, STOP_GRACE)
+            await runtime.stop(slot.handle, self.stop_grace)
         await self.store.delete(TABLE, slot.spec.iid)
         log.info("removed %s", slot.spec.iid)
 
@@ -195,6 +197,8 @@ class Engine:
             one_shot=svc.one_shot,
             log_path=str(self.data_dir / "logs" / f"{spec.iid}.log"),
             work_dir=str(self.data_dir / "work" / spec.iid),
+            privileged=svc.privileged,
+            port=svc.port,
         )
 
     async def sample(self) -> None:
@@ -218,7 +222,7 @@ class Engine:
                 with contextlib.suppress(asyncio.CancelledError):
                     await slot.task
         stops = [
-            runtime.stop(slot.handle, STOP_GRACE)
+            runtime.stop(slot.handle, self.stop_grace)
             for slot in self.slots.values()
             if slot.handle and (runtime := self.runtimes.get(slot.spec.spec.virtualization))
         ]

@@ -1,0 +1,148 @@
+"""Per-instance cgroups: memory and CPU limits, usage, throttling and OOM kills, on cgroup v1 or v2.
+
+Groups live under the worker's own cgroup, in ``oakling/<instance id>`` (relative paths, as runc's
+``cgroupsPath`` without a leading slash), so they nest inside whatever the worker was given and runc
+and this module agree on where a container's group is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path("/sys/fs/cgroup")
+PARENT = "oakling"
+V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids")
+CPU_PERIOD_US = 100_000
+
+
+def version() -> int | None:
+    """2 for a unified hierarchy with the memory and cpu controllers, 1 for v1 controllers, None if neither."""
+    controllers = ROOT / "cgroup.controllers"
+    if controllers.exists() and {"memory", "cpu"} <= set(controllers.read_text().split()):
+        return 2
+    if (ROOT / "memory" / "memory.limit_in_bytes").exists() and (ROOT / "cpu").exists():
+        return 1
+    return None
+
+
+def _own_path(controller: str) -> str:
+    """This process's cgroup path for *controller* ('' for the unified hierarchy)."""
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, names, path = line.split(":", 2)
+        if (controller == "" and names == "") or controller in names.split(","):
+            return path.lstrip("/")
+    return ""
+
+
+def relative_path(name: str) -> str:
+    """The group of *name* relative to the worker's own cgroup (runc's ``cgroupsPath``)."""
+    return f"{PARENT}/{name}"
+
+
+@dataclass(frozen=True)
+class Usage:
+    """A reading of a group: total CPU time, memory in use, throttled periods and OOM kills so far."""
+
+    cpu_seconds: float
+    memory_bytes: int
+    throttled: int
+    oom_kills: int
+    at: float
+
+
+class Cgroup:
+    """The cgroup of one instance."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.version = version()
+        if self.version == 2:
+            self.dirs = {"": ROOT / _own_path("") / relative_path(name)}
+        elif self.version == 1:
+            self.dirs = {c: ROOT / c / _own_path(c) / relative_path(name) for c in V1_CONTROLLERS}
+        else:
+            self.dirs = {}
+
+    def _file(self, controller: str, v1: str, v2: str) -> Path:
+        return self.dirs[""] / v2 if self.version == 2 else self.dirs[controller] / v1
+
+    def create(self, memory_mb: int, vcpus: float) -> None:
+        """Create the group with a memory limit (MB, 0 = none) and a CPU quota (vCPUs, 0 = none)."""
+        if self.version is None:
+            raise OSError("no usable cgroup hierarchy (need v1 memory+cpu or v2 with them enabled)")
+        if self.version == 2:
+            parent = self.dirs[""].parent
+            parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(OSError):
+                (parent / "cgroup.subtree_control").write_text("+memory +cpu +pids")
+        for path in self.dirs.values():
+            path.mkdir(parents=True, exist_ok=True)
+        if memory_mb:
+            limit = str(memory_mb * 2**20)
+            self._file("memory", "memory.limit_in_bytes", "memory.max").write_text(limit)
+            if self.version == 1:
+                with contextlib.suppress(OSError):  # absent without swap accounting
+                    (self.dirs["memory"] / "memory.memsw.limit_in_bytes").write_text(limit)
+            else:
+                with contextlib.suppress(OSError):
+                    (self.dirs[""] / "memory.swap.max").write_text("0")
+        if vcpus:
+            quota = max(1000, int(vcpus * CPU_PERIOD_US))
+            if self.version == 2:
+                (self.dirs[""] / "cpu.max").write_text(f"{quota} {CPU_PERIOD_US}")
+            else:
+                (self.dirs["cpu"] / "cpu.cfs_period_us").write_text(str(CPU_PERIOD_US))
+                (self.dirs["cpu"] / "cpu.cfs_quota_us").write_text(str(quota))
+
+    def add(self, pid: int) -> None:
+        """Move process *pid* into the group."""
+        for path in self.dirs.values():
+            (path / "cgroup.procs").write_text(str(pid))
+
+    def exists(self) -> bool:
+        """True while the group's directories exist."""
+        return bool(self.dirs) and all(path.exists() for path in self.dirs.values())
+
+    def usage(self) -> Usage | None:
+        """Read the group, or None when it is gone."""
+        try:
+            if self.version == 2:
+                cpu = dict(line.split() for line in (self.dirs[""] / "cpu.stat").read_text().splitlines())
+                events = dict(line.split() for line in (self.dirs[""] / "memory.events").read_text().splitlines())
+                return Usage(int(cpu["usage_usec"]) / 1e6, int((self.dirs[""] / "memory.current").read_text()),
+                             int(cpu.get("nr_throttled", 0)), int(events.get("oom_kill", 0)), time.monotonic())
+            cpu_ns = int((self.dirs["cpuacct"] / "cpuacct.usage").read_text())
+            stat = dict(line.split() for line in (self.dirs["cpu"] / "cpu.stat").read_text().splitlines())
+            oom = dict(line.split() for line in (self.dirs["memory"] / "memory.oom_control").read_text().splitlines())
+            memory = int((self.dirs["memory"] / "memory.usage_in_bytes").read_text())
+            return Usage(cpu_ns / 1e9, memory, int(stat.get("nr_throttled", 0)), int(oom.get("oom_kill", 0)),
+                         time.monotonic())
+        except (OSError, KeyError, ValueError):
+            return None
+
+    def pids(self) -> list[int]:
+        """Processes still in the group."""
+        path = next(iter(self.dirs.values()), None)
+        try:
+            return [int(p) for p in (path / "cgroup.procs").read_text().split()] if path else []
+        except OSError:
+            return []
+
+    def remove(self) -> None:
+        """Kill what is left in the group and delete it."""
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+        for path in self.dirs.values():
+            for _ in range(50):
+                try:
+                    path.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.02)

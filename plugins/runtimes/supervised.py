@@ -1,0 +1,216 @@
+"""What the ``process`` and ``container`` runtimes share: an instance is a supervised child process.
+
+The child (the command itself, or ``runc run`` for a container) runs in its own session with its
+output appended to the instance's log. It does not die with the worker, so a worker killed with
+``-9`` and restarted adopts it again by PID and start time. When the instance has a cgroup, its
+limits are enforced there, its usage is read from there, an out-of-memory kill is reported as such,
+and whatever is left in it is killed when the instance stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import BinaryIO
+
+import psutil
+
+from plugins.runtimes.cgroups import Cgroup
+from services.common.hookspecs import Exit, Handle, InstanceStats, LaunchSpec
+
+log = logging.getLogger(__name__)
+POLL = 0.5
+LOG_MAX_BYTES = 10 * 2**20
+LOG_KEEP = 3
+
+
+def describe(returncode: int) -> str:
+    """Say how a process ended, from its return code."""
+    if returncode < 0 or returncode > 128:
+        number = -returncode if returncode < 0 else returncode - 128
+        with contextlib.suppress(ValueError):
+            name = signal.Signals(number).name
+            return f"killed by signal {name}" if returncode < 0 else f"exited with code {returncode} ({name})"
+    return f"exited with code {returncode}"
+
+
+def rotate(path: Path) -> None:
+    """Keep a log under LOG_MAX_BYTES: ``log`` -> ``log.1`` -> ... ``log.<LOG_KEEP>``."""
+    if not path.exists() or path.stat().st_size < LOG_MAX_BYTES:
+        return
+    for i in range(LOG_KEEP - 1, 0, -1):
+        older = path.with_name(f"{path.name}.{i}")
+        if older.exists():
+            older.replace(path.with_name(f"{path.name}.{i + 1}"))
+    path.replace(path.with_name(f"{path.name}.1"))
+
+
+def open_log(spec: LaunchSpec) -> BinaryIO:
+    """Create the instance's directories, rotate its log if it grew too big, and open it for appending."""
+    Path(spec.work_dir).mkdir(parents=True, exist_ok=True)
+    path = Path(spec.log_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rotate(path)
+    return open(path, "ab")  # noqa: SIM115 - the caller closes it
+
+
+class SupervisedRuntime:
+    """Base of runtimes whose instance is one child process (plus its cgroup)."""
+
+    name = "supervised"
+    virtualizations: tuple[str, ...] = ()
+    #: True when this runtime creates the instance's cgroup itself (runc creates its own).
+    makes_cgroup = True
+
+    def __init__(self, data_dir: str) -> None:
+        self.data_dir = Path(data_dir)
+        self._children: dict[int, asyncio.subprocess.Process] = {}
+        self._probes: dict[str, psutil.Process] = {}
+        self._last: dict[str, tuple[float, float]] = {}
+
+    # ---- what subclasses provide ----------------------------------------------------------------
+
+    def command(self, spec: LaunchSpec) -> list[str]:
+        """The argv of the supervised child."""
+        raise NotImplementedError
+
+    def environment(self, spec: LaunchSpec) -> dict[str, str]:
+        """The child's environment."""
+        return {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "LANG": "C.UTF-8"}
+
+    def prepare(self, spec: LaunchSpec) -> None:
+        """Get ready to start (e.g. unpack an image); raise RuntimeError with a readable reason."""
+
+    async def terminate(self, handle: Handle) -> None:
+        """Ask the instance to stop gracefully."""
+        self._signal_group(handle.pid, signal.SIGTERM)
+
+    async def kill(self, handle: Handle) -> None:
+        """Stop the instance now."""
+        self._signal_group(handle.pid, signal.SIGKILL)
+
+    def cleanup(self, handle: Handle) -> None:
+        """Remove what the instance left behind (bundles, state)."""
+
+    # ---- the Runtime protocol ---------------------------------------------------------------------
+
+    async def start(self, spec: LaunchSpec) -> Handle:
+        """Start the instance's child process."""
+        await asyncio.to_thread(self.prepare, spec)
+        cgroup = Cgroup(spec.iid) if self.makes_cgroup and self.sandboxed else None
+        if cgroup is not None:
+            try:
+                cgroup.create(spec.memory_mb, spec.vcpus)
+            except OSError as exc:
+                raise RuntimeError(f"cannot create the cgroup: {exc}") from None
+        with open_log(spec) as log_file:
+            try:
+                child = await asyncio.create_subprocess_exec(
+                    *self.command(spec), cwd=spec.work_dir, env=self.environment(spec),
+                    stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file, start_new_session=True,
+                    preexec_fn=(lambda: cgroup.add(os.getpid())) if cgroup else None,
+                )
+            except OSError as exc:
+                if cgroup:
+                    cgroup.remove()
+                raise RuntimeError(f"cannot start: {exc}") from None
+        self._children[child.pid] = child
+        try:
+            started = psutil.Process(child.pid).create_time()
+        except psutil.Error:
+            started = 0.0
+        return Handle(spec.iid, self.name, child.pid, started, {"memory_mb": spec.memory_mb})
+
+    @property
+    def sandboxed(self) -> bool:
+        """True when instances get namespaces and cgroups (needs root)."""
+        return os.geteuid() == 0
+
+    def _same(self, handle: Handle) -> psutil.Process | None:
+        """The live process behind *handle*, or None (gone, zombie, or the PID was reused)."""
+        try:
+            proc = psutil.Process(handle.pid)
+            if abs(proc.create_time() - handle.started_at) > 0.05 or proc.status() == psutil.STATUS_ZOMBIE:
+                return None
+            return proc
+        except psutil.Error:
+            return None
+
+    async def wait(self, handle: Handle) -> Exit:
+        """Wait for the instance to end; say why it ended, out-of-memory kills included."""
+        child = self._children.get(handle.pid)
+        if child is not None:
+            code: int | None = await child.wait()
+            self._children.pop(handle.pid, None)
+            reason = describe(code) if code is not None else "ended"
+        else:
+            while self._same(handle) is not None:
+                await asyncio.sleep(POLL)
+            code, reason = None, "exited while the worker was away (exit code unknown)"
+        self._probes.pop(handle.iid, None)
+        usage = Cgroup(handle.iid).usage()
+        if usage is not None and usage.oom_kills:
+            reason = f"out of memory: killed at its {handle.data.get('memory_mb', '?')} MB limit ({reason})"
+        await asyncio.to_thread(self._release, handle)
+        return Exit(code, reason)
+
+    def _release(self, handle: Handle) -> None:
+        self.cleanup(handle)
+        cgroup = Cgroup(handle.iid)
+        if cgroup.exists():
+            cgroup.remove()
+
+    async def stop(self, handle: Handle, grace: float) -> None:
+        """Ask the instance to stop, kill it after *grace* seconds, and remove what it leaves."""
+        if self._same(handle) is not None:
+            await self.terminate(handle)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + grace
+            while self._same(handle) is not None and loop.time() < deadline:
+                await asyncio.sleep(0.05)
+            if self._same(handle) is not None:
+                await self.kill(handle)
+            child = self._children.get(handle.pid)
+            if child is not None:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(child.wait(), 5)
+            while self._same(handle) is not None:
+                await asyncio.sleep(0.05)
+        await asyncio.to_thread(self._release, handle)
+
+    @staticmethod
+    def _signal_group(pid: int, sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, sig)
+
+    async def adopt(self, handle: Handle) -> bool:
+        """True when the instance of a previous worker run still runs."""
+        return self._same(handle) is not None
+
+    async def stats(self, handle: Handle) -> InstanceStats | None:
+        """CPU and memory of the instance: from its cgroup when it has one, else from its processes."""
+        usage = Cgroup(handle.iid).usage()
+        if usage is not None:
+            previous = self._last.get(handle.iid)
+            self._last[handle.iid] = (usage.cpu_seconds, usage.at)
+            cpu = 0.0
+            if previous and usage.at > previous[1]:
+                cpu = 100.0 * (usage.cpu_seconds - previous[0]) / (usage.at - previous[1])
+            return InstanceStats(round(cpu, 1), round(usage.memory_bytes / 2**20, 1))
+        proc = self._probes.get(handle.iid)
+        if proc is None or proc.pid != handle.pid:
+            proc = self._same(handle)
+            if proc is None:
+                return None
+            self._probes[handle.iid] = proc
+        try:
+            procs = [proc, *proc.children(recursive=True)]
+            cpu = sum(p.cpu_percent(interval=None) for p in procs)
+            memory = sum(p.memory_info().rss for p in procs) / 2**20
+        except psutil.Error:
+            return None
+        return InstanceStats(round(cpu, 1), round(memory, 1))
