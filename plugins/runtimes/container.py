@@ -25,6 +25,7 @@ import logging
 import shutil
 import subprocess
 import tarfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -105,8 +106,7 @@ class ContainerRuntime(SupervisedRuntime):
         cache = self.images / hashlib.sha256(f"{kind}:{where}".encode()).hexdigest()[:16]
         if (cache / "index.json").exists():
             return cache, tag
-        tmp = cache.with_suffix(".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = cache.with_name(f"{cache.name}.{uuid.uuid4().hex[:8]}.tmp")  # instances may start together
         tmp.mkdir(parents=True)
         if kind == "archive":
             try:
@@ -121,7 +121,10 @@ class ContainerRuntime(SupervisedRuntime):
             with open(log_file, "a") as progress:
                 progress.write(f"pulling {where}:{tag}\n")
             _run("skopeo", "copy", f"docker://{where}:{tag}", f"oci:{tmp}:{tag}")
-        tmp.replace(cache)
+        try:
+            tmp.rename(cache)
+        except OSError:  # another instance cached it first
+            shutil.rmtree(tmp, ignore_errors=True)
         return cache, tag
 
     # ---- the supervised child ----------------------------------------------------------------

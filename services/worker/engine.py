@@ -159,7 +159,9 @@ class Engine:
             if not adopted:
                 try:
                     slot.handle = await runtime.start(self._launch_spec(spec))
-                except RuntimeError as exc:
+                except Exception as exc:  # a runtime's failure is the instance's, never the worker's
+                    if not isinstance(exc, RuntimeError):
+                        log.exception("runtime %s failed to start %s", runtime.name, spec.iid)
                     slot.handle = None
                     restarts += 1
                     self._set(slot, InstanceStatus(models.FAILED, str(exc), restarts=restarts))
@@ -171,7 +173,11 @@ class Engine:
                 log.info("started %s (%s)", spec.iid, spec.job_name)
             adopted = False
             assert slot.handle is not None
-            end = await runtime.wait(slot.handle)
+            try:
+                end = await runtime.wait(slot.handle)
+            except Exception as exc:  # keep supervising: report it and start again
+                log.exception("runtime %s lost %s", runtime.name, spec.iid)
+                end = Exit(None, f"lost track of the instance: {exc}")
             slot.handle = None
             status = ended_status(spec, end, restarts)
             self._set(slot, status)
@@ -219,7 +225,7 @@ class Engine:
                 slot.task.cancel()
         for slot in self.slots.values():
             if slot.task:
-                with contextlib.suppress(asyncio.CancelledError):
+                with contextlib.suppress(BaseException):
                     await slot.task
         stops = [
             runtime.stop(slot.handle, self.stop_grace)

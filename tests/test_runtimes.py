@@ -1,0 +1,147 @@
+"""The process and container runtimes on their own: limits enforced in cgroups, exit statuses,
+out-of-memory kills, CPU throttling, namespaces, logs, adoption, and nothing left behind."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from plugins.runtimes.cgroups import Cgroup
+from plugins.runtimes.container import ContainerRuntime, split_ref
+from plugins.runtimes.process import ProcessRuntime
+from plugins.runtimes.supervised import SupervisedRuntime, describe
+from services.common.hookspecs import LaunchSpec
+
+pytestmark = pytest.mark.timeout(60)
+counter = iter(range(10_000))
+
+
+def root_or_skip() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("namespaces and cgroups need root")
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare (util-linux) is not installed")
+
+
+@pytest.fixture(params=["process", "container"])
+def runtime(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[SupervisedRuntime, str]:
+    """Each runtime with the code its instances run (the busybox image for containers)."""
+    root_or_skip()
+    if request.param == "process":
+        return ProcessRuntime(str(tmp_path / "w")), ""
+    image = request.getfixturevalue("busybox_image")
+    return ContainerRuntime(str(tmp_path / "w")), str(image)
+
+
+def launch(tmp_path: Path, kind: str, code: str, cmd: list[str], memory: int = 0, vcpus: float = 0,
+           env: tuple[str, ...] = ()) -> LaunchSpec:
+    iid = f"t{os.getpid()}x{next(counter)}"
+    return LaunchSpec(iid, "a.b.c.d", 3, kind, code, tuple(cmd), env, memory, vcpus, False,
+                      str(tmp_path / "logs" / f"{iid}.log"), str(tmp_path / "work" / iid))
+
+
+def kind_of(rt: SupervisedRuntime) -> str:
+    return rt.virtualizations[0]
+
+
+async def test_exit_codes_and_logs(runtime: tuple[SupervisedRuntime, str], tmp_path: Path) -> None:
+    """Output lands in the log; the exit code and the environment come through."""
+    rt, code = runtime
+    spec = launch(tmp_path, kind_of(rt), code, ["sh", "-c", 'echo "out $GREETING $HOSTNAME"; echo err >&2; exit 3'],
+                  env=("GREETING=hello",))
+    end = await rt.wait(await rt.start(spec))
+    assert (end.code, end.reason) == (3, "exited with code 3")
+    assert sorted(Path(spec.log_path).read_text().splitlines()) == ["err", "out hello instance-3"]
+    assert not Cgroup(spec.iid).exists()
+
+
+async def test_memory_limit_kills_and_says_so(runtime: tuple[SupervisedRuntime, str], tmp_path: Path) -> None:
+    """A process allocating past its memory limit is OOM-killed and the reason says out of memory."""
+    rt, code = runtime
+    spec = launch(tmp_path, kind_of(rt), code, ["dd", "if=/dev/zero", "of=/dev/null", "bs=200M", "count=1"],
+                  memory=40)
+    end = await rt.wait(await rt.start(spec))
+    assert end.code != 0
+    assert end.reason.startswith("out of memory: killed at its 40 MB limit")
+
+
+async def test_cpu_quota_throttles(runtime: tuple[SupervisedRuntime, str], tmp_path: Path) -> None:
+    """A busy loop limited to 0.2 vCPU uses about a fifth of a core and is throttled."""
+    rt, code = runtime
+    spec = launch(tmp_path, kind_of(rt), code, ["sh", "-c", "while :; do :; done"], vcpus=0.2)
+    handle = await rt.start(spec)
+    await asyncio.sleep(0.5)
+    first = Cgroup(spec.iid).usage()
+    await asyncio.sleep(2.0)
+    second = Cgroup(spec.iid).usage()
+    stats = await rt.stats(handle)
+    await rt.stop(handle, 1.0)
+    assert first is not None and second is not None
+    share = (second.cpu_seconds - first.cpu_seconds) / (second.at - first.at)
+    assert 0.1 < share < 0.3, f"used {share:.2f} of a core with a 0.2 quota"
+    assert second.throttled > first.throttled
+    assert stats is not None
+    assert stats.memory_mb > 0
+    assert not Cgroup(spec.iid).exists()
+
+
+async def test_own_pid_namespace(runtime: tuple[SupervisedRuntime, str], tmp_path: Path) -> None:
+    """The instance sees only its own processes."""
+    rt, code = runtime
+    spec = launch(tmp_path, kind_of(rt), code, ["sh", "-c", "ls /proc | grep -c '^[0-9]'"])
+    end = await rt.wait(await rt.start(spec))
+    assert end.code == 0
+    assert int(Path(spec.log_path).read_text().strip()) <= 4
+
+
+async def test_stop_adopt_and_leave_nothing(runtime: tuple[SupervisedRuntime, str], tmp_path: Path) -> None:
+    """A restarted worker adopts a running instance; stopping it (even one ignoring SIGTERM) leaves no
+    process, cgroup, container or bundle."""
+    rt, code = runtime
+    spec = launch(tmp_path, kind_of(rt), code, ["sh", "-c", "trap '' TERM; sleep 300"])
+    handle = await rt.start(spec)
+    await asyncio.sleep(0.3)
+    again = type(rt)(str(rt.data_dir))  # the worker after a restart
+    assert await again.adopt(handle)
+    await again.stop(handle, 0.5)
+    assert not await again.adopt(handle)
+    assert not Cgroup(spec.iid).exists()
+    if isinstance(rt, ContainerRuntime):
+        listed = subprocess.run(["runc", "--root", str(rt.state), "list", "-q"], capture_output=True, text=True)
+        assert listed.stdout.strip() == ""
+        assert not (rt.bundles / spec.iid).exists()
+
+
+async def test_start_failures_are_readable(tmp_path: Path) -> None:
+    """A missing program or a missing image fails with a reason people can act on."""
+    root_or_skip()
+    with pytest.raises(RuntimeError, match="No such file or directory: 'nope'"):
+        await ProcessRuntime(str(tmp_path)).start(launch(tmp_path, "process", "", ["nope"]))
+    if shutil.which("runc") and shutil.which("umoci"):
+        with pytest.raises(RuntimeError, match="not an OCI image layout"):
+            await ContainerRuntime(str(tmp_path)).start(launch(tmp_path, "container", str(tmp_path), ["true"]))
+
+
+@pytest.mark.parametrize(("code", "expected"), [
+    ("/images/busybox.tar", ("layout", "/images/busybox.tar", "latest")),
+    ("oci-archive:/x/b.tar:v1", ("archive", "/x/b.tar", "v1")),
+    ("oci:/x/layout:edge", ("layout", "/x/layout", "edge")),
+    ("docker.io/library/nginx:latest", ("registry", "docker.io/library/nginx", "latest")),
+    ("localhost:5000/app", ("registry", "localhost:5000/app", "latest")),
+    ("nginx", ("registry", "nginx", "latest")),
+])
+def test_image_references(code: str, expected: tuple[str, str, str]) -> None:
+    """Image references: local layouts, archives and registry names, with their tags."""
+    assert split_ref(code) == expected
+
+
+def test_describe() -> None:
+    """Return codes read as people say them."""
+    assert describe(0) == "exited with code 0"
+    assert describe(-9) == "killed by signal SIGKILL"
+    assert describe(143) == "exited with code 143 (SIGTERM)"
