@@ -6,11 +6,11 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from plugins.runtimes.process import ProcessRuntime
-from services.common.sla import ServiceSpec
 
+from plugins.runtimes.process import ProcessRuntime
 from services.common import models
 from services.common.models import InstanceSpec
+from services.common.sla import ServiceSpec
 from services.common.store import Store
 from services.worker import engine as engine_module
 from services.worker.engine import Engine, backoff

@@ -81,7 +81,8 @@ async def test_cpu_quota_throttles(runtime: tuple[SupervisedRuntime, str], tmp_p
     second = Cgroup(spec.iid).usage()
     stats = await rt.stats(handle)
     await rt.stop(handle, 1.0)
-    assert first is not None and second is not None
+    assert first is not None
+    assert second is not None
     share = (second.cpu_seconds - first.cpu_seconds) / (second.at - first.at)
     assert 0.1 < share < 0.3, f"used {share:.2f} of a core with a 0.2 quota"
     assert second.throttled > first.throttled
