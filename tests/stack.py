@@ -74,6 +74,7 @@ class Stack:
     """Root, clusters and workers as separate processes on loopback ports, each with its own data dir."""
 
     def __init__(self, base: Path, env: dict[str, str] | None = None) -> None:
+        base.mkdir(parents=True, exist_ok=True)
         self.base = base
         self.env = env or {}
         self.procs: dict[str, Proc] = {}

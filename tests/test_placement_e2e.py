@@ -118,7 +118,6 @@ async def test_third_party_scheduler_plugin(tmp_path: Path, api: Any, monkeypatc
     assert "pick-last" in plugins.available("scheduler")
     env = {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
     stack = Stack(tmp_path / "stack", env)
-    (tmp_path / "stack").mkdir()
     try:
         stack.root("--scheduler", "pick-last")
         stack.cluster("c1", "--scheduler", "pick-last")

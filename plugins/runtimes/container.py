@@ -18,6 +18,7 @@ container shares the worker's network namespace.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -36,6 +37,7 @@ from services.common.hookspecs import Handle, LaunchSpec, hookimpl
 log = logging.getLogger(__name__)
 NAME = "container"
 TOOL_TIMEOUT = 300
+START_TIMEOUT = 30.0
 ALL_CAPS = ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL",
             "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE", "CAP_NET_BIND_SERVICE",
             "CAP_NET_BROADCAST", "CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_IPC_LOCK", "CAP_IPC_OWNER",
@@ -178,6 +180,24 @@ class ContainerRuntime(SupervisedRuntime):
                 mounts.append({"destination": f"/etc/{name}", "type": "bind", "source": f"/etc/{name}",
                                "options": ["rbind", "ro"]})
         return config
+
+    async def start(self, spec: LaunchSpec) -> Handle:
+        """Start ``runc run`` and return once the container has really started (or already ended)."""
+        handle = await super().start(spec)
+        child = self._children.get(handle.pid)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + START_TIMEOUT
+        while loop.time() < deadline and child is not None and child.returncode is None:
+            if await asyncio.to_thread(self._status, spec.iid) in ("running", "stopped"):
+                break
+            await asyncio.sleep(0.005)
+        return handle
+
+    def _status(self, iid: str) -> str:
+        try:
+            return str(json.loads(_run("runc", "--root", str(self.state), "state", self._cid(iid)))["status"])
+        except (RuntimeError, ValueError, KeyError):
+            return ""
 
     def command(self, spec: LaunchSpec) -> list[str]:
         """``runc run --keep``: the container in the foreground, keeping its state for the exit report."""

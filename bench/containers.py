@@ -1,0 +1,108 @@
+"""Submit-to-RUNNING with the container runtime (issue 3), against runc driven by hand in the same run.
+
+Orchestrated: ``services/deploy`` of a one-replica busybox container through root -> cluster ->
+worker (bundle unpacked by umoci, ``runc run``) until the root's retained state says RUNNING.
+Baseline: the same image, ``umoci unpack`` + ``runc run -d`` of the bundle until ``runc state`` says
+running, timed directly.
+
+Run (as root, with runc and umoci): ``.venv/bin/python -m bench.containers [--rounds N]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import record, summary
+from bench.three_tiers import _online, client_for, wait_status
+from services.common import topics
+from tests.images import build_busybox, missing
+from tests.stack import Stack, eventually
+
+
+def direct_runc(image: Path, work: Path, rounds: int) -> list[float]:
+    """Milliseconds for umoci unpack + runc run -d until running."""
+    layout = work / "layout"
+    layout.mkdir()
+    subprocess.run(["tar", "-C", str(layout), "-xf", str(image)], check=True)
+    out = []
+    for i in range(rounds):
+        bundle, cid = work / f"b{i}", f"bench-{i}"
+        t0 = time.monotonic()
+        subprocess.run(["umoci", "unpack", "--image", f"{layout}:latest", str(bundle)], check=True,
+                       capture_output=True)
+        config = json.loads((bundle / "config.json").read_text())
+        config["process"]["terminal"] = False
+        config["process"]["args"] = ["sleep", "60"]
+        config["linux"]["namespaces"] = [n for n in config["linux"]["namespaces"] if n["type"] != "network"]
+        (bundle / "config.json").write_text(json.dumps(config))
+        # -d hands runc's stdio to the container: no pipes, or this would wait for the container to end
+        subprocess.run(["runc", "--root", str(work / "state"), "run", "-d", "--bundle", str(bundle), cid],
+                       check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while json.loads(subprocess.run(["runc", "--root", str(work / "state"), "state", cid], capture_output=True,
+                                        text=True).stdout)["status"] != "running":
+            time.sleep(0.001)
+        out.append((time.monotonic() - t0) * 1000)
+        subprocess.run(["runc", "--root", str(work / "state"), "delete", "-f", cid], capture_output=True)
+        shutil.rmtree(bundle)
+    return out
+
+
+async def orchestrated(image: Path, base: Path, rounds: int) -> list[float]:
+    stack = Stack(base)
+    try:
+        stack.root()
+        stack.cluster("c1")
+        stack.worker("w1", "c1", "--runtime", "container", "--stop-grace", "0.2")
+        client = await client_for(stack)
+        await eventually(lambda: _online(client, 1), 30, what="worker online")
+        doc = {"sla_version": "v2.0", "customerID": "bench", "applications": [{
+            "applicationID": "", "application_name": "ctr", "application_namespace": "bench", "application_desc": "",
+            "microservices": [{"microserviceID": "", "microservice_name": "box", "microservice_namespace": "bench",
+                               "virtualization": "container", "code": str(image), "cmd": ["sleep", "60"],
+                               "memory": 32, "vcpus": 0.1}]}]}
+        await client.request("apps", "create", raw=json.dumps(doc).encode())
+        job = "ctr.bench.box.bench"
+        await client.session.subscribe_confirmed(topics.api_service_state(client.profile.username, job))
+        latencies = []
+        for _ in range(rounds + 1):  # the first round also extracts the image into the cache
+            t0 = time.monotonic()
+            await client.request("services", "deploy", {"service": job, "replicas": 1})
+            latencies.append((await wait_status(client, job, "RUNNING") - t0) * 1000)
+            await client.request("services", "undeploy", {"service": job})
+            await wait_status(client, job, "UNDEPLOYED")
+            await asyncio.sleep(0.5)
+        await client.__aexit__(None, None, None)
+        return latencies[1:]
+    finally:
+        stack.stop()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--rounds", type=int, default=15)
+    args = p.parse_args()
+    reason = missing()
+    if reason:
+        raise SystemExit(f"cannot run: {reason}")
+    with tempfile.TemporaryDirectory() as tmp:
+        image = build_busybox(Path(tmp) / "img")
+        ours = asyncio.run(orchestrated(image, Path(tmp) / "stack", args.rounds))
+        (Path(tmp) / "direct").mkdir()
+        base = direct_runc(image, Path(tmp) / "direct", args.rounds)
+    o, b = summary(ours), summary(base)
+    record("container_submit_to_running", {
+        "command": "python -m bench.containers", "unit": "ms", "orchestrated": o, "direct_umoci_runc": b,
+        "ratio_median": o["median"] / b["median"], "added_median_ms": o["median"] - b["median"],
+        "goal": "orchestration adds under 100 ms at p50",
+    })
+
+
+if __name__ == "__main__":
+    main()
