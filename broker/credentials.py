@@ -8,7 +8,7 @@ import logging
 import secrets
 from dataclasses import dataclass
 
-from broker.identity import JOIN, SERVICE, Identity
+from broker.identity import JOIN, SERVICE, USER, Identity
 from services.common.store import Store
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,10 @@ class Credentials:
     def usernames(self) -> list[str]:
         """Every stored username."""
         return sorted(self._accounts)
+
+    def users(self) -> list[str]:
+        """The people and scripts among the accounts (not clusters or workers)."""
+        return [name for name in sorted(self._accounts) if Identity.of(name).kind == USER]
 
     async def set_password(self, username: str, password: str, *, admin: bool = False) -> None:
         """Create or replace the account *username*."""

@@ -122,6 +122,10 @@ def parser() -> argparse.ArgumentParser:
     node = sub.add_parser("node", help="workers").add_subparsers(dest="action", required=True)
     _add_common(node.add_parser("list", help="list every worker"))
 
+    tui = sub.add_parser("tui", help="the dashboard")
+    tui.add_argument("--data-dir")
+    tui.add_argument("--root", help="the root broker, HOST:PORT (default: from credentials.json)")
+
     user = sub.add_parser("user", help="users (administrators only)").add_subparsers(dest="action", required=True)
     p = user.add_parser("create", help="create a user")
     p.add_argument("username")
@@ -165,6 +169,11 @@ def _print(data: Any, args: argparse.Namespace, render: Callable[[Any], str]) ->
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``oak``."""
     args = parser().parse_args(argv)
+    if args.command == "tui":
+        from tui.__main__ import main as tui_main
+
+        return tui_main([*(["--data-dir", args.data_dir] if args.data_dir else []),
+                         *(["--root", args.root] if args.root else [])])
     try:
         service = _run_services(args)
         if service is not None:

@@ -155,6 +155,11 @@ def api_service_state(user: str, job_name: str) -> str:
     return f"{BASE}/api/{user}/state/services/{job_name}"
 
 
+def api_infrastructure(user: str) -> str:
+    """Retained topic with the clusters and workers as *user* may see them."""
+    return f"{BASE}/api/{user}/state/infrastructure"
+
+
 def api_state_filter(user: str) -> str:
     """Filter for every retained state topic of *user*."""
     return f"{BASE}/api/{user}/state/#"

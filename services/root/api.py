@@ -14,12 +14,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from broker.credentials import Credentials
-from services.common import models, topics
+from services.common import topics
 from services.common.mqtt import Message, MqttSession
 from services.common.sla import SlaError, parse_sla
 from services.root.catalog import App, Catalog, Conflict, NotFound, Service
 from services.root.orchestrator import RootOrchestrator
 from services.root.streams import LogStreams
+from services.root.views import cluster_rows, node_rows
 
 log = logging.getLogger(__name__)
 
@@ -244,28 +245,11 @@ class Api:
 
     async def clusters_list(self, user: str, body: Any) -> Any:
         """Every cluster: online, location, workers and their aggregate capacity."""
-        out = []
-        for view in sorted(self.orchestrator.clusters.values(), key=lambda v: v.name):
-            nodes = [n for n in view.nodes.values() if n.online]
-            out.append({
-                "name": view.name,
-                "online": view.online,
-                "location": view.info.location if view.info else "",
-                "nodes": len(nodes),
-                "cpu_cores": sum(n.cpu_cores for n in nodes),
-                "memory_mb": sum(n.memory_mb for n in nodes),
-                "cpu_percent": round(sum(n.cpu_percent for n in nodes) / len(nodes), 1) if nodes else 0.0,
-                "instances": len(view.statuses),
-            })
-        return out
+        return cluster_rows(self.orchestrator.clusters.values())
 
     async def nodes_list(self, user: str, body: Any) -> Any:
         """Every worker of every cluster."""
-        return [
-            {"cluster": view.name, **models.dump(node), "online": node.online and view.online}
-            for view in sorted(self.orchestrator.clusters.values(), key=lambda v: v.name)
-            for node in sorted(view.nodes.values(), key=lambda n: n.name)
-        ]
+        return node_rows(self.orchestrator.clusters.values())
 
     # ---- users -------------------------------------------------------------------------------
 

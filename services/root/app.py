@@ -66,7 +66,7 @@ async def run_root(cfg: RootConfig, ready: asyncio.Event | None = None) -> None:
             session = MqttSession(url, "root", "svc:root", credentials.service_password("svc:root"),
                                   avail_topic=topics.ROOT_AVAIL)
             async with session:
-                orchestrator = RootOrchestrator(catalog, scheduling, session)
+                orchestrator = RootOrchestrator(catalog, scheduling, session, credentials.users)
                 streams = LogStreams(session)
                 api = Api(catalog, orchestrator, credentials, streams)
                 desk = JoinDesk(credentials, "cluster")

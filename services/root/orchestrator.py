@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from services.common import envelope, models, topics
@@ -21,16 +22,21 @@ from services.common.mqtt import Message, MqttSession
 from services.common.scheduling import Profile
 from services.root.catalog import Catalog, Instance, Service
 from services.root.clusters import STARTUP_GRACE, ClusterView, choose
+from services.root.views import cluster_rows, node_rows
 
 log = logging.getLogger(__name__)
 TICK = 0.5
+INFRASTRUCTURE_EVERY = 4  # ticks: the users' infrastructure view is refreshed at most every 2 s
 
 
 class RootOrchestrator:
     """Placement across clusters and the users' view of their services."""
 
-    def __init__(self, catalog: Catalog, profile: Profile, session: MqttSession) -> None:
+    def __init__(self, catalog: Catalog, profile: Profile, session: MqttSession,
+                 users: Callable[[], list[str]] = list) -> None:
         self.catalog = catalog
+        self.users = users
+        self._infrastructure: bytes = b""
         self.profile = profile
         self.session = session
         self.clusters: dict[str, ClusterView] = {}
@@ -241,11 +247,26 @@ class RootOrchestrator:
         self._published_state.pop(service.sid, None)
         self.session.publish(topics.api_service_state(service.owner, service.job_name), b"", retain=True)
 
+    def publish_infrastructure(self) -> None:
+        """Republish, for every user, the retained clusters-and-workers view when it changed."""
+        data = {"clusters": cluster_rows(self.clusters.values()), "nodes": node_rows(self.clusters.values())}
+        compare = json.dumps(data, sort_keys=True).encode()
+        if compare == self._infrastructure:
+            return
+        self._infrastructure = compare
+        body = envelope.encode("infrastructure", data, "root")
+        for user in self.users():
+            self.session.publish(topics.api_infrastructure(user), body, retain=True)
+
     async def run(self) -> None:
         """Reconcile periodically (failover deadlines, retries) until cancelled."""
+        ticks = 0
         while True:
             await asyncio.sleep(TICK)
             await self.reconcile()
+            ticks += 1
+            if ticks % INFRASTRUCTURE_EVERY == 0:
+                self.publish_infrastructure()
 
 
 def overall_status(replicas: int, statuses: list[str]) -> str:

@@ -1,0 +1,168 @@
+"""The dashboard driven by Pilot, from canned retained state and a fake feed recording requests."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from textual.message_pump import MessagePump
+from textual.widgets import RichLog, TabbedContent
+
+from services.cli.client import CliError
+from tui.app import OakApp
+from tui.messages import FeedStatus, InfrastructureChanged, ServiceChanged
+from tui.widgets.cluster_tree import ClusterTree
+from tui.widgets.services_table import InstancesTable, ServicesTable
+
+
+def service(job: str, status: str, replicas: int, *instances: tuple[int, str, str]) -> dict[str, Any]:
+    return {"service_id": job[:4], "job_name": job, "app_id": "a1", "virtualization": "process", "code": "",
+            "cmd": ["sleep", "1"], "memory": 10, "vcpus": 0.1, "replicas": replicas, "status": status,
+            "instances": [{"number": n, "iid": f"{job}-{n}", "cluster": "c1", "node": node, "status": st,
+                           "reason": "", "cpu_percent": 1.0, "memory_mb": 2.0, "restarts": 0, "exit_code": None,
+                           "since": 0} for n, st, node in instances]}
+
+
+WEB = service("shop.test.web.test", "RUNNING", 2, (0, "RUNNING", "w1"), (1, "RUNNING", "w2"))
+DB = service("shop.test.db.test", "UNDEPLOYED", 0)
+CLUSTERS = [{"name": "c1", "online": True, "location": "", "nodes": 2, "cpu_cores": 4, "memory_mb": 2048,
+             "cpu_percent": 12.0, "instances": 2}]
+NODES = [{"cluster": "c1", "name": n, "online": n == "w1", "cpu_cores": 2, "memory_mb": 1024, "cpu_free": 1.9,
+          "memory_free_mb": 1000, "cpu_percent": 10.0, "runtimes": ["process"], "instances": 1, "arch": "amd64",
+          "labels": [], "location": "", "gpus_free": 0, "services": {}} for n in ("w1", "w2")]
+
+
+class FakeFeed:
+    """Posts canned retained state, records requests, and fails the ones it is told to."""
+
+    def __init__(self, errors: dict[str, str] | None = None) -> None:
+        self.requests: list[tuple[str, str, Any]] = []
+        self.errors = errors or {}
+
+    async def run(self, target: MessagePump) -> None:
+        target.post_message(FeedStatus("admin @ test", ok=True))
+        target.post_message(InfrastructureChanged(CLUSTERS, NODES))
+        target.post_message(ServiceChanged(DB["job_name"], DB))
+        target.post_message(ServiceChanged(WEB["job_name"], WEB))
+        await asyncio.Event().wait()
+
+    async def request(self, resource: str, action: str, body: dict[str, Any] | None = None,
+                      raw: bytes | None = None) -> Any:
+        self.requests.append((resource, action, body if raw is None else json.loads(raw)))
+        if f"{resource}/{action}" in self.errors:
+            raise CliError(self.errors[f"{resource}/{action}"])
+        return [{"name": "shop", "namespace": "test"}] if action == "create" else {}
+
+
+def shown(app: OakApp) -> str:
+    """The text of every label and static on the current screen."""
+    return "\n".join(str(widget.render()) for widget in app.screen.query("Label, Static"))
+
+
+async def loaded(pilot: Any) -> None:
+    for _ in range(20):
+        await pilot.pause()
+        if pilot.app.query_one("#services", ServicesTable).row_count == 2:
+            return
+    raise AssertionError("services never shown")
+
+
+@pytest.mark.parametrize("size", [(80, 24), (140, 45)])
+async def test_shows_services_instances_and_clusters(size: tuple[int, int]) -> None:
+    """Both services with their status, the selected one's instances, and the cluster tree with its workers."""
+    app = OakApp(FakeFeed())
+    async with app.run_test(size=size) as pilot:
+        await loaded(pilot)
+        screen = app.export_screenshot()
+        assert "shop.test.web.test" in screen
+        assert "shop.test.db.test" in screen
+        assert "UNDEPLOYED" in screen
+        assert app.query_one("#services", ServicesTable).selected == "shop.test.db.test"
+        await pilot.press("down")
+        assert app.query_one("#instances", InstancesTable).row_count == 2
+        await pilot.press("2")
+        await pilot.pause()
+        assert app.query_one(TabbedContent).active == "clusters-tab"
+        lines = app.query_one(ClusterTree).labels()
+        assert lines[0].startswith("● c1  2 workers")
+        assert [line.split()[:2] for line in lines[1:]] == [["●", "w1"], ["○", "w2"]]
+        await pilot.press("3")
+        await pilot.pause()
+        assert "worker c1/w2 offline" in "\n".join(line.text for line in app.query_one("#events", RichLog).lines)
+        await pilot.press("t")
+        await pilot.pause()
+        assert app.theme == "textual-light"
+
+
+async def test_deploy_sends_the_selected_service() -> None:
+    """d deploys the service under the cursor."""
+    feed = FakeFeed()
+    app = OakApp(feed)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await loaded(pilot)
+        await pilot.press("down", "d")
+        await pilot.pause()
+    assert feed.requests == [("services", "deploy", {"service": "shop.test.web.test"})]
+
+
+async def test_undeploy_asks_first() -> None:
+    """u asks for confirmation: no sends nothing, yes sends undeploy."""
+    feed = FakeFeed()
+    app = OakApp(feed)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await loaded(pilot)
+        await pilot.press("down", "u")
+        await pilot.pause()
+        assert "Undeploy every instance of shop.test.web.test?" in shown(app)
+        await pilot.press("n")
+        await pilot.pause()
+        assert feed.requests == []
+        await pilot.press("u")
+        await pilot.pause()
+        await pilot.press("y")
+        await pilot.pause()
+    assert feed.requests == [("services", "undeploy", {"service": "shop.test.web.test"})]
+
+
+async def test_scale_and_delete() -> None:
+    """s asks for the count; x deletes the application after confirmation."""
+    feed = FakeFeed()
+    app = OakApp(feed)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await loaded(pilot)
+        await pilot.press("down", "s")
+        await pilot.pause()
+        await pilot.press("backspace", "5", "enter")
+        await pilot.pause()
+        await pilot.press("x")
+        await pilot.pause()
+        await pilot.press("y")
+        await pilot.pause()
+    assert feed.requests == [("services", "scale", {"service": "shop.test.web.test", "replicas": 5}),
+                             ("apps", "delete", {"app": "shop.test"})]
+
+
+async def test_create_shows_the_validation_error_in_place(tmp_path: Path) -> None:
+    """c with a file the root refuses keeps the dialog open with the root's message."""
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"sla_version": "v1.0"}')
+    feed = FakeFeed({"apps/create": "sla_version: 'v1.0' is not supported (use \"v2.0\")"})
+    app = OakApp(feed)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await loaded(pilot)
+        await pilot.press("c")
+        await pilot.pause()
+        await pilot.press(*str(bad), "enter")
+        await pilot.pause()
+        assert "is not supported" in shown(app)
+        await pilot.press("escape")
+        await pilot.pause()
+        await pilot.press("c")
+        await pilot.pause()
+        await pilot.press(*str(tmp_path / "missing.json"), "enter")
+        await pilot.pause()
+        assert "cannot read" in shown(app)
+    assert feed.requests == [("apps", "create", {"sla_version": "v1.0"})]

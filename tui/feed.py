@@ -1,0 +1,78 @@
+"""The one place the dashboard touches MQTT: the user's retained state in, requests out.
+
+It subscribes to ``oak/api/<user>/state/#`` (every service's state and the infrastructure view, all
+retained, so the whole picture arrives at once) and turns each message into a Textual message. It
+never polls.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from textual.message_pump import MessagePump
+
+from services.cli.client import CliError, OakClient, Profile
+from services.common import envelope, topics
+from tui.messages import FeedStatus, InfrastructureChanged, ServiceChanged
+
+SERVICE_PREFIX = "/state/services/"
+
+
+class Feed(Protocol):
+    """What the dashboard needs from its data source (tests provide a fake one)."""
+
+    async def run(self, target: MessagePump) -> None:
+        """Post messages to *target* until cancelled."""
+        ...
+
+    async def request(self, resource: str, action: str, body: dict[str, Any] | None = None,
+                      raw: bytes | None = None) -> Any:
+        """Send an API request; return its data or raise CliError with the root's message."""
+        ...
+
+
+def translate(topic: str, payload: bytes) -> ServiceChanged | InfrastructureChanged | None:
+    """The Textual message for one MQTT message, or None for anything else."""
+    if SERVICE_PREFIX in topic:
+        job = topic.split(SERVICE_PREFIX, 1)[1]
+        return ServiceChanged(job, envelope.decode(payload, "service.state").data if payload else None)
+    if topic.endswith("/state/infrastructure") and payload:
+        data = envelope.decode(payload, "infrastructure").data
+        return InfrastructureChanged(list(data.get("clusters", [])), list(data.get("nodes", [])))
+    return None
+
+
+class MqttFeed:
+    """The real feed: an :class:`OakClient` session with the root."""
+
+    def __init__(self, profile: Profile) -> None:
+        self.profile = profile
+        self.client: OakClient | None = None
+
+    async def run(self, target: MessagePump) -> None:
+        """Connect, subscribe to the user's state, and forward every change."""
+        try:
+            self.client = await OakClient(self.profile).__aenter__()
+        except CliError as exc:
+            target.post_message(FeedStatus(str(exc), ok=False))
+            return
+        target.post_message(FeedStatus(f"{self.profile.username} @ {self.profile.root}", ok=True))
+        await self.client.session.subscribe_confirmed(topics.api_state_filter(self.profile.username))
+        try:
+            while True:
+                message = await self.client.updates.get()
+                try:
+                    translated = translate(message.topic, message.payload)
+                except ValueError:
+                    continue
+                if translated is not None:
+                    target.post_message(translated)
+        finally:
+            await self.client.__aexit__(None, None, None)
+
+    async def request(self, resource: str, action: str, body: dict[str, Any] | None = None,
+                      raw: bytes | None = None) -> Any:
+        """Send one API request through the session."""
+        if self.client is None:
+            raise CliError("not connected to the root")
+        return await self.client.request(resource, action, body, raw=raw)
