@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+from collections import defaultdict, deque
 from pathlib import Path
 from typing import Any
 
 from textual import on, work
 from textual.app import App, ComposeResult
-from textual.widgets import DataTable, Footer, Header, RichLog, Static, TabbedContent, TabPane
+from textual.widgets import DataTable, Footer, Header, RichLog, Static, TabbedContent, TabPane, Tree
 
 from services.cli.client import CliError
 from tui.feed import Feed
 from tui.messages import FeedStatus, InfrastructureChanged, ServiceChanged
 from tui.screens.create import CreateApp
+from tui.screens.details import InstanceScreen, WorkerScreen
 from tui.screens.dialogs import Confirm, Prompt
 from tui.widgets.cluster_tree import ClusterTree
 from tui.widgets.services_table import InstancesTable, ServicesTable
+
+HISTORY = 60  # samples kept for sparklines
 
 
 def read_file(path: str) -> bytes:
@@ -46,7 +50,9 @@ class OakApp(App[None]):
         super().__init__()
         self.feed = feed
         self.services: dict[str, dict[str, Any]] = {}
+        self.nodes: dict[str, dict[str, Any]] = {}
         self.online: dict[str, bool] = {}
+        self.history: dict[str, deque[float]] = defaultdict(lambda: deque([0.0], maxlen=HISTORY))
 
     def compose(self) -> ComposeResult:
         """Tabs for services, clusters and events, and a status line."""
@@ -78,6 +84,9 @@ class OakApp(App[None]):
         old = self.services.pop(message.job_name, None)
         if message.state is not None:
             self.services[message.job_name] = message.state
+            for inst in message.state["instances"]:
+                self.history[f"cpu:{inst['iid']}"].append(inst["cpu_percent"])
+                self.history[f"mem:{inst['iid']}"].append(inst["memory_mb"])
             before = {i["iid"]: i for i in (old or {}).get("instances", [])}
             for inst in message.state["instances"]:
                 prev = before.get(inst["iid"])
@@ -89,10 +98,15 @@ class OakApp(App[None]):
             self.event(f"{message.job_name} deleted")
         self.query_one("#services", ServicesTable).show(self.services)
         self.show_instances()
+        self.refresh_details()
 
     def on_infrastructure_changed(self, message: InfrastructureChanged) -> None:
         """Redraw the cluster tree and note workers and clusters coming and going."""
         self.query_one("#clusters", ClusterTree).show(message.clusters, message.nodes)
+        self.nodes = {n["name"]: n for n in message.nodes}
+        for node in message.nodes:
+            self.history[f"node:{node['name']}"].append(node["cpu_percent"])
+        self.refresh_details()
         now = {f"cluster {c['name']}": c["online"] for c in message.clusters}
         now.update({f"worker {n['cluster']}/{n['name']}": n["online"] for n in message.nodes})
         for name, online in now.items():
@@ -109,6 +123,50 @@ class OakApp(App[None]):
         """Show the instances of the service under the cursor."""
         job = self.query_one("#services", ServicesTable).selected
         self.query_one("#instances", InstancesTable).show(self.services.get(job or ""))
+
+    def refresh_details(self) -> None:
+        """Redraw a drill-down screen if one is open."""
+        if isinstance(self.screen, InstanceScreen | WorkerScreen):
+            self.screen.refresh_data()
+
+    @on(DataTable.RowSelected, "#instances")
+    def open_instance(self, event: DataTable.RowSelected) -> None:
+        """Enter on an instance: its screen."""
+        job = self.selected
+        state = self.services.get(job or "")
+        if not job or not state or event.cursor_row >= len(state["instances"]):
+            return
+        inst = state["instances"][event.cursor_row]
+        iid, number = inst["iid"], inst["number"]
+
+        def describe() -> str:
+            current = next((i for i in self.services.get(job, {}).get("instances", []) if i["iid"] == iid), inst)
+            return (f"{job} #{number}  {current['status']}  on {current['cluster'] or '-'}/{current['node'] or '-'}"
+                    f"  cpu {current['cpu_percent']:.0f}%  {current['memory_mb']:.0f} MB  "
+                    f"restarts {current['restarts']}  {current['reason']}")
+
+        self.push_screen(InstanceScreen(job, number, describe, lambda: list(self.history[f"cpu:{iid}"]),
+                                        lambda: list(self.history[f"mem:{iid}"])))
+
+    @on(Tree.NodeSelected, "#clusters")
+    def open_worker(self, event: Tree.NodeSelected[str]) -> None:
+        """Enter on a worker in the tree: its screen."""
+        name = event.node.data
+        if name not in self.nodes:
+            return
+
+        def describe() -> str:
+            node = self.nodes.get(name or "", {})
+            state = "online" if node.get("online") else "OFFLINE"
+            return (f"{name} in {node.get('cluster')}  {state}  {node.get('cpu_percent', 0):.0f}% cpu  "
+                    f"{node.get('cpu_free', 0):.1f}/{node.get('cpu_cores', 0):.0f} vcpu free  "
+                    f"{node.get('memory_free_mb', 0):.0f} MB free  {','.join(node.get('runtimes', []))}")
+
+        def instances() -> list[dict[str, Any]]:
+            return [{"job": job, **i} for job, state in sorted(self.services.items())
+                    for i in state["instances"] if i["node"] == name]
+
+        self.push_screen(WorkerScreen(str(name), describe, lambda: list(self.history[f"node:{name}"]), instances))
 
     # ---- actions -----------------------------------------------------------------------------
 

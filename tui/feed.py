@@ -7,6 +7,8 @@ never polls.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 from textual.message_pump import MessagePump
@@ -28,6 +30,14 @@ class Feed(Protocol):
     async def request(self, resource: str, action: str, body: dict[str, Any] | None = None,
                       raw: bytes | None = None) -> Any:
         """Send an API request; return its data or raise CliError with the root's message."""
+        ...
+
+    async def stream(self, resource: str, action: str, body: dict[str, Any]) -> tuple[Any, AsyncIterator[dict]]:
+        """Send a request answered many times (logs): its first answer's data, and the rest."""
+        ...
+
+    async def stop_stream(self, stream: str) -> None:
+        """End a log stream early."""
         ...
 
 
@@ -70,9 +80,21 @@ class MqttFeed:
         finally:
             await self.client.__aexit__(None, None, None)
 
+    def _client(self) -> OakClient:
+        if self.client is None:
+            raise CliError("not connected to the root")
+        return self.client
+
     async def request(self, resource: str, action: str, body: dict[str, Any] | None = None,
                       raw: bytes | None = None) -> Any:
         """Send one API request through the session."""
-        if self.client is None:
-            raise CliError("not connected to the root")
-        return await self.client.request(resource, action, body, raw=raw)
+        return await self._client().request(resource, action, body, raw=raw)
+
+    async def stream(self, resource: str, action: str, body: dict[str, Any]) -> tuple[Any, AsyncIterator[dict]]:
+        """Send a request answered many times."""
+        return await self._client().stream(resource, action, body)
+
+    async def stop_stream(self, stream: str) -> None:
+        """Ask the root to end a log stream."""
+        with contextlib.suppress(CliError):
+            await self._client().request("services", "logs", {"stop": stream})

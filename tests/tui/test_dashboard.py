@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from textual.message_pump import MessagePump
-from textual.widgets import RichLog, TabbedContent
+from textual.widgets import DataTable, RichLog, TabbedContent
 
 from services.cli.client import CliError
 from tui.app import OakApp
 from tui.messages import FeedStatus, InfrastructureChanged, ServiceChanged
+from tui.screens.details import InstanceScreen, WorkerScreen
 from tui.widgets.cluster_tree import ClusterTree
 from tui.widgets.services_table import InstancesTable, ServicesTable
 
@@ -41,6 +43,7 @@ class FakeFeed:
     def __init__(self, errors: dict[str, str] | None = None) -> None:
         self.requests: list[tuple[str, str, Any]] = []
         self.errors = errors or {}
+        self.stopped: list[str] = []
 
     async def run(self, target: MessagePump) -> None:
         target.post_message(FeedStatus("admin @ test", ok=True))
@@ -55,6 +58,18 @@ class FakeFeed:
         if f"{resource}/{action}" in self.errors:
             raise CliError(self.errors[f"{resource}/{action}"])
         return [{"name": "shop", "namespace": "test"}] if action == "create" else {}
+
+    async def stream(self, resource: str, action: str, body: dict[str, Any]) -> tuple[Any, AsyncIterator[dict]]:
+        self.requests.append((resource, action, body))
+
+        async def answers() -> AsyncIterator[dict]:
+            yield {"ok": True, "data": {"number": body["instance"], "lines": ["log line 1", "log line 2"]}}
+            await asyncio.Event().wait()
+
+        return {"stream": "s1", "instances": [body["instance"]]}, answers()
+
+    async def stop_stream(self, stream: str) -> None:
+        self.stopped.append(stream)
 
 
 def shown(app: OakApp) -> str:
@@ -166,3 +181,31 @@ async def test_create_shows_the_validation_error_in_place(tmp_path: Path) -> Non
         await pilot.pause()
         assert "cannot read" in shown(app)
     assert feed.requests == [("apps", "create", {"sla_version": "v1.0"})]
+
+
+async def test_instance_and_worker_screens() -> None:
+    """Enter on an instance opens its screen with sparklines and its log; Enter on a worker, the worker's."""
+    feed = FakeFeed()
+    app = OakApp(feed)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await loaded(pilot)
+        await pilot.press("down")
+        app.query_one("#instances", InstancesTable).focus()
+        await pilot.press("enter")
+        await pilot.pause()
+        assert isinstance(app.screen, InstanceScreen)
+        assert "shop.test.web.test #0  RUNNING  on c1/w1" in shown(app)
+        await pilot.pause()
+        assert [line.text for line in app.screen.query_one("#log", RichLog).lines] == ["log line 1", "log line 2"]
+        await pilot.press("escape")
+        await pilot.pause()
+        assert feed.stopped == ["s1"]
+        await pilot.press("2")
+        await pilot.pause()
+        tree = app.query_one(ClusterTree)
+        tree.move_cursor(tree.root.children[0].children[0])  # c1 -> w1
+        await pilot.press("enter")
+        await pilot.pause()
+        assert isinstance(app.screen, WorkerScreen)
+        assert "w1 in c1  online" in shown(app)
+        assert app.screen.query_one("#on-worker", DataTable).row_count == 1
