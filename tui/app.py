@@ -46,9 +46,10 @@ class OakApp(App[None]):
         ("q", "quit", "Quit"),
     ]
 
-    def __init__(self, feed: Feed) -> None:
+    def __init__(self, feed: Feed, sla_dir: Path | None = None) -> None:
         super().__init__()
         self.feed = feed
+        self.sla_dir = sla_dir
         self.services: dict[str, dict[str, Any]] = {}
         self.nodes: dict[str, dict[str, Any]] = {}
         self.online: dict[str, bool] = {}
@@ -203,7 +204,7 @@ class OakApp(App[None]):
 
     def action_create(self) -> None:
         """Create applications from an SLA file."""
-        self.push_screen(CreateApp(self.create_from))
+        self.push_screen(CreateApp(self.create_from, self.sla_dir))
 
     async def action_deploy(self) -> None:
         """Deploy the selected service with one instance."""

@@ -15,6 +15,7 @@ from textual.widgets import DataTable, RichLog, TabbedContent
 from services.cli.client import CliError
 from tui.app import OakApp
 from tui.messages import FeedStatus, InfrastructureChanged, ServiceChanged
+from tui.screens.create import CreateApp, SlaFiles
 from tui.screens.details import InstanceScreen, WorkerScreen
 from tui.widgets.cluster_tree import ClusterTree
 from tui.widgets.services_table import InstancesTable, ServicesTable
@@ -209,3 +210,23 @@ async def test_instance_and_worker_screens() -> None:
         assert isinstance(app.screen, WorkerScreen)
         assert "w1 in c1  online" in shown(app)
         assert app.screen.query_one("#on-worker", DataTable).row_count == 1
+
+
+async def test_create_with_the_file_picker(tmp_path: Path) -> None:
+    """Picking an SLA file in the dialog's tree creates its applications."""
+    (tmp_path / "sla.json").write_text('{"sla_version": "v2.0"}')
+    (tmp_path / "notes.txt").write_text("not offered")
+    feed = FakeFeed()
+    app = OakApp(feed, sla_dir=tmp_path)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await loaded(pilot)
+        await pilot.press("c")
+        await pilot.pause(0.3)
+        files = app.screen.query_one("#files", SlaFiles)
+        assert [str(node.label) for node in files.root.children] == ["sla.json"]
+        files.focus()
+        files.move_cursor(files.root.children[0])
+        await pilot.press("enter")
+        await pilot.pause()
+        assert not isinstance(app.screen, CreateApp)
+    assert feed.requests == [("apps", "create", {"sla_version": "v2.0"})]
