@@ -136,3 +136,36 @@ async def test_third_party_scheduler_plugin(tmp_path: Path, api: Any, monkeypatc
         await client.__aexit__(None, None, None)
     finally:
         stack.stop()
+
+
+@pytest.mark.timeout(120)
+async def test_latency_constraint_with_measured_coordinates(stack: Stack, api: Any) -> None:
+    """Workers measure RTTs to each other; a latency constraint places next to its target, and an unknown
+    target says so."""
+    stack.root()
+    stack.cluster("c1")
+    for name in ("w1", "w2", "w3"):
+        stack.worker(name, "c1")
+    client = await api()
+    await eventually(lambda: _online_nodes(client, 3), what="three workers")
+
+    async def measured() -> bool:
+        return all(n["coord"] for n in await client.request("nodes", "list"))
+
+    await eventually(measured, 30, what="every worker has a Vivaldi coordinate")
+    doc = sla(
+        sleeper("nearw2", 6321, constraints=[{"type": "latency", "target": "w2", "threshold": 0.000001}]),
+        sleeper("anywhere", 6322, constraints=[{"type": "latency", "target": "w2", "threshold": 10000}]),
+        sleeper("lost", 6323, constraints=[{"type": "latency", "target": "w9", "threshold": 5}]),
+        app="lat",
+    )
+    await client.request("apps", "create", raw=dumps(doc))
+    for name, replicas in (("nearw2", 2), ("anywhere", 3), ("lost", 1)):
+        await client.request("services", "deploy", {"service": f"lat.test.{name}.test", "replicas": replicas})
+    near = await settled(client, "lat.test.nearw2.test", 2)
+    assert {i["node"] for i in near} == {"w2"}, "only the target itself is within a microsecond"
+    anywhere = await settled(client, "lat.test.anywhere.test", 3)
+    assert [i["status"] for i in anywhere] == ["RUNNING"] * 3, "a generous threshold lets every worker qualify"
+    (lost,) = (await state(client, "lat.test.lost.test"))["instances"]
+    assert lost["status"] == "NoActiveClusterWithCapacity"
+    assert "latency target w9 unknown" in lost["reason"]

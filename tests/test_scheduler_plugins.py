@@ -11,6 +11,7 @@ from plugins.schedulers.bin_pack import BinPack
 from plugins.schedulers.first_fit import FirstFit
 from plugins.schedulers.geo import Geo, distance_km
 from plugins.schedulers.labels import Labels
+from plugins.schedulers.latency import Latency
 from plugins.schedulers.least_loaded import LeastLoaded
 from services.common import profile
 from services.common.hookspecs import Candidate, Demand
@@ -21,9 +22,10 @@ MUNICH, BERLIN, GARCHING = "48.137,11.575", "52.520,13.405", "48.249,11.651"
 
 
 def cand(cid: str, cpu: float = 4, mem: float = 4096, labels: tuple[str, ...] = (), location: str = "",
-         services: dict[str, int] | None = None, arch: str = "amd64", gpus: float = 0) -> Candidate:
+         services: dict[str, int] | None = None, arch: str = "amd64", gpus: float = 0,
+         coord: tuple[float, ...] = ()) -> Candidate:
     return Candidate(cid, cpu, mem, 4, 4096, ("process",), location=location, labels=labels,
-                     services=services or {}, arch=arch, gpus_free=gpus)
+                     services=services or {}, arch=arch, gpus_free=gpus, coord=coord)
 
 
 def demand(**kw: object) -> Demand:
@@ -167,3 +169,31 @@ def test_profile_file_errors(tmp_path: Path, text: str, message: str) -> None:
     path.write_text(text)
     with pytest.raises(profile.ProfileError, match=message):
         profile.load(make_manager(), path=path)
+
+
+LATENCY_CASES = [
+    ("close enough", demand(latency=(("t", 20.0),), targets={"t": (0.0, 0.0, 0.0, 0.1)}),
+     cand("n", coord=(3.0, 4.0, 0.0, 0.1)), None),
+    ("too far", demand(latency=(("t", 4.0),), targets={"t": (0.0, 0.0, 0.0, 0.1)}),
+     cand("n", coord=(3.0, 4.0, 0.0, 0.1)), "~5.0 ms to t > 4 ms"),
+    ("target unknown", demand(latency=(("t", 4.0),)), cand("n", coord=(3.0, 4.0, 0.0, 0.1)),
+     "latency target t unknown"),
+    ("candidate unmeasured", demand(latency=(("t", 4.0),), targets={"t": (0.0, 0.0, 0.0, 0.1)}), cand("n"),
+     "no latency measurements yet"),
+    ("the target itself", demand(latency=(("n", 0.001),)), cand("n"), None),
+    ("no constraint", demand(), cand("n"), None),
+]
+
+
+@pytest.mark.parametrize(("dem", "candidate", "reason"), [c[1:] for c in LATENCY_CASES],
+                         ids=[c[0] for c in LATENCY_CASES])
+def test_latency_filter(dem: Demand, candidate: Candidate, reason: str | None) -> None:
+    """Estimated RTT from Vivaldi coordinates against the SLA's threshold."""
+    assert Latency().filter(dem, candidate) == reason
+
+
+def test_latency_prefers_the_nearest() -> None:
+    """Among candidates within the threshold, the nearest to the target wins."""
+    dem = demand(latency=(("t", 50.0),), targets={"t": (0.0, 0.0, 0.0, 0.1)})
+    near, far = cand("near", coord=(1.0, 0.0, 0.0, 0.1)), cand("far", coord=(30.0, 0.0, 0.0, 0.1))
+    assert place(dem, [far, near], Profile((Weighted(Latency()),)), "node").choice.id == "near"  # type: ignore[union-attr]

@@ -52,7 +52,8 @@ async def worker(args: argparse.Namespace, home: Path, cluster_url: BrokerUrl) -
     """``oak worker``."""
     await run_worker(WorkerConfig(home, cluster_url, args.name, tuple(args.runtime or ("process",)),
                                   args.collector, args.join_token, args.location, tuple(args.label),
-                                  stop_grace=args.stop_grace))
+                                  stop_grace=args.stop_grace, probe_host=args.probe.rpartition(":")[0] or "127.0.0.1",
+                                  probe_port=int(args.probe.rpartition(":")[2] or 0)))
 
 
 async def up(args: argparse.Namespace, home: Path) -> None:

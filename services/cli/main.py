@@ -78,6 +78,9 @@ def parser() -> argparse.ArgumentParser:
     worker.add_argument("--join-token", default=os.environ.get("OAK_JOIN_TOKEN"))
     worker.add_argument("--location", default="", help="where the worker is, 'latitude,longitude'")
     worker.add_argument("--label", action="append", default=[], help="a label SLAs can need (repeatable)")
+    worker.add_argument("--probe", default="127.0.0.1:0",
+                        help="HOST:PORT where peers measure latency to this worker over UDP (default "
+                             "127.0.0.1 and any free port; use the worker's public address across machines)")
     worker.add_argument("--stop-grace", type=float, default=5.0,
                         help="seconds between SIGTERM and SIGKILL when stopping an instance (default 5)")
     worker.add_argument("-v", "--verbose", action="store_true")

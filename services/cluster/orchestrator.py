@@ -22,7 +22,7 @@ from services.common import envelope, models, scheduling, topics
 from services.common.hookspecs import Candidate
 from services.common.models import InstanceSpec, InstanceStatus, NodeInfo, NodeSummary
 from services.common.mqtt import Message, MqttSession
-from services.common.scheduling import Profile, reserve
+from services.common.scheduling import Profile, reserve, with_targets
 from services.common.store import Store
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,7 @@ class NodeView:
     info: NodeInfo | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     statuses: dict[str, InstanceStatus] = field(default_factory=dict)
+    coord: list[float] = field(default_factory=list)
 
 
 class ClusterOrchestrator:
@@ -57,6 +58,7 @@ class ClusterOrchestrator:
         self.assigned: dict[str, str] = {}
         self.unplaced: dict[str, str] = {}
         self._published: dict[str, frozenset[str]] = {}
+        self._peers_published: dict[str, frozenset[tuple[str, str]]] = {}
         self._changed = asyncio.Event()
 
     # ---- start-up ----------------------------------------------------------------------------
@@ -100,6 +102,7 @@ class ClusterOrchestrator:
                 await self._on_avail(node, envelope.is_online(message.payload))
             elif parsed.channel == "info" and message.payload:
                 node.info = models.load(NodeInfo, envelope.decode(message.payload, "node.info").data)
+                self._publish_peers()
                 self._changed.set()
             elif parsed.channel == "state" and message.payload:
                 self._on_state(node, envelope.decode(message.payload, "node.state").data)
@@ -124,6 +127,7 @@ class ClusterOrchestrator:
         node.online = online
         if online and not was:
             log.info("worker %s is online", node.name)
+            self._publish_peers()
         if not online and was:
             lost = [iid for iid, n in self.assigned.items() if n == node.name]
             log.warning("worker %s went offline; moving its %d instance(s)", node.name, len(lost))
@@ -132,6 +136,7 @@ class ClusterOrchestrator:
             await self.store.put_many(ASSIGNED, {}, tuple(lost))
             node.statuses = {}
             self._publish_node(node.name)
+            self._publish_peers()
             await self.place_pending()
         self._changed.set()
 
@@ -140,6 +145,8 @@ class ClusterOrchestrator:
         changed = {i: s.status for i, s in statuses.items()} != {i: s.status for i, s in node.statuses.items()}
         node.statuses = statuses
         node.metrics = {k: float(v) for k, v in data.items() if isinstance(v, int | float)}
+        coord = data.get("coord")
+        node.coord = [float(x) for x in coord] if isinstance(coord, list) else []
         if changed:
             self._changed.set()
 
@@ -171,7 +178,7 @@ class ClusterOrchestrator:
                 cpu_percent=view.metrics.get("cpu_percent", 0.0), runtimes=list(info.runtimes),
                 instances=int(count), arch=info.arch, labels=list(info.labels),
                 location=info.location or self.location, gpus_free=info.gpus - gpus,
-                services=services.get(view.name, {}),
+                services=services.get(view.name, {}), coord=list(view.coord),
             )
         return out
 
@@ -185,9 +192,10 @@ class ClusterOrchestrator:
         if not pending:
             return
         candidates = {c.id: c for c in self.candidates()}
+        coords = {c.id: c.coord for c in candidates.values() if c.coord}
         placed: dict[str, dict[str, str]] = {}
         for iid in sorted(pending, key=lambda i: (self.desired[i].job_name, self.desired[i].instance_number)):
-            demand = self.desired[iid].demand()
+            demand = with_targets(self.desired[iid].demand(), coords)
             decision = scheduling.place(demand, list(candidates.values()), self.profile, "node")
             if decision.choice is None:
                 reason = decision.why_not() if candidates else "no worker online"
@@ -206,6 +214,18 @@ class ClusterOrchestrator:
             for node in {p["node"] for p in placed.values()}:
                 self._publish_node(node)
         self._changed.set()
+
+    def _publish_peers(self) -> None:
+        """Tell every online worker the probe addresses of the others (retained, when it changed)."""
+        probes = {v.name: v.info.probe for v in self.nodes.values() if v.online and v.info and v.info.probe}
+        for name in probes:
+            peers = [{"name": n, "probe": p} for n, p in sorted(probes.items()) if n != name]
+            key = frozenset((p["name"], p["probe"]) for p in peers)
+            if self._peers_published.get(name) == key:
+                continue
+            self._peers_published[name] = key
+            self.session.publish(topics.down(topics.NODES, name, "peers"),
+                                 envelope.encode("peers", {"peers": peers}, f"cluster/{self.name}"), retain=True)
 
     def _publish_node(self, node: str) -> None:
         mine = {iid: models.dump(self.desired[iid]) for iid, n in self.assigned.items() if n == node}

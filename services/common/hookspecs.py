@@ -134,7 +134,9 @@ class Demand:
     """What one instance asks of the candidate it is placed on.
 
     ``service`` identifies the service (``owner/job_name``) so plugins can see where its other
-    replicas run; ``near`` holds geo constraints as ``(latitude, longitude, max_km)``.
+    replicas run; ``near`` holds geo constraints as ``(latitude, longitude, max_km)``; ``latency``
+    holds latency constraints as ``(target worker, max_ms)`` and ``targets`` the Vivaldi coordinates
+    of the target workers the scheduler knows (filled in just before a decision).
     """
 
     vcpus: float
@@ -147,6 +149,8 @@ class Demand:
     arch: tuple[str, ...] = ()
     needs: tuple[str, ...] = ()
     near: tuple[tuple[float, float, float], ...] = ()
+    latency: tuple[tuple[str, float], ...] = ()
+    targets: dict[str, tuple[float, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -155,7 +159,8 @@ class Candidate:
 
     For a cluster, the resources, architecture and labels are those of the worker of that cluster that
     would take the instance (never sums), so the root never sends an instance no worker can hold.
-    ``services`` counts the replicas of each service already there; ``location`` is ``"lat,long"``.
+    ``services`` counts the replicas of each service already there; ``location`` is ``"lat,long"``;
+    ``coord`` is the worker's Vivaldi coordinate (empty until it has measured).
     """
 
     id: str
@@ -171,6 +176,7 @@ class Candidate:
     arch: str = ""
     labels: tuple[str, ...] = ()
     services: dict[str, int] = field(default_factory=dict)
+    coord: tuple[float, ...] = ()
 
 
 @runtime_checkable

@@ -80,6 +80,7 @@ class InstanceSpec:
             arch=tuple(a for a in arch if isinstance(a, str)) if isinstance(arch, list) else (),
             needs=tuple(spec.needs),
             near=tuple(spec.near),
+            latency=tuple(spec.latency),
         )
 
 
@@ -127,6 +128,7 @@ class NodeInfo:
     version: str = ""
     labels: list[str] = dataclasses.field(default_factory=list)
     gpus: int = 0
+    probe: str = ""
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,7 @@ class NodeSummary:
     location: str = ""
     gpus_free: float = 0.0
     services: dict[str, int] = dataclasses.field(default_factory=dict)
+    coord: list[float] = dataclasses.field(default_factory=list)
 
     def candidate(self) -> Candidate:
         """This worker as a scheduling candidate."""
@@ -154,7 +157,7 @@ class NodeSummary:
             id=self.name, cpu_free=self.cpu_free, memory_free_mb=self.memory_free_mb, cpu_total=self.cpu_cores,
             memory_total_mb=self.memory_mb, virtualizations=tuple(self.runtimes), cpu_percent=self.cpu_percent,
             location=self.location, gpus_free=self.gpus_free, arch=self.arch, labels=tuple(self.labels),
-            services=dict(self.services),
+            services=dict(self.services), coord=tuple(self.coord),
         )
 
 

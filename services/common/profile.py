@@ -25,7 +25,7 @@ import pluggy
 from services.common.plugins import load_scheduler
 from services.common.scheduling import Profile, Weighted
 
-DEFAULT = "least-loaded,labels,geo"
+DEFAULT = "least-loaded,labels,geo,latency"
 KEYS = {"name", "weight", "args"}
 
 

@@ -145,3 +145,10 @@ def reserve(candidate: Candidate, demand: Demand) -> Candidate:
     return replace(candidate, cpu_free=candidate.cpu_free - demand.vcpus,
                    memory_free_mb=candidate.memory_free_mb - demand.memory_mb,
                    gpus_free=candidate.gpus_free - demand.gpus, services=services)
+
+
+def with_targets(demand: Demand, coords: dict[str, tuple[float, ...]]) -> Demand:
+    """*demand* with the coordinates of its latency targets that are in *coords* (worker -> coordinate)."""
+    if not demand.latency:
+        return demand
+    return replace(demand, targets={t: coords[t] for t, _ in demand.latency if t in coords})

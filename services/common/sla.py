@@ -74,6 +74,11 @@ class ServiceSpec:
         return tuple(out)
 
     @property
+    def latency(self) -> tuple[tuple[str, float], ...]:
+        """(target worker, max ms) of each ``latency`` constraint."""
+        return tuple((str(c["target"]), float(c["threshold"])) for c in self.constraints if c.get("type") == "latency")
+
+    @property
     def job_name(self) -> str:
         """Oakestra's job name ``app.appns.svc.svcns``."""
         return f"{self.app_name}.{self.app_namespace}.{self.name}.{self.namespace}"
@@ -227,6 +232,13 @@ def _constraints(micro: dict[str, Any], path: str) -> Constraints:
             raise SlaError(f"{where}.type", f"{kind!r} is not one of {', '.join(CONSTRAINT_TYPES)}")
         if kind == "geo":
             _geo(constraint, where)
+        if kind == "latency":
+            target = constraint.get("target")
+            if not isinstance(target, str) or not target:
+                raise SlaError(f"{where}.target", "expected the name of the worker to be close to")
+            threshold = constraint.get("threshold")
+            if isinstance(threshold, bool) or not isinstance(threshold, int | float) or threshold <= 0:
+                raise SlaError(f"{where}.threshold", "expected the round-trip time in ms, a positive number")
         if kind == "addons":
             needs = constraint.get("needs")
             if not isinstance(needs, list) or not needs or not all(isinstance(n, str) and n for n in needs):

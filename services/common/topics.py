@@ -20,6 +20,7 @@ avail       yes       ``{"state": "online"|"offline"}``; the offline body is the
 info        yes       static facts: name, location, resources, runtimes, software version
 state       yes       live facts: metrics and the status of every instance, every few seconds
 desired     yes       the full map of instances the parent wants running there, ``{iid: spec}``
+peers       yes       (to workers) the other workers' probe addresses, for latency measurement
 cmd/<verb>  no        a one-shot request (``logs``), answered on ``res/<verb>``
 res/<verb>  no        the answer, with the request's ``id``
 evt/<kind>  no        events (placement failures, restarts) for feeds
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 BASE = "oak"
 CLUSTERS = "clusters"
 NODES = "nodes"
-RETAINED = frozenset({"avail", "info", "state", "desired"})
+RETAINED = frozenset({"avail", "info", "state", "desired", "peers"})
 
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 USER_RE = ID_RE

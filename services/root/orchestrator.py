@@ -19,7 +19,7 @@ from services.common import envelope, models, topics
 from services.common.hookspecs import Demand
 from services.common.models import ClusterInfo, InstanceSpec, InstanceStatus, NodeSummary
 from services.common.mqtt import Message, MqttSession
-from services.common.scheduling import Profile
+from services.common.scheduling import Profile, with_targets
 from services.root.catalog import Catalog, Instance, Service
 from services.root.clusters import STARTUP_GRACE, ClusterView, choose
 from services.root.views import cluster_rows, node_rows
@@ -145,7 +145,8 @@ class RootOrchestrator:
 
     def _choose(self, instance: Instance, avoid: set[str]) -> str:
         spec = self.spec_of(instance)
-        demand = spec.demand()
+        coords = {n.name: tuple(n.coord) for v in self.clusters.values() for n in v.nodes.values() if n.coord}
+        demand = with_targets(spec.demand(), coords)
         views = [v for name, v in self.clusters.items() if name not in avoid]
         decision, worker = choose(demand, views, self._reservations(), self.profile)
         if decision.choice is None:

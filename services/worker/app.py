@@ -15,6 +15,7 @@ from services.common.mqtt import BrokerUrl, Message, MqttSession, dispatch
 from services.common.store import Store
 from services.worker.engine import Engine
 from services.worker.logs import LogServer
+from services.worker.prober import Prober
 from services.worker.reporter import Reporter
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,8 @@ class WorkerConfig:
     labels: tuple[str, ...] = ()
     report_interval: float = 2.0
     stop_grace: float = 5.0
+    probe_host: str = "127.0.0.1"
+    probe_port: int = 0
 
 
 async def run_worker(cfg: WorkerConfig) -> None:
@@ -54,6 +57,8 @@ async def run_worker(cfg: WorkerConfig) -> None:
     reporter = Reporter(cfg.name, collector)
     engine = Engine(cfg.name, runtimes, store, cfg.data_dir, on_change=reporter.poke, stop_grace=cfg.stop_grace)
     reporter.engine = engine
+    prober = reporter.prober = Prober(cfg.probe_host, cfg.probe_port)
+    await prober.start()
     await engine.restore()
     session = MqttSession(
         cfg.cluster,
@@ -77,6 +82,7 @@ async def run_worker(cfg: WorkerConfig) -> None:
                 location=cfg.location,
                 version=VERSION,
                 labels=list(cfg.labels),
+                probe=prober.address,
             )
             session.publish(
                 topics.up(topics.NODES, cfg.name, "info"),
@@ -84,19 +90,31 @@ async def run_worker(cfg: WorkerConfig) -> None:
                 retain=True,
             )
             session.subscribe(topics.down(topics.NODES, cfg.name, "desired"),
+                              topics.down(topics.NODES, cfg.name, "peers"),
                               topics.down(topics.NODES, cfg.name, "cmd/+"))
             logs = LogServer(cfg.name, cfg.data_dir, session)
             log.info("worker %s connected to its cluster at %s; runtimes: %s", cfg.name, cfg.cluster,
                      ", ".join(sorted(runtimes)))
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(reporter.run(session, cfg.report_interval))
+                tasks.create_task(prober.run())
                 tasks.create_task(dispatch(session, {
+                    topics.down(topics.NODES, cfg.name, "peers"): lambda m: _apply_peers(prober, m),
                     topics.down(topics.NODES, cfg.name, "desired"): lambda m: _apply_desired(engine, m),
                     topics.down(topics.NODES, cfg.name, "cmd/logs"): logs.handle,
                 }))
     finally:
+        prober.close()
         await engine.close()
         store.close()
+
+
+async def _apply_peers(prober: Prober, message: Message) -> None:
+    """Take the cluster's list of the other workers to measure latency to."""
+    try:
+        prober.set_peers(envelope.decode(message.payload, "peers").data.get("peers", []) if message.payload else [])
+    except ValueError as exc:
+        log.warning("ignoring a bad peer list: %s", exc)
 
 
 async def _apply_desired(engine: Engine, message: Message) -> None:

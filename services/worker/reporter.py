@@ -12,6 +12,7 @@ from services.common.mqtt import MqttSession
 
 if TYPE_CHECKING:
     from services.worker.engine import Engine
+    from services.worker.prober import Prober
 
 
 class Reporter:
@@ -21,6 +22,7 @@ class Reporter:
         self.node = node
         self.collector = collector
         self.engine: Engine | None = None
+        self.prober: Prober | None = None
         self._changed = asyncio.Event()
 
     def poke(self) -> None:
@@ -33,6 +35,7 @@ class Reporter:
         return {
             **self.collector.sample(),
             "instances": {iid: models.dump(status) for iid, status in statuses.items()},
+            "coord": self.prober.coord.to_list() if self.prober and self.prober.samples else [],
         }
 
     async def run(self, session: MqttSession, interval: float) -> None:
