@@ -90,8 +90,8 @@ async def test_oak_tui_in_tmux(stack: Stack, api: Any) -> None:
             return subprocess.run(["tmux", "capture-pane", "-p", "-t", session], capture_output=True,
                                   text=True).stdout
 
-        await eventually(lambda: JOB in screen() and "RUNNING" in screen(), 30, 0.5, what="the dashboard")
-        assert "Deploy" in screen()
+        await eventually(lambda: all(text in screen() for text in (JOB, "RUNNING", "Deploy")), 30, 0.5,
+                         what="the dashboard with its service and its key bindings")
         subprocess.run(["tmux", "send-keys", "-t", session, "q"], check=True)
         await eventually(lambda: subprocess.run(["tmux", "has-session", "-t", session],
                                                 capture_output=True).returncode != 0, 10, what="q quits")
