@@ -189,6 +189,9 @@ async def test_cluster_and_worker_restart_resume(stack: Stack, api: Any) -> None
     stack.procs["c1"].kill9()
     stack.procs["c1"].start()
     stack.procs["w1"].start()
+    await eventually(lambda: stack.procs["w1"].log.read_text().count("adopted") == 2, what="w1 adopted both")
+    await eventually(lambda: stack.procs["w1"].log.read_text().count("connected to its cluster") == 2,
+                     what="w1 back with its cluster")
     after = await running(client, "resume.test.job.test", 2, what="RUNNING after restarts")
     assert [i["iid"] for i in after["instances"]] == [i["iid"] for i in before["instances"]]
     await eventually(lambda: {p.pid for p in sleeps("6021")} == pids, what="the same processes, adopted")

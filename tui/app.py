@@ -33,17 +33,18 @@ class OakApp(App[None]):
 
     CSS_PATH = "app.tcss"
     TITLE = "Oakling"
-    BINDINGS = [
-        ("c", "create", "Create app"),
+    BINDINGS = [  # the actions first and q last of them: they are what fits the footer in 80 columns
+        ("c", "create", "Create"),
         ("d", "deploy", "Deploy"),
         ("s", "scale", "Scale"),
         ("u", "undeploy", "Undeploy"),
         ("x", "delete", "Delete app"),
+        ("r", "refresh", "Refresh"),
+        ("q", "quit", "Quit"),
         ("1", "tab('services-tab')", "Services"),
         ("2", "tab('clusters-tab')", "Clusters"),
         ("3", "tab('events-tab')", "Events"),
         ("t", "toggle_dark", "Theme"),
-        ("q", "quit", "Quit"),
     ]
 
     def __init__(self, feed: Feed, sla_dir: Path | None = None) -> None:
@@ -67,7 +68,7 @@ class OakApp(App[None]):
             with TabPane("Events", id="events-tab"):
                 yield RichLog(id="events", markup=True, wrap=True)
         yield Static("connecting…", id="status")
-        yield Footer()
+        yield Footer(show_command_palette=False)  # ctrl+p still opens it; the room goes to our keys
 
     def on_mount(self) -> None:
         """Start the feed; keys go to the services table."""
@@ -241,6 +242,18 @@ class OakApp(App[None]):
         app = ".".join(job.split(".")[:2])
         if await self.push_screen_wait(Confirm(f"Delete application {app} and all its services?")):
             await self.call("apps", "delete", {"app": app}, f"deleting {app}")
+
+    @work(exclusive=True, group="refresh")
+    async def action_refresh(self) -> None:
+        """Ask the root for the clusters and workers now (the retained view otherwise arrives on its own)."""
+        try:
+            clusters, nodes = await asyncio.gather(self.feed.request("clusters", "list"),
+                                                   self.feed.request("nodes", "list"))
+        except CliError as exc:
+            self.say(f"refresh failed: {exc}", ok=False)
+            return
+        self.post_message(InfrastructureChanged(list(clusters or []), list(nodes or [])))
+        self.say(f"refreshed: {len(clusters or [])} clusters, {len(nodes or [])} workers")
 
     def action_tab(self, tab: str) -> None:
         """Show a tab and focus its main widget (a focused widget in a hidden tab would switch back)."""

@@ -56,6 +56,23 @@ async def worker(args: argparse.Namespace, home: Path, cluster_url: BrokerUrl) -
                                   probe_port=int(args.probe.rpartition(":")[2] or 0)))
 
 
+async def sim(args: argparse.Namespace, home: Path, cluster_url: BrokerUrl) -> None:
+    """``oak sim``: many simulated workers in this process, each a real worker with the ``sim`` runtime
+    and collector (real MQTT sessions, reports and state machines; no workloads executed)."""
+    if not 1 <= args.workers <= 10_000:
+        raise CliError("--workers must be between 1 and 10000")
+    async with asyncio.TaskGroup() as tasks:
+        for i in range(args.workers):
+            name = f"{args.prefix}-{i + 1:04d}"
+            tasks.create_task(run_worker(WorkerConfig(
+                home / name, cluster_url, name, ("sim",), "sim", args.join_token,
+                report_interval=args.report_interval, stop_grace=0.0)))
+            if i % 50 == 49:
+                await asyncio.sleep(0.2)  # let joins through in waves
+        print(f"oak sim: {args.workers} simulated workers started against {cluster_url}", file=sys.stderr,
+              flush=True)
+
+
 async def up(args: argparse.Namespace, home: Path) -> None:
     """``oak up``: root, cluster and worker in one process (1-DOC); each keeps its own data dir."""
     root_ready, cluster_ready = asyncio.Event(), asyncio.Event()

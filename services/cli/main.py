@@ -125,6 +125,15 @@ def parser() -> argparse.ArgumentParser:
     node = sub.add_parser("node", help="workers").add_subparsers(dest="action", required=True)
     _add_common(node.add_parser("list", help="list every worker"))
 
+    sim = sub.add_parser("sim", help="a testbed: many simulated workers (real MQTT, simulated workloads)")
+    sim.add_argument("--workers", type=int, default=50, help="how many (default 50)")
+    sim.add_argument("--cluster", default="127.0.0.1:10003", help="cluster broker HOST:PORT")
+    sim.add_argument("--prefix", default="sim", help="worker names are PREFIX-0001 ... (default sim)")
+    sim.add_argument("--data-dir")
+    sim.add_argument("--report-interval", type=float, default=5.0, help="seconds between reports (default 5)")
+    sim.add_argument("--join-token", default=os.environ.get("OAK_JOIN_TOKEN"))
+    sim.add_argument("-v", "--verbose", action="store_true")
+
     tui = sub.add_parser("tui", help="the dashboard")
     tui.add_argument("--data-dir")
     tui.add_argument("--root", help="the root broker, HOST:PORT (default: from credentials.json)")
@@ -160,6 +169,8 @@ def _run_services(args: argparse.Namespace) -> Callable[[], Awaitable[None]] | N
         return lambda: commands.cluster(args, home, root_url(args.root))
     if args.command == "worker":
         return lambda: commands.worker(args, home, BrokerUrl.parse(args.cluster, 10003))
+    if args.command == "sim":
+        return lambda: commands.sim(args, home, BrokerUrl.parse(args.cluster, 10003))
     return None
 
 

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 DESIRED, ASSIGNED = "desired", "assigned"
 STATE_INTERVAL = 2.0
+PEERS = 8
 RETRY_INTERVAL = 1.0
 
 
@@ -59,6 +60,7 @@ class ClusterOrchestrator:
         self.unplaced: dict[str, str] = {}
         self._published: dict[str, frozenset[str]] = {}
         self._peers_published: dict[str, frozenset[tuple[str, str]]] = {}
+        self._peers_dirty = False
         self._changed = asyncio.Event()
 
     # ---- start-up ----------------------------------------------------------------------------
@@ -102,7 +104,7 @@ class ClusterOrchestrator:
                 await self._on_avail(node, envelope.is_online(message.payload))
             elif parsed.channel == "info" and message.payload:
                 node.info = models.load(NodeInfo, envelope.decode(message.payload, "node.info").data)
-                self._publish_peers()
+                self._peers_dirty = True
                 self._changed.set()
             elif parsed.channel == "state" and message.payload:
                 self._on_state(node, envelope.decode(message.payload, "node.state").data)
@@ -127,7 +129,7 @@ class ClusterOrchestrator:
         node.online = online
         if online and not was:
             log.info("worker %s is online", node.name)
-            self._publish_peers()
+            self._peers_dirty = True
         if not online and was:
             lost = [iid for iid, n in self.assigned.items() if n == node.name]
             log.warning("worker %s went offline; moving its %d instance(s)", node.name, len(lost))
@@ -136,7 +138,7 @@ class ClusterOrchestrator:
             await self.store.put_many(ASSIGNED, {}, tuple(lost))
             node.statuses = {}
             self._publish_node(node.name)
-            self._publish_peers()
+            self._peers_dirty = True
             await self.place_pending()
         self._changed.set()
 
@@ -216,10 +218,13 @@ class ClusterOrchestrator:
         self._changed.set()
 
     def _publish_peers(self) -> None:
-        """Tell every online worker the probe addresses of the others (retained, when it changed)."""
-        probes = {v.name: v.info.probe for v in self.nodes.values() if v.online and v.info and v.info.probe}
-        for name in probes:
-            peers = [{"name": n, "probe": p} for n, p in sorted(probes.items()) if n != name]
+        """Give every online worker up to PEERS others to measure latency to: the workers after it in a ring
+        of names, so each list is small and a join changes only a few of them. Retained; sent when changed."""
+        self._peers_dirty = False
+        probes = sorted((v.name, v.info.probe) for v in self.nodes.values() if v.online and v.info and v.info.probe)
+        for index, (name, _) in enumerate(probes):
+            ring = [probes[(index + k) % len(probes)] for k in range(1, min(PEERS, len(probes) - 1) + 1)]
+            peers = [{"name": n, "probe": p} for n, p in ring]
             key = frozenset((p["name"], p["probe"]) for p in peers)
             if self._peers_published.get(name) == key:
                 continue
@@ -285,6 +290,8 @@ class ClusterOrchestrator:
                 await asyncio.wait_for(self._changed.wait(), STATE_INTERVAL)
             await asyncio.sleep(0.005)  # coalesce bursts
             self._changed.clear()
+            if self._peers_dirty:
+                self._publish_peers()
             body = json.dumps(self.state(), sort_keys=True).encode()
             now = time.monotonic()
             if body != last or now >= next_periodic:

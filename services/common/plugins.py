@@ -25,10 +25,19 @@ def make_manager() -> pluggy.PluginManager:
 
 
 def _load(pm: pluggy.PluginManager, kind: str, name: str) -> None:
-    """Register the entry point *name* of *kind*'s group (unless autoload is switched off)."""
+    """Register the entry point *name* of *kind*'s group (unless autoload is switched off).
+
+    Plugins are registered as ``<group>:<name>``: a runtime and a collector may share a name.
+    """
     if os.environ.get("OAK_DISABLE_PLUGIN_AUTOLOAD"):
         return
-    pm.load_setuptools_entrypoints(GROUPS[kind], name=name)
+    from importlib.metadata import entry_points
+
+    group = GROUPS[kind]
+    for ep in entry_points(group=group, name=name):
+        key = f"{group}:{ep.name}"
+        if pm.get_plugin(key) is None and not pm.is_blocked(key):
+            pm.register(ep.load(), name=key)
     pm.check_pending()
 
 

@@ -59,7 +59,6 @@ async def run_worker(cfg: WorkerConfig) -> None:
     reporter.engine = engine
     prober = reporter.prober = Prober(cfg.probe_host, cfg.probe_port)
     await prober.start()
-    await engine.restore()
     session = MqttSession(
         cfg.cluster,
         f"node-{cfg.name}",
@@ -69,6 +68,7 @@ async def run_worker(cfg: WorkerConfig) -> None:
         clean_session=False,
     )
     try:
+        await engine.restore()  # inside the try: a stop from here on also stops the adopted instances
         async with session:
             facts = collector.info()
             info = NodeInfo(

@@ -227,6 +227,7 @@ class Engine:
             if slot.task:
                 with contextlib.suppress(BaseException):
                     await slot.task
+        log.info("stopping %d instance(s)", sum(1 for slot in self.slots.values() if slot.handle))
         stops = [
             runtime.stop(slot.handle, self.stop_grace)
             for slot in self.slots.values()

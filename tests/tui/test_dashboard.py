@@ -58,6 +58,8 @@ class FakeFeed:
         self.requests.append((resource, action, body if raw is None else json.loads(raw)))
         if f"{resource}/{action}" in self.errors:
             raise CliError(self.errors[f"{resource}/{action}"])
+        if action == "list":
+            return {"clusters": CLUSTERS, "nodes": [{**n, "online": True} for n in NODES]}[resource]
         return [{"name": "shop", "namespace": "test"}] if action == "create" else {}
 
     async def stream(self, resource: str, action: str, body: dict[str, Any]) -> tuple[Any, AsyncIterator[dict]]:
@@ -96,6 +98,7 @@ async def test_shows_services_instances_and_clusters(size: tuple[int, int]) -> N
         assert "shop.test.web.test" in screen
         assert "shop.test.db.test" in screen
         assert "UNDEPLOYED" in screen
+        assert all(key in screen for key in ("Create", "Deploy", "Scale", "Undeploy", "Delete", "Refresh", "Quit"))
         assert app.query_one("#services", ServicesTable).selected == "shop.test.db.test"
         await pilot.press("down")
         assert app.query_one("#instances", InstancesTable).row_count == 2
@@ -230,3 +233,32 @@ async def test_create_with_the_file_picker(tmp_path: Path) -> None:
         await pilot.pause()
         assert not isinstance(app.screen, CreateApp)
     assert feed.requests == [("apps", "create", {"sla_version": "v2.0"})]
+
+
+async def test_refresh_asks_for_clusters_and_workers() -> None:
+    """r requests clusters/list and nodes/list and redraws the tree from the answers."""
+    feed = FakeFeed()
+    app = OakApp(feed)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await loaded(pilot)
+        await pilot.press("r")
+        await pilot.pause()
+        await pilot.pause()
+        assert sorted(feed.requests) == [("clusters", "list", None), ("nodes", "list", None)]
+        lines = app.query_one(ClusterTree).labels()
+        assert [line.split()[:2] for line in lines[1:]] == [["●", "w1"], ["●", "w2"]]
+        assert "refreshed: 1 clusters, 2 workers" in shown(app)
+        await pilot.press("3")
+        await pilot.pause()
+        assert "worker c1/w2 online" in "\n".join(line.text for line in app.query_one("#events", RichLog).lines)
+
+
+async def test_refresh_failure_is_shown() -> None:
+    """A refused refresh is reported on the status line."""
+    app = OakApp(FakeFeed({"nodes/list": "the root is busy"}))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await loaded(pilot)
+        await pilot.press("r")
+        await pilot.pause()
+        await pilot.pause()
+        assert "refresh failed: the root is busy" in shown(app)

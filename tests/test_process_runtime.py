@@ -1,0 +1,211 @@
+"""The ``process`` runtime through its Runtime protocol, with real processes: start, logs, exit codes,
+environment, stop (also of a process ignoring SIGTERM), adoption by a restarted worker, and loading by name.
+
+These run with or without root: as root the instance is sandboxed (namespaces, cgroup), which shows in
+how a stopped instance ends (its init exits with 128+signal rather than dying of the signal itself).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+import plugins.runtimes.process as process_module
+from plugins.runtimes.process import ProcessRuntime
+from services.common import plugins
+from services.common.hookspecs import Exit, Handle, LaunchSpec, Runtime
+
+pytestmark = pytest.mark.timeout(60)
+counter = iter(range(10_000))
+
+
+class Started:
+    """The runtime under test plus every handle it started, all stopped at the end of the test."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.rt = ProcessRuntime(str(tmp_path / "data"))
+        self.handles: list[Handle] = []
+
+    def spec(self, cmd: list[str], env: tuple[str, ...] = (), number: int = 1) -> LaunchSpec:
+        iid = f"p{os.getpid()}x{next(counter)}"
+        return LaunchSpec(iid, "app.ns.svc.ns", number, "process", "", tuple(cmd), env, 0, 0.0, False,
+                          str(self.tmp_path / "logs" / "deep" / f"{iid}.log"), str(self.tmp_path / "work" / iid))
+
+    async def start(self, spec: LaunchSpec) -> Handle:
+        handle = await self.rt.start(spec)
+        self.handles.append(handle)
+        return handle
+
+
+@pytest.fixture
+async def started(tmp_path: Path) -> AsyncIterator[Started]:
+    s = Started(tmp_path)
+    yield s
+    for handle in s.handles:
+        await ProcessRuntime(str(tmp_path / "data")).stop(handle, 0.5)
+        assert not await s.rt.adopt(handle)
+
+
+def is_signal_exit(end: Exit, sig: signal.Signals) -> bool:
+    """True when *end* says the instance died of *sig* (directly, or as its init's 128+N status)."""
+    return end.code in (-sig.value, 128 + sig.value) and sig.name in end.reason
+
+
+def test_is_a_runtime(tmp_path: Path) -> None:
+    rt = ProcessRuntime(str(tmp_path))
+    assert isinstance(rt, Runtime)
+    assert rt.name == "process"
+    assert rt.virtualizations == ("process",)
+
+
+async def test_start_adopt_stats_stop(started: Started) -> None:
+    """A running instance is adoptable and measurable; once stopped it ends by a signal and is gone."""
+    handle = await started.start(started.spec(["sleep", "30"]))
+    assert handle.runtime == "process"
+    assert handle.iid.startswith("p")
+    assert abs(handle.started_at - psutil.Process(handle.pid).create_time()) < 0.01
+    assert os.getpgid(handle.pid) == handle.pid  # its own process group
+    await asyncio.sleep(0.2)
+    assert await started.rt.adopt(handle)
+    stats = await started.rt.stats(handle)
+    assert stats is not None
+    assert stats.memory_mb > 0
+    assert stats.cpu_percent >= 0
+    await started.rt.stop(handle, 2.0)
+    end = await asyncio.wait_for(started.rt.wait(handle), 10)
+    assert is_signal_exit(end, signal.SIGTERM), end
+    assert not await started.rt.adopt(handle)
+    assert await started.rt.stats(handle) is None
+    assert not psutil.pid_exists(handle.pid) or psutil.Process(handle.pid).create_time() != handle.started_at
+
+
+async def test_output_lands_in_the_log(started: Started) -> None:
+    spec = started.spec(["sh", "-c", "echo to-stdout; echo to-stderr >&2"])
+    Path(spec.log_path).parent.mkdir(parents=True)
+    Path(spec.log_path).write_text("earlier\n")  # appended to, not truncated
+    end = await asyncio.wait_for(started.rt.wait(await started.start(spec)), 10)
+    assert end == Exit(0, "exited with code 0")
+    lines = Path(spec.log_path).read_text().splitlines()
+    assert lines[0] == "earlier"
+    assert sorted(lines[1:]) == ["to-stderr", "to-stdout"]
+    assert Path(spec.work_dir).is_dir()
+
+
+@pytest.mark.parametrize(("cmd", "expected"), [
+    (["sh", "-c", "exit 3"], Exit(3, "exited with code 3")),
+    (["true"], Exit(0, "exited with code 0")),
+])
+async def test_exit_codes(started: Started, cmd: list[str], expected: Exit) -> None:
+    end = await asyncio.wait_for(started.rt.wait(await started.start(started.spec(cmd))), 10)
+    assert end == expected
+
+
+async def test_killed_by_a_signal(started: Started) -> None:
+    handle = await started.start(started.spec(["sleep", "30"]))
+    await asyncio.sleep(0.2)
+    os.killpg(handle.pid, signal.SIGKILL)
+    end = await asyncio.wait_for(started.rt.wait(handle), 10)
+    assert is_signal_exit(end, signal.SIGKILL), end
+
+
+async def test_missing_executable_is_a_readable_error(started: Started) -> None:
+    with pytest.raises(RuntimeError, match=r"cannot start: .*No such file or directory: 'nosuchcmd'"):
+        await started.start(started.spec(["nosuchcmd", "x"]))
+
+
+async def test_empty_cmd_is_refused(started: Started) -> None:
+    with pytest.raises(RuntimeError, match="no cmd to run"):
+        await started.start(started.spec([]))
+
+
+async def test_environment_and_hostname(started: Started) -> None:
+    spec = started.spec(["sh", "-c", 'echo "$GREETING|$EMPTY|$HOSTNAME|$LANG"; test -n "$PATH"'],
+                        env=("GREETING=hello world", "EMPTY="), number=7)
+    end = await asyncio.wait_for(started.rt.wait(await started.start(spec)), 10)
+    assert end.code == 0, Path(spec.log_path).read_text()
+    assert Path(spec.log_path).read_text().strip() == "hello world||instance-7|C.UTF-8"
+
+
+async def test_worker_environment_does_not_leak(started: Started, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OAK_SECRET_OF_THE_WORKER", "leaked")
+    spec = started.spec(["sh", "-c", 'echo "[$OAK_SECRET_OF_THE_WORKER]"'])
+    await asyncio.wait_for(started.rt.wait(await started.start(spec)), 10)
+    assert Path(spec.log_path).read_text().strip() == "[]"
+
+
+async def test_restarted_worker_adopts_and_waits(started: Started) -> None:
+    """A new runtime object (the worker after a restart) adopts the instance and sees it end."""
+    handle = await started.start(started.spec(["sleep", "30"]))
+    await asyncio.sleep(0.2)
+    again = ProcessRuntime(str(started.tmp_path / "data"))
+    assert await again.adopt(handle)
+    assert await again.stats(handle) is not None
+    waiting = asyncio.create_task(again.wait(handle))
+    await asyncio.sleep(0.3)
+    assert not waiting.done()
+    os.killpg(handle.pid, signal.SIGKILL)
+    end = await asyncio.wait_for(waiting, 10)
+    assert end.code is None
+    assert end.reason.startswith("exited while the worker was away")
+    assert not await again.adopt(handle)
+
+
+async def test_reused_pid_is_not_adopted_nor_signalled(started: Started) -> None:
+    """A handle whose start time does not match the process behind its PID is treated as gone."""
+    handle = await started.start(started.spec(["sleep", "30"]))
+    await asyncio.sleep(0.2)
+    # an old instance whose PID now belongs to another process (here: another instance)
+    stale = Handle(handle.iid + "-old", "process", handle.pid, handle.started_at - 100.0)
+    again = ProcessRuntime(str(started.tmp_path / "data"))
+    assert not await again.adopt(stale)
+    assert await again.stats(stale) is None
+    end = await asyncio.wait_for(again.wait(stale), 5)
+    assert end.code is None
+    await again.stop(stale, 0.5)
+    assert await started.rt.adopt(handle)  # the real instance was left alone
+
+
+async def test_stop_kills_what_ignores_sigterm(started: Started) -> None:
+    handle = await started.start(started.spec(["sh", "-c", "trap '' TERM; sleep 30"]))
+    await asyncio.sleep(0.3)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    await started.rt.stop(handle, 0.5)
+    took = loop.time() - began
+    assert 0.4 < took < 10, took
+    assert not await started.rt.adopt(handle)
+    end = await asyncio.wait_for(started.rt.wait(handle), 10)
+    assert end.code != 0
+
+
+async def test_stop_when_already_gone(started: Started) -> None:
+    handle = await started.start(started.spec(["true"]))
+    await asyncio.wait_for(started.rt.wait(handle), 10)
+    await started.rt.stop(handle, 0.5)  # does not raise
+    await ProcessRuntime(str(started.tmp_path / "data")).stop(handle, 0.5)
+
+
+def test_loads_by_name_through_entry_points(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OAK_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+    if "process" not in plugins.available("runtime"):
+        pytest.skip("entry points not installed (run: pip install -e .)")
+    rt = plugins.load_runtime(plugins.make_manager(), "process", {"data_dir": str(tmp_path)})
+    assert isinstance(rt, ProcessRuntime)
+
+
+def test_loads_when_registered_directly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OAK_DISABLE_PLUGIN_AUTOLOAD", "1")
+    pm = plugins.make_manager()
+    pm.register(process_module)
+    rt = plugins.load_runtime(pm, "process", {"data_dir": str(tmp_path)})
+    assert isinstance(rt, ProcessRuntime)
+    assert pm.hook.oak_make_runtime(name="container-or-other", config={"data_dir": str(tmp_path)}) is None
+    with pytest.raises(plugins.PluginError, match="no runtime plugin named 'nope'"):
+        plugins.load_runtime(pm, "nope", {"data_dir": str(tmp_path)})

@@ -1,0 +1,46 @@
+"""A simulated fleet: `oak sim` starts 50 real worker agents (simulated workloads) against a real cluster."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.conftest import dumps, eventually, sla
+from tests.stack import Proc, Stack, oak
+from tests.test_three_tiers import _online_nodes, state
+
+WORKERS = 50
+
+
+@pytest.mark.timeout(180)
+async def test_fifty_simulated_workers(stack: Stack, api: Any) -> None:
+    """All 50 join and report; 200 instances run, spread over them; a sim worker fleet shuts down cleanly."""
+    stack.root()
+    stack.cluster("c1")
+    sim = Proc("sim", oak("sim", "--workers", str(WORKERS), "--cluster", f"127.0.0.1:{stack.cluster_ports['c1']}",
+                          "--data-dir", str(stack.base / "sim"), "--report-interval", "2"), stack.base).start()
+    stack.procs["sim"] = sim
+    client = await api()
+    await eventually(lambda: _online_nodes(client, WORKERS), 90, 0.5, what=f"{WORKERS} simulated workers online")
+    doc = sla({"microservice_name": "fleet", "cmd": ["sleep", "1"]},
+              {"microservice_name": "batch", "cmd": ["exit", "0", "1"], "one_shot": True}, app="sim")
+    await client.request("apps", "create", raw=dumps(doc))
+    await client.request("services", "deploy", {"service": "sim.test.fleet.test", "replicas": 200})
+    await client.request("services", "deploy", {"service": "sim.test.batch.test", "replicas": 20})
+
+    async def fleet_running() -> dict[str, Any] | None:
+        s = await state(client, "sim.test.fleet.test")
+        return s if s["status"] == "RUNNING" and len(s["instances"]) == 200 else None
+
+    fleet = await eventually(fleet_running, 90, 0.5, what="200 instances RUNNING")
+    per_node: dict[str, int] = {}
+    for instance in fleet["instances"]:
+        per_node[instance["node"]] = per_node.get(instance["node"], 0) + 1
+    assert len(per_node) == WORKERS, "least-loaded with reservations spreads the replicas over every worker"
+    assert max(per_node.values()) == 4
+
+    async def batch_completed() -> bool:
+        return (await state(client, "sim.test.batch.test"))["status"] == "COMPLETED"
+
+    await eventually(batch_completed, 60, 0.5, what="the one_shot batch COMPLETED")
