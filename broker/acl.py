@@ -1,7 +1,7 @@
 """Topic rules: who may publish, subscribe to and receive what. Pure functions, no broker needed.
 
 * a service (the root or cluster orchestrator itself, the bridge's local side): everything;
-* user ``U``: publish under ``oak/api/U/request/``, read ``oak/api/U/#``;
+* user ``U``: publish under ``oak/api/U/request/``, read ``oak/api/U/#`` and ``oak/root/avail``;
 * cluster ``C`` (root broker): publish under ``oak/clusters/C/up/``, read ``oak/clusters/C/down/#``
   and ``oak/root/avail``;
 * node ``N`` (cluster broker): publish under ``oak/nodes/N/up/``, read ``oak/nodes/N/down/#`` and
@@ -31,7 +31,7 @@ def _rules(identity: Identity) -> tuple[tuple[str, ...], tuple[str, ...], tuple[
     """(publish subtrees, readable subtrees, readable exact topics) of *identity*."""
     name = identity.name
     if identity.kind == USER:
-        return (f"oak/api/{name}/request",), (f"oak/api/{name}",), ()
+        return (f"oak/api/{name}/request",), (f"oak/api/{name}",), (topics.ROOT_AVAIL,)
     if identity.kind == CLUSTER:
         return (f"oak/clusters/{name}/up",), (f"oak/clusters/{name}/down",), (topics.ROOT_AVAIL,)
     if identity.kind == NODE:

@@ -23,6 +23,8 @@ CASES = [
     ("alice", RECEIVE, "oak/api/alice/state/services/x", True),
     ("alice", RECEIVE, "oak/api/bob/state/services/x", False),
     ("alice", SUBSCRIBE, "oak/clusters/c1/up/state", False),
+    ("alice", SUBSCRIBE, "oak/root/avail", True),
+    ("alice", PUBLISH, "oak/root/avail", False),
     ("cluster:c1", PUBLISH, "oak/clusters/c1/up/state", True),
     ("cluster:c1", PUBLISH, "oak/clusters/c2/up/state", False),
     ("cluster:c1", PUBLISH, "oak/clusters/c1/down/desired", False),

@@ -80,7 +80,19 @@ class OakClient:
             await self.session.__aenter__()
         except MqttError as exc:
             raise CliError(str(exc)) from None
-        await self.session.subscribe_confirmed(f"{topics.BASE}/api/{self.profile.username}/response/#")
+        await self.session.subscribe_confirmed(f"{topics.BASE}/api/{self.profile.username}/response/#",
+                                               topics.ROOT_AVAIL)
+        # The root says online once it serves requests (retained): wait for it, so none is lost.
+        try:
+            async with asyncio.timeout(REQUEST_TIMEOUT):
+                while True:
+                    message = await self.session.get(REQUEST_TIMEOUT)
+                    if message.topic == topics.ROOT_AVAIL and envelope.is_online(message.payload):
+                        break
+        except TimeoutError:
+            await self.session.close()
+            raise CliError(f"the root at {self.profile.root} is not serving (no online announcement within "
+                           f"{REQUEST_TIMEOUT:.0f} s)") from None
         self._reader = asyncio.create_task(self._read())
         return self
 

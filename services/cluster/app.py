@@ -15,7 +15,7 @@ from services.cluster.orchestrator import ClusterOrchestrator
 from services.cluster.relay import Relay
 from services.common import envelope, models, plugins, profile, topics
 from services.common.models import ClusterInfo
-from services.common.mqtt import BrokerUrl, MqttSession, dispatch
+from services.common.mqtt import BrokerUrl, MqttSession, serve
 from services.common.store import Store
 
 log = logging.getLogger(__name__)
@@ -68,20 +68,12 @@ async def run_cluster(cfg: ClusterConfig, ready: asyncio.Event | None = None) ->
                 log.info("cluster %s serving workers on port %d", cfg.name, broker.port)
                 if ready:
                     ready.set()
-                async with asyncio.TaskGroup() as tasks:
-                    tasks.create_task(orchestrator.run())
-                    tasks.create_task(
-                        dispatch(
-                            session,
-                            {
-                                topics.JOIN_REQUESTS: lambda m: desk.handle(session, m),
-                                topics.downstream("cmd/+"): relay.command,
-                                topics.up_filter(topics.NODES, "res/+"): relay.answer,
-                                topics.BASE + "/#": orchestrator.handle,
-                            },
-                        )
-                    )
-                    tasks.create_task(_bridge(cfg, local, credentials))
+                await serve(session, {
+                    topics.JOIN_REQUESTS: lambda m: desk.handle(session, m),
+                    topics.downstream("cmd/+"): relay.command,
+                    topics.up_filter(topics.NODES, "res/+"): relay.answer,
+                    topics.BASE + "/#": orchestrator.handle,
+                }, orchestrator.run(), _bridge(cfg, local, credentials))
     finally:
         store.close()
 

@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -93,6 +93,7 @@ class MqttSession:
         clean_session: bool = True,
         keepalive: int = 10,
         retry_first_connect: bool = True,
+        announce: bool = True,
     ) -> None:
         self.url = url
         self.client_id = client_id
@@ -115,6 +116,7 @@ class MqttSession:
         self.connected = asyncio.Event()
         self.reconnects = 0
         self._closing = False
+        self._announce = announce
 
     # ---- connection --------------------------------------------------------------------------
 
@@ -173,9 +175,16 @@ class MqttSession:
             await asyncio.wait_for(self._client._persistent_storage.wait_empty(), 3)
         for topic, payload in list(self._retained.items()):
             self._client.publish(topic, payload, qos=1, retain=True)
-        if self._avail_topic:
+        if self._avail_topic and self._announce:
             self._client.publish(self._avail_topic, ONLINE, qos=1, retain=True)
         self.connected.set()
+
+    def announce(self) -> None:
+        """Say online now (for a session made with ``announce=False``, once it serves) and after every
+        reconnect from now on."""
+        self._announce = True
+        if self._avail_topic and self._client.is_connected:
+            self._client.publish(self._avail_topic, ONLINE, qos=1, retain=True)
 
     def _on_disconnect(self, client: gmqtt.Client, packet: Any, exc: Any = None) -> None:
         if self.connected.is_set() and not self._closing:
@@ -255,3 +264,11 @@ async def dispatch(session: MqttSession, routes: dict[str, Handler]) -> None:
                 except Exception:
                     log.exception("failed to handle a message on %s", message.topic)
                 break
+
+
+async def serve(session: MqttSession, routes: dict[str, Handler], *loops: Coroutine[Any, Any, None]) -> None:
+    """Dispatch *session*'s messages to *routes* while running *loops*, until cancelled."""
+    async with asyncio.TaskGroup() as tasks:
+        tasks.create_task(dispatch(session, routes))
+        for loop in loops:
+            tasks.create_task(loop)

@@ -3,29 +3,39 @@
 Accepted as Oakestra accepts it (extra keys pass through untouched); rejected with :class:`SlaError`
 whose ``field`` is the JSON path of the culprit, e.g. ``applications[0].microservices[1].memory``.
 Garbage of any shape gives an :class:`SlaError`, never a crash.
+
+Paths: ``$`` is the document itself; a missing or mistyped top-level key is ``$.<key>``
+(``$.sla_version``, ``$.customerID``); an unsupported version is ``sla_version``; everything below
+starts at ``applications``.
 """
 
 from __future__ import annotations
 
+import copy
 import ipaddress
 import json
+import math
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
-NAME_RE = re.compile(r"^[a-zA-Z0-9]{1,30}$")
-VIRT_RE = re.compile(r"^[a-z0-9_-]{1,30}$")
-ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
-PORT_RE = re.compile(r"^(\d{1,5})(?::(\d{1,5}))?(?:/(tcp|udp))?$")
+NAME_RE = re.compile(r"[a-zA-Z0-9]{1,30}")
+VIRT_RE = re.compile(r"[a-z0-9_-]{1,30}")
+ENV_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=.*", re.DOTALL)
+PORT_RE = re.compile(r"([0-9]{1,5})(?::([0-9]{1,5}))?(?:/(tcp|udp))?")
 CONSTRAINT_TYPES = ("direct", "geo", "latency", "addons", "clusters")
 RR_NET = ipaddress.ip_network("10.30.0.0/16")
-MICRO_KEYS = {"microserviceID", "microservice_name", "microservice_namespace", "virtualization", "code", "cmd",
-              "environment", "memory", "vcpus", "vcpu", "vgpus", "storage", "port", "one_shot", "privileged",
-              "addresses", "constraints"}
+#: Microservice keys that become :class:`ServiceSpec` fields (``addresses`` is handled apart: only ``rr_ip`` is taken).
+MICRO_KEYS = frozenset({"microserviceID", "microservice_name", "microservice_namespace", "virtualization", "code",
+                        "cmd", "environment", "memory", "vcpus", "vcpu", "vgpus", "storage", "port", "one_shot",
+                        "privileged", "constraints"})
 
 
 class SlaError(ValueError):
-    """An SLA is invalid; ``field`` is the JSON path of the culprit."""
+    """An SLA is invalid; ``field`` is the JSON path of the culprit, ``message`` says what is wrong."""
+
+    field: str
+    message: str
 
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
@@ -84,7 +94,7 @@ class ServiceSpec:
         return f"{self.app_name}.{self.app_namespace}.{self.name}.{self.namespace}"
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON form; :meth:`from_dict` reads it back exactly."""
+        """JSON form; :meth:`from_dict` reads it back exactly (also after a trip through JSON)."""
         return {
             "app_name": self.app_name, "app_namespace": self.app_namespace, "name": self.name,
             "namespace": self.namespace, "virtualization": self.virtualization, "code": self.code,
@@ -92,7 +102,7 @@ class ServiceSpec:
             "vcpus": self.vcpus, "vgpus": self.vgpus, "storage": self.storage, "port": self.port,
             "one_shot": self.one_shot, "privileged": self.privileged, "rr_ip": self.rr_ip,
             "clusters": list(self.clusters), "nodes": list(self.nodes),
-            "constraints": [dict(c) for c in self.constraints], "extra": dict(self.extra),
+            "constraints": copy.deepcopy(list(self.constraints)), "extra": copy.deepcopy(self.extra),
         }
 
     @classmethod
@@ -102,7 +112,8 @@ class ServiceSpec:
             **data,
             "cmd": tuple(data.get("cmd", ())), "environment": tuple(data.get("environment", ())),
             "clusters": tuple(data.get("clusters", ())), "nodes": tuple(data.get("nodes", ())),
-            "constraints": tuple(data.get("constraints", ())), "extra": dict(data.get("extra", {})),
+            "constraints": tuple(copy.deepcopy(c) for c in data.get("constraints", ())),
+            "extra": copy.deepcopy(dict(data.get("extra", {}))),
         })
 
 
@@ -116,7 +127,7 @@ class AppSpec:
     services: tuple[ServiceSpec, ...]
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON form."""
+        """JSON form; :meth:`from_dict` reads it back exactly."""
         return {"name": self.name, "namespace": self.namespace, "desc": self.desc,
                 "services": [s.to_dict() for s in self.services]}
 
@@ -130,14 +141,14 @@ class AppSpec:
 # ---- field checks ---------------------------------------------------------------------------------
 
 
+def _kind(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
 def _obj(value: Any, path: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise SlaError(path, f"expected an object, got {_kind(value)}")
     return value
-
-
-def _kind(value: Any) -> str:
-    return "null" if value is None else type(value).__name__
 
 
 def _str(obj: dict[str, Any], key: str, path: str, required: bool = False, default: str = "") -> str:
@@ -153,7 +164,7 @@ def _str(obj: dict[str, Any], key: str, path: str, required: bool = False, defau
 
 def _name(obj: dict[str, Any], key: str, path: str) -> str:
     value = _str(obj, key, path, required=True)
-    if not NAME_RE.match(value):
+    if not NAME_RE.fullmatch(value):
         raise SlaError(f"{path}.{key}", f"{value!r} must be 1-30 letters or digits")
     return value
 
@@ -163,12 +174,17 @@ def _empty_id(obj: dict[str, Any], key: str, path: str) -> None:
         raise SlaError(f"{path}.{key}", "must be empty when creating")
 
 
+def _is_number(value: Any) -> TypeGuard[int | float]:
+    """A JSON number: not a bool, and finite (``NaN``/``Infinity`` are not JSON)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return not isinstance(value, float) or math.isfinite(value)
+
+
 def _number(obj: dict[str, Any], key: str, path: str, integer: bool) -> float:
     value = obj.get(key, 0)
-    if value is None:
-        return 0
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise SlaError(f"{path}.{key}", f"expected a number, got {_kind(value)}")
+    if not _is_number(value):
+        raise SlaError(f"{path}.{key}", f"expected a number, got {_kind(value)} {value!r}")
     if value < 0:
         raise SlaError(f"{path}.{key}", f"must not be negative (got {value})")
     if integer and value != int(value):
@@ -185,22 +201,41 @@ def _bool(obj: dict[str, Any], key: str, path: str) -> bool:
 
 def _strings(obj: dict[str, Any], key: str, path: str) -> tuple[str, ...]:
     value = obj.get(key, [])
-    if value is None:
-        return ()
     if not isinstance(value, list):
         raise SlaError(f"{path}.{key}", f"expected a list of strings, got {_kind(value)}")
     for i, item in enumerate(value):
         if not isinstance(item, str):
             raise SlaError(f"{path}.{key}[{i}]", f"expected a string, got {_kind(item)}")
+        if "\0" in item:
+            raise SlaError(f"{path}.{key}[{i}]", "must not contain a NUL character")
     return tuple(value)
 
 
 def _port(value: str, path: str) -> str:
-    for item in filter(None, value.split(";")):
-        match = PORT_RE.match(item.strip())
+    if not value:
+        return value
+    for item in value.split(";"):
+        match = PORT_RE.fullmatch(item)
         if not match or not all(1 <= int(p) <= 65535 for p in match.groups()[:2] if p):
-            raise SlaError(path, f"{item!r} is not 'port', 'host:container' or 'host:container/tcp|udp'")
+            raise SlaError(path, f"{item!r} is not 'port', 'host:container' or 'host:container/tcp|udp' "
+                                 "(ports 1-65535, several separated by ';')")
     return value
+
+
+def _rr_ip(micro: dict[str, Any], path: str) -> tuple[str, dict[str, Any]]:
+    """``addresses.rr_ip`` (checked) and whatever else ``addresses`` holds (kept for ``extra``)."""
+    if "addresses" not in micro:
+        return "", {}
+    addresses = _obj(micro["addresses"], f"{path}.addresses")
+    rr_ip = _str(addresses, "rr_ip", f"{path}.addresses")
+    if rr_ip:
+        try:
+            inside = ipaddress.ip_address(rr_ip) in RR_NET
+        except ValueError:
+            inside = False
+        if not inside:
+            raise SlaError(f"{path}.addresses.rr_ip", f"{rr_ip!r} is not an IPv4 address in {RR_NET}")
+    return rr_ip, {k: copy.deepcopy(v) for k, v in addresses.items() if k != "rr_ip"}
 
 
 def _names(value: Any, path: str) -> tuple[str, ...]:
@@ -210,7 +245,13 @@ def _names(value: Any, path: str) -> tuple[str, ...]:
         return tuple(n.strip() for n in re.split(r"[;,]", value) if n.strip())
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         return tuple(v.strip() for v in value if v.strip())
-    raise SlaError(path, "expected a name, a ';'-separated list of names, or a list of strings")
+    raise SlaError(path, "expected a name, a ';'- or ','-separated list of names, or a list of strings")
+
+
+def _positive(constraint: dict[str, Any], key: str, where: str, what: str) -> None:
+    value = constraint.get(key)
+    if not _is_number(value) or value <= 0:
+        raise SlaError(f"{where}.{key}", f"expected {what}, a positive number")
 
 
 Constraints = tuple[tuple[dict[str, Any], ...], tuple[str, ...], tuple[str, ...]]
@@ -218,8 +259,6 @@ Constraints = tuple[tuple[dict[str, Any], ...], tuple[str, ...], tuple[str, ...]
 
 def _constraints(micro: dict[str, Any], path: str) -> Constraints:
     raw = micro.get("constraints", [])
-    if raw is None:
-        return (), (), ()
     if not isinstance(raw, list):
         raise SlaError(f"{path}.constraints", f"expected a list, got {_kind(raw)}")
     clusters: list[str] = []
@@ -232,25 +271,23 @@ def _constraints(micro: dict[str, Any], path: str) -> Constraints:
             raise SlaError(f"{where}.type", f"{kind!r} is not one of {', '.join(CONSTRAINT_TYPES)}")
         if kind == "geo":
             _geo(constraint, where)
-        if kind == "latency":
+        elif kind == "latency":
             target = constraint.get("target")
             if not isinstance(target, str) or not target:
                 raise SlaError(f"{where}.target", "expected the name of the worker to be close to")
-            threshold = constraint.get("threshold")
-            if isinstance(threshold, bool) or not isinstance(threshold, int | float) or threshold <= 0:
-                raise SlaError(f"{where}.threshold", "expected the round-trip time in ms, a positive number")
-        if kind == "addons":
+            _positive(constraint, "threshold", where, "the round-trip time in ms")
+        elif kind == "addons":
             needs = constraint.get("needs")
             if not isinstance(needs, list) or not needs or not all(isinstance(n, str) and n for n in needs):
                 raise SlaError(f"{where}.needs", "expected a non-empty list of labels")
-        if kind == "direct":
+        elif kind == "direct":
             c = _names(constraint.get("cluster"), f"{where}.cluster")
             n = _names(constraint.get("node"), f"{where}.node")
             if not c and not n:
                 raise SlaError(where, "a direct constraint needs a 'cluster' or a 'node'")
             clusters += c
             nodes += n
-    return tuple(raw), tuple(dict.fromkeys(clusters)), tuple(dict.fromkeys(nodes))
+    return tuple(copy.deepcopy(raw)), tuple(dict.fromkeys(clusters)), tuple(dict.fromkeys(nodes))
 
 
 def _geo(constraint: dict[str, Any], where: str) -> None:
@@ -263,9 +300,7 @@ def _geo(constraint: dict[str, Any], where: str) -> None:
         ok = False
     if not ok:
         raise SlaError(f"{where}.location", f"{location!r} is not 'latitude,longitude'")
-    threshold = constraint.get("threshold")
-    if isinstance(threshold, bool) or not isinstance(threshold, int | float) or threshold <= 0:
-        raise SlaError(f"{where}.threshold", "expected the distance in km, a positive number")
+    _positive(constraint, "threshold", where, "the distance in km")
 
 
 def _service(micro: Any, path: str, app: str, app_ns: str) -> ServiceSpec:
@@ -274,39 +309,37 @@ def _service(micro: Any, path: str, app: str, app_ns: str) -> ServiceSpec:
     name, namespace = _name(micro, "microservice_name", path), _name(micro, "microservice_namespace", path)
     virtualization = _str(micro, "virtualization", path, required=True)
     virtualization = "container" if virtualization == "docker" else virtualization
-    if not VIRT_RE.match(virtualization):
-        raise SlaError(f"{path}.virtualization", f"{virtualization!r} is not a runtime name")
-    code = _str(micro, "code", path, required=virtualization != "process")
+    if not VIRT_RE.fullmatch(virtualization):
+        raise SlaError(f"{path}.virtualization", f"{virtualization!r} is not a runtime name ([a-z0-9_-]{{1,30}})")
+    code = _str(micro, "code", path, required=True)
     if not code and virtualization != "process":
         raise SlaError(f"{path}.code", f"a {virtualization} service needs its image or kernel in 'code'")
     cmd = _strings(micro, "cmd", path)
     if virtualization == "process" and not cmd:
         raise SlaError(f"{path}.cmd", "a process service needs the command to run, e.g. [\"sleep\", \"60\"]")
+    if virtualization == "process" and not cmd[0]:
+        raise SlaError(f"{path}.cmd[0]", "the program to run must not be empty")
     environment = _strings(micro, "environment", path)
     for i, entry in enumerate(environment):
-        if not ENV_RE.match(entry):
+        if not ENV_RE.fullmatch(entry):
             raise SlaError(f"{path}.environment[{i}]", f"{entry!r} is not KEY=VALUE")
-    vcpus_key = "vcpus" if "vcpus" in micro or "vcpu" not in micro else "vcpu"
-    addresses = _obj(micro.get("addresses") or {}, f"{path}.addresses")
-    rr_ip = _str(addresses, "rr_ip", f"{path}.addresses")
-    if rr_ip:
-        try:
-            if ipaddress.ip_address(rr_ip) not in RR_NET:
-                raise ValueError
-        except ValueError:
-            raise SlaError(f"{path}.addresses.rr_ip", f"{rr_ip!r} is not an address in {RR_NET}") from None
+    memory = int(_number(micro, "memory", path, integer=True))
+    vcpu = _number(micro, "vcpu", path, integer=False)  # Oakestra's docs spell it so; 'vcpus' wins if both
+    vcpus = _number(micro, "vcpus", path, integer=False) if "vcpus" in micro else vcpu
+    vgpus = int(_number(micro, "vgpus", path, integer=True))
+    storage = int(_number(micro, "storage", path, integer=True))
+    port = _port(_str(micro, "port", path), f"{path}.port")
+    one_shot, privileged = _bool(micro, "one_shot", path), _bool(micro, "privileged", path)
+    rr_ip, other_addresses = _rr_ip(micro, path)
     constraints, clusters, nodes = _constraints(micro, path)
+    extra = {k: copy.deepcopy(v) for k, v in micro.items() if k not in MICRO_KEYS and k != "addresses"}
+    if other_addresses:
+        extra["addresses"] = other_addresses
     return ServiceSpec(
         app_name=app, app_namespace=app_ns, name=name, namespace=namespace, virtualization=virtualization,
-        code=code, cmd=cmd, environment=environment,
-        memory=int(_number(micro, "memory", path, integer=True)),
-        vcpus=_number(micro, vcpus_key, path, integer=False),
-        vgpus=int(_number(micro, "vgpus", path, integer=True)),
-        storage=int(_number(micro, "storage", path, integer=True)),
-        port=_port(_str(micro, "port", path), f"{path}.port"),
-        one_shot=_bool(micro, "one_shot", path), privileged=_bool(micro, "privileged", path),
-        rr_ip=rr_ip, clusters=clusters, nodes=nodes, constraints=constraints,
-        extra={k: v for k, v in micro.items() if k not in MICRO_KEYS},
+        code=code, cmd=cmd, environment=environment, memory=memory, vcpus=vcpus, vgpus=vgpus, storage=storage,
+        port=port, one_shot=one_shot, privileged=privileged, rr_ip=rr_ip, clusters=clusters, nodes=nodes,
+        constraints=constraints, extra=extra,
     )
 
 
@@ -330,11 +363,11 @@ def _application(raw: Any, path: str) -> AppSpec:
 
 
 def parse_sla(payload: bytes | str | dict[str, Any]) -> tuple[AppSpec, ...]:
-    """Validate an SLA v2.0 document (JSON bytes/str or a decoded dict); return its applications."""
-    if isinstance(payload, bytes | str):
+    """Validate an SLA v2.0 document (bytes/str JSON or an already decoded dict) and return its applications."""
+    if isinstance(payload, bytes | bytearray | memoryview | str):
         try:
-            payload = json.loads(payload)
-        except (ValueError, UnicodeDecodeError) as exc:
+            payload = json.loads(bytes(payload) if isinstance(payload, memoryview) else payload)
+        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
             raise SlaError("$", f"not valid JSON: {exc}") from None
     doc = _obj(payload, "$")
     version = _str(doc, "sla_version", "$", required=True)

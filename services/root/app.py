@@ -12,7 +12,7 @@ from broker.credentials import Credentials, new_password
 from broker.join import JoinDesk, write_secret
 from broker.server import EmbeddedBroker, Listeners
 from services.common import plugins, profile, topics
-from services.common.mqtt import BrokerUrl, MqttSession, dispatch
+from services.common.mqtt import BrokerUrl, MqttSession, serve
 from services.common.store import Store
 from services.root.api import Api
 from services.root.catalog import Catalog
@@ -64,7 +64,7 @@ async def run_root(cfg: RootConfig, ready: asyncio.Event | None = None) -> None:
         async with EmbeddedBroker(cfg.listen, credentials) as broker:
             url = BrokerUrl("127.0.0.1", broker.port)
             session = MqttSession(url, "root", "svc:root", credentials.service_password("svc:root"),
-                                  avail_topic=topics.ROOT_AVAIL)
+                                  avail_topic=topics.ROOT_AVAIL, announce=False)
             async with session:
                 orchestrator = RootOrchestrator(catalog, scheduling, session, credentials.users)
                 streams = LogStreams(session)
@@ -72,22 +72,16 @@ async def run_root(cfg: RootConfig, ready: asyncio.Event | None = None) -> None:
                 desk = JoinDesk(credentials, "cluster")
                 orchestrator.start()
                 await session.subscribe_confirmed(topics.API_REQUESTS, topics.JOIN_REQUESTS)
-                await ensure_admin(cfg, credentials, broker.port)  # last: its file tells clients we serve
+                session.announce()  # oak/root/avail online: clients wait for it before their first request
+                await ensure_admin(cfg, credentials, broker.port)
                 log.info("root serving on port %d (scheduling: %s)", broker.port, ", ".join(scheduling.names))
                 if ready:
                     ready.set()
-                async with asyncio.TaskGroup() as tasks:
-                    tasks.create_task(orchestrator.run())
-                    tasks.create_task(
-                        dispatch(
-                            session,
-                            {
-                                topics.JOIN_REQUESTS: lambda m: desk.handle(session, m),
-                                topics.API_REQUESTS: lambda m: api.handle(session, m),
-                                topics.up_filter(topics.CLUSTERS, "res/+"): streams.answer,
-                                topics.up_filter(topics.CLUSTERS, "#"): orchestrator.handle_cluster,
-                            },
-                        )
-                    )
+                await serve(session, {
+                    topics.JOIN_REQUESTS: lambda m: desk.handle(session, m),
+                    topics.API_REQUESTS: lambda m: api.handle(session, m),
+                    topics.up_filter(topics.CLUSTERS, "res/+"): streams.answer,
+                    topics.up_filter(topics.CLUSTERS, "#"): orchestrator.handle_cluster,
+                }, orchestrator.run())
     finally:
         store.close()

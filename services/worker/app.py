@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import socket
 from dataclasses import dataclass, field
@@ -11,7 +10,7 @@ from pathlib import Path
 from broker.join import obtain_login
 from services.common import envelope, models, plugins, topics
 from services.common.models import NodeInfo
-from services.common.mqtt import BrokerUrl, Message, MqttSession, dispatch
+from services.common.mqtt import BrokerUrl, Message, MqttSession, serve
 from services.common.store import Store
 from services.worker.engine import Engine
 from services.worker.logs import LogServer
@@ -95,14 +94,11 @@ async def run_worker(cfg: WorkerConfig) -> None:
             logs = LogServer(cfg.name, cfg.data_dir, session)
             log.info("worker %s connected to its cluster at %s; runtimes: %s", cfg.name, cfg.cluster,
                      ", ".join(sorted(runtimes)))
-            async with asyncio.TaskGroup() as tasks:
-                tasks.create_task(reporter.run(session, cfg.report_interval))
-                tasks.create_task(prober.run())
-                tasks.create_task(dispatch(session, {
-                    topics.down(topics.NODES, cfg.name, "peers"): lambda m: _apply_peers(prober, m),
-                    topics.down(topics.NODES, cfg.name, "desired"): lambda m: _apply_desired(engine, m),
-                    topics.down(topics.NODES, cfg.name, "cmd/logs"): logs.handle,
-                }))
+            await serve(session, {
+                topics.down(topics.NODES, cfg.name, "peers"): lambda m: _apply_peers(prober, m),
+                topics.down(topics.NODES, cfg.name, "desired"): lambda m: _apply_desired(engine, m),
+                topics.down(topics.NODES, cfg.name, "cmd/logs"): logs.handle,
+            }, reporter.run(session, cfg.report_interval), prober.run())
     finally:
         prober.close()
         await engine.close()

@@ -16,27 +16,42 @@ from services.cli.client import CliError
 History = Callable[[], list[float]]
 
 
-class InstanceScreen(Screen[None]):
-    """One instance: where it runs, its status, CPU and memory over time, and its log as it grows."""
+class Detail(Screen[None]):
+    """A drill-down: a summary line and a CPU sparkline, then what the subclass adds (:meth:`body`)."""
 
     BINDINGS = [("escape,q", "app.pop_screen", "Back")]
 
-    def __init__(self, job: str, number: int, describe: Callable[[], str], cpu: History, memory: History) -> None:
+    def __init__(self, describe: Callable[[], str], cpu: History) -> None:
         super().__init__()
-        self.job, self.number = job, number
-        self.describe, self.cpu, self.memory = describe, cpu, memory
+        self.describe, self.cpu = describe, cpu
 
     def compose(self) -> ComposeResult:
-        """Details, two sparklines, the log."""
+        """Summary, CPU sparkline, body."""
         yield Header()
         with Vertical(id="detail"):
             yield Label(self.describe(), id="summary")
             yield Label("cpu %", classes="caption")
             yield Sparkline(self.cpu(), id="cpu")
-            yield Label("memory MB", classes="caption")
-            yield Sparkline(self.memory(), id="memory")
-            yield RichLog(id="log", wrap=True)
+            yield from self.body()
         yield Footer()
+
+    def body(self) -> ComposeResult:
+        """The rest of the screen."""
+        yield from ()
+
+
+class InstanceScreen(Detail):
+    """One instance: where it runs, its status, CPU and memory over time, and its log as it grows."""
+
+    def __init__(self, job: str, number: int, describe: Callable[[], str], cpu: History, memory: History) -> None:
+        super().__init__(describe, cpu)
+        self.job, self.number, self.memory = job, number, memory
+
+    def body(self) -> ComposeResult:
+        """Memory sparkline and the log."""
+        yield Label("memory MB", classes="caption")
+        yield Sparkline(self.memory(), id="memory")
+        yield RichLog(id="log", wrap=True)
 
     def on_mount(self) -> None:
         """Follow the log."""
@@ -68,26 +83,17 @@ class InstanceScreen(Screen[None]):
             await self.app.feed.stop_stream(first["stream"])  # type: ignore[attr-defined]
 
 
-class WorkerScreen(Screen[None]):
+class WorkerScreen(Detail):
     """One worker: its load over time and the instances on it."""
-
-    BINDINGS = [("escape,q", "app.pop_screen", "Back")]
 
     def __init__(self, name: str, describe: Callable[[], str], cpu: History,
                  instances: Callable[[], list[dict[str, Any]]]) -> None:
-        super().__init__()
-        self.worker_name = name
-        self.describe, self.cpu, self.instances = describe, cpu, instances
+        super().__init__(describe, cpu)
+        self.worker_name, self.instances = name, instances
 
-    def compose(self) -> ComposeResult:
-        """Details, a CPU sparkline and the instances."""
-        yield Header()
-        with Vertical(id="detail"):
-            yield Label(self.describe(), id="summary")
-            yield Label("cpu %", classes="caption")
-            yield Sparkline(self.cpu(), id="cpu")
-            yield DataTable(id="on-worker", cursor_type="row")
-        yield Footer()
+    def body(self) -> ComposeResult:
+        """The instances on this worker."""
+        yield DataTable(id="on-worker", cursor_type="row")
 
     def on_mount(self) -> None:
         """Fill the table."""
