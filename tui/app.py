@@ -15,7 +15,7 @@ from services.cli.client import CliError
 from tui.feed import Feed
 from tui.messages import FeedStatus, InfrastructureChanged, ServiceChanged
 from tui.screens.create import CreateApp
-from tui.screens.details import InstanceScreen, WorkerScreen
+from tui.screens.details import ClusterScreen, InstanceScreen, WorkerScreen
 from tui.screens.dialogs import Confirm, Prompt
 from tui.widgets.cluster_tree import ClusterTree
 from tui.widgets.services_table import InstancesTable, ServicesTable
@@ -53,6 +53,7 @@ class OakApp(App[None]):
         self.sla_dir = sla_dir
         self.services: dict[str, dict[str, Any]] = {}
         self.nodes: dict[str, dict[str, Any]] = {}
+        self.clusters: dict[str, dict[str, Any]] = {}
         self.online: dict[str, bool] = {}
         self.history: dict[str, deque[float]] = defaultdict(lambda: deque([0.0], maxlen=HISTORY))
 
@@ -106,8 +107,11 @@ class OakApp(App[None]):
         """Redraw the cluster tree and note workers and clusters coming and going."""
         self.query_one("#clusters", ClusterTree).show(message.clusters, message.nodes)
         self.nodes = {n["name"]: n for n in message.nodes}
+        self.clusters = {c["name"]: c for c in message.clusters}
         for node in message.nodes:
             self.history[f"node:{node['name']}"].append(node["cpu_percent"])
+        for cluster in message.clusters:
+            self.history[f"cluster:{cluster['name']}"].append(cluster["cpu_percent"])
         self.refresh_details()
         now = {f"cluster {c['name']}": c["online"] for c in message.clusters}
         now.update({f"worker {n['cluster']}/{n['name']}": n["online"] for n in message.nodes})
@@ -128,7 +132,7 @@ class OakApp(App[None]):
 
     def refresh_details(self) -> None:
         """Redraw a drill-down screen if one is open."""
-        if isinstance(self.screen, InstanceScreen | WorkerScreen):
+        if isinstance(self.screen, InstanceScreen | WorkerScreen | ClusterScreen):
             self.screen.refresh_data()
 
     @on(DataTable.RowSelected, "#instances")
@@ -152,8 +156,11 @@ class OakApp(App[None]):
 
     @on(Tree.NodeSelected, "#clusters")
     def open_worker(self, event: Tree.NodeSelected[str]) -> None:
-        """Enter on a worker in the tree: its screen."""
+        """Enter on a worker in the tree: its screen; on a cluster: the cluster's."""
         name = event.node.data
+        if event.node.parent is self.query_one("#clusters", ClusterTree).root and name in self.clusters:
+            self.open_cluster(str(name))
+            return
         if name not in self.nodes:
             return
 
@@ -169,6 +176,20 @@ class OakApp(App[None]):
                     for i in state["instances"] if i["node"] == name]
 
         self.push_screen(WorkerScreen(str(name), describe, lambda: list(self.history[f"node:{name}"]), instances))
+
+    def open_cluster(self, name: str) -> None:
+        """The screen of one cluster."""
+
+        def describe() -> str:
+            c = self.clusters.get(name, {})
+            return (f"{name}  {'online' if c.get('online') else 'OFFLINE'}  {c.get('location') or 'no location'}  "
+                    f"{c.get('nodes', 0)} workers  {c.get('cpu_cores', 0):.0f} vcpus  {c.get('memory_mb', 0):.0f} MB  "
+                    f"{c.get('instances', 0)} instances")
+
+        def workers() -> list[dict[str, Any]]:
+            return [n for n in self.nodes.values() if n["cluster"] == name]
+
+        self.push_screen(ClusterScreen(name, describe, lambda: list(self.history[f"cluster:{name}"]), workers))
 
     # ---- actions -----------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from services.cli.client import CliError
 from tui.app import OakApp
 from tui.messages import FeedStatus, InfrastructureChanged, ServiceChanged
 from tui.screens.create import CreateApp, SlaFiles
-from tui.screens.details import InstanceScreen, WorkerScreen
+from tui.screens.details import ClusterScreen, InstanceScreen, WorkerScreen
 from tui.widgets.cluster_tree import ClusterTree
 from tui.widgets.services_table import InstancesTable, ServicesTable
 
@@ -213,6 +213,15 @@ async def test_instance_and_worker_screens() -> None:
         assert isinstance(app.screen, WorkerScreen)
         assert "w1 in c1  online" in shown(app)
         assert app.screen.query_one("#on-worker", DataTable).row_count == 1
+        await pilot.press("escape")
+        await pilot.pause()
+        tree = app.query_one(ClusterTree)
+        tree.move_cursor(tree.root.children[0])
+        await pilot.press("enter")
+        await pilot.pause()
+        assert isinstance(app.screen, ClusterScreen)
+        assert "c1  online" in shown(app)
+        assert app.screen.query_one("#workers", DataTable).row_count == 2
 
 
 async def test_create_with_the_file_picker(tmp_path: Path) -> None:

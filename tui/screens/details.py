@@ -109,3 +109,33 @@ class WorkerScreen(Detail):
         for row in self.instances():
             table.add_row(row["job"], str(row["number"]), row["status"], f"{row['cpu_percent']:.0f}",
                           f"{row['memory_mb']:.0f}")
+
+
+class ClusterScreen(Detail):
+    """One cluster: its average load over time and its workers."""
+
+    def __init__(self, name: str, describe: Callable[[], str], cpu: History,
+                 workers: Callable[[], list[dict[str, Any]]]) -> None:
+        super().__init__(describe, cpu)
+        self.cluster_name, self.members = name, workers
+
+    def body(self) -> ComposeResult:
+        """The workers of this cluster."""
+        yield DataTable(id="workers", cursor_type="row")
+
+    def on_mount(self) -> None:
+        """Fill the table."""
+        self.query_one("#workers", DataTable).add_columns("worker", "online", "cpu%", "vcpu free", "MB free",
+                                                          "instances", "runtimes")
+        self.refresh_data()
+
+    def refresh_data(self) -> None:
+        """Redraw from the app's latest state."""
+        self.query_one("#summary", Label).update(self.describe())
+        self.query_one("#cpu", Sparkline).data = self.cpu()
+        table = self.query_one("#workers", DataTable)
+        table.clear()
+        for node in self.members():
+            table.add_row(node["name"], "yes" if node["online"] else "no", f"{node['cpu_percent']:.0f}",
+                          f"{node['cpu_free']:.1f}/{node['cpu_cores']:.0f}", f"{node['memory_free_mb']:.0f}",
+                          str(node["instances"]), ",".join(node["runtimes"]))
