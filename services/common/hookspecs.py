@@ -43,6 +43,9 @@ class LaunchSpec:
     work_dir: str
     privileged: bool = False
     port: str = ""
+    netns: str = ""  # path of the instance's network namespace (/run/netns/...); "" = the worker's own
+    ip: str = ""  # the instance IP inside *netns* ("" without the overlay)
+    gateway: str = ""  # the instance's default gateway inside *netns*
 
 
 @dataclass(frozen=True)
