@@ -12,8 +12,8 @@ image's command), ``environment``, memory limit and CPU quota (in the cgroup ``o
 next to the process runtime's) and, with ``privileged``, every capability. ``runc run --keep`` is the
 supervised child, so the exit status is the container's and its cgroup outlives it long enough to
 tell an out-of-memory kill. Stopping is ``runc kill TERM``, then ``KILL`` after the grace period;
-``runc delete`` and removing the bundle leave nothing behind. Until the overlay network exists the
-container shares the worker's network namespace.
+``runc delete`` and removing the bundle leave nothing behind. With the overlay the container joins
+the instance's network namespace; without it, it shares the worker's.
 """
 
 from __future__ import annotations
@@ -161,6 +161,8 @@ class ContainerRuntime(SupervisedRuntime):
         config["hostname"] = f"instance-{spec.instance_number}"
         linux = config.setdefault("linux", {})
         linux["namespaces"] = [ns for ns in linux.get("namespaces", []) if ns.get("type") != "network"]
+        if spec.netns:  # the instance's own namespace from the overlay; without it, the worker's
+            linux["namespaces"].append({"type": "network", "path": spec.netns})
         linux["cgroupsPath"] = relative_path(spec.iid)
         resources = linux.setdefault("resources", {})
         if spec.memory_mb:

@@ -4,7 +4,7 @@ As root, the command runs under ``unshare --pid --mount --uts --ipc --fork --mou
 cgroup (memory limit = the SLA's ``memory`` MB, CPU quota = its ``vcpus``), behind a tiny shell init
 that passes SIGTERM on (a PID 1 without a handler would ignore it) and exits with the command's status.
 Without root it degrades, with a warning, to a plain process in its own session: no namespaces and
-no limits. The instance's own network namespace comes with the overlay network.
+no limits. With the overlay network the command also runs in the instance's network namespace.
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ class ProcessRuntime(SupervisedRuntime):
             raise RuntimeError("no cmd to run")
         if not self.sandboxed or shutil.which("unshare") is None:
             return list(spec.cmd)
-        return ["unshare", "--pid", "--mount", "--uts", "--ipc", "--fork", "--mount-proc", "--",
+        enter = ["nsenter", f"--net={spec.netns}"] if spec.netns else []
+        return [*enter, "unshare", "--pid", "--mount", "--uts", "--ipc", "--fork", "--mount-proc", "--",
                 "/bin/sh", "-c", INIT, "oak-init", *spec.cmd]
 
     def environment(self, spec: LaunchSpec) -> dict[str, str]:

@@ -53,7 +53,9 @@ async def worker(args: argparse.Namespace, home: Path, cluster_url: BrokerUrl) -
     await run_worker(WorkerConfig(home, cluster_url, args.name, tuple(args.runtime or ("process",)),
                                   args.collector, args.join_token, args.location, tuple(args.label),
                                   stop_grace=args.stop_grace, probe_host=args.probe.rpartition(":")[0] or "127.0.0.1",
-                                  probe_port=int(args.probe.rpartition(":")[2] or 0)))
+                                  probe_port=int(args.probe.rpartition(":")[2] or 0), overlay=args.overlay,
+                                  netmanager_port=args.netmanager, public_address=args.public_address,
+                                  vxlan_port=args.vxlan_port, host_netns=args.host_netns))
 
 
 async def sim(args: argparse.Namespace, home: Path, cluster_url: BrokerUrl) -> None:

@@ -83,6 +83,17 @@ def parser() -> argparse.ArgumentParser:
                              "127.0.0.1 and any free port; use the worker's public address across machines)")
     worker.add_argument("--stop-grace", type=float, default=5.0,
                         help="seconds between SIGTERM and SIGKILL when stopping an instance (default 5)")
+    net = worker.add_argument_group("overlay network (root only)")
+    net.add_argument("--overlay", action="store_true",
+                     help="give instances their own IPs and service IPs over the VXLAN overlay")
+    net.add_argument("--netmanager", type=int, default=0, metavar="PORT",
+                     help="use the overlay of the NetManager listening on this local port instead")
+    net.add_argument("--public-address", default="auto",
+                     help="this worker's address other workers reach (NodePublicAddress; default: auto)")
+    net.add_argument("--vxlan-port", type=int, default=50103, help="UDP port of the overlay (NodePublicPort)")
+    net.add_argument("--host-netns", default="",
+                     help="a network namespace to build the overlay in instead of this host's own "
+                          "(tests and demos play several hosts on one machine this way)")
     worker.add_argument("-v", "--verbose", action="store_true")
 
     app = sub.add_parser("app", help="applications").add_subparsers(dest="action", required=True)

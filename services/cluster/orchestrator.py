@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from services.cluster.network import ClusterNetwork
 from services.common import envelope, models, scheduling, topics
 from services.common.hookspecs import Candidate
 from services.common.models import InstanceSpec, InstanceStatus, NodeInfo, NodeSummary
@@ -62,6 +63,7 @@ class ClusterOrchestrator:
         self._peers_published: dict[str, frozenset[tuple[str, str]]] = {}
         self._peers_dirty = False
         self._changed = asyncio.Event()
+        self.network = ClusterNetwork(name, store, session)
 
     # ---- start-up ----------------------------------------------------------------------------
 
@@ -76,11 +78,13 @@ class ClusterOrchestrator:
         for node in set(self.assigned.values()):
             self.nodes.setdefault(node, NodeView(node))
             self._publish_node(node)
+        await self.network.load()
 
     def subscribe(self) -> None:
         """Subscribe to the root's desired map and every worker's channels."""
         self.session.subscribe(
             topics.downstream("desired"),
+            topics.downstream("net"),
             topics.downstream("cmd/+"),
             topics.up_filter(topics.NODES, "res/+"),
             topics.up_filter(topics.NODES, "avail"),
@@ -95,6 +99,11 @@ class ClusterOrchestrator:
         try:
             if message.topic == topics.downstream("desired"):
                 await self._on_desired(message.payload)
+                return
+            if message.topic == topics.downstream("net"):
+                if message.payload:
+                    await self.network.on_root(message.payload)
+                    self._changed.set()
                 return
             parsed = topics.parse_child(message.topic)
             if parsed is None or parsed.kind != topics.NODES or parsed.direction != "up":
@@ -144,7 +153,8 @@ class ClusterOrchestrator:
 
     def _on_state(self, node: NodeView, data: dict[str, Any]) -> None:
         statuses = models.load_statuses(data.get("instances", {}))
-        changed = {i: s.status for i, s in statuses.items()} != {i: s.status for i, s in node.statuses.items()}
+        changed = {i: (s.status, s.ip) for i, s in statuses.items()} != {
+            i: (s.status, s.ip) for i, s in node.statuses.items()}
         node.statuses = statuses
         node.metrics = {k: float(v) for k, v in data.items() if isinstance(v, int | float)}
         coord = data.get("coord")
@@ -268,6 +278,7 @@ class ClusterOrchestrator:
         return {
             "nodes": {n: models.dump(s) for n, s in self.summaries().items()},
             "instances": {i: models.dump(s) for i, s in self.statuses().items()},
+            "overlay": self.network.state(self.nodes),
         }
 
     async def run(self) -> None:
@@ -292,6 +303,8 @@ class ClusterOrchestrator:
             self._changed.clear()
             if self._peers_dirty:
                 self._publish_peers()
+            await self.network.allocate(self.nodes)
+            self.network.publish(self.nodes, self.desired, self.assigned)
             body = json.dumps(self.state(), sort_keys=True).encode()
             now = time.monotonic()
             if body != last or now >= next_periodic:

@@ -54,6 +54,9 @@ class InstanceSpec:
     job_name: str
     instance_number: int
     service: dict[str, Any]
+    sid: str = ""
+    rr_ip: str = ""
+    closest_ip: str = ""
 
     @property
     def spec(self) -> ServiceSpec:
@@ -104,6 +107,7 @@ class InstanceStatus:
     restarts: int = 0
     exit_code: int | None = None
     since: float = 0.0
+    ip: str = ""
 
 
 def load_statuses(data: Any) -> dict[str, InstanceStatus]:
@@ -129,6 +133,7 @@ class NodeInfo:
     labels: list[str] = dataclasses.field(default_factory=list)
     gpus: int = 0
     probe: str = ""
+    overlay: str = ""  # the VXLAN endpoint ``ip:port`` when the worker has the overlay network
 
 
 @dataclass(frozen=True)

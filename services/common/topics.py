@@ -21,6 +21,7 @@ info        yes       static facts: name, location, resources, runtimes, softwar
 state       yes       live facts: metrics and the status of every instance, every few seconds
 desired     yes       the full map of instances the parent wants running there, ``{iid: spec}``
 peers       yes       (to workers) the other workers' probe addresses, for latency measurement
+net         yes       (down) the overlay: a cluster's block / a worker's subnet, and the net table
 cmd/<verb>  no        a one-shot request (``logs``), answered on ``res/<verb>``
 res/<verb>  no        the answer, with the request's ``id``
 evt/<kind>  no        events (placement failures, restarts) for feeds
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 BASE = "oak"
 CLUSTERS = "clusters"
 NODES = "nodes"
-RETAINED = frozenset({"avail", "info", "state", "desired", "peers"})
+RETAINED = frozenset({"avail", "info", "state", "desired", "peers", "net"})
 
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 USER_RE = ID_RE

@@ -16,6 +16,7 @@ from services.common.mqtt import BrokerUrl, MqttSession, serve
 from services.common.store import Store
 from services.root.api import Api
 from services.root.catalog import Catalog
+from services.root.network import RootNetwork
 from services.root.orchestrator import RootOrchestrator
 from services.root.streams import LogStreams
 
@@ -66,7 +67,9 @@ async def run_root(cfg: RootConfig, ready: asyncio.Event | None = None) -> None:
             session = MqttSession(url, "root", "svc:root", credentials.service_password("svc:root"),
                                   avail_topic=topics.ROOT_AVAIL, announce=False)
             async with session:
-                orchestrator = RootOrchestrator(catalog, scheduling, session, credentials.users)
+                network = RootNetwork(store, session)
+                await network.load()
+                orchestrator = RootOrchestrator(catalog, scheduling, session, credentials.users, network)
                 streams = LogStreams(session)
                 api = Api(catalog, orchestrator, credentials, streams)
                 desk = JoinDesk(credentials, "cluster")

@@ -2,7 +2,8 @@
 
 Everything here is in memory and written through to TinyDB before a change is acknowledged.
 Service ids and instance ids are short random hex strings, unique across users; a service's job name
-(``app.appns.svc.svcns``) is unique per user only, so two users may use the same names.
+(``app.appns.svc.svcns``) is unique per user only, so two users may use the same names. Each service
+gets its round-robin and closest IPs when created; they are free again once it is deleted.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass, replace
 
-from services.common import models
+from services.common import addressing, models
 from services.common.sla import AppSpec, ServiceSpec
 from services.common.store import Store
 
@@ -52,6 +53,8 @@ class Service:
     spec: dict[str, object]
     replicas: int = 0
     next_number: int = 0
+    rr_ip: str = ""
+    closest_ip: str = ""
 
     @property
     def sla(self) -> ServiceSpec:
@@ -132,7 +135,15 @@ class Catalog:
         if any(a.name == spec.name and a.namespace == spec.namespace for a in self.apps_of(owner)):
             raise Conflict(f"application {spec.name}.{spec.namespace} exists already")
         app_id = new_id()
-        services = [Service(new_id(), owner, app_id, svc.to_dict()) for svc in spec.services]
+        used = {ip for s in self.services.values() for ip in (s.rr_ip, s.closest_ip)}
+        services = []
+        for svc in spec.services:
+            try:
+                rr_ip, closest_ip = addressing.service_ips(svc.rr_ip, used)
+            except addressing.Exhausted as exc:
+                raise Conflict(str(exc)) from None
+            used |= {rr_ip, closest_ip}
+            services.append(Service(new_id(), owner, app_id, svc.to_dict(), rr_ip=rr_ip, closest_ip=closest_ip))
         app = App(app_id, owner, spec.name, spec.namespace, spec.desc, tuple(s.sid for s in services))
         await self.store.put_many(SERVICES, {s.sid: models.dump(s) for s in services})
         await self.store.put(APPS, app_id, models.dump(app))

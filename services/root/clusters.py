@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, replace
 
 from services.common.hookspecs import Candidate, Demand
 from services.common.models import ClusterInfo, InstanceStatus, NodeSummary
+from services.common.nettable import NodeRoute
 from services.common.scheduling import Decision, Profile, place, reserve
 
 FAILOVER_GRACE = 2.0
@@ -27,6 +28,7 @@ class ClusterView:
     nodes: dict[str, NodeSummary] = field(default_factory=dict)
     statuses: dict[str, InstanceStatus] = field(default_factory=dict)
     move_after: float | None = None
+    overlay: dict[str, NodeRoute] = field(default_factory=dict)
 
     def set_online(self, online: bool, grace: float = FAILOVER_GRACE) -> None:
         """Record a change of availability."""

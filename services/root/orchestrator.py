@@ -22,6 +22,7 @@ from services.common.mqtt import Message, MqttSession
 from services.common.scheduling import Profile, with_targets
 from services.root.catalog import Catalog, Instance, Service
 from services.root.clusters import STARTUP_GRACE, ClusterView, choose
+from services.root.network import RootNetwork, overlay_routes
 from services.root.views import cluster_rows, node_rows
 
 log = logging.getLogger(__name__)
@@ -33,8 +34,10 @@ class RootOrchestrator:
     """Placement across clusters and the users' view of their services."""
 
     def __init__(self, catalog: Catalog, profile: Profile, session: MqttSession,
-                 users: Callable[[], list[str]] = list) -> None:
+                 users: Callable[[], list[str]] = list, network: RootNetwork | None = None) -> None:
         self.catalog = catalog
+        self.network = network
+        self._net_dirty = True
         self.users = users
         self._infrastructure: bytes = b""
         self.profile = profile
@@ -46,6 +49,7 @@ class RootOrchestrator:
         self._published_desired: dict[str, str] = {}
         self._published_state: dict[str, bytes] = {}
         self._dirty: set[str] = set()
+        self._reconciling = asyncio.Lock()
 
     def start(self) -> None:
         """Subscribe, and republish every cluster's desired map and every service's state."""
@@ -79,7 +83,11 @@ class RootOrchestrator:
             data = envelope.decode(message.payload, "cluster.state").data
             view.nodes = {n: models.load(NodeSummary, s) for n, s in data.get("nodes", {}).items()}
             view.statuses = models.load_statuses(data.get("instances", {}))
+            view.overlay = overlay_routes(view.name, data.get("overlay", {}))
             self._absorb(view)
+            self._net_dirty = True
+            if self.network:
+                await self.network.grant([view])
         await self.reconcile()
 
     def _excluded_clear(self, cluster: str) -> None:
@@ -103,7 +111,8 @@ class RootOrchestrator:
     def spec_of(self, instance: Instance) -> InstanceSpec:
         """The desired-map entry of an instance."""
         service = self.catalog.services[instance.sid]
-        return InstanceSpec(instance.iid, service.owner, service.job_name, instance.number, service.spec)
+        return InstanceSpec(instance.iid, service.owner, service.job_name, instance.number, service.spec,
+                            service.sid, service.rr_ip, service.closest_ip)
 
     def _reservations(self) -> dict[str, dict[str, Demand]]:
         """What the root placed and the clusters have not reported yet: ``{cluster: {worker: demand}}``."""
@@ -117,7 +126,14 @@ class RootOrchestrator:
         return out
 
     async def reconcile(self) -> None:
-        """Move instances off failed clusters, place unplaced ones, publish what changed."""
+        """Move instances off failed clusters, place unplaced ones, publish what changed.
+
+        One at a time: a second pass must see the first one's assignments, or it would place the same
+        instances again."""
+        async with self._reconciling:
+            await self._reconcile()
+
+    async def _reconcile(self) -> None:
         changes: dict[str, str] = {}
         for view in self.clusters.values():
             if view.should_move():
@@ -221,6 +237,8 @@ class RootOrchestrator:
             "memory": spec.memory,
             "vcpus": spec.vcpus,
             "replicas": service.replicas,
+            "rr_ip": service.rr_ip,
+            "closest_ip": service.closest_ip,
             "status": overall_status(service.replicas, [i["status"] for i in instances]),
             "instances": instances,
         }
@@ -228,6 +246,9 @@ class RootOrchestrator:
     def flush_states(self) -> None:
         """Republish the retained state of every service that changed."""
         dirty, self._dirty = self._dirty, set()
+        if self.network and (self._net_dirty or dirty):
+            self._net_dirty = False
+            self.network.publish(self.catalog, self.clusters.values())
         for sid in dirty:
             service = self.catalog.services.get(sid)
             if service is None:

@@ -13,7 +13,10 @@ from services.common.models import NodeInfo
 from services.common.mqtt import BrokerUrl, Message, MqttSession, serve
 from services.common.store import Store
 from services.worker.engine import Engine
+from services.worker.kernel import Kernel
 from services.worker.logs import LogServer
+from services.worker.netmanager import RemoteNetwork
+from services.worker.overlay import Network, Overlay
 from services.worker.prober import Prober
 from services.worker.reporter import Reporter
 
@@ -37,6 +40,22 @@ class WorkerConfig:
     stop_grace: float = 5.0
     probe_host: str = "127.0.0.1"
     probe_port: int = 0
+    overlay: bool = False  # run the overlay in this process
+    netmanager_port: int = 0  # or use the NetManager listening on this port
+    public_address: str = "auto"  # VXLAN endpoint address (NodePublicAddress)
+    vxlan_port: int = 50103  # NodePublicPort
+    host_netns: str = ""  # the namespace playing this worker's host ("" = its own; tests use one per worker)
+
+
+async def make_network(cfg: WorkerConfig, store: Store) -> tuple[Network | None, Overlay | None]:
+    """The overlay this worker uses, and the one it owns (to tear down when it stops), if any."""
+    if cfg.netmanager_port:
+        return RemoteNetwork(cfg.netmanager_port), None
+    if not cfg.overlay:
+        return None, None
+    overlay = Overlay(cfg.name, Kernel(cfg.host_netns or None), store, cfg.public_address, cfg.vxlan_port)
+    await overlay.start()
+    return overlay, overlay
 
 
 async def run_worker(cfg: WorkerConfig) -> None:
@@ -53,8 +72,10 @@ async def run_worker(cfg: WorkerConfig) -> None:
     collector = plugins.load_collector(pm, cfg.collector)
     login = await obtain_login(cfg.data_dir, cfg.cluster, "node", cfg.name, cfg.join_token)
     store = Store(cfg.data_dir / "worker.db.json")
+    network, owned = await make_network(cfg, store)
     reporter = Reporter(cfg.name, collector)
-    engine = Engine(cfg.name, runtimes, store, cfg.data_dir, on_change=reporter.poke, stop_grace=cfg.stop_grace)
+    engine = Engine(cfg.name, runtimes, store, cfg.data_dir, on_change=reporter.poke, stop_grace=cfg.stop_grace,
+                    network=network)
     reporter.engine = engine
     prober = reporter.prober = Prober(cfg.probe_host, cfg.probe_port)
     await prober.start()
@@ -82,6 +103,7 @@ async def run_worker(cfg: WorkerConfig) -> None:
                 version=VERSION,
                 labels=list(cfg.labels),
                 probe=prober.address,
+                overlay=await network.endpoint() if network else "",
             )
             session.publish(
                 topics.up(topics.NODES, cfg.name, "info"),
@@ -90,6 +112,7 @@ async def run_worker(cfg: WorkerConfig) -> None:
             )
             session.subscribe(topics.down(topics.NODES, cfg.name, "desired"),
                               topics.down(topics.NODES, cfg.name, "peers"),
+                              topics.down(topics.NODES, cfg.name, "net"),
                               topics.down(topics.NODES, cfg.name, "cmd/+"))
             logs = LogServer(cfg.name, cfg.data_dir, session)
             log.info("worker %s connected to its cluster at %s; runtimes: %s", cfg.name, cfg.cluster,
@@ -98,11 +121,25 @@ async def run_worker(cfg: WorkerConfig) -> None:
                 topics.down(topics.NODES, cfg.name, "peers"): lambda m: _apply_peers(prober, m),
                 topics.down(topics.NODES, cfg.name, "desired"): lambda m: _apply_desired(engine, m),
                 topics.down(topics.NODES, cfg.name, "cmd/logs"): logs.handle,
+                topics.down(topics.NODES, cfg.name, "net"): lambda m: _apply_net(network, m),
             }, reporter.run(session, cfg.report_interval), prober.run())
     finally:
         prober.close()
         await engine.close()
+        if owned:
+            await owned.close()
         store.close()
+
+
+async def _apply_net(network: Network | None, message: Message) -> None:
+    """Take this worker's subnet and the net table from the cluster."""
+    if network is None or not message.payload:
+        return
+    try:
+        data = envelope.decode(message.payload, "net").data
+        await network.update(str(data["subnet"]), str(data["cluster"]), dict(data["table"]))
+    except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+        log.warning("cannot apply the net table: %s", exc)
 
 
 async def _apply_peers(prober: Prober, message: Message) -> None:

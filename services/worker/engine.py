@@ -20,6 +20,7 @@ from services.common import models
 from services.common.hookspecs import Exit, Handle, LaunchSpec, Runtime
 from services.common.models import InstanceSpec, InstanceStatus
 from services.common.store import Store
+from services.worker.overlay import Attachment, Network
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class Slot:
     handle: Handle | None = None
     task: asyncio.Task[None] | None = None
     stats: dict[str, float] = field(default_factory=dict)
+    ip: str = ""
 
 
 class Engine:
@@ -62,8 +64,10 @@ class Engine:
         data_dir: Path,
         on_change: Callable[[], None] = lambda: None,
         stop_grace: float = STOP_GRACE,
+        network: Network | None = None,
     ) -> None:
         self.node = node
+        self.network = network
         self.stop_grace = stop_grace
         self.runtimes = runtimes
         self.store = store
@@ -83,6 +87,7 @@ class Engine:
                 node=self.node,
                 cpu_percent=slot.stats.get("cpu_percent", 0.0),
                 memory_mb=slot.stats.get("memory_mb", 0.0),
+                ip=slot.ip,
             )
         return out
 
@@ -144,6 +149,8 @@ class Engine:
         runtime = self.runtimes.get(slot.spec.spec.virtualization)
         if slot.handle and runtime:
             await runtime.stop(slot.handle, self.stop_grace)
+        if self.network:
+            await self.network.detach(slot.spec.iid)
         await self.store.delete(TABLE, slot.spec.iid)
         log.info("removed %s", slot.spec.iid)
 
@@ -156,9 +163,12 @@ class Engine:
             return
         restarts = slot.status.restarts
         while True:
-            if not adopted:
+            if adopted:
+                await self._reattach(slot)
+            else:
                 try:
-                    slot.handle = await runtime.start(self._launch_spec(spec))
+                    place = await self._attach(slot)
+                    slot.handle = await runtime.start(self._launch_spec(spec, place))
                 except Exception as exc:  # a runtime's failure is the instance's, never the worker's
                     if not isinstance(exc, RuntimeError):
                         log.exception("runtime %s failed to start %s", runtime.name, spec.iid)
@@ -188,7 +198,23 @@ class Engine:
             restarts += 1
             await asyncio.sleep(backoff(restarts))
 
-    def _launch_spec(self, spec: InstanceSpec) -> LaunchSpec:
+    async def _attach(self, slot: Slot) -> Attachment | None:
+        """The instance's place on the overlay (None without one)."""
+        if self.network is None:
+            return None
+        place = await self.network.attach(slot.spec.iid, slot.spec.spec.port)
+        slot.ip = place.ip
+        return place
+
+    async def _reattach(self, slot: Slot) -> None:
+        """Find an adopted instance's overlay IP again (its namespace outlived the worker)."""
+        try:
+            await self._attach(slot)
+        except RuntimeError as exc:
+            log.warning("adopted %s but cannot find its overlay address: %s", slot.spec.iid, exc)
+        self.on_change()
+
+    def _launch_spec(self, spec: InstanceSpec, place: Attachment | None = None) -> LaunchSpec:
         svc = spec.spec
         return LaunchSpec(
             iid=spec.iid,
@@ -205,6 +231,9 @@ class Engine:
             work_dir=str(self.data_dir / "work" / spec.iid),
             privileged=svc.privileged,
             port=svc.port,
+            netns=place.netns if place else "",
+            ip=place.ip if place else "",
+            gateway=place.gateway if place else "",
         )
 
     async def sample(self) -> None:

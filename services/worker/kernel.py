@@ -1,0 +1,221 @@
+"""The overlay's kernel side, through pyroute2, ``nft`` and ``sysctl``: synchronous, one call per change.
+
+In the *host* namespace (the worker's own, or a named one for tests that play several hosts on one
+machine) it keeps a bridge ``oak0`` holding the gateway address, a VXLAN device ``oakvx`` on the
+worker's public address, routes to the other workers' subnets through it, and the ``ip oakling``
+nftables table. Each instance gets a namespace ``oak-<iid>`` with ``eth0`` (one end of a veth whose
+other end is on the bridge), its IP and a default route to the gateway.
+
+Remote workers are reached flannel-style: a route ``subnet via <its .0> dev oakvx onlink``, a
+permanent neighbour entry giving that address the worker's derived MAC, and a forwarding entry
+sending that MAC to its public endpoint. No learning, no flooding.
+
+Namespaces are entered by the calling thread alone (``setns``, then back), and created with
+``ip netns add``: pyroute2's own way forks the (asyncio) process, and a signal reaching such a fork
+would reach the worker's event loop as if the worker itself had been asked to stop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import subprocess
+from collections.abc import Iterator
+from typing import Any
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netns import setns
+
+from services.common import addressing
+from services.common.addressing import SERVICE_POOL
+from services.common.nettable import NodeRoute
+from services.worker.nftrules import BRIDGE, VXLAN, remove
+
+VNI = 4218
+ONLINK = 4  # RTNH_F_ONLINK
+NETNS_DIR = "/run/netns"
+PREFIX = "oak-"
+
+
+class KernelError(RuntimeError):
+    """The kernel refused a change; the message says which."""
+
+
+def namespace_of(iid: str) -> str:
+    """The name of an instance's network namespace."""
+    return f"{PREFIX}{iid}"
+
+
+def _veth(iid: str) -> str:
+    return f"ve-{iid}"[:15]
+
+
+def namespaces() -> set[str]:
+    """The named network namespaces."""
+    return set(os.listdir(NETNS_DIR)) if os.path.isdir(NETNS_DIR) else set()
+
+
+@contextlib.contextmanager
+def _inside(name: str | None) -> Iterator[Any]:
+    """A netlink socket in namespace *name* (None: the current one); only this thread moves, and back."""
+    if not name:
+        with IPRoute() as ipr:
+            yield ipr
+        return
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        target = os.open(os.path.join(NETNS_DIR, name), os.O_RDONLY)
+        try:
+            setns(target, fork=False)
+        finally:
+            os.close(target)
+        try:
+            with IPRoute() as ipr:
+                yield ipr
+        finally:
+            setns(home, fork=False)
+    finally:
+        os.close(home)
+
+
+def _ip(*argv: str) -> None:
+    done = subprocess.run(["ip", *argv], capture_output=True, text=True, timeout=30, check=False)
+    if done.returncode != 0:
+        raise KernelError(f"ip {' '.join(argv)} failed: {done.stderr.strip()[:300]}")
+
+
+class Kernel:
+    """Makes the host namespace and instance namespaces look as asked."""
+
+    def __init__(self, host_netns: str | None = None) -> None:
+        self.host_netns = host_netns
+        self.peers: dict[str, NodeRoute] = {}
+
+    def host(self) -> contextlib.AbstractContextManager[Any]:
+        """A netlink socket in the host namespace."""
+        return _inside(self.host_netns)
+
+    def _run(self, argv: list[str], stdin: str = "") -> None:
+        prefix = ["ip", "netns", "exec", self.host_netns] if self.host_netns else []
+        done = subprocess.run(prefix + argv, input=stdin, capture_output=True, text=True, timeout=30, check=False)
+        if done.returncode != 0:
+            raise KernelError(f"{argv[0]} failed: {done.stderr.strip()[:400]}")
+
+    # ---- the host ------------------------------------------------------------------------------
+
+    def public_address(self) -> str:
+        """The host's address towards the outside: the source of its default route."""
+        with self.host() as ipr:
+            try:
+                routes = ipr.route("get", dst="1.1.1.1")
+            except NetlinkError:
+                routes = []
+            for route in routes:
+                if src := route.get_attr("RTA_PREFSRC"):
+                    return str(src)
+        raise KernelError("NodePublicAddress is 'auto' but this host has no default route; set it in netcfg.json")
+
+    def ensure_host(self, subnet: str, local: str, port: int) -> None:
+        """Create (or keep) the bridge with the gateway address, the VXLAN device and forwarding."""
+        gateway, vtep = addressing.gateway(subnet), addressing.vtep_ip(subnet)
+        prefix = ipaddress.ip_network(subnet).prefixlen
+        with self.host() as ipr:
+            if not ipr.link_lookup(ifname=BRIDGE):
+                ipr.link("add", ifname=BRIDGE, kind="bridge")
+            bridge = ipr.link_lookup(ifname=BRIDGE)[0]
+            self._set_address(ipr, bridge, gateway, prefix)
+            ipr.link("set", index=bridge, state="up")
+            if not ipr.link_lookup(ifname=VXLAN):
+                ipr.link("add", ifname=VXLAN, kind="vxlan", vxlan_id=VNI, vxlan_port=port, vxlan_local=local,
+                         vxlan_learning=0)
+            vxlan = ipr.link_lookup(ifname=VXLAN)[0]
+            ipr.link("set", index=vxlan, address=addressing.vtep_mac(subnet), state="up")
+            self._set_address(ipr, vxlan, vtep, 32)
+            ipr.route("replace", dst=str(SERVICE_POOL), oif=bridge)
+        self._run(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+
+    @staticmethod
+    def _set_address(ipr: Any, index: int, address: str, prefix: int) -> None:
+        present = {(a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.get_addr(index=index, family=2)}
+        for other, length in present - {(address, prefix)}:
+            ipr.addr("del", index=index, address=other, prefixlen=length)
+        if (address, prefix) not in present:
+            ipr.addr("add", index=index, address=address, prefixlen=prefix)
+
+    def set_peers(self, peers: dict[str, NodeRoute]) -> None:
+        """Route to exactly these other workers' subnets over VXLAN."""
+        with self.host() as ipr:
+            found = ipr.link_lookup(ifname=VXLAN)
+            if not found:
+                raise KernelError("the overlay is not set up yet")
+            vxlan = found[0]
+            for name, route in self.peers.items():
+                if peers.get(name) != route:
+                    self._forget_peer(ipr, vxlan, route)
+            for name, route in peers.items():
+                if self.peers.get(name) != route:
+                    vtep, mac = addressing.vtep_ip(route.subnet), addressing.vtep_mac(route.subnet)
+                    ipr.neigh("replace", dst=vtep, lladdr=mac, ifindex=vxlan, state="permanent")
+                    with contextlib.suppress(NetlinkError):
+                        ipr.fdb("del", ifindex=vxlan, lladdr=mac)
+                    ipr.fdb("append", ifindex=vxlan, lladdr=mac, dst=route.address, port=route.port)
+                    ipr.route("replace", dst=route.subnet, gateway=vtep, oif=vxlan, flags=ONLINK)
+        self.peers = dict(peers)
+
+    @staticmethod
+    def _forget_peer(ipr: Any, vxlan: int, route: NodeRoute) -> None:
+        vtep, mac = addressing.vtep_ip(route.subnet), addressing.vtep_mac(route.subnet)
+        for call in (lambda: ipr.route("del", dst=route.subnet, gateway=vtep, oif=vxlan),
+                     lambda: ipr.neigh("del", dst=vtep, lladdr=mac, ifindex=vxlan),
+                     lambda: ipr.fdb("del", ifindex=vxlan, lladdr=mac, dst=route.address)):
+            with contextlib.suppress(NetlinkError):
+                call()
+
+    def set_rules(self, ruleset: str) -> None:
+        """Replace the nftables table with *ruleset* in one transaction."""
+        self._run(["nft", "-f", "-"], ruleset)
+
+    def teardown(self) -> None:
+        """Remove the bridge, the VXLAN device, the service route and the nftables table."""
+        with self.host() as ipr:
+            for name in (VXLAN, BRIDGE):
+                for index in ipr.link_lookup(ifname=name):
+                    ipr.link("del", index=index)
+        with contextlib.suppress(KernelError):
+            self._run(["nft", "-f", "-"], remove())
+        self.peers = {}
+
+    # ---- instances -----------------------------------------------------------------------------
+
+    def attach(self, iid: str, ip: str, subnet: str) -> str:
+        """Give instance *iid* a namespace with *ip* behind the bridge; return the namespace's path."""
+        name = namespace_of(iid)
+        prefix = ipaddress.ip_network(subnet).prefixlen
+        if name not in namespaces():
+            _ip("netns", "add", name)
+        with self.host() as ipr:
+            bridge = ipr.link_lookup(ifname=BRIDGE)
+            if not bridge:
+                raise KernelError("the overlay is not set up yet")
+            if not ipr.link_lookup(ifname=_veth(iid)):
+                ipr.link("add", ifname=_veth(iid), kind="veth", peer={"ifname": "eth0", "net_ns_fd": name})
+            ipr.link("set", index=ipr.link_lookup(ifname=_veth(iid))[0], master=bridge[0], state="up")
+        with _inside(name) as inner:
+            inner.link("set", index=inner.link_lookup(ifname="lo")[0], state="up")
+            eth0 = inner.link_lookup(ifname="eth0")[0]
+            self._set_address(inner, eth0, ip, prefix)
+            inner.link("set", index=eth0, state="up")
+            inner.route("replace", dst="0.0.0.0/0", gateway=addressing.gateway(subnet))
+        return os.path.join(NETNS_DIR, name)
+
+    def detach(self, iid: str) -> None:
+        """Remove instance *iid*'s namespace (its veth goes with it)."""
+        name = namespace_of(iid)
+        if name in namespaces():
+            _ip("netns", "del", name)
+        with self.host() as ipr:
+            for index in ipr.link_lookup(ifname=_veth(iid)):
+                with contextlib.suppress(NetlinkError):
+                    ipr.link("del", index=index)

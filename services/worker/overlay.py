@@ -1,0 +1,134 @@
+"""The worker's part of the overlay: its instances' addresses, and its kernel kept in line with the net table.
+
+The cluster sends the worker its subnet and the net table (retained ``net``); instances are attached
+as they start and detached when they are removed. Instance IPs are kept in the store, so a worker
+restarted after ``kill -9`` gives every adopted instance the address it had. When the cluster is
+unreachable nothing is torn down: the kernel keeps routing with what it was last told.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from services.common import addressing
+from services.common.nettable import NetTable
+from services.common.store import Store
+from services.worker import nftrules
+from services.worker.kernel import Kernel, KernelError
+
+log = logging.getLogger(__name__)
+TABLE = "net"
+SUBNET_WAIT = 15.0
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """An instance's place on the overlay."""
+
+    netns: str
+    ip: str
+    gateway: str
+
+
+class Network(Protocol):
+    """What the engine and the worker need of the overlay, in process or behind the NetManager."""
+
+    async def endpoint(self) -> str:
+        """This worker's VXLAN endpoint ``ip:port``."""
+
+    async def update(self, subnet: str, cluster: str, table: dict[str, Any]) -> None:
+        """Take the subnet and net table the cluster sent."""
+
+    async def attach(self, iid: str, ports: str) -> Attachment:
+        """Give instance *iid* its namespace and IP, publishing *ports* (the SLA's ``port``)."""
+
+    async def detach(self, iid: str) -> None:
+        """Take instance *iid* off the overlay."""
+
+
+class Overlay:
+    """The overlay on this worker (the :class:`Network` that does the work)."""
+
+    def __init__(self, node: str, kernel: Kernel, store: Store, public_address: str = "auto",
+                 port: int = 50103) -> None:
+        self.node, self.kernel, self.store, self.port = node, kernel, store, port
+        self.public_address = public_address
+        self.subnet = ""
+        self.cluster = ""
+        self.table = NetTable()
+        self.attached: dict[str, dict[str, str]] = {}
+        self._subnet_known = asyncio.Event()
+        self._lock = asyncio.Lock()
+
+    async def _call(self, fn: Any, *args: Any) -> Any:
+        async with self._lock:  # one kernel change at a time, off the event loop
+            return await asyncio.to_thread(fn, *args)
+
+    async def start(self) -> None:
+        """Load the instances' addresses of a previous run and settle the public address."""
+        self.attached = {iid: dict(doc) for iid, doc in (await self.store.load(TABLE)).items()}
+        if self.public_address == "auto":
+            self.public_address = await self._call(self.kernel.public_address)
+
+    async def endpoint(self) -> str:
+        """This worker's VXLAN endpoint ``ip:port``."""
+        return f"{self.public_address}:{self.port}"
+
+    async def update(self, subnet: str, cluster: str, table: dict[str, Any]) -> None:
+        """Set up for *subnet* if it is new, then program routes and rules from *table*."""
+        parsed = NetTable.from_json(table)
+        if subnet != self.subnet:
+            if self.subnet:
+                log.warning("the cluster moved this worker from %s to %s; instances get new IPs on restart",
+                            self.subnet, subnet)
+            await self._call(self.kernel.ensure_host, subnet, self.public_address, self.port)
+            self.subnet = subnet
+            log.info("overlay up: subnet %s, endpoint %s", subnet, await self.endpoint())
+        self.cluster, self.table = cluster, parsed
+        self._subnet_known.set()
+        await self._program()
+
+    async def _program(self) -> None:
+        peers = {name: route for name, route in self.table.nodes.items() if name != self.node}
+        ports = [m for doc in self.attached.values() for m in nftrules.parse_ports(doc.get("port", ""), doc["ip"])]
+        ruleset = nftrules.render(self.table, self.node, self.cluster, self.subnet, ports)
+        await self._call(self.kernel.set_peers, peers)
+        await self._call(self.kernel.set_rules, ruleset)
+
+    async def attach(self, iid: str, ports: str) -> Attachment:
+        """Give instance *iid* its namespace and IP (the same IP as before when it had one)."""
+        try:
+            await asyncio.wait_for(self._subnet_known.wait(), SUBNET_WAIT)
+        except TimeoutError:
+            raise RuntimeError("no overlay subnet from the cluster yet") from None
+        doc = self.attached.get(iid)
+        if doc is None or doc.get("subnet") != self.subnet:
+            used = {d["ip"] for d in self.attached.values() if d.get("subnet") == self.subnet}
+            ip = addressing.instance_ip(self.subnet, used)
+            doc = {"ip": ip, "subnet": self.subnet, "port": ports}
+            self.attached[iid] = doc
+            await self.store.put(TABLE, iid, doc)
+        try:
+            path = await self._call(self.kernel.attach, iid, doc["ip"], self.subnet)
+            if ports:
+                await self._program()
+        except (KernelError, OSError) as exc:
+            raise RuntimeError(f"cannot attach to the overlay: {exc}") from None
+        return Attachment(path, doc["ip"], addressing.gateway(self.subnet))
+
+    async def detach(self, iid: str) -> None:
+        """Remove instance *iid*'s namespace and free its IP."""
+        doc = self.attached.pop(iid, None)
+        await self._call(self.kernel.detach, iid)
+        await self.store.delete(TABLE, iid)
+        if doc and doc.get("port") and self.subnet:
+            await self._program()
+
+    async def close(self) -> None:
+        """Remove everything this worker made in the kernel (after its instances have stopped)."""
+        for iid in list(self.attached):
+            await self.detach(iid)
+        await self._call(self.kernel.teardown)

@@ -1,0 +1,202 @@
+"""The overlay end to end: workers on pretend hosts (namespaces on a LAN bridge), two clusters,
+instances reaching services by service IP over VXLAN, through real brokers and real processes."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.cli.client import OakClient
+from tests.conftest import Stack, dumps, eventually, sla, sleeper
+from tests.netlab import Lab, links, namespaces, need_network_lab, nft_ruleset, sh
+
+SERVER = '''
+import os, socket, socketserver, threading
+NAME = os.environ.get("HOSTNAME", "?").encode()
+class Web(socketserver.StreamRequestHandler):
+    def handle(self):
+        self.rfile.readline()
+        self.wfile.write(b"HTTP/1.0 200 OK\\r\\nContent-Length: %d\\r\\n\\r\\n%s" % (len(NAME), NAME))
+class Echo(socketserver.BaseRequestHandler):
+    def handle(self):
+        self.request[1].sendto(NAME, self.client_address)
+socketserver.ThreadingTCPServer.allow_reuse_address = True
+threading.Thread(target=socketserver.ThreadingUDPServer(("0.0.0.0", 80), Echo).serve_forever, daemon=True).start()
+socketserver.ThreadingTCPServer(("0.0.0.0", 80), Web).serve_forever()
+'''
+
+ASK = '''
+import socket, sys, urllib.request
+kind, ip, port, count = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+for _ in range(count):
+    if kind == "tcp":
+        print(urllib.request.urlopen(f"http://{ip}:{port}/", timeout=5).read().decode())
+    else:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(5)
+        s.sendto(b"?", (ip, port)); print(s.recv(100).decode()); s.close()
+'''
+
+APP, SERVER_JOB, CLIENT_JOB = "net", "net.test.server.test", "net.test.client.test"
+SPREAD = """
+[[plugins]]
+name = "least-loaded"
+
+[[plugins]]
+name = "anti-affinity"
+weight = 10
+args = { hard = false }
+"""
+PING = ["ping"] if shutil.which("ping") else ["busybox", "ping"]
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    """Three pretend hosts on one LAN, removed at the end."""
+    need_network_lab()
+    lab = Lab()
+    try:
+        for name in ("h1", "h2", "h3"):
+            lab.host(name)
+        yield lab
+    finally:
+        lab.remove()
+
+
+def ask(netns: str, kind: str, ip: str, port: int, count: int) -> list[str]:
+    """Answers to *count* TCP or UDP requests to ip:port made from namespace *netns*."""
+    done = sh("ip", "netns", "exec", netns, sys.executable, "-c", ASK, kind, ip, str(port), str(count), timeout=60)
+    return done.stdout.split()
+
+
+async def service(client: OakClient, job: str) -> dict[str, Any]:
+    """The service as its owner sees it."""
+    return await client.request("services", "inspect", {"service": job})
+
+
+async def settled(client: OakClient, job: str, replicas: int) -> dict[str, Any]:
+    """Wait until *job* has *replicas* RUNNING instances, each with an IP."""
+
+    async def check() -> dict[str, Any] | None:
+        s = await service(client, job)
+        ok = len(s["instances"]) == replicas and all(i["status"] == "RUNNING" and i["ip"] for i in s["instances"])
+        return s if ok else None
+
+    return dict(await eventually(check, 40, what=f"{job} x{replicas} RUNNING with IPs"))
+
+
+def start_workers(stack: Stack, lab: Lab, names: dict[str, str]) -> None:
+    """One worker per host: *names* maps worker to cluster."""
+    for index, (worker, cluster) in enumerate(names.items()):
+        host = f"h{index + 1}"
+        address = "auto" if index == 0 else lab.addresses[host]
+        stack.worker(worker, cluster, "--overlay", "--host-netns", lab.hosts[host], "--public-address", address,
+                     "--stop-grace", "1")
+
+
+@pytest.mark.timeout(240)
+async def test_service_ips_across_workers_and_clusters(stack: Stack, api: Any, lab: Lab, tmp_path: Path) -> None:
+    """Round-robin and closest service IPs over VXLAN (TCP, UDP, ICMP), port mappings, a replica moving,
+    and undeploy leaving no namespace, link or rule behind."""
+    before = namespaces()
+    spread = tmp_path / "spread.toml"
+    spread.write_text(SPREAD)
+    stack.root("--scheduler-profile", str(spread))
+    stack.cluster("c1", "--scheduler-profile", str(spread))
+    stack.cluster("c2", "--scheduler-profile", str(spread))
+    start_workers(stack, lab, {"w1": "c1", "w2": "c1", "w3": "c2"})
+    client = await api()
+    await eventually(lambda: _overlay_nodes(client, 3), 30, what="three workers online")
+
+    script = tmp_path / "server.py"
+    script.write_text(SERVER)
+    server = {"microservice_name": "server", "cmd": [sys.executable, str(script)], "port": "8080:80"}
+    client_svc = sleeper("client", 3601, constraints=[{"type": "direct", "node": "w1"}])
+    await client.request("apps", "create", raw=dumps(sla(server, client_svc, app=APP)))
+    await client.request("services", "deploy", {"service": SERVER_JOB, "replicas": 3})
+    await client.request("services", "deploy", {"service": CLIENT_JOB, "replicas": 1})
+    servers = await settled(client, SERVER_JOB, 3)
+    assert {i["node"] for i in servers["instances"]} == {"w1", "w2", "w3"}, "one replica per worker"
+    caller = (await settled(client, CLIENT_JOB, 1))["instances"][0]
+    caller_ns = f"oak-{caller['iid']}"
+    rr, closest = servers["rr_ip"], servers["closest_ip"]
+    names = {i["node"]: f"instance-{i['number']}" for i in servers["instances"]}
+
+    async def spread() -> bool:  # the net table reaches every worker within a moment
+        return Counter(ask(caller_ns, "tcp", rr, 80, 6)) == Counter({n: 2 for n in names.values()})
+
+    await eventually(spread, 10, interval=0.3, what="round robin over all three replicas")
+    assert Counter(ask(caller_ns, "udp", rr, 80, 3)) == Counter({n: 1 for n in names.values()}), "UDP too"
+    assert set(ask(caller_ns, "tcp", closest, 80, 4)) == {names["w1"]}, "closest = the replica on w1"
+    far = next(i["ip"] for i in servers["instances"] if i["node"] == "w3")
+    sh("ip", "netns", "exec", caller_ns, *PING, "-c", "1", "-W", "3", far)  # ICMP to an instance IP in c2
+    assert ask(lab.hosts["h3"], "tcp", lab.addresses["h2"], 8080, 1) == [names["w2"]], "port mapping on w2"
+
+    stack.procs["w2"].stop()  # its replica moves; the service IP keeps answering from live replicas only
+
+    async def moved() -> bool:
+        s = await settled(client, SERVER_JOB, 3)
+        return "w2" not in {i["node"] for i in s["instances"]}
+
+    await eventually(moved, 40, interval=0.5, what="the replica of w2 RUNNING elsewhere")
+
+    async def answers() -> bool:
+        return len(ask(caller_ns, "tcp", rr, 80, 6)) == 6
+
+    await eventually(answers, 10, interval=0.3, what="the service IP answering after the move")
+    assert "ve-" not in " ".join(links(lab.hosts["h2"])), "a stopped worker leaves no instance link"
+    assert "oak0" not in links(lab.hosts["h2"])
+    assert "oakling" not in nft_ruleset(lab.hosts["h2"])
+
+    iids = {i["iid"] for i in (await service(client, SERVER_JOB))["instances"]} | {caller["iid"]}
+    await client.request("services", "undeploy", {"service": SERVER_JOB})
+    await client.request("services", "undeploy", {"service": CLIENT_JOB})
+
+    def leftovers() -> list[str]:
+        left = sorted({f"oak-{iid}" for iid in iids} & namespaces())
+        rules = [line.strip() for h in ("h1", "h3") for line in nft_ruleset(lab.hosts[h]).splitlines() if "dnat to" in line]
+        veths = [n for h in ("h1", "h3") for n in links(lab.hosts[h]) if n.startswith("ve-")]
+        return left + rules + veths
+
+    def clean() -> bool:
+        left = leftovers()
+        assert not left, left
+        return True
+
+    await eventually(clean, 20, interval=0.3, what="no namespace, veth or DNAT rule left")
+    for worker in ("w1", "w3"):
+        stack.procs[worker].stop()
+    assert namespaces() - before == set(), "every instance namespace is gone"
+    for host in ("h1", "h3"):
+        assert {"oak0", "oakvx"}.isdisjoint(links(lab.hosts[host]))
+        assert "oakling" not in nft_ruleset(lab.hosts[host])
+
+
+async def _overlay_nodes(client: OakClient, count: int) -> bool:
+    nodes = await client.request("nodes", "list")
+    return sum(1 for n in nodes if n["online"]) == count
+
+
+def test_lab_is_separate_from_the_host() -> None:
+    """The lab never adds links to the test machine's own namespace."""
+    need_network_lab()
+    own = links_here()
+    lab = Lab()
+    try:
+        lab.host("x")
+        assert links_here() == own
+    finally:
+        lab.remove()
+    assert lab.lan not in namespaces()
+
+
+def links_here() -> set[str]:
+    """The link names of the namespace the tests run in."""
+    out = sh("ip", "-o", "link", "show").stdout
+    return {line.split(":")[1].strip().split("@")[0] for line in out.splitlines()}
+
