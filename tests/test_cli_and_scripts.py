@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from services.common.envelope import decode
+from services.worker.kernel import overlay_unavailable
 from tests.conftest import need_binary, sla, sleeper
+from tests.netlab import Lab
 from tests.stack import REPO, Proc, Stack, free_port, oak
 
 pytestmark = pytest.mark.timeout(120)
@@ -97,18 +99,24 @@ def test_cli_errors_are_one_line_and_non_zero(up: Path, tmp_path: Path) -> None:
 
 
 def test_seed_commands_verbatim(tmp_path: Path) -> None:
-    """`NetManager -p PORT` and `NodeEngine -n PORT -p 10100 -a HOST` join a cluster as in the seed guide."""
+    """`NetManager -p PORT` and `NodeEngine -n PORT -p 10100 -a HOST` join a cluster as in the seed guide; as root,
+    on a pretend host, the NetManager runs the overlay and the NodeEngine's instances get their IPs from it."""
+    lab = Lab() if overlay_unavailable() == "" else None
     stack = Stack(tmp_path)
     netcfg = tmp_path / "netcfg.json"
     try:
         stack.root()
         stack.cluster("c1")
-        netcfg.write_text(json.dumps({"NodePublicAddress": "127.0.0.1", "NodePublicPort": "50103",
+        if lab:
+            lab.host("h1")
+        address = lab.addresses["h1"] if lab else "127.0.0.1"
+        netcfg.write_text(json.dumps({"NodePublicAddress": address, "NodePublicPort": "50103",
                                       "ClusterUrl": "localhost", "ClusterMqttPort": str(stack.cluster_ports["c1"])}))
         nm_port = free_port()
         bin_dir = Path(sys.executable).parent
-        stack.procs["nm"] = Proc("nm", [str(bin_dir / "NetManager"), "-p", str(nm_port), "--netcfg", str(netcfg)],
-                                 tmp_path).start()
+        host = ["--host-netns", lab.hosts["h1"]] if lab else []
+        stack.procs["nm"] = Proc("nm", [str(bin_dir / "NetManager"), "-p", str(nm_port), "--netcfg", str(netcfg),
+                                        "--data-dir", str(tmp_path / "nm"), *host], tmp_path).start()
         wait_until(lambda: "listening" in stack.procs["nm"].tail(), what="NetManager up")
         stack.procs["ne"] = Proc("ne", [str(bin_dir / "NodeEngine"), "-n", str(nm_port), "-p", "10100", "-a",
                                         "127.0.0.1", "--netcfg", str(netcfg), "--name", "seedworker",
@@ -118,6 +126,14 @@ def test_seed_commands_verbatim(tmp_path: Path) -> None:
         log = stack.procs["ne"].tail()
         assert "using the cluster broker on port" in log
         assert "answers: ok" in log
+        if lab:
+            assert f"overlay endpoint {address}:50103" in log
+            doc = tmp_path / "sla.json"
+            doc.write_text(json.dumps(sla(sleeper("seedling", 3602))))
+            run_oak(home, "app", "create", str(doc))
+            run_oak(home, "service", "deploy", "demo.test.seedling.test")
+            wait_until(lambda: "10.18." in run_oak(home, "service", "inspect", "demo.test.seedling.test").stdout,
+                       what="the instance's overlay IP")
         netcfg.write_text('{"ClusterMqttPort": "not-a-port"}')
         bad = subprocess.run([str(bin_dir / "NodeEngine"), "-a", "127.0.0.1", "--netcfg", str(netcfg)],
                              capture_output=True, text=True, timeout=30)
@@ -125,6 +141,8 @@ def test_seed_commands_verbatim(tmp_path: Path) -> None:
         assert "ClusterMqttPort" in bad.stderr
     finally:
         stack.stop()
+        if lab:
+            lab.remove()
 
 
 def test_mosquitto_script_creates_deploys_and_watches(stack: Stack) -> None:

@@ -137,6 +137,13 @@ async def test_service_ips_across_workers_and_clusters(stack: Stack, api: Any, l
     sh("ip", "netns", "exec", caller_ns, *PING, "-c", "1", "-W", "3", far)  # ICMP to an instance IP in c2
     assert ask(lab.hosts["h3"], "tcp", lab.addresses["h2"], 8080, 1) == [names["w2"]], "port mapping on w2"
 
+    stack.procs["c1"].kill9()  # the data plane does not need the control plane
+    assert Counter(ask(caller_ns, "tcp", rr, 80, 6)) == Counter({n: 2 for n in names.values()}), "cluster away"
+    stack.procs["c1"].start()
+    await settled(client, SERVER_JOB, 3)
+    caller = (await settled(client, CLIENT_JOB, 1))["instances"][0]
+    caller_ns = f"oak-{caller['iid']}"
+
     stack.procs["w2"].stop()  # its replica moves; the service IP keeps answering from live replicas only
 
     async def moved() -> bool:
@@ -159,7 +166,8 @@ async def test_service_ips_across_workers_and_clusters(stack: Stack, api: Any, l
 
     def leftovers() -> list[str]:
         left = sorted({f"oak-{iid}" for iid in iids} & namespaces())
-        rules = [line.strip() for h in ("h1", "h3") for line in nft_ruleset(lab.hosts[h]).splitlines() if "dnat to" in line]
+        rules = [line.strip() for h in ("h1", "h3")
+                 for line in nft_ruleset(lab.hosts[h]).splitlines() if "dnat to" in line]
         veths = [n for h in ("h1", "h3") for n in links(lab.hosts[h]) if n.startswith("ve-")]
         return left + rules + veths
 

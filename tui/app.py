@@ -148,8 +148,8 @@ class OakApp(App[None]):
         def describe() -> str:
             current = next((i for i in self.services.get(job, {}).get("instances", []) if i["iid"] == iid), inst)
             return (f"{job} #{number}  {current['status']}  on {current['cluster'] or '-'}/{current['node'] or '-'}"
-                    f"  cpu {current['cpu_percent']:.0f}%  {current['memory_mb']:.0f} MB  "
-                    f"restarts {current['restarts']}  {current['reason']}")
+                    f"  ip {current.get('ip') or '-'}  cpu {current['cpu_percent']:.0f}%  "
+                    f"{current['memory_mb']:.0f} MB  restarts {current['restarts']}  {current['reason']}")
 
         self.push_screen(InstanceScreen(job, number, describe, lambda: list(self.history[f"cpu:{iid}"]),
                                         lambda: list(self.history[f"mem:{iid}"])))

@@ -114,9 +114,9 @@ async def up(args: argparse.Namespace, home: Path) -> None:
 # ---- client commands ---------------------------------------------------------------------------
 
 SERVICE_COLUMNS = [("SERVICE", "job_name"), ("ID", "service_id"), ("STATUS", "status"),
-                   ("REPLICAS", "replicas"), ("VIRT", "virtualization"), ("CODE", "code")]
+                   ("REPLICAS", "replicas"), ("VIRT", "virtualization"), ("RR IP", "rr_ip"), ("CODE", "code")]
 INSTANCE_COLUMNS = [("#", "number"), ("STATUS", "status"), ("CLUSTER", "cluster"), ("NODE", "node"),
-                    ("CPU%", "cpu_percent"), ("MEM MB", "memory_mb"), ("RESTARTS", "restarts"),
+                    ("IP", "ip"), ("CPU%", "cpu_percent"), ("MEM MB", "memory_mb"), ("RESTARTS", "restarts"),
                     ("REASON", "reason")]
 
 
@@ -127,7 +127,8 @@ def _services(data: Any) -> str:
 def _service(data: Any) -> str:
     head = (f"{data['job_name']}  ({data['service_id']})  {data['status']}\n"
             f"{data['virtualization']} {data['code'] or ' '.join(data['cmd'])}  "
-            f"vcpus={data['vcpus']} memory={data['memory']}MB replicas={data['replicas']}\n")
+            f"vcpus={data['vcpus']} memory={data['memory']}MB replicas={data['replicas']}\n"
+            f"service IPs: round-robin {data.get('rr_ip') or '-'}, closest {data.get('closest_ip') or '-'}\n")
     return head + (table(data["instances"], INSTANCE_COLUMNS) if data["instances"] else "no instances")
 
 

@@ -50,7 +50,7 @@ class WorkerConfig:
 async def make_network(cfg: WorkerConfig, store: Store) -> tuple[Network | None, Overlay | None]:
     """The overlay this worker uses, and the one it owns (to tear down when it stops), if any."""
     if cfg.netmanager_port:
-        return RemoteNetwork(cfg.netmanager_port), None
+        return RemoteNetwork(cfg.netmanager_port, cfg.name), None
     if not cfg.overlay:
         return None, None
     overlay = Overlay(cfg.name, Kernel(cfg.host_netns or None), store, cfg.public_address, cfg.vxlan_port)

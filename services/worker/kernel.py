@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
+import shutil
 import subprocess
 from collections.abc import Iterator
 from typing import Any
@@ -46,6 +47,14 @@ class KernelError(RuntimeError):
 def namespace_of(iid: str) -> str:
     """The name of an instance's network namespace."""
     return f"{PREFIX}{iid}"
+
+
+def overlay_unavailable() -> str:
+    """Why this machine cannot run the overlay ("" when it can)."""
+    if os.geteuid() != 0:
+        return "the overlay needs root (network namespaces, VXLAN, nftables)"
+    missing = [tool for tool in ("ip", "nft", "nsenter") if shutil.which(tool) is None]
+    return f"missing {', '.join(missing)} (Debian: iproute2, nftables, util-linux)" if missing else ""
 
 
 def _veth(iid: str) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from services.worker.overlay import Attachment, Overlay
@@ -25,6 +26,7 @@ async def _answer(overlay: Overlay, request: dict[str, Any]) -> dict[str, Any]:
     if op == "endpoint":
         return {"ok": True, "endpoint": await overlay.endpoint()}
     if op == "update":
+        overlay.node = str(request.get("node") or overlay.node)
         await overlay.update(str(request["subnet"]), str(request["cluster"]), dict(request["table"]))
         return {"ok": True}
     if op == "attach":
@@ -36,15 +38,16 @@ async def _answer(overlay: Overlay, request: dict[str, Any]) -> dict[str, Any]:
     return {"ok": False, "error": f"unknown operation {op!r}"}
 
 
-async def serve(overlay: Overlay, port: int, host: str = "127.0.0.1") -> None:
-    """Serve *overlay* on *host*:*port* until cancelled."""
+Answer = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
+
+async def _listen(answer: Answer, port: int, host: str, what: str) -> None:
     async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while line := await reader.readline():
                 try:
                     request = json.loads(line)
-                    reply = await _answer(overlay, request if isinstance(request, dict) else {})
+                    reply = await answer(request if isinstance(request, dict) else {})
                 except (ValueError, KeyError, TypeError, RuntimeError) as exc:
                     reply = {"ok": False, "error": str(exc)}
                 writer.write(json.dumps(reply).encode() + b"\n")
@@ -53,16 +56,32 @@ async def serve(overlay: Overlay, port: int, host: str = "127.0.0.1") -> None:
             writer.close()
 
     server = await asyncio.start_server(client, host, port)
-    log.info("NetManager listening on %s:%d; overlay endpoint %s", host, port, await overlay.endpoint())
+    log.info("NetManager listening on %s:%d; %s", host, port, what)
     async with server:
         await server.serve_forever()
+
+
+async def serve(overlay: Overlay, port: int, host: str = "127.0.0.1") -> None:
+    """Serve *overlay* on *host*:*port* until cancelled."""
+    await _listen(lambda request: _answer(overlay, request), port, host, f"overlay endpoint {await overlay.endpoint()}")
+
+
+async def serve_status(port: int, reason: str, host: str = "127.0.0.1") -> None:
+    """Serve a NetManager without the overlay: ``status`` says why; everything else is refused."""
+
+    async def answer(request: dict[str, Any]) -> dict[str, Any]:
+        if request.get("op") == "status":
+            return {"ok": True, "overlay": False, "reason": reason}
+        return {"ok": False, "error": f"no overlay: {reason}"}
+
+    await _listen(answer, port, host, "no overlay")
 
 
 class RemoteNetwork:
     """The overlay of a NetManager process, as a :class:`~services.worker.overlay.Network`."""
 
-    def __init__(self, port: int, host: str = "127.0.0.1") -> None:
-        self.host, self.port = host, port
+    def __init__(self, port: int, node: str, host: str = "127.0.0.1") -> None:
+        self.host, self.port, self.node = host, port, node
         self._lock = asyncio.Lock()
 
     async def _ask(self, op: str, **fields: Any) -> dict[str, Any]:
@@ -87,7 +106,7 @@ class RemoteNetwork:
 
     async def update(self, subnet: str, cluster: str, table: dict[str, Any]) -> None:
         """Pass the cluster's subnet and net table on."""
-        await self._ask("update", subnet=subnet, cluster=cluster, table=table)
+        await self._ask("update", subnet=subnet, cluster=cluster, table=table, node=self.node)
 
     async def attach(self, iid: str, ports: str) -> Attachment:
         """Ask for instance *iid*'s namespace and IP."""

@@ -19,8 +19,12 @@ from pathlib import Path
 from services.cli.client import oak_home
 from services.common.lifecycle import run_until_signalled, setup_logging
 from services.common.mqtt import BrokerUrl
+from services.common.store import Store
+from services.worker import netmanager
 from services.worker.app import WorkerConfig, run_worker
+from services.worker.kernel import Kernel, overlay_unavailable
 from services.worker.netcfg import DEFAULT_PATH, NetConfig, NetConfigError
+from services.worker.overlay import Overlay
 
 log = logging.getLogger("NodeEngine")
 OAKESTRA_HTTP_PORT = 10100
@@ -46,14 +50,20 @@ def node_engine_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_netmanager(port: int) -> None:
+def _check_netmanager(port: int) -> bool:
+    """True when the NetManager on *port* answers and runs the overlay."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=2) as conn:
             conn.sendall(b'{"op":"status"}\n')
             answer = json.loads(conn.makefile().readline() or "{}")
-        log.info("NetManager on port %d answers: %s", port, "ok" if answer.get("ok") else answer)
     except (OSError, ValueError) as exc:
-        log.warning("no NetManager on port %d (%s); running without it", port, exc)
+        log.warning("no NetManager on port %d (%s); running without the overlay", port, exc)
+        return False
+    if not answer.get("overlay"):
+        log.warning("NetManager on port %d answers: ok, but without the overlay (%s)", port, answer.get("reason", ""))
+        return False
+    log.info("NetManager on port %d answers: ok, overlay endpoint %s", port, answer.get("endpoint"))
+    return True
 
 
 def node_engine_main(argv: list[str] | None = None) -> int:
@@ -71,11 +81,10 @@ def node_engine_main(argv: list[str] | None = None) -> int:
         log.info("port %d is Oakestra's HTTP port; using the cluster broker on port %d", OAKESTRA_HTTP_PORT, port)
     if _flag(args.unikernel):
         log.warning("-u: no unikernel runtime plugin is installed on this worker; not advertising unikernel")
-    if args.netmanagerPort:
-        _check_netmanager(args.netmanagerPort)
+    overlay = bool(args.netmanagerPort) and _check_netmanager(args.netmanagerPort)
     cluster = BrokerUrl(args.clusterAddr or net.cluster_url, port)
     cfg = WorkerConfig(Path(args.data_dir) if args.data_dir else oak_home(None) / "worker", cluster, args.name,
-                       join_token=args.join_token)
+                       join_token=args.join_token, netmanager_port=args.netmanagerPort if overlay else 0)
     try:
         asyncio.run(run_until_signalled(lambda: run_worker(cfg)))
     except KeyboardInterrupt:
@@ -83,27 +92,24 @@ def node_engine_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-async def _serve_netmanager(port: int, net: NetConfig) -> None:
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while line := await reader.readline():
-                try:
-                    op = json.loads(line).get("op")
-                except (ValueError, AttributeError):
-                    op = None
-                if op == "status":
-                    reply = {"ok": True, "overlay": False, "config": net.__dict__}
-                else:
-                    reply = {"ok": False, "error": f"unsupported operation {op!r}: this NetManager has no overlay"}
-                writer.write(json.dumps(reply).encode() + b"\n")
-                await writer.drain()
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(answer, "127.0.0.1", port)
-    logging.getLogger("NetManager").info("NetManager listening on 127.0.0.1:%d (no overlay yet)", port)
-    async with server:
-        await server.serve_forever()
+async def _serve_netmanager(args: argparse.Namespace, net: NetConfig) -> None:
+    nm_log = logging.getLogger("NetManager")
+    reason = overlay_unavailable()
+    if reason:
+        nm_log.warning("no overlay: %s; answering status only", reason)
+        await netmanager.serve_status(args.port, reason)
+        return
+    data_dir = Path(args.data_dir) if args.data_dir else oak_home(None) / "netmanager"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    store = Store(data_dir / "netmanager.db.json")
+    overlay = Overlay(socket.gethostname(), Kernel(args.host_netns or None), store, net.node_public_address,
+                      net.node_public_port)
+    try:
+        await overlay.start()
+        await netmanager.serve(overlay, args.port)
+    finally:
+        await overlay.close()
+        store.close()
 
 
 def net_manager_main(argv: list[str] | None = None) -> int:
@@ -111,6 +117,8 @@ def net_manager_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="NetManager", description="The worker's network manager (seed-compatible).")
     p.add_argument("-p", "--port", type=int, default=6000, help="local API port (default 6000)")
     p.add_argument("--netcfg", type=Path, default=DEFAULT_PATH, help=f"netcfg.json (default {DEFAULT_PATH})")
+    p.add_argument("--data-dir", help="NetManager state (default: $OAK_HOME/netmanager or ~/.oak/netmanager)")
+    p.add_argument("--host-netns", default="", help="build the overlay in this network namespace (tests, demos)")
     args = p.parse_args(argv)
     setup_logging()
     try:
@@ -119,7 +127,7 @@ def net_manager_main(argv: list[str] | None = None) -> int:
         print(f"NetManager: {exc}", file=sys.stderr)
         return 1
     try:
-        asyncio.run(run_until_signalled(lambda: _serve_netmanager(args.port, net)))
+        asyncio.run(run_until_signalled(lambda: _serve_netmanager(args, net)))
     except KeyboardInterrupt:
         return 130
     return 0

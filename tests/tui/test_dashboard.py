@@ -24,9 +24,10 @@ from tui.widgets.services_table import InstancesTable, ServicesTable
 def service(job: str, status: str, replicas: int, *instances: tuple[int, str, str]) -> dict[str, Any]:
     return {"service_id": job[:4], "job_name": job, "app_id": "a1", "virtualization": "process", "code": "",
             "cmd": ["sleep", "1"], "memory": 10, "vcpus": 0.1, "replicas": replicas, "status": status,
+            "rr_ip": f"10.30.0.{2 * replicas + 1}", "closest_ip": f"10.30.0.{2 * replicas + 2}",
             "instances": [{"number": n, "iid": f"{job}-{n}", "cluster": "c1", "node": node, "status": st,
                            "reason": "", "cpu_percent": 1.0, "memory_mb": 2.0, "restarts": 0, "exit_code": None,
-                           "since": 0} for n, st, node in instances]}
+                           "since": 0, "ip": f"10.18.0.{n + 2}"} for n, st, node in instances]}
 
 
 WEB = service("shop.test.web.test", "RUNNING", 2, (0, "RUNNING", "w1"), (1, "RUNNING", "w2"))

@@ -48,11 +48,14 @@ class InstancesTable(DataTable[str]):
     def on_mount(self) -> None:
         """Set up the columns."""
         self.cursor_type = "row"
-        self.add_columns("#", "status", "cluster", "node", "cpu%", "MB", "restarts", "reason")
+        self.add_columns("#", "status", "cluster", "node", "ip", "cpu%", "MB", "restarts", "reason")
 
     def show(self, state: dict[str, Any] | None) -> None:
-        """Redraw for *state* (None: nothing selected)."""
+        """Redraw for *state* (None: nothing selected); the border shows the service's IPs."""
         self.clear()
+        rr, closest = (state or {}).get("rr_ip"), (state or {}).get("closest_ip")
+        self.border_title = f"service IPs: round-robin {rr}, closest {closest}" if rr else None
         for i in (state or {}).get("instances", []):
             self.add_row(str(i["number"]), styled(i["status"]), i["cluster"] or "-", i["node"] or "-",
+                         i.get("ip") or "-",
                          f"{i['cpu_percent']:.0f}", f"{i['memory_mb']:.0f}", str(i["restarts"]), i["reason"] or "")

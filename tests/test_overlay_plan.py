@@ -1,0 +1,163 @@
+"""The overlay's pure parts: address plan, net table, nftables rendering, subnet hand-out. No kernel."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from services.cluster import network as cluster_network
+from services.cluster.network import ClusterNetwork
+from services.common import addressing, envelope
+from services.common.models import InstanceSpec, InstanceStatus, NodeInfo
+from services.common.nettable import Backend, NetTable, NodeRoute, ServiceRoute
+from services.common.store import Store
+from services.worker.nftrules import PortMap, parse_ports, render, service_rules
+
+
+@pytest.mark.parametrize(("pool", "prefix", "used", "want"), [
+    ("10.18.0.0/15", 20, [], "10.18.0.0/20"),
+    ("10.18.0.0/15", 20, ["10.18.0.0/20"], "10.18.16.0/20"),
+    ("10.18.0.0/15", 20, ["10.18.16.0/20"], "10.18.0.0/20"),  # a freed block is given again
+    ("10.18.16.0/20", 26, ["10.18.16.0/26", "10.18.16.128/26"], "10.18.16.64/26"),
+])
+def test_free_subnet(pool: str, prefix: int, used: list[str], want: str) -> None:
+    assert addressing.free_subnet(pool, prefix, used) == want
+
+
+def test_pools_run_out_with_a_clear_error() -> None:
+    blocks = list(addressing.WORKER_POOL.subnets(new_prefix=addressing.CLUSTER_PREFIX))
+    with pytest.raises(addressing.Exhausted, match="no free /20 left in 10.18.0.0/15"):
+        addressing.free_subnet(addressing.WORKER_POOL, 20, [str(b) for b in blocks])
+    used = [f"10.18.0.{i}" for i in range(2, 63)]
+    with pytest.raises(addressing.Exhausted, match="no free address"):
+        addressing.instance_ip("10.18.0.0/26", used)
+
+
+def test_worker_subnet_layout() -> None:
+    subnet = "10.18.16.64/26"
+    assert addressing.vtep_ip(subnet) == "10.18.16.64"
+    assert addressing.gateway(subnet) == "10.18.16.65"
+    assert addressing.instance_ip(subnet, []) == "10.18.16.66"
+    assert addressing.instance_ip(subnet, ["10.18.16.66"]) == "10.18.16.67"
+    assert addressing.vtep_mac(subnet) == "02:00:0a:12:10:40"
+
+
+def test_service_ips() -> None:
+    assert addressing.service_ips("", []) == ("10.30.0.1", "10.30.0.2")
+    assert addressing.service_ips("10.30.5.5", ["10.30.0.1"]) == ("10.30.5.5", "10.30.0.2")
+    with pytest.raises(addressing.Exhausted, match="already used"):
+        addressing.service_ips("10.30.0.1", ["10.30.0.1"])
+
+
+WEB = ServiceRoute("web", "10.30.0.1", "10.30.0.2", (
+    Backend("10.18.0.2", "w1", "c1"), Backend("10.18.0.66", "w2", "c1"), Backend("10.18.16.2", "w3", "c2")))
+
+
+@pytest.mark.parametrize(("node", "cluster", "want"), [
+    ("w1", "c1", ["10.18.0.2"]),  # a replica on the worker itself
+    ("w4", "c1", ["10.18.0.2", "10.18.0.66"]),  # none there: those in its cluster
+    ("w9", "c9", ["10.18.0.2", "10.18.0.66", "10.18.16.2"]),  # none in its cluster either: all
+])
+def test_closest(node: str, cluster: str, want: list[str]) -> None:
+    assert [b.ip for b in WEB.closest(node, cluster)] == want
+
+
+def test_table_round_trip_and_merge() -> None:
+    table = NetTable({"w1": NodeRoute("c1", "10.18.0.0/26", "192.168.1.1:50103"),
+                      "w3": NodeRoute("c2", "10.18.16.0/26", "192.168.1.3:50103")}, {"s1": WEB})
+    assert NetTable.from_json(json.loads(json.dumps(table.to_json()))) == table
+    fresh = table.with_cluster("c1", {"w2": NodeRoute("c1", "10.18.0.64/26", "192.168.1.2:50103")},
+                               {"s1": [Backend("10.18.0.67", "w2", "c1")]},
+                               {"s2": ServiceRoute("db", "10.30.0.3", "10.30.0.4")})
+    assert set(fresh.nodes) == {"w2", "w3"}, "c1's workers replaced, c2's kept"
+    assert [b.ip for b in fresh.services["s1"].backends] == ["10.18.16.2", "10.18.0.67"]
+    assert fresh.services["s2"].backends == ()
+    with pytest.raises(ValueError, match="malformed"):
+        NetTable.from_json({"nodes": {"w1": {"subnet": "x"}}})
+
+
+def test_ports() -> None:
+    assert parse_ports("80", "10.18.0.2") == [PortMap(80, "10.18.0.2", 80)]
+    assert parse_ports("8080:80/udp; 9000:9000", "10.18.0.2") == [
+        PortMap(8080, "10.18.0.2", 80, "udp"), PortMap(9000, "10.18.0.2", 9000)]
+
+
+def test_rules() -> None:
+    table = NetTable({}, {"s1": WEB, "s2": ServiceRoute("idle", "10.30.0.3", "10.30.0.4")})
+    assert service_rules(table, "w1", "c1") == [
+        "ip daddr 10.30.0.1 dnat to numgen inc mod 3 map { 0 : 10.18.0.2, 1 : 10.18.0.66, 2 : 10.18.16.2 }",
+        "ip daddr 10.30.0.2 dnat to 10.18.0.2",
+    ], "a service without running instances gets no rule"
+    text = render(table, "w1", "c1", "10.18.0.0/26", [PortMap(8080, "10.18.0.2", 80)])
+    assert text.startswith("table ip oakling\ndelete table ip oakling\n"), "one transaction replaces the table"
+    assert "tcp dport 8080 dnat to 10.18.0.2:80" in text
+    assert "ip saddr 10.18.0.0/26 ip daddr 10.18.0.0/26 ct status dnat masquerade" in text
+
+
+class Published:
+    """Records what would go to the broker."""
+
+    def __init__(self) -> None:
+        self.sent: dict[str, Any] = {}
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        self.sent[topic] = envelope.decode(payload, "net").data
+
+
+def worker(name: str, online: bool = True, overlay: str = "", statuses: dict[str, InstanceStatus] | None = None) -> Any:
+    info = NodeInfo(name, 2, 1024, ["process"], overlay=overlay)
+    return SimpleNamespace(name=name, online=online, info=info, statuses=statuses or {})
+
+
+async def test_cluster_hands_out_and_frees_subnets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store, session = Store(tmp_path / "c.json"), Published()
+    net = ClusterNetwork("c1", store, session)  # type: ignore[arg-type]
+    workers = {"w1": worker("w1", overlay="192.168.1.1:50103"), "w2": worker("w2", overlay="192.168.1.2:50103"),
+               "sim": worker("sim")}
+    await net.allocate(workers)
+    assert net.subnets == {}, "no block from the root yet"
+    assert net.state(workers) == {"w1": {"subnet": "", "endpoint": "192.168.1.1:50103"},
+                                  "w2": {"subnet": "", "endpoint": "192.168.1.2:50103"}}
+    await net.on_root(envelope.encode("net", {"block": "10.18.16.0/20", "table": {}}, "root"))
+    await net.allocate(workers)
+    assert net.subnets == {"w1": "10.18.16.0/26", "w2": "10.18.16.64/26"}, "only overlay workers get one"
+
+    spec = InstanceSpec("i1", "u", "web", 0, {}, "s1", "10.30.0.1", "10.30.0.2")
+    workers["w2"].statuses = {"i1": InstanceStatus("RUNNING", ip="10.18.16.66")}
+    net.publish(workers, {"i1": spec}, {"i1": "w2"})
+    sent = session.sent["oak/nodes/w1/down/net"]
+    assert sent["subnet"] == "10.18.16.0/26"
+    assert sent["table"]["services"]["s1"]["backends"] == [["10.18.16.66", "w2", "c1"]]
+
+    again = ClusterNetwork("c1", store, Published())  # type: ignore[arg-type]
+    await again.load()
+    assert (again.block, again.subnets) == ("10.18.16.0/20", net.subnets), "kept across restarts"
+
+    workers["w1"].online = False
+    await net.allocate(workers)
+    monkeypatch.setattr(cluster_network, "HOLD", 0.0)
+    await net.allocate(workers)
+    assert "w1" not in net.subnets, "a worker gone for longer than HOLD frees its subnet"
+    store.close()
+
+
+async def test_services_get_ips_that_are_freed_with_them(tmp_path: Path) -> None:
+    from services.common.sla import parse_sla
+    from services.root.catalog import Catalog, Conflict
+    from tests.conftest import sla, sleeper
+
+    store = Store(tmp_path / "root.json")
+    catalog = Catalog(store)
+    first = await catalog.create_app("u", parse_sla(sla(sleeper("a"), sleeper("b"), app="one"))[0])
+    ips = [(catalog.services[s].rr_ip, catalog.services[s].closest_ip) for s in first.services]
+    assert ips == [("10.30.0.1", "10.30.0.2"), ("10.30.0.3", "10.30.0.4")]
+    with pytest.raises(Conflict, match="10.30.0.3 is already used"):
+        await catalog.create_app("u", parse_sla(sla(sleeper("c", addresses={"rr_ip": "10.30.0.3"}), app="two"))[0])
+    await catalog.delete_app(first)
+    again = await catalog.create_app("u", parse_sla(sla(sleeper("c", addresses={"rr_ip": "10.30.0.3"}), app="two"))[0])
+    assert catalog.services[again.services[0]].rr_ip == "10.30.0.3", "freed with the deleted service"
+    store.close()
