@@ -62,7 +62,8 @@ def test_oak_up_and_the_cli(up: Path) -> None:
     assert "#0" in deploy.stderr, "deploy --wait shows progress"
     assert "RUNNING" in run_oak(up, "service", "deploy", "readme.test.cache.test", "--wait").stdout
     listing = run_oak(up, "service", "list").stdout.splitlines()
-    assert listing[0].split() == ["SERVICE", "ID", "STATUS", "REPLICAS", "VIRT", "CODE"]
+    assert listing[0].split() == ["SERVICE", "ID", "STATUS", "REPLICAS", "VIRT", "RR", "IP", "CODE"]
+    assert "10.30.0." in listing[1], "each service has its round-robin IP"
     assert any(line.startswith("readme.test.web.test") and "RUNNING" in line for line in listing)
     inspect = json.loads(run_oak(up, "service", "inspect", "readme.test.web.test", "--json").stdout)
     assert [(i["number"], i["node"], i["cluster"]) for i in inspect["instances"]] == [(0, "solo", "cluster1"),
