@@ -58,6 +58,9 @@ class Lab:
         sh("ip", "-n", ns, "link", "set", "eth0", "up")
         sh("ip", "-n", ns, "link", "set", "lo", "up")
         sh("ip", "-n", ns, "route", "add", "default", "via", f"192.168.{self.net}.254")
+        if shutil.which("ethtool"):  # receive offload, as a real NIC has (veths have it off)
+            sh("ip", "netns", "exec", ns, "ethtool", "-K", "eth0", "gro", "on", check=False)
+            sh("ip", "netns", "exec", self.lan, "ethtool", "-K", f"p{index}", "gro", "on", check=False)
         self.hosts[name], self.addresses[name] = ns, address
         return ns
 

@@ -6,7 +6,8 @@ worker's public address, routes to the other workers' subnets through it, and th
 nftables table. Each instance gets a namespace ``oak-<iid>`` with ``eth0`` (one end of a veth whose
 other end is on the bridge), its IP and a default route to the gateway.
 
-Remote workers are reached flannel-style: a route ``subnet via <its .0> dev oakvx onlink``, a
+Everything on the overlay has the underlay's MTU less the 50 bytes VXLAN adds, so wrapped packets
+are never fragmented. Remote workers are reached flannel-style: a route ``subnet via <its .0> dev oakvx onlink``, a
 permanent neighbour entry giving that address the worker's derived MAC, and a forwarding entry
 sending that MAC to its public endpoint. No learning, no flooding.
 
@@ -35,6 +36,7 @@ from services.common.nettable import NodeRoute
 from services.worker.nftrules import BRIDGE, VXLAN, remove
 
 VNI = 4218
+VXLAN_OVERHEAD = 50  # outer Ethernet 14 + IP 20 + UDP 8 + VXLAN 8
 ONLINK = 4  # RTNH_F_ONLINK
 NETNS_DIR = "/run/netns"
 PREFIX = "oak-"
@@ -101,6 +103,7 @@ class Kernel:
     def __init__(self, host_netns: str | None = None) -> None:
         self.host_netns = host_netns
         self.peers: dict[str, NodeRoute] = {}
+        self.mtu = 1500 - VXLAN_OVERHEAD
 
     def host(self) -> contextlib.AbstractContextManager[Any]:
         """A netlink socket in the host namespace."""
@@ -131,6 +134,7 @@ class Kernel:
         gateway, vtep = addressing.gateway(subnet), addressing.vtep_ip(subnet)
         prefix = ipaddress.ip_network(subnet).prefixlen
         with self.host() as ipr:
+            self.mtu = self._underlay_mtu(ipr, local) - VXLAN_OVERHEAD
             if not ipr.link_lookup(ifname=BRIDGE):
                 ipr.link("add", ifname=BRIDGE, kind="bridge")
             bridge = ipr.link_lookup(ifname=BRIDGE)[0]
@@ -140,10 +144,18 @@ class Kernel:
                 ipr.link("add", ifname=VXLAN, kind="vxlan", vxlan_id=VNI, vxlan_port=port, vxlan_local=local,
                          vxlan_learning=0)
             vxlan = ipr.link_lookup(ifname=VXLAN)[0]
-            ipr.link("set", index=vxlan, address=addressing.vtep_mac(subnet), state="up")
+            ipr.link("set", index=vxlan, address=addressing.vtep_mac(subnet), mtu=self.mtu, state="up")
             self._set_address(ipr, vxlan, vtep, 32)
             ipr.route("replace", dst=str(SERVICE_POOL), oif=bridge)
         self._run(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+
+    @staticmethod
+    def _underlay_mtu(ipr: Any, local: str) -> int:
+        """The MTU of the link holding *local*: overlay packets must fit in it once wrapped."""
+        for address in ipr.get_addr(family=2):
+            if address.get_attr("IFA_ADDRESS") == local:
+                return int(ipr.get_links(address["index"])[0].get_attr("IFLA_MTU"))
+        return 1500
 
     @staticmethod
     def _set_address(ipr: Any, index: int, address: str, prefix: int) -> None:
@@ -210,12 +222,12 @@ class Kernel:
                 raise KernelError("the overlay is not set up yet")
             if not ipr.link_lookup(ifname=_veth(iid)):
                 ipr.link("add", ifname=_veth(iid), kind="veth", peer={"ifname": "eth0", "net_ns_fd": name})
-            ipr.link("set", index=ipr.link_lookup(ifname=_veth(iid))[0], master=bridge[0], state="up")
+            ipr.link("set", index=ipr.link_lookup(ifname=_veth(iid))[0], master=bridge[0], mtu=self.mtu, state="up")
         with _inside(name) as inner:
             inner.link("set", index=inner.link_lookup(ifname="lo")[0], state="up")
             eth0 = inner.link_lookup(ifname="eth0")[0]
             self._set_address(inner, eth0, ip, prefix)
-            inner.link("set", index=eth0, state="up")
+            inner.link("set", index=eth0, mtu=self.mtu, state="up")
             inner.route("replace", dst="0.0.0.0/0", gateway=addressing.gateway(subnet))
         return os.path.join(NETNS_DIR, name)
 

@@ -1,0 +1,187 @@
+"""Overlay data plane: client -> service IP -> server across two pretend hosts, against a plain veth path.
+
+Two hosts (network namespaces on a LAN bridge) get Oakling's overlay exactly as a worker programs it
+(bridge, VXLAN, routes, nftables DNAT for a round-robin service IP); a client instance on host 1
+talks to a server instance on host 2 through the service IP. The baseline, measured in the same
+run, is the same traffic between two more hosts on the LAN that route it over plain veths (no VXLAN,
+no NAT, full MTU), as a host-gateway network would.
+
+Measured: TCP throughput (iperf3, 5 s per round; Python sockets when iperf3 is missing) and request
+latency (a new TCP connection per request, as the DNAT sees each connection; median of 300).
+Needs root. Run: ``sudo .venv/bin/python -m bench.overlay``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from bench.common import record, summary
+from services.common.nettable import Backend, NetTable, NodeRoute, ServiceRoute
+from services.worker import nftrules
+from services.worker.kernel import Kernel, namespace_of, overlay_unavailable
+from tests.netlab import Lab, sh
+
+SERVICE_IP = "10.30.0.1"
+PORT = 5201
+SUBNETS = {"h1": "10.18.0.0/26", "h2": "10.18.0.64/26"}
+
+ECHO_SERVER = f"""
+import socket
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", {PORT + 1})); s.listen(128)
+while True:
+    c, _ = s.accept(); c.sendall(c.recv(64)); c.close()
+"""
+
+LATENCY_CLIENT = """
+import json, socket, sys, time
+ip, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+out = []
+for _ in range(n):
+    t = time.perf_counter(); c = socket.create_connection((ip, port)); c.sendall(b"x" * 64); c.recv(64); c.close()
+    out.append((time.perf_counter() - t) * 1000)
+print(json.dumps(out))
+"""
+
+SINK_SERVER = f"""
+import socket
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", {PORT})); s.listen(8)
+while True:
+    c, _ = s.accept()
+    while c.recv(1 << 20): pass
+    c.close()
+"""
+
+SOURCE_CLIENT = """
+import socket, sys, time
+ip, port, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+chunk, sent = b"x" * (1 << 18), 0
+c = socket.create_connection((ip, port)); end = time.perf_counter() + seconds; start = time.perf_counter()
+while time.perf_counter() < end:
+    c.sendall(chunk); sent += len(chunk)
+c.close(); print(sent * 8 / (time.perf_counter() - start) / 1e9)
+"""
+
+
+@contextmanager
+def servers(ns: str) -> Iterator[None]:
+    """iperf3 (or a Python sink) and a Python echo server running in namespace *ns*."""
+    sink = ["iperf3", "-s", "-p", str(PORT)] if shutil.which("iperf3") else [sys.executable, "-c", SINK_SERVER]
+    procs = [subprocess.Popen(["ip", "netns", "exec", ns, *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for cmd in (sink, [sys.executable, "-c", ECHO_SERVER])]
+    time.sleep(0.5)
+    try:
+        yield
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(5)
+
+
+def throughput(ns: str, ip: str, seconds: float) -> float:
+    """Gbit/s from namespace *ns* to ip."""
+    if shutil.which("iperf3"):
+        out = sh("ip", "netns", "exec", ns, "iperf3", "-c", ip, "-p", str(PORT), "-t", str(seconds), "-J",
+                 timeout=seconds + 30).stdout
+        return float(json.loads(out)["end"]["sum_received"]["bits_per_second"]) / 1e9
+    out = sh("ip", "netns", "exec", ns, sys.executable, "-c", SOURCE_CLIENT, ip, str(PORT), str(seconds),
+             timeout=seconds + 30).stdout
+    return float(out)
+
+
+def latencies(ns: str, ip: str, count: int) -> list[float]:
+    """Milliseconds per request (new connection each) from namespace *ns* to ip."""
+    out = sh("ip", "netns", "exec", ns, sys.executable, "-c", LATENCY_CLIENT, ip, str(PORT + 1), str(count),
+             timeout=120).stdout
+    return [float(x) for x in json.loads(out)]
+
+
+def build_overlay(lab: Lab) -> tuple[str, str, list[Kernel]]:
+    """The overlay on h1 and h2 with a client on h1 and a server on h2; (client ns, server ns, kernels)."""
+    kernels, table_nodes = {}, {}
+    for host in ("h1", "h2"):
+        lab.host(host)
+        table_nodes[host] = NodeRoute("c1", SUBNETS[host], f"{lab.addresses[host]}:50103")
+    server_ip, client_ip = "10.18.0.66", "10.18.0.2"
+    table = NetTable(table_nodes, {"s": ServiceRoute("bench", SERVICE_IP, "10.30.0.2",
+                                                     (Backend(server_ip, "h2", "c1"),))})
+    for host in ("h1", "h2"):
+        kernel = kernels[host] = Kernel(lab.hosts[host])
+        kernel.ensure_host(SUBNETS[host], lab.addresses[host], 50103)
+        kernel.set_peers({n: r for n, r in table_nodes.items() if n != host})
+        kernel.set_rules(nftrules.render(table, host, "c1", SUBNETS[host], []))
+    kernels["h1"].attach("benchclient", client_ip, SUBNETS["h1"])
+    kernels["h2"].attach("benchserver", server_ip, SUBNETS["h2"])
+    return namespace_of("benchclient"), namespace_of("benchserver"), list(kernels.values())
+
+
+def build_plain(lab: Lab) -> tuple[str, str]:
+    """The same shape without the overlay: two more hosts on the LAN routing between a client namespace behind
+    one and a server namespace behind the other over plain veths (no VXLAN, no NAT); (client ns, server ns)."""
+    ends = {}
+    for index, host in ((1, "h3"), (2, "h4")):
+        ns, inner = lab.host(host), f"{lab.tag}-p{index}"
+        sh("ip", "netns", "add", inner)
+        lab.hosts[inner] = inner  # removed with the lab
+        sh("ip", "-n", ns, "link", "add", "veth0", "type", "veth", "peer", "name", "eth0", "netns", inner)
+        sh("ip", "-n", ns, "addr", "add", f"10.99.{index}.1/24", "dev", "veth0")
+        sh("ip", "-n", ns, "link", "set", "veth0", "up")
+        sh("ip", "-n", inner, "addr", "add", f"10.99.{index}.2/24", "dev", "eth0")
+        sh("ip", "-n", inner, "link", "set", "eth0", "up")
+        sh("ip", "-n", inner, "link", "set", "lo", "up")
+        sh("ip", "-n", inner, "route", "add", "default", "via", f"10.99.{index}.1")
+        sh("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        ends[host] = inner
+    sh("ip", "-n", lab.hosts["h3"], "route", "add", "10.99.2.0/24", "via", lab.addresses["h4"])
+    sh("ip", "-n", lab.hosts["h4"], "route", "add", "10.99.1.0/24", "via", lab.addresses["h3"])
+    return ends["h3"], ends["h4"]
+
+
+def measure(client: str, server: str, ip: str, rounds: int, seconds: float) -> dict[str, Any]:
+    """Throughput rounds and request latencies from *client* to *ip* (served in *server*)."""
+    with servers(server):
+        gbits = [throughput(client, ip, seconds) for _ in range(rounds)]
+        ms = latencies(client, ip, 300)
+    return {"throughput_gbit_s": summary(gbits), "request_ms": summary(ms)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--seconds", type=float, default=5.0)
+    args = p.parse_args()
+    reason = overlay_unavailable()
+    if reason:
+        raise SystemExit(f"cannot run: {reason}")
+    lab = Lab()
+    kernels: list[Kernel] = []
+    try:
+        client, server, kernels = build_overlay(lab)
+        plain_client, plain_server = build_plain(lab)
+        overlay = measure(client, server, SERVICE_IP, args.rounds, args.seconds)
+        plain = measure(plain_client, plain_server, "10.99.2.2", args.rounds, args.seconds)
+    finally:
+        for kernel in kernels:
+            kernel.detach("benchclient")
+            kernel.detach("benchserver")
+        lab.remove()
+    record("overlay_data_plane", {
+        "command": "python -m bench.overlay", "tool": "iperf3" if shutil.which("iperf3") else "python sockets",
+        "overlay_via_service_ip": overlay, "plain_routed_veth": plain,
+        "throughput_ratio_median": overlay["throughput_gbit_s"]["median"] / plain["throughput_gbit_s"]["median"],
+        "latency_ratio_median": overlay["request_ms"]["median"] / plain["request_ms"]["median"],
+        "goal": "throughput at least 0.9 of the plain path",
+    })
+
+
+if __name__ == "__main__":
+    main()
