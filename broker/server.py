@@ -10,6 +10,7 @@ from typing import Any
 from amqtt.broker import Broker
 
 from broker.credentials import Credentials
+from broker.routing import BrokerStats, IndexedRouting
 
 for _name in ("amqtt", "transitions"):
     logging.getLogger(_name).setLevel(logging.WARNING)
@@ -27,7 +28,7 @@ class Listeners:
     ws_port: int | None = None
 
 
-class _Broker(Broker):
+class _Broker(IndexedRouting, BrokerStats, Broker):
     """amqtt's broker, with retained messages sent only to the subscriptions of the session itself.
 
     On every CONNECT amqtt 0.12 replays the retained messages matching *every* filter any client has

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from services.common.store import Store
 
@@ -42,3 +45,52 @@ asyncio.run(main())
     keys = {doc["_key"] for doc in data["t"].values()}
     assert keys == {f"k{i}" for i in range(len(keys))}
     assert 100 <= len(keys) <= 151
+
+
+async def test_concurrent_writes_share_file_writes(tmp_path: Path) -> None:
+    """200 writers at once cost a few file writes (group commit), and every one of them is on disk."""
+    store = Store(tmp_path / "db.json")
+    await asyncio.gather(*(store.put("t", f"k{i}", {"i": i}) for i in range(200)))
+    assert store.file_writes <= 3
+    on_disk = json.loads((tmp_path / "db.json").read_text())["t"]
+    assert sorted(doc["i"] for doc in on_disk.values()) == list(range(200))
+    store.close()
+
+
+async def test_a_write_returns_once_on_disk(tmp_path: Path) -> None:
+    """Whatever a write's await returned for is in the file, even while another write is under way."""
+    store = Store(tmp_path / "db.json")
+    first = asyncio.ensure_future(store.put("t", "a", {"x": 1}))
+    await asyncio.sleep(0)
+    await store.put_many("t", {"b": {"x": 2}}, delete=("a",))
+    await first
+    assert {d["_key"] for d in json.loads((tmp_path / "db.json").read_text())["t"].values()} == {"b"}
+    assert await Store(tmp_path / "db.json").load("t") == {"b": {"x": 2}}
+
+
+async def test_a_bad_document_fails_alone(tmp_path: Path) -> None:
+    """A document JSON cannot hold is refused at once; the store keeps working."""
+    store = Store(tmp_path / "db.json")
+    with pytest.raises(TypeError):
+        await store.put("t", "bad", {"x": object()})
+    await store.put("t", "good", {"x": 1})
+    assert await Store(tmp_path / "db.json").load("t") == {"good": {"x": 1}}
+
+
+async def test_replacing_keeps_one_document_per_key(tmp_path: Path) -> None:
+    """Many replacements of the same keys leave exactly one document each, readable after a restart."""
+    store = Store(tmp_path / "db.json")
+    for round_ in range(5):
+        await store.put_many("t", {f"k{i}": {"round": round_} for i in range(50)}, delete=("k0",))
+    store.close()
+    again = await Store(tmp_path / "db.json").load("t")
+    assert again == {f"k{i}": {"round": 4} for i in range(50)}
+    assert len(json.loads((tmp_path / "db.json").read_text())["t"]) == 50
+
+
+def test_close_writes_changes_not_yet_on_disk(tmp_path: Path) -> None:
+    """A change applied in memory whose writer never waited is written by close()."""
+    store = Store(tmp_path / "db.json")
+    store.apply("t", {"a": {"x": 1}})
+    store.close()
+    assert json.loads((tmp_path / "db.json").read_text())["t"]["1"] == {"x": 1, "_key": "a"}
