@@ -32,6 +32,7 @@ DESIRED, ASSIGNED = "desired", "assigned"
 STATE_INTERVAL = 2.0
 PEERS = 8
 RETRY_INTERVAL = 1.0
+STARTUP_GRACE = 10.0
 
 
 @dataclass
@@ -63,6 +64,7 @@ class ClusterOrchestrator:
         self._peers_published: dict[str, frozenset[tuple[str, str]]] = {}
         self._peers_dirty = False
         self._changed = asyncio.Event()
+        self._silent_after: float | None = None
         self.network = ClusterNetwork(name, store, session)
 
     # ---- start-up ----------------------------------------------------------------------------
@@ -78,6 +80,7 @@ class ClusterOrchestrator:
         for node in set(self.assigned.values()):
             self.nodes.setdefault(node, NodeView(node))
             self._publish_node(node)
+        self._silent_after = time.monotonic() + STARTUP_GRACE if self.assigned else None
         await self.network.load()
 
     def subscribe(self) -> None:
@@ -140,16 +143,31 @@ class ClusterOrchestrator:
             log.info("worker %s is online", node.name)
             self._peers_dirty = True
         if not online and was:
-            lost = [iid for iid, n in self.assigned.items() if n == node.name]
-            log.warning("worker %s went offline; moving its %d instance(s)", node.name, len(lost))
-            for iid in lost:
-                del self.assigned[iid]
-            await self.store.put_many(ASSIGNED, {}, tuple(lost))
-            node.statuses = {}
-            self._publish_node(node.name)
-            self._peers_dirty = True
-            await self.place_pending()
+            await self._move_off(node, "went offline")
         self._changed.set()
+
+    async def _move_off(self, node: NodeView, why: str) -> None:
+        """Take every instance off *node* and place it elsewhere."""
+        lost = [iid for iid, n in self.assigned.items() if n == node.name]
+        log.warning("worker %s %s; moving its %d instance(s)", node.name, why, len(lost))
+        for iid in lost:
+            del self.assigned[iid]
+        await self.store.put_many(ASSIGNED, {}, tuple(lost))
+        node.statuses = {}
+        self._publish_node(node.name)
+        self._peers_dirty = True
+        await self.place_pending()
+        self._changed.set()
+
+    async def _give_up_on_silent_workers(self) -> None:
+        """After a restart, a worker that held instances and has not come back within STARTUP_GRACE is
+        treated as gone (its last will went to the broker that died with this cluster)."""
+        if self._silent_after is None or time.monotonic() < self._silent_after:
+            return
+        self._silent_after = None
+        for node in list(self.nodes.values()):
+            if not node.online and node.name in set(self.assigned.values()):
+                await self._move_off(node, f"has not come back within {STARTUP_GRACE:.0f} s of this restart")
 
     def _on_state(self, node: NodeView, data: dict[str, Any]) -> None:
         statuses = models.load_statuses(data.get("instances", {}))
@@ -290,6 +308,7 @@ class ClusterOrchestrator:
     async def _retry(self) -> None:
         while True:
             await asyncio.sleep(RETRY_INTERVAL)
+            await self._give_up_on_silent_workers()
             await self.place_pending()
 
     async def _report(self) -> None:
