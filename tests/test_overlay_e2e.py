@@ -208,3 +208,39 @@ def links_here() -> set[str]:
     out = sh("ip", "-o", "link", "show").stdout
     return {line.split(":")[1].strip().split("@")[0] for line in out.splitlines()}
 
+
+
+@pytest.mark.timeout(180)
+async def test_container_on_the_overlay(stack: Stack, api: Any, lab: Lab, busybox_image: Path) -> None:
+    """A busybox container joins its instance namespace: reached by its service IP from another worker's host
+    (the output path) and through its published port; undeploy leaves no namespace or veth."""
+    stack.root()
+    stack.cluster("c1")
+    stack.worker("w1", "c1", "--overlay", "--host-netns", lab.hosts["h1"], "--public-address", lab.addresses["h1"],
+                 "--runtime", "container", "--stop-grace", "1")
+    stack.worker("w2", "c1", "--overlay", "--host-netns", lab.hosts["h2"], "--public-address", lab.addresses["h2"],
+                 "--stop-grace", "1")
+    client = await api()
+    await eventually(lambda: _overlay_nodes(client, 2), 30, what="two workers online")
+    web = {"microservice_name": "box", "virtualization": "container", "code": str(busybox_image), "port": "8081:80",
+           "cmd": ["sh", "-c", "echo boxed > /tmp/index.html && exec httpd -f -p 80 -h /tmp"]}
+    await client.request("apps", "create", raw=dumps(sla(web, app="ctr")))
+    await client.request("services", "deploy", {"service": "ctr.test.box.test", "replicas": 1})
+    box = await settled(client, "ctr.test.box.test", 1)
+    (instance,) = box["instances"]
+    assert instance["node"] == "w1"
+
+    async def served() -> bool:
+        return ask(lab.hosts["h2"], "tcp", box["rr_ip"], 80, 1) == ["boxed"]
+
+    await eventually(served, 15, interval=0.3, what="the container answering on its service IP from w2's host")
+    assert ask(lab.hosts["h2"], "tcp", lab.addresses["h1"], 8081, 1) == ["boxed"], "published port"
+    await client.request("services", "undeploy", {"service": "ctr.test.box.test"})
+
+    def gone() -> bool:
+        left = sorted({f"oak-{instance['iid']}"} & namespaces())
+        left += [n for n in links(lab.hosts["h1"]) if n.startswith("ve-")]
+        assert not left, left
+        return True
+
+    await eventually(gone, 20, interval=0.3, what="no namespace or veth left")
