@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests use, when running as root and they are missing.
 set -euo pipefail
+bash "$(dirname "$0")/vm-deps.sh" || echo "note: QEMU or the test kernel could not be installed; the vm tests will skip" >&2
 need=()
 command -v mosquitto_pub >/dev/null || need+=(mosquitto-clients)
 command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)

@@ -82,6 +82,10 @@ class SupervisedRuntime:
         """The child's environment."""
         return {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "LANG": "C.UTF-8"}
 
+    def limits(self, spec: LaunchSpec) -> tuple[int, float]:
+        """The cgroup's memory limit (MB) and CPU quota (vCPUs): the SLA's, unless the runtime needs room."""
+        return spec.memory_mb, spec.vcpus
+
     def prepare(self, spec: LaunchSpec) -> None:
         """Get ready to start (e.g. unpack an image); raise RuntimeError with a readable reason."""
 
@@ -104,7 +108,7 @@ class SupervisedRuntime:
         cgroup = Cgroup(spec.iid) if self.makes_cgroup and self.sandboxed else None
         if cgroup is not None:
             try:
-                cgroup.create(spec.memory_mb, spec.vcpus)
+                cgroup.create(*self.limits(spec))
             except OSError as exc:
                 raise RuntimeError(f"cannot create the cgroup: {exc}") from None
         with open_log(spec) as log_file:

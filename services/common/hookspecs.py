@@ -46,6 +46,7 @@ class LaunchSpec:
     netns: str = ""  # path of the instance's network namespace (/run/netns/...); "" = the worker's own
     ip: str = ""  # the instance IP inside *netns* ("" without the overlay)
     gateway: str = ""  # the instance's default gateway inside *netns*
+    arch: tuple[str, ...] = ()  # the SLA's ``arch`` list, paired by position with comma-separated ``code`` entries
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,10 @@ class Runtime(Protocol):
 
     ``virtualizations`` are the SLA ``virtualization`` values this runtime serves; the worker advertises
     them in its node info, and the schedulers never place a service on a worker lacking its value.
+
+    Optionally, ``facts() -> dict[str, str]`` says something about the runtime on this worker (the vm
+    runtime: ``{"vm.accel": "kvm"}``); the worker adds each fact to its node labels as ``key=value``,
+    so people see it in ``oak node list`` and SLAs can ask for it with an ``addons`` constraint.
     """
 
     name: str

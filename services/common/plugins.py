@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from typing import Any
 
 import pluggy
@@ -60,6 +61,16 @@ def load_runtime(pm: pluggy.PluginManager, name: str, config: dict[str, Any]) ->
     if runtime is None:
         raise _missing("runtime", name)
     return runtime  # type: ignore[no-any-return]
+
+
+def runtime_labels(runtimes: Iterable[Runtime]) -> list[str]:
+    """Node labels ``key=value`` from the runtimes' optional ``facts()`` (each runtime asked once)."""
+    labels: list[str] = []
+    for runtime in {id(r): r for r in runtimes}.values():
+        facts = getattr(runtime, "facts", None)
+        if callable(facts):
+            labels += [f"{key}={value}" for key, value in facts().items()]
+    return labels
 
 
 def load_collector(pm: pluggy.PluginManager, name: str) -> Collector:

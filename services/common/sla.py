@@ -23,6 +23,7 @@ NAME_RE = re.compile(r"[a-zA-Z0-9]{1,30}")
 VIRT_RE = re.compile(r"[a-z0-9_-]{1,30}")
 ENV_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=.*", re.DOTALL)
 PORT_RE = re.compile(r"([0-9]{1,5})(?::([0-9]{1,5}))?(?:/(tcp|udp))?")
+VM_VIRTUALIZATIONS = ("unikernel", "microvm")  # their code is a kernel (or archive) per architecture
 CONSTRAINT_TYPES = ("direct", "geo", "latency", "addons", "clusters")
 RR_NET = ipaddress.ip_network("10.30.0.0/16")
 #: Microservice keys that become :class:`ServiceSpec` fields (``addresses`` is handled apart: only ``rr_ip`` is taken).
@@ -238,6 +239,21 @@ def _rr_ip(micro: dict[str, Any], path: str) -> tuple[str, dict[str, Any]]:
     return rr_ip, {k: copy.deepcopy(v) for k, v in addresses.items() if k != "rr_ip"}
 
 
+def _arch(micro: dict[str, Any], path: str, virtualization: str, code: str) -> None:
+    """Oakestra's ``arch`` (kept in ``extra``): architecture names; a VM's are paired with ``code``'s entries."""
+    arch = _strings(micro, "arch", path)
+    for i, name in enumerate(arch):
+        if not VIRT_RE.fullmatch(name):
+            raise SlaError(f"{path}.arch[{i}]", f"{name!r} is not an architecture name such as amd64 or arm64")
+    if virtualization not in VM_VIRTUALIZATIONS:
+        return
+    entries = [entry.strip() for entry in code.split(",")]
+    if not all(entries):
+        raise SlaError(f"{path}.code", "an entry of the comma-separated list of kernels is empty")
+    if (arch or len(entries) > 1) and len(entries) != len(arch):
+        raise SlaError(f"{path}.arch", f"expected one architecture per entry of code ({len(entries)}), got {len(arch)}")
+
+
 def _names(value: Any, path: str) -> tuple[str, ...]:
     if value is None or value == "":
         return ()
@@ -314,6 +330,7 @@ def _service(micro: Any, path: str, app: str, app_ns: str) -> ServiceSpec:
     code = _str(micro, "code", path, required=True)
     if not code and virtualization != "process":
         raise SlaError(f"{path}.code", f"a {virtualization} service needs its image or kernel in 'code'")
+    _arch(micro, path, virtualization, code)
     cmd = _strings(micro, "cmd", path)
     if virtualization == "process" and not cmd:
         raise SlaError(f"{path}.cmd", "a process service needs the command to run, e.g. [\"sleep\", \"60\"]")

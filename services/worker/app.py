@@ -101,7 +101,7 @@ async def run_worker(cfg: WorkerConfig) -> None:
                 hostname=facts.get("hostname", ""),
                 location=cfg.location,
                 version=VERSION,
-                labels=list(cfg.labels),
+                labels=list(cfg.labels) + plugins.runtime_labels(runtimes.values()),
                 probe=prober.address,
                 overlay=await network.endpoint() if network else "",
             )

@@ -234,6 +234,7 @@ class Engine:
             netns=place.netns if place else "",
             ip=place.ip if place else "",
             gateway=place.gateway if place else "",
+            arch=tuple(svc.extra.get("arch", ())),  # a list of strings (checked with the SLA)
         )
 
     async def sample(self) -> None:

@@ -41,7 +41,8 @@ def node_engine_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", "--clusterPort", type=int, default=OAKESTRA_HTTP_PORT,
                    help="cluster port; 10100 (Oakestra's) means the cluster broker's ClusterMqttPort")
     p.add_argument("-n", "--netmanagerPort", type=int, help="port of the local NetManager")
-    p.add_argument("-u", "--unikernel", nargs="?", const="true", default="false", help="enable unikernels")
+    p.add_argument("-u", "--unikernel", nargs="?", const="true", default="false",
+                   help="enable unikernels and microVMs (the vm runtime, QEMU)")
     p.add_argument("--netcfg", type=Path, default=DEFAULT_PATH, help=f"netcfg.json (default {DEFAULT_PATH})")
     p.add_argument("--data-dir", help="worker state (default: $OAK_HOME/worker or ~/.oak/worker)")
     p.add_argument("--name", default=socket.gethostname(), help="worker name (default: hostname)")
@@ -79,12 +80,11 @@ def node_engine_main(argv: list[str] | None = None) -> int:
     if port == OAKESTRA_HTTP_PORT:
         port = net.cluster_mqtt_port
         log.info("port %d is Oakestra's HTTP port; using the cluster broker on port %d", OAKESTRA_HTTP_PORT, port)
-    if _flag(args.unikernel):
-        log.warning("-u: no unikernel runtime plugin is installed on this worker; not advertising unikernel")
+    runtimes = ("process", "vm") if _flag(args.unikernel) else ("process",)  # vm: unikernels and microVMs
     overlay = bool(args.netmanagerPort) and _check_netmanager(args.netmanagerPort)
     cluster = BrokerUrl(args.clusterAddr or net.cluster_url, port)
     cfg = WorkerConfig(Path(args.data_dir) if args.data_dir else oak_home(None) / "worker", cluster, args.name,
-                       join_token=args.join_token, netmanager_port=args.netmanagerPort if overlay else 0)
+                       runtimes, join_token=args.join_token, netmanager_port=args.netmanagerPort if overlay else 0)
     try:
         asyncio.run(run_until_signalled(lambda: run_worker(cfg)))
     except KeyboardInterrupt:

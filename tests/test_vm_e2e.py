@@ -1,0 +1,120 @@
+"""VMs through the whole stack: a worker on a pretend host with the overlay and ``--unikernel`` boots a Debian
+kernel with the test's busybox initramfs, serves TCP on its service IP, shows its console in ``oak service
+logs``, completes a one_shot power-off, and leaves no QEMU process or tap behind when undeployed."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from tests import vmimages
+from tests.conftest import Stack, dumps, eventually, sla, sleeper
+from tests.netlab import Lab, namespaces, need_network_lab, sh
+from tests.stack import REPO, oak
+
+APP = "vms"
+WEB, ONCE, CLIENT = f"{APP}.test.web.test", f"{APP}.test.once.test", f"{APP}.test.client.test"
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    """One pretend host for the worker, removed at the end."""
+    need_network_lab()
+    lab = Lab()
+    try:
+        lab.host("h1")
+        yield lab
+    finally:
+        lab.remove()
+
+
+def vm(name: str, code: Path, cmd: list[str], **extra: Any) -> dict[str, Any]:
+    """A unikernel service booting *code* with kernel command line *cmd* (the test machine has 2 vCPUs)."""
+    return {"microservice_name": name, "virtualization": "unikernel", "code": str(code), "cmd": ["quiet", *cmd],
+            "memory": 128, "vcpus": 1, **extra}
+
+
+def qemus() -> set[int]:
+    """PIDs of the QEMU processes running Oakling instances."""
+    out = set()
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if (proc.info["name"] or "").startswith("qemu-system") and any(a.startswith("oak-") for a in cmdline):
+            out.add(proc.pid)
+    return out
+
+
+async def inspect(client: Any, job: str) -> dict[str, Any]:
+    return dict(await client.request("services", "inspect", {"service": job}))
+
+
+@pytest.mark.timeout(240)
+async def test_a_vm_service_end_to_end(stack: Stack, api: Any, lab: Lab, tmp_path: Path) -> None:
+    """RUNNING on a worker advertising unikernel (and its acceleration), reachable by service IP from another
+    instance, console in the logs, one_shot power-off COMPLETED, undeploy leaves no QEMU, tap or namespace."""
+    images = vmimages.prepare(tmp_path / "images")
+    before_qemus, before_ns = qemus(), namespaces()
+    stack.root()
+    stack.cluster("c1")
+    stack.worker("w1", "c1", "--unikernel", "--overlay", "--host-netns", lab.hosts["h1"], "--stop-grace", "1")
+    client = await api()
+
+    async def advertised() -> dict[str, Any] | None:
+        nodes = await client.request("nodes", "list")
+        return nodes[0] if nodes and nodes[0]["online"] else None
+
+    node = await eventually(advertised, 30, what="the worker online")
+    assert {"process", "unikernel", "microvm"} <= set(node["runtimes"])
+    assert any(label.startswith("vm.accel=") for label in node["labels"]), node
+
+    doc = sla(vm("web", images.bundle, ["oak.serve=80", "oak.say=web-console-up"]),
+              vm("once", images.bundle, ["oak.say=once-done", "oak.then=poweroff"], one_shot=True, vcpus=0.5),
+              sleeper("client", 3600), app=APP)
+    await client.request("apps", "create", raw=dumps(doc))
+    for job in (WEB, ONCE, CLIENT):
+        await client.request("services", "deploy", {"service": job, "replicas": 1})
+
+    async def running(job: str) -> dict[str, Any] | None:
+        s = await inspect(client, job)
+        ok = s["instances"] and all(i["status"] == "RUNNING" and i["ip"] for i in s["instances"])
+        return s if ok else None
+
+    web = await eventually(lambda: running(WEB), 60, what="the VM RUNNING with an IP")
+    caller = (await eventually(lambda: running(CLIENT), 60, what="the client RUNNING"))["instances"][0]
+    vm_iid = web["instances"][0]["iid"]
+    assert web["instances"][0]["node"] == "w1"
+
+    async def completed() -> bool:
+        return (await inspect(client, ONCE))["status"] == "COMPLETED"
+
+    await eventually(completed, 150, interval=0.5, what="the one_shot VM COMPLETED after powering off")
+
+    async def serves() -> bool:
+        done = sh("ip", "netns", "exec", f"oak-{caller['iid']}", "busybox", "nc", "-w", "3", web["rr_ip"], "80",
+                  check=False)
+        return done.stdout.strip() == "hello from the vm"
+
+    await eventually(serves, 120, interval=1, what="the VM answering on its service IP")
+
+    done = subprocess.run(oak("service", "logs", WEB, "0", "-n", "50", "--data-dir", str(stack.base / "root")),
+                          capture_output=True, text=True, cwd=REPO, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert "web-console-up" in done.stdout, done.stdout
+    assert "oak-serving 80" in done.stdout, done.stdout
+
+    await client.request("apps", "delete", {"app": APP})
+
+    def nothing_left() -> bool:
+        left = qemus() - before_qemus
+        assert not left, f"QEMU still running: {left}"
+        assert f"oak-{vm_iid}" not in namespaces(), "the VM's namespace (and its tap) is gone"
+        return True
+
+    await eventually(nothing_left, 30, interval=0.5, what="no QEMU left")
+    stack.procs["w1"].stop()
+    assert namespaces() - before_ns == set()
