@@ -50,7 +50,9 @@ async def cluster(args: argparse.Namespace, home: Path, root_url: BrokerUrl) -> 
 
 async def worker(args: argparse.Namespace, home: Path, cluster_url: BrokerUrl) -> None:
     """``oak worker``."""
-    await run_worker(WorkerConfig(home, cluster_url, args.name, tuple(args.runtime or ("process",)),
+    runtimes = tuple(args.runtime or ("process",))
+    runtimes += ("vm",) if args.unikernel and "vm" not in runtimes else ()
+    await run_worker(WorkerConfig(home, cluster_url, args.name, runtimes,
                                   args.collector, args.join_token, args.location, tuple(args.label),
                                   stop_grace=args.stop_grace, probe_host=args.probe.rpartition(":")[0] or "127.0.0.1",
                                   probe_port=int(args.probe.rpartition(":")[2] or 0), overlay=args.overlay,

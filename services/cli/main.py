@@ -74,6 +74,8 @@ def parser() -> argparse.ArgumentParser:
     worker.add_argument("--cluster", default="127.0.0.1:10003", help="cluster broker HOST:PORT")
     worker.add_argument("--name", default=socket.gethostname(), help="worker name (default: hostname)")
     worker.add_argument("--runtime", action="append", help="runtime plugin(s) to enable (default: process)")
+    worker.add_argument("--unikernel", action="store_true",
+                        help="also enable the vm runtime: unikernels and microVMs in QEMU (as NodeEngine -u)")
     worker.add_argument("--collector", default="psutil")
     worker.add_argument("--join-token", default=os.environ.get("OAK_JOIN_TOKEN"))
     worker.add_argument("--location", default="", help="where the worker is, 'latitude,longitude'")
