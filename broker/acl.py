@@ -27,7 +27,7 @@ def _under(topic: str, prefix: str) -> bool:
     return len(got) > len(want) and got[: len(want)] == want
 
 
-def _rules(identity: Identity) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+def rules(identity: Identity) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
     """(publish subtrees, readable subtrees, readable exact topics) of *identity*."""
     name = identity.name
     if identity.kind == USER:
@@ -48,7 +48,7 @@ def allowed(identity: Identity, action: str, topic: str) -> bool:
     if identity.kind == JOIN:
         exact = topics.join_request(identity.name) if action == PUBLISH else topics.join_response(identity.name)
         return topic == exact
-    publish, readable, exact = _rules(identity)
+    publish, readable, exact = rules(identity)
     if action == PUBLISH:
         return "+" not in topic and "#" not in topic and any(_under(topic, p) for p in publish)
     return topic in exact or any(_under(topic, p) for p in readable)

@@ -1,7 +1,7 @@
 """Joining: a new cluster (at the root) or worker (at a cluster) obtains credentials of its own.
 
-The newcomer connects as ``join:<nonce>`` (password: the join token, or anything when joining is
-open), publishes ``{"kind": "node", "name": "w1"}`` on ``oak/join/request/<nonce>`` and reads its
+The newcomer connects as ``join.newcomer`` with client id ``<nonce>`` (password: the join token, or
+``-`` when joining is open), publishes ``{"kind": "node", "name": "w1"}`` on ``oak/join/request/<nonce>`` and reads its
 username and password from ``oak/join/response/<nonce>``; the ACL lets no one else read that topic.
 It keeps them in ``<data-dir>/identity.json`` (mode 0600) and uses only them from then on.
 """
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from broker.credentials import Credentials, new_password
-from broker.identity import Identity
+from broker.identity import NEWCOMER, OPEN_JOIN_PASSWORD, Identity
 from services.common import topics
 from services.common.mqtt import BrokerUrl, Message, MqttError, MqttSession
 
@@ -53,7 +53,7 @@ async def obtain_login(
         saved = json.loads(path.read_text())
         return Login(saved["username"], saved["password"])
     nonce = secrets.token_hex(16)
-    async with MqttSession(url, f"join-{nonce}", f"join:{nonce}", token or "-") as session:
+    async with MqttSession(url, nonce, NEWCOMER, token or OPEN_JOIN_PASSWORD) as session:
         await session.subscribe_confirmed(topics.join_response(nonce))
         request = json.dumps({"kind": kind, "name": name}).encode()
         async with asyncio.timeout(timeout):

@@ -10,7 +10,7 @@ from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
 from broker import acl
-from broker.identity import Identity
+from broker.identity import JOIN, Identity
 
 ACTIONS = {Action.PUBLISH: acl.PUBLISH, Action.SUBSCRIBE: acl.SUBSCRIBE, Action.RECEIVE: acl.RECEIVE}
 
@@ -44,4 +44,7 @@ class OakTopicPlugin(BaseTopicPlugin):
         """Allow or deny *action* on *topic* for the session's identity."""
         if session is None or topic is None or action is None or not session.username:
             return False
-        return acl.allowed(Identity.of(session.username), ACTIONS[action], topic)
+        identity = Identity.of(session.username)
+        if identity.kind == JOIN:  # a newcomer's nonce is its client id (see broker.identity.NEWCOMER)
+            identity = Identity(JOIN, session.client_id or "")
+        return acl.allowed(identity, ACTIONS[action], topic)

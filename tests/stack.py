@@ -73,10 +73,13 @@ def oak(*args: str) -> list[str]:
 class Stack:
     """Root, clusters and workers as separate processes on loopback ports, each with its own data dir."""
 
-    def __init__(self, base: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, base: Path, env: dict[str, str] | None = None, *, root_args: tuple[str, ...] = (),
+                 cluster_args: tuple[str, ...] = ()) -> None:
         base.mkdir(parents=True, exist_ok=True)
         self.base = base
         self.env = env or {}
+        self.root_args = root_args  # e.g. ("--broker", "mosquitto"), for every root started
+        self.cluster_args = cluster_args  # the same, for every cluster
         self.procs: dict[str, Proc] = {}
         self.root_port = free_port()
         self.cluster_ports: dict[str, int] = {}
@@ -89,14 +92,14 @@ class Stack:
     def root(self, *extra: str) -> Proc:
         """Start the root."""
         return self._start("root", oak("root", "--data-dir", str(self.base / "root"), "--host", "127.0.0.1",
-                                       "--port", str(self.root_port), *extra))
+                                       "--port", str(self.root_port), *self.root_args, *extra))
 
     def cluster(self, name: str, *extra: str) -> Proc:
         """Start a cluster orchestrator called *name*."""
         port = self.cluster_ports.setdefault(name, free_port())
         return self._start(name, oak("cluster", "--name", name, "--data-dir", str(self.base / name),
                                      "--host", "127.0.0.1", "--port", str(port),
-                                     "--root", f"127.0.0.1:{self.root_port}", *extra))
+                                     "--root", f"127.0.0.1:{self.root_port}", *self.cluster_args, *extra))
 
     def worker(self, name: str, cluster: str, *extra: str) -> Proc:
         """Start a worker called *name* under *cluster*."""

@@ -56,10 +56,16 @@ def test_allowed(username: str, action: str, topic: str, expected: bool) -> None
 
 
 @pytest.mark.parametrize(("username", "kind", "name"), [
-    ("svc:root", "service", "root"), ("cluster:c1", "cluster", "c1"), ("node:w-1", "node", "w-1"),
-    ("join:ab", "join", "ab"), ("Admin", "user", "Admin"),
+    ("svc.root", "service", "root"), ("cluster.c1", "cluster", "c1"), ("node.w-1", "node", "w-1"),
+    ("join.ab", "join", "ab"), ("Admin", "user", "Admin"), ("node", "user", "node"), ("nodes", "user", "nodes"),
 ])
 def test_identity_round_trip(username: str, kind: str, name: str) -> None:
     """A username tells its identity, and the identity gives the username back."""
     identity = Identity.of(username)
     assert (identity.kind, identity.name, identity.username) == (kind, name, username)
+
+
+@pytest.mark.parametrize("username", ["svc:root", "cluster:c1", "node:w-1", "join:ab"])
+def test_identity_older_spelling_still_understood(username: str) -> None:
+    """``kind:name`` (before mosquitto, which cannot hold ':' in a username) reads as ``kind.name``."""
+    assert Identity.of(username) == Identity.of(username.replace(":", "."))

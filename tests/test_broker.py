@@ -106,7 +106,7 @@ async def test_join_gives_own_credentials_once(tmp_path: Path, broker: EmbeddedB
         desk = JoinDesk(creds, "node")
         serving = asyncio.create_task(dispatch(server, {topics.JOIN_REQUESTS: lambda m: desk.handle(server, m)}))
         login = await obtain_login(tmp_path / "w1", url(broker), "node", "w1", None, timeout=10)
-        assert login.username == "node:w1"
+        assert login.username == "node.w1"
         assert (tmp_path / "w1" / "identity.json").stat().st_mode & 0o777 == 0o600
         assert await obtain_login(tmp_path / "w1", url(broker), "node", "w1", None) == login
         with pytest.raises(MqttError, match="already joined"):

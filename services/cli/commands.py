@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from broker.backend import EXTERNAL, BrokerSpec
 from broker.server import Listeners
 from services.cli.client import CliError, OakClient, Profile
 from services.cli.tables import table
@@ -32,9 +33,17 @@ def listeners(args: argparse.Namespace, port: int | None = None) -> Listeners:
                      args.ws_port)
 
 
+def broker_spec(args: argparse.Namespace) -> BrokerSpec:
+    """The ``--broker`` asked for on the command line."""
+    try:
+        return BrokerSpec.parse(args.broker, args.broker_user or "", args.broker_password or "")
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+
 def _root_config(args: argparse.Namespace, home: Path) -> RootConfig:
     return RootConfig(home, listeners(args), args.scheduler, args.scheduler_profile, args.join_token,
-                      getattr(args, "advertise", "127.0.0.1"))
+                      getattr(args, "advertise", "127.0.0.1"), broker_spec(args))
 
 
 async def root(args: argparse.Namespace, home: Path) -> None:
@@ -45,7 +54,8 @@ async def root(args: argparse.Namespace, home: Path) -> None:
 async def cluster(args: argparse.Namespace, home: Path, root_url: BrokerUrl) -> None:
     """``oak cluster``."""
     await run_cluster(ClusterConfig(home, args.name, root_url, args.location, listeners(args), args.scheduler,
-                                    args.scheduler_profile, args.join_token, args.root_join_token))
+                                    args.scheduler_profile, args.join_token, args.root_join_token,
+                                    broker_spec(args), args.mosquitto_bridge))
 
 
 async def worker(args: argparse.Namespace, home: Path, cluster_url: BrokerUrl) -> None:
@@ -88,7 +98,7 @@ async def up(args: argparse.Namespace, home: Path) -> None:
             ClusterConfig(home / "cluster", args.cluster_name, BrokerUrl("127.0.0.1", ports["root"]),
                           listen=Listeners(args.host, args.cluster_port), scheduler=args.scheduler,
                           scheduler_profile=args.scheduler_profile,
-                          join_token=args.join_token, root_join_token=args.join_token),
+                          join_token=args.join_token, root_join_token=args.join_token, broker=cfg.broker),
             cluster_ready,
         )
 
@@ -105,6 +115,8 @@ async def up(args: argparse.Namespace, home: Path) -> None:
               file=sys.stderr, flush=True)
 
     cfg = _root_config(args, home)
+    if cfg.broker.kind == EXTERNAL:
+        raise CliError("oak up runs two brokers (root and cluster): use --broker embedded or mosquitto")
     ports["root"] = args.port
     async with asyncio.TaskGroup() as tasks:
         tasks.create_task(run_root(cfg, root_ready))

@@ -40,6 +40,14 @@ def _add_service_flags(p: argparse.ArgumentParser, port: int) -> None:
     p.add_argument("--scheduler-profile", type=Path, help="a TOML scheduling profile (see docs/plugins.md)")
     p.add_argument("--join-token", default=os.environ.get("OAK_JOIN_TOKEN"),
                    help="require this token from clusters/workers that join (default: open joining)")
+    p.add_argument("--broker", default="embedded",
+                   help="'embedded' (amqtt in this process, the default), 'mosquitto' (run mosquitto as a child, "
+                        "with password and ACL files made by oak) or mqtt://HOST:PORT (an existing broker; "
+                        "see docs/brokers.md)")
+    p.add_argument("--broker-user", default=os.environ.get("OAK_BROKER_USER"),
+                   help="with --broker mqtt://...: a login allowed everything there ($OAK_BROKER_USER)")
+    p.add_argument("--broker-password", default=os.environ.get("OAK_BROKER_PASSWORD"),
+                   help="its password ($OAK_BROKER_PASSWORD)")
     p.add_argument("-v", "--verbose", action="store_true")
 
 
@@ -67,6 +75,8 @@ def parser() -> argparse.ArgumentParser:
     cluster.add_argument("--location", default=os.environ.get("CLUSTER_LOCATION", ""),
                          help="default $CLUSTER_LOCATION (e.g. 48.14,11.58)")
     cluster.add_argument("--root-join-token", default=os.environ.get("OAK_ROOT_JOIN_TOKEN"))
+    cluster.add_argument("--mosquitto-bridge", action="store_true",
+                         help="with --broker mosquitto: let mosquitto's own bridge link to the root")
     cluster.add_argument("--json", action="store_true", help="with list: print JSON")
 
     worker = sub.add_parser("worker", help="run a worker (NodeEngine)")

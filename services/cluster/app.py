@@ -7,10 +7,11 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from broker.backend import MOSQUITTO, BrokerSpec, make_credentials, open_broker
 from broker.bridge import Bridge
-from broker.credentials import Credentials
 from broker.join import JoinDesk, obtain_login
-from broker.server import EmbeddedBroker, Listeners
+from broker.mosquitto_files import NativeBridge
+from broker.server import Listeners
 from services.cluster.orchestrator import ClusterOrchestrator
 from services.cluster.relay import Relay
 from services.common import envelope, models, plugins, profile, topics
@@ -35,6 +36,8 @@ class ClusterConfig:
     scheduler_profile: Path | None = None
     join_token: str | None = None
     root_join_token: str | None = None
+    broker: BrokerSpec = BrokerSpec()
+    native_bridge: bool = False  # mosquitto's own bridge to the root (with broker kind mosquitto)
 
 
 async def run_cluster(cfg: ClusterConfig, ready: asyncio.Event | None = None) -> None:
@@ -43,16 +46,14 @@ async def run_cluster(cfg: ClusterConfig, ready: asyncio.Event | None = None) ->
         raise ValueError(f"bad cluster name {cfg.name!r}: use letters, digits, '-' and '_' (at most 63)")
     scheduling = profile.load(plugins.make_manager(), cfg.scheduler, cfg.scheduler_profile)
     store = Store(cfg.data_dir / "cluster.db.json")
-    credentials = Credentials(store, cfg.join_token)
+    credentials = make_credentials(cfg.broker, store, cfg.join_token)
     await credentials.load()
     desk = JoinDesk(credentials, "node")
     try:
-        async with EmbeddedBroker(cfg.listen, credentials) as broker:
-            local = BrokerUrl("127.0.0.1", broker.port)
-            session = MqttSession(
-                local, "cluster", "svc:cluster", credentials.service_password("svc:cluster"),
-                avail_topic=topics.CLUSTER_AVAIL,
-            )
+        native = await _native_bridge(cfg)
+        async with open_broker(cfg.broker, cfg.listen, credentials, cfg.data_dir, ("cluster", "bridge"),
+                               native) as broker:
+            session = MqttSession(broker.url, "cluster", *broker.login("cluster"), avail_topic=topics.CLUSTER_AVAIL)
             async with session:
                 orchestrator = ClusterOrchestrator(cfg.name, store, scheduling, session, cfg.location)
                 await orchestrator.restore()
@@ -73,19 +74,29 @@ async def run_cluster(cfg: ClusterConfig, ready: asyncio.Event | None = None) ->
                     topics.downstream("cmd/+"): relay.command,
                     topics.up_filter(topics.NODES, "res/+"): relay.answer,
                     topics.BASE + "/#": orchestrator.handle,
-                }, orchestrator.run(), _bridge(cfg, local, credentials))
+                }, orchestrator.run(), *([] if native else [_bridge(cfg, broker.url, broker.login("bridge"))]))
     finally:
         store.close()
 
 
-async def _bridge(cfg: ClusterConfig, local: BrokerUrl, credentials: Credentials) -> None:
+async def _native_bridge(cfg: ClusterConfig) -> NativeBridge | None:
+    """mosquitto's own bridge to the root, when asked for: the cluster joins the root first."""
+    if not cfg.native_bridge:
+        return None
+    if cfg.broker.kind != MOSQUITTO:
+        raise ValueError("mosquitto's own bridge needs the cluster's broker to be mosquitto (--broker mosquitto)")
+    login = await obtain_login(cfg.data_dir, cfg.root, "cluster", cfg.name, cfg.root_join_token, timeout=3600)
+    return NativeBridge(cfg.name, cfg.root, login.username, login.password)
+
+
+async def _bridge(cfg: ClusterConfig, local: BrokerUrl, service_login: tuple[str, str]) -> None:
     """Join the root if needed, then forward between the brokers for as long as the cluster runs."""
     login = await obtain_login(cfg.data_dir, cfg.root, "cluster", cfg.name, cfg.root_join_token, timeout=3600)
     root_side = MqttSession(
         cfg.root, f"bridge-{cfg.name}", login.username, login.password,
         avail_topic=topics.up(topics.CLUSTERS, cfg.name, "avail"), clean_session=False,
     )
-    local_side = MqttSession(local, "bridge", "svc:bridge", credentials.service_password("svc:bridge"))
+    local_side = MqttSession(local, "bridge", *service_login)
     async with root_side, local_side:
         log.info("cluster %s bridged to the root at %s", cfg.name, cfg.root)
         await Bridge(cfg.name, root_side, local_side).run()

@@ -72,7 +72,9 @@ OFFLINE = b'{"state":"offline"}'
 
 
 def is_online(payload: bytes) -> bool:
-    """True when an ``avail`` payload says online."""
+    """True when an ``avail`` payload says online (``1`` too: mosquitto's bridge reports itself so)."""
+    if payload.strip() == b"1":
+        return True
     try:
         return bool(json.loads(payload).get("state") == "online")
     except (ValueError, AttributeError, UnicodeDecodeError):

@@ -8,11 +8,12 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from broker.backend import BrokerSpec, make_credentials, open_broker
 from broker.credentials import Credentials, new_password
 from broker.join import JoinDesk, write_secret
-from broker.server import EmbeddedBroker, Listeners
+from broker.server import Listeners
 from services.common import plugins, profile, topics
-from services.common.mqtt import BrokerUrl, MqttSession, serve
+from services.common.mqtt import MqttSession, serve
 from services.common.store import Store
 from services.root.api import Api
 from services.root.catalog import Catalog
@@ -35,6 +36,7 @@ class RootConfig:
     scheduler_profile: Path | None = None
     join_token: str | None = None
     advertise: str = "127.0.0.1"
+    broker: BrokerSpec = BrokerSpec()
 
 
 async def ensure_admin(cfg: RootConfig, credentials: Credentials, port: int) -> None:
@@ -57,14 +59,13 @@ async def run_root(cfg: RootConfig, ready: asyncio.Event | None = None) -> None:
     scheduling = profile.load(plugins.make_manager(), cfg.scheduler, cfg.scheduler_profile)
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
     store = Store(cfg.data_dir / "root.db.json")
-    credentials = Credentials(store, cfg.join_token)
+    credentials = make_credentials(cfg.broker, store, cfg.join_token)
     await credentials.load()
     catalog = Catalog(store)
     await catalog.load()
     try:
-        async with EmbeddedBroker(cfg.listen, credentials) as broker:
-            url = BrokerUrl("127.0.0.1", broker.port)
-            session = MqttSession(url, "root", "svc:root", credentials.service_password("svc:root"),
+        async with open_broker(cfg.broker, cfg.listen, credentials, cfg.data_dir, ("root",)) as broker:
+            session = MqttSession(broker.url, "root", *broker.login("root"),
                                   avail_topic=topics.ROOT_AVAIL, announce=False)
             async with session:
                 network = RootNetwork(store, session)

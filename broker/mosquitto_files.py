@@ -1,0 +1,158 @@
+"""mosquitto's configuration, password file and ACL file for an Oakling tier. Pure functions.
+
+The ACL file says what :mod:`broker.acl` says, one ``user`` block per identity (a service may do
+everything; a user, cluster or node its own subtrees), and lets a newcomer use only the join topics
+named after its client id (its nonce). mosquitto applies ``pattern`` lines to every user, so every
+other identity is denied ``oak/join/#`` explicitly (denials come first in mosquitto).
+
+One difference remains: mosquitto accepts a subscription outside the rules (SUBACK 0) and then
+delivers nothing on it, where the embedded broker refuses it (SUBACK 0x80).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from broker import acl
+from broker.identity import CLUSTER, JOIN, NODE, SERVICE, USER, Identity
+from services.common import topics
+from services.common.mqtt import BrokerUrl
+
+SALT_BYTES = 12  # mosquitto refuses any other salt length
+JOIN_FILTERS = f"{topics.BASE}/join/#"
+
+
+def password_line(username: str, password: str, iterations: int) -> str:
+    """One line of a mosquitto password file: ``user:$7$iterations$salt$hash`` (PBKDF2-SHA512)."""
+    if ":" in username:
+        raise ValueError(f"mosquitto cannot hold a username with ':' ({username!r})")
+    salt = secrets.token_bytes(SALT_BYTES)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations)
+    return f"{username}:$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+
+
+def acl_block(username: str) -> list[str]:
+    """The ACL lines of one identity (empty for one that cannot be expressed)."""
+    identity = Identity.of(username)
+    if ":" in username or any(c.isspace() for c in username):
+        return []
+    if identity.kind == SERVICE:
+        return [f"user {username}", "topic readwrite #"]
+    if identity.kind not in (USER, CLUSTER, NODE) or not topics.is_valid_id(identity.name):
+        return []
+    publish, readable, exact = acl.rules(identity)
+    return [
+        f"user {username}",
+        f"topic deny {JOIN_FILTERS}",
+        *(f"topic write {prefix}/#" for prefix in publish),
+        *(f"topic read {prefix}/#" for prefix in readable),
+        *(f"topic read {topic}" for topic in exact),
+    ]
+
+
+def render_acl(usernames: list[str]) -> str:
+    """The whole ACL file for *usernames*."""
+    lines = [
+        "# Written by oak from broker/acl.py's rules; rewritten whenever an identity changes.",
+        f"pattern write {topics.join_request('%c')}",
+        f"pattern read {topics.join_response('%c')}",
+    ]
+    for username in usernames:
+        if Identity.of(username).kind != JOIN:
+            lines += ["", *acl_block(username)]
+    return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class Listener:
+    """One mosquitto listener."""
+
+    port: int
+    host: str = "127.0.0.1"
+    certfile: str | None = None
+    keyfile: str | None = None
+    websockets: bool = False
+
+    def lines(self) -> list[str]:
+        """Its lines in mosquitto.conf."""
+        out = [f"listener {self.port} {self.host}"]
+        if self.certfile and self.keyfile:
+            out += [f"certfile {self.certfile}", f"keyfile {self.keyfile}"]
+        if self.websockets:
+            out.append("protocol websockets")
+        return out
+
+
+@dataclass(frozen=True)
+class NativeBridge:
+    """mosquitto's own bridge from a cluster's broker to the root's, in place of :mod:`broker.bridge`.
+
+    It forwards ``oak/clusters/<cid>/down/#`` in as ``oak/downstream/#`` and ``oak/upstream/#`` out as
+    ``oak/clusters/<cid>/up/#``, with the cluster's own login at the root, and reports its connection
+    as ``1``/``0`` (retained, ``0`` as its last will) on the cluster's ``avail`` topic at the root.
+    ``try_private false`` and ``notifications`` on a topic outside ``$SYS`` keep an amqtt root happy.
+    """
+
+    cluster: str
+    root: BrokerUrl
+    username: str
+    password: str
+
+    def lines(self) -> list[str]:
+        """The ``connection`` section."""
+        down = f"{topics.BASE}/{topics.CLUSTERS}/{self.cluster}/down/"
+        up = f"{topics.BASE}/{topics.CLUSTERS}/{self.cluster}/up/"
+        out = [
+            f"connection oak-root-{self.cluster}",
+            f"address {self.root.host}:{self.root.port}",
+            "bridge_protocol_version mqttv311",
+            "try_private false",
+            "notifications true",
+            f"notification_topic {topics.up(topics.CLUSTERS, self.cluster, 'avail')}",
+            f"remote_clientid bridge-{self.cluster}",
+            f"remote_username {self.username}",
+            f"remote_password {self.password}",
+            "cleansession false",
+            "keepalive_interval 10",
+            "restart_timeout 1 10",
+            f"topic # in 1 {topics.DOWNSTREAM}/ {down}",
+            f"topic # out 1 {topics.UPSTREAM}/ {up}",
+        ]
+        if self.root.tls:
+            out.append("bridge_capath /etc/ssl/certs")
+        return out
+
+
+def render_conf(directory: Path, listeners: list[Listener], bridge: NativeBridge | None = None,
+                user: str | None = None) -> str:
+    """mosquitto.conf for a broker whose files live in *directory*; no anonymous access.
+
+    *user*: the account mosquitto keeps when started as root (by default it would switch to
+    ``mosquitto`` and could not read oak's files, which only their owner may read).
+    """
+    lines = [
+        "# Written by oak at every start: change the oak command line, not this file.",
+        *([f"user {user}"] if user else []),
+        "per_listener_settings false",
+        "allow_anonymous false",
+        f"password_file {directory / 'passwd'}",
+        f"acl_file {directory / 'acl'}",
+        "persistence true",
+        f"persistence_location {directory}/",
+        "autosave_interval 60",
+        "set_tcp_nodelay true",
+        "log_dest stderr",
+        "log_type error",
+        "log_type warning",
+        "log_type notice",
+        "log_timestamp_format %H:%M:%S",
+    ]
+    for listener in listeners:
+        lines += ["", *listener.lines()]
+    if bridge is not None:
+        lines += ["", *bridge.lines()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,143 @@
+"""Every tier on mosquitto (Debian's, run by the root and clusters on ephemeral loopback ports).
+
+The end-to-end tests of the embedded set-up run here unchanged against two mosquitto set-ups: with
+Oakling's own root<->cluster bridge, and with mosquitto's native bridge. Then the topic rules are
+checked on mosquitto itself with mosquitto_pub/mosquitto_sub, as a script would meet them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from broker.mosquitto_files import acl_block, password_line, render_acl
+from services.cli.client import OakClient
+from tests.conftest import Stack, dumps, eventually, sla, sleeper
+from tests.test_three_tiers import (  # noqa: F401 - collected here again, on mosquitto
+    _online_nodes,
+    running,
+    test_mdnc_cluster_killed_moves_instances_to_other_cluster,
+    test_mdoc_deploy_scale_undeploy,
+    test_root_killed_and_restarted_loses_nothing,
+    test_users_cannot_see_or_touch_each_others_services,
+    test_worker_killed_moves_its_instances,
+)
+
+MOSQUITTO = ("--broker", "mosquitto")
+SETUPS = {"oak-bridge": (MOSQUITTO, MOSQUITTO), "native-bridge": (MOSQUITTO, (*MOSQUITTO, "--mosquitto-bridge"))}
+
+
+def _need_mosquitto() -> None:
+    for binary in ("mosquitto", "mosquitto_pub", "mosquitto_sub"):
+        if shutil.which(binary) is None:
+            print(f"SKIPPED: {binary} is not installed (apt-get install mosquitto mosquitto-clients)")
+            pytest.skip(f"{binary} is not installed (Debian: apt-get install mosquitto mosquitto-clients; "
+                        "make test installs them when run as root)")
+
+
+@pytest.fixture(params=list(SETUPS))
+def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
+    """A stack whose root and clusters run mosquitto (overrides conftest's embedded one)."""
+    _need_mosquitto()
+    root_args, cluster_args = SETUPS[request.param]
+    s = Stack(tmp_path, root_args=root_args, cluster_args=cluster_args)
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+# ---- the files, without a broker ------------------------------------------------------------------
+
+
+def test_password_lines_are_mosquittos_pbkdf2_sha512() -> None:
+    """``user:$7$iterations$salt$hash`` with a 12-byte salt (mosquitto refuses others); no ':' names."""
+    user, rest = password_line("node.w1", "pw", 101).split(":")
+    _, seven, iterations, salt, digest = rest.split("$")
+    assert (user, seven, iterations, len(salt), len(digest)) == ("node.w1", "7", "101", 16, 88)
+    with pytest.raises(ValueError, match="cannot hold"):
+        password_line("node:w1", "pw", 101)
+
+
+def test_acl_file_says_what_broker_acl_says() -> None:
+    """Each identity gets its own subtrees; newcomers only the join topics of their client id."""
+    assert acl_block("alice") == ["user alice", "topic deny oak/join/#", "topic write oak/api/alice/request/#",
+                                  "topic read oak/api/alice/#", "topic read oak/root/avail"]
+    assert acl_block("node.w1")[2:] == ["topic write oak/nodes/w1/up/#", "topic read oak/nodes/w1/down/#",
+                                        "topic read oak/cluster/avail"]
+    assert acl_block("svc.root") == ["user svc.root", "topic readwrite #"]
+    assert acl_block("node:w1") == acl_block("bad name") == []
+    text = render_acl(["alice", "join.newcomer"])
+    assert "pattern write oak/join/request/%c\npattern read oak/join/response/%c\n" in text
+    assert "user join.newcomer" not in text
+
+
+# ---- topic rules on a live mosquitto ---------------------------------------------------------------
+
+
+def _login(path: Path) -> tuple[str, str]:
+    saved = json.loads(path.read_text())
+    return saved["username"], saved["password"]
+
+
+def _mqtt(tool: str, port: int, login: tuple[str, str], *args: str) -> list[str]:
+    return [tool, "-V", "mqttv311", "-h", "127.0.0.1", "-p", str(port), "-u", login[0], "-P", login[1], *args]
+
+
+def _read(port: int, login: tuple[str, str], topic: str, seconds: int = 2) -> str:
+    """What *login* receives on *topic* within *seconds* (retained messages included)."""
+    done = subprocess.run(_mqtt("mosquitto_sub", port, login, "-t", topic, "-v", "-W", str(seconds)),
+                          capture_output=True, text=True, timeout=seconds + 10)
+    return done.stdout
+
+
+def _publish(port: int, login: tuple[str, str], topic: str, payload: str, *extra: str) -> None:
+    subprocess.run(_mqtt("mosquitto_pub", port, login, "-q", "1", "-t", topic, "-m", payload, *extra),
+                   check=True, timeout=10)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("stack", ["oak-bridge"], indirect=True)
+async def test_topic_rules_hold_on_mosquitto(stack: Stack, api: Any) -> None:
+    """A user reads and writes only its own API; a worker neither speaks for nor reads another worker;
+    anonymous and wrong passwords are refused."""
+    stack.root()
+    stack.cluster("c1")
+    stack.worker("w1", "c1")
+    stack.worker("w2", "c1")
+    admin: OakClient = await api()
+    await eventually(lambda: _online_nodes(admin, 2), timeout=30, what="two workers online")
+    await admin.request("apps", "create", raw=dumps(sla(sleeper("job", 6041), app="acl")))
+    await admin.request("services", "deploy", {"service": "acl.test.job.test", "replicas": 2})
+    await running(admin, "acl.test.job.test", 2)
+    await admin.request("users", "create", {"username": "bob", "password": "bob-password-1"})
+    root, cluster = stack.root_port, stack.cluster_ports["c1"]
+    bob, admin_login = ("bob", "bob-password-1"), _login(stack.base / "root" / "credentials.json")
+
+    assert "oak/api/admin/state/services/acl.test.job.test" in _read(root, admin_login, "oak/api/admin/state/#")
+    assert _read(root, bob, "oak/api/admin/#") == "", "bob reads the admin's retained state"
+    assert _read(root, bob, "oak/clusters/#") == ""
+    _publish(root, bob, "oak/api/admin/request/apps/delete", '{"app": "acl"}')
+    _publish(root, bob, "oak/clusters/c1/up/avail", '{"state":"offline"}', "-r")
+    assert [a["name"] for a in await admin.request("apps", "list")] == ["acl"]
+    assert [c["online"] for c in await admin.request("clusters", "list")] == [True]
+
+    w1 = _login(stack.base / "w1" / "identity.json")
+    assert w1[0] == "node.w1"
+    assert "oak/nodes/w1/down/desired" in _read(cluster, w1, "oak/nodes/w1/down/#")
+    assert _read(cluster, w1, "oak/nodes/w2/down/#") == "", "w1 reads w2's desired instances"
+    _publish(cluster, w1, "oak/nodes/w2/up/avail", '{"state":"offline"}', "-r")
+    _publish(cluster, w1, "oak/join/request/x", '{"kind": "node", "name": "w9"}')
+    await eventually(lambda: _online_nodes(admin, 2), what="w2 still online")
+    assert sorted(n["name"] for n in await admin.request("nodes", "list")) == ["w1", "w2"]
+
+    for login in [("bob", "wrong"), ("node.w1", "wrong"), ("", "")]:
+        refused = subprocess.run(_mqtt("mosquitto_pub", root, login, "-t", "oak/x", "-m", "x"),
+                                 capture_output=True, timeout=10)
+        assert refused.returncode != 0
