@@ -105,7 +105,7 @@ async def up(args: argparse.Namespace, home: Path) -> None:
     async def start_worker() -> None:
         await cluster_ready.wait()
         await run_worker(WorkerConfig(home / "worker", BrokerUrl("127.0.0.1", args.cluster_port),
-                                      args.name, join_token=args.join_token))
+                                      args.name, join_token=args.join_token, overlay=args.overlay))
 
     async def announce() -> None:
         await cluster_ready.wait()

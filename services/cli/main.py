@@ -61,6 +61,8 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--cluster-port", type=int, default=10003, help="cluster broker port (default 10003)")
     up.add_argument("--cluster-name", default="cluster1")
     up.add_argument("--name", default=socket.gethostname(), help="worker name (default: hostname)")
+    up.add_argument("--overlay", action="store_true",
+                    help="give instances their own IPs and service IPs (root; builds oak0/oakvx on this host)")
 
     root = sub.add_parser("root", help="run the root orchestrator")
     _add_service_flags(root, 10000)
