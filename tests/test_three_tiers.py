@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -30,11 +31,13 @@ async def running(client: OakClient, service: str, replicas: int, what: str = ""
     return await eventually(check, timeout, what=what or f"{service} x{replicas} RUNNING")
 
 
-def sleeps(token: str) -> list[psutil.Process]:
-    """Live ``sleep <token>`` processes (tests use unusual durations as tokens)."""
+def sleeps(token: str, under: Path) -> list[psutil.Process]:
+    """Live ``sleep <token>`` processes of the stack in *under* (their working directories are in it), so
+    tests running side by side with the same tokens do not count each other's."""
     found = []
-    for proc in psutil.process_iter(["cmdline", "status"]):
-        if proc.info["cmdline"] == ["sleep", token] and proc.info["status"] != psutil.STATUS_ZOMBIE:
+    for proc in psutil.process_iter(["cmdline", "status", "cwd"]):
+        if (proc.info["cmdline"] == ["sleep", token] and proc.info["status"] != psutil.STATUS_ZOMBIE
+                and str(proc.info["cwd"] or "").startswith(str(under))):
             found.append(proc)
     return found
 
@@ -64,8 +67,8 @@ async def test_mdoc_deploy_scale_undeploy(stack: Stack, api: Any) -> None:
     await running(client, CACHE, 1)
     assert {i["node"] for i in web["instances"]} == {"w1", "w2"}, "least-loaded spreads replicas"
     assert {i["cluster"] for i in web["instances"]} == {"c1"}
-    assert len(sleeps("6001")) == 2
-    assert len(sleeps("6002")) == 1
+    assert len(sleeps("6001", stack.base)) == 2
+    assert len(sleeps("6002", stack.base)) == 1
 
     await client.request("services", "scale", {"service": WEB, "replicas": 3})
     web = await running(client, WEB, 3)
@@ -73,13 +76,13 @@ async def test_mdoc_deploy_scale_undeploy(stack: Stack, api: Any) -> None:
     await client.request("services", "scale", {"service": WEB, "replicas": 1})
     web = await running(client, WEB, 1)
     assert [i["number"] for i in web["instances"]] == [0]
-    await eventually(lambda: len(sleeps("6001")) == 1, what="scaled-down processes gone")
+    await eventually(lambda: len(sleeps("6001", stack.base)) == 1, what="scaled-down processes gone")
 
     await client.request("services", "undeploy", {"service": WEB})
-    await eventually(lambda: not sleeps("6001"), what="undeployed processes gone")
+    await eventually(lambda: not sleeps("6001", stack.base), what="undeployed processes gone")
     assert (await state(client, WEB))["status"] == "UNDEPLOYED"
     await client.request("apps", "delete", {"app": "shop"})
-    await eventually(lambda: not sleeps("6002"), what="deleted app's processes gone")
+    await eventually(lambda: not sleeps("6002", stack.base), what="deleted app's processes gone")
     assert await client.request("apps", "list") == []
 
 
@@ -104,7 +107,7 @@ async def test_worker_killed_moves_its_instances(stack: Stack, api: Any) -> None
     await eventually(lambda: _online_nodes(client, 2), what="w2 online")
 
     stack.procs["w1"].kill9()
-    for orphan in sleeps("6011"):  # the dead worker's children; a real machine would have died with them
+    for orphan in sleeps("6011", stack.base):  # the dead worker's children; a real machine would have died with them
         orphan.kill()
 
     async def moved() -> bool:
@@ -158,7 +161,7 @@ async def test_root_killed_and_restarted_loses_nothing(stack: Stack, api: Any) -
     await client.request("apps", "create", raw=dumps(TWO_SERVICES))
     await client.request("services", "deploy", {"service": WEB, "replicas": 2})
     before = await running(client, WEB, 2)
-    pids = {p.pid for p in sleeps("6001")}
+    pids = {p.pid for p in sleeps("6001", stack.base)}
     await client.__aexit__(None, None, None)
 
     stack.procs["root"].kill9()
@@ -166,7 +169,7 @@ async def test_root_killed_and_restarted_loses_nothing(stack: Stack, api: Any) -
     client = await api()
     after = await running(client, WEB, 2, what="web RUNNING after the root restarted")
     assert [i["iid"] for i in after["instances"]] == [i["iid"] for i in before["instances"]]
-    assert {p.pid for p in sleeps("6001")} == pids, "the instances were not restarted"
+    assert {p.pid for p in sleeps("6001", stack.base)} == pids, "the instances were not restarted"
     assert [a["name"] for a in await client.request("apps", "list")] == ["shop"]
     await client.request("services", "deploy", {"service": CACHE})
     await running(client, CACHE, 1, what="a new deployment after the restart")
@@ -183,7 +186,7 @@ async def test_cluster_and_worker_restart_resume(stack: Stack, api: Any) -> None
     await client.request("apps", "create", raw=dumps(sla(sleeper("job", 6021), app="resume")))
     await client.request("services", "deploy", {"service": "resume.test.job.test", "replicas": 2})
     before = await running(client, "resume.test.job.test", 2)
-    pids = {p.pid for p in sleeps("6021")}
+    pids = {p.pid for p in sleeps("6021", stack.base)}
 
     stack.procs["w1"].kill9()
     stack.procs["c1"].kill9()
@@ -194,7 +197,7 @@ async def test_cluster_and_worker_restart_resume(stack: Stack, api: Any) -> None
                      what="w1 back with its cluster")
     after = await running(client, "resume.test.job.test", 2, what="RUNNING after restarts")
     assert [i["iid"] for i in after["instances"]] == [i["iid"] for i in before["instances"]]
-    await eventually(lambda: {p.pid for p in sleeps("6021")} == pids, what="the same processes, adopted")
+    await eventually(lambda: {p.pid for p in sleeps("6021", stack.base)} == pids, what="the same processes, adopted")
 
 
 @pytest.mark.timeout(90)
