@@ -94,3 +94,39 @@ def test_close_writes_changes_not_yet_on_disk(tmp_path: Path) -> None:
     store.apply("t", {"a": {"x": 1}})
     store.close()
     assert json.loads((tmp_path / "db.json").read_text())["t"]["1"] == {"x": 1, "_key": "a"}
+
+
+async def test_a_cancelled_writer_still_reaches_the_disk(tmp_path: Path) -> None:
+    """A change whose writer is cancelled while an earlier write is under way is written all the same."""
+    store = Store(tmp_path / "db.json")
+    first = asyncio.ensure_future(store.put("t", "a", {"x": 1}))
+    await asyncio.sleep(0)
+    second = asyncio.ensure_future(store.put("t", "b", {"x": 2}))
+    await asyncio.sleep(0)
+    second.cancel()
+    await first
+    for _ in range(50):
+        if "b" in await Store(tmp_path / "db.json").load("t"):
+            break
+        await asyncio.sleep(0.02)
+    assert await Store(tmp_path / "db.json").load("t") == {"a": {"x": 1}, "b": {"x": 2}}
+
+
+async def test_a_failed_write_fails_its_waiters_and_the_next_one_retries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the disk refuses a write, its waiters get the error; a later write succeeds with both changes."""
+    from services.common import store as module
+
+    real = module.write_atomically
+
+    def full(path: Path, text: str) -> None:
+        raise OSError(28, "No space left on device")
+
+    store = Store(tmp_path / "db.json")
+    monkeypatch.setattr(module, "write_atomically", full)
+    with pytest.raises(OSError, match="No space"):
+        await store.put("t", "a", {"x": 1})
+    monkeypatch.setattr(module, "write_atomically", real)
+    await store.put("t", "b", {"x": 2})
+    assert await Store(tmp_path / "db.json").load("t") == {"a": {"x": 1}, "b": {"x": 2}}

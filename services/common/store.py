@@ -81,6 +81,7 @@ class Store:
         self._version = 0  # changes applied in memory
         self._durable = 0  # changes known to be on disk
         self._flushing: asyncio.Future[None] | None = None
+        self._round: asyncio.Future[None] | None = None  # completed by the next file write
         self.file_writes = 0
 
     # ---- in memory ---------------------------------------------------------------------------
@@ -121,16 +122,26 @@ class Store:
         target = self._version
         while self._durable < target:
             if self._flushing is None:
+                self._round = asyncio.get_running_loop().create_future()
                 self._flushing = asyncio.ensure_future(self._flush())
-            await asyncio.shield(self._flushing)
+            await asyncio.shield(self._round)
 
     async def _flush(self) -> None:
+        """Write the database until nothing applied is left unwritten, even if every waiter was cancelled;
+        each write completes the current round and opens the next."""
         try:
-            with self._lock:
-                version, text = self._version, self._storage.dump()
-            await asyncio.to_thread(write_atomically, self._storage.path, text)
-            self._durable = max(self._durable, version)
-            self.file_writes += 1
+            while self._durable < self._version:
+                with self._lock:
+                    version, text = self._version, self._storage.dump()
+                await asyncio.to_thread(write_atomically, self._storage.path, text)
+                self._durable = max(self._durable, version)
+                self.file_writes += 1
+                done, self._round = self._round, asyncio.get_running_loop().create_future()
+                done.set_result(None)
+        except Exception as exc:  # the waiters of this round get the error; the next sync() tries again
+            assert self._round is not None
+            self._round.set_exception(exc)
+            self._round.exception()  # retrieved: a round nobody waits for must not warn
         finally:
             self._flushing = None
 
