@@ -103,6 +103,13 @@ class Engine:
         slot.status = replace(status, since=round(time.time(), 3))
         self.on_change()
 
+    async def _record(self, slot: Slot, status: InstanceStatus) -> None:
+        """Set and store *status* (with the handle), and only then report it: whatever the cluster has
+        heard of is on disk, so a worker killed right after still adopts what it reported."""
+        slot.status = replace(status, since=round(time.time(), 3))
+        await self._save(slot)
+        self.on_change()
+
     # ---- reconciliation ----------------------------------------------------------------------
 
     async def restore(self) -> None:
@@ -174,12 +181,10 @@ class Engine:
                         log.exception("runtime %s failed to start %s", runtime.name, spec.iid)
                     slot.handle = None
                     restarts += 1
-                    self._set(slot, InstanceStatus(models.FAILED, str(exc), restarts=restarts))
-                    await self._save(slot)
+                    await self._record(slot, InstanceStatus(models.FAILED, str(exc), restarts=restarts))
                     await asyncio.sleep(backoff(restarts))
                     continue
-                self._set(slot, InstanceStatus(models.RUNNING, restarts=restarts))
-                await self._save(slot)
+                await self._record(slot, InstanceStatus(models.RUNNING, restarts=restarts))
                 log.info("started %s (%s)", spec.iid, spec.job_name)
             adopted = False
             assert slot.handle is not None
@@ -190,8 +195,7 @@ class Engine:
                 end = Exit(None, f"lost track of the instance: {exc}")
             slot.handle = None
             status = ended_status(spec, end, restarts)
-            self._set(slot, status)
-            await self._save(slot)
+            await self._record(slot, status)
             log.info("%s ended: %s (%s)", spec.iid, status.status, end.reason)
             if status.status == models.COMPLETED:
                 return
