@@ -1,11 +1,14 @@
-"""Submit-to-RUNNING with the container runtime (issue 3), against runc driven by hand in the same run.
+"""Submit-to-RUNNING with the container runtime (issue 3), against the engine driven by hand in the same run.
 
 Orchestrated: ``services/deploy`` of a one-replica busybox container through root -> cluster ->
-worker (bundle unpacked by umoci, ``runc run``) until the root's retained state says RUNNING.
-Baseline: the same image, ``umoci unpack`` + ``runc run -d`` of the bundle until ``runc state`` says
-running, timed directly.
+worker until the root's retained state says RUNNING, once with each engine: runc (bundle unpacked by
+umoci, ``runc run``) and containerd (image imported once, ``ctr run -d``).
+Baselines: the same image, ``umoci unpack`` + ``runc run -d`` of the bundle until ``runc state`` says
+running; and ``ctr run -d`` of the imported image (a private containerd, as the worker's) until
+``ctr task ls`` says RUNNING; both timed directly.
 
-Run (as root, with runc and umoci): ``.venv/bin/python -m bench.containers [--rounds N]``
+Run (as root, with runc and umoci; ctr and containerd for the containerd rows):
+``.venv/bin/python -m bench.containers [--rounds N] [--engine runc|containerd|both]``
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -21,6 +25,7 @@ from pathlib import Path
 
 from bench.common import record, summary
 from bench.three_tiers import _online, client_for, wait_status
+from plugins.runtimes import containerd
 from services.common import topics
 from tests.images import build_busybox, missing
 from tests.stack import Stack, eventually
@@ -54,7 +59,43 @@ def direct_runc(image: Path, work: Path, rounds: int) -> list[float]:
     return out
 
 
-async def orchestrated(image: Path, base: Path, rounds: int) -> list[float]:
+def task_status(daemon: containerd.Containerd, cid: str) -> str:
+    """The status ``ctr task ls`` gives the task of *cid* ("" when it has none)."""
+    for line in daemon.run("task", "ls").splitlines()[1:]:
+        fields = line.split()
+        if fields and fields[0] == cid:
+            return fields[-1]
+    return ""
+
+
+def direct_ctr(image: Path, work: Path, rounds: int) -> list[float]:
+    """Milliseconds for ``ctr run -d`` of the imported image until ``ctr task ls`` says RUNNING."""
+    daemon = containerd.Containerd(work / "containerd", system_socket="/nonexistent")
+    daemon.ensure()
+    try:
+        layout = work / "layout"
+        layout.mkdir()
+        subprocess.run(["tar", "-C", str(layout), "-xf", str(image)], check=True)
+        ref, _ = daemon.image(layout, "latest")
+        out = []
+        for i in range(rounds):
+            cid = f"bench-{i}"
+            t0 = time.monotonic()
+            daemon.run("run", "-d", "--net-host", "--env", containerd.DEFAULT_PATH, ref, cid, "sleep", "60")
+            while task_status(daemon, cid) != "RUNNING":
+                time.sleep(0.001)
+            out.append((time.monotonic() - t0) * 1000)
+            daemon.ctr("task", "kill", "--signal", "SIGKILL", cid)
+            while task_status(daemon, cid) == "RUNNING":
+                time.sleep(0.01)
+            daemon.forget(cid)
+        return out
+    finally:
+        daemon.stop()
+
+
+async def orchestrated(image: Path, base: Path, rounds: int, engine: str) -> list[float]:
+    os.environ["OAK_CONTAINER_ENGINE"] = engine  # the worker inherits it
     stack = Stack(base)
     try:
         stack.root()
@@ -87,21 +128,29 @@ async def orchestrated(image: Path, base: Path, rounds: int) -> list[float]:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--engine", choices=["runc", "containerd", "both"], default="both")
     args = p.parse_args()
     reason = missing()
     if reason:
         raise SystemExit(f"cannot run: {reason}")
+    engines = ["runc", "containerd"] if args.engine == "both" else [args.engine]
+    if "containerd" in engines and containerd.missing():
+        if args.engine == "containerd":
+            raise SystemExit(f"cannot run: {containerd.missing()}")
+        engines.remove("containerd")
+    result: dict[str, object] = {"command": f"python -m bench.containers --rounds {args.rounds} --engine {args.engine}",
+                                 "unit": "ms", "goal": "orchestration adds under 100 ms at p50"}
     with tempfile.TemporaryDirectory() as tmp:
         image = build_busybox(Path(tmp) / "img")
-        ours = asyncio.run(orchestrated(image, Path(tmp) / "stack", args.rounds))
-        (Path(tmp) / "direct").mkdir()
-        base = direct_runc(image, Path(tmp) / "direct", args.rounds)
-    o, b = summary(ours), summary(base)
-    record("container_submit_to_running", {
-        "command": "python -m bench.containers", "unit": "ms", "orchestrated": o, "direct_umoci_runc": b,
-        "ratio_median": o["median"] / b["median"], "added_median_ms": o["median"] - b["median"],
-        "goal": "orchestration adds under 100 ms at p50",
-    })
+        for engine in engines:
+            ours = summary(asyncio.run(orchestrated(image, Path(tmp) / f"stack-{engine}", args.rounds, engine)))
+            direct = Path(tmp) / f"direct-{engine}"
+            direct.mkdir()
+            name, base = (("direct_umoci_runc", direct_runc) if engine == "runc" else ("direct_ctr_run", direct_ctr))
+            baseline = summary(base(image, direct, args.rounds))
+            result[engine] = {"orchestrated": ours, name: baseline, "ratio_median": ours["median"] / baseline["median"],
+                              "added_median_ms": ours["median"] - baseline["median"]}
+    record("container_submit_to_running", result)
 
 
 if __name__ == "__main__":

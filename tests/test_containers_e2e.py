@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
+from plugins.runtimes import containerd
 from plugins.runtimes.cgroups import ROOT, Cgroup
 from tests.conftest import dumps, eventually, sla
 from tests.stack import REPO, Stack, oak
@@ -21,10 +24,33 @@ def container(name: str, image: Path, cmd: list[str], **extra: Any) -> dict[str,
     return {"microservice_name": name, "virtualization": "container", "code": str(image), "cmd": cmd, **extra}
 
 
-@pytest.mark.timeout(150)
-async def test_containers_run_log_die_and_leave_nothing(stack: Stack, api: Any, busybox_image: Path) -> None:
+def running(pid: int) -> bool:
+    """True while *pid* runs (a zombie waiting for its reaper does not)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def ctr_ls(home: Path, what: str) -> list[str]:
+    """``ctr <what> ls -q`` in a worker's private containerd (``<data dir>/containerd``)."""
+    sock = containerd.Containerd(home / "containerd").socket
+    done = subprocess.run(["ctr", "-a", str(sock), "-n", containerd.NAMESPACE, what, "ls", "-q"],
+                          capture_output=True, text=True, timeout=30, check=True)
+    return done.stdout.split()
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("engine", ["runc", "containerd"])
+async def test_containers_run_log_die_and_leave_nothing(stack: Stack, api: Any, busybox_image: Path, engine: str,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """RUNNING only on the worker with the container runtime; logs readable and followed; an OOM kill
-    reported; one_shot COMPLETED; undeploy leaves no container, bundle or cgroup."""
+    reported; one_shot COMPLETED; undeploy leaves no container, bundle or cgroup. With containerd,
+    also: the worker killed with -9 comes back to the same containerd and adopts its containers, and
+    its graceful stop stops that containerd."""
+    if engine == "containerd" and containerd.missing():
+        pytest.skip(containerd.missing() or "")
+    monkeypatch.setenv("OAK_CONTAINER_ENGINE", engine)
     stack.root()
     stack.cluster("c1")
     stack.worker("plain", "c1", "--stop-grace", "1")
@@ -48,6 +74,18 @@ async def test_containers_run_log_die_and_leave_nothing(stack: Stack, api: Any, 
 
     web = await eventually(web_running, 60, what="web RUNNING")
     assert {i["node"] for i in web} == {"ctr"}, "never placed on a worker without the container runtime"
+    assert all("io_mb" in i for i in web), "disk I/O is reported with the instance"
+    home = stack.base / "ctr"
+    if engine == "containerd":
+        assert {f"oak-{i['iid']}" for i in web} <= set(ctr_ls(home, "task"))
+        daemon = json.loads((home / "containerd" / "containerd.pid").read_text())["pid"]
+        stack.procs["ctr"].kill9()
+        stack.worker("ctr", "c1", "--runtime", "process", "--runtime", "container", "--stop-grace", "1")
+        await eventually(lambda: _online_nodes(client, 2), 30, what="the worker back")
+        await eventually(lambda: "adopted" in stack.procs["ctr"].log.read_text(), 30, what="adopted")
+        again = await eventually(web_running, 30, what="web RUNNING again")
+        assert [(i["iid"], i["restarts"]) for i in again] == [(i["iid"], i["restarts"]) for i in web], "adopted"
+        assert json.loads((home / "containerd" / "containerd.pid").read_text())["pid"] == daemon
 
     async def oom() -> dict[str, Any] | None:
         (hog,) = (await state(client, "boxes.test.hog.test"))["instances"]
@@ -61,8 +99,8 @@ async def test_containers_run_log_die_and_leave_nothing(stack: Stack, api: Any, 
 
     await eventually(completed, 60, what="once COMPLETED")
 
-    home = stack.base / "root"
-    done = subprocess.run(oak("service", "logs", "boxes.test.web.test", "0", "-n", "5", "--data-dir", str(home)),
+    done = subprocess.run(oak("service", "logs", "boxes.test.web.test", "0", "-n", "5", "--data-dir",
+                              str(stack.base / "root")),
                           capture_output=True, text=True, cwd=REPO, timeout=30)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
@@ -92,7 +130,13 @@ async def test_containers_run_log_die_and_leave_nothing(stack: Stack, api: Any, 
         listed = subprocess.run(["runc", "--root", str(state_dir), "list", "-q"], capture_output=True, text=True)
         bundles = list((stack.base / "ctr" / "bundles").glob("*"))
         groups = [i["iid"] for i in web + [hog] if Cgroup(i["iid"]).exists()]
-        return listed.stdout.strip() == "" and not bundles and not groups
+        tasks = ctr_ls(home, "task") + ctr_ls(home, "container") if engine == "containerd" else []
+        return listed.stdout.strip() == "" and not bundles and not groups and not tasks
 
-    await eventually(nothing_left, 30, what="no container, bundle or cgroup left")
+    await eventually(nothing_left, 30, what="no container, task, bundle or cgroup left")
     assert ROOT.exists()
+    if engine == "containerd":
+        stack.procs["ctr"].stop()
+        assert not (home / "containerd" / "containerd.pid").exists()
+        assert not running(daemon), "the worker's containerd stopped with it"
+        assert str(stack.base) not in Path("/proc/self/mounts").read_text(), "no mount left"

@@ -7,10 +7,13 @@ import asyncio
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
+from plugins.runtimes import containerd
 from plugins.runtimes.cgroups import Cgroup
 from plugins.runtimes.container import ContainerRuntime, split_ref
 from plugins.runtimes.process import ProcessRuntime
@@ -28,14 +31,39 @@ def root_or_skip() -> None:
         pytest.skip("unshare (util-linux) is not installed")
 
 
-@pytest.fixture(params=["process", "container"])
-def runtime(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[SupervisedRuntime, str]:
-    """Each runtime with the code its instances run (the busybox image for containers)."""
+def containerd_or_skip() -> None:
+    reason = containerd.missing()
+    if reason:
+        pytest.skip(reason)
+
+
+def ctr_lists(rt: ContainerRuntime, what: str) -> list[str]:
+    """``ctr <what> ls -q`` in the runtime's containerd."""
+    return rt.containerd.run(what, "ls", "-q").split()
+
+
+@pytest.fixture(params=["process", "container-runc", "container-containerd"])
+def runtime(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[SupervisedRuntime, str]]:
+    """Each runtime (containers with each engine) with the code its instances run (the busybox image
+    for containers); a private containerd is stopped at the end, leaving no process or mount."""
     root_or_skip()
     if request.param == "process":
-        return ProcessRuntime(str(tmp_path / "w")), ""
+        yield ProcessRuntime(str(tmp_path / "w")), ""
+        return
+    engine = request.param.removeprefix("container-")
+    if engine == "containerd":
+        containerd_or_skip()
     image = request.getfixturevalue("busybox_image")
-    return ContainerRuntime(str(tmp_path / "w")), str(image)
+    rt = ContainerRuntime(str(tmp_path / "w"), engine=engine)
+    yield rt, str(image)
+    if engine == "containerd":
+        recorded = rt.containerd._recorded()
+        if rt.containerd.address:
+            assert ctr_lists(rt, "task") == [], "no task left"
+            assert ctr_lists(rt, "container") == [], "no container left"
+        rt.containerd.stop()
+        assert recorded is None or not psutil.pid_exists(recorded.pid), "the private containerd stopped"
+        assert str(tmp_path) not in Path("/proc/self/mounts").read_text(), "no mount left"
 
 
 def launch(tmp_path: Path, kind: str, code: str, cmd: list[str], memory: int = 0, vcpus: float = 0,
@@ -107,15 +135,41 @@ async def test_stop_adopt_and_leave_nothing(runtime: tuple[SupervisedRuntime, st
     spec = launch(tmp_path, kind_of(rt), code, ["sh", "-c", "trap '' TERM; sleep 300"])
     handle = await rt.start(spec)
     await asyncio.sleep(0.3)
-    again = type(rt)(str(rt.data_dir))  # the worker after a restart
+    # the worker after a restart (a container runtime finds its private containerd again)
+    again = ContainerRuntime(str(rt.data_dir), rt.engine) if isinstance(rt, ContainerRuntime) else type(rt)(
+        str(rt.data_dir))
     assert await again.adopt(handle)
     await again.stop(handle, 0.5)
     assert not await again.adopt(handle)
     assert not Cgroup(spec.iid).exists()
-    if isinstance(rt, ContainerRuntime):
+    if isinstance(again, ContainerRuntime) and again.engine == "runc":
         listed = subprocess.run(["runc", "--root", str(rt.state), "list", "-q"], capture_output=True, text=True)
         assert listed.stdout.strip() == ""
         assert not (rt.bundles / spec.iid).exists()
+    if isinstance(again, ContainerRuntime) and again.engine == "containerd":
+        assert again.containerd.address == rt.containerd.address, "the same containerd, found again"
+        assert ctr_lists(again, "task") == []
+        assert ctr_lists(again, "container") == []
+
+
+async def test_exit_zero_and_disk_io(runtime: tuple[SupervisedRuntime, str], tmp_path: Path) -> None:
+    """Exit 0 (a one_shot's COMPLETED) comes through, and disk I/O shows in the instance's stats."""
+    rt, code = runtime
+    spec = launch(tmp_path, kind_of(rt), code, ["sh", "-c", "dd if=/dev/zero of=./io.bin bs=1M count=8 conv=fsync "
+                                                "2>/dev/null; sleep 30"])
+    handle = await rt.start(spec)
+    stats = None
+    for _ in range(100):
+        stats = await rt.stats(handle)
+        if stats is not None and stats.io_mb >= 8:
+            break
+        await asyncio.sleep(0.1)
+    await rt.stop(handle, 0.5)
+    assert stats is not None
+    assert stats.io_mb >= 8, stats
+    done = launch(tmp_path, kind_of(rt), code, ["true"])
+    end = await rt.wait(await rt.start(done))
+    assert (end.code, end.reason) == (0, "exited with code 0")
 
 
 async def test_start_failures_are_readable(tmp_path: Path) -> None:
@@ -125,7 +179,21 @@ async def test_start_failures_are_readable(tmp_path: Path) -> None:
         await ProcessRuntime(str(tmp_path)).start(launch(tmp_path, "process", "", ["nope"]))
     if shutil.which("runc") and shutil.which("umoci"):
         with pytest.raises(RuntimeError, match="not an OCI image layout"):
-            await ContainerRuntime(str(tmp_path)).start(launch(tmp_path, "container", str(tmp_path), ["true"]))
+            await ContainerRuntime(str(tmp_path), "runc").start(launch(tmp_path, "container", str(tmp_path),
+                                                                       ["true"]))
+
+
+async def test_containerd_start_failures(runtime: tuple[SupervisedRuntime, str], tmp_path: Path) -> None:
+    """With containerd: a bad image path fails before containerd is needed, a missing program says
+    so, and neither leaves a container behind (checked when the fixture ends)."""
+    rt, code = runtime
+    if not isinstance(rt, ContainerRuntime) or rt.engine != "containerd":
+        pytest.skip("containerd only")
+    with pytest.raises(RuntimeError, match="not an OCI image layout"):
+        await rt.start(launch(tmp_path, "container", str(tmp_path), ["true"]))
+    assert not rt.containerd.address, "no containerd started for an image that is not there"
+    with pytest.raises(RuntimeError, match='exec: "nope": executable file not found'):
+        await rt.start(launch(tmp_path, "container", code, ["nope"]))
 
 
 @pytest.mark.parametrize(("code", "expected"), [

@@ -149,7 +149,8 @@ class OakApp(App[None]):
             current = next((i for i in self.services.get(job, {}).get("instances", []) if i["iid"] == iid), inst)
             return (f"{job} #{number}  {current['status']}  on {current['cluster'] or '-'}/{current['node'] or '-'}"
                     f"  ip {current.get('ip') or '-'}  cpu {current['cpu_percent']:.0f}%  "
-                    f"{current['memory_mb']:.0f} MB  restarts {current['restarts']}  {current['reason']}")
+                    f"{current['memory_mb']:.0f} MB  disk I/O {current.get('io_mb', 0):.0f} MB  "
+                    f"restarts {current['restarts']}  {current['reason']}")
 
         self.push_screen(InstanceScreen(job, number, describe, lambda: list(self.history[f"cpu:{iid}"]),
                                         lambda: list(self.history[f"mem:{iid}"])))

@@ -16,6 +16,7 @@ from pathlib import Path
 ROOT = Path("/sys/fs/cgroup")
 PARENT = "oakling"
 V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids")
+V1_OPTIONAL = ("blkio",)  # disk I/O accounting, where the controller is mounted
 CPU_PERIOD_US = 100_000
 
 
@@ -43,15 +44,29 @@ def relative_path(name: str) -> str:
     return f"{PARENT}/{name}"
 
 
+def absolute_path(name: str) -> str | None:
+    """The group of *name* as one absolute path, when the worker sits at the same place in every
+    hierarchy it uses (so a runtime started by someone else, e.g. a system containerd, puts the
+    group where :class:`Cgroup` looks); None when it does not."""
+    if version() == 2:
+        return "/" + "/".join(p for p in (_own_path(""), relative_path(name)) if p)
+    own = {_own_path(c) for c in V1_CONTROLLERS + tuple(c for c in V1_OPTIONAL if (ROOT / c).exists())}
+    if len(own) != 1:
+        return None
+    return "/" + "/".join(p for p in (own.pop(), relative_path(name)) if p)
+
+
 @dataclass(frozen=True)
 class Usage:
-    """A reading of a group: total CPU time, memory in use, throttled periods and OOM kills so far."""
+    """A reading of a group: total CPU time, memory in use, throttled periods and OOM kills so far, and
+    bytes read from and written to block devices (0 where the kernel does not account them)."""
 
     cpu_seconds: float
     memory_bytes: int
     throttled: int
     oom_kills: int
     at: float
+    io_bytes: int = 0
 
 
 class Cgroup:
@@ -63,7 +78,8 @@ class Cgroup:
         if self.version == 2:
             self.dirs = {"": ROOT / _own_path("") / relative_path(name)}
         elif self.version == 1:
-            self.dirs = {c: ROOT / c / _own_path(c) / relative_path(name) for c in V1_CONTROLLERS}
+            controllers = V1_CONTROLLERS + tuple(c for c in V1_OPTIONAL if (ROOT / c).exists())
+            self.dirs = {c: ROOT / c / _own_path(c) / relative_path(name) for c in controllers}
         else:
             self.dirs = {}
 
@@ -79,6 +95,8 @@ class Cgroup:
             parent.mkdir(parents=True, exist_ok=True)
             with contextlib.suppress(OSError):
                 (parent / "cgroup.subtree_control").write_text("+memory +cpu +pids")
+            with contextlib.suppress(OSError):  # disk I/O accounting, where the io controller is available
+                (parent / "cgroup.subtree_control").write_text("+io")
         for path in self.dirs.values():
             path.mkdir(parents=True, exist_ok=True)
         if memory_mb:
@@ -114,15 +132,39 @@ class Cgroup:
                 cpu = dict(line.split() for line in (self.dirs[""] / "cpu.stat").read_text().splitlines())
                 events = dict(line.split() for line in (self.dirs[""] / "memory.events").read_text().splitlines())
                 return Usage(int(cpu["usage_usec"]) / 1e6, int((self.dirs[""] / "memory.current").read_text()),
-                             int(cpu.get("nr_throttled", 0)), int(events.get("oom_kill", 0)), time.monotonic())
+                             int(cpu.get("nr_throttled", 0)), int(events.get("oom_kill", 0)), time.monotonic(),
+                             self._io_bytes())
             cpu_ns = int((self.dirs["cpuacct"] / "cpuacct.usage").read_text())
             stat = dict(line.split() for line in (self.dirs["cpu"] / "cpu.stat").read_text().splitlines())
             oom = dict(line.split() for line in (self.dirs["memory"] / "memory.oom_control").read_text().splitlines())
             memory = int((self.dirs["memory"] / "memory.usage_in_bytes").read_text())
             return Usage(cpu_ns / 1e9, memory, int(stat.get("nr_throttled", 0)), int(oom.get("oom_kill", 0)),
-                         time.monotonic())
+                         time.monotonic(), self._io_bytes())
         except (OSError, KeyError, ValueError):
             return None
+
+    def _io_bytes(self) -> int:
+        """Bytes read from and written to storage by the group: v2 ``io.stat`` (rbytes + wbytes), v1
+        ``blkio.throttle.io_service_bytes`` (Read + Write); where v1 accounts nothing (recent kernels
+        count only throttled groups there), the I/O accounting of the group's processes (their
+        ``/proc/<pid>/io``, which includes the children they reaped)."""
+        with contextlib.suppress(OSError, ValueError):
+            if self.version == 2:
+                return sum(int(value) for line in (self.dirs[""] / "io.stat").read_text().splitlines()
+                           for key, _, value in (field.partition("=") for field in line.split()[1:])
+                           if key in ("rbytes", "wbytes"))
+            if "blkio" in self.dirs:
+                counted = sum(int(parts[2]) for line in
+                              (self.dirs["blkio"] / "blkio.throttle.io_service_bytes").read_text().splitlines()
+                              if len(parts := line.split()) == 3 and parts[1] in ("Read", "Write"))
+                if counted:
+                    return counted
+        total = 0
+        for pid in self.pids():
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                fields = dict(line.split(": ", 1) for line in Path(f"/proc/{pid}/io").read_text().splitlines())
+                total += int(fields["read_bytes"]) + int(fields["write_bytes"])
+        return total
 
     def pids(self) -> list[int]:
         """Processes still in the group."""

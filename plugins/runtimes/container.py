@@ -1,11 +1,18 @@
-"""The ``container`` runtime: OCI containers run by runc, from local OCI images or pulled ones.
+"""The ``container`` runtime: OCI containers run by containerd or runc, from local OCI images or pulled ones.
+
+Engine: containerd (driven by ``ctr``, see :mod:`plugins.runtimes.containerd`) when ``ctr`` and
+``containerd`` are installed, else runc directly. ``OAK_CONTAINER_ENGINE=runc|containerd`` (or the
+runtime config's ``engine``) forces one.
 
 ``code`` names the image:
 
 * a local OCI image layout, ``/path/to/layout[:tag]`` (or ``oci:/path[:tag]``);
 * a local OCI archive (a tar of a layout), ``/path/to/image.tar[:tag]`` (or ``oci-archive:...``);
 * a registry reference such as ``docker.io/library/nginx:latest``, pulled with skopeo into the
-  worker's image cache when skopeo is installed and the registry is reachable.
+  worker's image cache when skopeo is installed and the registry is reachable; skopeo's progress
+  goes to the instance's log and its status reason (CREATING, ``pulling <reference>``).
+
+With runc:
 
 Each instance gets a bundle unpacked with umoci, a config with the SLA's ``cmd`` (replacing the
 image's command), ``environment``, memory limit and CPU quota (in the cgroup ``oakling/<iid>``,
@@ -14,6 +21,16 @@ supervised child, so the exit status is the container's and its cgroup outlives 
 tell an out-of-memory kill. Stopping is ``runc kill TERM``, then ``KILL`` after the grace period;
 ``runc delete`` and removing the bundle leave nothing behind. With the overlay the container joins
 the instance's network namespace; without it, it shares the worker's.
+
+With containerd: the layout is imported once per manifest digest, and ``ctr run -d`` starts the
+container with its output appended to the instance's log by containerd's shim (``--log-uri
+file://``), the same cgroup (``oakling/<iid>``, ``--cgroup``) with ``--memory-limit`` and
+``--cpu-quota``, ``--with-ns network:<the instance's or the worker's namespace>``, ``--env`` and
+``--privileged``.
+The handle is the task's init process; when it ends, the cgroup is read for an out-of-memory kill
+before ``ctr task delete`` gives the exit code (so it is known even for a container that ended
+while the worker was away). Stopping is ``ctr task kill`` TERM, then KILL; then the task, the
+container and its snapshot are deleted.
 """
 
 from __future__ import annotations
@@ -23,21 +40,29 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import shutil
 import subprocess
 import tarfile
+import threading
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from plugins.runtimes.cgroups import CPU_PERIOD_US, relative_path
-from plugins.runtimes.supervised import SupervisedRuntime
-from services.common.hookspecs import Handle, LaunchSpec, hookimpl
+import psutil
+
+from plugins.runtimes import containerd
+from plugins.runtimes.cgroups import CPU_PERIOD_US, Cgroup, absolute_path, relative_path
+from plugins.runtimes.supervised import SupervisedRuntime, describe, open_log
+from services.common.hookspecs import Exit, Handle, LaunchSpec, hookimpl
 
 log = logging.getLogger(__name__)
 NAME = "container"
 TOOL_TIMEOUT = 300
 START_TIMEOUT = 30.0
+ENGINE_ENV = "OAK_CONTAINER_ENGINE"
+ENGINES = ("runc", "containerd")
 ALL_CAPS = ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL",
             "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE", "CAP_NET_BIND_SERVICE",
             "CAP_NET_BROADCAST", "CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_IPC_LOCK", "CAP_IPC_OWNER",
@@ -59,6 +84,52 @@ def _run(*argv: str) -> str:
     return done.stdout
 
 
+def choose_engine(wanted: str = "") -> str:
+    """The engine to use: *wanted* (or ``$OAK_CONTAINER_ENGINE``), or containerd when it is installed."""
+    choice = (wanted or os.environ.get(ENGINE_ENV, "") or "auto").strip().lower()
+    if choice not in ("auto", *ENGINES):
+        raise ValueError(f"unknown container engine {choice!r} (use {', '.join(ENGINES)} or auto; "
+                         f"set by {ENGINE_ENV} or the runtime's engine option)")
+    if choice == "auto":
+        return "containerd" if containerd.missing() is None else "runc"
+    return choice
+
+
+def pull(reference: str, destination: Path, log_file: Path, progress: Callable[[str], None] | None) -> None:
+    """``skopeo copy`` *reference* into an OCI layout, its progress lines in the log and the status."""
+    say = progress or (lambda _reason: None)
+    say(f"pulling {reference}")
+    with open(log_file, "a") as out:
+        out.write(f"pulling {reference}\n")
+        out.flush()
+        try:
+            child = subprocess.Popen(["skopeo", "copy", f"docker://{reference}", f"oci:{destination}:"
+                                      f"{reference.rpartition(':')[2]}"], stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        except OSError as exc:
+            raise RuntimeError(f"cannot pull {reference}: {exc}") from None
+        watchdog = threading.Timer(TOOL_TIMEOUT, child.kill)
+        watchdog.start()
+        last: list[str] = []
+        try:
+            assert child.stdout is not None
+            for raw in child.stdout:
+                line = raw.strip()
+                if not line:
+                    continue
+                last = [*last[-2:], line]
+                out.write(f"pull: {line}\n")
+                out.flush()
+                say(f"pulling {reference}: {line}"[:160])
+            code = child.wait()
+        finally:
+            watchdog.cancel()
+        if code != 0:
+            out.write(f"pull of {reference} failed (skopeo exited with {code})\n")
+            raise RuntimeError(f"cannot pull {reference}: {' / '.join(last)[:300] or f'skopeo exited with {code}'}")
+        out.write(f"pulled {reference}\n")
+
+
 def split_ref(code: str) -> tuple[str, str, str]:
     """(kind, path or reference, tag) of an image's ``code``: kind is ``layout``, ``archive`` or ``registry``."""
     for prefix, kind in (("oci-archive:", "archive"), ("oci:", "layout")):
@@ -74,17 +145,19 @@ def split_ref(code: str) -> tuple[str, str, str]:
 
 
 class ContainerRuntime(SupervisedRuntime):
-    """Runs OCI containers with runc."""
+    """Runs OCI containers with containerd or runc."""
 
     name = NAME
     virtualizations = ("container",)
-    makes_cgroup = False  # runc creates the container's cgroup from the config
+    makes_cgroup = False  # runc (directly or under containerd) creates the container's cgroup
 
-    def __init__(self, data_dir: str) -> None:
+    def __init__(self, data_dir: str, engine: str = "") -> None:
         super().__init__(data_dir)
+        self.engine = choose_engine(engine)
         self.state = self.data_dir / "runc"
         self.images = self.data_dir / "images"
         self.bundles = self.data_dir / "bundles"
+        self.containerd = containerd.Containerd((self.data_dir / "containerd").absolute())
 
     @staticmethod
     def available() -> str | None:
@@ -93,12 +166,25 @@ class ContainerRuntime(SupervisedRuntime):
             return "the container runtime needs runc and umoci (apt-get install runc umoci)"
         return None
 
+    def unavailable(self) -> str | None:
+        """None when this runtime's engine is usable here, else why not."""
+        return containerd.missing() if self.engine == "containerd" else self.available()
+
+    def facts(self) -> dict[str, str]:
+        """The engine, as a node label (``container.engine=containerd``)."""
+        return {"container.engine": self.engine}
+
     def _cid(self, iid: str) -> str:
         return f"oak-{iid}"
 
+    @staticmethod
+    def _on_containerd(handle: Handle) -> bool:
+        return handle.data.get("engine") == "containerd"
+
     # ---- images ------------------------------------------------------------------------------
 
-    def image_layout(self, code: str, log_file: Path) -> tuple[Path, str]:
+    def image_layout(self, code: str, log_file: Path,
+                     progress: Callable[[str], None] | None = None) -> tuple[Path, str]:
         """A local OCI layout holding the image of *code*, pulling or extracting it if needed."""
         kind, where, tag = split_ref(code)
         if kind == "layout":
@@ -109,20 +195,22 @@ class ContainerRuntime(SupervisedRuntime):
         if (cache / "index.json").exists():
             return cache, tag
         tmp = cache.with_name(f"{cache.name}.{uuid.uuid4().hex[:8]}.tmp")  # instances may start together
+        if kind == "registry" and not shutil.which("skopeo"):
+            raise RuntimeError(f"cannot pull {code}: pulling from a registry needs skopeo (apt-get install "
+                               "skopeo); or give a local OCI layout or archive path")
         tmp.mkdir(parents=True)
-        if kind == "archive":
-            try:
-                with tarfile.open(where) as archive:
-                    archive.extractall(tmp, filter="data")
-            except (OSError, tarfile.TarError) as exc:
-                raise RuntimeError(f"cannot read the OCI archive {where}: {exc}") from None
-        else:
-            if not shutil.which("skopeo"):
-                raise RuntimeError(f"cannot pull {code}: pulling from a registry needs skopeo (apt-get install "
-                                   "skopeo); or give a local OCI layout or archive path")
-            with open(log_file, "a") as progress:
-                progress.write(f"pulling {where}:{tag}\n")
-            _run("skopeo", "copy", f"docker://{where}:{tag}", f"oci:{tmp}:{tag}")
+        try:
+            if kind == "archive":
+                try:
+                    with tarfile.open(where) as archive:
+                        archive.extractall(tmp, filter="data")
+                except (OSError, tarfile.TarError) as exc:
+                    raise RuntimeError(f"cannot read the OCI archive {where}: {exc}") from None
+            else:
+                pull(f"{where}:{tag}", tmp, log_file, progress)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         try:
             tmp.rename(cache)
         except OSError:  # another instance cached it first
@@ -142,7 +230,7 @@ class ContainerRuntime(SupervisedRuntime):
         shutil.rmtree(bundle, ignore_errors=True)
         self.bundles.mkdir(parents=True, exist_ok=True)
         Path(spec.log_path).parent.mkdir(parents=True, exist_ok=True)
-        layout, tag = self.image_layout(spec.code, Path(spec.log_path))
+        layout, tag = self.image_layout(spec.code, Path(spec.log_path), spec.on_progress)
         _run("umoci", "unpack", "--image", f"{layout}:{tag}", str(bundle))
         config_path = bundle / "config.json"
         config = json.loads(config_path.read_text())
@@ -185,6 +273,8 @@ class ContainerRuntime(SupervisedRuntime):
 
     async def start(self, spec: LaunchSpec) -> Handle:
         """Start ``runc run`` and return once the container has really started (or already ended)."""
+        if self.engine == "containerd":
+            return await self._start_containerd(spec)
         handle = await super().start(spec)
         child = self._children.get(handle.pid)
         loop = asyncio.get_running_loop()
@@ -207,25 +297,145 @@ class ContainerRuntime(SupervisedRuntime):
                 self._cid(spec.iid)]
 
     async def terminate(self, handle: Handle) -> None:
-        """``runc kill TERM``."""
-        self._kill_container(handle.iid, "TERM")
+        """``runc kill TERM`` (``ctr task kill -s SIGTERM``)."""
+        await asyncio.to_thread(self._kill_container, handle, "TERM")
 
     async def kill(self, handle: Handle) -> None:
-        """``runc kill KILL``."""
-        self._kill_container(handle.iid, "KILL")
+        """``runc kill KILL`` (``ctr task kill -s SIGKILL``)."""
+        await asyncio.to_thread(self._kill_container, handle, "KILL")
 
-    def _kill_container(self, iid: str, sig: str) -> None:
+    def _kill_container(self, handle: Handle, sig: str) -> None:
         with contextlib.suppress(RuntimeError):
-            _run("runc", "--root", str(self.state), "kill", self._cid(iid), sig)
+            if self._on_containerd(handle):
+                self.containerd.ensure()
+                self.containerd.ctr("task", "kill", "--signal", f"SIG{sig}", self._cid(handle.iid))
+            else:
+                _run("runc", "--root", str(self.state), "kill", self._cid(handle.iid), sig)
 
     def _forget(self, cid: str) -> None:
         with contextlib.suppress(RuntimeError):
             _run("runc", "--root", str(self.state), "delete", "--force", cid)
 
     def cleanup(self, handle: Handle) -> None:
-        """``runc delete`` (which removes the cgroup) and remove the bundle."""
+        """``runc delete`` (which removes the cgroup) and remove the bundle; with containerd, delete the
+        task, the container and its snapshot."""
+        if self._on_containerd(handle):
+            with contextlib.suppress(RuntimeError):
+                self.containerd.ensure()
+                self.containerd.forget(self._cid(handle.iid))
+            return
         self._forget(self._cid(handle.iid))
         shutil.rmtree(self.bundles / handle.iid, ignore_errors=True)
+
+    async def adopt(self, handle: Handle) -> bool:
+        """True when the container still runs; one that ended while the worker was away is removed."""
+        if self._same(handle) is not None:
+            return True
+        await asyncio.to_thread(self._release, handle)
+        return False
+
+    async def close(self) -> None:
+        """When the worker stops: stop the containerd it started (its instances are stopped by now)."""
+        if self.engine == "containerd":
+            await asyncio.to_thread(self.containerd.stop)
+
+    # ---- containerd ---------------------------------------------------------------------------
+
+    def _ctr_run_args(self, spec: LaunchSpec, image: str, image_env: list[str]) -> list[str]:
+        """``ctr run -d`` of *image* as the SLA says."""
+        args = ["run", "-d", "--log-uri", f"file://{Path(spec.log_path).resolve()}",
+                "--cgroup", absolute_path(spec.iid) or relative_path(spec.iid)]
+        if spec.memory_mb:
+            args += ["--memory-limit", str(spec.memory_mb * 2**20)]
+        if spec.vcpus:
+            args += ["--cpu-quota", str(max(1000, int(spec.vcpus * CPU_PERIOD_US))), "--cpu-period", str(CPU_PERIOD_US)]
+        if spec.privileged:
+            args.append("--privileged")
+        # The instance's own network namespace from the overlay; without it, the worker's (not
+        # --net-host, which would also replace HOSTNAME with the worker's name).
+        args += ["--with-ns", f"network:{spec.netns or f'/proc/{os.getpid()}/ns/net'}"]
+        for name in ("resolv.conf", "hosts"):
+            if Path(f"/etc/{name}").exists():
+                args += ["--mount", f"type=bind,src=/etc/{name},dst=/etc/{name},options=rbind:ro"]
+        env = [e for e in (*image_env, *spec.environment) if not e.startswith("HOSTNAME=")]
+        if not any(e.startswith("PATH=") for e in env):
+            args += ["--env", containerd.DEFAULT_PATH]
+        for item in (f"HOSTNAME=instance-{spec.instance_number}", *spec.environment):
+            args += ["--env", item]
+        return [*args, image, self._cid(spec.iid), *spec.cmd]
+
+    def _prepare_containerd(self, spec: LaunchSpec) -> list[str]:
+        layout, tag = self.image_layout(spec.code, Path(spec.log_path), spec.on_progress)
+        self.containerd.ensure()
+        image, image_env = self.containerd.image(layout, tag)
+        return self._ctr_run_args(spec, image, image_env)
+
+    def _run_containerd(self, args: list[str], cid: str) -> int:
+        try:
+            try:
+                self.containerd.run(*args)
+            except RuntimeError as exc:
+                if "already exists" not in str(exc):
+                    raise
+                self.containerd.forget(cid)  # left by an earlier start of this instance
+                self.containerd.run(*args)
+        except RuntimeError:
+            self.containerd.forget(cid)
+            raise
+        return self.containerd.task_pid(cid)
+
+    async def _start_containerd(self, spec: LaunchSpec) -> Handle:
+        """``ctr run -d``: returns once the task has started; the handle is its init process."""
+        with open_log(spec):
+            pass  # directories made, log rotated; containerd's shim appends to it
+        args = await asyncio.to_thread(self._prepare_containerd, spec)
+        pid = await asyncio.to_thread(self._run_containerd, args, self._cid(spec.iid))
+        try:
+            started = psutil.Process(pid).create_time() if pid else 0.0
+        except psutil.Error:
+            started = 0.0  # already ended: wait() finds its exit code
+        return Handle(spec.iid, self.name, pid, started, {"memory_mb": spec.memory_mb, "engine": "containerd"})
+
+    async def wait(self, handle: Handle) -> Exit:
+        """As the base for runc; with containerd, wait for the task's init process, then read the OOM
+        count from its cgroup and its exit code from ``ctr task delete``."""
+        if not self._on_containerd(handle):
+            return await super().wait(handle)
+        await self._gone(handle)
+        self._probes.pop(handle.iid, None)
+        usage = Cgroup(handle.iid).usage()
+
+        def delete() -> int | None:
+            self.containerd.ensure()
+            return self.containerd.delete_task(self._cid(handle.iid))
+
+        code = await asyncio.to_thread(delete)
+        reason = describe(code) if code is not None else "ended (exit code unknown)"
+        if usage is not None and usage.oom_kills:
+            reason = f"out of memory: killed at its {handle.data.get('memory_mb', '?')} MB limit ({reason})"
+        await asyncio.to_thread(self._release, handle)
+        return Exit(code, reason)
+
+    async def _gone(self, handle: Handle) -> None:
+        """Return once the process behind *handle* has ended (a pidfd, else polling)."""
+        try:
+            fd = os.pidfd_open(handle.pid) if handle.pid > 0 else -1
+        except OSError:
+            fd = -1
+        try:
+            if fd >= 0 and self._same(handle) is not None:
+                ended = asyncio.Event()
+                loop = asyncio.get_running_loop()
+                loop.add_reader(fd, ended.set)
+                try:
+                    await ended.wait()
+                finally:
+                    loop.remove_reader(fd)
+            while self._same(handle) is not None:
+                await asyncio.sleep(0.05)
+        finally:
+            if fd >= 0:
+                os.close(fd)
 
 
 @hookimpl
@@ -233,8 +443,8 @@ def oak_make_runtime(name: str, config: dict[str, Any]) -> ContainerRuntime | No
     """Build the container runtime when asked for it by name."""
     if name != NAME:
         return None
-    runtime = ContainerRuntime(data_dir=config["data_dir"])
-    reason = runtime.available()
+    runtime = ContainerRuntime(data_dir=config["data_dir"], engine=str(config.get("engine", "")))
+    reason = runtime.unavailable()
     if reason:
         raise ValueError(reason)
     return runtime

@@ -196,7 +196,8 @@ class SupervisedRuntime:
         return self._same(handle) is not None
 
     async def stats(self, handle: Handle) -> InstanceStats | None:
-        """CPU and memory of the instance: from its cgroup when it has one, else from its processes."""
+        """CPU, memory and disk I/O of the instance: from its cgroup when it has one, else (CPU and memory
+        only) from its processes."""
         usage = Cgroup(handle.iid).usage()
         if usage is not None:
             previous = self._last.get(handle.iid)
@@ -204,7 +205,7 @@ class SupervisedRuntime:
             cpu = 0.0
             if previous and usage.at > previous[1]:
                 cpu = 100.0 * (usage.cpu_seconds - previous[0]) / (usage.at - previous[1])
-            return InstanceStats(round(cpu, 1), round(usage.memory_bytes / 2**20, 1))
+            return InstanceStats(round(cpu, 1), round(usage.memory_bytes / 2**20, 1), round(usage.io_bytes / 2**20, 1))
         proc = self._probes.get(handle.iid)
         if proc is None or proc.pid != handle.pid:
             proc = self._same(handle)

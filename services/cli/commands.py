@@ -130,8 +130,8 @@ async def up(args: argparse.Namespace, home: Path) -> None:
 SERVICE_COLUMNS = [("SERVICE", "job_name"), ("ID", "service_id"), ("STATUS", "status"),
                    ("REPLICAS", "replicas"), ("VIRT", "virtualization"), ("RR IP", "rr_ip"), ("CODE", "code")]
 INSTANCE_COLUMNS = [("#", "number"), ("STATUS", "status"), ("CLUSTER", "cluster"), ("NODE", "node"),
-                    ("IP", "ip"), ("CPU%", "cpu_percent"), ("MEM MB", "memory_mb"), ("RESTARTS", "restarts"),
-                    ("REASON", "reason")]
+                    ("IP", "ip"), ("CPU%", "cpu_percent"), ("MEM MB", "memory_mb"), ("IO MB", "io_mb"),
+                    ("RESTARTS", "restarts"), ("REASON", "reason")]
 
 
 def _services(data: Any) -> str:

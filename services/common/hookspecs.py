@@ -10,6 +10,7 @@ pluggy calls hooks synchronously; a hook therefore *returns an object* whose met
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -47,6 +48,9 @@ class LaunchSpec:
     ip: str = ""  # the instance IP inside *netns* ("" without the overlay)
     gateway: str = ""  # the instance's default gateway inside *netns*
     arch: tuple[str, ...] = ()  # the SLA's ``arch`` list, paired by position with comma-separated ``code`` entries
+    #: Called, from any thread, with a short status reason while the runtime prepares the instance
+    #: (e.g. ``"pulling docker.io/library/nginx:latest"``); the worker shows it with CREATING.
+    on_progress: Callable[[str], None] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,7 @@ class InstanceStats:
 
     cpu_percent: float
     memory_mb: float
+    io_mb: float = 0.0  # MB read from and written to block devices since the instance started
 
 
 @runtime_checkable
@@ -86,6 +91,9 @@ class Runtime(Protocol):
     Optionally, ``facts() -> dict[str, str]`` says something about the runtime on this worker (the vm
     runtime: ``{"vm.accel": "kvm"}``); the worker adds each fact to its node labels as ``key=value``,
     so people see it in ``oak node list`` and SLAs can ask for it with an ``addons`` constraint.
+
+    Optionally, ``async close()`` is awaited when the worker stops gracefully, after its instances
+    were stopped (the container runtime stops the containerd it started).
     """
 
     name: str

@@ -108,6 +108,7 @@ class InstanceStatus:
     exit_code: int | None = None
     since: float = 0.0
     ip: str = ""
+    io_mb: float = 0.0  # disk: MB read and written by the instance (its cgroup's block I/O)
 
 
 def load_statuses(data: Any) -> dict[str, InstanceStatus]:

@@ -126,6 +126,13 @@ async def run_worker(cfg: WorkerConfig) -> None:
     finally:
         prober.close()
         await engine.close()
+        for runtime in {id(r): r for r in runtimes.values()}.values():
+            close = getattr(runtime, "close", None)  # optional: e.g. stop the containerd it started
+            if close is not None:
+                try:
+                    await close()
+                except Exception:
+                    log.exception("closing the %s runtime failed", runtime.name)
         if owned:
             await owned.close()
         store.close()

@@ -87,6 +87,7 @@ class Engine:
                 node=self.node,
                 cpu_percent=slot.stats.get("cpu_percent", 0.0),
                 memory_mb=slot.stats.get("memory_mb", 0.0),
+                io_mb=slot.stats.get("io_mb", 0.0),
                 ip=slot.ip,
             )
         return out
@@ -175,7 +176,8 @@ class Engine:
             else:
                 try:
                     place = await self._attach(slot)
-                    slot.handle = await runtime.start(self._launch_spec(spec, place))
+                    slot.handle = await runtime.start(replace(self._launch_spec(spec, place),
+                                                              on_progress=self._progress(slot)))
                 except Exception as exc:  # a runtime's failure is the instance's, never the worker's
                     if not isinstance(exc, RuntimeError):
                         log.exception("runtime %s failed to start %s", runtime.name, spec.iid)
@@ -201,6 +203,16 @@ class Engine:
                 return
             restarts += 1
             await asyncio.sleep(backoff(restarts))
+
+    def _progress(self, slot: Slot) -> Callable[[str], None]:
+        """A callback for the runtime (from any thread): CREATING with *reason*, e.g. an image pull."""
+        loop = asyncio.get_running_loop()
+
+        def show(reason: str) -> None:
+            if slot.handle is None and self.slots.get(slot.spec.iid) is slot:
+                self._set(slot, InstanceStatus(models.CREATING, reason, restarts=slot.status.restarts))
+
+        return lambda reason: loop.call_soon_threadsafe(show, reason)
 
     async def _attach(self, slot: Slot) -> Attachment | None:
         """The instance's place on the overlay (None without one)."""
@@ -246,7 +258,8 @@ class Engine:
         for slot in self.slots.values():
             runtime = self.runtimes.get(slot.spec.spec.virtualization)
             stats = await runtime.stats(slot.handle) if runtime and slot.handle else None
-            slot.stats = {"cpu_percent": stats.cpu_percent, "memory_mb": stats.memory_mb} if stats else {}
+            slot.stats = ({"cpu_percent": stats.cpu_percent, "memory_mb": stats.memory_mb, "io_mb": stats.io_mb}
+                          if stats else {})
 
     async def close(self) -> None:
         """Stop supervising and stop every instance (they restart from the store on the next run).
