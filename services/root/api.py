@@ -190,7 +190,7 @@ class Api:
         await self.orchestrator.forget(removed)
         service = self.catalog.services[service.sid]
         self.orchestrator.mark(service)
-        await self.orchestrator.reconcile()
+        self.orchestrator.kick()  # placement runs after this answer, in the orchestrator's own pass
         return {**self.orchestrator.service_state(service), "added": [i.number for i in added],
                 "removed": [i.number for i in removed]}
 

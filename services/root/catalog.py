@@ -201,7 +201,7 @@ class Catalog:
             return
         updated = {iid: replace(self.instances[iid], cluster=c) for iid, c in changes.items() if iid in self.instances}
         await self.store.put_many(INSTANCES, {iid: models.dump(i) for iid, i in updated.items()})
-        self.instances.update(updated)
+        self.instances.update({iid: i for iid, i in updated.items() if iid in self.instances})
         new_clusters = {c for c in changes.values() if c and c not in self.known_clusters}
         if new_clusters:
             await self.store.put_many(CLUSTERS, {c: {} for c in new_clusters})

@@ -58,21 +58,54 @@ class ClusterView:
         return out
 
 
+@dataclass
+class Pool:
+    """One cluster's online workers as candidates during one placement pass: built once (after the
+    root's reservations), then lowered by each decision with :meth:`take`, so a burst of placements
+    costs one decision each instead of rebuilding every candidate for every instance."""
+
+    workers: list[Candidate]
+    index: dict[str, int]
+    load: float
+    names: tuple[str, ...]
+
+    @classmethod
+    def of(cls, view: ClusterView, reserved: dict[str, Demand]) -> Pool:
+        """The pool of *view* after *reserved* (``{worker: demand}``)."""
+        workers = view.worker_candidates(reserved)
+        load = sum(w.cpu_percent for w in workers) / len(workers) if workers else 0.0
+        return cls(workers, {w.id: i for i, w in enumerate(workers)}, load, tuple(w.id for w in workers))
+
+    def take(self, worker: str, demand: Demand) -> None:
+        """Lower *worker*'s free resources by *demand* (the root placed an instance there)."""
+        i = self.index.get(worker)
+        if i is not None:
+            self.workers[i] = reserve(self.workers[i], demand)
+
+
 def choose(demand: Demand, clusters: list[ClusterView], reserved: dict[str, dict[str, Demand]],
-           profile: Profile) -> tuple[Decision, str]:
+           profile: Profile, pools: dict[str, Pool] | None = None) -> tuple[Decision, str]:
     """Choose a cluster for *demand*, and the worker of it that would take the instance.
 
     Each cluster is judged by its best worker for this demand, chosen with the same profile (so fit,
     filters and scores all see one real worker, never sums); the clusters are then ranked with the
     profile as candidates that look like their best worker.
+
+    *pools* (cluster -> :class:`Pool`) carries the candidates across the decisions of one pass: a
+    cluster's pool is built from *reserved* the first time it is needed; the caller ``take``s from
+    it after each decision.
     """
+    pools = {} if pools is None else pools
     reasons: dict[str, str] = {}
     stand_ins: dict[str, tuple[Candidate, str]] = {}
     for view in clusters:
         if demand.clusters and view.name not in demand.clusters:
             reasons[view.name] = f"not in direct cluster list {','.join(demand.clusters)}"
             continue
-        workers = view.worker_candidates(reserved.get(view.name, {}))
+        pool = pools.get(view.name)
+        if pool is None:
+            pool = pools[view.name] = Pool.of(view, reserved.get(view.name, {}))
+        workers = pool.workers
         if not workers:
             reasons[view.name] = "offline" if not view.online else "no worker online"
             continue
@@ -83,8 +116,7 @@ def choose(demand: Demand, clusters: list[ClusterView], reserved: dict[str, dict
         # The stand-in is the worker that would take the instance, named after its cluster: its
         # resources, labels, location and replicas are what the plugins judge at this level too.
         # Its measured load is the cluster's average, which is steadier than one worker's sample.
-        load = sum(w.cpu_percent for w in workers) / len(workers)
-        stand_in = replace(inner.choice, id=view.name, node_names=tuple(w.id for w in workers), cpu_percent=load)
+        stand_in = replace(inner.choice, id=view.name, node_names=pool.names, cpu_percent=pool.load)
         stand_ins[view.name] = (stand_in, inner.choice.id)
     outer = place(demand, [c for c, _ in stand_ins.values()], profile, "cluster")
     decision = Decision(outer.choice, {**reasons, **outer.reasons}, outer.totals)

@@ -21,13 +21,14 @@ from services.common.models import ClusterInfo, InstanceSpec, InstanceStatus, No
 from services.common.mqtt import Message, MqttSession
 from services.common.scheduling import Profile, with_targets
 from services.root.catalog import Catalog, Instance, Service
-from services.root.clusters import STARTUP_GRACE, ClusterView, choose
+from services.root.clusters import STARTUP_GRACE, ClusterView, Pool, choose
 from services.root.network import RootNetwork, overlay_routes
 from services.root.views import cluster_rows, node_rows
 
 log = logging.getLogger(__name__)
 TICK = 0.5
 INFRASTRUCTURE_EVERY = 4  # ticks: the users' infrastructure view is refreshed at most every 2 s
+YIELD_EVERY = 200  # placement decisions between two turns of the event loop during a pass
 
 
 class RootOrchestrator:
@@ -50,6 +51,8 @@ class RootOrchestrator:
         self._published_state: dict[str, bytes] = {}
         self._dirty: set[str] = set()
         self._reconciling = asyncio.Lock()
+        self._kick_wanted = False
+        self._kick_task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         """Subscribe, and republish every cluster's desired map and every service's state."""
@@ -82,9 +85,9 @@ class RootOrchestrator:
         elif parsed.channel == "state" and message.payload:
             data = envelope.decode(message.payload, "cluster.state").data
             view.nodes = {n: models.load(NodeSummary, s) for n, s in data.get("nodes", {}).items()}
-            view.statuses = models.load_statuses(data.get("instances", {}))
+            before, view.statuses = view.statuses, models.load_statuses(data.get("instances", {}))
             view.overlay = overlay_routes(view.name, data.get("overlay", {}))
-            self._absorb(view)
+            self._absorb(view, before)
             self._net_dirty = True
             if self.network:
                 await self.network.grant([view])
@@ -94,8 +97,9 @@ class RootOrchestrator:
         for excluded in self._excluded.values():
             excluded.discard(cluster)
 
-    def _absorb(self, view: ClusterView) -> None:
-        """Take in a cluster's statuses: drop reservations it has accounted for, note what it cannot place."""
+    def _absorb(self, view: ClusterView, before: dict[str, InstanceStatus]) -> None:
+        """Take in a cluster's statuses: drop reservations it has accounted for, note what it cannot place,
+        and mark the services whose instances changed (against *before*, the previous statuses)."""
         for iid, status in view.statuses.items():
             instance = self.catalog.instances.get(iid)
             if instance is None or instance.cluster != view.name:
@@ -104,7 +108,12 @@ class RootOrchestrator:
                 self.reserved.pop(iid, None)
             if status.status == models.NO_WORKER_CAPACITY:
                 self._excluded.setdefault(iid, set()).add(view.name)
-            self._dirty.add(instance.sid)
+            if before.get(iid) != status:
+                self._dirty.add(instance.sid)
+        for iid in before.keys() - view.statuses.keys():
+            instance = self.catalog.instances.get(iid)
+            if instance is not None:
+                self._dirty.add(instance.sid)
 
     # ---- placement ---------------------------------------------------------------------------
 
@@ -133,6 +142,28 @@ class RootOrchestrator:
         async with self._reconciling:
             await self._reconcile()
 
+    def kick(self) -> None:
+        """Have a reconcile pass run soon, without waiting for it (an API request is answered first).
+        Kicks made before that pass starts share it; one made during it gets another pass after it."""
+        self._kick_wanted = True
+        if self._kick_task is None or self._kick_task.done():
+            self._kick_task = asyncio.get_running_loop().create_task(self._kicked())
+
+    async def _kicked(self) -> None:
+        while self._kick_wanted:
+            await asyncio.sleep(0)  # the caller answers its request first
+            async with self._reconciling:
+                self._kick_wanted = False
+                try:
+                    await self._reconcile()
+                except Exception:
+                    log.exception("a reconcile pass failed")
+
+    async def settled(self) -> None:
+        """Wait until no kicked pass is pending or running (tests, shutdown)."""
+        while self._kick_task is not None and not self._kick_task.done():
+            await asyncio.shield(self._kick_task)
+
     async def _reconcile(self) -> None:
         changes: dict[str, str] = {}
         for view in self.clusters.values():
@@ -142,14 +173,29 @@ class RootOrchestrator:
                     log.warning("cluster %s is gone; moving its %d instance(s)", view.name, len(moving))
                 changes.update({iid: "" for iid in moving})
                 view.move_after = None
-        for iid, instance in self.catalog.instances.items():
+        # One pass builds each cluster's candidates (after the reservations) once and lowers them per
+        # decision; it yields now and then so the root keeps answering during a big burst.
+        pools: dict[str, Pool] = {}
+        reserved: dict[str, dict[str, Demand]] | None = None
+        coords: dict[str, tuple[float, ...]] | None = None
+        decisions = 0
+        for iid, instance in list(self.catalog.instances.items()):
             cluster = changes.get(iid, instance.cluster)
             stuck = cluster and cluster in self._excluded.get(iid, ())
             if cluster and not stuck:
                 continue
-            target = self._choose(instance, avoid=self._excluded.get(iid, set()))
+            if iid not in self.catalog.instances:
+                continue  # removed while this pass yielded
+            if reserved is None or coords is None:
+                reserved = self._reservations()
+                coords = {n.name: tuple(n.coord) for v in self.clusters.values() for n in v.nodes.values() if n.coord}
+            target = self._choose(instance, self._excluded.get(iid, set()), pools, reserved, coords)
             if target and target != cluster:
                 changes[iid] = target
+            decisions += 1
+            if decisions % YIELD_EVERY == 0:
+                await asyncio.sleep(0)
+        changes = {iid: c for iid, c in changes.items() if iid in self.catalog.instances}
         if changes:
             touched = {self.catalog.instances[i].cluster for i in changes} | set(changes.values())
             await self.catalog.assign(changes)
@@ -159,12 +205,13 @@ class RootOrchestrator:
                 self.publish_desired(cluster)
         self.flush_states()
 
-    def _choose(self, instance: Instance, avoid: set[str]) -> str:
+    def _choose(self, instance: Instance, avoid: set[str], pools: dict[str, Pool],
+                reserved: dict[str, dict[str, Demand]], coords: dict[str, tuple[float, ...]]) -> str:
+        """Choose the cluster of *instance* and reserve its worker there, in *pools* and ``self.reserved``."""
         spec = self.spec_of(instance)
-        coords = {n.name: tuple(n.coord) for v in self.clusters.values() for n in v.nodes.values() if n.coord}
         demand = with_targets(spec.demand(), coords)
         views = [v for name, v in self.clusters.items() if name not in avoid]
-        decision, worker = choose(demand, views, self._reservations(), self.profile)
+        decision, worker = choose(demand, views, reserved, self.profile, pools)
         if decision.choice is None:
             reason = decision.why_not() if views else "no cluster has joined"
             if self.unplaced.get(instance.iid) != reason:
@@ -174,6 +221,7 @@ class RootOrchestrator:
             return ""
         self.unplaced.pop(instance.iid, None)
         cluster = decision.choice.id
+        pools[cluster].take(worker, demand)
         self.reserved[instance.iid] = (cluster, worker, demand)
         log.info("placed %s (%s #%d) on cluster %s", instance.iid, spec.job_name, instance.number, cluster)
         return cluster
@@ -283,12 +331,16 @@ class RootOrchestrator:
     async def run(self) -> None:
         """Reconcile periodically (failover deadlines, retries) until cancelled."""
         ticks = 0
-        while True:
-            await asyncio.sleep(TICK)
-            await self.reconcile()
-            ticks += 1
-            if ticks % INFRASTRUCTURE_EVERY == 0:
-                self.publish_infrastructure()
+        try:
+            while True:
+                await asyncio.sleep(TICK)
+                await self.reconcile()
+                ticks += 1
+                if ticks % INFRASTRUCTURE_EVERY == 0:
+                    self.publish_infrastructure()
+        finally:
+            if self._kick_task is not None:
+                self._kick_task.cancel()
 
 
 def overall_status(replicas: int, statuses: list[str]) -> str:

@@ -1,0 +1,92 @@
+"""The root places a burst in one pass (candidates built once, lowered per decision) after answering."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+from plugins.schedulers.least_loaded import LeastLoaded
+from services.common.hookspecs import Demand
+from services.common.models import NodeSummary
+from services.common.scheduling import Profile, Weighted
+from services.common.sla import parse_sla
+from services.common.store import Store
+from services.root.catalog import Catalog
+from services.root.clusters import ClusterView, Pool, choose
+from services.root.orchestrator import RootOrchestrator
+
+PROFILE = Profile((Weighted(LeastLoaded()),))
+
+
+def view(name: str, workers: int, cores: float = 4, memory: float = 4096) -> ClusterView:
+    out = ClusterView(name)
+    out.set_online(True)
+    out.nodes = {f"{name}-w{i}": NodeSummary(f"{name}-w{i}", True, cores, memory, cores, memory, 0.0, ["process"])
+                 for i in range(workers)}
+    return out
+
+
+class FakeSession:
+    """Records what the orchestrator publishes."""
+
+    def __init__(self) -> None:
+        self.published: list[tuple[str, bytes]] = []
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        self.published.append((topic, payload))
+
+    def subscribe(self, *filters: str) -> None:
+        pass
+
+
+def test_a_pool_is_lowered_by_each_decision() -> None:
+    """Decisions sharing a pool see each other: a 1-core worker takes one 1-vcpu instance, not two."""
+    clusters = [view("c", 2, cores=1)]
+    pools: dict[str, Pool] = {}
+    taken = []
+    for _ in range(3):
+        decision, worker = choose(Demand(1, 10, "process"), clusters, {}, PROFILE, pools)
+        if decision.choice is None:
+            taken.append("")
+            continue
+        pools[decision.choice.id].take(worker, Demand(1, 10, "process"))
+        taken.append(worker)
+    assert sorted(taken[:2]) == ["c-w0", "c-w1"]
+    assert taken[2] == ""
+
+
+async def test_a_burst_is_placed_after_the_answer_with_reservations_built_once(tmp_path: Path) -> None:
+    store = Store(tmp_path / "root.json")
+    catalog = Catalog(store)
+    micro = [{"microserviceID": "", "microservice_name": "s", "microservice_namespace": "t",
+              "virtualization": "process", "code": "", "cmd": ["sleep", "1"], "memory": 10, "vcpus": 0.5}]
+    sla = json.dumps({"sla_version": "v2.0", "customerID": "u", "applications": [{
+        "applicationID": "", "application_name": "a", "application_namespace": "t",
+        "application_desc": "", "microservices": micro}]})
+    app = await catalog.create_app("u", parse_sla(sla)[0])
+    service = catalog.services[app.services[0]]
+    await catalog.set_replicas(service, 64)
+    orchestrator = RootOrchestrator(catalog, PROFILE, FakeSession())  # type: ignore[arg-type]
+    orchestrator.clusters = {"c1": view("c1", 4), "c2": view("c2", 4)}
+    calls = 0
+    build = orchestrator._reservations
+
+    def counted() -> Any:
+        nonlocal calls
+        calls += 1
+        return build()
+
+    orchestrator._reservations = counted  # type: ignore[method-assign]
+    orchestrator.kick()
+    orchestrator.kick()
+    assert all(not i.cluster for i in catalog.instances.values())  # nothing placed inside the request
+    await orchestrator.settled()
+    assert calls == 1
+    assert all(i.cluster for i in catalog.instances.values())
+    per_worker: dict[str, int] = {}
+    for _, worker, _ in orchestrator.reserved.values():
+        per_worker[worker] = per_worker.get(worker, 0) + 1
+    assert sorted(per_worker.values()) == [8] * 8  # 4 cores / 0.5 vcpus each: every worker full, none over
+    await asyncio.sleep(0)
