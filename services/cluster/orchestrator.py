@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from typing import Any
 
 from services.cluster.network import ClusterNetwork
 from services.common import envelope, models, scheduling, topics
-from services.common.hookspecs import Candidate
+from services.common.hookspecs import Candidate, Demand
 from services.common.models import InstanceSpec, InstanceStatus, NodeInfo, NodeSummary
 from services.common.mqtt import Message, MqttSession
 from services.common.scheduling import Profile, reserve, with_targets
@@ -33,6 +32,10 @@ STATE_INTERVAL = 2.0
 PEERS = 8
 RETRY_INTERVAL = 1.0
 STARTUP_GRACE = 10.0
+# The state report is throttled by its own cost: the next one waits at least REPORT_MIN_INTERVAL and
+# REPORT_COST_FACTOR times what the last one took, so reporting uses at most ~1/REPORT_COST_FACTOR of the loop.
+REPORT_MIN_INTERVAL = 0.2
+REPORT_COST_FACTOR = 10.0
 
 
 @dataclass
@@ -65,6 +68,12 @@ class ClusterOrchestrator:
         self._peers_dirty = False
         self._changed = asyncio.Event()
         self._silent_after: float | None = None
+        # Caches, keyed by the objects they were made from (kept identical while unchanged), so a report
+        # converts only the workers and instances that changed.
+        self._demands: dict[str, tuple[InstanceSpec, Demand]] = {}
+        self._spec_docs: dict[str, tuple[InstanceSpec, dict[str, Any]]] = {}
+        self._node_docs: dict[str, tuple[NodeSummary, dict[str, Any]]] = {}
+        self._status_docs: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
         self.network = ClusterNetwork(name, store, session)
 
     # ---- start-up ----------------------------------------------------------------------------
@@ -125,15 +134,21 @@ class ClusterOrchestrator:
 
     async def _on_desired(self, payload: bytes) -> None:
         desired = models.load_desired(envelope.decode(payload, "desired").data) if payload else {}
-        gone = [iid for iid in self.desired if iid not in desired]
+        old = self.desired
+        # Unchanged specs keep their object, so the caches keyed by them stay valid.
+        desired = {iid: o if (o := old.get(iid)) == spec else spec for iid, spec in desired.items()}
+        gone = [iid for iid in old if iid not in desired]
         self.desired = desired
         touched = {self.assigned.pop(iid) for iid in gone if iid in self.assigned}
         for iid in gone:
             self.unplaced.pop(iid, None)
-        await self.store.put_many(DESIRED, {i: models.dump(s) for i, s in desired.items()}, tuple(gone))
+            self._demands.pop(iid, None)
+            self._spec_docs.pop(iid, None)
+            self._status_docs.pop(iid, None)
+        changed = {i: self._spec_doc(i) for i, s in desired.items() if old.get(i) is not s}
+        await self.store.put_many(DESIRED, changed, tuple(gone))
         await self.store.put_many(ASSIGNED, {}, tuple(gone))
-        for node in touched:
-            self._publish_node(node)
+        self._publish_nodes(touched)
         await self.place_pending()
 
     async def _on_avail(self, node: NodeView, online: bool) -> None:
@@ -170,7 +185,8 @@ class ClusterOrchestrator:
                 await self._move_off(node, f"has not come back within {STARTUP_GRACE:.0f} s of this restart")
 
     def _on_state(self, node: NodeView, data: dict[str, Any]) -> None:
-        statuses = models.load_statuses(data.get("instances", {}))
+        statuses = {i: o if (o := node.statuses.get(i)) == s else s
+                    for i, s in models.load_statuses(data.get("instances", {})).items()}
         changed = {i: (s.status, s.ip) for i, s in statuses.items()} != {
             i: (s.status, s.ip) for i, s in node.statuses.items()}
         node.statuses = statuses
@@ -188,7 +204,7 @@ class ClusterOrchestrator:
         services: dict[str, dict[str, int]] = {}
         for iid, node in self.assigned.items():
             spec = self.desired[iid]
-            demand = spec.demand()
+            demand = self._demand(iid)
             total = used.setdefault(node, [0.0, 0.0, 0.0, 0.0])
             total[0] += demand.vcpus
             total[1] += demand.memory_mb
@@ -212,6 +228,22 @@ class ClusterOrchestrator:
             )
         return out
 
+    def _demand(self, iid: str) -> Demand:
+        """The demand of a desired instance, converted once per spec."""
+        spec = self.desired[iid]
+        cached = self._demands.get(iid)
+        if cached is None or cached[0] is not spec:
+            cached = self._demands[iid] = (spec, spec.demand())
+        return cached[1]
+
+    def _spec_doc(self, iid: str) -> dict[str, Any]:
+        """A desired instance as a document, converted once per spec (never modify it)."""
+        spec = self.desired[iid]
+        cached = self._spec_docs.get(iid)
+        if cached is None or cached[0] is not spec:
+            cached = self._spec_docs[iid] = (spec, models.dump(spec))
+        return cached[1]
+
     def candidates(self) -> list[Candidate]:
         """Every online worker as a scheduling candidate."""
         return [summary.candidate() for summary in self.summaries().values() if summary.online]
@@ -225,7 +257,7 @@ class ClusterOrchestrator:
         coords = {c.id: c.coord for c in candidates.values() if c.coord}
         placed: dict[str, dict[str, str]] = {}
         for iid in sorted(pending, key=lambda i: (self.desired[i].job_name, self.desired[i].instance_number)):
-            demand = with_targets(self.desired[iid].demand(), coords)
+            demand = with_targets(self._demand(iid), coords)
             decision = scheduling.place(demand, list(candidates.values()), self.profile, "node")
             if decision.choice is None:
                 reason = decision.why_not() if candidates else "no worker online"
@@ -241,8 +273,7 @@ class ClusterOrchestrator:
             log.info("placed %s on %s", iid, chosen.id)
         if placed:
             await self.store.put_many(ASSIGNED, placed)
-            for node in {p["node"] for p in placed.values()}:
-                self._publish_node(node)
+            self._publish_nodes({p["node"] for p in placed.values()})
         self._changed.set()
 
     def _publish_peers(self) -> None:
@@ -261,7 +292,20 @@ class ClusterOrchestrator:
                                  envelope.encode("peers", {"peers": peers}, f"cluster/{self.name}"), retain=True)
 
     def _publish_node(self, node: str) -> None:
-        mine = {iid: models.dump(self.desired[iid]) for iid, n in self.assigned.items() if n == node}
+        self._publish_nodes({node})
+
+    def _publish_nodes(self, nodes: set[str]) -> None:
+        """Publish the desired maps of *nodes* that changed (one pass over the assignments for all)."""
+        if not nodes:
+            return
+        maps: dict[str, dict[str, Any]] = {node: {} for node in nodes}
+        for iid, node in self.assigned.items():
+            if node in maps:
+                maps[node][iid] = self._spec_doc(iid)
+        for node, mine in maps.items():
+            self._publish_map(node, mine)
+
+    def _publish_map(self, node: str, mine: dict[str, Any]) -> None:
         key = frozenset(mine)
         if self._published.get(node) == key:
             return
@@ -279,25 +323,44 @@ class ClusterOrchestrator:
         out = {}
         for iid in self.desired:
             node = self.assigned.get(iid)
-            if node is None:
-                reason = self.unplaced.get(iid, "")
-                status = models.NO_WORKER_CAPACITY if reason else models.REQUESTED
-                out[iid] = InstanceStatus(status, reason, cluster=self.name)
-                continue
             seen = self.nodes[node].statuses.get(iid) if node in self.nodes else None
-            if seen is None:
-                out[iid] = InstanceStatus(models.NODE_SCHEDULED, node=node, cluster=self.name)
-            else:
-                out[iid] = InstanceStatus(**{**seen.__dict__, "node": node, "cluster": self.name})
+            out[iid] = self._status(iid, node, seen)
         return out
 
+    def _status(self, iid: str, node: str | None, seen: InstanceStatus | None) -> InstanceStatus:
+        if node is None:
+            reason = self.unplaced.get(iid, "")
+            status = models.NO_WORKER_CAPACITY if reason else models.REQUESTED
+            return InstanceStatus(status, reason, cluster=self.name)
+        if seen is None:
+            return InstanceStatus(models.NODE_SCHEDULED, node=node, cluster=self.name)
+        return InstanceStatus(**{**seen.__dict__, "node": node, "cluster": self.name})
+
     def state(self) -> dict[str, Any]:
-        """The cluster's retained ``state`` for the root."""
-        return {
-            "nodes": {n: models.dump(s) for n, s in self.summaries().items()},
-            "instances": {i: models.dump(s) for i, s in self.statuses().items()},
-            "overlay": self.network.state(self.nodes),
-        }
+        """The cluster's retained ``state`` for the root. Documents of unchanged workers and instances
+        are reused (the same objects), so building and comparing it costs little when little changed."""
+        nodes = {}
+        for name, summary in self.summaries().items():
+            cached = self._node_docs.get(name)
+            if cached is None or cached[0] != summary:
+                cached = self._node_docs[name] = (summary, models.dump(summary))
+            nodes[name] = cached[1]
+        for name in self._node_docs.keys() - nodes.keys():
+            del self._node_docs[name]
+        return {"nodes": nodes, "instances": self._instance_docs(), "overlay": self.network.state(self.nodes)}
+
+    def _instance_docs(self) -> dict[str, dict[str, Any]]:
+        """What :meth:`statuses` gives, as documents, converted only for instances whose inputs changed."""
+        out = {}
+        for iid in self.desired:
+            node = self.assigned.get(iid)
+            seen = self.nodes[node].statuses.get(iid) if node in self.nodes else None
+            key = (node, seen, self.unplaced.get(iid, ""))
+            cached = self._status_docs.get(iid)
+            if cached is None or cached[0] != key:
+                cached = self._status_docs[iid] = (key, models.dump(self._status(iid, node, seen)))
+            out[iid] = cached[1]
+        return out
 
     async def run(self) -> None:
         """Retry placements and publish the cluster state, until cancelled."""
@@ -313,21 +376,44 @@ class ClusterOrchestrator:
 
     async def _report(self) -> None:
         topic = topics.upstream("state")
-        last = b""
+        last: dict[str, Any] | None = None
         next_periodic = 0.0
+        throttle = ReportThrottle()
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), STATE_INTERVAL)
-            await asyncio.sleep(0.005)  # coalesce bursts
+            await asyncio.sleep(throttle.delay(time.monotonic()))  # coalesces bursts
             self._changed.clear()
+            started = time.monotonic()
             if self._peers_dirty:
                 self._publish_peers()
             await self.network.allocate(self.nodes)
             self.network.publish(self.nodes, self.desired, self.assigned)
-            body = json.dumps(self.state(), sort_keys=True).encode()
+            state = self.state()
             now = time.monotonic()
-            if body != last or now >= next_periodic:
-                self.session.publish(
-                    topic, envelope.encode("cluster.state", json.loads(body), f"cluster/{self.name}"), retain=True
-                )
-                last, next_periodic = body, now + STATE_INTERVAL * 5
+            if state != last or now >= next_periodic:
+                body = envelope.encode("cluster.state", state, f"cluster/{self.name}")
+                self.session.publish(topic, body, retain=True)
+                last, next_periodic = state, now + STATE_INTERVAL * 5
+            throttle.ran(started, time.monotonic())
+
+
+@dataclass
+class ReportThrottle:
+    """Spaces reports by their own cost: the next one starts at least ``max(minimum, factor × cost of
+    the last one)`` after the last one started, and never sooner than *coalesce* after a change."""
+
+    minimum: float = REPORT_MIN_INTERVAL
+    factor: float = REPORT_COST_FACTOR
+    coalesce: float = 0.005
+    _started: float = float("-inf")
+    _cost: float = 0.0
+
+    def delay(self, now: float) -> float:
+        """How long to wait, at *now*, before the next report."""
+        gap = max(self.minimum, self.factor * self._cost)
+        return max(self.coalesce, self._started + gap - now)
+
+    def ran(self, started: float, ended: float) -> None:
+        """Record a report that ran from *started* to *ended*."""
+        self._started, self._cost = started, ended - started
