@@ -13,6 +13,8 @@ import json
 import logging
 import os
 import secrets
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +26,9 @@ from services.common.mqtt import BrokerUrl, Message, MqttError, MqttSession
 log = logging.getLogger(__name__)
 
 IDENTITY_FILE = "identity.json"
+NONCE_FILE = "join-nonce.json"  # the nonce of a join under way: a retry after a timeout asks again with it
+RESEND_FIRST, RESEND_MAX = 3.0, 30.0  # a newcomer re-sends its request after 3 s, then backs off to 30 s
+ANSWERS_KEPT, ANSWER_TTL = 10_000, 600.0  # join answers kept to answer a repeated request the same way
 
 
 @dataclass(frozen=True)
@@ -52,22 +57,29 @@ async def obtain_login(
     if path.exists():
         saved = json.loads(path.read_text())
         return Login(saved["username"], saved["password"])
-    nonce = secrets.token_hex(16)
+    pending = data_dir / NONCE_FILE
+    nonce = json.loads(pending.read_text())["nonce"] if pending.exists() else secrets.token_hex(16)
+    write_secret(pending, {"nonce": nonce})
     async with MqttSession(url, nonce, NEWCOMER, token or OPEN_JOIN_PASSWORD) as session:
         await session.subscribe_confirmed(topics.join_response(nonce))
         request = json.dumps({"kind": kind, "name": name}).encode()
+        wait = RESEND_FIRST
         async with asyncio.timeout(timeout):
             while True:
+                # The same nonce each time: the desk answers a repeated request as it did the first one.
                 session.publish(topics.join_request(nonce), request)
                 try:
-                    answer = json.loads((await session.get(3.0)).payload)
+                    answer = json.loads((await session.get(wait)).payload)
                     break
                 except TimeoutError:
                     log.info("waiting for %s to answer the join request of %s %r", url, kind, name)
+                    wait = min(wait * 2, RESEND_MAX)
     if not answer.get("ok"):
+        pending.unlink(missing_ok=True)
         raise MqttError(f"{url} refused to let {kind} {name!r} join: {answer.get('error') or answer}")
     login = Login(answer["username"], answer["password"])
     write_secret(path, {"username": login.username, "password": login.password})
+    pending.unlink(missing_ok=True)
     log.info("joined %s as %s; credentials kept in %s", url, login.username, path)
     return login
 
@@ -78,6 +90,20 @@ class JoinDesk:
     def __init__(self, credentials: Credentials, kind: str) -> None:
         self.credentials = credentials
         self.kind = kind
+        # nonce -> (name, when, the login given): a newcomer that re-sends its request (it had no answer
+        # in time) gets the same login again instead of "already joined". Bounded in number and age.
+        self._given: OrderedDict[str, tuple[str, float, asyncio.Future[Login]]] = OrderedDict()
+
+    def _remember(self, nonce: str, name: str) -> asyncio.Future[Login]:
+        now = time.monotonic()
+        while self._given:
+            _, when, _ = next(iter(self._given.values()))
+            if len(self._given) < ANSWERS_KEPT and when >= now - ANSWER_TTL:
+                break
+            self._given.popitem(last=False)
+        given: asyncio.Future[Login] = asyncio.get_running_loop().create_future()
+        self._given[nonce] = (name, now, given)
+        return given
 
     async def handle(self, session: MqttSession, message: Message) -> str | None:
         """Answer one request; return the name that joined, if one did."""
@@ -92,6 +118,16 @@ class JoinDesk:
         if not isinstance(name, str) or not topics.is_valid_id(name):
             return self._answer(session, nonce, error=f"bad name {name!r}: use letters, digits, '-' and '_'")
         username = Identity(kind, name).username
+        known = self._given.get(nonce)
+        if known is not None and known[0] == name:
+            try:
+                login = await asyncio.shield(known[2])  # the first request may still be being answered
+            except Exception:  # noqa: BLE001 - the first attempt failed: answer this one afresh
+                self._given.pop(nonce, None)
+            else:
+                log.info("%s %r asked again with the same nonce: answered as before", kind, name)
+                self._answer(session, nonce, login=login)
+                return None
         if self.credentials.exists(username):
             return self._answer(
                 session,
@@ -100,7 +136,15 @@ class JoinDesk:
                 f"(it keeps its credentials in {IDENTITY_FILE}) or choose another name",
             )
         password = new_password()
-        await self.credentials.set_password(username, password)
+        given = self._remember(nonce, name)
+        try:
+            await self.credentials.set_password(username, password)
+        except BaseException as exc:
+            self._given.pop(nonce, None)
+            given.set_exception(exc if isinstance(exc, Exception) else RuntimeError("join cancelled"))
+            given.exception()  # retrieved: no "never retrieved" warning when nobody waits
+            raise
+        given.set_result(Login(username, password))
         if self.credentials.join_token is None:
             log.warning(
                 "OPEN JOIN: %s %r joined without a token; start with --join-token to require one", kind, name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from broker.credentials import Credentials
 from broker.join import JoinDesk, obtain_login
 from broker.server import EmbeddedBroker, Listeners
 from services.common import topics
-from services.common.mqtt import BrokerUrl, MqttError, MqttSession, dispatch
+from services.common.mqtt import BrokerUrl, Message, MqttError, MqttSession, dispatch
 from services.common.store import Store
 
 
@@ -170,3 +171,31 @@ async def test_connecting_client_gets_no_retained_messages_of_other_subscription
         assert (await bob.get(2)).payload == b"bob's secret"
         async with MqttSession(url(broker), "alice", "alice", "alice-password") as alice:
             assert await nothing(alice)
+
+
+class _Answers:
+    """Collects what a join desk publishes."""
+
+    def __init__(self) -> None:
+        self.bodies: list[dict[str, object]] = []
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        self.bodies.append(json.loads(payload))
+
+
+async def test_join_desk_answers_a_repeated_request_the_same_way(tmp_path: Path) -> None:
+    """A newcomer that re-sends its request (same nonce) gets the same login again, even while the first
+    is still being answered; another nonce asking for the same name is refused."""
+    creds = Credentials(Store(tmp_path / "db.json"))
+    await creds.load()
+    desk, out = JoinDesk(creds, "node"), _Answers()
+    request = json.dumps({"kind": "node", "name": "w1"}).encode()
+    first = Message(topics.join_request("n1"), request, False, 0)
+    await asyncio.gather(desk.handle(out, first), desk.handle(out, first))  # type: ignore[arg-type]
+    await desk.handle(out, first)  # type: ignore[arg-type]
+    assert [b["ok"] for b in out.bodies] == [True, True, True]
+    assert len({b["password"] for b in out.bodies}) == 1
+    assert creds.verify(str(out.bodies[0]["username"]), str(out.bodies[0]["password"])) is not None
+    await desk.handle(out, Message(topics.join_request("n2"), request, False, 0))  # type: ignore[arg-type]
+    assert out.bodies[-1]["ok"] is False
+    assert "already joined" in str(out.bodies[-1]["error"])

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from services.common.mqtt import BrokerUrl
+from services.worker import app
 from tests.conftest import dumps, eventually, sla
 from tests.stack import Proc, Stack, oak
 from tests.test_three_tiers import _online_nodes, state
@@ -44,3 +48,19 @@ async def test_fifty_simulated_workers(stack: Stack, api: Any) -> None:
         return (await state(client, "sim.test.batch.test"))["status"] == "COMPLETED"
 
     await eventually(batch_completed, 60, 0.5, what="the one_shot batch COMPLETED")
+
+
+async def test_a_failing_simulated_worker_is_retried_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``oak sim`` runs each worker under run_worker_retrying: a failure is logged and retried later."""
+    attempts: list[str] = []
+
+    async def flaky(cfg: app.WorkerConfig) -> None:
+        attempts.append(cfg.name)
+        if len(attempts) < 3:
+            raise TimeoutError("join not answered")
+
+    monkeypatch.setattr(app, "run_worker", flaky)
+    monkeypatch.setattr(app, "RETRY_FIRST", 0.01)
+    cfg = app.WorkerConfig(tmp_path / "w", BrokerUrl("127.0.0.1", 1), "w", ("sim",), "sim", None)
+    await asyncio.wait_for(app.run_worker_retrying(cfg), 5)
+    assert attempts == ["w", "w", "w"]

@@ -18,7 +18,7 @@ from services.cli.tables import table
 from services.cluster.app import ClusterConfig, run_cluster
 from services.common.mqtt import BrokerUrl
 from services.root.app import RootConfig, run_root
-from services.worker.app import WorkerConfig, run_worker
+from services.worker.app import WorkerConfig, run_worker, run_worker_retrying
 
 Render = Callable[[Any], str]
 
@@ -78,7 +78,7 @@ async def sim(args: argparse.Namespace, home: Path, cluster_url: BrokerUrl) -> N
     async with asyncio.TaskGroup() as tasks:
         for i in range(args.workers):
             name = f"{args.prefix}-{i + 1:04d}"
-            tasks.create_task(run_worker(WorkerConfig(
+            tasks.create_task(run_worker_retrying(WorkerConfig(  # one failing worker is retried, alone
                 home / name, cluster_url, name, ("sim",), "sim", args.join_token,
                 report_interval=args.report_interval, stop_grace=0.0)))
             if i % 50 == 49:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import random
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +58,24 @@ async def make_network(cfg: WorkerConfig, store: Store) -> tuple[Network | None,
     overlay = Overlay(cfg.name, Kernel(cfg.host_netns or None), store, cfg.public_address, cfg.vxlan_port)
     await overlay.start()
     return overlay, overlay
+
+
+RETRY_FIRST, RETRY_MAX = 5.0, 60.0
+
+
+async def run_worker_retrying(cfg: WorkerConfig) -> None:
+    """Run a worker until cancelled; when it fails (e.g. its join is not answered in time), log it and
+    start it again later (backing off, with jitter), so one worker's failure ends no other (``oak sim``)."""
+    delay = RETRY_FIRST
+    while True:
+        try:
+            await run_worker(cfg)
+            return
+        except Exception as exc:  # noqa: BLE001 - whatever ended it, this worker alone is retried
+            wait = delay * random.uniform(0.5, 1.5)
+            log.warning("worker %s failed (%s); starting it again in %.0f s", cfg.name, exc, wait)
+            await asyncio.sleep(wait)
+            delay = min(delay * 2, RETRY_MAX)
 
 
 async def run_worker(cfg: WorkerConfig) -> None:
