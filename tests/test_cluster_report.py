@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from plugins.schedulers.least_loaded import LeastLoaded
 from services.cluster.orchestrator import ClusterOrchestrator, NodeView, ReportThrottle
 from services.common import envelope, models
@@ -62,3 +64,30 @@ async def test_state_reuses_the_documents_of_what_did_not_change(tmp_path: Path)
     # a worker's published desired map holds its instances' specs
     maps = {t: envelope.decode(p).data for t, p in session.published if t.endswith("/desired")}
     assert sum(len(m["instances"]) for m in maps.values()) == 4
+
+
+async def test_workers_lost_together_are_moved_in_one_pass(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    orch = ClusterOrchestrator("c1", Store(tmp_path / "c.json"), Profile((Weighted(LeastLoaded()),)), FakeSession())  # type: ignore[arg-type]
+    for name in ("w1", "w2", "w3"):
+        orch.nodes[name] = NodeView(name, online=True, info=NodeInfo(name, 8, 4096, ["process"]))
+    service = {"app_name": "a", "app_namespace": "t", "name": "s", "namespace": "t", "virtualization": "process",
+               "code": "", "cmd": ["sleep", "1"], "memory": 10, "vcpus": 1}
+    desired = {f"i{k}": models.dump(InstanceSpec(f"i{k}", "u", "a.t.s.t", k, service)) for k in range(6)}
+    await orch._on_desired(envelope.encode("desired", {"instances": desired}, "root"))
+    assert set(orch.assigned.values()) == {"w1", "w2", "w3"}
+    passes = 0
+    place = orch.place_pending
+
+    async def counted() -> None:
+        nonlocal passes
+        passes += 1
+        await place()
+
+    monkeypatch.setattr(orch, "place_pending", counted)
+    await orch._on_avail(orch.nodes["w1"], False)
+    await orch._on_avail(orch.nodes["w2"], False)
+    assert orch._placing is not None
+    await orch._placing
+    assert passes == 1
+    assert set(orch.assigned.values()) == {"w3"}
+    assert len(orch.assigned) == 6

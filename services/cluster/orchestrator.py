@@ -74,6 +74,8 @@ class ClusterOrchestrator:
         self._spec_docs: dict[str, tuple[InstanceSpec, dict[str, Any]]] = {}
         self._node_docs: dict[str, tuple[NodeSummary, dict[str, Any]]] = {}
         self._status_docs: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+        self._place_wanted = False
+        self._placing: asyncio.Task[None] | None = None
         self.network = ClusterNetwork(name, store, session)
 
     # ---- start-up ----------------------------------------------------------------------------
@@ -167,12 +169,30 @@ class ClusterOrchestrator:
         log.warning("worker %s %s; moving its %d instance(s)", node.name, why, len(lost))
         for iid in lost:
             del self.assigned[iid]
-        await self.store.put_many(ASSIGNED, {}, tuple(lost))
+        # In memory now, on disk with the next write (the new placements' one); a restart before that
+        # finds the worker silent and moves them then. Not waiting here lets the avails of many workers
+        # lost at once be handled one after the other quickly, and placed together.
+        self.store.apply(ASSIGNED, {}, tuple(lost))
         node.statuses = {}
         self._publish_node(node.name)
         self._peers_dirty = True
-        await self.place_pending()
+        self.place_soon()
         self._changed.set()
+
+    def place_soon(self) -> None:
+        """Have :meth:`place_pending` run shortly (once for what several callers lost at nearly the same time)."""
+        self._place_wanted = True
+        if self._placing is None or self._placing.done():
+            self._placing = asyncio.get_running_loop().create_task(self._place_later())
+
+    async def _place_later(self) -> None:
+        while self._place_wanted:
+            self._place_wanted = False
+            await asyncio.sleep(0.05)
+            try:
+                await self.place_pending()
+            except Exception:
+                log.exception("placing the instances of lost workers failed")
 
     async def _give_up_on_silent_workers(self) -> None:
         """After a restart, a worker that held instances and has not come back within STARTUP_GRACE is
@@ -364,9 +384,13 @@ class ClusterOrchestrator:
 
     async def run(self) -> None:
         """Retry placements and publish the cluster state, until cancelled."""
-        async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(self._report())
-            tasks.create_task(self._retry())
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self._report())
+                tasks.create_task(self._retry())
+        finally:
+            if self._placing is not None:
+                self._placing.cancel()
 
     async def _retry(self) -> None:
         while True:
