@@ -46,8 +46,8 @@ def allowed(identity: Identity, action: str, topic: str) -> bool:
     if not topics.is_valid_id(identity.name):
         return False
     if identity.kind == JOIN:
-        exact = topics.join_request(identity.name) if action == PUBLISH else topics.join_response(identity.name)
-        return topic == exact
+        mine = topics.join_request(identity.name) if action == PUBLISH else topics.join_response(identity.name)
+        return topic == mine
     publish, readable, exact = rules(identity)
     if action == PUBLISH:
         return "+" not in topic and "#" not in topic and any(_under(topic, p) for p in publish)

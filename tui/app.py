@@ -252,7 +252,7 @@ class OakApp(App[None]):
     async def action_undeploy(self) -> None:
         """Undeploy the selected service, after confirmation."""
         job = self.selected
-        if job and await self.push_screen_wait(Confirm(f"Undeploy every instance of {job}?")):
+        if job and await self.push_screen_wait(Confirm(f"Undeploy every instance of {job}?")):  # type: ignore[arg-type]
             await self.call("services", "undeploy", {"service": job}, f"undeploying {job}")
 
     @work

@@ -29,6 +29,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -262,9 +263,9 @@ class Containerd:
             self.ctr("container", "delete", cid)
 
 
-def read_image(layout: Path, tag: str) -> tuple[str, dict[str, object]]:
+def read_image(layout: Path, tag: str) -> tuple[str, dict[str, Any]]:
     """The manifest digest of *tag* in an OCI layout and the image's config."""
-    def blob(digest: str) -> dict[str, object]:
+    def blob(digest: str) -> dict[str, Any]:
         algorithm, _, value = digest.partition(":")
         return dict(json.loads((layout / "blobs" / algorithm / value).read_text()))
 

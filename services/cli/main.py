@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         service = _run_services(args)
         if service is not None:
             setup_logging(getattr(args, "verbose", False))
-            asyncio.run(run_until_signalled(service))
+            asyncio.run(run_until_signalled(service))  # type: ignore[arg-type]
             return 0
         data, render = asyncio.run(commands.client_command(args))
         _print(data, args, render)

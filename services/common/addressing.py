@@ -16,8 +16,8 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 
-WORKER_POOL = ipaddress.ip_network("10.18.0.0/15")
-SERVICE_POOL = ipaddress.ip_network("10.30.0.0/16")
+WORKER_POOL = ipaddress.IPv4Network("10.18.0.0/15")
+SERVICE_POOL = ipaddress.IPv4Network("10.30.0.0/16")
 CLUSTER_PREFIX = 20
 WORKER_PREFIX = 26
 

@@ -124,6 +124,7 @@ class Store:
             if self._flushing is None:
                 self._round = asyncio.get_running_loop().create_future()
                 self._flushing = asyncio.ensure_future(self._flush())
+            assert self._round is not None
             await asyncio.shield(self._round)
 
     async def _flush(self) -> None:
@@ -137,7 +138,8 @@ class Store:
                 self._durable = max(self._durable, version)
                 self.file_writes += 1
                 done, self._round = self._round, asyncio.get_running_loop().create_future()
-                done.set_result(None)
+                if done is not None:
+                    done.set_result(None)
         except Exception as exc:  # the waiters of this round get the error; the next sync() tries again
             assert self._round is not None
             self._round.set_exception(exc)

@@ -125,7 +125,7 @@ class Api:
     def _replicas(self, body: Any, default: int | None) -> int:
         value = self._arg(body, "replicas", int, required=default is None)
         value = default if value is None else value
-        if not 0 <= value <= MAX_REPLICAS:
+        if value is None or not 0 <= value <= MAX_REPLICAS:
             raise ApiError("bad_request", f"'replicas' must be between 0 and {MAX_REPLICAS}")
         return int(value)
 

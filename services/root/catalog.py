@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass, replace
+from typing import Any
 
 from services.common import addressing, models
 from services.common.sla import AppSpec, ServiceSpec
@@ -77,7 +78,7 @@ class Instance:
     cluster: str = ""
 
 
-def _load_table(raw: dict[str, dict[str, object]], cls: type) -> dict[str, object]:
+def _load_table(raw: dict[str, dict[str, Any]], cls: type) -> dict[str, object]:
     return {key: models.load(cls, {**doc, "services": tuple(doc.get("services", ()))} if cls is App else doc)
             for key, doc in raw.items()}
 

@@ -212,7 +212,10 @@ class Engine:
             if slot.handle is None and self.slots.get(slot.spec.iid) is slot:
                 self._set(slot, InstanceStatus(models.CREATING, reason, restarts=slot.status.restarts))
 
-        return lambda reason: loop.call_soon_threadsafe(show, reason)
+        def from_any_thread(reason: str) -> None:
+            loop.call_soon_threadsafe(show, reason)
+
+        return from_any_thread
 
     async def _attach(self, slot: Slot) -> Attachment | None:
         """The instance's place on the overlay (None without one)."""
