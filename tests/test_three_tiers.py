@@ -188,8 +188,8 @@ async def test_cluster_and_worker_restart_resume(stack: Stack, api: Any) -> None
     before = await running(client, "resume.test.job.test", 2)
     pids = {p.pid for p in sleeps("6021", stack.base)}
 
+    stack.procs["c1"].kill9()  # the cluster first: else it may see the worker die and rightly move its instances
     stack.procs["w1"].kill9()
-    stack.procs["c1"].kill9()
     stack.procs["c1"].start()
     stack.procs["w1"].start()
     await eventually(lambda: stack.procs["w1"].log.read_text().count("adopted") == 2, what="w1 adopted both")
