@@ -12,17 +12,7 @@ from services.common import envelope, models
 from services.common.models import InstanceSpec, NodeInfo
 from services.common.scheduling import Profile, Weighted
 from services.common.store import Store
-
-
-class FakeSession:
-    def __init__(self) -> None:
-        self.published: list[tuple[str, bytes]] = []
-
-    def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
-        self.published.append((topic, payload))
-
-    def subscribe(self, *filters: str) -> None:
-        pass
+from tests.test_root_burst import FakeSession
 
 
 def test_the_throttle_spaces_reports_by_their_cost() -> None:
