@@ -12,6 +12,7 @@ from services.common.scheduling import Decision, Profile, place, reserve
 
 FAILOVER_GRACE = 2.0
 STARTUP_GRACE = 10.0
+MIN_CLUSTER_SAMPLE = 10  # workers of one cluster that pass the filters before the root stops looking
 
 
 @dataclass
@@ -96,6 +97,9 @@ def choose(demand: Demand, clusters: list[ClusterView], reserved: dict[str, dict
     it after each decision.
     """
     pools = {} if pools is None else pools
+    # Each cluster's best worker is sought among a share of the profile's sample, so one decision looks
+    # at about as many workers with 10 clusters as with one.
+    inner_profile = replace(profile, sample=max(MIN_CLUSTER_SAMPLE, profile.sample // max(1, len(clusters))))
     reasons: dict[str, str] = {}
     stand_ins: dict[str, tuple[Candidate, str]] = {}
     for view in clusters:
@@ -109,7 +113,7 @@ def choose(demand: Demand, clusters: list[ClusterView], reserved: dict[str, dict
         if not workers:
             reasons[view.name] = "offline" if not view.online else "no worker online"
             continue
-        inner = place(demand, workers, profile, "node")
+        inner = place(demand, workers, inner_profile, "node")
         if inner.choice is None:
             reasons[view.name] = f"no worker fits ({inner.why_not()})"
             continue

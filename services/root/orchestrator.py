@@ -91,7 +91,7 @@ class RootOrchestrator:
             self._net_dirty = True
             if self.network:
                 await self.network.grant([view])
-        await self.reconcile()
+        self.kick()  # placing never holds up the messages behind this one (API requests among them)
 
     def _excluded_clear(self, cluster: str) -> None:
         for excluded in self._excluded.values():
