@@ -36,6 +36,7 @@ class Fleet:
     clusters: int
     victims: int
     report_interval: float = 5.0
+    broker: str = "embedded"  # the root's and clusters' --broker
     stack: Stack = field(init=False)
     sims: list[Proc] = field(default_factory=list)
     victim_sims: list[Proc] = field(default_factory=list)
@@ -51,9 +52,9 @@ class Fleet:
 
     def start(self) -> None:
         """Start the root and the clusters."""
-        self.stack.root()
+        self.stack.root("--broker", self.broker)
         for name in self.cluster_names:
-            self.stack.cluster(name)
+            self.stack.cluster(name, "--broker", self.broker)
 
     def plan(self) -> list[tuple[str, str, int]]:
         """The ``oak sim`` processes to start: (cluster, worker-name prefix, workers), victims first."""
@@ -120,9 +121,10 @@ def sample(fleet: Fleet) -> Sample:
             continue
         try:
             ps = psutil.Process(proc.popen.pid)
-            times = ps.cpu_times()
-            cpu[name] = times.user + times.system
-            rss[name] = ps.memory_info().rss / 2**20
+            # with --broker mosquitto the broker is a child of the root or cluster: count it with them
+            family = [ps] if name.startswith("sim-") else [ps, *ps.children(recursive=True)]
+            cpu[name] = sum(p.cpu_times().user + p.cpu_times().system for p in family)
+            rss[name] = sum(p.memory_info().rss for p in family) / 2**20
         except psutil.NoSuchProcess:
             continue
         if not name.startswith("sim-"):

@@ -164,7 +164,7 @@ async def run_case(workers: int, clusters: int, args: argparse.Namespace) -> dic
     """Every phase for one size; the processes are stopped whatever happens."""
     result: dict[str, Any] = {"workers": workers, "clusters": clusters}
     with tempfile.TemporaryDirectory() as tmp:
-        fleet = Fleet(Path(tmp), workers, clusters, min(args.fail, workers // 2), args.report_interval)
+        fleet = Fleet(Path(tmp), workers, clusters, min(args.fail, workers // 2), args.report_interval, args.broker)
         LIVE.append(fleet)
         try:
             t0 = time.monotonic()
@@ -211,6 +211,7 @@ def main() -> None:
     p.add_argument("--join-timeout", type=float, default=300)
     p.add_argument("--place-timeout", type=float, default=180)
     p.add_argument("--name", default="scale", help="results file bench/results/NAME.json")
+    p.add_argument("--broker", default="embedded", help="the control plane's broker: embedded or mosquitto")
     args = p.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     cases = []
@@ -224,7 +225,7 @@ def main() -> None:
         for fleet in LIVE:
             fleet.stop()
     record(args.name, {"command": "python -m bench.scale " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()), "broker": "embedded amqtt",
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()), "broker": args.broker,
         "goal": "1,000 workers on one cluster: cluster under 50 % of a core at idle; 10,000 instances "
                 "RUNNING within 60 s", "cases": cases})
 
