@@ -10,16 +10,15 @@ its workers without waiting for the root, and keep doing so while the root is aw
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Protocol
 
 from services.common import addressing, envelope, models, topics
 from services.common.models import InstanceSpec, InstanceStatus, NodeInfo
 from services.common.mqtt import MqttSession
-from services.common.nettable import Backend, NetTable, NodeRoute, ServiceRoute
+from services.common.nettable import Backend, NetTable, NodeRoute, ServiceRoute, TableSender
 from services.common.store import Store
 
 log = logging.getLogger(__name__)
@@ -45,7 +44,7 @@ class ClusterNetwork:
         self.root_table = NetTable()
         self.subnets: dict[str, str] = {}
         self._offline_since: dict[str, float] = {}
-        self._sent: dict[str, str] = {}
+        self.sender = TableSender(session, f"cluster/{cluster}")
 
     async def load(self) -> None:
         """Read the subnets handed out before (and the block they came from)."""
@@ -120,15 +119,9 @@ class ClusterNetwork:
         """Send each overlay worker its subnet and the table, when they changed."""
         if not self.subnets:
             return
-        table = self.table(workers, desired, assigned).to_json()
-        for name, subnet in self.subnets.items():
-            data: dict[str, Any] = {"subnet": subnet, "cluster": self.cluster, "table": table}
-            key = json.dumps(data, sort_keys=True)
-            if self._sent.get(name) == key:
-                continue
-            self._sent[name] = key
-            self.session.publish(topics.down(topics.NODES, name, "net"),
-                                 envelope.encode("net", data, f"cluster/{self.cluster}"), retain=True)
+        self.sender.send(self.table(workers, desired, assigned),
+                         {topics.down(topics.NODES, name, "net"): {"subnet": subnet, "cluster": self.cluster}
+                          for name, subnet in self.subnets.items()})
 
     def state(self, workers: Mapping[str, Worker]) -> dict[str, dict[str, str]]:
         """The ``overlay`` part of the cluster's state for the root: every worker with the overlay, and its

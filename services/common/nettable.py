@@ -8,8 +8,12 @@ worker that restarts, or whose cluster is gone, still knows every route it knew.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, replace
 from typing import Any
+
+from services.common import envelope
+from services.common.mqtt import MqttSession
 
 
 @dataclass(frozen=True)
@@ -104,3 +108,23 @@ class NetTable:
             others = tuple(b for b in route.backends if b.cluster != cluster)
             out[sid] = replace(route, backends=others + tuple(sorted(backends.get(sid, []), key=lambda b: b.ip)))
         return NetTable(merged_nodes, out)
+
+
+class TableSender:
+    """Sends each child its own part (block or subnet) with the net table, retained, only when either
+    changed; the table is encoded once per round however many children get it."""
+
+    def __init__(self, session: MqttSession, src: str) -> None:
+        self.session, self.src = session, src
+        self._sent: dict[str, tuple[str, str]] = {}
+
+    def send(self, table: NetTable, parts: dict[str, dict[str, Any]]) -> None:
+        """Publish ``{**part, "table": table}`` on each topic of *parts* whose content changed."""
+        wire = table.to_json()
+        table_key = json.dumps(wire, sort_keys=True)
+        for topic, part in parts.items():
+            key = (json.dumps(part, sort_keys=True), table_key)
+            if self._sent.get(topic) == key:
+                continue
+            self._sent[topic] = key
+            self.session.publish(topic, envelope.encode("net", {**part, "table": wire}, self.src), retain=True)

@@ -8,13 +8,12 @@ changes.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable
 
-from services.common import addressing, envelope, models, topics
+from services.common import addressing, models, topics
 from services.common.mqtt import MqttSession
-from services.common.nettable import Backend, NetTable, NodeRoute, ServiceRoute
+from services.common.nettable import Backend, NetTable, NodeRoute, ServiceRoute, TableSender
 from services.common.store import Store
 from services.root.catalog import Catalog
 from services.root.clusters import ClusterView
@@ -46,7 +45,7 @@ class RootNetwork:
     def __init__(self, store: Store, session: MqttSession) -> None:
         self.store, self.session = store, session
         self.blocks: dict[str, str] = {}
-        self._sent: dict[str, str] = {}
+        self.sender = TableSender(session, "root")
 
     async def load(self) -> None:
         """Read the blocks handed out before."""
@@ -70,15 +69,9 @@ class RootNetwork:
         """Send every cluster with a block its block and the table, when they changed."""
         if not self.blocks:
             return
-        table = build_table(catalog, clusters).to_json()
-        for name, block in self.blocks.items():
-            data = {"block": block, "table": table}
-            key = json.dumps(data, sort_keys=True)
-            if self._sent.get(name) == key:
-                continue
-            self._sent[name] = key
-            self.session.publish(topics.down(topics.CLUSTERS, name, "net"), envelope.encode("net", data, "root"),
-                                 retain=True)
+        self.sender.send(build_table(catalog, clusters),
+                         {topics.down(topics.CLUSTERS, name, "net"): {"block": block}
+                          for name, block in self.blocks.items()})
 
 
 def overlay_routes(cluster: str, data: object) -> dict[str, NodeRoute]:

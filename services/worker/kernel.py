@@ -91,10 +91,12 @@ def _inside(name: str | None) -> Iterator[Any]:
         os.close(home)
 
 
-def _ip(*argv: str) -> None:
-    done = subprocess.run(["ip", *argv], capture_output=True, text=True, timeout=30, check=False)
+def _run(argv: list[str], stdin: str = "", netns: str | None = None) -> None:
+    """Run a tool (inside *netns* when given); raise KernelError with its message when it fails."""
+    prefix = ["ip", "netns", "exec", netns] if netns else []
+    done = subprocess.run(prefix + argv, input=stdin, capture_output=True, text=True, timeout=30, check=False)
     if done.returncode != 0:
-        raise KernelError(f"ip {' '.join(argv)} failed: {done.stderr.strip()[:300]}")
+        raise KernelError(f"{' '.join(argv[:3])} failed: {done.stderr.strip()[:400]}")
 
 
 class Kernel:
@@ -110,10 +112,7 @@ class Kernel:
         return _inside(self.host_netns)
 
     def _run(self, argv: list[str], stdin: str = "") -> None:
-        prefix = ["ip", "netns", "exec", self.host_netns] if self.host_netns else []
-        done = subprocess.run(prefix + argv, input=stdin, capture_output=True, text=True, timeout=30, check=False)
-        if done.returncode != 0:
-            raise KernelError(f"{argv[0]} failed: {done.stderr.strip()[:400]}")
+        _run(argv, stdin, self.host_netns)
 
     # ---- the host ------------------------------------------------------------------------------
 
@@ -215,7 +214,7 @@ class Kernel:
         name = namespace_of(iid)
         prefix = ipaddress.ip_network(subnet).prefixlen
         if name not in namespaces():
-            _ip("netns", "add", name)
+            _run(["ip", "netns", "add", name])
         with self.host() as ipr:
             bridge = ipr.link_lookup(ifname=BRIDGE)
             if not bridge:
@@ -235,7 +234,7 @@ class Kernel:
         """Remove instance *iid*'s namespace (its veth goes with it)."""
         name = namespace_of(iid)
         if name in namespaces():
-            _ip("netns", "del", name)
+            _run(["ip", "netns", "del", name])
         with self.host() as ipr:
             for index in ipr.link_lookup(ifname=_veth(iid)):
                 with contextlib.suppress(NetlinkError):
