@@ -10,11 +10,12 @@ import os
 import random
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 
-NETNS_DIR = Path("/run/netns")
+from services.worker.kernel import namespaces
+
+__all__ = ["Lab", "links", "namespaces", "need_network_lab", "nft_ruleset", "sh"]
 
 
 def sh(*argv: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -70,14 +71,9 @@ class Lab:
             sh("ip", "netns", "del", ns, check=False)
 
 
-def namespaces() -> set[str]:
-    """Every named network namespace."""
-    return set(os.listdir(NETNS_DIR)) if NETNS_DIR.exists() else set()
-
-
-def links(ns: str) -> set[str]:
-    """The link names in namespace *ns*."""
-    out = sh("ip", "-n", ns, "-o", "link", "show").stdout
+def links(ns: str | None = None) -> set[str]:
+    """The link names in namespace *ns* (None: the one the tests run in)."""
+    out = sh("ip", *(["-n", ns] if ns else []), "-o", "link", "show").stdout
     return {line.split(":")[1].strip().split("@")[0] for line in out.splitlines()}
 
 

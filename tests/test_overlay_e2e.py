@@ -193,20 +193,15 @@ async def _overlay_nodes(client: OakClient, count: int) -> bool:
 def test_lab_is_separate_from_the_host() -> None:
     """The lab never adds links to the test machine's own namespace."""
     need_network_lab()
-    own = links_here()
+    own = links()
     lab = Lab()
     try:
         lab.host("x")
-        assert links_here() == own
+        assert links() == own
     finally:
         lab.remove()
     assert lab.lan not in namespaces()
 
-
-def links_here() -> set[str]:
-    """The link names of the namespace the tests run in."""
-    out = sh("ip", "-o", "link", "show").stdout
-    return {line.split(":")[1].strip().split("@")[0] for line in out.splitlines()}
 
 
 

@@ -100,6 +100,10 @@ class RemoteNetwork:
             raise RuntimeError(f"NetManager: {reply.get('error', 'no answer')}")
         return dict(reply)
 
+    async def status(self) -> dict[str, Any]:
+        """The NetManager's ``status`` answer (``overlay``, ``endpoint`` or ``reason``)."""
+        return await self._ask("status")
+
     async def endpoint(self) -> str:
         """The worker's VXLAN endpoint."""
         return str((await self._ask("endpoint"))["endpoint"])

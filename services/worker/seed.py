@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import socket
 import sys
@@ -51,13 +50,11 @@ def node_engine_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_netmanager(port: int) -> bool:
+def _check_netmanager(port: int, node: str) -> bool:
     """True when the NetManager on *port* answers and runs the overlay."""
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=2) as conn:
-            conn.sendall(b'{"op":"status"}\n')
-            answer = json.loads(conn.makefile().readline() or "{}")
-    except (OSError, ValueError) as exc:
+        answer = asyncio.run(asyncio.wait_for(netmanager.RemoteNetwork(port, node).status(), 2))
+    except (RuntimeError, ValueError, TimeoutError) as exc:
         log.warning("no NetManager on port %d (%s); running without the overlay", port, exc)
         return False
     if not answer.get("overlay"):
@@ -81,7 +78,7 @@ def node_engine_main(argv: list[str] | None = None) -> int:
         port = net.cluster_mqtt_port
         log.info("port %d is Oakestra's HTTP port; using the cluster broker on port %d", OAKESTRA_HTTP_PORT, port)
     runtimes = ("process", "vm") if _flag(args.unikernel) else ("process",)  # vm: unikernels and microVMs
-    overlay = bool(args.netmanagerPort) and _check_netmanager(args.netmanagerPort)
+    overlay = bool(args.netmanagerPort) and _check_netmanager(args.netmanagerPort, args.name)
     cluster = BrokerUrl(args.clusterAddr or net.cluster_url, port)
     cfg = WorkerConfig(Path(args.data_dir) if args.data_dir else oak_home(None) / "worker", cluster, args.name,
                        runtimes, join_token=args.join_token, netmanager_port=args.netmanagerPort if overlay else 0)
