@@ -2,8 +2,10 @@
 
 ``--broker embedded`` (the default) runs amqtt in the tier's process; ``--broker mosquitto`` runs
 mosquitto as a child process fed by :mod:`broker.mosquitto`; ``--broker mqtt://host:port`` starts no
-broker and connects to that one with ``--broker-user``/``--broker-password``, a login that may do
-everything there (that broker's accounts and topic rules are its operator's job).
+broker. There, with ``--broker-files DIR --broker-reload CMD``, oak keeps that mosquitto's password and
+ACL files (:mod:`broker.external`) and its services log in with accounts of their own; without them it
+connects with ``--broker-user``/``--broker-password``, a login that may do everything there, and the
+broker's accounts and topic rules are its operator's job.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from broker.credentials import Credentials
+from broker.external import ExternalFiles
 from broker.identity import SERVICE, Identity
 from broker.mosquitto import MosquittoBroker, MosquittoCredentials
 from broker.mosquitto_files import NativeBridge
@@ -32,17 +35,33 @@ class BrokerSpec:
     url: BrokerUrl | None = None
     username: str = ""
     password: str = ""
+    files: Path | None = None  # an existing mosquitto's password and ACL files, kept by oak
+    reload: str = ""  # the shell command that has that mosquitto re-read them
 
     @classmethod
-    def parse(cls, value: str, username: str = "", password: str = "") -> BrokerSpec:
-        """``embedded``, ``mosquitto`` or ``mqtt://host:port`` (with the login to use there)."""
+    def parse(cls, value: str, username: str = "", password: str = "", files: str = "",
+              reload: str = "") -> BrokerSpec:
+        """``embedded``, ``mosquitto`` or ``mqtt://host:port`` (with oak's files there, or a login)."""
         if value in (EMBEDDED, MOSQUITTO):
+            if files:
+                raise ValueError("--broker-files is for a broker you run: --broker mqtt://HOST:PORT")
             return cls(value)
         url = BrokerUrl.parse(value)
+        if files:
+            if not reload:
+                raise ValueError("--broker-files needs --broker-reload, the command that has the broker re-read "
+                                 "them (e.g. 'kill -HUP $(cat /run/mosquitto/mosquitto.pid)')")
+            return cls(EXTERNAL, url, files=Path(files), reload=reload)
         if not username or not password:
-            raise ValueError(f"--broker {value} needs --broker-user and --broker-password "
-                             "(or $OAK_BROKER_USER and $OAK_BROKER_PASSWORD)")
+            raise ValueError(f"--broker {value} needs --broker-files and --broker-reload (oak keeps the broker's "
+                             "accounts), or --broker-user and --broker-password (you keep them; also "
+                             "$OAK_BROKER_USER and $OAK_BROKER_PASSWORD)")
         return cls(EXTERNAL, url, username, password)
+
+    @property
+    def oak_accounts(self) -> bool:
+        """True when the broker holds oak's accounts (so its services log in with their own)."""
+        return self.kind != EXTERNAL or self.files is not None
 
 
 @dataclass(frozen=True)
@@ -60,7 +79,7 @@ class RunningBroker:
 
     def login(self, service: str) -> tuple[str, str]:
         """Username and password of the in-process service *service* (``root``, ``cluster``...)."""
-        if self.spec.kind == EXTERNAL:
+        if not self.spec.oak_accounts:
             return self.spec.username, self.spec.password
         username = Identity(SERVICE, service).username
         return username, self.credentials.service_password(username)
@@ -68,7 +87,8 @@ class RunningBroker:
 
 def make_credentials(spec: BrokerSpec, store: Store, join_token: str | None) -> Credentials:
     """The credentials object the broker of *spec* needs."""
-    return MosquittoCredentials(store, join_token) if spec.kind == MOSQUITTO else Credentials(store, join_token)
+    mosquitto = spec.kind == MOSQUITTO or (spec.kind == EXTERNAL and spec.files is not None)
+    return MosquittoCredentials(store, join_token) if mosquitto else Credentials(store, join_token)
 
 
 @contextlib.asynccontextmanager
@@ -83,7 +103,12 @@ async def open_broker(
     """Start (or just reach) the tier's broker; *services* are the in-process services that log in."""
     for service in services:
         credentials.service_password(Identity(SERVICE, service).username)
-    if spec.kind == EXTERNAL:
+    if spec.kind == EXTERNAL and spec.files is not None:
+        assert spec.url is not None
+        assert isinstance(credentials, MosquittoCredentials)
+        async with ExternalFiles(credentials, spec.url, spec.files, spec.reload):
+            yield RunningBroker(spec.url, credentials, spec)
+    elif spec.kind == EXTERNAL:
         assert spec.url is not None
         yield RunningBroker(spec.url, credentials, spec)
     elif spec.kind == MOSQUITTO:

@@ -17,6 +17,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from broker.credentials import Credentials, new_password
 from broker.identity import NEWCOMER, OPEN_JOIN_PASSWORD, Identity
@@ -29,6 +30,7 @@ IDENTITY_FILE = "identity.json"
 NONCE_FILE = "join-nonce.json"  # the nonce of a join under way: a retry after a timeout asks again with it
 RESEND_FIRST, RESEND_MAX = 3.0, 30.0  # a newcomer re-sends its request after 3 s, then backs off to 30 s
 ANSWERS_KEPT, ANSWER_TTL = 10_000, 600.0  # join answers kept to answer a repeated request the same way
+REFUSED_GRACE = 30.0  # a newcomer refused by the broker tries again for this long before giving up
 
 
 @dataclass(frozen=True)
@@ -60,20 +62,20 @@ async def obtain_login(
     pending = data_dir / NONCE_FILE
     nonce = json.loads(pending.read_text())["nonce"] if pending.exists() else secrets.token_hex(16)
     write_secret(pending, {"nonce": nonce})
-    async with MqttSession(url, nonce, NEWCOMER, token or OPEN_JOIN_PASSWORD) as session:
-        await session.subscribe_confirmed(topics.join_response(nonce))
-        request = json.dumps({"kind": kind, "name": name}).encode()
-        wait = RESEND_FIRST
-        async with asyncio.timeout(timeout):
-            while True:
-                # The same nonce each time: the desk answers a repeated request as it did the first one.
-                session.publish(topics.join_request(nonce), request)
-                try:
-                    answer = json.loads((await session.get(wait)).payload)
-                    break
-                except TimeoutError:
-                    log.info("waiting for %s to answer the join request of %s %r", url, kind, name)
-                    wait = min(wait * 2, RESEND_MAX)
+    request = json.dumps({"kind": kind, "name": name}).encode()
+    refused_until, pause = time.monotonic() + REFUSED_GRACE, 0.5
+    while True:
+        try:
+            answer = await _ask(url, nonce, token, request, timeout, f"{kind} {name!r}")
+            break
+        except MqttError as exc:
+            # A broker oak does not run refuses newcomers until the parent's tier has written its
+            # accounts: a refusal is final only after a while (a wrong join token, then).
+            if time.monotonic() + pause > refused_until:
+                raise
+            log.warning("%s; a wrong join token, or the parent has not started yet: asking again", exc)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 5.0)
     if not answer.get("ok"):
         pending.unlink(missing_ok=True)
         raise MqttError(f"{url} refused to let {kind} {name!r} join: {answer.get('error') or answer}")
@@ -82,6 +84,22 @@ async def obtain_login(
     pending.unlink(missing_ok=True)
     log.info("joined %s as %s; credentials kept in %s", url, login.username, path)
     return login
+
+
+async def _ask(url: BrokerUrl, nonce: str, token: str | None, request: bytes, timeout: float, who: str) -> Any:
+    """Send the join request (again and again, backing off) until the desk answers; its answer."""
+    async with MqttSession(url, nonce, NEWCOMER, token or OPEN_JOIN_PASSWORD) as session:
+        await session.subscribe_confirmed(topics.join_response(nonce))
+        wait = RESEND_FIRST
+        async with asyncio.timeout(timeout):
+            while True:
+                # The same nonce each time: the desk answers a repeated request as it did the first one.
+                session.publish(topics.join_request(nonce), request)
+                try:
+                    return json.loads((await session.get(wait)).payload)
+                except TimeoutError:
+                    log.info("waiting for %s to answer the join request of %s", url, who)
+                    wait = min(wait * 2, RESEND_MAX)
 
 
 class JoinDesk:

@@ -102,20 +102,26 @@ def _publish(port: int, login: tuple[str, str], topic: str, payload: str, *extra
                    check=True, timeout=10)
 
 
-@pytest.mark.timeout(120)
-@pytest.mark.parametrize("stack", ["oak-bridge"], indirect=True)
-async def test_topic_rules_hold_on_mosquitto(stack: Stack, api: Any) -> None:
-    """A user reads and writes only its own API; a worker neither speaks for nor reads another worker;
-    anonymous and wrong passwords are refused."""
+async def two_workers_running(stack: Stack, api: Any, app: str, port: int) -> OakClient:
+    """Root, cluster c1, workers w1 and w2, and app *app*'s service ``job`` with one instance on each."""
     stack.root()
     stack.cluster("c1")
     stack.worker("w1", "c1")
     stack.worker("w2", "c1")
     admin: OakClient = await api()
     await eventually(lambda: _online_nodes(admin, 2), timeout=30, what="two workers online")
-    await admin.request("apps", "create", raw=dumps(sla(sleeper("job", 6041), app="acl")))
-    await admin.request("services", "deploy", {"service": "acl.test.job.test", "replicas": 2})
-    await running(admin, "acl.test.job.test", 2)
+    await admin.request("apps", "create", raw=dumps(sla(sleeper("job", port), app=app)))
+    await admin.request("services", "deploy", {"service": f"{app}.test.job.test", "replicas": 2})
+    await running(admin, f"{app}.test.job.test", 2)
+    return admin
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("stack", ["oak-bridge"], indirect=True)
+async def test_topic_rules_hold_on_mosquitto(stack: Stack, api: Any) -> None:
+    """A user reads and writes only its own API; a worker neither speaks for nor reads another worker;
+    anonymous and wrong passwords are refused."""
+    admin = await two_workers_running(stack, api, "acl", 6041)
     await admin.request("users", "create", {"username": "bob", "password": "bob-password-1"})
     root, cluster = stack.root_port, stack.cluster_ports["c1"]
     bob, admin_login = ("bob", "bob-password-1"), _login(stack.base / "root" / "credentials.json")

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from broker.backend import EXTERNAL, BrokerSpec
+from broker.external import conf_lines, write_initial
 from broker.server import Listeners
 from services.cli.client import CliError, OakClient, Profile
 from services.cli.tables import table
@@ -36,7 +37,8 @@ def listeners(args: argparse.Namespace, port: int | None = None) -> Listeners:
 def broker_spec(args: argparse.Namespace) -> BrokerSpec:
     """The ``--broker`` asked for on the command line."""
     try:
-        return BrokerSpec.parse(args.broker, args.broker_user or "", args.broker_password or "")
+        return BrokerSpec.parse(args.broker, args.broker_user or "", args.broker_password or "",
+                                args.broker_files or "", args.broker_reload or "")
     except ValueError as exc:
         raise CliError(str(exc)) from None
 
@@ -85,6 +87,17 @@ async def sim(args: argparse.Namespace, home: Path, cluster_url: BrokerUrl) -> N
                 await asyncio.sleep(0.2)  # let joins through in waves
         print(f"oak sim: {args.workers} simulated workers started against {cluster_url}", file=sys.stderr,
               flush=True)
+
+
+def broker_files(directory: Path) -> int:
+    """``oak broker files DIR``: files an existing mosquitto can start with; print how to use them."""
+    write_initial(directory)
+    print(f"# oak keeps {directory.resolve()}/passwd and acl; put these lines in mosquitto.conf, before "
+          "any listener:")
+    print("\n".join(conf_lines(directory)))
+    print("# then run each oak tier on that broker with:\n#   --broker mqtt://HOST:PORT "
+          f"--broker-files {directory.resolve()} --broker-reload 'kill -HUP MOSQUITTO_PID'")
+    return 0
 
 
 async def up(args: argparse.Namespace, home: Path) -> None:

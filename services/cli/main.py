@@ -48,6 +48,12 @@ def _add_service_flags(p: argparse.ArgumentParser, port: int) -> None:
                    help="with --broker mqtt://...: a login allowed everything there ($OAK_BROKER_USER)")
     p.add_argument("--broker-password", default=os.environ.get("OAK_BROKER_PASSWORD"),
                    help="its password ($OAK_BROKER_PASSWORD)")
+    p.add_argument("--broker-files", default=os.environ.get("OAK_BROKER_FILES", ""), metavar="DIR",
+                   help="with --broker mqtt://...: keep that mosquitto's password and ACL files in DIR "
+                        "(see `oak broker files`; $OAK_BROKER_FILES)")
+    p.add_argument("--broker-reload", default=os.environ.get("OAK_BROKER_RELOAD", ""), metavar="CMD",
+                   help="with --broker-files: shell command that has the broker re-read them, e.g. "
+                        "'kill -HUP $(cat /run/mosquitto/mosquitto.pid)' ($OAK_BROKER_RELOAD)")
     p.add_argument("-v", "--verbose", action="store_true")
 
 
@@ -159,6 +165,11 @@ def parser() -> argparse.ArgumentParser:
     sim.add_argument("--join-token", default=os.environ.get("OAK_JOIN_TOKEN"))
     sim.add_argument("-v", "--verbose", action="store_true")
 
+    brk = sub.add_parser("broker", help="an existing broker for oak").add_subparsers(dest="action", required=True)
+    p = brk.add_parser("files", help="write starting password and ACL files for your mosquitto into DIR and "
+                                     "print the mosquitto.conf lines that use them (see docs/brokers.md)")
+    p.add_argument("dir", type=Path, help="the directory oak keeps the files in (--broker-files)")
+
     tui = sub.add_parser("tui", help="the dashboard")
     tui.add_argument("--data-dir")
     tui.add_argument("--root", help="the root broker, HOST:PORT (default: from credentials.json)")
@@ -208,6 +219,8 @@ def _print(data: Any, args: argparse.Namespace, render: Callable[[Any], str]) ->
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``oak``."""
     args = parser().parse_args(argv)
+    if args.command == "broker":
+        return commands.broker_files(args.dir)
     if args.command == "tui":
         from tui.__main__ import main as tui_main
 
