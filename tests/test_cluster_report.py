@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from plugins.schedulers.least_loaded import LeastLoaded
-from services.cluster.orchestrator import ClusterOrchestrator, NodeView, ReportThrottle
-from services.common import envelope, models
+from services.cluster.orchestrator import STATE_SECTIONS, ClusterOrchestrator, NodeView, ReportThrottle
+from services.common import envelope, models, topics
+from services.common.delta import DeltaPublisher, DeltaReceiver, DeltaSender
 from services.common.models import InstanceSpec, NodeInfo
+from services.common.mqtt import Message
 from services.common.scheduling import Profile, Weighted
 from services.common.store import Store
 from tests.test_root_burst import FakeSession
@@ -81,3 +84,53 @@ async def test_workers_lost_together_are_moved_in_one_pass(tmp_path: Path, monke
     assert passes == 1
     assert set(orch.assigned.values()) == {"w3"}
     assert len(orch.assigned) == 6
+
+
+async def test_the_root_desired_map_arrives_as_deltas_and_the_state_leaves_as_deltas(tmp_path: Path) -> None:
+    """Desired changes applied from deltas (only changed specs stored), a gap healed by the whole map, and
+    the cluster's state published as deltas the root's receiver folds back into the whole state."""
+
+    session = FakeSession()
+    orch = ClusterOrchestrator("c1", Store(tmp_path / "c.json"), Profile((Weighted(LeastLoaded()),)), session)  # type: ignore[arg-type]
+    orch.nodes["w1"] = NodeView("w1", online=True, info=NodeInfo("w1", 8, 4096, ["process"]))
+    service = {"app_name": "a", "app_namespace": "t", "name": "s", "namespace": "t", "virtualization": "process",
+               "code": "", "cmd": ["sleep", "1"], "memory": 10, "vcpus": 1}
+    spec = {f"i{k}": models.dump(InstanceSpec(f"i{k}", "u", "a.t.s.t", k, service)) for k in range(4)}
+    root = DeltaSender(("instances",), epoch="r1")
+    whole, delta = topics.downstream("desired"), topics.delta_of(topics.downstream("desired"))
+
+    async def send(instances: dict[str, Any], lost: bool = False) -> None:
+        change = root.diff({"instances": instances})
+        assert change is not None
+        if not lost:
+            await orch.handle(Message(delta, envelope.encode("desired.delta", change.data(), "root"), False, 1))
+
+    root.diff({"instances": {}})
+    await orch.handle(Message(whole, envelope.encode("desired", root.whole(), "root"), True, 1))
+    await send({"i0": spec["i0"], "i1": spec["i1"]})
+    assert sorted(orch.assigned) == ["i0", "i1"]
+    writes = orch.store.file_writes
+    await send({"i1": spec["i1"]})
+    assert sorted(orch.desired) == ["i1"]
+    assert orch.store.file_writes > writes
+    await send({"i1": spec["i1"], "i2": spec["i2"]}, lost=True)
+    await send({"i1": spec["i1"], "i2": spec["i2"], "i3": spec["i3"]})
+    assert sorted(orch.desired) == ["i1"]  # i3's delta waits for the lost one
+    await orch.handle(Message(whole, envelope.encode("desired", root.whole(), "root"), True, 1))
+    assert sorted(orch.desired) == ["i1", "i2", "i3"]
+    assert sorted(orch.assigned) == ["i1", "i2", "i3"]
+
+    # the state, as deltas: the root's receiver ends with the cluster's whole state
+    out = DeltaPublisher(session, topics.upstream("state"), "cluster.state", "cluster/c1", STATE_SECTIONS)
+    session.published.clear()
+    out.update(orch.state())
+    orch._on_state(orch.nodes["w1"], {"instances": {"i2": {"status": "RUNNING"}}})
+    out.update(orch.state())
+    receiver = DeltaReceiver(STATE_SECTIONS)
+    for topic, payload in session.published:
+        data = envelope.decode(payload).data
+        receiver.delta(data) if topic.endswith("/delta") else receiver.whole(data)
+    assert [t for t, _ in session.published] == [topics.upstream("state"), topics.delta_of(topics.upstream("state"))]
+    assert len(envelope.decode(session.published[1][1]).data["put"]["instances"]) == 1  # only i2
+    assert receiver.docs == orch.state()
+    out.close()

@@ -8,8 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from plugins.schedulers.least_loaded import LeastLoaded
+from services.common import envelope, topics
+from services.common.delta import DeltaSender
 from services.common.hookspecs import Demand
 from services.common.models import NodeSummary
+from services.common.mqtt import Message
 from services.common.scheduling import Profile, Weighted
 from services.common.sla import parse_sla
 from services.common.store import Store
@@ -90,3 +93,23 @@ async def test_a_burst_is_placed_after_the_answer_with_reservations_built_once(t
         per_worker[worker] = per_worker.get(worker, 0) + 1
     assert sorted(per_worker.values()) == [8] * 8  # 4 cores / 0.5 vcpus each: every worker full, none over
     await asyncio.sleep(0)
+
+
+async def test_the_root_folds_state_deltas_into_its_view_of_the_cluster(tmp_path: Path) -> None:
+    """Whole state, then a delta: only the changed status is read; its service is marked for republishing."""
+
+    catalog = Catalog(Store(tmp_path / "root.json"))
+    orchestrator = RootOrchestrator(catalog, PROFILE, FakeSession())  # type: ignore[arg-type]
+    cluster = DeltaSender(("nodes", "instances", "overlay"), epoch="c1")
+    state = {"nodes": {}, "instances": {"i1": {"status": "CREATING"}, "i2": {"status": "CREATING"}}, "overlay": {}}
+    cluster.diff(state)
+    topic = topics.up(topics.CLUSTERS, "c1", "state")
+    await orchestrator.handle_cluster(Message(topic, envelope.encode("cluster.state", cluster.whole(), "c"), True, 1))
+    statuses = orchestrator.clusters["c1"].statuses
+    assert {i: s.status for i, s in statuses.items()} == {"i1": "CREATING", "i2": "CREATING"}
+    delta = cluster.diff({**state, "instances": {"i1": {"status": "RUNNING"}}})
+    assert delta is not None
+    await orchestrator.handle_cluster(Message(topics.delta_of(topic),
+                                              envelope.encode("cluster.state.delta", delta.data(), "c"), False, 1))
+    assert {i: s.status for i, s in orchestrator.clusters["c1"].statuses.items()} == {"i1": "RUNNING"}
+    await orchestrator.settled()

@@ -1,8 +1,9 @@
 """The cluster orchestrator: places the root's instances on workers and reports back.
 
 It reads, on its own broker, the root's desired map (``oak/downstream/desired``, delivered by the
-bridge) and every worker's ``avail``/``info``/``state``; it writes each worker's desired map and the
-cluster's ``info``/``state`` for the root (``oak/upstream/...``).
+bridge, and its changes on ``.../desired/delta``) and every worker's ``avail``/``info``/``state``; it
+writes each worker's desired map and the cluster's ``info``/``state`` for the root (``oak/upstream/...``;
+the state's changes as deltas on ``oak/upstream/state/delta``, see ``services/common/delta.py``).
 
 Fit is judged on *declared* demand (the SLA's vcpus and memory summed over a worker's instances), so
 two placements in a row never double-book a worker; measured load only breaks ties.
@@ -19,6 +20,7 @@ from typing import Any
 
 from services.cluster.network import ClusterNetwork
 from services.common import envelope, models, scheduling, topics
+from services.common.delta import Change, DeltaPublisher, DeltaReceiver
 from services.common.hookspecs import Candidate, Demand
 from services.common.models import InstanceSpec, InstanceStatus, NodeInfo, NodeSummary
 from services.common.mqtt import Message, MqttSession
@@ -36,6 +38,8 @@ STARTUP_GRACE = 10.0
 # REPORT_COST_FACTOR times what the last one took, so reporting uses at most ~1/REPORT_COST_FACTOR of the loop.
 REPORT_MIN_INTERVAL = 0.2
 REPORT_COST_FACTOR = 10.0
+DESIRED_SECTIONS = ("instances",)
+STATE_SECTIONS = ("nodes", "instances", "overlay")
 
 
 @dataclass
@@ -76,6 +80,7 @@ class ClusterOrchestrator:
         self._status_docs: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
         self._place_wanted = False
         self._placing: asyncio.Task[None] | None = None
+        self._desired_in = DeltaReceiver(DESIRED_SECTIONS)
         self.network = ClusterNetwork(name, store, session)
 
     # ---- start-up ----------------------------------------------------------------------------
@@ -88,6 +93,7 @@ class ClusterOrchestrator:
         self.assigned = {
             iid: doc["node"] for iid, doc in (await self.store.load(ASSIGNED)).items() if iid in self.desired
         }
+        self._desired_in.docs["instances"] = {iid: self._spec_doc(iid) for iid in self.desired}
         for node in set(self.assigned.values()):
             self.nodes.setdefault(node, NodeView(node))
             self._publish_node(node)
@@ -98,6 +104,7 @@ class ClusterOrchestrator:
         """Subscribe to the root's desired map and every worker's channels."""
         self.session.subscribe(
             topics.downstream("desired"),
+            topics.delta_of(topics.downstream("desired")),
             topics.downstream("net"),
             topics.downstream("cmd/+"),
             topics.up_filter(topics.NODES, "res/+"),
@@ -113,6 +120,9 @@ class ClusterOrchestrator:
         try:
             if message.topic == topics.downstream("desired"):
                 await self._on_desired(message.payload)
+                return
+            if message.topic == topics.delta_of(topics.downstream("desired")):
+                await self._take_desired(self._desired_in.delta(envelope.decode(message.payload, "desired.delta").data))
                 return
             if message.topic == topics.downstream("net"):
                 if message.payload:
@@ -135,20 +145,29 @@ class ClusterOrchestrator:
             log.warning("ignoring a bad message on %s: %s", message.topic, exc)
 
     async def _on_desired(self, payload: bytes) -> None:
-        desired = models.load_desired(envelope.decode(payload, "desired").data) if payload else {}
-        old = self.desired
+        """The root's whole desired map (retained; empty payload = nothing wanted)."""
+        data = envelope.decode(payload, "desired").data if payload else {"instances": {}}
+        models.load_desired(data)  # all valid, or nothing changes
+        await self._take_desired(self._desired_in.whole(data))
+
+    async def _take_desired(self, change: Change) -> None:
+        """Apply what changed in the root's desired map: only the changed specs are read and stored."""
+        if not change:
+            return
+        put = models.load_desired({"instances": change.put.get("instances", {})})
         # Unchanged specs keep their object, so the caches keyed by them stay valid.
-        desired = {iid: o if (o := old.get(iid)) == spec else spec for iid, spec in desired.items()}
-        gone = [iid for iid in old if iid not in desired]
-        self.desired = desired
+        put = {iid: spec for iid, spec in put.items() if self.desired.get(iid) != spec}
+        gone = [iid for iid in change.drop.get("instances", ()) if iid in self.desired]
+        self.desired.update(put)
+        for iid in gone:
+            del self.desired[iid]
         touched = {self.assigned.pop(iid) for iid in gone if iid in self.assigned}
         for iid in gone:
             self.unplaced.pop(iid, None)
             self._demands.pop(iid, None)
             self._spec_docs.pop(iid, None)
             self._status_docs.pop(iid, None)
-        changed = {i: self._spec_doc(i) for i, s in desired.items() if old.get(i) is not s}
-        await self.store.put_many(DESIRED, changed, tuple(gone))
+        await self.store.put_many(DESIRED, {i: self._spec_doc(i) for i in put}, tuple(gone))
         await self.store.put_many(ASSIGNED, {}, tuple(gone))
         self._publish_nodes(touched)
         await self.place_pending()
@@ -399,27 +418,26 @@ class ClusterOrchestrator:
             await self.place_pending()
 
     async def _report(self) -> None:
-        topic = topics.upstream("state")
-        last: dict[str, Any] | None = None
-        next_periodic = 0.0
+        """Whenever something changed (or every STATE_INTERVAL), after the throttle's delay: the peers, the
+        net and the state for the root (what changed at once, the whole once settled)."""
+        out = DeltaPublisher(self.session, topics.upstream("state"), "cluster.state", f"cluster/{self.name}",
+                             STATE_SECTIONS)
         throttle = ReportThrottle()
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), STATE_INTERVAL)
-            await asyncio.sleep(throttle.delay(time.monotonic()))  # coalesces bursts
-            self._changed.clear()
-            started = time.monotonic()
-            if self._peers_dirty:
-                self._publish_peers()
-            await self.network.allocate(self.nodes)
-            self.network.publish(self.nodes, self.desired, self.assigned)
-            state = self.state()
-            now = time.monotonic()
-            if state != last or now >= next_periodic:
-                body = envelope.encode("cluster.state", state, f"cluster/{self.name}")
-                self.session.publish(topic, body, retain=True)
-                last, next_periodic = state, now + STATE_INTERVAL * 5
-            throttle.ran(started, time.monotonic())
+        try:
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), STATE_INTERVAL)
+                await asyncio.sleep(throttle.delay(time.monotonic()))  # coalesces bursts
+                self._changed.clear()
+                started = time.monotonic()
+                if self._peers_dirty:
+                    self._publish_peers()
+                await self.network.allocate(self.nodes)
+                self.network.publish(self.nodes, self.desired, self.assigned)
+                out.update(self.state())
+                throttle.ran(started, time.monotonic())
+        finally:
+            out.close()
 
 
 @dataclass

@@ -13,19 +13,22 @@ forwards them as ``oak/clusters/<cid>/up/<channel>`` and ``oak/clusters/<cid>/do
 
 Channels (``RETAINED`` says which are retained; their owner republishes them after every reconnect):
 
-=========== ========= ===========================================================================
-channel     retained  payload
-=========== ========= ===========================================================================
-avail       yes       ``{"state": "online"|"offline"}``; the offline body is the last will
-info        yes       static facts: name, location, resources, runtimes, software version
-state       yes       live facts: metrics and the status of every instance, every few seconds
-desired     yes       the full map of instances the parent wants running there, ``{iid: spec}``
-peers       yes       (to workers) the other workers' probe addresses, for latency measurement
-net         yes       (down) the overlay: a cluster's block / a worker's subnet, and the net table
-cmd/<verb>  no        a one-shot request (``logs``), answered on ``res/<verb>``
-res/<verb>  no        the answer, with the request's ``id``
-evt/<kind>  no        events (placement failures, restarts) for feeds
-=========== ========= ===========================================================================
+============= ========= ===========================================================================
+channel       retained  payload
+============= ========= ===========================================================================
+avail         yes       ``{"state": "online"|"offline"}``; the offline body is the last will
+info          yes       static facts: name, location, resources, runtimes, software version
+state         yes       live facts: metrics and the status of every instance, every few seconds
+desired       yes       the full map of instances the parent wants running there, ``{iid: spec}``
+state/delta   no        (from clusters) each change of ``state`` at once, numbered; ``state`` follows once
+                        changes settle and heals any gap (``services/common/delta.py``)
+desired/delta no        (to clusters) each change of ``desired`` at once, the same way
+peers         yes       (to workers) the other workers' probe addresses, for latency measurement
+net           yes       (down) the overlay: a cluster's block / a worker's subnet, and the net table
+cmd/<verb>    no        a one-shot request (``logs``), answered on ``res/<verb>``
+res/<verb>    no        the answer, with the request's ``id``
+evt/<kind>    no        events (placement failures, restarts) for feeds
+============= ========= ===========================================================================
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ BASE = "oak"
 CLUSTERS = "clusters"
 NODES = "nodes"
 RETAINED = frozenset({"avail", "info", "state", "desired", "peers", "net"})
+DELTA = "delta"
 
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 USER_RE = ID_RE
@@ -74,6 +78,12 @@ def up(kind: str, child: str, channel: str) -> str:
 def down(kind: str, child: str, channel: str) -> str:
     """Topic a parent publishes *channel* to its child on."""
     return f"{BASE}/{kind}/{child}/down/{channel}"
+
+
+def delta_of(topic: str) -> str:
+    """The non-retained topic carrying the changes of the retained whole-document *topic*
+    (``.../down/desired`` -> ``.../down/desired/delta``; see ``services/common/delta.py``)."""
+    return f"{topic}/{DELTA}"
 
 
 def up_filter(kind: str, channel: str) -> str:

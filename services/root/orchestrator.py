@@ -1,8 +1,9 @@
 """The root orchestrator: places instances on clusters, moves them when a cluster fails, and keeps
 every user's retained service state up to date.
 
-It publishes one retained desired map per cluster (``oak/clusters/<cid>/down/desired``) and reads the
-clusters' ``avail``/``info``/``state``. An instance a cluster cannot place (NO_WORKER_CAPACITY) is
+It publishes one retained desired map per cluster (``oak/clusters/<cid>/down/desired``; each change at
+once as a delta on ``.../desired/delta``, see ``services/common/delta.py``) and reads the clusters'
+``avail``/``info``/``state`` (and ``state/delta``). An instance a cluster cannot place (NO_WORKER_CAPACITY) is
 moved to another cluster that can hold it; a cluster that goes offline has its instances moved after
 a short grace, and one never heard from after a root restart after a longer one.
 """
@@ -16,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from services.common import envelope, models, topics
+from services.common.delta import Change, DeltaPublisher, DeltaReceiver
 from services.common.hookspecs import Demand
 from services.common.models import ClusterInfo, InstanceSpec, InstanceStatus, NodeSummary
 from services.common.mqtt import Message, MqttSession
@@ -29,6 +31,8 @@ log = logging.getLogger(__name__)
 TICK = 0.5
 INFRASTRUCTURE_EVERY = 4  # ticks: the users' infrastructure view is refreshed at most every 2 s
 YIELD_EVERY = 200  # placement decisions between two turns of the event loop during a pass
+DESIRED_SECTIONS = ("instances",)
+STATE_SECTIONS = ("nodes", "instances", "overlay")
 
 
 class RootOrchestrator:
@@ -47,8 +51,13 @@ class RootOrchestrator:
         self.unplaced: dict[str, str] = {}
         self.reserved: dict[str, tuple[str, str, Demand]] = {}
         self._excluded: dict[str, set[str]] = {}
-        self._published_desired: dict[str, str] = {}
-        self._published_state: dict[str, bytes] = {}
+        self._desired_out: dict[str, DeltaPublisher] = {}
+        self._states_in: dict[str, DeltaReceiver] = {}
+        # Per instance, its desired-map document (and the service spec and number it was made from), and per
+        # service its demand: made once, not for every decision and every publication.
+        self._spec_docs: dict[str, tuple[object, int, dict[str, Any]]] = {}
+        self._demands: dict[str, tuple[object, Demand]] = {}
+        self._published_state: dict[str, dict[str, Any]] = {}
         self._dirty: set[str] = set()
         self._reconciling = asyncio.Lock()
         self._kick_wanted = False
@@ -59,7 +68,7 @@ class RootOrchestrator:
         for name in self.catalog.known_clusters:
             view = self.clusters.setdefault(name, ClusterView(name))
             view.set_online(False, grace=STARTUP_GRACE)
-        for channel in ("avail", "info", "state", "res/+"):
+        for channel in ("avail", "info", "state", topics.delta_of("state"), "res/+"):
             self.session.subscribe(topics.up_filter(topics.CLUSTERS, channel))
         for name in self.catalog.known_clusters:
             self.publish_desired(name)
@@ -82,13 +91,15 @@ class RootOrchestrator:
                 self._excluded_clear(view.name)
         elif parsed.channel == "info" and message.payload:
             view.info = models.load(ClusterInfo, envelope.decode(message.payload, "cluster.info").data)
-        elif parsed.channel == "state" and message.payload:
-            data = envelope.decode(message.payload, "cluster.state").data
-            view.nodes = {n: models.load(NodeSummary, s) for n, s in data.get("nodes", {}).items()}
-            before, view.statuses = view.statuses, models.load_statuses(data.get("instances", {}))
-            view.overlay = overlay_routes(view.name, data.get("overlay", {}))
-            self._absorb(view, before)
-            self._net_dirty = True
+        elif parsed.channel in ("state", topics.delta_of("state")) and message.payload:
+            receiver = self._states_in.setdefault(view.name, DeltaReceiver(STATE_SECTIONS))
+            if parsed.channel == "state":
+                change = receiver.whole(envelope.decode(message.payload, "cluster.state").data)
+            else:
+                change = receiver.delta(envelope.decode(message.payload, "cluster.state.delta").data)
+            if not change:
+                return
+            self._take_state(view, receiver, change)
             if self.network:
                 await self.network.grant([view])
         self.kick()  # placing never holds up the messages behind this one (API requests among them)
@@ -97,10 +108,25 @@ class RootOrchestrator:
         for excluded in self._excluded.values():
             excluded.discard(cluster)
 
-    def _absorb(self, view: ClusterView, before: dict[str, InstanceStatus]) -> None:
-        """Take in a cluster's statuses: drop reservations it has accounted for, note what it cannot place,
-        and mark the services whose instances changed (against *before*, the previous statuses)."""
-        for iid, status in view.statuses.items():
+    def _take_state(self, view: ClusterView, receiver: DeltaReceiver, change: Change) -> None:
+        """Update *view* with what changed in its cluster's state (only the changed documents are read)."""
+        nodes, statuses = change.put.get("nodes", {}), change.put.get("instances", {})
+        for name in change.drop.get("nodes", ()):
+            view.nodes.pop(name, None)
+        view.nodes.update({n: models.load(NodeSummary, s) for n, s in nodes.items()})
+        for iid in change.drop.get("instances", ()):
+            view.statuses.pop(iid, None)
+        fresh = models.load_statuses(statuses)
+        view.statuses.update(fresh)
+        if "overlay" in change.put or "overlay" in change.drop:
+            view.overlay = overlay_routes(view.name, receiver.docs["overlay"])
+        self._absorb(view, fresh, change.drop.get("instances", ()))
+        self._net_dirty = True
+
+    def _absorb(self, view: ClusterView, changed: dict[str, InstanceStatus], gone: tuple[str, ...] = ()) -> None:
+        """Take in a cluster's changed statuses (and the instances it no longer reports, *gone*): drop
+        reservations it has accounted for, note what it cannot place, mark the services concerned."""
+        for iid, status in changed.items():
             instance = self.catalog.instances.get(iid)
             if instance is None or instance.cluster != view.name:
                 continue
@@ -108,9 +134,8 @@ class RootOrchestrator:
                 self.reserved.pop(iid, None)
             if status.status == models.NO_WORKER_CAPACITY:
                 self._excluded.setdefault(iid, set()).add(view.name)
-            if before.get(iid) != status:
-                self._dirty.add(instance.sid)
-        for iid in before.keys() - view.statuses.keys():
+            self._dirty.add(instance.sid)
+        for iid in gone:
             instance = self.catalog.instances.get(iid)
             if instance is not None:
                 self._dirty.add(instance.sid)
@@ -122,6 +147,22 @@ class RootOrchestrator:
         service = self.catalog.services[instance.sid]
         return InstanceSpec(instance.iid, service.owner, service.job_name, instance.number, service.spec,
                             service.sid, service.rr_ip, service.closest_ip)
+
+    def spec_doc(self, instance: Instance) -> dict[str, Any]:
+        """:meth:`spec_of` as a document, made once per instance (never modify it)."""
+        spec = self.catalog.services[instance.sid].spec
+        cached = self._spec_docs.get(instance.iid)
+        if cached is None or cached[0] is not spec or cached[1] != instance.number:
+            cached = self._spec_docs[instance.iid] = (spec, instance.number, models.dump(self.spec_of(instance)))
+        return cached[2]
+
+    def demand_of(self, instance: Instance) -> Demand:
+        """What an instance of its service asks for, made once per service."""
+        spec = self.catalog.services[instance.sid].spec
+        cached = self._demands.get(instance.sid)
+        if cached is None or cached[0] is not spec:
+            cached = self._demands[instance.sid] = (spec, self.spec_of(instance).demand())
+        return cached[1]
 
     def _reservations(self) -> dict[str, dict[str, Demand]]:
         """What the root placed and the clusters have not reported yet: ``{cluster: {worker: demand}}``."""
@@ -208,14 +249,13 @@ class RootOrchestrator:
     def _choose(self, instance: Instance, avoid: set[str], pools: dict[str, Pool],
                 reserved: dict[str, dict[str, Demand]], coords: dict[str, tuple[float, ...]]) -> str:
         """Choose the cluster of *instance* and reserve its worker there, in *pools* and ``self.reserved``."""
-        spec = self.spec_of(instance)
-        demand = with_targets(spec.demand(), coords)
+        demand = with_targets(self.demand_of(instance), coords)
         views = [v for name, v in self.clusters.items() if name not in avoid]
         decision, worker = choose(demand, views, reserved, self.profile, pools)
         if decision.choice is None:
             reason = decision.why_not() if views else "no cluster has joined"
             if self.unplaced.get(instance.iid) != reason:
-                log.warning("cannot place %s (%s): %s", instance.iid, spec.job_name, reason)
+                log.warning("cannot place %s (%s): %s", instance.iid, self.spec_doc(instance)["job_name"], reason)
                 self._dirty.add(instance.sid)
             self.unplaced[instance.iid] = reason
             return ""
@@ -223,29 +263,23 @@ class RootOrchestrator:
         cluster = decision.choice.id
         pools[cluster].take(worker, demand)
         self.reserved[instance.iid] = (cluster, worker, demand)
-        log.info("placed %s (%s #%d) on cluster %s", instance.iid, spec.job_name, instance.number, cluster)
+        log.info("placed %s (%s #%d) on cluster %s", instance.iid, self.spec_doc(instance)["job_name"],
+                 instance.number, cluster)
         return cluster
 
     def publish_desired(self, cluster: str) -> None:
-        """Publish the desired map of *cluster* if it changed."""
-        mine = {
-            i.iid: models.dump(self.spec_of(i))
-            for i in self.catalog.instances.values()
-            if i.cluster == cluster
-        }
-        body = json.dumps(mine, sort_keys=True)
-        if self._published_desired.get(cluster) == body:
-            return
-        self._published_desired[cluster] = body
-        self.session.publish(
-            topics.down(topics.CLUSTERS, cluster, "desired"),
-            envelope.encode("desired", {"instances": mine}, "root"),
-            retain=True,
-        )
+        """Publish what changed in the desired map of *cluster*: a delta now, the whole map once settled."""
+        mine = {i.iid: self.spec_doc(i) for i in self.catalog.instances.values() if i.cluster == cluster}
+        out = self._desired_out.get(cluster)
+        if out is None:
+            out = self._desired_out[cluster] = DeltaPublisher(
+                self.session, topics.down(topics.CLUSTERS, cluster, "desired"), "desired", "root", DESIRED_SECTIONS)
+        out.update({"instances": mine})
 
     async def forget(self, removed: list[Instance]) -> None:
         """Drop removed instances from their clusters' desired maps."""
         for instance in removed:
+            self._spec_docs.pop(instance.iid, None)
             self.unplaced.pop(instance.iid, None)
             self.reserved.pop(instance.iid, None)
             self._excluded.pop(instance.iid, None)
@@ -301,11 +335,11 @@ class RootOrchestrator:
             service = self.catalog.services.get(sid)
             if service is None:
                 continue
-            body = envelope.encode("service.state", self.service_state(service), "root")
-            compare = json.dumps(json.loads(body)["data"], sort_keys=True).encode()
-            if self._published_state.get(sid) == compare:
+            state = self.service_state(service)
+            if self._published_state.get(sid) == state:
                 continue
-            self._published_state[sid] = compare
+            self._published_state[sid] = state
+            body = envelope.encode("service.state", state, "root")
             self.session.publish(topics.api_service_state(service.owner, service.job_name), body, retain=True)
 
     def mark(self, service: Service) -> None:
@@ -341,6 +375,8 @@ class RootOrchestrator:
         finally:
             if self._kick_task is not None:
                 self._kick_task.cancel()
+            for out in self._desired_out.values():
+                out.close()
 
 
 def overall_status(replicas: int, statuses: list[str]) -> str:

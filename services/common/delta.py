@@ -1,0 +1,268 @@
+"""Big retained documents sent as deltas: each change at once, the whole document once changes settle.
+
+A *document* is a few named *sections*, each a map of keyed JSON objects: the root's desired map for a
+cluster is ``{"instances": {iid: spec}}``, a cluster's state ``{"nodes": ..., "instances": ...,
+"overlay": ...}``. Resending 10,000 specs or statuses for every change costs both sides more than the
+change itself, so the owner of such a topic publishes:
+
+* every change at once as a small **delta**, not retained, on ``<channel>/delta`` (:func:`topics.delta_of`):
+  ``{"epoch": e, "seq": n, "put": {section: {key: doc}}, "drop": {section: [key, ...]}}``;
+* the **whole document**, retained, on the channel itself, with ``"epoch"`` and ``"seq"`` added beside
+  the sections: first at once, then once changes have settled (``quiet`` seconds without one) and at
+  least every ``full_every`` seconds while they go on. Late subscribers (and ``mosquitto_sub``) read it.
+
+``epoch`` is new for every sender (a restarted one starts another), ``seq`` counts its changes. A
+receiver applies a delta only on top of the one before it (``seq + 1``, same epoch); a later one is held
+until the missing one arrives, an older one is dropped. A gap that does not close is healed by the next
+whole document, which replaces what the receiver has (a document older than what it has is ignored).
+
+:class:`DeltaSender` and :class:`DeltaReceiver` are plain logic (no broker, no clock of their own);
+:class:`DeltaPublisher` puts a sender on an MQTT session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from services.common import envelope, topics
+
+Doc = dict[str, Any]
+Sections = dict[str, dict[str, Doc]]
+MAX_HELD = 256  # out-of-order deltas kept while waiting for a missing one; beyond, wait for the whole document
+
+
+@dataclass(frozen=True)
+class Change:
+    """What a delta or a whole document changed: per section, the documents put and the keys dropped."""
+
+    put: dict[str, dict[str, Doc]] = field(default_factory=dict)
+    drop: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return any(self.put.values()) or any(self.drop.values())
+
+
+@dataclass(frozen=True)
+class Delta:
+    """One change of a document, numbered ``seq`` in the sender's ``epoch``."""
+
+    epoch: str
+    seq: int
+    change: Change
+
+    def data(self) -> Doc:
+        """The JSON form."""
+        return {"epoch": self.epoch, "seq": self.seq, "put": {s: d for s, d in self.change.put.items() if d},
+                "drop": {s: list(k) for s, k in self.change.drop.items() if k}}
+
+    @classmethod
+    def load(cls, data: Any) -> Delta:
+        """Read the JSON form; raise ValueError when it is malformed."""
+        if not isinstance(data, dict) or not isinstance(data.get("epoch"), str) or not isinstance(data.get("seq"), int):
+            raise ValueError("delta: expected {'epoch': str, 'seq': int, 'put': {...}, 'drop': {...}}")
+        put, drop = data.get("put", {}), data.get("drop", {})
+        if not isinstance(put, dict) or not all(isinstance(d, dict) for d in put.values()):
+            raise ValueError("delta: 'put' must map sections to objects")
+        if not isinstance(drop, dict) or not all(isinstance(k, list) for k in drop.values()):
+            raise ValueError("delta: 'drop' must map sections to lists of keys")
+        return cls(data["epoch"], data["seq"], Change({s: dict(d) for s, d in put.items()},
+                                                      {s: tuple(map(str, k)) for s, k in drop.items()}))
+
+
+class DeltaSender:
+    """Turns successive whole documents into numbered deltas. Unchanged documents are recognised by
+    identity first (callers that cache their documents make a diff nearly free), then by equality."""
+
+    def __init__(self, sections: tuple[str, ...], epoch: str | None = None) -> None:
+        self.sections = sections
+        self.epoch = epoch or secrets.token_hex(4)
+        self.seq = 0
+        self.last: Sections = {s: {} for s in sections}
+
+    def diff(self, doc: Mapping[str, Mapping[str, Doc]]) -> Delta | None:
+        """The delta from the last document to *doc* (which becomes the last), or None if nothing changed."""
+        put: dict[str, dict[str, Doc]] = {}
+        drop: dict[str, tuple[str, ...]] = {}
+        for section in self.sections:
+            new, old = doc.get(section, {}), self.last[section]
+            changed = {k: v for k, v in new.items() if (o := old.get(k)) is not v and o != v}
+            gone = tuple(k for k in old if k not in new)
+            if changed:
+                put[section] = changed
+            if gone:
+                drop[section] = gone
+            self.last[section] = dict(new)
+        if not put and not drop:
+            return None
+        self.seq += 1
+        return Delta(self.epoch, self.seq, Change(put, drop))
+
+    def whole(self) -> Doc:
+        """The last document, with its epoch and seq (the retained form)."""
+        return {**self.last, "epoch": self.epoch, "seq": self.seq}
+
+
+class DeltaReceiver:
+    """Keeps a copy of a sender's document from its whole documents and deltas (see the module's rules)."""
+
+    def __init__(self, sections: tuple[str, ...]) -> None:
+        self.sections = sections
+        self.docs: Sections = {s: {} for s in sections}
+        self.epoch: str | None = None
+        self.seq = 0
+        self._held: dict[tuple[str, int], Delta] = {}
+
+    def whole(self, data: Mapping[str, Any]) -> Change:
+        """Take a whole document (without ``epoch``/``seq``, from an older sender, it is taken as is);
+        return what changed, or an empty change when it is older than what this receiver has."""
+        epoch, seq = data.get("epoch"), data.get("seq")
+        if not (isinstance(epoch, str) and isinstance(seq, int)):
+            epoch, seq = None, 0
+        elif epoch == self.epoch and seq <= self.seq:
+            return Change()
+        put: dict[str, dict[str, Doc]] = {}
+        drop: dict[str, tuple[str, ...]] = {}
+        for section in self.sections:
+            new = data.get(section) or {}
+            if not isinstance(new, dict):
+                raise ValueError(f"{section}: expected an object")
+            old = self.docs[section]
+            put[section] = {k: v for k, v in new.items() if old.get(k) != v}
+            drop[section] = tuple(k for k in old if k not in new)
+            self.docs[section] = dict(new)
+        self.epoch, self.seq = epoch, seq
+        self._held = {k: d for k, d in self._held.items() if d.epoch == self.epoch and d.seq > self.seq}
+        return self._merge(Change(put, drop), self._catch_up())
+
+    def delta(self, data: Any) -> Change:
+        """Take a delta; return what changed (empty when it is old, or held until a missing one comes)."""
+        delta = Delta.load(data)
+        if delta.epoch == self.epoch and delta.seq <= self.seq:
+            return Change()
+        if len(self._held) < MAX_HELD:  # another epoch's are kept for its whole document, which may come late
+            self._held[(delta.epoch, delta.seq)] = delta
+        return self._catch_up()
+
+    @property
+    def waiting(self) -> bool:
+        """True while deltas are held for a missing one."""
+        return bool(self._held)
+
+    def _catch_up(self) -> Change:
+        out = Change()
+        while self.epoch is not None and (delta := self._held.pop((self.epoch, self.seq + 1), None)) is not None:
+            self._apply(delta.change)
+            self.seq = delta.seq
+            out = self._merge(out, delta.change)
+        return out
+
+    def _apply(self, change: Change) -> None:
+        for section, keys in change.drop.items():
+            docs = self.docs.get(section)
+            if docs is not None:
+                for key in keys:
+                    docs.pop(key, None)
+        for section, docs in change.put.items():
+            if section in self.docs:
+                self.docs[section].update(docs)
+
+    @staticmethod
+    def _merge(a: Change, b: Change) -> Change:
+        """*a* then *b* as one change."""
+        if not b:
+            return a
+        if not a:
+            return b
+        put = {s: dict(d) for s, d in a.put.items()}
+        drop = {s: set(k) for s, k in a.drop.items()}
+        for section, keys in b.drop.items():
+            for key in keys:
+                put.get(section, {}).pop(key, None)
+            drop.setdefault(section, set()).update(keys)
+        for section, docs in b.put.items():
+            put.setdefault(section, {}).update(docs)
+            drop.get(section, set()).difference_update(docs)
+        return Change(put, {s: tuple(k) for s, k in drop.items()})
+
+
+class Publisher(Protocol):
+    """What :class:`DeltaPublisher` needs of an MQTT session."""
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None: ...
+
+
+class DeltaPublisher:
+    """Publishes a document as deltas on ``<topic>/delta`` and, retained, whole on *topic* (see the module).
+
+    :meth:`update` is called with the current whole document whenever it may have changed; the whole
+    document follows by itself once changes settle (a timer on the running loop)."""
+
+    def __init__(self, session: Publisher, topic: str, kind: str, src: str, sections: tuple[str, ...],
+                 quiet: float = 1.0, full_every: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.session = session
+        self.topic = topic
+        self.kind = kind
+        self.src = src
+        self.sender = DeltaSender(sections)
+        self.quiet = quiet
+        self.full_every = full_every
+        self.clock = clock
+        self._whole_seq: int | None = None  # seq of the last whole document published
+        self._whole_at = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def update(self, doc: Mapping[str, Mapping[str, Doc]]) -> bool:
+        """Publish what changed since the last call (the first call publishes the whole document);
+        return True when something was published."""
+        delta = self.sender.diff(doc)
+        if self._whole_seq is None:
+            self.publish_whole()
+            return True
+        if delta is None:
+            return False
+        self.session.publish(topics.delta_of(self.topic), envelope.encode(f"{self.kind}.delta", delta.data(), self.src))
+        if self.clock() - self._whole_at >= self.full_every:
+            self.publish_whole()
+        else:
+            self._arm()
+        return True
+
+    def publish_whole(self) -> None:
+        """Publish the whole document now, retained."""
+        self._cancel()
+        self._whole_seq, self._whole_at = self.sender.seq, self.clock()
+        self.session.publish(self.topic, envelope.encode(self.kind, self.sender.whole(), self.src), retain=True)
+
+    def close(self) -> None:
+        """Stop the timer (the whole document may be behind the last delta)."""
+        self._cancel()
+
+    def _arm(self) -> None:
+        self._cancel()
+        with_loop = _running_loop()
+        if with_loop is None:
+            self.publish_whole()  # no loop to wait on (plain calls, tests): be exact now
+            return
+        self._timer = with_loop.call_later(self.quiet, self._settled)
+
+    def _settled(self) -> None:
+        self._timer = None
+        if self._whole_seq != self.sender.seq:
+            self.publish_whole()
+
+    def _cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None

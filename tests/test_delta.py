@@ -1,0 +1,167 @@
+"""Big retained documents as numbered deltas plus the whole document: apply, reorder, gaps, resync."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Any
+
+from services.common import envelope, topics
+from services.common.delta import Change, Delta, DeltaPublisher, DeltaReceiver, DeltaSender
+from tests.test_root_burst import FakeSession
+
+SECTIONS = ("nodes", "instances")
+
+
+def doc(**instances: str) -> dict[str, dict[str, Any]]:
+    return {"nodes": {}, "instances": {k: {"status": v} for k, v in instances.items()}}
+
+
+def test_the_sender_numbers_only_real_changes() -> None:
+    sender = DeltaSender(SECTIONS, epoch="e1")
+    first = sender.diff(doc(a="RUNNING", b="CREATING"))
+    assert first is not None
+    assert first.seq == 1
+    assert first.change.put == {"instances": {"a": {"status": "RUNNING"}, "b": {"status": "CREATING"}}}
+    assert sender.diff(doc(a="RUNNING", b="CREATING")) is None  # equal documents, other objects
+    second = sender.diff(doc(a="RUNNING", c="RUNNING"))
+    assert second is not None
+    assert second.seq == 2
+    assert second.change.put == {"instances": {"c": {"status": "RUNNING"}}}
+    assert second.change.drop == {"instances": ("b",)}
+    assert Delta.load(second.data()) == second  # the JSON form reads back the same
+    assert sender.whole() == {**doc(a="RUNNING", c="RUNNING"), "epoch": "e1", "seq": 2}
+
+
+def test_the_receiver_follows_deltas_and_reports_what_changed() -> None:
+    sender, receiver = DeltaSender(SECTIONS, epoch="e1"), DeltaReceiver(SECTIONS)
+    sender.diff(doc(a="CREATING"))
+    assert receiver.whole(sender.whole()).put == {"nodes": {}, "instances": {"a": {"status": "CREATING"}}}
+    delta = sender.diff(doc(a="RUNNING", b="CREATING"))
+    assert delta is not None
+    change = receiver.delta(delta.data())
+    assert change.put == {"instances": {"a": {"status": "RUNNING"}, "b": {"status": "CREATING"}}}
+    assert receiver.docs == sender.last
+    assert receiver.seq == 2
+    assert not receiver.delta(delta.data())  # the same delta again changes nothing
+
+
+def test_deltas_out_of_order_are_held_until_the_missing_one_comes() -> None:
+    sender, receiver = DeltaSender(SECTIONS, epoch="e1"), DeltaReceiver(SECTIONS)
+    receiver.whole(sender.whole())
+    d1, d2 = sender.diff(doc(a="CREATING")), sender.diff(doc(b="RUNNING"))
+    assert d1 is not None
+    assert d2 is not None
+    assert not receiver.delta(d2.data())
+    assert receiver.waiting
+    change = receiver.delta(d1.data())
+    assert change == Change({"instances": {"b": {"status": "RUNNING"}}}, {"instances": ("a",)})  # a came and went
+    assert receiver.docs == sender.last
+    assert not receiver.waiting
+
+
+def test_a_gap_is_healed_by_the_next_whole_document() -> None:
+    sender, receiver = DeltaSender(SECTIONS, epoch="e1"), DeltaReceiver(SECTIONS)
+    receiver.whole(sender.whole())
+    sender.diff(doc(a="CREATING"))  # lost
+    d2 = sender.diff(doc(a="RUNNING"))
+    assert d2 is not None
+    assert not receiver.delta(d2.data())
+    assert receiver.waiting
+    change = receiver.whole(sender.whole())
+    assert change.put["instances"] == {"a": {"status": "RUNNING"}}
+    assert receiver.docs == sender.last
+    assert receiver.seq == 2
+    assert not receiver.waiting
+    d3 = sender.diff(doc())
+    assert d3 is not None
+    assert receiver.delta(d3.data()).drop == {"instances": ("a",)}
+
+
+def test_an_older_whole_document_is_ignored_and_a_new_sender_is_followed() -> None:
+    sender, receiver = DeltaSender(SECTIONS, epoch="e1"), DeltaReceiver(SECTIONS)
+    sender.diff(doc(a="CREATING"))
+    old = sender.whole()
+    receiver.whole(old)
+    d2 = sender.diff(doc(a="RUNNING"))
+    assert d2 is not None
+    assert receiver.delta(d2.data())
+    assert not receiver.whole(old)  # a late retained copy does not roll back
+    assert receiver.docs["instances"] == {"a": {"status": "RUNNING"}}
+    restarted = DeltaSender(SECTIONS, epoch="e2")  # the sender restarted: another epoch, seq from 0
+    restarted.diff(doc(b="RUNNING"))
+    assert not receiver.delta(d2.data() | {"seq": 4})
+    assert receiver.waiting
+    change = receiver.whole(restarted.whole())
+    assert change.drop == {"nodes": (), "instances": ("a",)}
+    assert receiver.epoch == "e2"
+    assert receiver.docs == restarted.last
+    assert not receiver.waiting
+
+
+def test_a_whole_document_without_numbers_is_taken_as_is() -> None:
+    receiver = DeltaReceiver(SECTIONS)
+    receiver.whole({"instances": {"a": {"status": "RUNNING"}}})
+    assert receiver.docs == doc(a="RUNNING")
+    assert receiver.epoch is None
+    assert not receiver.delta({"epoch": "e1", "seq": 1, "put": {"instances": {"b": {}}}})  # no base to apply on
+
+
+def test_random_losses_and_reorders_converge_after_the_last_whole_document() -> None:
+    rng = random.Random(7)
+    sender, receiver = DeltaSender(SECTIONS, epoch="e1"), DeltaReceiver(SECTIONS)
+    receiver.whole(sender.whole())
+    current: dict[str, str] = {}
+    in_flight: list[dict[str, Any]] = []
+    for _ in range(500):
+        key = f"i{rng.randrange(30)}"
+        if rng.random() < 0.3:
+            current.pop(key, None)
+        else:
+            current[key] = rng.choice(["CREATING", "RUNNING", "DEAD"])
+        delta = sender.diff(doc(**current))
+        if delta is not None and rng.random() > 0.1:  # 10 % lost
+            in_flight.append(delta.data())
+        rng.shuffle(in_flight)
+        while in_flight and rng.random() < 0.6:
+            receiver.delta(in_flight.pop())
+        if rng.random() < 0.02:
+            receiver.whole(sender.whole())
+            assert receiver.docs == sender.last
+    receiver.whole(sender.whole())
+    assert receiver.docs == sender.last
+
+
+async def test_the_publisher_sends_deltas_at_once_and_the_whole_once_settled() -> None:
+    session = FakeSession()
+    topic = topics.down(topics.CLUSTERS, "c1", "desired")
+    out = DeltaPublisher(session, topic, "desired", "root", ("instances",), quiet=0.05)  # type: ignore[arg-type]
+    out.update({"instances": {"a": {"n": 1}}})
+    assert [t for t, _ in session.published] == [topic]  # the first is whole
+    out.update({"instances": {"a": {"n": 1}}})
+    assert len(session.published) == 1  # nothing changed
+    out.update({"instances": {"a": {"n": 1}, "b": {"n": 2}}})
+    out.update({"instances": {"b": {"n": 2}}})
+    assert [t for t, _ in session.published[1:]] == [topics.delta_of(topic)] * 2
+    delta = envelope.decode(session.published[2][1], "desired.delta").data
+    assert delta["drop"] == {"instances": ["a"]}
+    assert delta["seq"] == 3
+    await asyncio.sleep(0.1)
+    assert session.published[-1][0] == topic
+    assert envelope.decode(session.published[-1][1], "desired").data == {
+        "instances": {"b": {"n": 2}}, "epoch": out.sender.epoch, "seq": 3}
+    out.close()
+
+
+async def test_the_publisher_sends_the_whole_document_at_least_every_full_every() -> None:
+    now = [0.0]
+    session = FakeSession()
+    out = DeltaPublisher(session, "t", "k", "s", ("instances",), quiet=5, full_every=10,  # type: ignore[arg-type]
+                         clock=lambda: now[0])
+    out.update({"instances": {}})
+    for k in range(30):
+        now[0] += 1
+        out.update({"instances": {"a": {"n": k}}})
+    wholes = [t for t, _ in session.published if t == "t"]
+    assert len(wholes) == 4  # at 0, 10, 20 and 30 s, though changes never settled
+    out.close()
