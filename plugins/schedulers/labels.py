@@ -21,6 +21,8 @@ class Labels:
 
     def filter(self, demand: Demand, candidate: Candidate) -> str | None:
         """Reject a candidate missing any needed label."""
+        if not demand.needs:
+            return None
         missing = sorted(set(demand.needs) - set(candidate.labels))
         return f"lacks label {','.join(missing)}" if missing else None
 

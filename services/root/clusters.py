@@ -69,6 +69,7 @@ class Pool:
     index: dict[str, int]
     load: float
     names: tuple[str, ...]
+    _best: dict[tuple[int, int], tuple[Demand, Decision]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, view: ClusterView, reserved: dict[str, Demand]) -> Pool:
@@ -82,6 +83,16 @@ class Pool:
         i = self.index.get(worker)
         if i is not None:
             self.workers[i] = reserve(self.workers[i], demand)
+            self._best.clear()
+
+    def best(self, demand: Demand, profile: Profile) -> Decision:
+        """The decision among this pool's workers for *demand*, remembered until the pool changes: in a
+        burst of one service's replicas the clusters not chosen last time are asked the same again."""
+        key = (id(demand), profile.sample)  # the demand is held below, so its id is not reused meanwhile
+        hit = self._best.get(key)
+        if hit is None or hit[0] is not demand:
+            hit = self._best[key] = (demand, place(demand, self.workers, profile, "node"))
+        return hit[1]
 
 
 def choose(demand: Demand, clusters: list[ClusterView], reserved: dict[str, dict[str, Demand]],
@@ -113,7 +124,7 @@ def choose(demand: Demand, clusters: list[ClusterView], reserved: dict[str, dict
         if not workers:
             reasons[view.name] = "offline" if not view.online else "no worker online"
             continue
-        inner = place(demand, workers, inner_profile, "node")
+        inner = pool.best(demand, inner_profile)
         if inner.choice is None:
             reasons[view.name] = f"no worker fits ({inner.why_not()})"
             continue

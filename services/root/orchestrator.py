@@ -32,6 +32,9 @@ TICK = 0.5
 INFRASTRUCTURE_EVERY = 4  # ticks: the users' infrastructure view is refreshed at most every 2 s
 YIELD_EVERY = 200  # placement decisions between two turns of the event loop during a pass
 DESIRED_SECTIONS = ("instances",)
+# The whole desired map (megabytes with 10,000 instances, decoded by the cluster) follows the deltas
+# once placements pause this long, and at least this often while they go on.
+DESIRED_QUIET, DESIRED_FULL_EVERY = 2.0, 30.0
 STATE_SECTIONS = ("nodes", "instances", "overlay")
 
 
@@ -57,6 +60,7 @@ class RootOrchestrator:
         # service its demand: made once, not for every decision and every publication.
         self._spec_docs: dict[str, tuple[object, int, dict[str, Any]]] = {}
         self._demands: dict[str, tuple[object, Demand]] = {}
+        self._rows: dict[str, tuple[tuple[int, str, InstanceStatus], dict[str, Any]]] = {}
         self._published_state: dict[str, dict[str, Any]] = {}
         self._dirty: set[str] = set()
         self._reconciling = asyncio.Lock()
@@ -273,13 +277,15 @@ class RootOrchestrator:
         out = self._desired_out.get(cluster)
         if out is None:
             out = self._desired_out[cluster] = DeltaPublisher(
-                self.session, topics.down(topics.CLUSTERS, cluster, "desired"), "desired", "root", DESIRED_SECTIONS)
+                self.session, topics.down(topics.CLUSTERS, cluster, "desired"), "desired", "root", DESIRED_SECTIONS,
+                quiet=DESIRED_QUIET, full_every=DESIRED_FULL_EVERY)
         out.update({"instances": mine})
 
     async def forget(self, removed: list[Instance]) -> None:
         """Drop removed instances from their clusters' desired maps."""
         for instance in removed:
             self._spec_docs.pop(instance.iid, None)
+            self._rows.pop(instance.iid, None)
             self.unplaced.pop(instance.iid, None)
             self.reserved.pop(instance.iid, None)
             self._excluded.pop(instance.iid, None)
@@ -304,11 +310,7 @@ class RootOrchestrator:
     def service_state(self, service: Service) -> dict[str, Any]:
         """A service as its owner sees it: spec summary, overall status, every instance."""
         spec = service.sla
-        instances = []
-        for instance in self.catalog.instances_of(service.sid):
-            status = self.instance_status(instance)
-            instances.append({"number": instance.number, "iid": instance.iid, "cluster": instance.cluster,
-                              **{k: v for k, v in models.dump(status).items() if k != "cluster"}})
+        instances = [self._instance_row(instance) for instance in self.catalog.instances_of(service.sid)]
         return {
             "service_id": service.sid,
             "job_name": service.job_name,
@@ -324,6 +326,17 @@ class RootOrchestrator:
             "status": overall_status(service.replicas, [i["status"] for i in instances]),
             "instances": instances,
         }
+
+    def _instance_row(self, instance: Instance) -> dict[str, Any]:
+        """One instance's row in its service's state, made again only when its place or status changed
+        (never modify it)."""
+        key = (instance.number, instance.cluster, self.instance_status(instance))
+        cached = self._rows.get(instance.iid)
+        if cached is None or cached[0] != key:
+            row = {"number": instance.number, "iid": instance.iid, "cluster": instance.cluster,
+                   **{k: v for k, v in models.dump(key[2]).items() if k != "cluster"}}
+            cached = self._rows[instance.iid] = (key, row)
+        return cached[1]
 
     def flush_states(self) -> None:
         """Republish the retained state of every service that changed."""
