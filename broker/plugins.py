@@ -42,9 +42,16 @@ class OakTopicPlugin(BaseTopicPlugin):
         self, *, session: Session | None = None, topic: str | None = None, action: Action | None = None
     ) -> bool | None:
         """Allow or deny *action* on *topic* for the session's identity."""
-        if session is None or topic is None or action is None or not session.username:
+        if session is None or topic is None or action is None:
             return False
-        identity = Identity.of(session.username)
-        if identity.kind == JOIN:  # a newcomer's nonce is its client id (see broker.identity.NEWCOMER)
-            identity = Identity(JOIN, session.client_id or "")
-        return acl.allowed(identity, ACTIONS[action], topic)
+        return permitted(session, topic, ACTIONS[action])
+
+
+def permitted(session: Session, topic: str, action: str) -> bool:
+    """Whether the session's identity may do *action* (:mod:`broker.acl`'s words) on *topic*."""
+    if not session.username:
+        return False
+    identity = Identity.of(session.username)
+    if identity.kind == JOIN:  # a newcomer's nonce is its client id (see broker.identity.NEWCOMER)
+        identity = Identity(JOIN, session.client_id or "")
+    return acl.allowed(identity, action, topic)

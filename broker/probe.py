@@ -17,9 +17,15 @@ def _field(text: str) -> bytes:
     return len(raw).to_bytes(2, "big") + raw
 
 
-def connect_packet(client_id: str, username: str, password: str) -> bytes:
-    """A clean-session CONNECT packet with a username and password (keepalive 10 s)."""
-    body = _field("MQTT") + bytes([4, 0xC2, 0, 10]) + _field(client_id) + _field(username) + _field(password)
+def connect_packet(client_id: str, username: str, password: str, keepalive: int = 10,
+                   will: tuple[str, str] | None = None) -> bytes:
+    """A clean-session CONNECT packet with a username and password, and a retained QoS 1 *will*
+    (topic, message) if given."""
+    flags = 0xC2 | (0x2C if will else 0)  # username, password, clean session; will flag, QoS 1, retain
+    body = _field("MQTT") + bytes([4, flags]) + keepalive.to_bytes(2, "big") + _field(client_id)
+    if will:
+        body += _field(will[0]) + _field(will[1])
+    body += _field(username) + _field(password)
     size, length = len(body), bytearray()
     while True:  # the remaining length, as MQTT's variable-length integer
         byte, size = size % 128, size // 128

@@ -29,6 +29,8 @@ from amqtt.session import Session
 
 log = logging.getLogger(__name__)
 
+BROADCAST_BATCH = 1000  # published messages delivered per turn of amqtt's broadcast loop, at most
+
 
 def is_wildcard(topic_filter: str) -> bool:
     """True when *topic_filter* has ``+`` or ``#`` in it."""
@@ -140,17 +142,37 @@ class IndexedRouting:
     # ---- delivery ----------------------------------------------------------------------------
 
     async def _run_broadcast(self, running_tasks: deque[asyncio.Task[Any]]) -> None:
-        """Deliver one published message to the sessions whose filters match its topic."""
-        broadcast = await self._broadcast_queue.get()
-        for topic_filter in list(self.matching_filters(broadcast["topic"])):
-            for target, sub_qos in list(self._subscriptions.get(topic_filter, ())):
-                task = await self._deliver(broadcast, target, broadcast.get("qos", sub_qos))
-                if task is not None:
-                    running_tasks.append(task)
+        """Deliver the published messages waiting (at least one, at most BROADCAST_BATCH) to the sessions
+        whose filters match their topics.
+
+        amqtt takes one message per turn of its broadcast loop, and a turn costs several turns of the
+        event loop. When the loop is busy (the orchestrator shares it) a burst, such as the last wills of
+        100 workers killed at once, would then trickle out one message per busy turn; taken together they
+        reach their subscribers together.
+        """
+        broadcasts = [await self._broadcast_queue.get()]
+        while len(broadcasts) < BROADCAST_BATCH and not self._broadcast_queue.empty():
+            broadcasts.append(self._broadcast_queue.get_nowait())
+        for broadcast in broadcasts:
+            for topic_filter in list(self.matching_filters(broadcast["topic"])):
+                for target, sub_qos in list(self._subscriptions.get(topic_filter, ())):
+                    task = await self._deliver(broadcast, target, broadcast.get("qos", sub_qos))
+                    if task is not None:
+                        running_tasks.append(task)
+
+    def may_receive(self, session: Session, topic: str) -> bool | None:
+        """Whether *session* may receive *topic*, decided without the plugins; None: ask the topic plugins.
+
+        amqtt asks its plugins through tasks it awaits, so each delivery costs a turn of the event loop;
+        a broker whose rules are known here answers at once (see :class:`broker.server`)."""
+        return None
 
     async def _deliver(self, broadcast: dict[str, Any], target: Session, qos: int) -> asyncio.Task[Any] | None:
         topic = broadcast["topic"]
-        if not await self._topic_filtering(target, topic=topic, action=Action.RECEIVE):  # type: ignore[attr-defined]
+        allowed = self.may_receive(target, topic)
+        if allowed is None:
+            allowed = await self._topic_filtering(target, topic=topic, action=Action.RECEIVE)  # type: ignore[attr-defined]
+        if not allowed:
             return None
         if target.transitions.state != "connected":
             # a persistent session gets QoS 1/2 messages when it comes back (amqtt's rule, MQTT 3.1.2.4)

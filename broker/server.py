@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
 from amqtt.broker import Broker
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 
+from broker import acl
 from broker.credentials import Credentials
+from broker.plugins import permitted
 from broker.routing import BrokerStats, IndexedRouting
 
+log = logging.getLogger(__name__)
 for _name in ("amqtt", "transitions"):
     logging.getLogger(_name).setLevel(logging.WARNING)
 
@@ -28,13 +33,41 @@ class Listeners:
     ws_port: int | None = None
 
 
+# amqtt waits keepalive + this many seconds for a client's next packet (MQTT asks 1.5 x keepalive; Oakling's
+# clients use 10 s and their pings may be late when their process is busy, so 2 x).
+KEEPALIVE_GRACE = 10
+
+
+class _Handler(BrokerProtocolHandler):
+    """amqtt's protocol handler, closing a connection whose client fell silent for longer than its
+    keepalive allows (amqtt 0.12 only logs it: a worker whose machine vanished without closing its
+    TCP connection was never declared gone and its last will never sent)."""
+
+    def handle_read_timeout(self) -> None:
+        """The client missed its keepalive: treat the connection as lost (the will goes out)."""
+        log.info("%s sent nothing within its keepalive: closing its connection",
+                 self.session.client_id if self.session else "a client")
+        asyncio.ensure_future(self.handle_connection_closed())
+
+
 class _Broker(IndexedRouting, BrokerStats, Broker):
     """amqtt's broker, with retained messages sent only to the subscriptions of the session itself.
 
     On every CONNECT amqtt 0.12 replays the retained messages matching *every* filter any client has
     subscribed to, to the connecting client, bypassing the topic rules: a new client would receive
     other clients' retained topics. Here a filter counts only if this session subscribed to it.
+    Also: a client silent past its keepalive is disconnected (:class:`_Handler`), and deliveries check
+    the topic rules directly instead of through a task per message.
     """
+
+    def may_receive(self, session: Any, topic: str) -> bool | None:
+        """Oak's topic plugin is the only one: its rule, asked directly (no task per delivery)."""
+        return permitted(session, topic, acl.RECEIVE)
+
+    async def _handle_client_session(self, reader: Any, writer: Any, client_session: Any,
+                                     handler: BrokerProtocolHandler, *args: Any) -> None:
+        handler.__class__ = _Handler  # amqtt makes its own handler class in a classmethod; ours only adds a method
+        await super()._handle_client_session(reader, writer, client_session, handler, *args)
 
     async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int], session: Any) -> None:
         subscribers = self._subscriptions.get(subscription[0], ())
@@ -48,9 +81,10 @@ class EmbeddedBroker:
     ``async with EmbeddedBroker(Listeners(port=0), credentials) as broker: broker.port``
     """
 
-    def __init__(self, listeners: Listeners, credentials: Credentials) -> None:
+    def __init__(self, listeners: Listeners, credentials: Credentials, keepalive_grace: int = KEEPALIVE_GRACE) -> None:
         self.listeners = listeners
         self.credentials = credentials
+        self.keepalive_grace = keepalive_grace
         self._broker: _Broker | None = None
         self.port = listeners.port
 
@@ -69,6 +103,7 @@ class EmbeddedBroker:
             listeners["ws"] = {"type": "ws", "bind": f"{lst.host}:{lst.ws_port}"}
         return {
             "listeners": listeners,
+            "timeout_disconnect_delay": self.keepalive_grace,
             "plugins": {
                 "broker.plugins.OakAuthPlugin": {"credentials": self.credentials},
                 "broker.plugins.OakTopicPlugin": {},

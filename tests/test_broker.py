@@ -12,6 +12,7 @@ import pytest
 from broker.bridge import Bridge
 from broker.credentials import Credentials
 from broker.join import JoinDesk, obtain_login
+from broker.probe import connect_packet
 from broker.server import EmbeddedBroker, Listeners
 from services.common import topics
 from services.common.mqtt import BrokerUrl, Message, MqttError, MqttSession, dispatch
@@ -199,3 +200,21 @@ async def test_join_desk_answers_a_repeated_request_the_same_way(tmp_path: Path)
     await desk.handle(out, Message(topics.join_request("n2"), request, False, 0))  # type: ignore[arg-type]
     assert out.bodies[-1]["ok"] is False
     assert "already joined" in str(out.bodies[-1]["error"])
+
+
+async def test_a_client_that_falls_silent_is_disconnected_and_its_will_sent(creds: Credentials) -> None:
+    """No packet within keepalive (+ grace): the broker closes the connection and publishes the last
+    will (a worker whose machine vanished without closing its TCP connection is declared gone)."""
+    await creds.set_password("node.w1", "w1-password")
+    async with EmbeddedBroker(Listeners(port=0), creds, keepalive_grace=0) as b:
+        watcher = MqttSession(url(b), "watcher", "svc.cluster", creds.service_password("svc.cluster"))
+        async with watcher:
+            await watcher.subscribe_confirmed("oak/nodes/w1/up/avail")
+            reader, writer = await asyncio.open_connection("127.0.0.1", b.port)
+            writer.write(connect_packet("w1", "node.w1", "w1-password", keepalive=1,
+                                        will=("oak/nodes/w1/up/avail", '{"state":"offline"}')))
+            assert (await reader.readexactly(4))[3] == 0, "the silent client was not let in"
+            message = await watcher.get(30)  # it sends nothing more, not even a ping
+            assert (message.topic, message.payload) == ("oak/nodes/w1/up/avail", b'{"state":"offline"}')
+            assert await reader.read() == b"", "the broker kept the connection open"
+            writer.close()
