@@ -1,8 +1,9 @@
 """Overlay data plane: client -> service IP -> server across two pretend hosts, against a plain veth path.
 
 Two hosts (network namespaces on a LAN bridge) get Oakling's overlay exactly as a worker programs it
-(bridge, VXLAN, routes, nftables DNAT for a round-robin service IP); a client instance on host 1
-talks to a server instance on host 2 through the service IP. The baseline, measured in the same
+(routed instance veths, VXLAN, routes, nftables: the service IP's DNAT in the client's namespace,
+no connection tracking on the hosts); a client instance on host 1 talks to a server instance on
+host 2 through the service IP. The baseline, measured in the same
 run, is the same traffic between two more hosts on the LAN that route it over plain veths (no VXLAN,
 no NAT, full MTU), as a host-gateway network would.
 
@@ -119,9 +120,11 @@ def build_overlay(lab: Lab) -> tuple[str, str, list[Kernel]]:
         kernel = kernels[host] = Kernel(lab.hosts[host])
         kernel.ensure_host(SUBNETS[host], lab.addresses[host], 50103)
         kernel.set_peers({n: r for n, r in table_nodes.items() if n != host})
-        kernel.set_rules(nftrules.render(table, host, "c1", SUBNETS[host], []))
+        kernel.set_rules(nftrules.render(table, host, "c1", SUBNETS[host], [], (lab.addresses[host], 50103)))
     kernels["h1"].attach("benchclient", client_ip, SUBNETS["h1"])
     kernels["h2"].attach("benchserver", server_ip, SUBNETS["h2"])
+    for host, iid in (("h1", "benchclient"), ("h2", "benchserver")):
+        kernels[host].set_instance_rules(iid, nftrules.render_instance(table, host, "c1"))
     return namespace_of("benchclient"), namespace_of("benchserver"), list(kernels.values())
 
 

@@ -3,6 +3,7 @@ instances reaching services by service IP over VXLAN, through real brokers and r
 
 from __future__ import annotations
 
+import re
 import shutil
 import sys
 from collections import Counter
@@ -135,6 +136,11 @@ async def test_service_ips_across_workers_and_clusters(stack: Stack, api: Any, l
     far = next(i["ip"] for i in servers["instances"] if i["node"] == "w3")
     sh("ip", "netns", "exec", caller_ns, *PING, "-c", "1", "-W", "3", far)  # ICMP to an instance IP in c2
     assert ask(lab.hosts["h3"], "tcp", lab.addresses["h2"], 8080, 1) == [names["w2"]], "port mapping on w2"
+    assert ask(caller_ns, "tcp", lab.addresses["h1"], 8080, 1) == [names["w1"]], "own worker's port mapping"
+    assert len(ask(lab.hosts["h1"], "tcp", rr, 80, 3)) == 3, "the worker itself reaches service IPs"
+    tracked = [line for line in sh("ip", "netns", "exec", lab.hosts["h2"], "cat", "/proc/net/nf_conntrack").stdout
+               .splitlines() if re.search(r"src=10\.18\.\S+ dst=10\.18\.", line)]
+    assert not tracked, f"instance-to-instance traffic passes the worker untracked (fast path): {tracked}"
 
     stack.procs["c1"].kill9()  # the data plane does not need the control plane
     assert Counter(ask(caller_ns, "tcp", rr, 80, 6)) == Counter({n: 2 for n in names.values()}), "cluster away"
@@ -183,6 +189,7 @@ async def test_service_ips_across_workers_and_clusters(stack: Stack, api: Any, l
     for host in ("h1", "h3"):
         assert {"oak0", "oakvx"}.isdisjoint(links(lab.hosts[host]))
         assert "oakling" not in nft_ruleset(lab.hosts[host])
+        assert "10.18." not in sh("ip", "-n", lab.hosts[host], "route").stdout, "no overlay route left"
 
 
 async def _overlay_nodes(client: OakClient, count: int) -> bool:

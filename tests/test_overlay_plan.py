@@ -15,7 +15,7 @@ from services.common import addressing, envelope
 from services.common.models import InstanceSpec, InstanceStatus, NodeInfo
 from services.common.nettable import Backend, NetTable, NodeRoute, ServiceRoute
 from services.common.store import Store
-from services.worker.nftrules import PortMap, parse_ports, render, service_rules
+from services.worker.nftrules import PortMap, parse_ports, render, render_instance, service_rules
 
 
 @pytest.mark.parametrize(("pool", "prefix", "used", "want"), [
@@ -92,10 +92,26 @@ def test_rules() -> None:
         "ip daddr 10.30.0.1 dnat to numgen inc mod 3 map { 0 : 10.18.0.2, 1 : 10.18.0.66, 2 : 10.18.16.2 }",
         "ip daddr 10.30.0.2 dnat to 10.18.0.2",
     ], "a service without running instances gets no rule"
-    text = render(table, "w1", "c1", "10.18.0.0/26", [PortMap(8080, "10.18.0.2", 80)])
+    nodes = {"w1": NodeRoute("c1", "10.18.0.0/26", "192.168.1.1:50103"),
+             "w2": NodeRoute("c1", "10.18.0.64/26", "192.168.1.2:50103"),
+             "w3": NodeRoute("c2", "10.18.16.0/26", "192.168.2.1:4789")}
+    text = render(NetTable(nodes, table.services), "w1", "c1", "10.18.0.0/26", [PortMap(8080, "10.18.0.2", 80)],
+                  ("192.168.1.1", 50103))
     assert text.startswith("table ip oakling\ndelete table ip oakling\n"), "one transaction replaces the table"
     assert "tcp dport 8080 dnat to 10.18.0.2:80" in text
-    assert "ip saddr 10.18.0.0/26 ip daddr 10.18.0.0/26 ct status dnat masquerade" in text
+    assert "ip saddr 10.18.0.0/26 ct status dnat snat to 10.18.0.1" in text, "replies come back through this worker"
+    assert "ip saddr 10.18.0.0/15 ip daddr 10.18.0.0/15 ip daddr != { 10.18.0.0, 10.18.0.1 } notrack" in text, (
+        "instance traffic passing through is not tracked; what reaches the worker itself is")
+    assert "ip daddr 192.168.1.1 udp dport 50103 notrack" in text, "nor the tunnel from peers"
+    assert "ip daddr . udp dport { 192.168.1.2 . 50103, 192.168.2.1 . 4789 } notrack" in text, "the tunnel to peers"
+
+    inside = render_instance(table, "w1", "c1")
+    assert inside.startswith("table ip oakling\ndelete table ip oakling\n")
+    assert "type nat hook output" in inside
+    assert "ip daddr 10.30.0.2 dnat to 10.18.0.2" in inside
+    assert "notrack" not in inside
+    assert render_instance(NetTable(), "w1", "c1") == "table ip oakling\ndelete table ip oakling\n", (
+        "no service: no table, so the instance's own traffic is not tracked")
 
 
 class Published:

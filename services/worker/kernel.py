@@ -1,10 +1,13 @@
 """The overlay's kernel side, through pyroute2, ``nft`` and ``sysctl``: synchronous, one call per change.
 
 In the *host* namespace (the worker's own, or a named one for tests that play several hosts on one
-machine) it keeps a bridge ``oak0`` holding the gateway address, a VXLAN device ``oakvx`` on the
+machine) it keeps a link ``oak0`` (a bridge without ports) holding the gateway address, a VXLAN device ``oakvx`` on the
 worker's public address, routes to the other workers' subnets through it, and the ``ip oakling``
-nftables table. Each instance gets a namespace ``oak-<iid>`` with ``eth0`` (one end of a veth whose
-other end is on the bridge), its IP and a default route to the gateway.
+nftables table. Each instance gets a namespace ``oak-<iid>`` with ``eth0``, its IP and a default
+route to the gateway; the other end of that veth stays in the host namespace, unbridged, with a
+``/32`` route to the instance and proxy ARP (Calico style). Traffic between instances is routed,
+never bridged: one hop less per side, and no bridge netfilter. Addresses of the worker's subnet that
+no instance holds are unreachable rather than sent to the host's default route.
 
 Everything on the overlay has the underlay's MTU less the 50 bytes VXLAN adds, so wrapped packets
 are never fragmented. Remote workers are reached flannel-style: a route ``subnet via <its .0> dev oakvx onlink``, a
@@ -13,7 +16,8 @@ sending that MAC to its public endpoint. No learning, no flooding.
 
 Namespaces are entered by the calling thread alone (``setns``, then back), and created with
 ``ip netns add``: pyroute2's own way forks the (asyncio) process, and a signal reaching such a fork
-would reach the worker's event loop as if the worker itself had been asked to stop.
+would reach the worker's event loop as if the worker itself had been asked to stop. Tools run for a
+namespace (``nft``) are started from such a thread, so they are born inside it.
 """
 
 from __future__ import annotations
@@ -31,13 +35,15 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netns import setns
 
 from services.common import addressing
-from services.common.addressing import SERVICE_POOL
+from services.common.addressing import SERVICE_POOL, WORKER_POOL
 from services.common.nettable import NodeRoute
-from services.worker.nftrules import BRIDGE, VXLAN, remove
+from services.worker.nftrules import GATEWAY, VXLAN, remove
 
 VNI = 4218
 VXLAN_OVERHEAD = 50  # outer Ethernet 14 + IP 20 + UDP 8 + VXLAN 8
 ONLINK = 4  # RTNH_F_ONLINK
+SCOPE_LINK = 253
+UNREACHABLE = 7  # RTN_UNREACHABLE
 NETNS_DIR = "/run/netns"
 PREFIX = "oak-"
 
@@ -69,11 +75,10 @@ def namespaces() -> set[str]:
 
 
 @contextlib.contextmanager
-def _inside(name: str | None) -> Iterator[Any]:
-    """A netlink socket in namespace *name* (None: the current one); only this thread moves, and back."""
+def _entered(name: str | None) -> Iterator[None]:
+    """Move this thread alone into namespace *name* (None: stay), and back afterwards."""
     if not name:
-        with IPRoute() as ipr:
-            yield ipr
+        yield
         return
     home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
     try:
@@ -83,20 +88,32 @@ def _inside(name: str | None) -> Iterator[Any]:
         finally:
             os.close(target)
         try:
-            with IPRoute() as ipr:
-                yield ipr
+            yield
         finally:
             setns(home, fork=False)
     finally:
         os.close(home)
 
 
+@contextlib.contextmanager
+def _inside(name: str | None) -> Iterator[Any]:
+    """A netlink socket in namespace *name* (None: the current one); only this thread moves, and back."""
+    with _entered(name), IPRoute() as ipr:
+        yield ipr
+
+
 def _run(argv: list[str], stdin: str = "", netns: str | None = None) -> None:
-    """Run a tool (inside *netns* when given); raise KernelError with its message when it fails."""
-    prefix = ["ip", "netns", "exec", netns] if netns else []
-    done = subprocess.run(prefix + argv, input=stdin, capture_output=True, text=True, timeout=30, check=False)
+    """Run a tool (born inside *netns* when given); raise KernelError with its message when it fails."""
+    with _entered(netns):
+        done = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=30, check=False)
     if done.returncode != 0:
         raise KernelError(f"{' '.join(argv[:3])} failed: {done.stderr.strip()[:400]}")
+
+
+def _sysctl(key: str, value: str) -> None:
+    """Set ``/proc/sys/net/<key>`` in the namespace this thread is in."""
+    with open(f"/proc/sys/net/{key}", "w") as file:
+        file.write(value)
 
 
 class Kernel:
@@ -129,24 +146,36 @@ class Kernel:
         raise KernelError("NodePublicAddress is 'auto' but this host has no default route; set it in netcfg.json")
 
     def ensure_host(self, subnet: str, local: str, port: int) -> None:
-        """Create (or keep) the bridge with the gateway address, the VXLAN device and forwarding."""
+        """Create (or keep) the gateway link, the VXLAN device, the subnet's routes and forwarding."""
         gateway, vtep = addressing.gateway(subnet), addressing.vtep_ip(subnet)
-        prefix = ipaddress.ip_network(subnet).prefixlen
         with self.host() as ipr:
             self.mtu = self._underlay_mtu(ipr, local) - VXLAN_OVERHEAD
-            if not ipr.link_lookup(ifname=BRIDGE):
-                ipr.link("add", ifname=BRIDGE, kind="bridge")
-            bridge = ipr.link_lookup(ifname=BRIDGE)[0]
-            self._set_address(ipr, bridge, gateway, prefix)
-            ipr.link("set", index=bridge, state="up")
+            if not ipr.link_lookup(ifname=GATEWAY):  # a bridge with no ports: it only holds the address
+                ipr.link("add", ifname=GATEWAY, kind="bridge")
+            link = ipr.link_lookup(ifname=GATEWAY)[0]
+            self._set_address(ipr, link, gateway, 32)
+            ipr.link("set", index=link, state="up")
             if not ipr.link_lookup(ifname=VXLAN):
                 ipr.link("add", ifname=VXLAN, kind="vxlan", vxlan_id=VNI, vxlan_port=port, vxlan_local=local,
                          vxlan_learning=0)
             vxlan = ipr.link_lookup(ifname=VXLAN)[0]
             ipr.link("set", index=vxlan, address=addressing.vtep_mac(subnet), mtu=self.mtu, state="up")
             self._set_address(ipr, vxlan, vtep, 32)
-            ipr.route("replace", dst=str(SERVICE_POOL), oif=bridge)
-        self._run(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+            self._forget_subnets(ipr, keep=subnet)
+            ipr.route("replace", dst=subnet, type=UNREACHABLE)
+            ipr.route("replace", dst=str(SERVICE_POOL), oif=link)
+            _sysctl("ipv4/ip_forward", "1")
+
+    @staticmethod
+    def _forget_subnets(ipr: Any, keep: str = "") -> None:
+        """Remove the unreachable routes of overlay subnets other than *keep* (this worker's earlier ones)."""
+        for route in ipr.get_routes(family=2):
+            if route["type"] != UNREACHABLE or not route.get_attr("RTA_DST"):
+                continue
+            dst = f"{route.get_attr('RTA_DST')}/{route['dst_len']}"
+            if dst != keep and ipaddress.IPv4Network(dst).subnet_of(WORKER_POOL):
+                with contextlib.suppress(NetlinkError):
+                    ipr.route("del", dst=dst, type=UNREACHABLE)
 
     @staticmethod
     def _underlay_mtu(ipr: Any, local: str) -> int:
@@ -194,15 +223,21 @@ class Kernel:
                 call()
 
     def set_rules(self, ruleset: str) -> None:
-        """Replace the nftables table with *ruleset* in one transaction."""
+        """Replace the host's nftables table with *ruleset* in one transaction."""
         self._run(["nft", "-f", "-"], ruleset)
 
+    @staticmethod
+    def set_instance_rules(iid: str, ruleset: str) -> None:
+        """Replace the nftables table inside instance *iid*'s namespace with *ruleset*."""
+        _run(["nft", "-f", "-"], ruleset, namespace_of(iid))
+
     def teardown(self) -> None:
-        """Remove the bridge, the VXLAN device, the service route and the nftables table."""
+        """Remove the gateway link, the VXLAN device, the subnet's routes and the nftables table."""
         with self.host() as ipr:
-            for name in (VXLAN, BRIDGE):
+            for name in (VXLAN, GATEWAY):
                 for index in ipr.link_lookup(ifname=name):
                     ipr.link("del", index=index)
+            self._forget_subnets(ipr)
         with contextlib.suppress(KernelError):
             self._run(["nft", "-f", "-"], remove())
         self.peers = {}
@@ -210,18 +245,21 @@ class Kernel:
     # ---- instances -----------------------------------------------------------------------------
 
     def attach(self, iid: str, ip: str, subnet: str) -> str:
-        """Give instance *iid* a namespace with *ip* behind the bridge; return the namespace's path."""
-        name = namespace_of(iid)
+        """Give instance *iid* a namespace with *ip*, routed from the host; return the namespace's path."""
+        name, veth = namespace_of(iid), _veth(iid)
         prefix = ipaddress.ip_network(subnet).prefixlen
         if name not in namespaces():
             _run(["ip", "netns", "add", name])
         with self.host() as ipr:
-            bridge = ipr.link_lookup(ifname=BRIDGE)
-            if not bridge:
+            if not ipr.link_lookup(ifname=GATEWAY):
                 raise KernelError("the overlay is not set up yet")
-            if not ipr.link_lookup(ifname=_veth(iid)):
-                ipr.link("add", ifname=_veth(iid), kind="veth", peer={"ifname": "eth0", "net_ns_fd": name})
-            ipr.link("set", index=ipr.link_lookup(ifname=_veth(iid))[0], master=bridge[0], mtu=self.mtu, state="up")
+            if not ipr.link_lookup(ifname=veth):
+                ipr.link("add", ifname=veth, kind="veth", peer={"ifname": "eth0", "net_ns_fd": name})
+            index = ipr.link_lookup(ifname=veth)[0]
+            ipr.link("set", index=index, master=0, mtu=self.mtu, state="up")  # older Oaklings bridged it
+            _sysctl(f"ipv4/conf/{veth}/proxy_arp", "1")  # answers for the gateway and the other instances
+            _sysctl(f"ipv4/neigh/{veth}/proxy_delay", "0")
+            ipr.route("replace", dst=f"{ip}/32", oif=index, scope=SCOPE_LINK)
         with _inside(name) as inner:
             inner.link("set", index=inner.link_lookup(ifname="lo")[0], state="up")
             eth0 = inner.link_lookup(ifname="eth0")[0]

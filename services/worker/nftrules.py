@@ -1,13 +1,25 @@
-"""The worker's nftables ruleset, rendered from the net table: pure text, no kernel needed.
+"""The worker's nftables rulesets, rendered from the net table: pure text, no kernel needed.
 
-One table, ``ip oakling``, replaced in a single transaction each time anything changes:
+Service IPs are translated where a connection starts: inside the client instance's own namespace
+(:func:`render_instance`), so the workers in between only route. Each namespace holds one table,
+``ip oakling``, replaced in a single transaction each time anything changes.
+
+In every instance namespace:
 
 * ``services``: each round-robin IP DNATs to its backends with ``numgen inc mod N`` (so each new
   connection goes to the next replica); each closest IP to the backends on this worker, else in
-  this cluster, else anywhere. Used from instances (prerouting) and from the worker itself (output).
-* ``ports``: the SLA's ``port`` mappings, host port -> instance IP and port.
-* ``postrouting``: masquerade an instance reaching a service whose chosen backend shares its
-  bridge (else the reply would skip the DNAT), and instances' traffic leaving the overlay.
+  this cluster, else anywhere.
+
+In the worker's (host) namespace (:func:`render`):
+
+* ``services`` again, for the worker itself (output) and for guests whose frames bypass their
+  namespace's stack (VMs: prerouting);
+* ``ports``: the SLA's ``port`` mappings, host port -> instance IP and port;
+* ``raw``: no connection tracking for instance-to-instance traffic passing through (it needs no
+  translation here) nor for the VXLAN packets that carry it; that is the overlay's fast path;
+* ``postrouting``: what this worker translated for a local instance leaves with the gateway as its
+  source, so the reply comes back through this worker's connection tracking; instances' traffic
+  leaving the overlay is masqueraded.
 
 Existing connections keep their translation across a rewrite (conntrack holds it).
 """
@@ -16,11 +28,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from services.common import addressing
 from services.common.addressing import WORKER_POOL
 from services.common.nettable import Backend, NetTable
 
 TABLE = "oakling"
-BRIDGE, VXLAN = "oak0", "oakvx"
+GATEWAY, VXLAN = "oak0", "oakvx"  # the link holding the instances' gateway address; the VXLAN device
 
 
 @dataclass(frozen=True)
@@ -60,20 +73,33 @@ def service_rules(table: NetTable, node: str, cluster: str) -> list[str]:
     return rules
 
 
-def render(table: NetTable, node: str, cluster: str, subnet: str, ports: list[PortMap]) -> str:
-    """The whole ruleset, as input for ``nft -f -``."""
-    services = "\n".join(f"    {rule}" for rule in service_rules(table, node, cluster))
-    published = "\n".join(
-        f"    {p.proto} dport {p.host_port} dnat to {p.ip}:{p.port}" for p in sorted(ports, key=lambda p: p.host_port)
-    )
+def _chain(rules: list[str]) -> str:
+    return "\n".join(f"    {rule}" for rule in rules)
+
+
+def render(table: NetTable, node: str, cluster: str, subnet: str, ports: list[PortMap],
+           endpoint: tuple[str, int]) -> str:
+    """The host namespace's ruleset, as input for ``nft -f -``; *endpoint* is this worker's VXLAN ``(ip, port)``."""
+    own = f"{addressing.vtep_ip(subnet)}, {addressing.gateway(subnet)}"  # the worker's own overlay addresses
+    published = [f"{p.proto} dport {p.host_port} dnat to {p.ip}:{p.port}"
+                 for p in sorted(ports, key=lambda p: p.host_port)]
     return f"""table ip {TABLE}
 delete table ip {TABLE}
 table ip {TABLE} {{
   chain services {{
-{services}
+{_chain(service_rules(table, node, cluster))}
   }}
   chain ports {{
-{published}
+{_chain(published)}
+  }}
+  chain raw {{
+    type filter hook prerouting priority raw; policy accept;
+    ip saddr {WORKER_POOL} ip daddr {WORKER_POOL} ip daddr != {{ {own} }} notrack
+    ip daddr {endpoint[0]} udp dport {endpoint[1]} notrack
+  }}
+  chain raw_out {{
+    type filter hook output priority raw; policy accept;
+{_chain(_tunnel_notrack(table, node))}
   }}
   chain prerouting {{
     type nat hook prerouting priority dstnat; policy accept;
@@ -87,8 +113,31 @@ table ip {TABLE} {{
   }}
   chain postrouting {{
     type nat hook postrouting priority srcnat; policy accept;
-    ip saddr {subnet} ip daddr {subnet} ct status dnat masquerade
-    ip saddr {subnet} ip daddr != {WORKER_POOL} oifname != "{BRIDGE}" masquerade
+    ip saddr {subnet} ct status dnat snat to {addressing.gateway(subnet)}
+    ip saddr {subnet} ip daddr != {WORKER_POOL} masquerade
+  }}
+}}
+"""
+
+
+def _tunnel_notrack(table: NetTable, node: str) -> list[str]:
+    peers = sorted({(route.address, route.port) for name, route in table.nodes.items() if name != node})
+    if not peers:
+        return []
+    return [f"ip daddr . udp dport {{ {', '.join(f'{ip} . {port}' for ip, port in peers)} }} notrack"]
+
+
+def render_instance(table: NetTable, node: str, cluster: str) -> str:
+    """An instance namespace's ruleset: its connections to service IPs are translated where they start."""
+    rules = service_rules(table, node, cluster)
+    if not rules:
+        return remove()
+    return f"""table ip {TABLE}
+delete table ip {TABLE}
+table ip {TABLE} {{
+  chain output {{
+    type nat hook output priority -100; policy accept;
+{_chain(rules)}
   }}
 }}
 """

@@ -60,6 +60,7 @@ class Overlay:
         self.cluster = ""
         self.table = NetTable()
         self.attached: dict[str, dict[str, str]] = {}
+        self.instance_rules: dict[str, str] = {}  # the ruleset last put in each instance's namespace
         self._subnet_known = asyncio.Event()
         self._lock = asyncio.Lock()
 
@@ -94,9 +95,24 @@ class Overlay:
     async def _program(self) -> None:
         peers = {name: route for name, route in self.table.nodes.items() if name != self.node}
         ports = [m for doc in self.attached.values() for m in nftrules.parse_ports(doc.get("port", ""), doc["ip"])]
-        ruleset = nftrules.render(self.table, self.node, self.cluster, self.subnet, ports)
+        ruleset = nftrules.render(self.table, self.node, self.cluster, self.subnet, ports,
+                                  (self.public_address, self.port))
         await self._call(self.kernel.set_peers, peers)
         await self._call(self.kernel.set_rules, ruleset)
+        for iid in list(self.attached):
+            await self._program_instance(iid)
+
+    async def _program_instance(self, iid: str) -> None:
+        """Put the service IPs' translation in instance *iid*'s namespace, unless it is there already."""
+        ruleset = nftrules.render_instance(self.table, self.node, self.cluster)
+        if self.instance_rules.get(iid) == ruleset:
+            return
+        try:
+            await self._call(self.kernel.set_instance_rules, iid, ruleset)
+        except KernelError as exc:  # its namespace is gone or going: detach will follow
+            log.warning("cannot program instance %s: %s", iid, exc)
+            return
+        self.instance_rules[iid] = ruleset
 
     async def attach(self, iid: str, ports: str) -> Attachment:
         """Give instance *iid* its namespace and IP (the same IP as before when it had one)."""
@@ -113,8 +129,11 @@ class Overlay:
             await self.store.put(TABLE, iid, doc)
         try:
             path = await self._call(self.kernel.attach, iid, doc["ip"], self.subnet)
+            self.instance_rules.pop(iid, None)
             if ports:
                 await self._program()
+            else:
+                await self._program_instance(iid)
         except (KernelError, OSError) as exc:
             raise RuntimeError(f"cannot attach to the overlay: {exc}") from None
         return Attachment(path, doc["ip"], addressing.gateway(self.subnet))
@@ -122,6 +141,7 @@ class Overlay:
     async def detach(self, iid: str) -> None:
         """Remove instance *iid*'s namespace and free its IP."""
         doc = self.attached.pop(iid, None)
+        self.instance_rules.pop(iid, None)
         await self._call(self.kernel.detach, iid)
         await self.store.delete(TABLE, iid)
         if doc and doc.get("port") and self.subnet:
