@@ -26,14 +26,11 @@ from contextlib import contextmanager
 from typing import Any
 
 from bench.common import record, summary
-from services.common.nettable import Backend, NetTable, NodeRoute, ServiceRoute
-from services.worker import nftrules
-from services.worker.kernel import Kernel, namespace_of, overlay_unavailable
-from tests.netlab import Lab, sh
+from services.worker.kernel import overlay_unavailable
+from tests.netlab import Lab, overlay_pair, sh
 
 SERVICE_IP = "10.30.0.1"
 PORT = 5201
-SUBNETS = {"h1": "10.18.0.0/26", "h2": "10.18.0.64/26"}
 
 ECHO_SERVER = f"""
 import socket
@@ -107,27 +104,6 @@ def latencies(ns: str, ip: str, count: int) -> list[float]:
     return [float(x) for x in json.loads(out)]
 
 
-def build_overlay(lab: Lab) -> tuple[str, str, list[Kernel]]:
-    """The overlay on h1 and h2 with a client on h1 and a server on h2; (client ns, server ns, kernels)."""
-    kernels, table_nodes = {}, {}
-    for host in ("h1", "h2"):
-        lab.host(host)
-        table_nodes[host] = NodeRoute("c1", SUBNETS[host], f"{lab.addresses[host]}:50103")
-    server_ip, client_ip = "10.18.0.66", "10.18.0.2"
-    table = NetTable(table_nodes, {"s": ServiceRoute("bench", SERVICE_IP, "10.30.0.2",
-                                                     (Backend(server_ip, "h2", "c1"),))})
-    for host in ("h1", "h2"):
-        kernel = kernels[host] = Kernel(lab.hosts[host])
-        kernel.ensure_host(SUBNETS[host], lab.addresses[host], 50103)
-        kernel.set_peers({n: r for n, r in table_nodes.items() if n != host})
-        kernel.set_rules(nftrules.render(table, host, "c1", SUBNETS[host], [], (lab.addresses[host], 50103)))
-    kernels["h1"].attach("benchclient", client_ip, SUBNETS["h1"])
-    kernels["h2"].attach("benchserver", server_ip, SUBNETS["h2"])
-    for host, iid in (("h1", "benchclient"), ("h2", "benchserver")):
-        kernels[host].set_instance_rules(iid, nftrules.render_instance(table, host, "c1"))
-    return namespace_of("benchclient"), namespace_of("benchserver"), list(kernels.values())
-
-
 def build_plain(lab: Lab) -> tuple[str, str]:
     """The same shape without the overlay: two more hosts on the LAN routing between a client namespace behind
     one and a server namespace behind the other over plain veths (no VXLAN, no NAT); (client ns, server ns)."""
@@ -167,25 +143,23 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--direct-routing", action="store_true", help="workers on one link reach each other without VXLAN")
     args = p.parse_args()
     reason = overlay_unavailable()
     if reason:
         raise SystemExit(f"cannot run: {reason}")
     lab = Lab()
-    kernels: list[Kernel] = []
     try:
-        client, server, kernels = build_overlay(lab)
+        client, server = overlay_pair(lab, SERVICE_IP, args.direct_routing)
         plain_client, plain_server = build_plain(lab)
         results = measure({"overlay": (client, server, SERVICE_IP), "plain": (plain_client, plain_server, "10.99.2.2")},
                           args.rounds, args.seconds)
         overlay, plain = results["overlay"], results["plain"]
     finally:
-        for kernel in kernels:
-            kernel.detach("benchclient")
-            kernel.detach("benchserver")
         lab.remove()
-    record("overlay_data_plane", {
-        "command": "python -m bench.overlay", "tool": "iperf3" if shutil.which("iperf3") else "python sockets",
+    record("overlay_data_plane_direct" if args.direct_routing else "overlay_data_plane", {
+        "command": "python -m bench.overlay" + (" --direct-routing" if args.direct_routing else ""),
+        "tool": "iperf3" if shutil.which("iperf3") else "python sockets",
         "overlay_via_service_ip": overlay, "plain_routed_veth": plain,
         "throughput_ratio_median": overlay["throughput_gbit_s"]["median"] / plain["throughput_gbit_s"]["median"],
         "latency_ratio_median": overlay["request_ms"]["median"] / plain["request_ms"]["median"],

@@ -13,9 +13,11 @@ import subprocess
 
 import pytest
 
-from services.worker.kernel import namespaces
+from services.common.nettable import Backend, NetTable, NodeRoute, ServiceRoute
+from services.worker import nftrules
+from services.worker.kernel import Kernel, namespace_of, namespaces
 
-__all__ = ["Lab", "links", "namespaces", "need_network_lab", "nft_ruleset", "sh"]
+__all__ = ["Lab", "links", "namespaces", "need_network_lab", "nft_ruleset", "overlay_pair", "sh"]
 
 
 def sh(*argv: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -80,3 +82,27 @@ def links(ns: str | None = None) -> set[str]:
 def nft_ruleset(ns: str) -> str:
     """The nftables ruleset of namespace *ns*."""
     return sh("ip", "netns", "exec", ns, "nft", "list", "ruleset").stdout
+
+
+def overlay_pair(lab: Lab, service_ip: str, direct_routing: bool = False) -> tuple[str, str]:
+    """Oakling's overlay on new hosts h1 and h2, programmed as workers do, with a client instance on h1 and
+    a server instance on h2 behind the round-robin *service_ip*; (client namespace, server namespace).
+    The instances' namespaces are removed with the lab."""
+    subnets = {"h1": "10.18.0.0/26", "h2": "10.18.0.64/26"}
+    nodes = {}
+    for host in subnets:
+        lab.host(host)
+        nodes[host] = NodeRoute("c1", subnets[host], f"{lab.addresses[host]}:50103")
+    table = NetTable(nodes, {"s": ServiceRoute("s", service_ip, "10.30.255.254", (Backend("10.18.0.66", "h2", "c1"),))})
+    kernels = {}
+    for host, subnet in subnets.items():
+        kernel = kernels[host] = Kernel(lab.hosts[host], direct_routing)
+        kernel.ensure_host(subnet, lab.addresses[host], 50103)
+        kernel.set_peers({name: route for name, route in nodes.items() if name != host})
+        kernel.set_rules(nftrules.render(table, host, "c1", subnet, [], (lab.addresses[host], 50103)))
+    for host, role, ip in (("h1", "client", "10.18.0.2"), ("h2", "server", "10.18.0.66")):
+        iid = f"{lab.tag}-{role}"
+        lab.hosts[iid] = namespace_of(iid)
+        kernels[host].attach(iid, ip, subnets[host])
+        kernels[host].set_instance_rules(iid, nftrules.render_instance(table, host, "c1"))
+    return namespace_of(f"{lab.tag}-client"), namespace_of(f"{lab.tag}-server")

@@ -3,9 +3,13 @@ instances reaching services by service IP over VXLAN, through real brokers and r
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shutil
+import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,8 +18,10 @@ from typing import Any
 import pytest
 
 from services.cli.client import OakClient
+from services.common.nettable import NodeRoute
+from services.worker.kernel import Kernel
 from tests.conftest import Stack, dumps, eventually, sla, sleeper
-from tests.netlab import Lab, links, namespaces, need_network_lab, nft_ruleset, sh
+from tests.netlab import Lab, links, namespaces, need_network_lab, nft_ruleset, overlay_pair, sh
 
 SERVER = '''
 import os, socket, socketserver, threading
@@ -246,3 +252,47 @@ async def test_container_on_the_overlay(stack: Stack, api: Any, lab: Lab, busybo
         return True
 
     await eventually(gone, 20, interval=0.3, what="no namespace or veth left")
+
+
+def _tx_packets(ns: str, link: str) -> int:
+    out = sh("ip", "-n", ns, "-s", "-j", "link", "show", link).stdout
+    return int(json.loads(out)[0]["stats64"]["tx"]["packets"])
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["vxlan", "direct-routing"])
+def test_paths_between_workers(direct: bool) -> None:
+    """Two workers' kernels as the overlay programs them: a client reaches a server by service IP over
+    VXLAN, or, with direct routing, over the shared link unwrapped; a peer behind a router stays on
+    VXLAN even with direct routing."""
+    need_network_lab()
+    lab = Lab()
+    server_proc = None
+    try:
+        client, server = overlay_pair(lab, "10.30.0.1", direct)
+        server_proc = subprocess.Popen(["ip", "netns", "exec", server, sys.executable, "-c", SERVER],
+                                       env={**os.environ, "HOSTNAME": "far-server"}, stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL)
+        before = _tx_packets(lab.hosts["h1"], "oakvx")
+
+        for _ in range(50):  # the server starting
+            if sh("ip", "netns", "exec", server, "ss", "-Htln", "sport = :80").stdout.strip():
+                break
+            time.sleep(0.1)
+        assert ask(client, "tcp", "10.30.0.1", 80, 2) == ["far-server"] * 2, "the service IP answers"
+        wrapped = _tx_packets(lab.hosts["h1"], "oakvx") - before
+        route = sh("ip", "-n", lab.hosts["h1"], "route", "show", "10.18.0.64/26").stdout
+        if direct:
+            assert f"via {lab.addresses['h2']} dev eth0" in route, route
+            assert wrapped == 0, "nothing went through VXLAN"
+        else:
+            assert "dev oakvx" in route, route
+            assert wrapped > 0
+
+        far = NodeRoute("c2", "10.18.16.0/26", "203.0.113.9:50103")  # reached through the LAN's router
+        Kernel(lab.hosts["h1"], direct_routing=True).set_peers({"far": far})
+        assert "dev oakvx" in sh("ip", "-n", lab.hosts["h1"], "route", "show", far.subnet).stdout
+    finally:
+        if server_proc:
+            server_proc.kill()
+            server_proc.wait(5)
+        lab.remove()

@@ -15,6 +15,7 @@ from services.common import addressing, envelope
 from services.common.models import InstanceSpec, InstanceStatus, NodeInfo
 from services.common.nettable import Backend, NetTable, NodeRoute, ServiceRoute
 from services.common.store import Store
+from services.worker.netcfg import NetConfig, NetConfigError
 from services.worker.nftrules import PortMap, parse_ports, render, render_instance, service_rules
 
 
@@ -177,3 +178,10 @@ async def test_services_get_ips_that_are_freed_with_them(tmp_path: Path) -> None
     again = await catalog.create_app("u", parse_sla(sla(sleeper("c", addresses={"rr_ip": "10.30.0.3"}), app="two"))[0])
     assert catalog.services[again.services[0]].rr_ip == "10.30.0.3", "freed with the deleted service"
     store.close()
+
+
+def test_netcfg_direct_routing() -> None:
+    assert not NetConfig.parse({}).direct_routing, "VXLAN to every worker unless asked"
+    assert NetConfig.parse({"DirectRouting": True}).direct_routing
+    with pytest.raises(NetConfigError, match="DirectRouting: expected true or false"):
+        NetConfig.parse({"DirectRouting": "yes"})

@@ -69,7 +69,8 @@ async def worker(args: argparse.Namespace, home: Path, cluster_url: BrokerUrl) -
                                   stop_grace=args.stop_grace, probe_host=args.probe.rpartition(":")[0] or "127.0.0.1",
                                   probe_port=int(args.probe.rpartition(":")[2] or 0), overlay=args.overlay,
                                   netmanager_port=args.netmanager, public_address=args.public_address,
-                                  vxlan_port=args.vxlan_port, host_netns=args.host_netns))
+                                  vxlan_port=args.vxlan_port, direct_routing=args.direct_routing,
+                                  host_netns=args.host_netns))
 
 
 async def sim(args: argparse.Namespace, home: Path, cluster_url: BrokerUrl) -> None:

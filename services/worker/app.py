@@ -46,6 +46,7 @@ class WorkerConfig:
     netmanager_port: int = 0  # or use the NetManager listening on this port
     public_address: str = "auto"  # VXLAN endpoint address (NodePublicAddress)
     vxlan_port: int = 50103  # NodePublicPort
+    direct_routing: bool = False  # DirectRouting: workers on the same link are reached without VXLAN
     host_netns: str = ""  # the namespace playing this worker's host ("" = its own; tests use one per worker)
 
 
@@ -55,7 +56,8 @@ async def make_network(cfg: WorkerConfig, store: Store) -> tuple[Network | None,
         return RemoteNetwork(cfg.netmanager_port, cfg.name), None
     if not cfg.overlay:
         return None, None
-    overlay = Overlay(cfg.name, Kernel(cfg.host_netns or None), store, cfg.public_address, cfg.vxlan_port)
+    kernel = Kernel(cfg.host_netns or None, cfg.direct_routing)
+    overlay = Overlay(cfg.name, kernel, store, cfg.public_address, cfg.vxlan_port)
     await overlay.start()
     return overlay, overlay
 

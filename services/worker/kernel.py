@@ -12,7 +12,9 @@ no instance holds are unreachable rather than sent to the host's default route.
 Everything on the overlay has the underlay's MTU less the 50 bytes VXLAN adds, so wrapped packets
 are never fragmented. Remote workers are reached flannel-style: a route ``subnet via <its .0> dev oakvx onlink``, a
 permanent neighbour entry giving that address the worker's derived MAC, and a forwarding entry
-sending that MAC to its public endpoint. No learning, no flooding.
+sending that MAC to its public endpoint. No learning, no flooding. With direct routing (opt-in, flannel's
+``DirectRouting``), a worker whose public address is on the same link as this one's is reached
+without VXLAN: ``subnet via <its public address>`` on the underlay, no wrapping at all.
 
 Namespaces are entered by the calling thread alone (``setns``, then back), and created with
 ``ip netns add``: pyroute2's own way forks the (asyncio) process, and a signal reaching such a fork
@@ -119,8 +121,9 @@ def _sysctl(key: str, value: str) -> None:
 class Kernel:
     """Makes the host namespace and instance namespaces look as asked."""
 
-    def __init__(self, host_netns: str | None = None) -> None:
+    def __init__(self, host_netns: str | None = None, direct_routing: bool = False) -> None:
         self.host_netns = host_netns
+        self.direct_routing = direct_routing
         self.peers: dict[str, NodeRoute] = {}
         self.mtu = 1500 - VXLAN_OVERHEAD
 
@@ -194,7 +197,7 @@ class Kernel:
             ipr.addr("add", index=index, address=address, prefixlen=prefix)
 
     def set_peers(self, peers: dict[str, NodeRoute]) -> None:
-        """Route to exactly these other workers' subnets over VXLAN."""
+        """Route to exactly these other workers' subnets: over VXLAN, or directly when allowed and on-link."""
         with self.host() as ipr:
             found = ipr.link_lookup(ifname=VXLAN)
             if not found:
@@ -205,6 +208,10 @@ class Kernel:
                     self._forget_peer(ipr, vxlan, route)
             for name, route in peers.items():
                 if self.peers.get(name) != route:
+                    link = self._on_link(ipr, route.address) if self.direct_routing else None
+                    if link is not None:
+                        ipr.route("replace", dst=route.subnet, gateway=route.address, oif=link)
+                        continue
                     vtep, mac = addressing.vtep_ip(route.subnet), addressing.vtep_mac(route.subnet)
                     ipr.neigh("replace", dst=vtep, lladdr=mac, ifindex=vxlan, state="permanent")
                     with contextlib.suppress(NetlinkError):
@@ -214,9 +221,21 @@ class Kernel:
         self.peers = dict(peers)
 
     @staticmethod
+    def _on_link(ipr: Any, address: str) -> int | None:
+        """The underlay link reaching *address* with no router in between (None: it is further away)."""
+        try:
+            found = ipr.route("get", dst=address)
+        except NetlinkError:
+            return None
+        for route in found:
+            if route["type"] == 1 and not route.get_attr("RTA_GATEWAY"):  # RTN_UNICAST, directly connected
+                return int(route.get_attr("RTA_OIF"))
+        return None
+
+    @staticmethod
     def _forget_peer(ipr: Any, vxlan: int, route: NodeRoute) -> None:
         vtep, mac = addressing.vtep_ip(route.subnet), addressing.vtep_mac(route.subnet)
-        for call in (lambda: ipr.route("del", dst=route.subnet, gateway=vtep, oif=vxlan),
+        for call in (lambda: ipr.route("del", dst=route.subnet),
                      lambda: ipr.neigh("del", dst=vtep, lladdr=mac, ifindex=vxlan),
                      lambda: ipr.fdb("del", ifindex=vxlan, lladdr=mac, dst=route.address)):
             with contextlib.suppress(NetlinkError):

@@ -9,7 +9,7 @@ from typing import Any
 
 DEFAULT_PATH = Path("/etc/netmanager/netcfg.json")
 KNOWN = {"NodePublicAddress", "NodePublicPort", "ClusterUrl", "ClusterMqttPort", "DefaultInterface", "Debug",
-         "PublicIPNetworking", "MqttCert", "MqttKey"}
+         "DirectRouting", "PublicIPNetworking", "MqttCert", "MqttKey"}
 
 
 class NetConfigError(ValueError):
@@ -25,6 +25,13 @@ def _port(raw: dict[str, Any], name: str, default: int) -> int:
     if isinstance(value, bool) or not 1 <= port <= 65535:
         raise NetConfigError(f"{name}: {value!r} is not a port number (1-65535)")
     return port
+
+
+def _flag(raw: dict[str, Any], name: str) -> bool:
+    value = raw.get(name, False)
+    if not isinstance(value, bool):
+        raise NetConfigError(f"{name}: expected true or false")
+    return value
 
 
 def _text(raw: dict[str, Any], name: str, default: str) -> str:
@@ -44,6 +51,7 @@ class NetConfig:
     cluster_mqtt_port: int = 10003
     default_interface: str = ""
     debug: bool = False
+    direct_routing: bool = False  # reach workers on the same link without VXLAN
 
     @classmethod
     def parse(cls, raw: Any) -> NetConfig:
@@ -53,16 +61,14 @@ class NetConfig:
         unknown = sorted(set(raw) - KNOWN)
         if unknown:
             raise NetConfigError(f"{unknown[0]}: unknown field (known: {', '.join(sorted(KNOWN))})")
-        debug = raw.get("Debug", False)
-        if not isinstance(debug, bool):
-            raise NetConfigError("Debug: expected true or false")
         return cls(
             node_public_address=_text(raw, "NodePublicAddress", "auto") or "auto",
             node_public_port=_port(raw, "NodePublicPort", 50103),
             cluster_url=_text(raw, "ClusterUrl", "localhost") or "localhost",
             cluster_mqtt_port=_port(raw, "ClusterMqttPort", 10003),
             default_interface=_text(raw, "DefaultInterface", ""),
-            debug=debug,
+            debug=_flag(raw, "Debug"),
+            direct_routing=_flag(raw, "DirectRouting"),
         )
 
     @classmethod

@@ -99,8 +99,8 @@ async def _serve_netmanager(args: argparse.Namespace, net: NetConfig) -> None:
     data_dir = Path(args.data_dir) if args.data_dir else oak_home(None) / "netmanager"
     data_dir.mkdir(parents=True, exist_ok=True)
     store = Store(data_dir / "netmanager.db.json")
-    overlay = Overlay(socket.gethostname(), Kernel(args.host_netns or None), store, net.node_public_address,
-                      net.node_public_port)
+    kernel = Kernel(args.host_netns or None, net.direct_routing)
+    overlay = Overlay(socket.gethostname(), kernel, store, net.node_public_address, net.node_public_port)
     try:
         await overlay.start()
         await netmanager.serve(overlay, args.port)
