@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import signal
 import sys
@@ -142,11 +143,25 @@ async def place(fleet: Fleet, client: OakClient, tracker: Tracker, instances: in
             "state_updates": tracker.updates, "usage": usage}
 
 
-async def fail(fleet: Fleet, tracker: Tracker, instances: int, timeout: float) -> dict[str, Any]:
-    """Kill the victim workers at once; time until their instances are placed elsewhere and RUNNING."""
+async def offline_times(fleet: Fleet, client: OakClient, t0: float, timeout: float) -> list[float]:
+    """Seconds from *t0* until the root lists each victim offline (polled every 0.25 s)."""
+    seen: dict[str, float] = {}
+    while len(seen) < fleet.victims and time.monotonic() - t0 < timeout:
+        with contextlib.suppress(CliError):
+            for node in await client.request("nodes", "list"):
+                if fleet.is_victim(node["name"]) and not node["online"]:
+                    seen.setdefault(node["name"], time.monotonic() - t0)
+        await asyncio.sleep(0.25)
+    return sorted(seen.values())
+
+
+async def fail(fleet: Fleet, client: OakClient, tracker: Tracker, instances: int, timeout: float) -> dict[str, Any]:
+    """Kill the victim workers at once; time until the root lists them offline, until their instances
+    are placed elsewhere, and until those are RUNNING."""
     doomed = {iid for iid, (node, _) in tracker.latest.items() if fleet.is_victim(node)}
     t0 = time.monotonic()
     fleet.kill_victims()
+    offline = asyncio.create_task(offline_times(fleet, client, t0, timeout))
     detected = running = None
     while time.monotonic() - t0 < timeout and running is None:
         await asyncio.sleep(0.05)
@@ -155,7 +170,10 @@ async def fail(fleet: Fleet, tracker: Tracker, instances: int, timeout: float) -
             detected = time.monotonic() - t0
         if detected is not None and tracker.running(avoid=fleet.is_victim) >= instances:
             running = time.monotonic() - t0
+    seen = await offline
     return {"victims": fleet.victims, "instances_moved": len(doomed),
+            "offline_at_root_s": {"first": round(seen[0], 2) if seen else None,
+                                  "last": round(seen[-1], 2) if seen else None, "count": len(seen)},
             "detected_and_placed_s": None if detected is None else round(detected, 2),
             "all_running_again_s": None if running is None else round(running, 2), "timeout_s": timeout}
 
@@ -164,7 +182,8 @@ async def run_case(workers: int, clusters: int, args: argparse.Namespace) -> dic
     """Every phase for one size; the processes are stopped whatever happens."""
     result: dict[str, Any] = {"workers": workers, "clusters": clusters}
     with tempfile.TemporaryDirectory() as tmp:
-        fleet = Fleet(Path(tmp), workers, clusters, min(args.fail, workers // 2), args.report_interval, args.broker)
+        base = Path(tmp) if not args.keep else Path(args.keep) / f"{args.name}-{workers}x{clusters}"
+        fleet = Fleet(base, workers, clusters, min(args.fail, workers // 2), args.report_interval, args.broker)
         LIVE.append(fleet)
         try:
             t0 = time.monotonic()
@@ -188,7 +207,7 @@ async def run_case(workers: int, clusters: int, args: argparse.Namespace) -> dic
                     await asyncio.sleep(args.settle)
                     result["loaded_idle"] = await measure(fleet, args.idle_seconds)
                     if fleet.victims:
-                        result["failure"] = await fail(fleet, tracker, args.instances, args.place_timeout)
+                        result["failure"] = await fail(fleet, client, tracker, args.instances, args.place_timeout)
             finally:
                 follow.cancel()
                 await client.__aexit__(None, None, None)
@@ -211,6 +230,7 @@ def main() -> None:
     p.add_argument("--join-timeout", type=float, default=300)
     p.add_argument("--place-timeout", type=float, default=180)
     p.add_argument("--name", default="scale", help="results file bench/results/NAME.json")
+    p.add_argument("--keep", default="", metavar="DIR", help="keep the processes' logs and data under DIR")
     p.add_argument("--broker", default="embedded", help="the control plane's broker: embedded or mosquitto")
     args = p.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))

@@ -23,7 +23,7 @@ def setup_logging(verbose: bool = False) -> None:
     level = logging.DEBUG if verbose or os.environ.get("OAK_DEBUG") else logging.INFO
     logging.basicConfig(
         level=level,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        format="%(asctime)s.%(msecs)03d %(levelname)-7s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
