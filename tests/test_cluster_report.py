@@ -37,7 +37,6 @@ async def test_state_reuses_the_documents_of_what_did_not_change(tmp_path: Path)
                "code": "", "cmd": ["sleep", "1"], "memory": 10, "vcpus": 1}
     desired = {f"i{k}": models.dump(InstanceSpec(f"i{k}", "u", "a.t.s.t", k, service)) for k in range(4)}
     await orch._on_desired(envelope.encode("desired", {"instances": desired}, "root"))
-    await orch.placed()
     first = orch.state()
     assert sorted(first["instances"]) == ["i0", "i1", "i2", "i3"]
     # the same as converting everything afresh
@@ -45,7 +44,6 @@ async def test_state_reuses_the_documents_of_what_did_not_change(tmp_path: Path)
     assert first["instances"] == {i: models.dump(s) for i, s in orch.statuses().items()}
     # the same desired map again keeps the specs, so nothing is converted again
     await orch._on_desired(envelope.encode("desired", {"instances": desired}, "root"))
-    await orch.placed()
     second = orch.state()
     assert second == first
     assert all(second["instances"][i] is first["instances"][i] for i in desired)
@@ -69,7 +67,6 @@ async def test_workers_lost_together_are_moved_in_one_pass(tmp_path: Path, monke
                "code": "", "cmd": ["sleep", "1"], "memory": 10, "vcpus": 1}
     desired = {f"i{k}": models.dump(InstanceSpec(f"i{k}", "u", "a.t.s.t", k, service)) for k in range(6)}
     await orch._on_desired(envelope.encode("desired", {"instances": desired}, "root"))
-    await orch.placed()
     assert set(orch.assigned.values()) == {"w1", "w2", "w3"}
     passes = 0
     place = orch.place_pending
@@ -107,11 +104,9 @@ async def test_the_root_desired_map_arrives_as_deltas_and_the_state_leaves_as_de
         assert change is not None
         if not lost:
             await orch.handle(Message(delta, envelope.encode("desired.delta", change.data(), "root"), False, 1))
-            await orch.placed()
 
     root.diff({"instances": {}})
     await orch.handle(Message(whole, envelope.encode("desired", root.whole(), "root"), True, 1))
-    await orch.placed()
     await send({"i0": spec["i0"], "i1": spec["i1"]})
     assert sorted(orch.assigned) == ["i0", "i1"]
     writes = orch.store.file_writes
@@ -122,7 +117,6 @@ async def test_the_root_desired_map_arrives_as_deltas_and_the_state_leaves_as_de
     await send({"i1": spec["i1"], "i2": spec["i2"], "i3": spec["i3"]})
     assert sorted(orch.desired) == ["i1"]  # i3's delta waits for the lost one
     await orch.handle(Message(whole, envelope.encode("desired", root.whole(), "root"), True, 1))
-    await orch.placed()
     assert sorted(orch.desired) == ["i1", "i2", "i3"]
     assert sorted(orch.assigned) == ["i1", "i2", "i3"]
 

@@ -167,12 +167,10 @@ class ClusterOrchestrator:
             self._demands.pop(iid, None)
             self._spec_docs.pop(iid, None)
             self._status_docs.pop(iid, None)
-        # In memory now, on disk with the placements' write: the message dispatch (workers' states among
-        # what waits behind it) never waits for a file write, and deltas arriving meanwhile share one pass.
-        self.store.apply(DESIRED, {i: self._spec_doc(i) for i in put}, tuple(gone))
-        self.store.apply(ASSIGNED, {}, tuple(gone))
+        await self.store.put_many(DESIRED, {i: self._spec_doc(i) for i in put}, tuple(gone))
+        await self.store.put_many(ASSIGNED, {}, tuple(gone))
         self._publish_nodes(touched)
-        self.place_soon()
+        await self.place_pending()
 
     async def _on_avail(self, node: NodeView, online: bool) -> None:
         was = node.online
@@ -205,11 +203,6 @@ class ClusterOrchestrator:
         self._place_wanted = True
         if self._placing is None or self._placing.done():
             self._placing = asyncio.get_running_loop().create_task(self._place_later())
-
-    async def placed(self) -> None:
-        """Wait until the placement :meth:`place_soon` asked for is done (tests, shutdown)."""
-        while self._placing is not None and not self._placing.done():
-            await asyncio.shield(self._placing)
 
     async def _place_later(self) -> None:
         while self._place_wanted:
@@ -298,7 +291,6 @@ class ClusterOrchestrator:
         """Place every desired instance that has no worker; publish the workers' maps that changed."""
         pending = [iid for iid in self.desired if iid not in self.assigned]
         if not pending:
-            await self.store.sync()  # what _take_desired applied (a no-op when nothing is waiting)
             return
         candidates = {c.id: c for c in self.candidates()}
         coords = {c.id: c.coord for c in candidates.values() if c.coord}
@@ -319,9 +311,7 @@ class ClusterOrchestrator:
             placed[iid] = {"node": chosen.id}
             log.info("placed %s on %s", iid, chosen.id)
         if placed:
-            self.store.apply(ASSIGNED, placed)
-        await self.store.sync()  # the placements, and whatever else was applied, on disk before workers hear
-        if placed:
+            await self.store.put_many(ASSIGNED, placed)
             self._publish_nodes({p["node"] for p in placed.values()})
         self._changed.set()
 
