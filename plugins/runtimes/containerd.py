@@ -39,7 +39,7 @@ NAMESPACE = "oak"
 TOOL_TIMEOUT = 300
 BOOT_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
-MAX_SOCKET = 100  # unix socket paths are limited to 108 bytes
+MAX_SOCKET = 104  # containerd refuses socket paths longer than this, its ".ttrpc" twin included
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 CONFIG = """version = 2
 root = "{root}"
@@ -108,7 +108,7 @@ class Containerd:
     def socket(self) -> Path:
         """The private containerd's socket (under /run/oakling when the data dir's path is too long)."""
         sock = self.home / "containerd.sock"
-        if len(str(sock)) > MAX_SOCKET:
+        if len(f"{sock}.ttrpc") > MAX_SOCKET:
             digest = hashlib.sha256(str(self.home).encode()).hexdigest()[:12]
             sock = Path("/run/oakling") / f"containerd-{digest}.sock"
         return sock
