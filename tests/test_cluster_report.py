@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from plugins.schedulers.least_loaded import LeastLoaded
-from services.cluster.orchestrator import STATE_SECTIONS, ClusterOrchestrator, NodeView, ReportThrottle
+from services.cluster.orchestrator import (
+    ASSIGNED,
+    DESIRED,
+    STATE_SECTIONS,
+    ClusterOrchestrator,
+    NodeView,
+    ReportThrottle,
+)
 from services.common import envelope, models, topics
 from services.common.delta import DeltaPublisher, DeltaReceiver, DeltaSender
 from services.common.models import InstanceSpec, NodeInfo
@@ -37,6 +46,7 @@ async def test_state_reuses_the_documents_of_what_did_not_change(tmp_path: Path)
                "code": "", "cmd": ["sleep", "1"], "memory": 10, "vcpus": 1}
     desired = {f"i{k}": models.dump(InstanceSpec(f"i{k}", "u", "a.t.s.t", k, service)) for k in range(4)}
     await orch._on_desired(envelope.encode("desired", {"instances": desired}, "root"))
+    await orch.placed()
     first = orch.state()
     assert sorted(first["instances"]) == ["i0", "i1", "i2", "i3"]
     # the same as converting everything afresh
@@ -44,6 +54,7 @@ async def test_state_reuses_the_documents_of_what_did_not_change(tmp_path: Path)
     assert first["instances"] == {i: models.dump(s) for i, s in orch.statuses().items()}
     # the same desired map again keeps the specs, so nothing is converted again
     await orch._on_desired(envelope.encode("desired", {"instances": desired}, "root"))
+    await orch.placed()
     second = orch.state()
     assert second == first
     assert all(second["instances"][i] is first["instances"][i] for i in desired)
@@ -67,6 +78,7 @@ async def test_workers_lost_together_are_moved_in_one_pass(tmp_path: Path, monke
                "code": "", "cmd": ["sleep", "1"], "memory": 10, "vcpus": 1}
     desired = {f"i{k}": models.dump(InstanceSpec(f"i{k}", "u", "a.t.s.t", k, service)) for k in range(6)}
     await orch._on_desired(envelope.encode("desired", {"instances": desired}, "root"))
+    await orch.placed()
     assert set(orch.assigned.values()) == {"w1", "w2", "w3"}
     passes = 0
     place = orch.place_pending
@@ -104,19 +116,21 @@ async def test_the_root_desired_map_arrives_as_deltas_and_the_state_leaves_as_de
         assert change is not None
         if not lost:
             await orch.handle(Message(delta, envelope.encode("desired.delta", change.data(), "root"), False, 1))
+            await orch.placed()
 
     root.diff({"instances": {}})
     await orch.handle(Message(whole, envelope.encode("desired", root.whole(), "root"), True, 1))
+    await orch.placed()
     await send({"i0": spec["i0"], "i1": spec["i1"]})
     assert sorted(orch.assigned) == ["i0", "i1"]
-    writes = orch.store.file_writes
     await send({"i1": spec["i1"]})
     assert sorted(orch.desired) == ["i1"]
-    assert orch.store.file_writes > writes
+    assert sorted(await Store(tmp_path / "c.json").load(DESIRED)) == ["i1"]  # on disk
     await send({"i1": spec["i1"], "i2": spec["i2"]}, lost=True)
     await send({"i1": spec["i1"], "i2": spec["i2"], "i3": spec["i3"]})
     assert sorted(orch.desired) == ["i1"]  # i3's delta waits for the lost one
     await orch.handle(Message(whole, envelope.encode("desired", root.whole(), "root"), True, 1))
+    await orch.placed()
     assert sorted(orch.desired) == ["i1", "i2", "i3"]
     assert sorted(orch.assigned) == ["i1", "i2", "i3"]
 
@@ -133,4 +147,88 @@ async def test_the_root_desired_map_arrives_as_deltas_and_the_state_leaves_as_de
     assert [t for t, _ in session.published] == [topics.upstream("state"), topics.delta_of(topics.upstream("state"))]
     assert len(envelope.decode(session.published[1][1]).data["put"]["instances"]) == 1  # only i2
     assert receiver.docs == orch.state()
+    out.close()
+
+
+class GatedStore(Store):
+    """A store whose writes wait until the test opens the gate (a slow disk, or a big file)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.gate = asyncio.Event()
+
+    async def sync(self) -> None:
+        await self.gate.wait()
+        await super().sync()
+
+
+class DiskCheckingSession(FakeSession):
+    """Notes, for every worker map and cluster state published, what the store's file held at that moment."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+        self.on_disk: list[tuple[str, set[str], set[str]]] = []
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        super().publish(topic, payload, retain)
+        self.on_disk.append((topic, set(stored(self.path, DESIRED)), set(stored(self.path, ASSIGNED))))
+
+
+def stored(path: Path, table: str) -> dict[str, Any]:
+    """What a fresh store on *path* reads of *table* (as a restarted cluster would), from any thread."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, Store(path).load(table)).result()
+
+
+async def test_the_dispatch_never_waits_for_the_store_and_nothing_is_told_before_it_is_on_disk(tmp_path: Path) -> None:
+    """A desired delta is taken at once while the store's write is held up; the placements it causes reach
+    the workers, and the state reaches the root, only once they are on disk; deltas arriving meanwhile
+    share one placement pass and one write."""
+    path = tmp_path / "c.json"
+    session = DiskCheckingSession(path)
+    store = GatedStore(path)
+    orch = ClusterOrchestrator("c1", store, Profile((Weighted(LeastLoaded()),)), session)  # type: ignore[arg-type]
+    for name in ("w1", "w2"):
+        orch.nodes[name] = NodeView(name, online=True, info=NodeInfo(name, 8, 4096, ["process"]))
+    service = {"app_name": "a", "app_namespace": "t", "name": "s", "namespace": "t", "virtualization": "process",
+               "code": "", "cmd": ["sleep", "1"], "memory": 10, "vcpus": 1}
+    spec = {f"i{k}": models.dump(InstanceSpec(f"i{k}", "u", "a.t.s.t", k, service)) for k in range(4)}
+    root = DeltaSender(("instances",), epoch="r1")
+    root.diff({"instances": {}})
+    whole, delta = topics.downstream("desired"), topics.delta_of(topics.downstream("desired"))
+    await asyncio.wait_for(orch.handle(Message(whole, envelope.encode("desired", root.whole(), "root"), True, 1)), 1)
+    await orch.placed()
+    passes: list[int] = []  # instances waiting for a worker, at each placement pass
+    place = orch._place_pending
+
+    async def counted() -> None:
+        passes.append(len(orch.desired) - len(orch.assigned))
+        await place()
+
+    orch._place_pending = counted  # type: ignore[method-assign]
+    for k in (2, 4):  # two deltas in a row, each taken at once
+        change = root.diff({"instances": {i: spec[i] for i in list(spec)[:k]}})
+        assert change is not None
+        await asyncio.wait_for(orch.handle(Message(delta, envelope.encode("desired.delta", change.data(), "root"),
+                                                   False, 1)), 1)
+    assert sorted(orch.desired) == ["i0", "i1", "i2", "i3"]
+    await asyncio.sleep(0.2)  # the placement pass ran and waits for the write
+    assert sorted(orch.assigned) == ["i0", "i1", "i2", "i3"]
+    out = DeltaPublisher(session, topics.upstream("state"), "cluster.state", "cluster/c1", STATE_SECTIONS)
+    report = asyncio.create_task(orch.report(out))
+    await asyncio.sleep(0.1)
+    assert not report.done()
+    assert session.published == []  # neither the workers' maps nor the state: nothing is on disk yet
+    store.gate.set()
+    await orch.placed()
+    await report
+    assert [p for p in passes if p] == [4]  # one pass placed what both deltas brought
+    maps = [(t, d, a) for t, d, a in session.on_disk if t.endswith("/desired")]
+    assert sorted(t for t, _, _ in maps) == [topics.down(topics.NODES, w, "desired") for w in ("w1", "w2")]
+    everything = {"i0", "i1", "i2", "i3"}
+    assert all(d == everything and a == everything for _, d, a in session.on_disk)  # on disk when published
+    states = [envelope.decode(p).data for t, p in session.published if t == topics.upstream("state")]
+    assert len(states) == 1
+    assert sorted(states[0]["instances"]) == sorted(everything)
     out.close()

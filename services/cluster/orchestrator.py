@@ -33,6 +33,7 @@ DESIRED, ASSIGNED = "desired", "assigned"
 STATE_INTERVAL = 2.0
 PEERS = 8
 RETRY_INTERVAL = 1.0
+PLACE_COALESCE = 0.05  # a placement pass waits this long, so the changes arriving meanwhile share it
 STARTUP_GRACE = 10.0
 # The state report is throttled by its own cost: the next one waits at least REPORT_MIN_INTERVAL and
 # REPORT_COST_FACTOR times what the last one took, so reporting uses at most ~1/REPORT_COST_FACTOR of the loop.
@@ -80,6 +81,8 @@ class ClusterOrchestrator:
         self._status_docs: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
         self._place_wanted = False
         self._placing: asyncio.Task[None] | None = None
+        self._maps_due: set[str] = set()  # workers whose desired maps changed in memory, published once on disk
+        self._placing_lock = asyncio.Lock()
         self._desired_in = DeltaReceiver(DESIRED_SECTIONS)
         self.network = ClusterNetwork(name, store, session)
 
@@ -94,9 +97,9 @@ class ClusterOrchestrator:
             iid: doc["node"] for iid, doc in (await self.store.load(ASSIGNED)).items() if iid in self.desired
         }
         self._desired_in.docs["instances"] = {iid: self._spec_doc(iid) for iid in self.desired}
-        for node in set(self.assigned.values()):
+        for node, mine in self._maps(set(self.assigned.values())).items():  # as stored
             self.nodes.setdefault(node, NodeView(node))
-            self._publish_node(node)
+            self._publish_map(node, mine)
         self._silent_after = time.monotonic() + STARTUP_GRACE if self.assigned else None
         await self.network.load()
 
@@ -167,10 +170,13 @@ class ClusterOrchestrator:
             self._demands.pop(iid, None)
             self._spec_docs.pop(iid, None)
             self._status_docs.pop(iid, None)
-        await self.store.put_many(DESIRED, {i: self._spec_doc(i) for i in put}, tuple(gone))
-        await self.store.put_many(ASSIGNED, {}, tuple(gone))
-        self._publish_nodes(touched)
-        await self.place_pending()
+        # In memory now, on disk with the placement pass's one write (place_soon): the message dispatch (the
+        # states of 1,000 workers among what waits behind it) never waits for the store, and deltas arriving
+        # meanwhile share one pass. What others hear of it (workers' maps, the state report) waits for that write.
+        self.store.apply(DESIRED, {i: self._spec_doc(i) for i in put}, tuple(gone))
+        self.store.apply(ASSIGNED, {}, tuple(gone))
+        self._maps_due |= touched
+        self.place_soon()
 
     async def _on_avail(self, node: NodeView, online: bool) -> None:
         was = node.online
@@ -193,7 +199,7 @@ class ClusterOrchestrator:
         # lost at once be handled one after the other quickly, and placed together.
         self.store.apply(ASSIGNED, {}, tuple(lost))
         node.statuses = {}
-        self._publish_node(node.name)
+        self._maps_due.add(node.name)
         self._peers_dirty = True
         self.place_soon()
         self._changed.set()
@@ -204,14 +210,19 @@ class ClusterOrchestrator:
         if self._placing is None or self._placing.done():
             self._placing = asyncio.get_running_loop().create_task(self._place_later())
 
+    async def placed(self) -> None:
+        """Wait until the placement :meth:`place_soon` asked for is done and on disk (tests, shutdown)."""
+        while self._placing is not None and not self._placing.done():
+            await asyncio.shield(self._placing)
+
     async def _place_later(self) -> None:
         while self._place_wanted:
             self._place_wanted = False
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(PLACE_COALESCE)
             try:
                 await self.place_pending()
             except Exception:
-                log.exception("placing the instances of lost workers failed")
+                log.exception("a placement pass failed")
 
     async def _give_up_on_silent_workers(self) -> None:
         """After a restart, a worker that held instances and has not come back within STARTUP_GRACE is
@@ -288,9 +299,16 @@ class ClusterOrchestrator:
         return [summary.candidate() for summary in self.summaries().values() if summary.online]
 
     async def place_pending(self) -> None:
-        """Place every desired instance that has no worker; publish the workers' maps that changed."""
+        """Place every desired instance that has no worker; once that and every change applied before it
+        are on disk (one file write for all), publish the workers' maps that changed. One pass at a time,
+        so maps are published in the order they were made."""
+        async with self._placing_lock:
+            await self._place_pending()
+
+    async def _place_pending(self) -> None:
         pending = [iid for iid in self.desired if iid not in self.assigned]
         if not pending:
+            await self._publish_when_durable(set())
             return
         candidates = {c.id: c for c in self.candidates()}
         coords = {c.id: c.coord for c in candidates.values() if c.coord}
@@ -311,9 +329,25 @@ class ClusterOrchestrator:
             placed[iid] = {"node": chosen.id}
             log.info("placed %s on %s", iid, chosen.id)
         if placed:
-            await self.store.put_many(ASSIGNED, placed)
-            self._publish_nodes({p["node"] for p in placed.values()})
+            self.store.apply(ASSIGNED, placed)
+        await self._publish_when_durable({p["node"] for p in placed.values()})
         self._changed.set()
+
+    async def _publish_when_durable(self, nodes: set[str]) -> None:
+        """Publish the maps of *nodes* and of every worker whose map changed in memory, as they stand now,
+        once every change applied so far is on disk: a worker never runs what a restarted cluster would not
+        know. (Changes applied while waiting are published by the next pass, after their own write.)"""
+        due, self._maps_due = self._maps_due | nodes, set()
+        if not due:
+            return
+        maps = self._maps(due)
+        try:
+            await self.store.sync()
+        except BaseException:
+            self._maps_due |= due
+            raise
+        for node, mine in maps.items():
+            self._publish_map(node, mine)
 
     def _publish_peers(self) -> None:
         """Give every online worker up to PEERS others to measure latency to: the workers after it in a ring
@@ -330,19 +364,13 @@ class ClusterOrchestrator:
             self.session.publish(topics.down(topics.NODES, name, "peers"),
                                  envelope.encode("peers", {"peers": peers}, f"cluster/{self.name}"), retain=True)
 
-    def _publish_node(self, node: str) -> None:
-        self._publish_nodes({node})
-
-    def _publish_nodes(self, nodes: set[str]) -> None:
-        """Publish the desired maps of *nodes* that changed (one pass over the assignments for all)."""
-        if not nodes:
-            return
+    def _maps(self, nodes: set[str]) -> dict[str, dict[str, Any]]:
+        """The desired maps of *nodes* (one pass over the assignments for all)."""
         maps: dict[str, dict[str, Any]] = {node: {} for node in nodes}
         for iid, node in self.assigned.items():
             if node in maps:
                 maps[node][iid] = self._spec_doc(iid)
-        for node, mine in maps.items():
-            self._publish_map(node, mine)
+        return maps
 
     def _publish_map(self, node: str, mine: dict[str, Any]) -> None:
         key = frozenset(mine)
@@ -430,14 +458,27 @@ class ClusterOrchestrator:
                 await asyncio.sleep(throttle.delay(time.monotonic()))  # coalesces bursts
                 self._changed.clear()
                 started = time.monotonic()
-                if self._peers_dirty:
-                    self._publish_peers()
-                await self.network.allocate(self.nodes)
-                self.network.publish(self.nodes, self.desired, self.assigned)
-                out.update(self.state())
-                throttle.ran(started, time.monotonic())
+                throttle.ran(started, started + await self.report(out))
         finally:
             out.close()
+
+    async def report(self, out: DeltaPublisher) -> float:
+        """Publish the peers, the net and the state for the root; return the seconds of work it took
+        (not counting the waits for the store). The state is taken as it stands and sent once every
+        change applied so far is on disk: the root never hears of a placement a restart would forget."""
+        started = time.monotonic()
+        if self._peers_dirty:
+            self._publish_peers()
+        cost = time.monotonic() - started
+        await self.network.allocate(self.nodes)
+        started = time.monotonic()
+        self.network.publish(self.nodes, self.desired, self.assigned)
+        state = self.state()
+        cost += time.monotonic() - started
+        await self.store.sync()
+        started = time.monotonic()
+        out.update(state)
+        return cost + time.monotonic() - started
 
 
 @dataclass
