@@ -113,3 +113,41 @@ async def test_a_gone_session_takes_only_its_own_filters(broker: EmbeddedBroker)
         indexed = sorted(f for filters in amqtt._wildcards().values() for f in filters)
         assert indexed == sorted(f for f in amqtt._subscriptions if "+" in f or "#" in f)
         assert [s.client_id for s, _ in amqtt._subscriptions["oak/api/alice/request/shared"]] == ["stay"]
+
+
+def _packet(kind: int, body: bytes) -> bytes:
+    """An MQTT 3.1.1 packet: fixed header (remaining length under 128 bytes) and *body*."""
+    assert len(body) < 128
+    return bytes([kind, len(body)]) + body
+
+
+def _text(value: str) -> bytes:
+    raw = value.encode()
+    return len(raw).to_bytes(2, "big") + raw
+
+
+async def test_a_delivery_acknowledged_too_late_is_counted_not_logged(
+        broker: EmbeddedBroker, caplog: pytest.LogCaptureFixture) -> None:
+    """A subscriber that never sends its PUBACK (as a busy loop sends it after amqtt's 5 s): the delivery
+    is counted as late, and neither amqtt's traceback nor its warnings reach the log."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", broker.port)
+    connect = _text("MQTT") + bytes([4, 0xC2]) + (60).to_bytes(2, "big") + _text("mute") + _text("alice") + _text("pw")
+    writer.write(_packet(0x10, connect))
+    assert (await asyncio.wait_for(reader.readexactly(4), 5)) == b"\x20\x02\x00\x00"  # CONNACK, accepted
+    writer.write(_packet(0x82, (1).to_bytes(2, "big") + _text("oak/api/alice/request/x") + b"\x01"))
+    assert (await asyncio.wait_for(reader.readexactly(5), 5))[:1] == b"\x90"  # SUBACK
+    amqtt = broker._broker
+    assert amqtt is not None
+    caplog.set_level(logging.INFO)
+    async with MqttSession(BrokerUrl("127.0.0.1", broker.port), "b", "alice", "pw") as pub:
+        pub.publish("oak/api/alice/request/x", b"hello")
+        first = await asyncio.wait_for(reader.read(1), 5)
+        assert first[0] >> 4 == 3  # the PUBLISH arrived; no PUBACK is sent
+        for _ in range(80):
+            await asyncio.sleep(0.1)
+            if amqtt.stats()["late_acks"]:
+                break
+    assert amqtt.stats()["late_acks"] == 1
+    noisy = [r for r in caplog.records if r.name.startswith("amqtt") and r.levelno >= logging.WARNING]
+    assert noisy == [], [r.getMessage() for r in noisy]
+    writer.close()
