@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
 from plugins.schedulers.least_loaded import LeastLoaded
-from services.common import envelope, topics
+from services.common import envelope, models, topics
 from services.common.delta import DeltaSender
 from services.common.hookspecs import Demand
-from services.common.models import NodeSummary
+from services.common.models import InstanceSpec, InstanceStatus, NodeSummary
 from services.common.mqtt import Message
 from services.common.scheduling import Profile, Weighted
 from services.common.sla import parse_sla
 from services.common.store import Store
-from services.root.catalog import Catalog
+from services.root.catalog import Catalog, Service
 from services.root.clusters import ClusterView, Pool, choose
 from services.root.orchestrator import RootOrchestrator
 
@@ -44,6 +45,19 @@ class FakeSession:
         pass
 
 
+async def one_service(tmp_path: Path, replicas: int) -> tuple[Catalog, Service]:
+    """A catalog holding one user's service of *replicas* instances (0.5 vcpus each), and that service."""
+    catalog = Catalog(Store(tmp_path / "root.json"))
+    micro = [{"microserviceID": "", "microservice_name": "s", "microservice_namespace": "t",
+              "virtualization": "process", "code": "", "cmd": ["sleep", "1"], "memory": 10, "vcpus": 0.5}]
+    sla = json.dumps({"sla_version": "v2.0", "customerID": "u", "applications": [{
+        "applicationID": "", "application_name": "a", "application_namespace": "t",
+        "application_desc": "", "microservices": micro}]})
+    app = await catalog.create_app("u", parse_sla(sla)[0])
+    await catalog.set_replicas(catalog.services[app.services[0]], replicas)
+    return catalog, catalog.services[app.services[0]]
+
+
 def test_a_pool_is_lowered_by_each_decision() -> None:
     """Decisions sharing a pool see each other: a 1-core worker takes one 1-vcpu instance, not two."""
     clusters = [view("c", 2, cores=1)]
@@ -61,16 +75,7 @@ def test_a_pool_is_lowered_by_each_decision() -> None:
 
 
 async def test_a_burst_is_placed_after_the_answer_with_reservations_built_once(tmp_path: Path) -> None:
-    store = Store(tmp_path / "root.json")
-    catalog = Catalog(store)
-    micro = [{"microserviceID": "", "microservice_name": "s", "microservice_namespace": "t",
-              "virtualization": "process", "code": "", "cmd": ["sleep", "1"], "memory": 10, "vcpus": 0.5}]
-    sla = json.dumps({"sla_version": "v2.0", "customerID": "u", "applications": [{
-        "applicationID": "", "application_name": "a", "application_namespace": "t",
-        "application_desc": "", "microservices": micro}]})
-    app = await catalog.create_app("u", parse_sla(sla)[0])
-    service = catalog.services[app.services[0]]
-    await catalog.set_replicas(service, 64)
+    catalog, service = await one_service(tmp_path, 64)
     orchestrator = RootOrchestrator(catalog, PROFILE, FakeSession())  # type: ignore[arg-type]
     orchestrator.clusters = {"c1": view("c1", 4), "c2": view("c2", 4)}
     calls = 0
@@ -113,3 +118,41 @@ async def test_the_root_folds_state_deltas_into_its_view_of_the_cluster(tmp_path
                                               envelope.encode("cluster.state.delta", delta.data(), "c"), False, 1))
     assert {i: s.status for i, s in orchestrator.clusters["c1"].statuses.items()} == {"i1": "RUNNING"}
     await orchestrator.settled()
+
+
+def test_dump_reads_flat_dataclasses_field_by_field_and_the_rest_as_asdict_does() -> None:
+    """models.dump's fast path gives what dataclasses.asdict gives, and copies what asdict copies."""
+    status = InstanceStatus("RUNNING", node="w1", cluster="c1", cpu_percent=1.5, exit_code=None)
+    assert models.dump(status) == dataclasses.asdict(status)
+    node = NodeSummary("w1", True, 4, 4096, 3, 4000, 1.0, ["process"], labels=["a"], services={"s": 1})
+    dumped = models.dump(node)
+    assert dumped == dataclasses.asdict(node)
+    assert dumped["runtimes"] is not node.runtimes  # a copy, as asdict makes
+    spec = InstanceSpec("i1", "u", "a.t.s.t", 1, {"cmd": ["x"]})
+    assert models.dump(spec) == dataclasses.asdict(spec)
+    assert models.load(InstanceStatus, {**models.dump(status), "unknown": 1}) == status
+
+
+async def test_a_service_state_is_published_with_its_rows_json_reused(tmp_path: Path) -> None:
+    """The published state is what encoding it whole gives; a row is encoded again only when it changed."""
+    catalog, service = await one_service(tmp_path, 3)
+    session = FakeSession()
+    orchestrator = RootOrchestrator(catalog, PROFILE, session)  # type: ignore[arg-type]
+    orchestrator.clusters = {"c1": view("c1", 2)}
+    orchestrator.kick()
+    await orchestrator.settled()
+    assert all(orchestrator.spec_doc(i) == models.dump(orchestrator.spec_of(i)) for i in catalog.instances.values())
+    topic = topics.api_service_state("u", service.job_name)
+    first = [p for t, p in session.published if t == topic][-1]
+    assert json.loads(first)["data"] == orchestrator.service_state(service)
+    assert envelope.decode(first, "service.state").data == envelope.decode(
+        envelope.encode("service.state", orchestrator.service_state(service), "root")).data
+    texts = {iid: cached[2] for iid, cached in orchestrator._rows.items()}
+    changed = next(iter(catalog.instances))
+    orchestrator.clusters["c1"].statuses[changed] = InstanceStatus("RUNNING", node="c1-w0", cluster="c1")
+    orchestrator.mark(service)
+    orchestrator.flush_states()
+    second = json.loads([p for t, p in session.published if t == topic][-1])["data"]
+    assert second == orchestrator.service_state(service)
+    assert [r["status"] for r in second["instances"] if r["iid"] == changed] == ["RUNNING"]
+    assert [iid for iid, cached in orchestrator._rows.items() if cached[2] is not texts[iid]] == [changed]

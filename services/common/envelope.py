@@ -40,6 +40,12 @@ def encode(kind: str, data: dict[str, Any], src: str) -> bytes:
     ).encode()
 
 
+def encode_json(kind: str, data: str, src: str) -> bytes:
+    """:func:`encode` for *data* already in JSON text (the caller keeps parts of it): the same bytes."""
+    head = json.dumps({"v": VERSION, "kind": kind, "ts": round(time.time(), 3), "src": src}, separators=(",", ":"))
+    return f'{head[:-1]},"data":{data}}}'.encode()
+
+
 def decode(payload: bytes | str, kind: str | None = None) -> Envelope:
     """Decode an envelope; check its *kind* when given. Raise :class:`EnvelopeError` on anything else."""
     try:

@@ -69,7 +69,7 @@ class Pool:
     index: dict[str, int]
     load: float
     names: tuple[str, ...]
-    _best: dict[tuple[int, int], tuple[Demand, Decision]] = field(default_factory=dict)
+    _best: dict[tuple[int, int], tuple[Demand, Decision, Candidate | None]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, view: ClusterView, reserved: dict[str, Demand]) -> Pool:
@@ -85,14 +85,21 @@ class Pool:
             self.workers[i] = reserve(self.workers[i], demand)
             self._best.clear()
 
-    def best(self, demand: Demand, profile: Profile) -> Decision:
-        """The decision among this pool's workers for *demand*, remembered until the pool changes: in a
-        burst of one service's replicas the clusters not chosen last time are asked the same again."""
+    def best(self, demand: Demand, profile: Profile, cluster: str = "") -> tuple[Decision, Candidate | None]:
+        """The decision among this pool's workers for *demand*, and the chosen worker as a stand-in for
+        *cluster* (see :func:`choose`), remembered until the pool changes: in a burst of one service's
+        replicas the clusters not chosen last time are asked the same again."""
         key = (id(demand), profile.sample)  # the demand is held below, so its id is not reused meanwhile
         hit = self._best.get(key)
         if hit is None or hit[0] is not demand:
-            hit = self._best[key] = (demand, place(demand, self.workers, profile, "node"))
-        return hit[1]
+            decision = place(demand, self.workers, profile, "node")
+            # The stand-in is the worker that would take the instance, named after its cluster: its
+            # resources, labels, location and replicas are what the plugins judge at this level too.
+            # Its measured load is the cluster's average, which is steadier than one worker's sample.
+            stand_in = None if decision.choice is None else replace(
+                decision.choice, id=cluster, node_names=self.names, cpu_percent=self.load)
+            hit = self._best[key] = (demand, decision, stand_in)
+        return hit[1], hit[2]
 
 
 def choose(demand: Demand, clusters: list[ClusterView], reserved: dict[str, dict[str, Demand]],
@@ -124,14 +131,10 @@ def choose(demand: Demand, clusters: list[ClusterView], reserved: dict[str, dict
         if not workers:
             reasons[view.name] = "offline" if not view.online else "no worker online"
             continue
-        inner = pool.best(demand, inner_profile)
-        if inner.choice is None:
+        inner, stand_in = pool.best(demand, inner_profile, view.name)
+        if inner.choice is None or stand_in is None:
             reasons[view.name] = f"no worker fits ({inner.why_not()})"
             continue
-        # The stand-in is the worker that would take the instance, named after its cluster: its
-        # resources, labels, location and replicas are what the plugins judge at this level too.
-        # Its measured load is the cluster's average, which is steadier than one worker's sample.
-        stand_in = replace(inner.choice, id=view.name, node_names=pool.names, cpu_percent=pool.load)
         stand_ins[view.name] = (stand_in, inner.choice.id)
     outer = place(demand, [c for c, _ in stand_ins.values()], profile, "cluster")
     decision = Decision(outer.choice, {**reasons, **outer.reasons}, outer.totals)
