@@ -11,6 +11,8 @@ command -v nft >/dev/null || [ -x /usr/sbin/nft ] || need+=(nftables)
 [ -x /bin/busybox ] || need+=(busybox-static)
 command -v umoci >/dev/null || need+=(umoci)
 command -v ip >/dev/null || [ -x /usr/sbin/ip ] || need+=(iproute2)
+command -v ethtool >/dev/null || [ -x /usr/sbin/ethtool ] || need+=(ethtool)  # the network lab's receive offload
+command -v iperf3 >/dev/null || need+=(iperf3)  # bench/overlay.py
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
   echo "note: missing ${need[*]}; tests that need them will be skipped (install them as root to run those)" >&2

@@ -147,6 +147,11 @@ async def test_service_ips_across_workers_and_clusters(stack: Stack, api: Any, l
     tracked = [line for line in sh("ip", "netns", "exec", lab.hosts["h2"], "cat", "/proc/net/nf_conntrack").stdout
                .splitlines() if re.search(r"src=10\.18\.\S+ dst=10\.18\.", line)]
     assert not tracked, f"instance-to-instance traffic passes the worker untracked (fast path): {tracked}"
+    local = next(f"oak-{i['iid']}" for i in servers["instances"] if i["node"] == "w1")
+    assert ask(local, "tcp", closest, 80, 2) == [names["w1"]] * 2, "a replica reaching itself via a service IP"
+    assert not conntrack(f"oak-{next(i['iid'] for i in servers['instances'] if i['node'] == 'w2')}", "tcp"), (
+        "a server's namespace tracks no TCP it needs not translate")
+    assert any(f"dst={rr} " in line for line in conntrack(caller_ns, "tcp")), "the client's DNAT is tracked"
 
     stack.procs["c1"].kill9()  # the data plane does not need the control plane
     assert Counter(ask(caller_ns, "tcp", rr, 80, 6)) == Counter({n: 2 for n in names.values()}), "cluster away"
@@ -196,6 +201,12 @@ async def test_service_ips_across_workers_and_clusters(stack: Stack, api: Any, l
         assert {"oak0", "oakvx"}.isdisjoint(links(lab.hosts[host]))
         assert "oakling" not in nft_ruleset(lab.hosts[host])
         assert "10.18." not in sh("ip", "-n", lab.hosts[host], "route").stdout, "no overlay route left"
+
+
+def conntrack(ns: str, proto: str) -> list[str]:
+    """The connection tracking entries of namespace *ns* for *proto*."""
+    lines = sh("ip", "netns", "exec", ns, "cat", "/proc/net/nf_conntrack").stdout.splitlines()
+    return [line for line in lines if f" {proto} " in line]
 
 
 async def _overlay_nodes(client: OakClient, count: int) -> bool:

@@ -110,7 +110,9 @@ def test_rules() -> None:
     assert inside.startswith("table ip oakling\ndelete table ip oakling\n")
     assert "type nat hook output" in inside
     assert "ip daddr 10.30.0.2 dnat to 10.18.0.2" in inside
-    assert "notrack" not in inside
+    assert "meta l4proto tcp socket transparent 0 notrack" in inside, "TCP arriving for a socket here"
+    assert 'meta l4proto tcp oif != "lo" ip daddr != { 10.30.0.1, 10.30.0.2 } notrack' in inside, (
+        "TCP leaving for anything but a service IP")
     assert render_instance(NetTable(), "w1", "c1") == "table ip oakling\ndelete table ip oakling\n", (
         "no service: no table, so the instance's own traffic is not tracked")
 

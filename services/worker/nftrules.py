@@ -8,7 +8,8 @@ In every instance namespace:
 
 * ``services``: each round-robin IP DNATs to its backends with ``numgen inc mod N`` (so each new
   connection goes to the next replica); each closest IP to the backends on this worker, else in
-  this cluster, else anywhere.
+  this cluster, else anywhere;
+* ``raw``: TCP that needs no translation (everything but connections to service IPs) is not tracked.
 
 In the worker's (host) namespace (:func:`render`):
 
@@ -128,19 +129,46 @@ def _tunnel_notrack(table: NetTable, node: str) -> list[str]:
 
 
 def render_instance(table: NetTable, node: str, cluster: str) -> str:
-    """An instance namespace's ruleset: its connections to service IPs are translated where they start."""
+    """An instance namespace's ruleset: its connections to service IPs are translated where they start,
+    and its other TCP traffic is not tracked (see :func:`_untracked_tcp`)."""
     rules = service_rules(table, node, cluster)
     if not rules:
         return remove()
     return f"""table ip {TABLE}
 delete table ip {TABLE}
 table ip {TABLE} {{
+{_untracked_tcp(_service_ips(table))}
   chain output {{
     type nat hook output priority -100; policy accept;
 {_chain(rules)}
   }}
 }}
 """
+
+
+def _service_ips(table: NetTable) -> list[str]:
+    return sorted({ip for route in table.services.values() if route.backends for ip in (route.rr_ip, route.closest_ip)})
+
+
+def _untracked_tcp(service_ips: list[str]) -> str:
+    """Raw chains that keep an instance's TCP out of connection tracking unless it needs translating.
+
+    Only connections this instance opens to a service IP need conntrack (their DNAT, and its reversal
+    on the replies). So TCP leaving for anything but a service IP is not tracked, except on ``lo``
+    (an instance reaching itself through a service IP: the reply must be translated back); and TCP
+    arriving for a socket of this namespace (a listener, a connection, a half-open or closing one) is
+    not tracked: a reply to a translated connection finds no socket under its untranslated addresses,
+    so it still meets its conntrack entry. UDP and ICMP are tracked as before.
+    """
+    return f"""  chain raw {{
+    type filter hook prerouting priority raw; policy accept;
+    meta l4proto tcp socket transparent 0 notrack
+    meta l4proto tcp socket transparent 1 notrack
+  }}
+  chain raw_out {{
+    type filter hook output priority raw; policy accept;
+    meta l4proto tcp oif != "lo" ip daddr != {{ {", ".join(service_ips)} }} notrack
+  }}"""
 
 
 def remove() -> str:
