@@ -15,8 +15,10 @@ from services.common import addressing, envelope
 from services.common.models import InstanceSpec, InstanceStatus, NodeInfo
 from services.common.nettable import Backend, NetTable, NodeRoute, ServiceRoute
 from services.common.store import Store
+from services.worker.kernel import KernelError
 from services.worker.netcfg import NetConfig, NetConfigError
 from services.worker.nftrules import PortMap, parse_ports, render, render_instance, service_rules
+from services.worker.overlay import Overlay
 
 
 @pytest.mark.parametrize(("pool", "prefix", "used", "want"), [
@@ -115,6 +117,31 @@ def test_rules() -> None:
         "TCP leaving for anything but a service IP")
     assert render_instance(NetTable(), "w1", "c1") == "table ip oakling\ndelete table ip oakling\n", (
         "no service: no table, so the instance's own traffic is not tracked")
+
+
+class NoSocketMatch:
+    """A kernel that, like one built without nft_socket, refuses rulesets using the socket match."""
+
+    def __init__(self) -> None:
+        self.rules: dict[str, str] = {}
+
+    def set_instance_rules(self, iid: str, ruleset: str) -> None:
+        if "socket transparent" in ruleset:
+            raise KernelError("nft: Could not process rule: No such file or directory")
+        self.rules[iid] = ruleset
+
+
+async def test_instance_rules_without_socket_match(tmp_path: Path) -> None:
+    """Where the kernel lacks the socket match, the service DNAT still goes in, with all TCP tracked."""
+    kernel = NoSocketMatch()
+    overlay = Overlay("w1", kernel, Store(tmp_path / "w.json"))  # type: ignore[arg-type]
+    overlay.table, overlay.cluster = NetTable({}, {"s1": WEB}), "c1"
+    await overlay._program_instance("i1")
+    await overlay._program_instance("i2")
+    assert not overlay.socket_match
+    assert kernel.rules["i1"] == kernel.rules["i2"] == render_instance(overlay.table, "w1", "c1", untracked=False)
+    assert "dnat to 10.18.0.2" in kernel.rules["i1"]
+    assert "notrack" not in kernel.rules["i1"]
 
 
 class Published:

@@ -128,16 +128,17 @@ def _tunnel_notrack(table: NetTable, node: str) -> list[str]:
     return [f"ip daddr . udp dport {{ {', '.join(f'{ip} . {port}' for ip, port in peers)} }} notrack"]
 
 
-def render_instance(table: NetTable, node: str, cluster: str) -> str:
+def render_instance(table: NetTable, node: str, cluster: str, untracked: bool = True) -> str:
     """An instance namespace's ruleset: its connections to service IPs are translated where they start,
-    and its other TCP traffic is not tracked (see :func:`_untracked_tcp`)."""
+    and (with *untracked*, which needs the kernel's nft_socket) its other TCP traffic is not tracked
+    (see :func:`_untracked_tcp`)."""
     rules = service_rules(table, node, cluster)
     if not rules:
         return remove()
     return f"""table ip {TABLE}
 delete table ip {TABLE}
 table ip {TABLE} {{
-{_untracked_tcp(_service_ips(table))}
+{_untracked_tcp(_service_ips(table)) if untracked else ""}
   chain output {{
     type nat hook output priority -100; policy accept;
 {_chain(rules)}

@@ -61,6 +61,7 @@ class Overlay:
         self.table = NetTable()
         self.attached: dict[str, dict[str, str]] = {}
         self.instance_rules: dict[str, str] = {}  # the ruleset last put in each instance's namespace
+        self.socket_match = True  # False on a kernel without nftables' socket match: all TCP is tracked
         self._subnet_known = asyncio.Event()
         self._lock = asyncio.Lock()
 
@@ -104,13 +105,21 @@ class Overlay:
 
     async def _program_instance(self, iid: str) -> None:
         """Put the service IPs' translation in instance *iid*'s namespace, unless it is there already."""
-        ruleset = nftrules.render_instance(self.table, self.node, self.cluster)
+        ruleset = nftrules.render_instance(self.table, self.node, self.cluster, self.socket_match)
         if self.instance_rules.get(iid) == ruleset:
             return
         try:
             await self._call(self.kernel.set_instance_rules, iid, ruleset)
-        except KernelError as exc:  # its namespace is gone or going: detach will follow
-            log.warning("cannot program instance %s: %s", iid, exc)
+        except KernelError as exc:
+            if self.socket_match and ruleset != nftrules.remove():  # a kernel without nft_socket?
+                self.socket_match = False
+                await self._program_instance(iid)
+                if iid in self.instance_rules:
+                    log.warning("this kernel refused nftables' socket match (%s); instances track all their "
+                                "TCP", exc)
+                    return
+                self.socket_match = True
+            log.warning("cannot program instance %s: %s", iid, exc)  # its namespace is gone or going
             return
         self.instance_rules[iid] = ruleset
 
