@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 from plugins.schedulers.least_loaded import LeastLoaded
 from services.common.hookspecs import Demand
 from services.common.models import NodeSummary
 from services.common.scheduling import Profile, Weighted
-from services.root.clusters import ClusterView, choose
+from services.root.clusters import FAILOVER_GRACE, STARTUP_GRACE, ClusterView, choose
 
 PROFILE = Profile((Weighted(LeastLoaded()),))
 
@@ -54,3 +56,16 @@ def test_direct_constraints_pick_the_cluster_and_worker() -> None:
     assert decision.choice is not None
     assert (decision.choice.id, worker) == ("c1", "a")
     assert decision.reasons == {"c2": "not in direct cluster list c1"}
+
+
+def test_an_offline_report_keeps_the_startup_grace() -> None:
+    """A restarted root reads a cluster's retained "offline" first; its instances wait the startup grace."""
+    view = ClusterView("c1")
+    view.set_online(False, grace=STARTUP_GRACE)
+    view.set_online(False)
+    assert view.move_after is not None
+    assert view.move_after - time.monotonic() > FAILOVER_GRACE + 1, "the short failover grace did not replace it"
+    view.set_online(True)
+    view.set_online(False)
+    assert view.move_after is not None
+    assert view.move_after - time.monotonic() <= FAILOVER_GRACE, "once it was back, a new outage waits the short one"

@@ -32,9 +32,14 @@ class ClusterView:
     overlay: dict[str, NodeRoute] = field(default_factory=dict)
 
     def set_online(self, online: bool, grace: float = FAILOVER_GRACE) -> None:
-        """Record a change of availability."""
+        """Record a change of availability. An offline report never cuts a longer wait short: the
+        retained "offline" a restarted root reads first must not turn its startup grace into two
+        seconds while the cluster is still reconnecting."""
+        deadline = time.monotonic() + grace
+        if not online and not self.online and self.move_after is not None:
+            deadline = max(deadline, self.move_after)
         self.online = online
-        self.move_after = None if online else time.monotonic() + grace
+        self.move_after = None if online else deadline
 
     def should_move(self) -> bool:
         """True when this cluster's instances should be placed elsewhere."""
