@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from pathlib import Path
 
 import pytest
 
 from plugins.runtimes.process import ProcessRuntime
+from plugins.runtimes.sim import SimRuntime
 from services.common import models
 from services.common.models import InstanceSpec
 from services.common.sla import ServiceSpec
 from services.common.store import Store
 from services.worker import engine as engine_module
 from services.worker.engine import Engine, backoff
+from services.worker.reporter import Reporter
 from tests.conftest import eventually
 
 
@@ -77,3 +81,48 @@ async def test_restarted_engine_adopts_running_instances(tmp_path: Path) -> None
     await eventually(lambda: not second.slots, what="removed")
     await asyncio.sleep(0.2)
     await second.close()
+
+
+async def test_many_new_instances_share_one_store_write(tmp_path: Path) -> None:
+    """A desired map bringing 300 instances writes their CREATING records once, not 300 times in a row."""
+    store = Store(tmp_path / "w.json")
+    eng = Engine("w1", {"process": SimRuntime()}, store, tmp_path)
+    before = store.file_writes
+    await eng.apply({f"i{n}": spec(f"i{n}", ["sleep", "1"]) for n in range(300)})  # returns before they start
+    assert store.file_writes - before == 1, f"{store.file_writes - before} writes for one desired map"
+    await eventually(lambda: all(s.status == models.RUNNING for s in eng.statuses().values()), what="all RUNNING")
+    await eng.apply({})
+    await eventually(lambda: not eng.slots, what="all removed")
+    await eng.close()
+
+
+class Slow:
+    """A collector whose sample takes 20 ms, as a report of a thousand instances may."""
+
+    def sample(self) -> dict[str, object]:
+        time.sleep(0.02)
+        return {}
+
+
+class Sent:
+    """Counts what the reporter publishes."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        self.count += 1
+
+
+async def test_costly_reports_are_spaced_by_their_cost() -> None:
+    """A burst of changes on a worker whose report costs 20 ms makes a report at most every ~200 ms."""
+    reporter, sent = Reporter("w1", Slow()), Sent()  # type: ignore[arg-type]
+    task = asyncio.create_task(reporter.run(sent, 60))  # type: ignore[arg-type]
+    for _ in range(100):  # changes for a second
+        reporter.poke()
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert reporter.pause >= 0.2
+    assert 2 <= sent.count <= 8, f"{sent.count} reports in a second of changes"

@@ -92,13 +92,13 @@ class Engine:
             )
         return out
 
-    async def _save(self, slot: Slot) -> None:
+    @staticmethod
+    def _doc(slot: Slot) -> dict[str, object]:
         handle = models.dump(slot.handle) if slot.handle else None
-        await self.store.put(
-            TABLE,
-            slot.spec.iid,
-            {"spec": models.dump(slot.spec), "handle": handle, "status": models.dump(slot.status)},
-        )
+        return {"spec": models.dump(slot.spec), "handle": handle, "status": models.dump(slot.status)}
+
+    async def _save(self, slot: Slot) -> None:
+        await self.store.put(TABLE, slot.spec.iid, self._doc(slot))
 
     def _set(self, slot: Slot, status: InstanceStatus) -> None:
         slot.status = replace(status, since=round(time.time(), 3))
@@ -140,12 +140,12 @@ class Engine:
             task = asyncio.create_task(self._remove(slot))
             self._stopping.add(task)
             task.add_done_callback(self._stopping.discard)
-        for iid, spec in desired.items():
-            if iid in self.slots:
-                continue
-            slot = Slot(spec, InstanceStatus(models.CREATING))
-            self.slots[iid] = slot
-            await self._save(slot)
+        new = {iid: Slot(spec, InstanceStatus(models.CREATING))
+               for iid, spec in desired.items() if iid not in self.slots}
+        self.slots.update(new)
+        if new:
+            await self.store.put_many(TABLE, {iid: self._doc(slot) for iid, slot in new.items()})  # one write
+        for slot in new.values():
             slot.task = asyncio.create_task(self._supervise(slot, adopted=False))
         self.on_change()
 
