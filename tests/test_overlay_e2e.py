@@ -63,8 +63,9 @@ PING = ["ping"] if shutil.which("ping") else ["busybox", "ping"]
 
 
 @pytest.fixture
-def lab() -> Iterator[Lab]:
-    """Three pretend hosts on one LAN, removed at the end."""
+def lab(stack: Stack) -> Iterator[Lab]:
+    """Three pretend hosts on one LAN, removed at the end, after the stack's workers have stopped (so a
+    failed test's workers still remove their instances' namespaces from hosts that exist)."""
     need_network_lab()
     lab = Lab()
     try:
@@ -72,6 +73,7 @@ def lab() -> Iterator[Lab]:
             lab.host(name)
         yield lab
     finally:
+        stack.stop()
         lab.remove()
 
 
