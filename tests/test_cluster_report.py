@@ -16,7 +16,6 @@ from services.cluster.orchestrator import (
     STATE_SECTIONS,
     ClusterOrchestrator,
     NodeView,
-    ReportThrottle,
 )
 from services.common import envelope, models, topics
 from services.common.delta import DeltaPublisher, DeltaReceiver, DeltaSender
@@ -24,6 +23,7 @@ from services.common.models import InstanceSpec, NodeInfo
 from services.common.mqtt import Message
 from services.common.scheduling import Profile, Weighted
 from services.common.store import Store
+from services.common.throttle import ReportThrottle
 from tests.test_root_burst import FakeSession
 
 

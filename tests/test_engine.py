@@ -124,5 +124,5 @@ async def test_costly_reports_are_spaced_by_their_cost() -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
-    assert reporter.pause >= 0.2
+    assert reporter.throttle.gap >= 0.2
     assert 2 <= sent.count <= 8, f"{sent.count} reports in a second of changes"

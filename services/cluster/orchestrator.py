@@ -26,6 +26,7 @@ from services.common.models import InstanceSpec, InstanceStatus, NodeInfo, NodeS
 from services.common.mqtt import Message, MqttSession
 from services.common.scheduling import Profile, reserve, with_targets
 from services.common.store import Store
+from services.common.throttle import ReportThrottle
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +36,8 @@ PEERS = 8
 RETRY_INTERVAL = 1.0
 PLACE_COALESCE = 0.05  # a placement pass waits this long, so the changes arriving meanwhile share it
 STARTUP_GRACE = 10.0
-# The state report is throttled by its own cost: the next one waits at least REPORT_MIN_INTERVAL and
-# REPORT_COST_FACTOR times what the last one took, so reporting uses at most ~1/REPORT_COST_FACTOR of the loop.
+# The state report is throttled by its own cost (ReportThrottle): the next one waits at least
+# REPORT_MIN_INTERVAL and REPORT_COST_FACTOR times what the last one took.
 REPORT_MIN_INTERVAL = 0.2
 REPORT_COST_FACTOR = 10.0
 DESIRED_SECTIONS = ("instances",)
@@ -450,7 +451,7 @@ class ClusterOrchestrator:
         net and the state for the root (what changed at once, the whole once settled)."""
         out = DeltaPublisher(self.session, topics.upstream("state"), "cluster.state", f"cluster/{self.name}",
                              STATE_SECTIONS)
-        throttle = ReportThrottle()
+        throttle = ReportThrottle(REPORT_MIN_INTERVAL, REPORT_COST_FACTOR)
         try:
             while True:
                 with contextlib.suppress(TimeoutError):
@@ -479,24 +480,3 @@ class ClusterOrchestrator:
         started = time.monotonic()
         out.update(state)
         return cost + time.monotonic() - started
-
-
-@dataclass
-class ReportThrottle:
-    """Spaces reports by their own cost: the next one starts at least ``max(minimum, factor × cost of
-    the last one)`` after the last one started, and never sooner than *coalesce* after a change."""
-
-    minimum: float = REPORT_MIN_INTERVAL
-    factor: float = REPORT_COST_FACTOR
-    coalesce: float = 0.005
-    _started: float = float("-inf")
-    _cost: float = 0.0
-
-    def delay(self, now: float) -> float:
-        """How long to wait, at *now*, before the next report."""
-        gap = max(self.minimum, self.factor * self._cost)
-        return max(self.coalesce, self._started + gap - now)
-
-    def ran(self, started: float, ended: float) -> None:
-        """Record a report that ran from *started* to *ended*."""
-        self._started, self._cost = started, ended - started

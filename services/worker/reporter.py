@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from typing import TYPE_CHECKING
 
 from services.common import envelope, models, topics
 from services.common.hookspecs import Collector
 from services.common.mqtt import MqttSession
+from services.common.throttle import ReportThrottle
 
 if TYPE_CHECKING:
     from services.worker.engine import Engine
     from services.worker.prober import Prober
 
 COALESCE = 0.005  # seconds a report waits for more changes, at least
-COST_FACTOR = 10  # ... and this many times what the last report cost
+COST_FACTOR = 10  # reports start at least this many times what the last one cost apart
 
 
 class Reporter:
@@ -28,7 +28,7 @@ class Reporter:
         self.engine: Engine | None = None
         self.prober: Prober | None = None
         self._changed = asyncio.Event()
-        self.pause = COALESCE  # how long the next report waits for more changes
+        self.throttle = ReportThrottle(0.0, COST_FACTOR, COALESCE)
 
     def poke(self) -> None:
         """Ask for a report now (an instance changed)."""
@@ -45,17 +45,19 @@ class Reporter:
 
     async def run(self, session: MqttSession, interval: float) -> None:
         """Publish now, then whenever poked and at least every *interval* seconds. Changes in a burst
-        share a report: after one, the next waits at least 5 ms and ten times what the last one cost
-        (a worker holding a thousand instances is not kept busy re-sending all of them per change)."""
+        share a report: after a change the next waits at least 5 ms, and starts at least ten times what
+        the last one cost after it (a worker holding a thousand instances is not kept busy re-sending all
+        of them per change)."""
         topic = topics.up(topics.NODES, self.node, "state")
+        loop = asyncio.get_running_loop()
         while True:
             self._changed.clear()
-            began = time.perf_counter()
+            began = loop.time()
             session.publish(topic, envelope.encode("node.state", self.state(), f"node/{self.node}"), retain=True)
-            self.pause = max(COALESCE, COST_FACTOR * (time.perf_counter() - began))
+            self.throttle.ran(began, loop.time())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), interval)
-                await asyncio.sleep(self.pause)
+                await asyncio.sleep(self.throttle.delay(loop.time()))
                 continue
             if self.engine:
                 await self.engine.sample()
