@@ -111,17 +111,21 @@ class Overlay:
         try:
             await self._call(self.kernel.set_instance_rules, iid, ruleset)
         except KernelError as exc:
-            if self.socket_match and ruleset != nftrules.remove():  # a kernel without nft_socket?
-                self.socket_match = False
-                await self._program_instance(iid)
-                if iid in self.instance_rules:
-                    log.warning("this kernel refused nftables' socket match (%s); instances track all their "
-                                "TCP", exc)
-                    return
-                self.socket_match = True
-            log.warning("cannot program instance %s: %s", iid, exc)  # its namespace is gone or going
-            return
+            tracked = nftrules.render_instance(self.table, self.node, self.cluster, untracked=False)
+            if tracked == ruleset or not await self._try_rules(iid, tracked):
+                log.warning("cannot program instance %s: %s", iid, exc)  # its namespace is gone or going
+                return
+            self.socket_match, ruleset = False, tracked  # a kernel without nft_socket
+            log.warning("this kernel refused nftables' socket match (%s); instances track all their TCP", exc)
         self.instance_rules[iid] = ruleset
+
+    async def _try_rules(self, iid: str, ruleset: str) -> bool:
+        """Put *ruleset* in instance *iid*'s namespace; False if the kernel refused it."""
+        try:
+            await self._call(self.kernel.set_instance_rules, iid, ruleset)
+        except KernelError:
+            return False
+        return True
 
     async def attach(self, iid: str, ports: str) -> Attachment:
         """Give instance *iid* its namespace and IP (the same IP as before when it had one)."""
