@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from services.common import addressing
 from services.common.addressing import WORKER_POOL
-from services.common.nettable import Backend, NetTable
+from services.common.nettable import Backend, NetTable, ServiceRoute
 
 TABLE = "oakling"
 GATEWAY, VXLAN = "oak0", "oakvx"  # the link holding the instances' gateway address; the VXLAN device
@@ -64,13 +64,17 @@ def _dnat(ip: str, backends: tuple[Backend, ...]) -> str:
     return f"ip daddr {ip} dnat to numgen inc mod {len(backends)} map {{ {choices} }}"
 
 
+def _routed(table: NetTable) -> list[ServiceRoute]:
+    """The services that have somewhere to go, by round-robin IP."""
+    return sorted((route for route in table.services.values() if route.backends), key=lambda r: r.rr_ip)
+
+
 def service_rules(table: NetTable, node: str, cluster: str) -> list[str]:
     """The DNAT rules of every service IP that has somewhere to go."""
     rules = []
-    for route in sorted(table.services.values(), key=lambda r: r.rr_ip):
-        if route.backends:
-            rules.append(_dnat(route.rr_ip, route.backends))
-            rules.append(_dnat(route.closest_ip, route.closest(node, cluster)))
+    for route in _routed(table):
+        rules.append(_dnat(route.rr_ip, route.backends))
+        rules.append(_dnat(route.closest_ip, route.closest(node, cluster)))
     return rules
 
 
@@ -148,7 +152,7 @@ table ip {TABLE} {{
 
 
 def _service_ips(table: NetTable) -> list[str]:
-    return sorted({ip for route in table.services.values() if route.backends for ip in (route.rr_ip, route.closest_ip)})
+    return sorted({ip for route in _routed(table) for ip in (route.rr_ip, route.closest_ip)})
 
 
 def _untracked_tcp(service_ips: list[str]) -> str:
