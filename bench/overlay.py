@@ -1,15 +1,17 @@
 """Overlay data plane: client -> service IP -> server across two pretend hosts, against a plain veth path.
 
 Two hosts (network namespaces on a LAN bridge) get Oakling's overlay exactly as a worker programs it
-(routed instance veths, VXLAN, routes, nftables: the service IP's DNAT in the client's namespace,
-no connection tracking on the hosts); a client instance on host 1 talks to a server instance on
-host 2 through the service IP. The baseline, measured in the same
-run, is the same traffic between two more hosts on the LAN that route it over plain veths (no VXLAN,
-no NAT, full MTU), as a host-gateway network would.
+(routed instance veths, VXLAN, routes, nftables, the socket balancer); a client instance on host 1
+talks to a server instance on host 2 through the service IP, in two ways: from the instances'
+cgroup, where the socket balancer translates the service IP at ``connect`` (``overlay_socket_lb``,
+what an instance does), and from outside it, where the nftables DNAT in the client's namespace does
+(``overlay_nftables``, the fallback). The baseline, measured in the same run, is the same traffic
+between two more hosts on the LAN that route it over plain veths (no VXLAN, no NAT, full MTU), as a
+host-gateway network would.
 
 Measured: TCP throughput (iperf3, 5 s per round; Python sockets when iperf3 is missing) and request
-latency (a new TCP connection per request, as the DNAT sees each connection; 100 per round). Rounds
-alternate between the two paths.
+latency (a new TCP connection per request, as the translation sees each connection; 100 per round).
+Rounds alternate between the paths. Ratios are medians of per-round ratios to the plain path.
 Needs root. Run: ``sudo .venv/bin/python -m bench.overlay``.
 """
 
@@ -24,11 +26,15 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from bench.common import record, summary
+from plugins.runtimes.cgroups import cgroup2_mount
+from services.worker import socklb
 from services.worker.kernel import overlay_unavailable
-from tests.netlab import Lab, overlay_pair, sh
+from services.worker.socklb import SocketBalancer
+from tests.netlab import Lab, in_netns, overlay_pair, sh
 
 SERVICE_IP = "10.30.0.1"
 PORT = 5201
@@ -87,20 +93,20 @@ def servers(ns: str) -> Iterator[None]:
             proc.wait(5)
 
 
-def throughput(ns: str, ip: str, seconds: float) -> float:
-    """Gbit/s from namespace *ns* to ip."""
+def throughput(ns: str, ip: str, seconds: float, group: Path | None) -> float:
+    """Gbit/s from namespace *ns* (and cgroup *group*) to ip."""
     if shutil.which("iperf3"):
-        out = sh("ip", "netns", "exec", ns, "iperf3", "-c", ip, "-p", str(PORT), "-t", str(seconds), "-J",
+        out = sh(*in_netns(ns, ["iperf3", "-c", ip, "-p", str(PORT), "-t", str(seconds), "-J"], group),
                  timeout=seconds + 30).stdout
         return float(json.loads(out)["end"]["sum_received"]["bits_per_second"]) / 1e9
-    out = sh("ip", "netns", "exec", ns, sys.executable, "-c", SOURCE_CLIENT, ip, str(PORT), str(seconds),
+    out = sh(*in_netns(ns, [sys.executable, "-c", SOURCE_CLIENT, ip, str(PORT), str(seconds)], group),
              timeout=seconds + 30).stdout
     return float(out)
 
 
-def latencies(ns: str, ip: str, count: int) -> list[float]:
-    """Milliseconds per request (new connection each) from namespace *ns* to ip."""
-    out = sh("ip", "netns", "exec", ns, sys.executable, "-c", LATENCY_CLIENT, ip, str(PORT + 1), str(count),
+def latencies(ns: str, ip: str, count: int, group: Path | None) -> list[float]:
+    """Milliseconds per request (new connection each) from namespace *ns* (and cgroup *group*) to ip."""
+    out = sh(*in_netns(ns, [sys.executable, "-c", LATENCY_CLIENT, ip, str(PORT + 1), str(count)], group),
              timeout=120).stdout
     return [float(x) for x in json.loads(out)]
 
@@ -127,17 +133,19 @@ def build_plain(lab: Lab) -> tuple[str, str]:
     return ends["h3"], ends["h4"]
 
 
-def measure(paths: dict[str, tuple[str, str, str]], rounds: int, seconds: float) -> dict[str, dict[str, Any]]:
-    """Throughput and request latency over each path (client ns, server ns, ip), rounds interleaved (and
-    their order turned round every other round) so that whatever else the machine does weighs on every
-    path alike."""
+PathSpec = tuple[str, str, str, Path | None]  # client namespace, server namespace, address, client cgroup
+
+
+def measure(paths: dict[str, PathSpec], rounds: int, seconds: float) -> dict[str, dict[str, Any]]:
+    """Throughput and request latency over each path, rounds interleaved (and their order turned round
+    every other round) so that whatever else the machine does weighs on every path alike."""
     gbits: dict[str, list[float]] = {name: [] for name in paths}
     ms: dict[str, list[float]] = {name: [] for name in paths}
     for index in range(rounds):
-        for name, (client, server, ip) in (paths.items() if index % 2 == 0 else reversed(paths.items())):
+        for name, (client, server, ip, group) in (paths.items() if index % 2 == 0 else reversed(paths.items())):
             with servers(server):
-                gbits[name].append(throughput(client, ip, seconds))
-                ms[name] += latencies(client, ip, 100)
+                gbits[name].append(throughput(client, ip, seconds, group))
+                ms[name] += latencies(client, ip, 100, group)
     return {name: {"throughput_gbit_s": summary(gbits[name]), "request_ms": summary(ms[name]),
                    "per_round_gbit_s": gbits[name]} for name in paths}
 
@@ -157,21 +165,36 @@ def main() -> None:
     if reason:
         raise SystemExit(f"cannot run: {reason}")
     lab = Lab()
+    mount = cgroup2_mount()
+    group = mount / f"oakbench-{lab.tag}" if mount and not socklb.unavailable() else None
+    balancer = None
     try:
-        client, server = overlay_pair(lab, SERVICE_IP, args.direct_routing)
+        if group:
+            group.mkdir()
+            balancer = SocketBalancer(group)
+            balancer.open()
+        client, server = overlay_pair(lab, SERVICE_IP, args.direct_routing, balancer)
         plain_client, plain_server = build_plain(lab)
-        results = measure({"overlay": (client, server, SERVICE_IP), "plain": (plain_client, plain_server, "10.99.2.2")},
-                          args.rounds, args.seconds)
-        overlay, plain = results["overlay"], results["plain"]
+        paths: dict[str, PathSpec] = {"overlay_nftables": (client, server, SERVICE_IP, None),
+                                   "plain": (plain_client, plain_server, "10.99.2.2", None)}
+        if group:  # the client in the instances' cgroup: service IP translated at the socket
+            paths["overlay_socket_lb"] = (client, server, SERVICE_IP, group)
+        results = measure(paths, args.rounds, args.seconds)
     finally:
+        if balancer:
+            balancer.close()
         lab.remove()
+        if group:
+            group.rmdir()
+    plain = results.pop("plain")
     record("overlay_data_plane_direct" if args.direct_routing else "overlay_data_plane", {
         "command": "python -m bench.overlay" + (" --direct-routing" if args.direct_routing else ""),
         "tool": "iperf3" if shutil.which("iperf3") else "python sockets",
-        "overlay_via_service_ip": overlay, "plain_routed_veth": plain,
-        "throughput_ratio_median": overlay["throughput_gbit_s"]["median"] / plain["throughput_gbit_s"]["median"],
-        "throughput_ratio_per_round_median": paired_ratio(overlay["per_round_gbit_s"], plain["per_round_gbit_s"]),
-        "latency_ratio_median": overlay["request_ms"]["median"] / plain["request_ms"]["median"],
+        "plain_routed_veth": plain,
+        **{name: {**path, "throughput_ratio_per_round_median": paired_ratio(path["per_round_gbit_s"],
+                                                                            plain["per_round_gbit_s"]),
+                  "latency_ratio_median": path["request_ms"]["median"] / plain["request_ms"]["median"]}
+           for name, path in results.items()},
         "goal": "throughput at least 0.9 of the plain path",
     })
 

@@ -10,14 +10,16 @@ import os
 import random
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
 from services.common.nettable import Backend, NetTable, NodeRoute, ServiceRoute
 from services.worker import nftrules
 from services.worker.kernel import Kernel, namespace_of, namespaces
+from services.worker.socklb import SocketBalancer
 
-__all__ = ["Lab", "links", "namespaces", "need_network_lab", "nft_ruleset", "overlay_pair", "sh"]
+__all__ = ["Lab", "in_netns", "links", "namespaces", "need_network_lab", "nft_ruleset", "overlay_pair", "sh"]
 
 
 def sh(*argv: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -26,6 +28,13 @@ def sh(*argv: str, check: bool = True, timeout: float = 30) -> subprocess.Comple
     if check and done.returncode != 0:
         raise AssertionError(f"{' '.join(argv)} failed ({done.returncode}): {done.stderr or done.stdout}")
     return done
+
+
+def in_netns(ns: str, argv: list[str], group: Path | None = None) -> list[str]:
+    """A command line running *argv* in namespace *ns* and, given, in cgroup *group* (joined first, as
+    ``ip netns exec`` hides the cgroup mounts from what it starts)."""
+    join = f"echo $$ > {group}/cgroup.procs && " if group else ""
+    return ["sh", "-c", f'{join}exec "$@"', "-", "ip", "netns", "exec", ns, *argv]
 
 
 def need_network_lab() -> None:
@@ -84,9 +93,11 @@ def nft_ruleset(ns: str) -> str:
     return sh("ip", "netns", "exec", ns, "nft", "list", "ruleset").stdout
 
 
-def overlay_pair(lab: Lab, service_ip: str, direct_routing: bool = False) -> tuple[str, str]:
+def overlay_pair(lab: Lab, service_ip: str, direct_routing: bool = False,
+                 balancer: SocketBalancer | None = None) -> tuple[str, str]:
     """Oakling's overlay on new hosts h1 and h2, programmed as workers do, with a client instance on h1 and
     a server instance on h2 behind the round-robin *service_ip*; (client namespace, server namespace).
+    Given *balancer*, h1 tells it the service IPs and the client's namespace, as its worker would.
     The instances' namespaces are removed with the lab."""
     subnets = {"h1": "10.18.0.0/26", "h2": "10.18.0.64/26"}
     nodes = {}
@@ -105,4 +116,7 @@ def overlay_pair(lab: Lab, service_ip: str, direct_routing: bool = False) -> tup
         lab.hosts[iid] = namespace_of(iid)
         kernels[host].attach(iid, ip, subnets[host])
         kernels[host].set_instance_rules(iid, nftrules.render_instance(table, host, "c1"))
+    if balancer:
+        balancer.set_services(nftrules.backend_ips(table, "h1", "c1"))
+        balancer.add_namespace(Kernel.cookie(f"{lab.tag}-client"))
     return namespace_of(f"{lab.tag}-client"), namespace_of(f"{lab.tag}-server")

@@ -17,11 +17,13 @@ from typing import Any
 
 import pytest
 
+from plugins.runtimes.cgroups import instances_cgroup2
 from services.cli.client import OakClient
 from services.common.nettable import NodeRoute
+from services.worker import socklb
 from services.worker.kernel import Kernel
 from tests.conftest import Stack, dumps, eventually, sla, sleeper
-from tests.netlab import Lab, links, namespaces, need_network_lab, nft_ruleset, overlay_pair, sh
+from tests.netlab import Lab, in_netns, links, namespaces, need_network_lab, nft_ruleset, overlay_pair, sh
 
 SERVER = '''
 import os, socket, socketserver, threading
@@ -77,9 +79,12 @@ def lab(stack: Stack) -> Iterator[Lab]:
         lab.remove()
 
 
-def ask(netns: str, kind: str, ip: str, port: int, count: int) -> list[str]:
-    """Answers to *count* TCP or UDP requests to ip:port made from namespace *netns*."""
-    done = sh("ip", "netns", "exec", netns, sys.executable, "-c", ASK, kind, ip, str(port), str(count), timeout=60)
+def ask(netns: str, kind: str, ip: str, port: int, count: int, iid: str = "") -> list[str]:
+    """Answers to *count* TCP or UDP requests to ip:port made from namespace *netns* (and, given *iid*,
+    from that instance's cgroup, joined before ``ip netns exec`` hides the cgroup mounts)."""
+    group = instances_cgroup2()
+    argv = [sys.executable, "-c", ASK, kind, ip, str(port), str(count)]
+    done = sh(*in_netns(netns, argv, group / iid if iid and group else None), timeout=60)
     return done.stdout.split()
 
 
@@ -134,11 +139,16 @@ async def test_service_ips_across_workers_and_clusters(stack: Stack, api: Any, l
     caller_ns = f"oak-{caller['iid']}"
     rr, closest = servers["rr_ip"], servers["closest_ip"]
     names = {i["node"]: f"instance-{i['number']}" for i in servers["instances"]}
+    socket_lb = not socklb.unavailable() and instances_cgroup2() is not None
 
     async def spread() -> bool:  # the net table reaches every worker within a moment
-        return Counter(ask(caller_ns, "tcp", rr, 80, 6)) == Counter({n: 2 for n in names.values()})
+        return Counter(ask(caller_ns, "tcp", rr, 80, 6, caller["iid"])) == Counter({n: 2 for n in names.values()})
 
     await eventually(spread, 10, interval=0.3, what="round robin over all three replicas")
+    if socket_lb:
+        assert not [line for line in conntrack(caller_ns, "tcp") if f"dst={rr} " in line], (
+            "the instance's own connections were translated at the socket, so nothing was tracked")
+    assert Counter(ask(caller_ns, "tcp", rr, 80, 3)) == Counter(names.values()), "nftables DNAT, outside the cgroup"
     assert Counter(ask(caller_ns, "udp", rr, 80, 3)) == Counter({n: 1 for n in names.values()}), "UDP too"
     assert set(ask(caller_ns, "tcp", closest, 80, 4)) == {names["w1"]}, "closest = the replica on w1"
     far = next(i["ip"] for i in servers["instances"] if i["node"] == "w3")
@@ -151,12 +161,14 @@ async def test_service_ips_across_workers_and_clusters(stack: Stack, api: Any, l
     assert not tracked, f"instance-to-instance traffic passes the worker untracked (fast path): {tracked}"
     local = next(f"oak-{i['iid']}" for i in servers["instances"] if i["node"] == "w1")
     assert ask(local, "tcp", closest, 80, 2) == [names["w1"]] * 2, "a replica reaching itself via a service IP"
-    assert not conntrack(f"oak-{next(i['iid'] for i in servers['instances'] if i['node'] == 'w2')}", "tcp"), (
-        "a server's namespace tracks no TCP it needs not translate")
+    served = [line for line in conntrack(f"oak-{next(i['iid'] for i in servers['instances'] if i['node'] == 'w2')}",
+                                         "tcp") if "[UNREPLIED]" not in line]  # (a SYN sent before it listened)
+    assert not served, "a server's namespace tracks no TCP it needs not translate"
     assert any(f"dst={rr} " in line for line in conntrack(caller_ns, "tcp")), "the client's DNAT is tracked"
 
     stack.procs["c1"].kill9()  # the data plane does not need the control plane
-    assert Counter(ask(caller_ns, "tcp", rr, 80, 6)) == Counter({n: 2 for n in names.values()}), "cluster away"
+    assert Counter(ask(caller_ns, "tcp", rr, 80, 6, caller["iid"])) == Counter({n: 2 for n in names.values()}), (
+        "cluster away")
     stack.procs["c1"].start()
     await eventually(lambda: _overlay_nodes(client, 3), 30, what="c1 and its workers back")
     await settled(client, SERVER_JOB, 3)
@@ -172,7 +184,7 @@ async def test_service_ips_across_workers_and_clusters(stack: Stack, api: Any, l
     await eventually(moved, 40, interval=0.5, what="the replica of w2 RUNNING elsewhere")
 
     async def answers() -> bool:
-        return len(ask(caller_ns, "tcp", rr, 80, 6)) == 6
+        return len(ask(caller_ns, "tcp", rr, 80, 6, caller["iid"])) == 6
 
     await eventually(answers, 10, interval=0.3, what="the service IP answering after the move")
     assert "ve-" not in " ".join(links(lab.hosts["h2"])), "a stopped worker leaves no instance link"
@@ -308,4 +320,48 @@ def test_paths_between_workers(direct: bool) -> None:
         if server_proc:
             server_proc.kill()
             server_proc.wait(5)
+        lab.remove()
+
+
+REUSING_CLIENT = """
+import socket, sys
+for ip in sys.argv[1:]:  # the same source port each time
+    c = socket.socket(); c.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); c.bind(("0.0.0.0", 40000))
+    c.settimeout(5); c.connect((ip, 5202)); c.sendall(b"x"); print(c.recv(64).decode()); c.close()
+"""
+
+ECHO_UNTIL_EOF = """
+import socket
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("0.0.0.0", 5202)); s.listen(8)
+while True:
+    c, _ = s.accept(); c.sendall(c.recv(64))
+    while c.recv(64): pass
+    c.close()
+"""
+
+
+def test_translated_connection_on_the_ports_of_a_direct_one() -> None:
+    """A client that closed a direct connection to a backend (leaving it in TIME_WAIT) and then reaches
+    the same backend through the service IP from the same port gets its translated replies at once,
+    and the TIME_WAIT socket is left alone; the server tracks neither connection."""
+    need_network_lab()
+    lab = Lab()
+    server_proc = None
+    try:
+        client, server = overlay_pair(lab, "10.30.0.1")
+        server_proc = subprocess.Popen(["ip", "netns", "exec", server, sys.executable, "-c", ECHO_UNTIL_EOF])
+        for _ in range(50):
+            if sh("ip", "netns", "exec", server, "ss", "-Htln", "sport = :5202").stdout.strip():
+                break
+            time.sleep(0.1)
+        done = sh("ip", "netns", "exec", client, sys.executable, "-c", REUSING_CLIENT, "10.18.0.66", "10.30.0.1")
+        assert done.stdout.split() == ["x", "x"]
+        waiting = sh("ip", "netns", "exec", client, "ss", "-Htan", "state", "time-wait").stdout
+        assert "10.18.0.66:5202" in waiting, f"the direct connection's TIME_WAIT took the replies: {waiting}"
+        assert "10.30.0.1:5202" in waiting
+        assert not conntrack(server, "tcp"), "the server tracks nothing"
+    finally:
+        if server_proc:
+            server_proc.kill()
+            server_proc.wait()
         lab.remove()

@@ -19,6 +19,7 @@ from services.worker.kernel import KernelError
 from services.worker.netcfg import NetConfig, NetConfigError
 from services.worker.nftrules import PortMap, parse_ports, render, render_instance, service_rules
 from services.worker.overlay import Overlay
+from services.worker.socklb import BalancerError
 
 
 @pytest.mark.parametrize(("pool", "prefix", "used", "want"), [
@@ -112,7 +113,7 @@ def test_rules() -> None:
     assert inside.startswith("table ip oakling\ndelete table ip oakling\n")
     assert "type nat hook output" in inside
     assert "ip daddr 10.30.0.2 dnat to 10.18.0.2" in inside
-    assert "meta l4proto tcp socket transparent 0 notrack" in inside, "TCP arriving for a socket here"
+    assert "meta l4proto tcp socket wildcard 0 notrack" in inside, "TCP arriving for a (full) socket here"
     assert 'meta l4proto tcp oif != "lo" ip daddr != { 10.30.0.1, 10.30.0.2 } notrack' in inside, (
         "TCP leaving for anything but a service IP")
     assert render_instance(NetTable(), "w1", "c1") == "table ip oakling\ndelete table ip oakling\n", (
@@ -126,7 +127,7 @@ class NoSocketMatch:
         self.rules: dict[str, str] = {}
 
     def set_instance_rules(self, iid: str, ruleset: str) -> None:
-        if "socket transparent" in ruleset:
+        if "socket wildcard" in ruleset:
             raise KernelError("nft: Could not process rule: No such file or directory")
         self.rules[iid] = ruleset
 
@@ -142,6 +143,65 @@ async def test_instance_rules_without_socket_match(tmp_path: Path) -> None:
     assert kernel.rules["i1"] == kernel.rules["i2"] == render_instance(overlay.table, "w1", "c1", untracked=False)
     assert "dnat to 10.18.0.2" in kernel.rules["i1"]
     assert "notrack" not in kernel.rules["i1"]
+
+
+class Recording:
+    """A kernel that does what it is told (in memory) and a socket balancer that records what it is told,
+    failing on demand, as a full map would."""
+
+    def __init__(self) -> None:
+        self.services: dict[str, tuple[str, ...]] = {}
+        self.namespaces: set[int] = set()
+        self.closed = False
+        self.fail = False
+
+    def ensure_host(self, *_: Any) -> None: ...
+    def set_peers(self, *_: Any) -> None: ...
+    def set_rules(self, *_: Any) -> None: ...
+    def set_instance_rules(self, *_: Any) -> None: ...
+    def detach(self, *_: Any) -> None: ...
+    def teardown(self) -> None: ...
+
+    def attach(self, iid: str, *_: Any) -> str:
+        return f"/run/netns/oak-{iid}"
+
+    def cookie(self, iid: str) -> int:
+        return 1000 + int(iid[1:])
+
+    def set_services(self, services: dict[str, tuple[str, ...]]) -> None:
+        if self.fail:
+            raise BalancerError(28, "No space left on device")
+        self.services = services
+
+    def add_namespace(self, cookie: int) -> None:
+        self.namespaces.add(cookie)
+
+    def remove_namespace(self, cookie: int) -> None:
+        self.namespaces.discard(cookie)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+async def test_socket_balancer_told_what_nftables_is(tmp_path: Path) -> None:
+    """The balancer gets every service IP's backends as this worker sees them and each attached
+    instance's namespace; when it fails, the worker drops it and goes on with nftables alone."""
+    fake = Recording()
+    overlay = Overlay("w1", fake, Store(tmp_path / "w.json"), "192.0.2.1", balancer=fake)  # type: ignore[arg-type]
+    table = NetTable({}, {"web": WEB})
+    await overlay.update("10.18.0.0/26", "c1", table.to_json())
+    assert fake.services == {"10.30.0.1": ("10.18.0.2", "10.18.0.66", "10.18.16.2"), "10.30.0.2": ("10.18.0.2",)}
+    await overlay.attach("i1", "")
+    await overlay.attach("i2", "")
+    assert fake.namespaces == {1001, 1002}
+    await overlay.detach("i1")
+    assert fake.namespaces == {1002}
+    fake.fail = True
+    await overlay.update("10.18.0.0/26", "c1", table.to_json())
+    assert fake.closed, "a failing balancer is closed"
+    assert overlay.balancer is None, "and forgotten"
+    await overlay.attach("i3", "")  # and attaching goes on without it
+    await overlay.close()
 
 
 class Published:

@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from plugins.runtimes import containerd
-from plugins.runtimes.cgroups import Cgroup
+from plugins.runtimes.cgroups import Cgroup, instances_cgroup2
 from plugins.runtimes.container import ContainerRuntime, split_ref
 from plugins.runtimes.process import ProcessRuntime
 from plugins.runtimes.supervised import SupervisedRuntime, describe
@@ -130,6 +130,22 @@ async def test_own_pid_namespace(runtime: tuple[SupervisedRuntime, str], tmp_pat
     end = await rt.wait(await rt.start(spec))
     assert end.code == 0
     assert int(Path(spec.log_path).read_text().strip()) <= 4
+
+
+async def test_instance_joins_the_cgroup2_tree(runtime: tuple[SupervisedRuntime, str], tmp_path: Path) -> None:
+    """Every runtime puts the instance in ``oakling/<iid>`` of the cgroup v2 tree (on a hybrid host too),
+    where the worker's socket balancer sees its connections."""
+    rt, code = runtime
+    group = instances_cgroup2()
+    if group is None:
+        pytest.skip("no cgroup v2 hierarchy is mounted")
+    spec = launch(tmp_path, kind_of(rt), code, ["sh", "-c", "sleep 300"])
+    handle = await rt.start(spec)
+    try:
+        assert (group / spec.iid / "cgroup.procs").read_text().split(), "the instance's processes are there"
+    finally:
+        await rt.stop(handle, 0.5)
+    assert not (group / spec.iid).exists(), "and the group goes with the instance"
 
 
 async def test_stop_adopt_and_leave_nothing(runtime: tuple[SupervisedRuntime, str], tmp_path: Path) -> None:

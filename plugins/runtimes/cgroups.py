@@ -2,7 +2,9 @@
 
 Groups live under the worker's own cgroup, in ``oakling/<instance id>`` (relative paths, as runc's
 ``cgroupsPath`` without a leading slash), so they nest inside whatever the worker was given and runc
-and this module agree on where a container's group is.
+and this module agree on where a container's group is. On a hybrid host (v1 controllers beside a
+cgroup v2 mount, usually ``/sys/fs/cgroup/unified``) an instance also joins ``oakling/<instance id>``
+there, as runc's containers do: the worker's socket load balancing hangs off that v2 tree.
 """
 
 from __future__ import annotations
@@ -37,6 +39,21 @@ def _own_path(controller: str) -> str:
         if (controller == "" and names == "") or controller in names.split(","):
             return path.lstrip("/")
     return ""
+
+
+def cgroup2_mount() -> Path | None:
+    """Where the cgroup v2 hierarchy is mounted (``/sys/fs/cgroup``, or ``.../unified`` on a hybrid host)."""
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        if fields[fields.index("-") + 1] == "cgroup2":
+            return Path(fields[4])
+    return None
+
+
+def instances_cgroup2() -> Path | None:
+    """The cgroup v2 directory holding every instance's group (None without a cgroup v2 mount)."""
+    mount = cgroup2_mount()
+    return mount / _own_path("") / PARENT if mount else None
 
 
 def relative_path(name: str) -> str:
@@ -80,6 +97,9 @@ class Cgroup:
         elif self.version == 1:
             controllers = V1_CONTROLLERS + tuple(c for c in V1_OPTIONAL if (ROOT / c).exists())
             self.dirs = {c: ROOT / c / _own_path(c) / relative_path(name) for c in controllers}
+            unified = instances_cgroup2()
+            if unified is not None:
+                self.dirs["unified"] = unified / name
         else:
             self.dirs = {}
 
@@ -122,8 +142,8 @@ class Cgroup:
             (path / "cgroup.procs").write_text(str(pid))
 
     def exists(self) -> bool:
-        """True while the group's directories exist."""
-        return bool(self.dirs) and all(path.exists() for path in self.dirs.values())
+        """True while any of the group's directories exists."""
+        return any(path.exists() for path in self.dirs.values())
 
     def usage(self) -> Usage | None:
         """Read the group, or None when it is gone."""

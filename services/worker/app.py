@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from broker.join import obtain_login
+from plugins.runtimes.cgroups import instances_cgroup2
 from services.common import envelope, models, plugins, topics
 from services.common.models import NodeInfo
 from services.common.mqtt import BrokerUrl, Message, MqttSession, serve
@@ -21,6 +22,7 @@ from services.worker.netmanager import RemoteNetwork
 from services.worker.overlay import Network, Overlay
 from services.worker.prober import Prober
 from services.worker.reporter import Reporter
+from services.worker.socklb import open_balancer
 
 log = logging.getLogger(__name__)
 VERSION = "0.1.0"
@@ -57,7 +59,8 @@ async def make_network(cfg: WorkerConfig, store: Store) -> tuple[Network | None,
     if not cfg.overlay:
         return None, None
     kernel = Kernel(cfg.host_netns or None, cfg.direct_routing)
-    overlay = Overlay(cfg.name, kernel, store, cfg.public_address, cfg.vxlan_port)
+    overlay = Overlay(cfg.name, kernel, store, cfg.public_address, cfg.vxlan_port,
+                      open_balancer(instances_cgroup2()))
     await overlay.start()
     return overlay, overlay
 

@@ -40,6 +40,7 @@ from services.common import addressing
 from services.common.addressing import SERVICE_POOL, WORKER_POOL
 from services.common.nettable import NodeRoute
 from services.worker.nftrules import GATEWAY, VXLAN, remove
+from services.worker.socklb import netns_cookie
 
 VNI = 4218
 VXLAN_OVERHEAD = 50  # outer Ethernet 14 + IP 20 + UDP 8 + VXLAN 8
@@ -247,8 +248,11 @@ class Kernel:
 
     @staticmethod
     def set_instance_rules(iid: str, ruleset: str) -> None:
-        """Replace the nftables table inside instance *iid*'s namespace with *ruleset*."""
+        """Replace the nftables table inside instance *iid*'s namespace with *ruleset*; conntrack there
+        starts TCP entries only from a SYN (see :func:`nftrules._untracked_tcp`)."""
         _run(["nft", "-f", "-"], ruleset, namespace_of(iid))
+        with _entered(namespace_of(iid)), contextlib.suppress(FileNotFoundError):  # no conntrack loaded yet
+            _sysctl("netfilter/nf_conntrack_tcp_loose", "0")
 
     def teardown(self) -> None:
         """Remove the gateway link, the VXLAN device, the subnet's routes and the nftables table."""
@@ -286,6 +290,12 @@ class Kernel:
             inner.link("set", index=eth0, mtu=self.mtu, state="up")
             inner.route("replace", dst="0.0.0.0/0", gateway=addressing.gateway(subnet))
         return os.path.join(NETNS_DIR, name)
+
+    @staticmethod
+    def cookie(iid: str) -> int:
+        """The netns cookie of instance *iid*'s namespace (how the socket balancer knows it)."""
+        with _entered(namespace_of(iid)):
+            return netns_cookie()
 
     def detach(self, iid: str) -> None:
         """Remove instance *iid*'s namespace (its veth goes with it)."""

@@ -69,13 +69,24 @@ def _routed(table: NetTable) -> list[ServiceRoute]:
     return sorted((route for route in table.services.values() if route.backends), key=lambda r: r.rr_ip)
 
 
+def translations(table: NetTable, node: str, cluster: str) -> dict[str, tuple[Backend, ...]]:
+    """Where each service IP that has somewhere to go leads, as seen from *node*: the round-robin IP to
+    every backend, the closest IP to the closest ones."""
+    out = {}
+    for route in _routed(table):
+        out[route.rr_ip] = route.backends
+        out[route.closest_ip] = route.closest(node, cluster)
+    return out
+
+
+def backend_ips(table: NetTable, node: str, cluster: str) -> dict[str, tuple[str, ...]]:
+    """:func:`translations` as plain addresses (what the socket balancer is told)."""
+    return {ip: tuple(b.ip for b in backends) for ip, backends in translations(table, node, cluster).items()}
+
+
 def service_rules(table: NetTable, node: str, cluster: str) -> list[str]:
     """The DNAT rules of every service IP that has somewhere to go."""
-    rules = []
-    for route in _routed(table):
-        rules.append(_dnat(route.rr_ip, route.backends))
-        rules.append(_dnat(route.closest_ip, route.closest(node, cluster)))
-    return rules
+    return [_dnat(ip, backends) for ip, backends in translations(table, node, cluster).items()]
 
 
 def _chain(rules: list[str]) -> str:
@@ -152,7 +163,7 @@ table ip {TABLE} {{
 
 
 def _service_ips(table: NetTable) -> list[str]:
-    return sorted({ip for route in _routed(table) for ip in (route.rr_ip, route.closest_ip)})
+    return sorted(translations(table, "", ""))
 
 
 def _untracked_tcp(service_ips: list[str]) -> str:
@@ -161,14 +172,20 @@ def _untracked_tcp(service_ips: list[str]) -> str:
     Only connections this instance opens to a service IP need conntrack (their DNAT, and its reversal
     on the replies). So TCP leaving for anything but a service IP is not tracked, except on ``lo``
     (an instance reaching itself through a service IP: the reply must be translated back); and TCP
-    arriving for a socket of this namespace (a listener, a connection, a half-open or closing one) is
-    not tracked: a reply to a translated connection finds no socket under its untranslated addresses,
-    so it still meets its conntrack entry. UDP and ICMP are tracked as before.
+    arriving for a full socket of this namespace (a listener, a connection, or one connecting) is not
+    tracked: a reply to a translated connection finds no socket under its untranslated addresses, so
+    it still meets its conntrack entry. ``socket wildcard`` is the match because it sees only full
+    sockets: a TIME_WAIT socket left by an earlier direct connection to the same backend may hold the
+    very addresses and ports of a translated connection's replies, which must not skip conntrack
+    (``socket transparent`` matched it, and such a connection stalled until a retransmission). What
+    it does not see (a handshake's last ACK, a packet for a TIME_WAIT socket) is looked up, and the
+    namespace's ``nf_conntrack_tcp_loose=0`` keeps conntrack from starting an entry mid-connection.
+    UDP and ICMP are tracked as before.
     """
     return f"""  chain raw {{
     type filter hook prerouting priority raw; policy accept;
-    meta l4proto tcp socket transparent 0 notrack
-    meta l4proto tcp socket transparent 1 notrack
+    meta l4proto tcp socket wildcard 0 notrack
+    meta l4proto tcp socket wildcard 1 notrack
   }}
   chain raw_out {{
     type filter hook output priority raw; policy accept;

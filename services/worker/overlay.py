@@ -4,6 +4,10 @@ The cluster sends the worker its subnet and the net table (retained ``net``); in
 as they start and detached when they are removed. Instance IPs are kept in the store, so a worker
 restarted after ``kill -9`` gives every adopted instance the address it had. When the cluster is
 unreachable nothing is torn down: the kernel keeps routing with what it was last told.
+
+Service IPs are translated twice over: by nftables DNAT in every instance's namespace, and, where the
+kernel allows, before that at the socket (:mod:`services.worker.socklb`), which spares the
+connection's packets any translation or tracking. The socket balancer is told the same net table.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from services.common.nettable import NetTable
 from services.common.store import Store
 from services.worker import nftrules
 from services.worker.kernel import Kernel, KernelError
+from services.worker.socklb import SocketBalancer
 
 log = logging.getLogger(__name__)
 TABLE = "net"
@@ -53,8 +58,10 @@ class Overlay:
     """The overlay on this worker (the :class:`Network` that does the work)."""
 
     def __init__(self, node: str, kernel: Kernel, store: Store, public_address: str = "auto",
-                 port: int = 50103) -> None:
+                 port: int = 50103, balancer: SocketBalancer | None = None) -> None:
         self.node, self.kernel, self.store, self.port = node, kernel, store, port
+        self.balancer = balancer  # translates service IPs at the socket, where the kernel allows
+        self.cookies: dict[str, int] = {}  # each attached instance's netns cookie, for the balancer
         self.public_address = public_address
         self.subnet = ""
         self.cluster = ""
@@ -100,6 +107,11 @@ class Overlay:
                                   (self.public_address, self.port))
         await self._call(self.kernel.set_peers, peers)
         await self._call(self.kernel.set_rules, ruleset)
+        if self.balancer:
+            try:
+                self.balancer.set_services(nftrules.backend_ips(self.table, self.node, self.cluster))
+            except OSError as exc:
+                self._drop_balancer(exc)
         for iid in list(self.attached):
             await self._program_instance(iid)
 
@@ -142,6 +154,12 @@ class Overlay:
             await self.store.put(TABLE, iid, doc)
         try:
             path = await self._call(self.kernel.attach, iid, doc["ip"], self.subnet)
+            if self.balancer:
+                try:
+                    self.cookies[iid] = await self._call(self.kernel.cookie, iid)
+                    self.balancer.add_namespace(self.cookies[iid])
+                except OSError as exc:
+                    self._drop_balancer(exc)
             self.instance_rules.pop(iid, None)
             if ports:
                 await self._program()
@@ -151,10 +169,23 @@ class Overlay:
             raise RuntimeError(f"cannot attach to the overlay: {exc}") from None
         return Attachment(path, doc["ip"], addressing.gateway(self.subnet))
 
+    def _drop_balancer(self, exc: OSError) -> None:
+        """Leave service IPs to nftables alone from now on (the balancer failed: a full map, an old kernel)."""
+        log.warning("the socket balancer failed (%s); service IPs are translated by nftables only", exc)
+        if self.balancer:
+            self.balancer.close()
+        self.balancer = None
+
     async def detach(self, iid: str) -> None:
         """Remove instance *iid*'s namespace and free its IP."""
         doc = self.attached.pop(iid, None)
         self.instance_rules.pop(iid, None)
+        cookie = self.cookies.pop(iid, None)
+        if self.balancer and cookie is not None:
+            try:
+                self.balancer.remove_namespace(cookie)
+            except OSError as exc:
+                self._drop_balancer(exc)
         await self._call(self.kernel.detach, iid)
         await self.store.delete(TABLE, iid)
         if doc and doc.get("port") and self.subnet:
@@ -165,3 +196,5 @@ class Overlay:
         for iid in list(self.attached):
             await self.detach(iid)
         await self._call(self.kernel.teardown)
+        if self.balancer:
+            self.balancer.close()

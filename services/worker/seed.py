@@ -15,6 +15,7 @@ import socket
 import sys
 from pathlib import Path
 
+from plugins.runtimes.cgroups import instances_cgroup2
 from services.cli.client import oak_home
 from services.common.lifecycle import run_until_signalled, setup_logging
 from services.common.mqtt import BrokerUrl
@@ -24,6 +25,7 @@ from services.worker.app import WorkerConfig, run_worker
 from services.worker.kernel import Kernel, overlay_unavailable
 from services.worker.netcfg import DEFAULT_PATH, NetConfig, NetConfigError
 from services.worker.overlay import Overlay
+from services.worker.socklb import open_balancer
 
 log = logging.getLogger("NodeEngine")
 OAKESTRA_HTTP_PORT = 10100
@@ -100,7 +102,8 @@ async def _serve_netmanager(args: argparse.Namespace, net: NetConfig) -> None:
     data_dir.mkdir(parents=True, exist_ok=True)
     store = Store(data_dir / "netmanager.db.json")
     kernel = Kernel(args.host_netns or None, net.direct_routing)
-    overlay = Overlay(socket.gethostname(), kernel, store, net.node_public_address, net.node_public_port)
+    overlay = Overlay(socket.gethostname(), kernel, store, net.node_public_address, net.node_public_port,
+                      open_balancer(instances_cgroup2()))
     try:
         await overlay.start()
         await netmanager.serve(overlay, args.port)
