@@ -159,7 +159,8 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--seconds", type=float, default=5.0)
-    p.add_argument("--direct-routing", action="store_true", help="workers on one link reach each other without VXLAN")
+    p.add_argument("--direct-routing", choices=("auto", "on", "off"), default="auto",
+                   help="as the workers' DirectRouting: auto (default: unwrapped once probed), on, off (VXLAN)")
     args = p.parse_args()
     reason = overlay_unavailable()
     if reason:
@@ -174,6 +175,7 @@ def main() -> None:
             balancer = SocketBalancer(group)
             balancer.open()
         client, server = overlay_pair(lab, SERVICE_IP, args.direct_routing, balancer)
+        route = sh("ip", "-n", lab.hosts["h1"], "route", "show", "10.18.0.64/26").stdout.strip()  # to the server
         plain_client, plain_server = build_plain(lab)
         paths: dict[str, PathSpec] = {"overlay_nftables": (client, server, SERVICE_IP, None),
                                    "plain": (plain_client, plain_server, "10.99.2.2", None)}
@@ -187,9 +189,10 @@ def main() -> None:
         if group:
             group.rmdir()
     plain = results.pop("plain")
-    record("overlay_data_plane_direct" if args.direct_routing else "overlay_data_plane", {
-        "command": "python -m bench.overlay" + (" --direct-routing" if args.direct_routing else ""),
+    record(f"overlay_data_plane_{args.direct_routing}", {
+        "command": f"python -m bench.overlay --direct-routing {args.direct_routing}",
         "tool": "iperf3" if shutil.which("iperf3") else "python sockets",
+        "client_host_route_to_server": route,
         "plain_routed_veth": plain,
         **{name: {**path, "throughput_ratio_per_round_median": paired_ratio(path["per_round_gbit_s"],
                                                                             plain["per_round_gbit_s"]),

@@ -10,21 +10,25 @@ import os
 import random
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
+from services.common.addressing import WORKER_POOL
 from services.common.nettable import Backend, NetTable, NodeRoute, ServiceRoute
 from services.worker import nftrules
 from services.worker.kernel import Kernel, namespace_of, namespaces
+from services.worker.netcfg import DirectRouting
 from services.worker.socklb import SocketBalancer
 
 __all__ = ["Lab", "in_netns", "links", "namespaces", "need_network_lab", "nft_ruleset", "overlay_pair", "sh"]
 
 
-def sh(*argv: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    """Run a command; fail with its output when *check* and it fails."""
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+def sh(*argv: str, check: bool = True, timeout: float = 30,
+       stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a command (fed *stdin*); fail with its output when *check* and it fails."""
+    done = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=timeout, check=False)
     if check and done.returncode != 0:
         raise AssertionError(f"{' '.join(argv)} failed ({done.returncode}): {done.stderr or done.stdout}")
     return done
@@ -76,6 +80,18 @@ class Lab:
         self.hosts[name], self.addresses[name] = ns, address
         return ns
 
+    def drop_overlay_addresses(self) -> None:
+        """Make the LAN drop frames carrying overlay addresses, as clouds that check addresses do (VXLAN's
+        outer addresses are the hosts' own, so it still passes)."""
+        sh("ip", "netns", "exec", self.lan, "nft", "-f", "-", check=True, stdin=f"""table bridge cloud {{
+  chain forward {{
+    type filter hook forward priority 0; policy accept;
+    ip saddr {WORKER_POOL} drop
+    ip daddr {WORKER_POOL} drop
+  }}
+}}
+""")
+
     def remove(self) -> None:
         """Remove every namespace of the lab (their links go with them)."""
         for ns in [*self.hosts.values(), self.lan]:
@@ -93,12 +109,13 @@ def nft_ruleset(ns: str) -> str:
     return sh("ip", "netns", "exec", ns, "nft", "list", "ruleset").stdout
 
 
-def overlay_pair(lab: Lab, service_ip: str, direct_routing: bool = False,
+def overlay_pair(lab: Lab, service_ip: str, direct_routing: DirectRouting = "off",
                  balancer: SocketBalancer | None = None) -> tuple[str, str]:
     """Oakling's overlay on new hosts h1 and h2, programmed as workers do, with a client instance on h1 and
     a server instance on h2 behind the round-robin *service_ip*; (client namespace, server namespace).
-    Given *balancer*, h1 tells it the service IPs and the client's namespace, as its worker would.
-    The instances' namespaces are removed with the lab."""
+    With ``auto`` direct routing, peers whose probe went unanswered (h2 is set up after h1) are probed
+    again as a worker would, for up to 3 s. Given *balancer*, h1 tells it the service IPs and the
+    client's namespace, as its worker would. The instances' namespaces are removed with the lab."""
     subnets = {"h1": "10.18.0.0/26", "h2": "10.18.0.64/26"}
     nodes = {}
     for host in subnets:
@@ -111,6 +128,11 @@ def overlay_pair(lab: Lab, service_ip: str, direct_routing: bool = False,
         kernel.ensure_host(subnet, lab.addresses[host], 50103)
         kernel.set_peers({name: route for name, route in nodes.items() if name != host})
         kernel.set_rules(nftrules.render(table, host, "c1", subnet, [], (lab.addresses[host], 50103)))
+    deadline = time.monotonic() + 3
+    for host, kernel in kernels.items():
+        while (delay := kernel.next_probe()) is not None and time.monotonic() + delay < deadline:
+            time.sleep(delay)
+            kernel.set_peers({name: route for name, route in nodes.items() if name != host})
     for host, role, ip in (("h1", "client", "10.18.0.2"), ("h2", "server", "10.18.0.66")):
         iid = f"{lab.tag}-{role}"
         lab.hosts[iid] = namespace_of(iid)

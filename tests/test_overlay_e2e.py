@@ -22,6 +22,7 @@ from services.cli.client import OakClient
 from services.common.nettable import NodeRoute
 from services.worker import socklb
 from services.worker.kernel import Kernel
+from services.worker.netcfg import DirectRouting
 from tests.conftest import Stack, dumps, eventually, sla, sleeper
 from tests.netlab import Lab, in_netns, links, namespaces, need_network_lab, nft_ruleset, overlay_pair, sh
 
@@ -141,14 +142,20 @@ async def test_service_ips_across_workers_and_clusters(stack: Stack, api: Any, l
     names = {i["node"]: f"instance-{i['number']}" for i in servers["instances"]}
     socket_lb = not socklb.unavailable() and instances_cgroup2() is not None
 
-    async def spread() -> bool:  # the net table reaches every worker within a moment
+    async def round_robin() -> bool:  # the net table reaches every worker within a moment
         return Counter(ask(caller_ns, "tcp", rr, 80, 6, caller["iid"])) == Counter({n: 2 for n in names.values()})
 
-    await eventually(spread, 10, interval=0.3, what="round robin over all three replicas")
+    await eventually(round_robin, 10, interval=0.3, what="round robin over all three replicas")
+
+    async def unwrapped() -> bool:  # direct routing "auto": probed (again, if first asked too early), then direct
+        routes = sh("ip", "-n", lab.hosts["h1"], "route").stdout
+        return all(f"via {lab.addresses[h]} dev eth0" in routes for h in ("h2", "h3"))
+
+    await eventually(unwrapped, 10, interval=0.3, what="w1 reaching w2 and w3 without VXLAN once probed")
     if socket_lb:
         assert not [line for line in conntrack(caller_ns, "tcp") if f"dst={rr} " in line], (
             "the instance's own connections were translated at the socket, so nothing was tracked")
-    assert Counter(ask(caller_ns, "tcp", rr, 80, 3)) == Counter(names.values()), "nftables DNAT, outside the cgroup"
+    assert Counter(ask(caller_ns, "tcp", rr, 80, 3)) == Counter(names.values()), "nftables, from outside the cgroup"
     assert Counter(ask(caller_ns, "udp", rr, 80, 3)) == Counter({n: 1 for n in names.values()}), "UDP too"
     assert set(ask(caller_ns, "tcp", closest, 80, 4)) == {names["w1"]}, "closest = the replica on w1"
     far = next(i["ip"] for i in servers["instances"] if i["node"] == "w3")
@@ -157,14 +164,18 @@ async def test_service_ips_across_workers_and_clusters(stack: Stack, api: Any, l
     assert ask(caller_ns, "tcp", lab.addresses["h1"], 8080, 1) == [names["w1"]], "own worker's port mapping"
     assert len(ask(lab.hosts["h1"], "tcp", rr, 80, 3)) == 3, "the worker itself reaches service IPs"
     tracked = [line for line in sh("ip", "netns", "exec", lab.hosts["h2"], "cat", "/proc/net/nf_conntrack").stdout
-               .splitlines() if re.search(r"src=10\.18\.\S+ dst=10\.18\.", line)]
+               .splitlines() if re.search(r"(tcp|udp) .*src=10\.18\.\S+ dst=10\.18\.", line)]  # (not the probes)
     assert not tracked, f"instance-to-instance traffic passes the worker untracked (fast path): {tracked}"
     local = next(f"oak-{i['iid']}" for i in servers["instances"] if i["node"] == "w1")
     assert ask(local, "tcp", closest, 80, 2) == [names["w1"]] * 2, "a replica reaching itself via a service IP"
     served = [line for line in conntrack(f"oak-{next(i['iid'] for i in servers['instances'] if i['node'] == 'w2')}",
                                          "tcp") if "[UNREPLIED]" not in line]  # (a SYN sent before it listened)
     assert not served, "a server's namespace tracks no TCP it needs not translate"
-    assert any(f"dst={rr} " in line for line in conntrack(caller_ns, "tcp")), "the client's DNAT is tracked"
+    if socket_lb:  # what the balancer does not see is translated by the client's worker, on the way through
+        assert "oakling" not in nft_ruleset(caller_ns), "with the balancer an instance has no table of its own"
+        assert any(f"dst={rr} " in line for line in conntrack(lab.hosts["h1"], "tcp")), "w1 translated it"
+    else:
+        assert any(f"dst={rr} " in line for line in conntrack(caller_ns, "tcp")), "the client's DNAT is tracked"
 
     stack.procs["c1"].kill9()  # the data plane does not need the control plane
     assert Counter(ask(caller_ns, "tcp", rr, 80, 6, caller["iid"])) == Counter({n: 2 for n in names.values()}), (
@@ -246,13 +257,13 @@ def test_lab_is_separate_from_the_host() -> None:
 @pytest.mark.timeout(180)
 async def test_container_on_the_overlay(stack: Stack, api: Any, lab: Lab, busybox_image: Path) -> None:
     """A busybox container joins its instance namespace: reached by its service IP from another worker's host
-    (the output path) and through its published port; undeploy leaves no namespace or veth."""
+    (the output path, over VXLAN) and through its published port; undeploy leaves no namespace or veth."""
     stack.root()
     stack.cluster("c1")
     stack.worker("w1", "c1", "--overlay", "--host-netns", lab.hosts["h1"], "--public-address", lab.addresses["h1"],
-                 "--runtime", "container", "--stop-grace", "1")
+                 "--runtime", "container", "--stop-grace", "1", "--direct-routing", "off")
     stack.worker("w2", "c1", "--overlay", "--host-netns", lab.hosts["h2"], "--public-address", lab.addresses["h2"],
-                 "--stop-grace", "1")
+                 "--stop-grace", "1", "--direct-routing", "off")
     client = await api()
     await eventually(lambda: _overlay_nodes(client, 2), 30, what="two workers online")
     web = {"microservice_name": "box", "virtualization": "container", "code": str(busybox_image), "port": "8081:80",
@@ -267,6 +278,7 @@ async def test_container_on_the_overlay(stack: Stack, api: Any, lab: Lab, busybo
         return ask(lab.hosts["h2"], "tcp", box["rr_ip"], 80, 1) == ["boxed"]
 
     await eventually(served, 15, interval=0.3, what="the container answering on its service IP from w2's host")
+    assert "dev oakvx" in sh("ip", "-n", lab.hosts["h2"], "route").stdout, "over VXLAN (direct routing off)"
     assert ask(lab.hosts["h2"], "tcp", lab.addresses["h1"], 8081, 1) == ["boxed"], "published port"
     await client.request("services", "undeploy", {"service": "ctr.test.box.test"})
 
@@ -284,16 +296,20 @@ def _tx_packets(ns: str, link: str) -> int:
     return int(json.loads(out)[0]["stats64"]["tx"]["packets"])
 
 
-@pytest.mark.parametrize("direct", [False, True], ids=["vxlan", "direct-routing"])
-def test_paths_between_workers(direct: bool) -> None:
+@pytest.mark.parametrize(("mode", "cloud"), [("off", False), ("on", False), ("auto", False), ("auto", True)],
+                         ids=["off", "on", "auto", "auto-on-a-cloud"])
+def test_paths_between_workers(mode: DirectRouting, cloud: bool) -> None:
     """Two workers' kernels as the overlay programs them: a client reaches a server by service IP over
-    VXLAN, or, with direct routing, over the shared link unwrapped; a peer behind a router stays on
-    VXLAN even with direct routing."""
+    VXLAN, or, with direct routing, over the shared link unwrapped: always with ``on``, and with
+    ``auto`` once the probe is answered; on a LAN that drops overlay addresses (a cloud) ``auto`` stays
+    on VXLAN. A peer behind a router stays on VXLAN even with direct routing."""
     need_network_lab()
     lab = Lab()
     server_proc = None
     try:
-        client, server = overlay_pair(lab, "10.30.0.1", direct)
+        if cloud:
+            lab.drop_overlay_addresses()
+        client, server = overlay_pair(lab, "10.30.0.1", mode)
         server_proc = subprocess.Popen(["ip", "netns", "exec", server, sys.executable, "-c", SERVER],
                                        env={**os.environ, "HOSTNAME": "far-server"}, stdout=subprocess.DEVNULL,
                                        stderr=subprocess.DEVNULL)
@@ -305,8 +321,10 @@ def test_paths_between_workers(direct: bool) -> None:
             time.sleep(0.1)
         assert ask(client, "tcp", "10.30.0.1", 80, 2) == ["far-server"] * 2, "the service IP answers"
         wrapped = _tx_packets(lab.hosts["h1"], "oakvx") - before
+        routes = sh("ip", "-n", lab.hosts["h1"], "route").stdout
         route = sh("ip", "-n", lab.hosts["h1"], "route", "show", "10.18.0.64/26").stdout
-        if direct:
+        assert "10.18.0.64 via" not in routes, f"no probe route left: {routes}"
+        if mode != "off" and not cloud:
             assert f"via {lab.addresses['h2']} dev eth0" in route, route
             assert wrapped == 0, "nothing went through VXLAN"
         else:
@@ -314,7 +332,7 @@ def test_paths_between_workers(direct: bool) -> None:
             assert wrapped > 0
 
         far = NodeRoute("c2", "10.18.16.0/26", "203.0.113.9:50103")  # reached through the LAN's router
-        Kernel(lab.hosts["h1"], direct_routing=True).set_peers({"far": far})
+        Kernel(lab.hosts["h1"], direct_routing="on").set_peers({"far": far})
         assert "dev oakvx" in sh("ip", "-n", lab.hosts["h1"], "route", "show", far.subnet).stdout
     finally:
         if server_proc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -15,9 +16,9 @@ from services.common import addressing, envelope
 from services.common.models import InstanceSpec, InstanceStatus, NodeInfo
 from services.common.nettable import Backend, NetTable, NodeRoute, ServiceRoute
 from services.common.store import Store
-from services.worker.kernel import KernelError
+from services.worker.kernel import KernelError, _echo_request
 from services.worker.netcfg import NetConfig, NetConfigError
-from services.worker.nftrules import PortMap, parse_ports, render, render_instance, service_rules
+from services.worker.nftrules import PortMap, parse_ports, remove, render, render_instance, service_rules
 from services.worker.overlay import Overlay
 from services.worker.socklb import BalancerError
 
@@ -152,15 +153,18 @@ class Recording:
     def __init__(self) -> None:
         self.services: dict[str, tuple[str, ...]] = {}
         self.namespaces: set[int] = set()
+        self.rules: dict[str, str] = {}
         self.closed = False
         self.fail = False
 
     def ensure_host(self, *_: Any) -> None: ...
     def set_peers(self, *_: Any) -> None: ...
     def set_rules(self, *_: Any) -> None: ...
-    def set_instance_rules(self, *_: Any) -> None: ...
+    def set_instance_rules(self, iid: str, ruleset: str) -> None:
+        self.rules[iid] = ruleset
     def detach(self, *_: Any) -> None: ...
     def teardown(self) -> None: ...
+    def next_probe(self) -> None: ...
 
     def attach(self, iid: str, *_: Any) -> str:
         return f"/run/netns/oak-{iid}"
@@ -194,12 +198,14 @@ async def test_socket_balancer_told_what_nftables_is(tmp_path: Path) -> None:
     await overlay.attach("i1", "")
     await overlay.attach("i2", "")
     assert fake.namespaces == {1001, 1002}
+    assert fake.rules["i2"] == remove(), "with the balancer an instance needs no table"
     await overlay.detach("i1")
     assert fake.namespaces == {1002}
     fake.fail = True
     await overlay.update("10.18.0.0/26", "c1", table.to_json())
     assert fake.closed, "a failing balancer is closed"
     assert overlay.balancer is None, "and forgotten"
+    assert "dnat to" in fake.rules["i2"], "the instance translates service IPs itself again"
     await overlay.attach("i3", "")  # and attaching goes on without it
     await overlay.close()
 
@@ -270,7 +276,22 @@ async def test_services_get_ips_that_are_freed_with_them(tmp_path: Path) -> None
 
 
 def test_netcfg_direct_routing() -> None:
-    assert not NetConfig.parse({}).direct_routing, "VXLAN to every worker unless asked"
-    assert NetConfig.parse({"DirectRouting": True}).direct_routing
-    with pytest.raises(NetConfigError, match="DirectRouting: expected true or false"):
-        NetConfig.parse({"DirectRouting": "yes"})
+    assert NetConfig.parse({}).direct_routing == "auto", "direct once probed, unless told otherwise"
+    assert NetConfig.parse({"DirectRouting": True}).direct_routing == "on"
+    assert NetConfig.parse({"DirectRouting": False}).direct_routing == "off"
+    assert NetConfig.parse({"DirectRouting": "auto"}).direct_routing == "auto"
+    for wrong in ("yes", 1):
+        with pytest.raises(NetConfigError, match='DirectRouting: expected true, false or "auto"'):
+            NetConfig.parse({"DirectRouting": wrong})
+
+
+def test_direct_routing_probe_is_a_valid_ping() -> None:
+    """The probe is an ICMP echo request whose checksum a receiving kernel accepts (the one's complement sum of
+    the whole message is all ones)."""
+    packet = _echo_request(0x1234, 7)
+    assert packet[:2] == b"\x08\x00", "type 8, code 0"
+    assert struct.unpack("!HH", packet[4:8]) == (0x1234, 7)
+    total = sum(struct.unpack(f"!{len(packet) // 2}H", packet))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    assert total == 0xFFFF

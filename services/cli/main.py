@@ -111,9 +111,9 @@ def parser() -> argparse.ArgumentParser:
     net.add_argument("--public-address", default="auto",
                      help="this worker's address other workers reach (NodePublicAddress; default: auto)")
     net.add_argument("--vxlan-port", type=int, default=50103, help="UDP port of the overlay (NodePublicPort)")
-    net.add_argument("--direct-routing", action="store_true",
-                     help="reach workers on the same link without VXLAN (DirectRouting; the link must "
-                          "carry overlay addresses between hosts: not on clouds that check them)")
+    net.add_argument("--direct-routing", nargs="?", const="on", default="auto", choices=("auto", "on", "off"),
+                     help="reach workers on the same link without VXLAN (DirectRouting): 'auto' (default) once a "
+                          "probe shows the link carries overlay addresses, 'on' (the flag alone) always, 'off' never")
     net.add_argument("--host-netns", default="",
                      help="a network namespace to build the overlay in instead of this host's own "
                           "(tests and demos play several hosts on one machine this way)")

@@ -18,6 +18,7 @@ from services.common.store import Store
 from services.worker.engine import Engine
 from services.worker.kernel import Kernel
 from services.worker.logs import LogServer
+from services.worker.netcfg import DirectRouting
 from services.worker.netmanager import RemoteNetwork
 from services.worker.overlay import Network, Overlay
 from services.worker.prober import Prober
@@ -48,7 +49,7 @@ class WorkerConfig:
     netmanager_port: int = 0  # or use the NetManager listening on this port
     public_address: str = "auto"  # VXLAN endpoint address (NodePublicAddress)
     vxlan_port: int = 50103  # NodePublicPort
-    direct_routing: bool = False  # DirectRouting: workers on the same link are reached without VXLAN
+    direct_routing: DirectRouting = "auto"  # DirectRouting: workers on the same link reached without VXLAN
     host_netns: str = ""  # the namespace playing this worker's host ("" = its own; tests use one per worker)
 
 

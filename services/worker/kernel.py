@@ -12,9 +12,13 @@ no instance holds are unreachable rather than sent to the host's default route.
 Everything on the overlay has the underlay's MTU less the 50 bytes VXLAN adds, so wrapped packets
 are never fragmented. Remote workers are reached flannel-style: a route ``subnet via <its .0> dev oakvx onlink``, a
 permanent neighbour entry giving that address the worker's derived MAC, and a forwarding entry
-sending that MAC to its public endpoint. No learning, no flooding. With direct routing (opt-in, flannel's
+sending that MAC to its public endpoint. No learning, no flooding. With direct routing (flannel's
 ``DirectRouting``), a worker whose public address is on the same link as this one's is reached
-without VXLAN: ``subnet via <its public address>`` on the underlay, no wrapping at all.
+without VXLAN: ``subnet via <its public address>`` on the underlay, no wrapping at all. ``on`` does
+so for every such worker; ``auto`` (the default) only once a ping from this worker's VXLAN address
+to the other's, sent straight over the link, has been answered: proof that the link carries overlay
+addresses (clouds that check addresses drop it, and the worker stays on VXLAN). Unanswered probes
+are tried again later (1 s, doubling up to 5 minutes); ``off`` wraps everything.
 
 Namespaces are entered by the calling thread alone (``setns``, then back), and created with
 ``ip netns add``: pyroute2's own way forks the (asyncio) process, and a signal reaching such a fork
@@ -27,8 +31,13 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
+import random
+import select
 import shutil
+import socket
+import struct
 import subprocess
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -39,9 +48,11 @@ from pyroute2.netns import setns
 from services.common import addressing
 from services.common.addressing import SERVICE_POOL, WORKER_POOL
 from services.common.nettable import NodeRoute
+from services.worker.netcfg import DirectRouting
 from services.worker.nftrules import GATEWAY, VXLAN, remove
 from services.worker.socklb import netns_cookie
 
+PROBE_FIRST, PROBE_MAX, PROBE_WAIT = 1.0, 300.0, 0.3  # direct routing probes: first retry, longest, answer wait
 VNI = 4218
 VXLAN_OVERHEAD = 50  # outer Ethernet 14 + IP 20 + UDP 8 + VXLAN 8
 ONLINK = 4  # RTNH_F_ONLINK
@@ -119,14 +130,45 @@ def _sysctl(key: str, value: str) -> None:
         file.write(value)
 
 
+def _echo_request(ident: int, sequence: int) -> bytes:
+    """An ICMP echo request (type 8) with its checksum."""
+    body = struct.pack("!HH", ident, sequence) + b"oakling direct routing probe"
+    header = struct.pack("!BBH", 8, 0, 0) + body
+    total = sum(struct.unpack(f"!{len(header) // 2}H", header))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return struct.pack("!BBH", 8, 0, ~total & 0xFFFF) + body
+
+
+def _answered(targets: set[str], source: str, wait: float = PROBE_WAIT) -> set[str]:
+    """Which of *targets* answer a ping from *source* within *wait* seconds (in this thread's namespace)."""
+    ident, answered = random.randrange(1 << 16), set[str]()
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as probe:
+        probe.bind((source, 0))
+        for sequence, target in enumerate(sorted(targets)):
+            probe.sendto(_echo_request(ident, sequence), (target, 0))
+        deadline = time.monotonic() + wait
+        while answered != targets and (left := deadline - time.monotonic()) > 0:
+            if not select.select([probe], [], [], left)[0]:
+                break
+            packet, (sender, _) = probe.recvfrom(2048)
+            icmp = packet[(packet[0] & 0x0F) * 4:]  # past the IP header
+            if len(icmp) >= 8 and icmp[0] == 0 and struct.unpack("!H", icmp[4:6])[0] == ident and sender in targets:
+                answered.add(sender)
+    return answered
+
+
 class Kernel:
     """Makes the host namespace and instance namespaces look as asked."""
 
-    def __init__(self, host_netns: str | None = None, direct_routing: bool = False) -> None:
+    def __init__(self, host_netns: str | None = None, direct_routing: DirectRouting = "off") -> None:
         self.host_netns = host_netns
         self.direct_routing = direct_routing
         self.peers: dict[str, NodeRoute] = {}
+        self.direct: set[str] = set()  # the peers routed without VXLAN
+        self.probes: dict[str, tuple[float, float]] = {}  # peer -> (when to probe again, interval): auto mode
         self.mtu = 1500 - VXLAN_OVERHEAD
+        self.vtep = ""  # this worker's VXLAN address, the source of direct routing probes
 
     def host(self) -> contextlib.AbstractContextManager[Any]:
         """A netlink socket in the host namespace."""
@@ -165,21 +207,23 @@ class Kernel:
             vxlan = ipr.link_lookup(ifname=VXLAN)[0]
             ipr.link("set", index=vxlan, address=addressing.vtep_mac(subnet), mtu=self.mtu, state="up")
             self._set_address(ipr, vxlan, vtep, 32)
+            self.vtep = vtep
             self._forget_subnets(ipr, keep=subnet)
             ipr.route("replace", dst=subnet, type=UNREACHABLE)
             ipr.route("replace", dst=str(SERVICE_POOL), oif=link)
             _sysctl("ipv4/ip_forward", "1")
 
     @staticmethod
-    def _forget_subnets(ipr: Any, keep: str = "") -> None:
-        """Remove the unreachable routes of overlay subnets other than *keep* (this worker's earlier ones)."""
+    def _forget_subnets(ipr: Any, keep: str = "", everything: bool = False) -> None:
+        """Remove the unreachable routes of overlay subnets other than *keep* (this worker's earlier ones);
+        with *everything*, every route into the overlay's pool (the other workers' too)."""
         for route in ipr.get_routes(family=2):
-            if route["type"] != UNREACHABLE or not route.get_attr("RTA_DST"):
+            if not route.get_attr("RTA_DST") or not (everything or route["type"] == UNREACHABLE):
                 continue
             dst = f"{route.get_attr('RTA_DST')}/{route['dst_len']}"
             if dst != keep and ipaddress.IPv4Network(dst).subnet_of(WORKER_POOL):
                 with contextlib.suppress(NetlinkError):
-                    ipr.route("del", dst=dst, type=UNREACHABLE)
+                    ipr.route("del", dst=dst, type=route["type"])
 
     @staticmethod
     def _underlay_mtu(ipr: Any, local: str) -> int:
@@ -198,7 +242,8 @@ class Kernel:
             ipr.addr("add", index=index, address=address, prefixlen=prefix)
 
     def set_peers(self, peers: dict[str, NodeRoute]) -> None:
-        """Route to exactly these other workers' subnets: over VXLAN, or directly when allowed and on-link."""
+        """Route to exactly these other workers' subnets: over VXLAN, or directly as ``direct_routing``
+        allows (probing, in ``auto``, the new peers on this link and those due again)."""
         with self.host() as ipr:
             found = ipr.link_lookup(ifname=VXLAN)
             if not found:
@@ -207,19 +252,59 @@ class Kernel:
             for name, route in self.peers.items():
                 if peers.get(name) != route:
                     self._forget_peer(ipr, vxlan, route)
-            for name, route in peers.items():
-                if self.peers.get(name) != route:
-                    link = self._on_link(ipr, route.address) if self.direct_routing else None
-                    if link is not None:
-                        ipr.route("replace", dst=route.subnet, gateway=route.address, oif=link)
-                        continue
-                    vtep, mac = addressing.vtep_ip(route.subnet), addressing.vtep_mac(route.subnet)
-                    ipr.neigh("replace", dst=vtep, lladdr=mac, ifindex=vxlan, state="permanent")
-                    with contextlib.suppress(NetlinkError):
-                        ipr.fdb("del", ifindex=vxlan, lladdr=mac)
-                    ipr.fdb("append", ifindex=vxlan, lladdr=mac, dst=route.address, port=route.port)
-                    ipr.route("replace", dst=route.subnet, gateway=vtep, oif=vxlan, flags=ONLINK)
+                    self.direct.discard(name)
+                    self.probes.pop(name, None)
+            changed = {name for name, route in peers.items() if self.peers.get(name) != route}
+            for name in changed:
+                self._wrap(ipr, vxlan, peers[name])
+            now = time.monotonic()
+            due = {name for name, (when, _) in self.probes.items() if when <= now and name in peers}
+            links = {} if self.direct_routing == "off" else {
+                name: link for name in changed | due if (link := self._on_link(ipr, peers[name].address)) is not None}
+            direct = set(links) if self.direct_routing == "on" else self._probe(ipr, peers, links, now)
+            for name in direct:
+                ipr.route("replace", dst=peers[name].subnet, gateway=peers[name].address, oif=links[name])
+            self.direct |= direct
         self.peers = dict(peers)
+
+    @staticmethod
+    def _wrap(ipr: Any, vxlan: int, route: NodeRoute) -> None:
+        """Reach *route*'s subnet over VXLAN: a route via its VXLAN address, its MAC, its endpoint."""
+        vtep, mac = addressing.vtep_ip(route.subnet), addressing.vtep_mac(route.subnet)
+        ipr.neigh("replace", dst=vtep, lladdr=mac, ifindex=vxlan, state="permanent")
+        with contextlib.suppress(NetlinkError):
+            ipr.fdb("del", ifindex=vxlan, lladdr=mac)
+        ipr.fdb("append", ifindex=vxlan, lladdr=mac, dst=route.address, port=route.port)
+        ipr.route("replace", dst=route.subnet, gateway=vtep, oif=vxlan, flags=ONLINK)
+
+    def _probe(self, ipr: Any, peers: dict[str, NodeRoute], links: dict[str, int], now: float) -> set[str]:
+        """The peers among *links* whose VXLAN address answers a ping sent to it straight over the link (a
+        ``/32`` route for the probe alone); the others are scheduled to be probed again later."""
+        targets = {addressing.vtep_ip(peers[name].subnet): name for name in links}
+        if not targets or not self.vtep:
+            return set()
+        for target, name in targets.items():
+            ipr.route("replace", dst=f"{target}/32", gateway=peers[name].address, oif=links[name])
+        try:
+            answered = {targets[ip] for ip in _answered(set(targets), self.vtep)}
+        except OSError:
+            answered = set()
+        finally:
+            for target, name in targets.items():
+                with contextlib.suppress(NetlinkError):
+                    ipr.route("del", dst=f"{target}/32", gateway=peers[name].address, oif=links[name])
+        for name in links:
+            if name in answered:
+                self.probes.pop(name, None)
+            else:
+                interval = min(self.probes.get(name, (0.0, PROBE_FIRST / 2))[1] * 2, PROBE_MAX)
+                self.probes[name] = (now + interval, interval)
+        return answered
+
+    def next_probe(self) -> float | None:
+        """Seconds until a peer is due to be probed again (None: no probe pending)."""
+        soonest = min((when for when, _ in list(self.probes.values())), default=None)  # (set_peers runs in a thread)
+        return None if soonest is None else max(0.0, soonest - time.monotonic())
 
     @staticmethod
     def _on_link(ipr: Any, address: str) -> int | None:
@@ -260,10 +345,10 @@ class Kernel:
             for name in (VXLAN, GATEWAY):
                 for index in ipr.link_lookup(ifname=name):
                     ipr.link("del", index=index)
-            self._forget_subnets(ipr)
+            self._forget_subnets(ipr, everything=True)  # directly routed peers are not on a link removed above
         with contextlib.suppress(KernelError):
             self._run(["nft", "-f", "-"], remove())
-        self.peers = {}
+        self.peers, self.direct, self.probes = {}, set(), {}
 
     # ---- instances -----------------------------------------------------------------------------
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 DEFAULT_PATH = Path("/etc/netmanager/netcfg.json")
+DirectRouting = Literal["off", "on", "auto"]  # DirectRouting false, true, "auto"
 KNOWN = {"NodePublicAddress", "NodePublicPort", "ClusterUrl", "ClusterMqttPort", "DefaultInterface", "Debug",
          "DirectRouting", "PublicIPNetworking", "MqttCert", "MqttKey"}
 
@@ -41,6 +42,15 @@ def _text(raw: dict[str, Any], name: str, default: str) -> str:
     return value
 
 
+def _direct_routing(raw: dict[str, Any]) -> DirectRouting:
+    value = raw.get("DirectRouting", "auto")
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if value != "auto":
+        raise NetConfigError(f'DirectRouting: expected true, false or "auto", got {value!r}')
+    return "auto"
+
+
 @dataclass(frozen=True)
 class NetConfig:
     """The fields of netcfg.json (Oakestra's names) with their defaults."""
@@ -51,7 +61,7 @@ class NetConfig:
     cluster_mqtt_port: int = 10003
     default_interface: str = ""
     debug: bool = False
-    direct_routing: bool = False  # reach workers on the same link without VXLAN
+    direct_routing: DirectRouting = "auto"  # reach workers on the same link without VXLAN: off, on, or once probed
 
     @classmethod
     def parse(cls, raw: Any) -> NetConfig:
@@ -68,7 +78,7 @@ class NetConfig:
             cluster_mqtt_port=_port(raw, "ClusterMqttPort", 10003),
             default_interface=_text(raw, "DefaultInterface", ""),
             debug=_flag(raw, "Debug"),
-            direct_routing=_flag(raw, "DirectRouting"),
+            direct_routing=_direct_routing(raw),
         )
 
     @classmethod

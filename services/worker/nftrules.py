@@ -1,7 +1,8 @@
 """The worker's nftables rulesets, rendered from the net table: pure text, no kernel needed.
 
-Service IPs are translated where a connection starts: inside the client instance's own namespace
-(:func:`render_instance`), so the workers in between only route. Each namespace holds one table,
+Service IPs are translated where a connection starts: at the socket (:mod:`services.worker.socklb`),
+or, where that cannot run, inside the client instance's own namespace (:func:`render_instance`), so
+the workers in between only route. Each namespace holds one table,
 ``ip oakling``, replaced in a single transaction each time anything changes.
 
 In every instance namespace:
@@ -13,8 +14,9 @@ In every instance namespace:
 
 In the worker's (host) namespace (:func:`render`):
 
-* ``services`` again, for the worker itself (output) and for guests whose frames bypass their
-  namespace's stack (VMs: prerouting);
+* ``services`` again, for the worker itself (output) and for what passes through untranslated (VM
+  guests, whose frames bypass their namespace's stack, and, with the socket balancer, UDP and
+  processes outside the instances' cgroup: prerouting);
 * ``ports``: the SLA's ``port`` mappings, host port -> instance IP and port;
 * ``raw``: no connection tracking for instance-to-instance traffic passing through (it needs no
   translation here) nor for the VXLAN packets that carry it; that is the overlay's fast path;

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from services.common import addressing
-from services.common.nettable import NetTable
+from services.common.nettable import NetTable, NodeRoute
 from services.common.store import Store
 from services.worker import nftrules
 from services.worker.kernel import Kernel, KernelError
@@ -71,6 +71,8 @@ class Overlay:
         self.socket_match = True  # False on a kernel without nftables' socket match: all TCP is tracked
         self._subnet_known = asyncio.Event()
         self._lock = asyncio.Lock()
+        self._reprobe: asyncio.TimerHandle | None = None  # peers due for a direct routing probe
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def _call(self, fn: Any, *args: Any) -> Any:
         async with self._lock:  # one kernel change at a time, off the event loop
@@ -105,7 +107,7 @@ class Overlay:
         ports = [m for doc in self.attached.values() for m in nftrules.parse_ports(doc.get("port", ""), doc["ip"])]
         ruleset = nftrules.render(self.table, self.node, self.cluster, self.subnet, ports,
                                   (self.public_address, self.port))
-        await self._call(self.kernel.set_peers, peers)
+        await self._set_peers(peers)
         await self._call(self.kernel.set_rules, ruleset)
         if self.balancer:
             try:
@@ -115,16 +117,41 @@ class Overlay:
         for iid in list(self.attached):
             await self._program_instance(iid)
 
+    async def _set_peers(self, peers: dict[str, NodeRoute]) -> None:
+        """Route to *peers*, and come back when a peer is due to be probed for direct routing again."""
+        await self._call(self.kernel.set_peers, peers)
+        if self._reprobe:
+            self._reprobe.cancel()
+        delay = self.kernel.next_probe()
+        self._reprobe = None if delay is None else asyncio.get_running_loop().call_later(delay, self._probe_again)
+
+    def _probe_again(self) -> None:
+        task = asyncio.create_task(self._reprobe_peers())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _reprobe_peers(self) -> None:
+        try:
+            await self._set_peers({name: route for name, route in self.table.nodes.items() if name != self.node})
+        except (KernelError, OSError) as exc:
+            log.warning("cannot probe the other workers for direct routing: %s", exc)
+
     async def _program_instance(self, iid: str) -> None:
-        """Put the service IPs' translation in instance *iid*'s namespace, unless it is there already."""
-        ruleset = nftrules.render_instance(self.table, self.node, self.cluster, self.socket_match)
+        """Put the service IPs' translation in instance *iid*'s namespace, unless it is there already. With
+        the socket balancer there is none: the namespace has no table, so no hook and no conntrack
+        slows its packets, and what the balancer does not translate (UDP, processes outside the
+        instance's cgroup) the worker's own table translates on the way through, as for VMs."""
+        if self.balancer:
+            ruleset = nftrules.remove()
+        else:
+            ruleset = nftrules.render_instance(self.table, self.node, self.cluster, self.socket_match)
         if self.instance_rules.get(iid) == ruleset:
             return
         try:
             await self._call(self.kernel.set_instance_rules, iid, ruleset)
         except KernelError as exc:
             tracked = nftrules.render_instance(self.table, self.node, self.cluster, untracked=False)
-            if tracked == ruleset or not await self._try_rules(iid, tracked):
+            if self.balancer or tracked == ruleset or not await self._try_rules(iid, tracked):
                 log.warning("cannot program instance %s: %s", iid, exc)  # its namespace is gone or going
                 return
             self.socket_match, ruleset = False, tracked  # a kernel without nft_socket
@@ -154,6 +181,7 @@ class Overlay:
             await self.store.put(TABLE, iid, doc)
         try:
             path = await self._call(self.kernel.attach, iid, doc["ip"], self.subnet)
+            balanced = self.balancer is not None
             if self.balancer:
                 try:
                     self.cookies[iid] = await self._call(self.kernel.cookie, iid)
@@ -161,7 +189,7 @@ class Overlay:
                 except OSError as exc:
                     self._drop_balancer(exc)
             self.instance_rules.pop(iid, None)
-            if ports:
+            if ports or balanced != (self.balancer is not None):  # (every instance needs its table again)
                 await self._program()
             else:
                 await self._program_instance(iid)
@@ -181,18 +209,24 @@ class Overlay:
         doc = self.attached.pop(iid, None)
         self.instance_rules.pop(iid, None)
         cookie = self.cookies.pop(iid, None)
+        reprogram = bool(doc and doc.get("port"))  # its published ports go
         if self.balancer and cookie is not None:
             try:
                 self.balancer.remove_namespace(cookie)
             except OSError as exc:
                 self._drop_balancer(exc)
+                reprogram = True  # every instance needs its table again
         await self._call(self.kernel.detach, iid)
         await self.store.delete(TABLE, iid)
-        if doc and doc.get("port") and self.subnet:
+        if reprogram and self.subnet:
             await self._program()
 
     async def close(self) -> None:
         """Remove everything this worker made in the kernel (after its instances have stopped)."""
+        if self._reprobe:
+            self._reprobe.cancel()
+        for task in list(self._tasks):
+            task.cancel()
         for iid in list(self.attached):
             await self.detach(iid)
         await self._call(self.kernel.teardown)
