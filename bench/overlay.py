@@ -1,13 +1,14 @@
 """Overlay data plane: client -> service IP -> server across two pretend hosts, against a plain veth path.
 
 Two hosts (network namespaces on a LAN bridge) get Oakling's overlay exactly as a worker programs it
-(routed instance veths, VXLAN, routes, nftables, the socket balancer); a client instance on host 1
-talks to a server instance on host 2 through the service IP, in two ways: from the instances'
-cgroup, where the socket balancer translates the service IP at ``connect`` (``overlay_socket_lb``,
-what an instance does), and from outside it, where the nftables DNAT in the client's namespace does
-(``overlay_nftables``, the fallback). The baseline, measured in the same run, is the same traffic
-between two more hosts on the LAN that route it over plain veths (no VXLAN, no NAT, full MTU), as a
-host-gateway network would.
+(routed instance veths, VXLAN or direct routing as ``--direct-routing`` says, routes, nftables, the
+socket balancer); a client instance on host 1 talks to a server instance on host 2 through the
+service IP, as each kind of worker would have it: ``overlay_socket_lb`` with the socket balancer (the
+client in the instances' cgroup, so the service IP is translated at ``connect``, and no table in the
+instances' namespaces), ``overlay_nftables`` without it (the DNAT table in each instance's namespace,
+the client outside the cgroup). The instances' tables are swapped before each measurement. The
+baseline, measured in the same run, is the same traffic between two more hosts on the LAN that route
+it over plain veths (no VXLAN, no NAT, no nftables, full MTU), as a host-gateway network would.
 
 Measured: TCP throughput (iperf3, 5 s per round; Python sockets when iperf3 is missing) and request
 latency (a new TCP connection per request, as the translation sees each connection; 100 per round).
@@ -20,18 +21,20 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bench.common import record, summary
 from plugins.runtimes.cgroups import cgroup2_mount
-from services.worker import socklb
+from services.worker import nftrules, socklb
 from services.worker.kernel import overlay_unavailable
 from services.worker.socklb import SocketBalancer
 from tests.netlab import Lab, in_netns, overlay_pair, sh
@@ -133,21 +136,38 @@ def build_plain(lab: Lab) -> tuple[str, str]:
     return ends["h3"], ends["h4"]
 
 
-PathSpec = tuple[str, str, str, Path | None]  # client namespace, server namespace, address, client cgroup
+@dataclass(frozen=True)
+class Trip:
+    """One way to the server: from namespace *client* (in cgroup *group*, if any) to *address*, with the
+    instances' namespaces holding *tables* (None: leave them as they are)."""
+
+    client: str
+    server: str
+    address: str
+    group: Path | None = None
+    tables: dict[str, str] | None = None
 
 
-def measure(paths: dict[str, PathSpec], rounds: int, seconds: float) -> dict[str, dict[str, Any]]:
-    """Throughput and request latency over each path, rounds interleaved (and their order turned round
-    every other round) so that whatever else the machine does weighs on every path alike."""
-    gbits: dict[str, list[float]] = {name: [] for name in paths}
-    ms: dict[str, list[float]] = {name: [] for name in paths}
+def measure(trips: dict[str, Trip], rounds: int, seconds: float) -> dict[str, dict[str, Any]]:
+    """Throughput and request latency over each trip, rounds interleaved (and their order turned round
+    every other round) so that whatever else the machine does weighs on every trip alike."""
+    gbits: dict[str, list[float]] = {name: [] for name in trips}
+    ms: dict[str, list[float]] = {name: [] for name in trips}
     for index in range(rounds):
-        for name, (client, server, ip, group) in (paths.items() if index % 2 == 0 else reversed(paths.items())):
-            with servers(server):
-                gbits[name].append(throughput(client, ip, seconds, group))
-                ms[name] += latencies(client, ip, 100, group)
+        for name, trip in (trips.items() if index % 2 == 0 else reversed(trips.items())):
+            for ns, ruleset in (trip.tables or {}).items():
+                sh("ip", "netns", "exec", ns, "nft", "-f", "-", stdin=ruleset)
+            with servers(trip.server):
+                gbits[name].append(throughput(trip.client, trip.address, seconds, trip.group))
+                ms[name] += latencies(trip.client, trip.address, 100, trip.group)
     return {name: {"throughput_gbit_s": summary(gbits[name]), "request_ms": summary(ms[name]),
-                   "per_round_gbit_s": gbits[name]} for name in paths}
+                   "per_round_gbit_s": gbits[name]} for name in trips}
+
+
+def instance_tables(namespaces: tuple[str, ...]) -> dict[str, str]:
+    """The ``ip oakling`` table each instance namespace holds now, as input that puts it back."""
+    return {ns: nftrules.remove() + sh("ip", "netns", "exec", ns, "nft", "list", "table", "ip", nftrules.TABLE).stdout
+            for ns in namespaces}
 
 
 def paired_ratio(over: list[float], under: list[float]) -> float:
@@ -162,6 +182,7 @@ def main() -> None:
     p.add_argument("--direct-routing", choices=("auto", "on", "off"), default="auto",
                    help="as the workers' DirectRouting: auto (default: unwrapped once probed), on, off (VXLAN)")
     args = p.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # (so that the lab is removed)
     reason = overlay_unavailable()
     if reason:
         raise SystemExit(f"cannot run: {reason}")
@@ -177,11 +198,12 @@ def main() -> None:
         client, server = overlay_pair(lab, SERVICE_IP, args.direct_routing, balancer)
         route = sh("ip", "-n", lab.hosts["h1"], "route", "show", "10.18.0.64/26").stdout.strip()  # to the server
         plain_client, plain_server = build_plain(lab)
-        paths: dict[str, PathSpec] = {"overlay_nftables": (client, server, SERVICE_IP, None),
-                                   "plain": (plain_client, plain_server, "10.99.2.2", None)}
-        if group:  # the client in the instances' cgroup: service IP translated at the socket
-            paths["overlay_socket_lb"] = (client, server, SERVICE_IP, group)
-        results = measure(paths, args.rounds, args.seconds)
+        dnat = instance_tables((client, server))  # a worker without the balancer: DNAT in the instances
+        trips = {"overlay_nftables": Trip(client, server, SERVICE_IP, tables=dnat),
+                 "plain": Trip(plain_client, plain_server, "10.99.2.2")}
+        if group:  # a worker with it: the client in the instances' cgroup, no table in the instances
+            trips["overlay_socket_lb"] = Trip(client, server, SERVICE_IP, group, {ns: nftrules.remove() for ns in dnat})
+        results = measure(trips, args.rounds, args.seconds)
     finally:
         if balancer:
             balancer.close()

@@ -16,10 +16,11 @@ from services.common import addressing, envelope
 from services.common.models import InstanceSpec, InstanceStatus, NodeInfo
 from services.common.nettable import Backend, NetTable, NodeRoute, ServiceRoute
 from services.common.store import Store
-from services.worker.kernel import KernelError, _echo_request
+from services.worker.kernel import KernelError
 from services.worker.netcfg import NetConfig, NetConfigError
 from services.worker.nftrules import PortMap, parse_ports, remove, render, render_instance, service_rules
 from services.worker.overlay import Overlay
+from services.worker.ping import echo_request
 from services.worker.socklb import BalancerError
 
 
@@ -288,7 +289,7 @@ def test_netcfg_direct_routing() -> None:
 def test_direct_routing_probe_is_a_valid_ping() -> None:
     """The probe is an ICMP echo request whose checksum a receiving kernel accepts (the one's complement sum of
     the whole message is all ones)."""
-    packet = _echo_request(0x1234, 7)
+    packet = echo_request(0x1234, 7)
     assert packet[:2] == b"\x08\x00", "type 8, code 0"
     assert struct.unpack("!HH", packet[4:8]) == (0x1234, 7)
     total = sum(struct.unpack(f"!{len(packet) // 2}H", packet))

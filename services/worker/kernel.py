@@ -31,11 +31,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
-import random
-import select
 import shutil
-import socket
-import struct
 import subprocess
 import time
 from collections.abc import Iterator
@@ -50,6 +46,7 @@ from services.common.addressing import SERVICE_POOL, WORKER_POOL
 from services.common.nettable import NodeRoute
 from services.worker.netcfg import DirectRouting
 from services.worker.nftrules import GATEWAY, VXLAN, remove
+from services.worker.ping import answering
 from services.worker.socklb import netns_cookie
 
 PROBE_FIRST, PROBE_MAX, PROBE_WAIT = 1.0, 300.0, 0.3  # direct routing probes: first retry, longest, answer wait
@@ -128,34 +125,6 @@ def _sysctl(key: str, value: str) -> None:
     """Set ``/proc/sys/net/<key>`` in the namespace this thread is in."""
     with open(f"/proc/sys/net/{key}", "w") as file:
         file.write(value)
-
-
-def _echo_request(ident: int, sequence: int) -> bytes:
-    """An ICMP echo request (type 8) with its checksum."""
-    body = struct.pack("!HH", ident, sequence) + b"oakling direct routing probe"
-    header = struct.pack("!BBH", 8, 0, 0) + body
-    total = sum(struct.unpack(f"!{len(header) // 2}H", header))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return struct.pack("!BBH", 8, 0, ~total & 0xFFFF) + body
-
-
-def _answered(targets: set[str], source: str, wait: float = PROBE_WAIT) -> set[str]:
-    """Which of *targets* answer a ping from *source* within *wait* seconds (in this thread's namespace)."""
-    ident, answered = random.randrange(1 << 16), set[str]()
-    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as probe:
-        probe.bind((source, 0))
-        for sequence, target in enumerate(sorted(targets)):
-            probe.sendto(_echo_request(ident, sequence), (target, 0))
-        deadline = time.monotonic() + wait
-        while answered != targets and (left := deadline - time.monotonic()) > 0:
-            if not select.select([probe], [], [], left)[0]:
-                break
-            packet, (sender, _) = probe.recvfrom(2048)
-            icmp = packet[(packet[0] & 0x0F) * 4:]  # past the IP header
-            if len(icmp) >= 8 and icmp[0] == 0 and struct.unpack("!H", icmp[4:6])[0] == ident and sender in targets:
-                answered.add(sender)
-    return answered
 
 
 class Kernel:
@@ -286,7 +255,7 @@ class Kernel:
         for target, name in targets.items():
             ipr.route("replace", dst=f"{target}/32", gateway=peers[name].address, oif=links[name])
         try:
-            answered = {targets[ip] for ip in _answered(set(targets), self.vtep)}
+            answered = {targets[ip] for ip in answering(set(targets), self.vtep, PROBE_WAIT)}
         except OSError:
             answered = set()
         finally:
