@@ -24,6 +24,7 @@ from services.common.delta import Change, DeltaPublisher, DeltaReceiver
 from services.common.hookspecs import Candidate, Demand
 from services.common.models import InstanceSpec, InstanceStatus, NodeInfo, NodeSummary
 from services.common.mqtt import Message, MqttSession
+from services.common.retained import LastSent
 from services.common.scheduling import Profile, reserve, with_targets
 from services.common.store import Store
 from services.common.throttle import ReportThrottle
@@ -69,8 +70,8 @@ class ClusterOrchestrator:
         self.desired: dict[str, InstanceSpec] = {}
         self.assigned: dict[str, str] = {}
         self.unplaced: dict[str, str] = {}
-        self._published: dict[str, frozenset[str]] = {}
-        self._peers_published: dict[str, frozenset[tuple[str, str]]] = {}
+        self._published = LastSent()  # each worker's desired map (its instance ids)
+        self._peers_published = LastSent()  # each worker's latency peers
         self._peers_dirty = False
         self._changed = asyncio.Event()
         self._silent_after: float | None = None
@@ -358,12 +359,9 @@ class ClusterOrchestrator:
         for index, (name, _) in enumerate(probes):
             ring = [probes[(index + k) % len(probes)] for k in range(1, min(PEERS, len(probes) - 1) + 1)]
             peers = [{"name": n, "probe": p} for n, p in ring]
-            key = frozenset((p["name"], p["probe"]) for p in peers)
-            if self._peers_published.get(name) == key:
-                continue
-            self._peers_published[name] = key
-            self.session.publish(topics.down(topics.NODES, name, "peers"),
-                                 envelope.encode("peers", {"peers": peers}, f"cluster/{self.name}"), retain=True)
+            if self._peers_published.fresh(name, frozenset((p["name"], p["probe"]) for p in peers)):
+                self.session.publish(topics.down(topics.NODES, name, "peers"),
+                                     envelope.encode("peers", {"peers": peers}, f"cluster/{self.name}"), retain=True)
 
     def _maps(self, nodes: set[str]) -> dict[str, dict[str, Any]]:
         """The desired maps of *nodes* (one pass over the assignments for all)."""
@@ -374,10 +372,8 @@ class ClusterOrchestrator:
         return maps
 
     def _publish_map(self, node: str, mine: dict[str, Any]) -> None:
-        key = frozenset(mine)
-        if self._published.get(node) == key:
+        if not self._published.fresh(node, frozenset(mine)):
             return
-        self._published[node] = key
         self.session.publish(
             topics.down(topics.NODES, node, "desired"),
             envelope.encode("desired", {"instances": mine}, f"cluster/{self.name}"),

@@ -14,6 +14,7 @@ from typing import Any
 
 from services.common import envelope
 from services.common.mqtt import MqttSession
+from services.common.retained import LastSent
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,7 @@ class TableSender:
 
     def __init__(self, session: MqttSession, src: str) -> None:
         self.session, self.src = session, src
-        self._sent: dict[str, tuple[str, str]] = {}
+        self._sent = LastSent()
 
     def send(self, table: NetTable, parts: dict[str, dict[str, Any]]) -> None:
         """Publish ``{**part, "table": table}`` on each topic of *parts* whose content changed."""
@@ -124,7 +125,5 @@ class TableSender:
         table_key = json.dumps(wire, sort_keys=True)
         for topic, part in parts.items():
             key = (json.dumps(part, sort_keys=True), table_key)
-            if self._sent.get(topic) == key:
-                continue
-            self._sent[topic] = key
-            self.session.publish(topic, envelope.encode("net", {**part, "table": wire}, self.src), retain=True)
+            if self._sent.fresh(topic, key):
+                self.session.publish(topic, envelope.encode("net", {**part, "table": wire}, self.src), retain=True)

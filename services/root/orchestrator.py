@@ -21,6 +21,7 @@ from services.common.delta import Change, DeltaPublisher, DeltaReceiver
 from services.common.hookspecs import Demand
 from services.common.models import ClusterInfo, InstanceSpec, InstanceStatus, NodeSummary
 from services.common.mqtt import Message, MqttSession
+from services.common.retained import LastSent
 from services.common.scheduling import Profile, with_targets
 from services.root.catalog import Catalog, Instance, Service
 from services.root.clusters import STARTUP_GRACE, ClusterView, Pool, choose
@@ -47,7 +48,7 @@ class RootOrchestrator:
         self.network = network
         self._net_dirty = True
         self.users = users
-        self._infrastructure: bytes = b""
+        self._infrastructure = LastSent()  # the clusters-and-workers view, sent to every user
         self.profile = profile
         self.session = session
         self.clusters: dict[str, ClusterView] = {}
@@ -63,7 +64,7 @@ class RootOrchestrator:
         self._demands: dict[str, tuple[object, Demand]] = {}
         # Per instance, its row in its service's state and the row's JSON text (see _instance_row).
         self._rows: dict[str, tuple[tuple[int, str, InstanceStatus], dict[str, Any], str]] = {}
-        self._published_state: dict[str, dict[str, Any]] = {}
+        self._published_state = LastSent()  # each service's state, by service id
         self._dirty: set[str] = set()
         self._reconciling = asyncio.Lock()
         self._kick_wanted = False
@@ -377,11 +378,9 @@ class RootOrchestrator:
             if service is None:
                 continue
             state = self.service_state(service, sorted(by_service[sid], key=lambda i: i.number))
-            if self._published_state.get(sid) == state:
-                continue
-            self._published_state[sid] = state
-            self.session.publish(topics.api_service_state(service.owner, service.job_name), self.state_body(state),
-                                 retain=True)
+            if self._published_state.fresh(sid, state):
+                self.session.publish(topics.api_service_state(service.owner, service.job_name),
+                                     self.state_body(state), retain=True)
 
     def mark(self, service: Service) -> None:
         """Note that *service* changed, so its state is republished."""
@@ -389,16 +388,14 @@ class RootOrchestrator:
 
     def clear_state(self, service: Service) -> None:
         """Remove a deleted service's retained state."""
-        self._published_state.pop(service.sid, None)
+        self._published_state.forget(service.sid)
         self.session.publish(topics.api_service_state(service.owner, service.job_name), b"", retain=True)
 
     def publish_infrastructure(self) -> None:
         """Republish, for every user, the retained clusters-and-workers view when it changed."""
         data = {"clusters": cluster_rows(self.clusters.values()), "nodes": node_rows(self.clusters.values())}
-        compare = json.dumps(data, sort_keys=True).encode()
-        if compare == self._infrastructure:
+        if not self._infrastructure.fresh("all", json.dumps(data, sort_keys=True)):
             return
-        self._infrastructure = compare
         body = envelope.encode("infrastructure", data, "root")
         for user in self.users():
             self.session.publish(topics.api_infrastructure(user), body, retain=True)
