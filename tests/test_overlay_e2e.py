@@ -148,10 +148,13 @@ async def test_service_ips_across_workers_and_clusters(stack: Stack, api: Any, l
     await eventually(round_robin, 10, interval=0.3, what="round robin over all three replicas")
 
     async def unwrapped() -> bool:  # direct routing "auto": probed (again, if first asked too early), then direct
-        routes = sh("ip", "-n", lab.hosts["h1"], "route").stdout
-        return all(f"via {lab.addresses[h]} dev eth0" in routes for h in ("h2", "h3"))
+        routes = sh("ip", "-n", lab.hosts["h1"], "route").stdout.splitlines()
+        peers = [f"via {lab.addresses[h]} dev eth0" for h in ("h2", "h3")]
+        direct = [line.split()[0] for line in routes if any(peer in line for peer in peers)]
+        inside = sh("ip", "-n", caller_ns, "route").stdout  # and the instances reach them at full size
+        return len(direct) == 2 and all(f"{subnet} via" in inside for subnet in direct)
 
-    await eventually(unwrapped, 10, interval=0.3, what="w1 reaching w2 and w3 without VXLAN once probed")
+    await eventually(unwrapped, 10, interval=0.3, what="w1 and its instance reaching w2 and w3 without VXLAN")
     if socket_lb:
         assert not [line for line in conntrack(caller_ns, "tcp") if f"dst={rr} " in line], (
             "the instance's own connections were translated at the socket, so nothing was tracked")
@@ -291,6 +294,30 @@ async def test_container_on_the_overlay(stack: Stack, api: Any, lab: Lab, busybo
     await eventually(gone, 20, interval=0.3, what="no namespace or veth left")
 
 
+BULK = """
+import socket, sys
+c = socket.create_connection((sys.argv[1], 5203), timeout=10); c.sendall(b"x" * (4 << 20)); c.shutdown(socket.SHUT_WR)
+print(c.recv(64).decode()); c.close()
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(5); u.sendto(b"y" * 4000, (sys.argv[1], 5203))
+print(u.recv(64).decode())
+"""
+
+SINK = """
+import socket, threading
+def udp():
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(("0.0.0.0", 5203))
+    while True:
+        data, peer = u.recvfrom(65536); u.sendto(str(int(len(data) == 4000)).encode(), peer)
+threading.Thread(target=udp, daemon=True).start()
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("0.0.0.0", 5203)); s.listen(8)
+while True:
+    c, _ = s.accept(); total = 0
+    while chunk := c.recv(1 << 16):
+        total += len(chunk)
+    c.sendall(str(total).encode()); c.close()
+"""
+
+
 def _tx_packets(ns: str, link: str) -> int:
     out = sh("ip", "-n", ns, "-s", "-j", "link", "show", link).stdout
     return int(json.loads(out)[0]["stats64"]["tx"]["packets"])
@@ -305,7 +332,7 @@ def test_paths_between_workers(mode: DirectRouting, cloud: bool) -> None:
     on VXLAN. A peer behind a router stays on VXLAN even with direct routing."""
     need_network_lab()
     lab = Lab()
-    server_proc = None
+    server_proc = sink_proc = None
     try:
         if cloud:
             lab.drop_overlay_addresses()
@@ -313,31 +340,40 @@ def test_paths_between_workers(mode: DirectRouting, cloud: bool) -> None:
         server_proc = subprocess.Popen(["ip", "netns", "exec", server, sys.executable, "-c", SERVER],
                                        env={**os.environ, "HOSTNAME": "far-server"}, stdout=subprocess.DEVNULL,
                                        stderr=subprocess.DEVNULL)
+        sink_proc = subprocess.Popen(["ip", "netns", "exec", server, sys.executable, "-c", SINK])
         before = _tx_packets(lab.hosts["h1"], "oakvx")
 
-        for _ in range(50):  # the server starting
-            if sh("ip", "netns", "exec", server, "ss", "-Htln", "sport = :80").stdout.strip():
+        for _ in range(50):  # the servers starting
+            if len(sh("ip", "netns", "exec", server, "ss", "-Htln", "sport = :80 or sport = :5203").stdout.split(
+                    "\n")) > 2:
                 break
             time.sleep(0.1)
         assert ask(client, "tcp", "10.30.0.1", 80, 2) == ["far-server"] * 2, "the service IP answers"
+        bulk = sh("ip", "netns", "exec", client, sys.executable, "-c", BULK, "10.18.0.66", timeout=30).stdout
+        assert bulk.split() == [str(4 << 20), "1"], "4 MB and a 4000-byte datagram cross at the path's MTU"
         wrapped = _tx_packets(lab.hosts["h1"], "oakvx") - before
+        paths = sh("ip", "-n", client, "route").stdout
+        assert "10.18.0.0/15 via 10.18.0.1 dev eth0 proto static mtu 1450" in paths, paths
         routes = sh("ip", "-n", lab.hosts["h1"], "route").stdout
         route = sh("ip", "-n", lab.hosts["h1"], "route", "show", "10.18.0.64/26").stdout
         assert "10.18.0.64 via" not in routes, f"no probe route left: {routes}"
         if mode != "off" and not cloud:
             assert f"via {lab.addresses['h2']} dev eth0" in route, route
             assert wrapped == 0, "nothing went through VXLAN"
+            assert "10.18.0.64/26 via 10.18.0.1 dev eth0" in paths, f"full size to a direct peer: {paths}"
         else:
             assert "dev oakvx" in route, route
             assert wrapped > 0
+            assert "10.18.0.64/26" not in paths, f"a VXLAN peer is reached at the pool's size: {paths}"
 
         far = NodeRoute("c2", "10.18.16.0/26", "203.0.113.9:50103")  # reached through the LAN's router
         Kernel(lab.hosts["h1"], direct_routing="on").set_peers({"far": far})
         assert "dev oakvx" in sh("ip", "-n", lab.hosts["h1"], "route", "show", far.subnet).stdout
     finally:
-        if server_proc:
-            server_proc.kill()
-            server_proc.wait(5)
+        for proc in (server_proc, sink_proc):
+            if proc:
+                proc.kill()
+                proc.wait(5)
         lab.remove()
 
 

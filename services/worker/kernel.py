@@ -9,10 +9,13 @@ route to the gateway; the other end of that veth stays in the host namespace, un
 never bridged: one hop less per side, and no bridge netfilter. Addresses of the worker's subnet that
 no instance holds are unreachable rather than sent to the host's default route.
 
-Everything on the overlay has the underlay's MTU less the 50 bytes VXLAN adds, so wrapped packets
-are never fragmented. Remote workers are reached flannel-style: a route ``subnet via <its .0> dev oakvx onlink``, a
-permanent neighbour entry giving that address the worker's derived MAC, and a forwarding entry
-sending that MAC to its public endpoint. No learning, no flooding. With direct routing (flannel's
+An instance's link has the underlay's MTU, but its routes into the overlay's pools carry the
+underlay's MTU less the 50 bytes VXLAN adds (so wrapped packets are never fragmented), except the
+routes to the subnets of workers reached directly (:meth:`Kernel.set_instance_paths`), whose packets
+are not wrapped and keep the full size; traffic leaving the overlay keeps it too. Remote workers
+are reached flannel-style: a route ``subnet via <its .0> dev oakvx onlink``, a permanent neighbour
+entry giving that address the worker's derived MAC, and a forwarding entry sending that MAC to its
+public endpoint. No learning, no flooding. With direct routing (flannel's
 ``DirectRouting``), a worker whose public address is on the same link as this one's is reached
 without VXLAN: ``subnet via <its public address>`` on the underlay, no wrapping at all. ``on`` does
 so for every such worker; ``auto`` (the default) only once a ping from this worker's VXLAN address
@@ -119,6 +122,15 @@ def _run(argv: list[str], stdin: str = "", netns: str | None = None) -> None:
         done = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=30, check=False)
     if done.returncode != 0:
         raise KernelError(f"{' '.join(argv[:3])} failed: {done.stderr.strip()[:400]}")
+
+
+@contextlib.contextmanager
+def _as_kernel_error() -> Iterator[None]:
+    """Netlink's refusals as KernelError."""
+    try:
+        yield
+    except NetlinkError as exc:
+        raise KernelError(str(exc)) from None
 
 
 def _sysctl(key: str, value: str) -> None:
@@ -333,7 +345,7 @@ class Kernel:
             if not ipr.link_lookup(ifname=veth):
                 ipr.link("add", ifname=veth, kind="veth", peer={"ifname": "eth0", "net_ns_fd": name})
             index = ipr.link_lookup(ifname=veth)[0]
-            ipr.link("set", index=index, master=0, mtu=self.mtu, state="up")  # older Oaklings bridged it
+            ipr.link("set", index=index, master=0, mtu=self.mtu + VXLAN_OVERHEAD, state="up")  # (once bridged)
             _sysctl(f"ipv4/conf/{veth}/proxy_arp", "1")  # answers for the gateway and the other instances
             _sysctl(f"ipv4/neigh/{veth}/proxy_delay", "0")
             ipr.route("replace", dst=f"{ip}/32", oif=index, scope=SCOPE_LINK)
@@ -341,8 +353,12 @@ class Kernel:
             inner.link("set", index=inner.link_lookup(ifname="lo")[0], state="up")
             eth0 = inner.link_lookup(ifname="eth0")[0]
             self._set_address(inner, eth0, ip, prefix)
-            inner.link("set", index=eth0, mtu=self.mtu, state="up")
-            inner.route("replace", dst="0.0.0.0/0", gateway=addressing.gateway(subnet))
+            inner.link("set", index=eth0, mtu=self.mtu + VXLAN_OVERHEAD, state="up")
+            gateway = addressing.gateway(subnet)
+            inner.route("replace", dst="0.0.0.0/0", gateway=gateway)
+            for pool in (WORKER_POOL, SERVICE_POOL):  # what may be wrapped: room for VXLAN's header
+                inner.route("replace", dst=str(pool), gateway=gateway, metrics={"mtu": self.mtu})
+        self.set_instance_paths(iid, subnet, self.direct_subnets())
         return os.path.join(NETNS_DIR, name)
 
     @staticmethod
@@ -350,6 +366,27 @@ class Kernel:
         """The netns cookie of instance *iid*'s namespace (how the socket balancer knows it)."""
         with _entered(namespace_of(iid)):
             return netns_cookie()
+
+    def direct_subnets(self) -> set[str]:
+        """The subnets of the workers reached without VXLAN."""
+        return {self.peers[name].subnet for name in self.direct if name in self.peers}
+
+    @staticmethod
+    def set_instance_paths(iid: str, subnet: str, direct: set[str]) -> None:
+        """Give instance *iid* (of *subnet*) a full-size route to each subnet in *direct* (workers reached
+        unwrapped), and none to others: those fall under the overlay pool's route, sized for VXLAN."""
+        gateway = addressing.gateway(subnet)
+        with _inside(namespace_of(iid)) as inner, _as_kernel_error():
+            present = set()
+            for route in inner.get_routes(family=2):
+                dst = route.get_attr("RTA_DST")
+                if dst and route["dst_len"] == addressing.WORKER_PREFIX and route.get_attr("RTA_GATEWAY"):
+                    present.add(f"{dst}/{route['dst_len']}")
+            for gone in present - direct:
+                with contextlib.suppress(NetlinkError):
+                    inner.route("del", dst=gone, gateway=gateway)
+            for new in direct - present:
+                inner.route("replace", dst=new, gateway=gateway)
 
     def detach(self, iid: str) -> None:
         """Remove instance *iid*'s namespace (its veth goes with it)."""

@@ -72,6 +72,7 @@ class Overlay:
         self._subnet_known = asyncio.Event()
         self._lock = asyncio.Lock()
         self._reprobe: asyncio.TimerHandle | None = None  # peers due for a direct routing probe
+        self._direct: set[str] = set()  # the subnets the instances reach at full size (no VXLAN)
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def _call(self, fn: Any, *args: Any) -> Any:
@@ -118,8 +119,17 @@ class Overlay:
             await self._program_instance(iid)
 
     async def _set_peers(self, peers: dict[str, NodeRoute]) -> None:
-        """Route to *peers*, and come back when a peer is due to be probed for direct routing again."""
+        """Route to *peers* (and the instances to those reached directly at full size), and come back when
+        a peer is due to be probed for direct routing again."""
         await self._call(self.kernel.set_peers, peers)
+        direct = self.kernel.direct_subnets()
+        if direct != self._direct:
+            self._direct = direct
+            for iid in list(self.attached):
+                try:
+                    await self._call(self.kernel.set_instance_paths, iid, self.subnet, direct)
+                except (KernelError, OSError) as exc:
+                    log.warning("cannot route instance %s: %s", iid, exc)  # its namespace is gone or going
         if self._reprobe:
             self._reprobe.cancel()
         delay = self.kernel.next_probe()
