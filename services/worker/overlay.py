@@ -5,9 +5,11 @@ as they start and detached when they are removed. Instance IPs are kept in the s
 restarted after ``kill -9`` gives every adopted instance the address it had. When the cluster is
 unreachable nothing is torn down: the kernel keeps routing with what it was last told.
 
-Service IPs are translated twice over: by nftables DNAT in every instance's namespace, and, where the
-kernel allows, before that at the socket (:mod:`services.worker.socklb`), which spares the
-connection's packets any translation or tracking. The socket balancer is told the same net table.
+Service IPs are translated at the socket where the kernel allows (:mod:`services.worker.socklb`, told
+the same net table), which spares a connection's packets any translation or tracking; instances then
+need no nftables table, and the worker's own table translates what the balancer does not see. Where
+it cannot run, each instance's namespace gets the DNAT table instead. Peers due for a direct routing
+probe (``auto``) are probed again on a timer, and the instances' full-size routes follow the result.
 """
 
 from __future__ import annotations
