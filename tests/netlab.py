@@ -59,6 +59,7 @@ class Lab:
         self.lan = f"{self.tag}-lan"
         self.hosts: dict[str, str] = {}  # name -> namespace
         self.addresses: dict[str, str] = {}
+        self.kernels: dict[str, Kernel] = {}  # the workers' kernels overlay_pair programmed, by host
         sh("ip", "netns", "add", self.lan)
         sh("ip", "-n", self.lan, "link", "add", "br0", "type", "bridge")
         sh("ip", "-n", self.lan, "link", "set", "br0", "up")
@@ -80,9 +81,12 @@ class Lab:
         self.hosts[name], self.addresses[name] = ns, address
         return ns
 
-    def drop_overlay_addresses(self) -> None:
+    def drop_overlay_addresses(self, drop: bool = True) -> None:
         """Make the LAN drop frames carrying overlay addresses, as clouds that check addresses do (VXLAN's
-        outer addresses are the hosts' own, so it still passes)."""
+        outer addresses are the hosts' own, so it still passes); with *drop* False, stop."""
+        if not drop:
+            sh("ip", "netns", "exec", self.lan, "nft", "delete", "table", "bridge", "cloud")
+            return
         sh("ip", "netns", "exec", self.lan, "nft", "-f", "-", check=True, stdin=f"""table bridge cloud {{
   chain forward {{
     type filter hook forward priority 0; policy accept;
@@ -122,7 +126,7 @@ def overlay_pair(lab: Lab, service_ip: str, direct_routing: DirectRouting = "off
         lab.host(host)
         nodes[host] = NodeRoute("c1", subnets[host], f"{lab.addresses[host]}:50103")
     table = NetTable(nodes, {"s": ServiceRoute("s", service_ip, "10.30.255.254", (Backend("10.18.0.66", "h2", "c1"),))})
-    kernels = {}
+    kernels = lab.kernels
     for host, subnet in subnets.items():
         kernel = kernels[host] = Kernel(lab.hosts[host], direct_routing)
         kernel.ensure_host(subnet, lab.addresses[host], 50103)

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -374,6 +374,47 @@ def test_paths_between_workers(mode: DirectRouting, cloud: bool) -> None:
             if proc:
                 proc.kill()
                 proc.wait(5)
+        lab.remove()
+
+
+def test_direct_peer_that_stops_answering_goes_back_to_vxlan() -> None:
+    """A worker reached directly is probed again from time to time: when the link starts dropping overlay
+    addresses both workers go back to VXLAN after three misses (and traffic flows again), and when the
+    link carries them again they reach each other directly once more."""
+    need_network_lab()
+    lab = Lab()
+    try:
+        client, _ = overlay_pair(lab, "10.30.0.1", "auto")
+        instances = {"h1": (f"{lab.tag}-client", "10.18.0.0/26"), "h2": (f"{lab.tag}-server", "10.18.0.64/26")}
+        peers = {host: dict(kernel.peers) for host, kernel in lab.kernels.items()}
+
+        def routes() -> str:
+            return "".join(sh("ip", "-n", lab.hosts[h], "route", "show", subnet).stdout
+                           for h, subnet in (("h1", "10.18.0.64/26"), ("h2", "10.18.0.0/26")))
+
+        def probe_until(done: Callable[[str], bool]) -> None:  # as the workers' timers do
+            for _ in range(40):
+                if done(routes()):
+                    return
+                time.sleep(min(kernel.next_probe() or 0.1 for kernel in lab.kernels.values()))
+                for host, kernel in lab.kernels.items():
+                    kernel.set_peers(peers[host])
+                    kernel.set_instance_paths(*instances[host], kernel.direct_subnets())
+            raise AssertionError(f"not settled: {routes()}")
+
+        assert routes().count("dev eth0") == 2, routes()
+        for kernel in lab.kernels.values():
+            kernel.recheck = 0.2
+            kernel.checks = dict.fromkeys(kernel.checks, (0.0, 0))  # due now
+        lab.drop_overlay_addresses()
+        probe_until(lambda r: r.count("dev oakvx") == 2)
+        assert "10.18.0.64/26" not in sh("ip", "-n", client, "route").stdout, "the instance's full-size route went"
+        ping = sh("ip", "netns", "exec", client, *PING, "-c", "1", "-W", "3", "10.18.0.66", check=False)
+        assert ping.returncode == 0, f"over VXLAN again: {ping.stdout}"
+        lab.drop_overlay_addresses(False)
+        probe_until(lambda r: r.count("dev eth0") == 2)
+        assert "10.18.0.64/26 via" in sh("ip", "-n", client, "route").stdout, "and came back"
+    finally:
         lab.remove()
 
 

@@ -21,7 +21,8 @@ without VXLAN: ``subnet via <its public address>`` on the underlay, no wrapping 
 so for every such worker; ``auto`` (the default) only once a ping from this worker's VXLAN address
 to the other's, sent straight over the link, has been answered: proof that the link carries overlay
 addresses (clouds that check addresses drop it, and the worker stays on VXLAN). Unanswered probes
-are tried again later (1 s, doubling up to 5 minutes); ``off`` wraps everything.
+are tried again later (1 s, doubling up to 5 minutes); a direct peer is probed again every minute,
+and goes back to VXLAN after three misses in a row (1 s apart). ``off`` wraps everything.
 
 Namespaces are entered by the calling thread alone (``setns``, then back), and created with
 ``ip netns add``: pyroute2's own way forks the (asyncio) process, and a signal reaching such a fork
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import logging
 import os
 import shutil
 import subprocess
@@ -53,6 +55,7 @@ from services.worker.ping import answering
 from services.worker.socklb import netns_cookie
 
 PROBE_FIRST, PROBE_MAX, PROBE_WAIT = 1.0, 300.0, 0.3  # direct routing probes: first retry, longest, answer wait
+RECHECK, MISSES = 60.0, 3  # a direct peer is probed every minute; back to VXLAN after 3 misses in a row
 VNI = 4218
 VXLAN_OVERHEAD = 50  # outer Ethernet 14 + IP 20 + UDP 8 + VXLAN 8
 ONLINK = 4  # RTNH_F_ONLINK
@@ -60,6 +63,7 @@ SCOPE_LINK = 253
 UNREACHABLE = 7  # RTN_UNREACHABLE
 NETNS_DIR = "/run/netns"
 PREFIX = "oak-"
+log = logging.getLogger(__name__)
 
 
 class KernelError(RuntimeError):
@@ -148,6 +152,8 @@ class Kernel:
         self.peers: dict[str, NodeRoute] = {}
         self.direct: set[str] = set()  # the peers routed without VXLAN
         self.probes: dict[str, tuple[float, float]] = {}  # peer -> (when to probe again, interval): auto mode
+        self.checks: dict[str, tuple[float, int]] = {}  # direct peer -> (when to check again, misses in a row)
+        self.recheck = RECHECK  # seconds between checks of a direct peer that answers
         self.mtu = 1500 - VXLAN_OVERHEAD
         self.vtep = ""  # this worker's VXLAN address, the source of direct routing probes
 
@@ -235,18 +241,55 @@ class Kernel:
                     self._forget_peer(ipr, vxlan, route)
                     self.direct.discard(name)
                     self.probes.pop(name, None)
+                    self.checks.pop(name, None)
             changed = {name for name, route in peers.items() if self.peers.get(name) != route}
             for name in changed:
                 self._wrap(ipr, vxlan, peers[name])
             now = time.monotonic()
-            due = {name for name, (when, _) in self.probes.items() if when <= now and name in peers}
+            due = {name for name, (when, _) in {**self.probes, **self.checks}.items() if when <= now and name in peers}
             links = {} if self.direct_routing == "off" else {
                 name: link for name in changed | due if (link := self._on_link(ipr, peers[name].address)) is not None}
-            direct = set(links) if self.direct_routing == "on" else self._probe(ipr, peers, links, now)
+            for name in due - set(links):  # no longer on this link: VXLAN, and nothing to probe
+                self.probes.pop(name, None)
+                self.checks.pop(name, None)
+                if name in self.direct:
+                    self._wrap(ipr, vxlan, peers[name])
+                    self.direct.discard(name)
+            if self.direct_routing == "on":
+                direct = set(links)
+            else:
+                answered = self._probe(ipr, peers, links)
+                direct = self._schedule(ipr, vxlan, peers, set(links), answered, now)
             for name in direct:
                 ipr.route("replace", dst=peers[name].subnet, gateway=peers[name].address, oif=links[name])
             self.direct |= direct
         self.peers = dict(peers)
+
+    def _schedule(self, ipr: Any, vxlan: int, peers: dict[str, NodeRoute], probed: set[str], answered: set[str],
+                  now: float) -> set[str]:
+        """Act on a round of probes (``auto``): the newly answering peers, to be routed directly. A direct
+        peer that stops answering goes back to VXLAN after MISSES probes in a row; the others are
+        probed again, sooner or later."""
+        newly = set()
+        for name in probed:
+            if name in self.direct:  # a check of a direct peer
+                misses = 0 if name in answered else self.checks.get(name, (0.0, 0))[1] + 1
+                if misses < MISSES:
+                    self.checks[name] = (now + (self.recheck if misses == 0 else PROBE_FIRST), misses)
+                    continue
+                log.warning("worker %s no longer answers over the link: back to VXLAN", name)
+                self._wrap(ipr, vxlan, peers[name])
+                self.direct.discard(name)
+                self.checks.pop(name, None)
+                self.probes[name] = (now + PROBE_FIRST, PROBE_FIRST)
+            elif name in answered:
+                newly.add(name)
+                self.probes.pop(name, None)
+                self.checks[name] = (now + self.recheck, 0)
+            else:
+                interval = min(self.probes.get(name, (0.0, PROBE_FIRST / 2))[1] * 2, PROBE_MAX)
+                self.probes[name] = (now + interval, interval)
+        return newly
 
     @staticmethod
     def _wrap(ipr: Any, vxlan: int, route: NodeRoute) -> None:
@@ -258,9 +301,9 @@ class Kernel:
         ipr.fdb("append", ifindex=vxlan, lladdr=mac, dst=route.address, port=route.port)
         ipr.route("replace", dst=route.subnet, gateway=vtep, oif=vxlan, flags=ONLINK)
 
-    def _probe(self, ipr: Any, peers: dict[str, NodeRoute], links: dict[str, int], now: float) -> set[str]:
+    def _probe(self, ipr: Any, peers: dict[str, NodeRoute], links: dict[str, int]) -> set[str]:
         """The peers among *links* whose VXLAN address answers a ping sent to it straight over the link (a
-        ``/32`` route for the probe alone); the others are scheduled to be probed again later."""
+        ``/32`` route for the probe alone)."""
         targets = {addressing.vtep_ip(peers[name].subnet): name for name in links}
         if not targets or not self.vtep:
             return set()
@@ -274,17 +317,12 @@ class Kernel:
             for target, name in targets.items():
                 with contextlib.suppress(NetlinkError):
                     ipr.route("del", dst=f"{target}/32", gateway=peers[name].address, oif=links[name])
-        for name in links:
-            if name in answered:
-                self.probes.pop(name, None)
-            else:
-                interval = min(self.probes.get(name, (0.0, PROBE_FIRST / 2))[1] * 2, PROBE_MAX)
-                self.probes[name] = (now + interval, interval)
         return answered
 
     def next_probe(self) -> float | None:
         """Seconds until a peer is due to be probed again (None: no probe pending)."""
-        soonest = min((when for when, _ in list(self.probes.values())), default=None)  # (set_peers runs in a thread)
+        pending = [*self.probes.values(), *self.checks.values()]  # (copied: set_peers runs in a thread)
+        soonest = min((when for when, _ in pending), default=None)
         return None if soonest is None else max(0.0, soonest - time.monotonic())
 
     @staticmethod
@@ -329,7 +367,7 @@ class Kernel:
             self._forget_subnets(ipr, everything=True)  # directly routed peers are not on a link removed above
         with contextlib.suppress(KernelError):
             self._run(["nft", "-f", "-"], remove())
-        self.peers, self.direct, self.probes = {}, set(), {}
+        self.peers, self.direct, self.probes, self.checks = {}, set(), {}, {}
 
     # ---- instances -----------------------------------------------------------------------------
 
