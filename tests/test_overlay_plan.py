@@ -139,8 +139,8 @@ async def test_instance_rules_without_socket_match(tmp_path: Path) -> None:
     kernel = NoSocketMatch()
     overlay = Overlay("w1", kernel, Store(tmp_path / "w.json"))  # type: ignore[arg-type]
     overlay.table, overlay.cluster = NetTable({}, {"s1": WEB}), "c1"
-    await overlay._program_instance("i1")
-    await overlay._program_instance("i2")
+    ruleset = await overlay._program_instance("i1", overlay._instance_ruleset())  # as _program does
+    await overlay._program_instance("i2", ruleset)
     assert not overlay.socket_match
     assert kernel.rules["i1"] == kernel.rules["i2"] == render_instance(overlay.table, "w1", "c1", untracked=False)
     assert "dnat to 10.18.0.2" in kernel.rules["i1"]

@@ -88,7 +88,11 @@ def backend_ips(table: NetTable, node: str, cluster: str) -> dict[str, tuple[str
 
 def service_rules(table: NetTable, node: str, cluster: str) -> list[str]:
     """The DNAT rules of every service IP that has somewhere to go."""
-    return [_dnat(ip, backends) for ip, backends in translations(table, node, cluster).items()]
+    return _dnat_rules(translations(table, node, cluster))
+
+
+def _dnat_rules(routes: dict[str, tuple[Backend, ...]]) -> list[str]:
+    return [_dnat(ip, backends) for ip, backends in routes.items()]
 
 
 def _chain(rules: list[str]) -> str:
@@ -149,23 +153,19 @@ def render_instance(table: NetTable, node: str, cluster: str, untracked: bool = 
     """An instance namespace's ruleset: its connections to service IPs are translated where they start,
     and (with *untracked*, which needs the kernel's nft_socket) its other TCP traffic is not tracked
     (see :func:`_untracked_tcp`)."""
-    rules = service_rules(table, node, cluster)
-    if not rules:
+    routes = translations(table, node, cluster)
+    if not routes:
         return remove()
     return f"""table ip {TABLE}
 delete table ip {TABLE}
 table ip {TABLE} {{
-{_untracked_tcp(_service_ips(table)) if untracked else ""}
+{_untracked_tcp(sorted(routes)) if untracked else ""}
   chain output {{
     type nat hook output priority -100; policy accept;
-{_chain(rules)}
+{_chain(_dnat_rules(routes))}
   }}
 }}
 """
-
-
-def _service_ips(table: NetTable) -> list[str]:
-    return sorted(translations(table, "", ""))
 
 
 def _untracked_tcp(service_ips: list[str]) -> str:

@@ -105,8 +105,12 @@ class Overlay:
         self._subnet_known.set()
         await self._program()
 
+    def _peers(self) -> dict[str, NodeRoute]:
+        """The other workers of the net table."""
+        return {name: route for name, route in self.table.nodes.items() if name != self.node}
+
     async def _program(self) -> None:
-        peers = {name: route for name, route in self.table.nodes.items() if name != self.node}
+        peers = self._peers()
         ports = [m for doc in self.attached.values() for m in nftrules.parse_ports(doc.get("port", ""), doc["ip"])]
         ruleset = nftrules.render(self.table, self.node, self.cluster, self.subnet, ports,
                                   (self.public_address, self.port))
@@ -117,8 +121,9 @@ class Overlay:
                 self.balancer.set_services(nftrules.backend_ips(self.table, self.node, self.cluster))
             except OSError as exc:
                 self._drop_balancer(exc)
+        ruleset = self._instance_ruleset()  # rendered once for all of them
         for iid in list(self.attached):
-            await self._program_instance(iid)
+            ruleset = await self._program_instance(iid, ruleset)
 
     async def _set_peers(self, peers: dict[str, NodeRoute]) -> None:
         """Route to *peers* (and the instances to those reached directly at full size), and come back when
@@ -144,31 +149,37 @@ class Overlay:
 
     async def _reprobe_peers(self) -> None:
         try:
-            await self._set_peers({name: route for name, route in self.table.nodes.items() if name != self.node})
+            await self._set_peers(self._peers())
         except (KernelError, OSError) as exc:
             log.warning("cannot probe the other workers for direct routing: %s", exc)
 
-    async def _program_instance(self, iid: str) -> None:
-        """Put the service IPs' translation in instance *iid*'s namespace, unless it is there already. With
-        the socket balancer there is none: the namespace has no table, so no hook and no conntrack
+    def _instance_ruleset(self) -> str:
+        """What every instance's namespace holds (the same for all of them): the service IPs' translation.
+        With the socket balancer there is none: the namespace has no table, so no hook and no conntrack
         slows its packets, and what the balancer does not translate (UDP, processes outside the
         instance's cgroup) the worker's own table translates on the way through, as for VMs."""
         if self.balancer:
-            ruleset = nftrules.remove()
-        else:
-            ruleset = nftrules.render_instance(self.table, self.node, self.cluster, self.socket_match)
+            return nftrules.remove()
+        return nftrules.render_instance(self.table, self.node, self.cluster, self.socket_match)
+
+    async def _program_instance(self, iid: str, ruleset: str) -> str:
+        """Put *ruleset* (:meth:`_instance_ruleset`) in instance *iid*'s namespace, unless it is there
+        already; return the ruleset for the next instance (the tracked one once this kernel refused the
+        socket match)."""
         if self.instance_rules.get(iid) == ruleset:
-            return
+            return ruleset
         try:
             await self._call(self.kernel.set_instance_rules, iid, ruleset)
         except KernelError as exc:
-            tracked = nftrules.render_instance(self.table, self.node, self.cluster, untracked=False)
-            if self.balancer or tracked == ruleset or not await self._try_rules(iid, tracked):
+            tracked = None if self.balancer else nftrules.render_instance(self.table, self.node, self.cluster,
+                                                                         untracked=False)
+            if tracked is None or tracked == ruleset or not await self._try_rules(iid, tracked):
                 log.warning("cannot program instance %s: %s", iid, exc)  # its namespace is gone or going
-                return
+                return ruleset
             self.socket_match, ruleset = False, tracked  # a kernel without nft_socket
             log.warning("this kernel refused nftables' socket match (%s); instances track all their TCP", exc)
         self.instance_rules[iid] = ruleset
+        return ruleset
 
     async def _try_rules(self, iid: str, ruleset: str) -> bool:
         """Put *ruleset* in instance *iid*'s namespace; False if the kernel refused it."""
@@ -204,7 +215,7 @@ class Overlay:
             if ports or balanced != (self.balancer is not None):  # (every instance needs its table again)
                 await self._program()
             else:
-                await self._program_instance(iid)
+                await self._program_instance(iid, self._instance_ruleset())
         except (KernelError, OSError) as exc:
             raise RuntimeError(f"cannot attach to the overlay: {exc}") from None
         return Attachment(path, doc["ip"], addressing.gateway(self.subnet))
