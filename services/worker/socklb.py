@@ -136,6 +136,21 @@ def _delete(map_fd: int, key: bytes) -> None:
             raise
 
 
+def _maps_and_program(namespaces: int, service_ips: int) -> list[int]:
+    """The two maps (holding up to *namespaces* and *service_ips* entries) and the program reading them,
+    as file descriptors ``[namespaces map, services map, program]``; on failure none is left open."""
+    fds: list[int] = []
+    try:
+        fds.append(_create_map(8, 4, namespaces))
+        fds.append(_create_map(4, _VALUE.size, service_ips))
+        fds.append(_load(_program(fds[0], fds[1])))
+    except OSError:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return fds
+
+
 def netns_cookie() -> int:
     """The cookie of the network namespace the calling thread is in."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
@@ -149,17 +164,13 @@ class SocketBalancer:
         self.cgroup = cgroup
         self.fds: list[int] = []
         self.services: dict[str, tuple[str, ...]] = {}
-        self.namespaces: set[int] = set()
 
     def open(self) -> None:
         """Create the maps, load the program and attach it to the cgroup; BalancerError if the kernel says no."""
         try:
             self.cgroup.mkdir(parents=True, exist_ok=True)
-            self._namespaces = _create_map(8, 4, MAX_NAMESPACES)
-            self.fds.append(self._namespaces)
-            self._services = _create_map(4, _VALUE.size, MAX_SERVICE_IPS)
-            self.fds.append(self._services)
-            self.fds.append(program := _load(_program(self._namespaces, self._services)))
+            self.fds = _maps_and_program(MAX_NAMESPACES, MAX_SERVICE_IPS)
+            self._namespaces, self._services, program = self.fds
             directory = os.open(self.cgroup, os.O_RDONLY | os.O_DIRECTORY)
             try:
                 self.fds.append(_bpf(_LINK_CREATE, struct.pack("<IIII", program, directory, _INET4_CONNECT, 0)))
@@ -183,12 +194,10 @@ class SocketBalancer:
     def add_namespace(self, cookie: int) -> None:
         """Translate connections made in the network namespace with *cookie*."""
         _update(self._namespaces, cookie.to_bytes(8, "little"), b"\1\0\0\0")
-        self.namespaces.add(cookie)
 
     def remove_namespace(self, cookie: int) -> None:
         """Stop translating in the namespace with *cookie*."""
         _delete(self._namespaces, cookie.to_bytes(8, "little"))
-        self.namespaces.discard(cookie)
 
     def close(self) -> None:
         """Detach the program and free the maps (closing the link detaches it)."""
@@ -199,15 +208,12 @@ class SocketBalancer:
 
 def unavailable() -> str:
     """Why this kernel cannot run the program ("" when it can): loads it once, attached nowhere."""
-    fds: list[int] = []
     try:
-        fds += [_create_map(8, 4, 1), _create_map(4, _VALUE.size, 1)]
-        fds.append(_load(_program(fds[0], fds[1])))
+        fds = _maps_and_program(1, 1)
     except OSError as exc:
         return f"the kernel refused the connect4 program: {exc.strerror}"
-    finally:
-        for fd in fds:
-            os.close(fd)
+    for fd in fds:
+        os.close(fd)
     return ""
 
 
