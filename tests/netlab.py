@@ -22,7 +22,8 @@ from services.worker.kernel import Kernel, namespace_of, namespaces
 from services.worker.netcfg import DirectRouting
 from services.worker.socklb import SocketBalancer
 
-__all__ = ["Lab", "in_netns", "links", "namespaces", "need_network_lab", "nft_ruleset", "overlay_pair", "sh"]
+__all__ = ["Lab", "conntrack", "in_netns", "links", "namespaces", "need_network_lab", "nft_ruleset", "overlay_pair",
+           "sh"]
 
 
 def sh(*argv: str, check: bool = True, timeout: float = 30,
@@ -106,6 +107,13 @@ def links(ns: str | None = None) -> set[str]:
     """The link names in namespace *ns* (None: the one the tests run in)."""
     out = sh("ip", *(["-n", ns] if ns else []), "-o", "link", "show").stdout
     return {line.split(":")[1].strip().split("@")[0] for line in out.splitlines()}
+
+
+def conntrack(ns: str, proto: str = "") -> list[str]:
+    """The connection tracking entries of namespace *ns* (for *proto* if given); none where conntrack is
+    not even loaded."""
+    done = sh("ip", "netns", "exec", ns, "cat", "/proc/net/nf_conntrack", check=False)
+    return [line for line in done.stdout.splitlines() if f" {proto} " in line or not proto]
 
 
 def nft_ruleset(ns: str) -> str:

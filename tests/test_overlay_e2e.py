@@ -24,7 +24,7 @@ from services.worker import socklb
 from services.worker.kernel import Kernel
 from services.worker.netcfg import DirectRouting
 from tests.conftest import Stack, dumps, eventually, sla, sleeper
-from tests.netlab import Lab, in_netns, links, namespaces, need_network_lab, nft_ruleset, overlay_pair, sh
+from tests.netlab import Lab, conntrack, in_netns, links, namespaces, need_network_lab, nft_ruleset, overlay_pair, sh
 
 SERVER = '''
 import os, socket, socketserver, threading
@@ -229,12 +229,6 @@ async def test_service_ips_across_workers_and_clusters(stack: Stack, api: Any, l
         assert {"oak0", "oakvx"}.isdisjoint(links(lab.hosts[host]))
         assert "oakling" not in nft_ruleset(lab.hosts[host])
         assert "10.18." not in sh("ip", "-n", lab.hosts[host], "route").stdout, "no overlay route left"
-
-
-def conntrack(ns: str, proto: str) -> list[str]:
-    """The connection tracking entries of namespace *ns* for *proto*."""
-    lines = sh("ip", "netns", "exec", ns, "cat", "/proc/net/nf_conntrack").stdout.splitlines()
-    return [line for line in lines if f" {proto} " in line]
 
 
 async def _overlay_nodes(client: OakClient, count: int) -> bool:

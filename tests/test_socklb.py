@@ -15,7 +15,7 @@ from plugins.runtimes.cgroups import cgroup2_mount
 from services.worker import socklb
 from services.worker.kernel import _entered
 from services.worker.socklb import SocketBalancer, netns_cookie
-from tests.netlab import Lab, in_netns, need_network_lab, sh
+from tests.netlab import Lab, conntrack, in_netns, need_network_lab, sh
 
 SERVICE_IP, BACKENDS, PORT = "10.30.9.9", ("10.18.9.1", "10.18.9.2"), 8099
 
@@ -92,7 +92,7 @@ def test_connections_go_to_the_backends_in_turn(place: tuple[str, Path]) -> None
         balancer.add_namespace(cookie_of(ns))
         assert ask(ns, 4, group) == [*BACKENDS, *BACKENDS], "round robin"
         assert ask(ns, 1, None) == ["none"], "a process outside the instances' cgroup is left alone"
-        assert conntrack_lines(ns) == [], "no connection tracking anywhere on the way"
+        assert conntrack(ns) == [], "no connection tracking anywhere on the way"
 
         balancer.set_services({SERVICE_IP: BACKENDS[1:]})
         assert ask(ns, 3, group) == [BACKENDS[1]] * 3, "a backend gone is no longer chosen"
@@ -105,12 +105,6 @@ def test_connections_go_to_the_backends_in_turn(place: tuple[str, Path]) -> None
     finally:
         balancer.close()
     assert ask(ns, 1, group) == ["none"], "closing detaches the program"
-
-
-def conntrack_lines(ns: str) -> list[str]:
-    """The namespace's connection tracking entries ([] where conntrack is not even loaded)."""
-    done = sh("ip", "netns", "exec", ns, "cat", "/proc/net/nf_conntrack", check=False)
-    return done.stdout.splitlines()
 
 
 def test_program_keeps_services_with_too_many_backends_out(place: tuple[str, Path]) -> None:
