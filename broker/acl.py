@@ -8,13 +8,16 @@
   ``oak/cluster/avail``;
 * a newcomer ``join:X``: publish ``oak/join/request/X``, read ``oak/join/response/X``.
 
+Client ids are bound to identities too (:func:`client_id_allowed`): a CONNECT with another's client
+id is refused before it can touch that client's session.
+
 A subscription is allowed only when its filter is *confined* to an allowed subtree: the subtree's
 levels appear literally at the start of the filter, so ``+`` or ``#`` can never reach past it.
 """
 
 from __future__ import annotations
 
-from broker.identity import CLUSTER, JOIN, NODE, SERVICE, USER, Identity
+from broker.identity import CLUSTER, GENERATED_PREFIX, JOIN, NODE, SERVICE, USER, Identity, client_id_owner
 from services.common import topics
 
 PUBLISH, SUBSCRIBE, RECEIVE = "publish", "subscribe", "receive"
@@ -52,3 +55,19 @@ def allowed(identity: Identity, action: str, topic: str) -> bool:
     if action == PUBLISH:
         return "+" not in topic and "#" not in topic and any(_under(topic, p) for p in publish)
     return topic in exact or any(_under(topic, p) for p in readable)
+
+
+def client_id_allowed(identity: Identity, client_id: str) -> bool:
+    """True when *identity* may connect with *client_id* (see :mod:`broker.identity` for whose is whose).
+
+    In-process services may use any id; every other identity only the ids it owns, and a user, besides,
+    its own name and any id under it (``alice``, ``alice-cli-1f2e``) that no machine owns.
+    """
+    if identity.kind == SERVICE:
+        return True
+    owner = client_id_owner(client_id)
+    if owner is not None:
+        return owner == identity
+    if identity.kind != USER:
+        return False
+    return client_id == identity.name or client_id.startswith((identity.name + "-", GENERATED_PREFIX))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
@@ -18,6 +19,13 @@ ITERATIONS = 100_000
 # Clusters and workers only ever get passwords from new_password() (192 random bits): stretching adds
 # nothing there, and 100,000 rounds per join would make 1,000 workers joining at once take minutes.
 MACHINE_ITERATIONS = 1
+
+
+# Password checks that may run at once, each in a thread: a flood of wrong passwords queues here instead
+# of blocking the event loop (and everything else the broker's process serves).
+CONCURRENT_CHECKS = 2
+# An unknown user's password is stretched against this salt, so a wrong name costs what a wrong password costs.
+_NOBODY_SALT = secrets.token_bytes(16)
 
 
 def new_password() -> str:
@@ -52,6 +60,7 @@ class Credentials:
         self._accounts: dict[str, Account] = {}
         self._services: dict[str, str] = {}
         self._verified: dict[str, bytes] = {}
+        self._checks: asyncio.Semaphore | None = None
         self.join_token = join_token
 
     async def load(self) -> None:
@@ -94,8 +103,15 @@ class Credentials:
         self._accounts.pop(username, None)
         self._verified.pop(username, None)
 
+    async def check(self, username: str | None, password: str | bytes | None) -> Identity | None:
+        """:meth:`verify` off the event loop, at most :data:`CONCURRENT_CHECKS` at a time."""
+        if self._checks is None:
+            self._checks = asyncio.Semaphore(CONCURRENT_CHECKS)
+        async with self._checks:
+            return await asyncio.to_thread(self.verify, username, password)
+
     def verify(self, username: str | None, password: str | bytes | None) -> Identity | None:
-        """Return the identity when *password* is right for *username*, else None."""
+        """Return the identity when *password* is right for *username*, else None (slow: see :meth:`check`)."""
         if not username or password is None:
             return None
         if isinstance(password, bytes):
@@ -110,6 +126,8 @@ class Credentials:
             return identity if hmac.compare_digest(self.join_token, password) else None
         account = self._accounts.get(username)
         if account is None:
+            if identity.kind == USER:
+                _hash(password, _NOBODY_SALT, ITERATIONS)  # as slow as a wrong password for a real user
             return None
         digest = hashlib.sha256(password.encode()).digest()
         if self._verified.get(username) == digest:  # PBKDF2 once per password, not per reconnect

@@ -22,6 +22,7 @@ from types import TracebackType
 
 from broker.mosquitto_credentials import MosquittoCredentials
 from broker.mosquitto_files import Listener, NativeBridge, render_conf
+from broker.mosquitto_plugin import build_plugin
 from broker.password_files import PasswordFiles
 from broker.server import Listeners
 from services.common.mqtt import BrokerUrl
@@ -64,6 +65,7 @@ class MosquittoBroker:
         self.port = listeners.port or _free_port(listeners.host)
         self.files = PasswordFiles(credentials, directory, BrokerUrl(self.local_host, self.port), self._hangup)
         self._process: asyncio.subprocess.Process | None = None
+        self._plugin: Path | None = None
         self._watcher: asyncio.Task[None] | None = None
 
     @property
@@ -78,7 +80,7 @@ class MosquittoBroker:
             listeners.append(Listener(lst.tls_port, lst.host, lst.certfile, lst.keyfile))
         if lst.ws_port is not None:
             listeners.append(Listener(lst.ws_port, lst.host, websockets=True))
-        return render_conf(self.directory, listeners, self.bridge, pwd.getpwuid(os.geteuid()).pw_name)
+        return render_conf(self.directory, listeners, self.bridge, pwd.getpwuid(os.geteuid()).pw_name, self._plugin)
 
     async def _hangup(self) -> None:
         """Have mosquitto re-read its password and ACL files."""
@@ -128,6 +130,7 @@ class MosquittoBroker:
             raise RuntimeError(f"{self.binary} is not installed (Debian: apt-get install mosquitto)")
         self.directory.mkdir(parents=True, exist_ok=True)
         os.chmod(self.directory, 0o700)
+        self._plugin = await build_plugin(self.directory)
         (self.directory / "mosquitto.conf").write_text(self._config())
         os.chmod(self.directory / "mosquitto.conf", 0o600)  # it may hold the bridge's password
         self.files.write()

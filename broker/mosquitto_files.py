@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from broker import acl
-from broker.identity import CLUSTER, JOIN, NODE, SERVICE, USER, Identity
+from broker.identity import CLUSTER, GENERATED_PREFIX, JOIN, NODE, SERVICE, USER, Identity, machine_client_id
 from services.common import topics
 from services.common.mqtt import BrokerUrl
 
@@ -113,7 +113,7 @@ class NativeBridge:
             "try_private false",
             "notifications true",
             f"notification_topic {topics.up(topics.CLUSTERS, self.cluster, 'avail')}",
-            f"remote_clientid bridge-{self.cluster}",
+            f"remote_clientid {machine_client_id(Identity(CLUSTER, self.cluster))}",
             f"remote_username {self.username}",
             f"remote_password {self.password}",
             "cleansession false",
@@ -128,11 +128,12 @@ class NativeBridge:
 
 
 def render_conf(directory: Path, listeners: list[Listener], bridge: NativeBridge | None = None,
-                user: str | None = None) -> str:
+                user: str | None = None, plugin: Path | None = None) -> str:
     """mosquitto.conf for a broker whose files live in *directory*; no anonymous access.
 
     *user*: the account mosquitto keeps when started as root (by default it would switch to
-    ``mosquitto`` and could not read oak's files, which only their owner may read).
+    ``mosquitto`` and could not read oak's files, which only their owner may read). *plugin*: oak's
+    client-id plugin (:mod:`broker.mosquitto_plugin`), which refuses a login using another's client id.
     """
     lines = [
         "# Written by oak at every start: change the oak command line, not this file.",
@@ -141,6 +142,7 @@ def render_conf(directory: Path, listeners: list[Listener], bridge: NativeBridge
         "allow_anonymous false",
         f"password_file {directory / 'passwd'}",
         f"acl_file {directory / 'acl'}",
+        *([f"plugin {plugin}", f"auto_id_prefix {GENERATED_PREFIX}"] if plugin else []),
         "persistence true",
         f"persistence_location {directory}/",
         "autosave_interval 60",

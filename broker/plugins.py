@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,11 +13,18 @@ from amqtt.session import Session
 from broker import acl
 from broker.identity import JOIN, Identity
 
+log = logging.getLogger(__name__)
+
 ACTIONS = {Action.PUBLISH: acl.PUBLISH, Action.SUBSCRIBE: acl.SUBSCRIBE, Action.RECEIVE: acl.RECEIVE}
 
 
 class OakAuthPlugin(BaseAuthPlugin):
-    """Admits a client only with the right password for its identity; no anonymous access."""
+    """Admits a client only with the right password for its identity and a client id of its own.
+
+    No anonymous access. The broker asks this before it looks up the session the client id names
+    (:class:`broker.server.EmbeddedBroker`), so a refused CONNECT never touches another's session.
+    Passwords are checked off the event loop (:meth:`Credentials.check`).
+    """
 
     @dataclass
     class Config:
@@ -25,10 +33,16 @@ class OakAuthPlugin(BaseAuthPlugin):
         credentials: Any = None
 
     async def authenticate(self, *, session: Session) -> bool | None:
-        """Check the session's username and password."""
-        identity = self.config.credentials.verify(session.username, session.password)
+        """Check the session's username, password and client id."""
+        identity = await self.config.credentials.check(session.username, session.password)
         session.is_anonymous = identity is None
-        return identity is not None
+        if identity is None:
+            log.info("refused client id %r: wrong password for %r", session.client_id, session.username)
+            return False
+        if not acl.client_id_allowed(identity, session.client_id or ""):
+            log.warning("refused %s: client id %r is not its own", identity.username, session.client_id)
+            return False
+        return True
 
 
 class OakTopicPlugin(BaseTopicPlugin):

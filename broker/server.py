@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import secrets
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
 from amqtt.broker import Broker
+from amqtt.errors import AMQTTError, MQTTError, NoDataError
+from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 
 from broker import acl
 from broker.credentials import Credentials
+from broker.identity import USER, Identity
 from broker.plugins import permitted
 from broker.routing import BrokerStats, IndexedRouting
 
@@ -36,6 +41,7 @@ class Listeners:
 # amqtt waits keepalive + this many seconds for a client's next packet (MQTT asks 1.5 x keepalive; Oakling's
 # clients use 10 s and their pings may be late when their process is busy, so 2 x).
 KEEPALIVE_GRACE = 10
+GENERATED_ID = "amqtt/"  # how amqtt names a client that sent an empty client id
 
 
 class _Handler(BrokerProtocolHandler):
@@ -58,7 +64,55 @@ class _Broker(IndexedRouting, BrokerStats, Broker):
     other clients' retained topics. Here a filter counts only if this session subscribed to it.
     Also: a client silent past its keepalive is disconnected (:class:`_Handler`), and deliveries check
     the topic rules directly instead of through a task per message.
+
+    And a CONNECT is admitted (password and client id, :class:`broker.plugins.OakAuthPlugin`) *before*
+    the session its client id names is looked up: amqtt 0.12 first deleted that session (a clean
+    CONNECT drops the subscriptions of the client connected under that id, which stayed connected and
+    never heard anything again) and took it over, and only then refused the newcomer's password.
     """
+
+    async def _initialize_client_session(self, reader: Any, writer: Any, remote_address: str,
+                                         remote_port: int) -> tuple[BrokerProtocolHandler, Any]:
+        """Read the CONNECT, admit it, then resume or replace the session its client id names."""
+        peer = f"{remote_address}:{remote_port}"
+        try:
+            handler, incoming = await BrokerProtocolHandler.init_from_connect(reader, writer, self.plugins_manager)
+        except (AMQTTError, MQTTError, NoDataError) as exc:
+            with contextlib.suppress(Exception):
+                await writer.close()
+            raise MQTTError(f"{peer} sent no valid CONNECT: {exc}") from None
+        if incoming.client_id.startswith(GENERATED_ID) and incoming.clean_session and incoming.username:
+            identity = Identity.of(incoming.username)  # a user's empty client id becomes one of its own
+            if identity.kind == USER:
+                incoming.client_id = f"{identity.name}-{secrets.token_hex(6)}"
+        incoming.oak_admitted = await super()._authenticate(incoming, None)
+        if not incoming.oak_admitted:
+            await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)
+            await writer.close()
+            raise MQTTError(f"{peer} refused (client id {incoming.client_id!r}, user {incoming.username!r})")
+        session, current = self._sessions.get(incoming.client_id, (None, None))
+        if session is not None and current is not None and session.transitions.is_connected():
+            # MQTT-3.1.4-2: the earlier connection is closed (amqtt 0.12 left it open but deaf after a clean
+            # CONNECT: the displaced client never noticed and never heard anything again).
+            log.warning("%s at %s takes over client id %r: closing its earlier connection",
+                        incoming.username, peer, incoming.client_id)
+            await current.handle_connection_closed()
+            await current.stop()
+        if session is None or incoming.clean_session:
+            await self._delete_session(incoming.client_id)
+            session, session.parent = incoming, 0
+        else:  # a persistent session resumed: the new CONNECT's will, keepalive and login replace the old
+            for field in ("will_flag", "will_message", "will_topic", "will_qos", "will_retain", "keep_alive",
+                          "username", "password", "oak_admitted"):
+                setattr(session, field, getattr(incoming, field))
+            session.parent = 1
+        if session.keep_alive > 0:
+            session.keep_alive += self.config.get("timeout-disconnect-delay", 0) or 0
+        return handler, session
+
+    async def _authenticate(self, session: Any, listener: Any) -> bool:
+        """Answered once, in :meth:`_initialize_client_session`, before any session is touched."""
+        return bool(getattr(session, "oak_admitted", False))
 
     def may_receive(self, session: Any, topic: str) -> bool | None:
         """Oak's topic plugin is the only one: its rule, asked directly (no task per delivery)."""

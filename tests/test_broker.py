@@ -11,6 +11,7 @@ import pytest
 
 from broker.bridge import Bridge
 from broker.credentials import Credentials
+from broker.identity import NEWCOMER
 from broker.join import JoinDesk, obtain_login
 from broker.probe import connect_packet
 from broker.server import EmbeddedBroker, Listeners
@@ -69,7 +70,7 @@ async def test_worker_cannot_publish_as_another_worker(broker: EmbeddedBroker, c
     """node:w1 may publish its own state, not w2's; and cannot read w2's desired map."""
     await creds.set_password("node:w1", "pw1")
     observer = MqttSession(url(broker), "obs", "svc:test", creds.service_password("svc:test"))
-    w1 = MqttSession(url(broker), "w1", "node:w1", "pw1")
+    w1 = MqttSession(url(broker), "node-w1", "node:w1", "pw1")
     async with observer, w1:
         observer.subscribe("oak/nodes/#")
         w1.subscribe("oak/nodes/w2/down/desired", "oak/nodes/w1/down/desired")
@@ -126,9 +127,9 @@ async def test_join_token_is_enforced(tmp_path: Path) -> None:
     await creds.load()
     async with EmbeddedBroker(Listeners(port=0), creds) as b:
         with pytest.raises(MqttError):
-            async with MqttSession(url(b), "j", "join:abc", "wrong", retry_first_connect=False):
+            async with MqttSession(url(b), "ab" * 16, NEWCOMER, "wrong", retry_first_connect=False):
                 pass
-        async with MqttSession(url(b), "j", "join:abc", "s3cret", retry_first_connect=False):
+        async with MqttSession(url(b), "ab" * 16, NEWCOMER, "s3cret", retry_first_connect=False):
             pass
 
 
@@ -213,7 +214,7 @@ async def test_a_client_that_falls_silent_is_disconnected_and_its_will_sent(cred
         async with watcher:
             await watcher.subscribe_confirmed("oak/nodes/w1/up/avail")
             reader, writer = await asyncio.open_connection("127.0.0.1", b.port)
-            writer.write(connect_packet("w1", "node.w1", "w1-password", keepalive=1,
+            writer.write(connect_packet("node-w1", "node.w1", "w1-password", keepalive=1,
                                         will=("oak/nodes/w1/up/avail", '{"state":"offline"}')))
             assert (await reader.readexactly(4))[3] == 0, "the silent client was not let in"
             message = await watcher.get(30)  # it sends nothing more, not even a ping

@@ -72,7 +72,7 @@ async def test_delivery_through_exact_and_wildcard_filters(broker: EmbeddedBroke
     """A subscriber gets a message once per matching filter; unrelated topics are not delivered; retained
     messages reach later subscribers of exact and wildcard filters; the counters count."""
     url = BrokerUrl("127.0.0.1", broker.port)
-    async with MqttSession(url, "a", "alice", "pw") as sub, MqttSession(url, "b", "alice", "pw") as pub:
+    async with MqttSession(url, "alice-a", "alice", "pw") as sub, MqttSession(url, "alice-b", "alice", "pw") as pub:
         await sub.subscribe_confirmed("oak/api/alice/request/x", "oak/api/alice/request/+")
         pub.publish("oak/api/alice/request/r", b"retained", retain=True)
         pub.publish("oak/api/alice/request/x", b"hello")
@@ -82,7 +82,7 @@ async def test_delivery_through_exact_and_wildcard_filters(broker: EmbeddedBroke
             ("oak/api/alice/request/x", b"hello")]
         with pytest.raises(TimeoutError):
             await sub.get(0.3)
-        async with MqttSession(url, "c", "alice", "pw") as late:
+        async with MqttSession(url, "alice-c", "alice", "pw") as late:
             await late.subscribe_confirmed("oak/api/alice/request/r", "oak/api/alice/request/+")
             got = [await late.get(5), await late.get(5)]
             assert {(m.topic, m.payload, m.retain) for m in got} == {("oak/api/alice/request/r", b"retained", True)}
@@ -99,9 +99,9 @@ async def test_a_gone_session_takes_only_its_own_filters(broker: EmbeddedBroker)
     url = BrokerUrl("127.0.0.1", broker.port)
     amqtt = broker._broker
     assert amqtt is not None
-    async with MqttSession(url, "stay", "alice", "pw") as stay:
+    async with MqttSession(url, "alice-stay", "alice", "pw") as stay:
         await stay.subscribe_confirmed("oak/api/alice/request/shared")
-        async with MqttSession(url, "go", "alice", "pw") as go:
+        async with MqttSession(url, "alice-go", "alice", "pw") as go:
             await go.subscribe_confirmed("oak/api/alice/request/shared", "oak/api/alice/request/+")
             assert "oak/api/alice/request/+" in amqtt._wildcards()[("oak", "api", "alice", "request")]
         for _ in range(40):  # amqtt drops ended clean sessions once a second
@@ -112,7 +112,7 @@ async def test_a_gone_session_takes_only_its_own_filters(broker: EmbeddedBroker)
         assert "oak/api/alice/request/+" not in amqtt._subscriptions
         indexed = sorted(f for filters in amqtt._wildcards().values() for f in filters)
         assert indexed == sorted(f for f in amqtt._subscriptions if "+" in f or "#" in f)
-        assert [s.client_id for s, _ in amqtt._subscriptions["oak/api/alice/request/shared"]] == ["stay"]
+        assert [s.client_id for s, _ in amqtt._subscriptions["oak/api/alice/request/shared"]] == ["alice-stay"]
 
 
 def _packet(kind: int, body: bytes) -> bytes:
@@ -131,7 +131,8 @@ async def test_a_delivery_acknowledged_too_late_is_counted_not_logged(
     """A subscriber that never sends its PUBACK (as a busy loop sends it after amqtt's 5 s): the delivery
     is counted as late, and neither amqtt's traceback nor its warnings reach the log."""
     reader, writer = await asyncio.open_connection("127.0.0.1", broker.port)
-    connect = _text("MQTT") + bytes([4, 0xC2]) + (60).to_bytes(2, "big") + _text("mute") + _text("alice") + _text("pw")
+    login = _text("alice-mute") + _text("alice") + _text("pw")
+    connect = _text("MQTT") + bytes([4, 0xC2]) + (60).to_bytes(2, "big") + login
     writer.write(_packet(0x10, connect))
     assert (await asyncio.wait_for(reader.readexactly(4), 5)) == b"\x20\x02\x00\x00"  # CONNACK, accepted
     writer.write(_packet(0x82, (1).to_bytes(2, "big") + _text("oak/api/alice/request/x") + b"\x01"))
@@ -139,7 +140,7 @@ async def test_a_delivery_acknowledged_too_late_is_counted_not_logged(
     amqtt = broker._broker
     assert amqtt is not None
     caplog.set_level(logging.INFO)
-    async with MqttSession(BrokerUrl("127.0.0.1", broker.port), "b", "alice", "pw") as pub:
+    async with MqttSession(BrokerUrl("127.0.0.1", broker.port), "alice-b", "alice", "pw") as pub:
         pub.publish("oak/api/alice/request/x", b"hello")
         first = await asyncio.wait_for(reader.read(1), 5)
         assert first[0] >> 4 == 3  # the PUBLISH arrived; no PUBACK is sent

@@ -68,7 +68,7 @@ class OakClient:
     def __init__(self, profile: Profile) -> None:
         self.profile = profile
         self.session = MqttSession(
-            profile.root, f"oak-cli-{secrets.token_hex(4)}", profile.username, profile.password,
+            profile.root, f"{profile.username}-cli-{secrets.token_hex(4)}", profile.username, profile.password,
             retry_first_connect=False,
         )
         self.updates: asyncio.Queue[Message] = asyncio.Queue()

@@ -42,13 +42,17 @@ NODES = "nodes"
 RETAINED = frozenset({"avail", "info", "state", "desired", "peers", "net"})
 DELTA = "delta"
 
-ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
-USER_RE = ID_RE
+ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
 
 
-def is_valid_id(value: str) -> bool:
-    """True when *value* may be used as a cluster, node or user id inside a topic."""
-    return bool(ID_RE.match(value))
+def is_valid_id(value: object) -> bool:
+    """True when *value* may name a cluster, node, user or instance: the one rule for names everywhere.
+
+    Printable ASCII letters, digits, ``-`` and ``_``, at most 63, starting with a letter or digit: no
+    control characters, MQTT wildcards or separators, nothing mosquitto's files could misread. The
+    whole string must match (``$`` alone would let a trailing newline through).
+    """
+    return isinstance(value, str) and ID_RE.fullmatch(value) is not None
 
 
 def is_retained_channel(channel: str) -> bool:

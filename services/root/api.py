@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from broker.credentials import Credentials
+from broker.identity import may_name_a_user
 from services.common import topics
 from services.common.mqtt import Message, MqttSession
 from services.common.sla import SlaError, parse_sla
@@ -264,7 +265,9 @@ class Api:
         password = self._arg(body, "password", str)
         admin = bool(self._arg(body, "admin", bool, required=False))
         if not topics.is_valid_id(name):
-            raise ApiError("bad_request", f"bad username {name!r}: use letters, digits, '-' and '_'")
+            raise ApiError("bad_request", f"bad username {name!r}: use letters, digits, '-' and '_' (at most 63)")
+        if not may_name_a_user(name):
+            raise ApiError("bad_request", f"{name!r} is reserved: machines' client ids start with '{name}-'")
         if len(password) < 8:
             raise ApiError("bad_request", "the password must have at least 8 characters")
         if self.credentials.exists(name):
@@ -277,6 +280,5 @@ class Api:
         self._admin(user)
         return [
             {"username": name, "admin": self.credentials.is_admin(name)}
-            for name in self.credentials.usernames()
-            if ":" not in name
+            for name in self.credentials.users()
         ]
