@@ -19,8 +19,9 @@ from types import TracebackType
 
 from broker.mosquitto_credentials import MosquittoCredentials
 from broker.mosquitto_files import render_acl
-from broker.password_files import PasswordFiles, write_private
+from broker.password_files import PasswordFiles
 from services.common.mqtt import BrokerUrl
+from services.common.private import write_private
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import secrets
 import time
 from collections import OrderedDict
@@ -23,6 +22,7 @@ from broker.credentials import Credentials, new_password
 from broker.identity import NEWCOMER, OPEN_JOIN_PASSWORD, Identity
 from services.common import topics
 from services.common.mqtt import BrokerUrl, Message, MqttError, MqttSession
+from services.common.private import write_secret
 
 log = logging.getLogger(__name__)
 
@@ -39,16 +39,6 @@ class Login:
 
     username: str
     password: str
-
-
-def write_secret(path: Path, data: dict[str, str]) -> None:
-    """Write *data* as JSON readable by the owner only."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle)
-    os.replace(tmp, path)
 
 
 async def obtain_login(

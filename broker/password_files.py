@@ -10,8 +10,6 @@ reload command). A change is acknowledged only once a login written for that rel
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -21,27 +19,10 @@ from broker.mosquitto_credentials import MACHINE_ITERATIONS, MosquittoCredential
 from broker.mosquitto_files import password_line
 from broker.probe import accepts
 from services.common.mqtt import BrokerUrl
+from services.common.private import write_private
 
 PROBE = Identity(SERVICE, "reload-probe").username
 FILES = ("passwd", "acl")
-
-
-def write_private(path: Path, text: str) -> None:
-    """Replace *path* atomically with *text*: mode 0600 for a new file; an existing file's mode and
-    group are kept (an operator may have made them readable by the broker's own account)."""
-    try:
-        old = os.stat(path)
-    except FileNotFoundError:
-        old = None
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    if old is not None:
-        os.chmod(tmp, old.st_mode & 0o777)
-        with contextlib.suppress(PermissionError):
-            os.chown(tmp, -1, old.st_gid)
-    os.replace(tmp, path)
 
 
 class PasswordFiles:

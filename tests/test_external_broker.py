@@ -20,8 +20,8 @@ import pytest
 
 from broker.backend import EXTERNAL, BrokerSpec
 from broker.external import conf_lines, write_initial
-from broker.password_files import write_private
 from services.common.mqtt import BrokerUrl
+from services.common.private import write_private
 from tests.conftest import Stack, eventually
 from tests.stack import Proc, free_port, oak
 from tests.test_mosquitto import _login, _mqtt, _need_mosquitto, _publish, _read, two_workers_running

@@ -56,6 +56,7 @@ from plugins.runtimes import containerd
 from plugins.runtimes.cgroups import CPU_PERIOD_US, Cgroup, absolute_path, relative_path
 from plugins.runtimes.supervised import SupervisedRuntime, describe, open_log
 from services.common.hookspecs import Exit, Handle, LaunchSpec, hookimpl
+from services.common.private import private_opener
 
 log = logging.getLogger(__name__)
 NAME = "container"
@@ -99,7 +100,7 @@ def pull(reference: str, destination: Path, log_file: Path, progress: Callable[[
     """``skopeo copy`` *reference* into an OCI layout, its progress lines in the log and the status."""
     say = progress or (lambda _reason: None)
     say(f"pulling {reference}")
-    with open(log_file, "a") as out:
+    with open(log_file, "a", opener=private_opener) as out:
         out.write(f"pulling {reference}\n")
         out.flush()
         try:

@@ -21,6 +21,7 @@ import psutil
 
 from plugins.runtimes.cgroups import Cgroup
 from services.common.hookspecs import Exit, Handle, InstanceStats, LaunchSpec
+from services.common.private import private_dir, private_opener
 
 log = logging.getLogger(__name__)
 POLL = 0.5
@@ -51,11 +52,11 @@ def rotate(path: Path) -> None:
 
 def open_log(spec: LaunchSpec) -> BinaryIO:
     """Create the instance's directories, rotate its log if it grew too big, and open it for appending."""
-    Path(spec.work_dir).mkdir(parents=True, exist_ok=True)
+    private_dir(Path(spec.work_dir))
     path = Path(spec.log_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent)
     rotate(path)
-    return open(path, "ab")  # noqa: SIM115 - the caller closes it
+    return open(path, "ab", opener=private_opener)  # noqa: SIM115 - the caller closes it
 
 
 class SupervisedRuntime:

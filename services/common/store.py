@@ -27,6 +27,8 @@ from typing import Any
 from tinydb import TinyDB
 from tinydb.storages import Storage
 
+from services.common.private import FILE_MODE, private_dir, private_opener
+
 log = logging.getLogger(__name__)
 
 KEY = "_key"
@@ -59,7 +61,7 @@ def fsync_dir(path: Path) -> None:
 def write_atomically(path: Path, text: str) -> None:
     """Replace *path* with *text*: temp file, fsync, rename, fsync of the directory."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as handle:
+    with open(tmp, "w", opener=private_opener) as handle:
         handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
@@ -70,7 +72,7 @@ def write_atomically(path: Path, text: str) -> None:
 def append_line(path: Path, line: bytes, keep: int | None = None) -> None:
     """Append *line* to *path* and fsync it, first cutting the file back to *keep* bytes if given."""
     created = not path.exists()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
     try:
         if keep is not None:
             os.ftruncate(fd, keep)
@@ -203,7 +205,7 @@ class Store:
     """
 
     def __init__(self, path: Path, *, journal_min: int = JOURNAL_MIN) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(path.parent)
         self.path, self.journal, self.journal_min = path, journal_of(path), journal_min
         data, self._snapshot_size = read_snapshot(path)
         changes, self._journal_size, size = read_journal(self.journal)

@@ -250,7 +250,7 @@ class Api:
 
     async def nodes_list(self, user: str, body: Any) -> Any:
         """Every worker of every cluster."""
-        return node_rows(self.orchestrator.clusters.values())
+        return node_rows(self.orchestrator.clusters.values(), user)
 
     # ---- users -------------------------------------------------------------------------------
 

@@ -10,10 +10,11 @@ from pathlib import Path
 
 from broker.backend import BrokerSpec, make_credentials, open_broker
 from broker.credentials import Credentials, new_password
-from broker.join import JoinDesk, write_secret
+from broker.join import JoinDesk
 from broker.server import Listeners
 from services.common import plugins, profile, topics
 from services.common.mqtt import MqttSession, serve
+from services.common.private import private_dir, write_secret
 from services.common.store import Store
 from services.root.api import Api
 from services.root.catalog import Catalog
@@ -57,7 +58,7 @@ async def ensure_admin(cfg: RootConfig, credentials: Credentials, port: int) -> 
 async def run_root(cfg: RootConfig, ready: asyncio.Event | None = None) -> None:
     """Run the root orchestrator until cancelled; set *ready* once it serves requests."""
     scheduling = profile.load(plugins.make_manager(), cfg.scheduler, cfg.scheduler_profile)
-    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(cfg.data_dir)
     store = Store(cfg.data_dir / "root.db.json")
     credentials = make_credentials(cfg.broker, store, cfg.join_token)
     await credentials.load()

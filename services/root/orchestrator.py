@@ -48,7 +48,7 @@ class RootOrchestrator:
         self.network = network
         self._net_dirty = True
         self.users = users
-        self._infrastructure = LastSent()  # the clusters-and-workers view, sent to every user
+        self._infrastructure = LastSent()  # the clusters-and-workers view of each user
         self.profile = profile
         self.session = session
         self.clusters: dict[str, ClusterView] = {}
@@ -393,12 +393,12 @@ class RootOrchestrator:
 
     def publish_infrastructure(self) -> None:
         """Republish, for every user, the retained clusters-and-workers view when it changed."""
-        data = {"clusters": cluster_rows(self.clusters.values()), "nodes": node_rows(self.clusters.values())}
-        if not self._infrastructure.fresh("all", json.dumps(data, sort_keys=True)):
-            return
-        body = envelope.encode("infrastructure", data, "root")
+        clusters = cluster_rows(self.clusters.values())
         for user in self.users():
-            self.session.publish(topics.api_infrastructure(user), body, retain=True)
+            data = {"clusters": clusters, "nodes": node_rows(self.clusters.values(), user)}
+            if self._infrastructure.fresh(user, json.dumps(data, sort_keys=True)):
+                self.session.publish(topics.api_infrastructure(user), envelope.encode("infrastructure", data, "root"),
+                                     retain=True)
 
     async def run(self) -> None:
         """Reconcile periodically (failover deadlines, retries) until cancelled."""

@@ -28,10 +28,13 @@ def cluster_rows(clusters: Iterable[ClusterView]) -> list[dict[str, Any]]:
     return out
 
 
-def node_rows(clusters: Iterable[ClusterView]) -> list[dict[str, Any]]:
-    """Every worker of every cluster."""
+def node_rows(clusters: Iterable[ClusterView], viewer: str) -> list[dict[str, Any]]:
+    """Every worker of every cluster, as *viewer* may see it: of the services on it, only the viewer's own
+    (by job name; clusters count them as ``owner/job_name``)."""
+    mine = viewer + "/"
     return [
-        {"cluster": view.name, **models.dump(node), "online": node.online and view.online}
+        {"cluster": view.name, **models.dump(node), "online": node.online and view.online,
+         "services": {key[len(mine):]: n for key, n in node.services.items() if key.startswith(mine)}}
         for view in sorted(clusters, key=lambda v: v.name)
         for node in sorted(view.nodes.values(), key=lambda n: n.name)
     ]

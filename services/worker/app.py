@@ -15,6 +15,7 @@ from plugins.runtimes.cgroups import instances_cgroup2
 from services.common import envelope, models, plugins, topics
 from services.common.models import NodeInfo
 from services.common.mqtt import BrokerUrl, Message, MqttSession, serve
+from services.common.private import private_dir
 from services.common.store import Store
 from services.worker.engine import Engine
 from services.worker.kernel import Kernel
@@ -89,7 +90,7 @@ async def run_worker(cfg: WorkerConfig) -> None:
     """Run a worker until cancelled."""
     if not topics.is_valid_id(cfg.name):
         raise ValueError(f"bad worker name {cfg.name!r}: use letters, digits, '-' and '_' (at most 63)")
-    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(cfg.data_dir)
     pm = plugins.make_manager()
     runtimes = {}
     for name in cfg.runtimes:

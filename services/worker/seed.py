@@ -19,6 +19,7 @@ from plugins.runtimes.cgroups import instances_cgroup2
 from services.cli.client import oak_home
 from services.common.lifecycle import run_until_signalled, setup_logging
 from services.common.mqtt import BrokerUrl
+from services.common.private import private_dir
 from services.common.store import Store
 from services.worker import netmanager
 from services.worker.app import WorkerConfig, run_worker
@@ -99,7 +100,7 @@ async def _serve_netmanager(args: argparse.Namespace, net: NetConfig) -> None:
         await netmanager.serve_status(args.port, reason)
         return
     data_dir = Path(args.data_dir) if args.data_dir else oak_home(None) / "netmanager"
-    data_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(data_dir)
     store = Store(data_dir / "netmanager.db.json")
     kernel = Kernel(args.host_netns or None, net.direct_routing)
     overlay = Overlay(socket.gethostname(), kernel, store, net.node_public_address, net.node_public_port,
