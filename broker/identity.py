@@ -48,34 +48,24 @@ OPEN_JOIN_PASSWORD = "-"
 # Client ids. A broker lets an identity connect only with a client id of its own (broker.acl.client_id_allowed),
 # so nobody can displace another's session by borrowing its id:
 # * in-process services: ``root``, ``cluster``, ``bridge`` (and anything else: they are trusted);
-# * cluster ``C`` at the root: ``bridge-C``; worker ``W`` at its cluster: ``node-W``;
+# * a cluster (at the root) or worker (at its cluster): its username, ``cluster.C`` or ``node.W`` (mosquitto's
+#   certificate listener sets exactly that, use_username_as_clientid);
 # * a newcomer: its nonce, 32 hex digits;
 # * user ``U``: ``U`` or ``U-<anything>``; an empty client id is given ``U-<random>`` (the embedded broker)
 #   or ``auto-<uuid>`` (mosquitto), and any user may hold an ``auto-`` id: they cannot be guessed.
-# broker/mosquitto_clientid.c says the same rule in C, for mosquitto.
+# broker/mosquitto_clientid.c says the same rule in C, for mosquitto's password listener.
 SERVICE_CLIENT_IDS = frozenset({"root", "cluster", "bridge"})
-MACHINE_CLIENT_PREFIXES = {CLUSTER: "bridge-", NODE: "node-"}
 GENERATED_PREFIX = "auto-"
 NONCE_HEX_DIGITS = 32
-
-
-def machine_client_id(identity: Identity) -> str:
-    """The one client id a cluster (at the root) or a worker (at its cluster) connects with."""
-    return MACHINE_CLIENT_PREFIXES[identity.kind] + identity.name
 
 
 def client_id_owner(client_id: str) -> Identity | None:
     """The identity that alone may use *client_id*, or None for an id any user may claim under its name."""
     if client_id in SERVICE_CLIENT_IDS:
         return Identity(SERVICE, client_id)
-    for kind, prefix in MACHINE_CLIENT_PREFIXES.items():
-        if client_id.startswith(prefix):
-            return Identity(kind, client_id[len(prefix):])
+    identity = Identity.of(client_id)
+    if identity.kind in (CLUSTER, NODE) and client_id.startswith(identity.username):
+        return identity
     if len(client_id) == NONCE_HEX_DIGITS and all(c in "0123456789abcdef" for c in client_id):
         return Identity(JOIN, "newcomer")
     return None
-
-
-def may_name_a_user(name: str) -> bool:
-    """False for a name whose client ids machines own (``node``, ``bridge``): such a user could not connect."""
-    return client_id_owner(name + "-x") is None

@@ -38,10 +38,8 @@ static int owner_of(const char *id, char *owner, size_t size)
 {
 	if (!strcmp(id, "root") || !strcmp(id, "cluster") || !strcmp(id, "bridge")) {
 		snprintf(owner, size, "svc.%s", id);
-	} else if (starts_with(id, "bridge-")) {
-		snprintf(owner, size, "cluster.%s", id + strlen("bridge-"));
-	} else if (starts_with(id, "node-")) {
-		snprintf(owner, size, "node.%s", id + strlen("node-"));
+	} else if (starts_with(id, "cluster.") || starts_with(id, "node.")) {
+		snprintf(owner, size, "%s", id);
 	} else if (is_nonce(id)) {
 		snprintf(owner, size, "join.newcomer");
 	} else {

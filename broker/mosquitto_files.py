@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from broker import acl
-from broker.identity import CLUSTER, GENERATED_PREFIX, JOIN, NODE, SERVICE, USER, Identity, machine_client_id
+from broker.identity import CLUSTER, GENERATED_PREFIX, JOIN, NODE, SERVICE, USER, Identity
 from services.common import topics
 from services.common.mqtt import BrokerUrl
 
@@ -113,7 +113,7 @@ class NativeBridge:
             "try_private false",
             "notifications true",
             f"notification_topic {topics.up(topics.CLUSTERS, self.cluster, 'avail')}",
-            f"remote_clientid {machine_client_id(Identity(CLUSTER, self.cluster))}",
+            f"remote_clientid {self.username}",
             f"remote_username {self.username}",
             f"remote_password {self.password}",
             "cleansession false",

@@ -70,7 +70,7 @@ async def test_worker_cannot_publish_as_another_worker(broker: EmbeddedBroker, c
     """node:w1 may publish its own state, not w2's; and cannot read w2's desired map."""
     await creds.set_password("node:w1", "pw1")
     observer = MqttSession(url(broker), "obs", "svc:test", creds.service_password("svc:test"))
-    w1 = MqttSession(url(broker), "node-w1", "node:w1", "pw1")
+    w1 = MqttSession(url(broker), "node.w1", "node:w1", "pw1")
     async with observer, w1:
         observer.subscribe("oak/nodes/#")
         w1.subscribe("oak/nodes/w2/down/desired", "oak/nodes/w1/down/desired")
@@ -142,7 +142,7 @@ async def test_bridge_forwards_both_ways_and_keeps_retain(tmp_path: Path) -> Non
     await root_creds.set_password("cluster:c1", "c1pw")
     async with EmbeddedBroker(Listeners(port=0), root_creds) as root, \
             EmbeddedBroker(Listeners(port=0), local_creds) as local:
-        root_side = MqttSession(url(root), "bridge-c1", "cluster:c1", "c1pw",
+        root_side = MqttSession(url(root), "cluster.c1", "cluster:c1", "c1pw",
                                 avail_topic=topics.up(topics.CLUSTERS, "c1", "avail"), clean_session=False)
         local_side = MqttSession(url(local), "bridge", "svc:bridge", local_creds.service_password("svc:bridge"))
         root_app = MqttSession(url(root), "root", "svc:root", root_creds.service_password("svc:root"))
@@ -214,7 +214,7 @@ async def test_a_client_that_falls_silent_is_disconnected_and_its_will_sent(cred
         async with watcher:
             await watcher.subscribe_confirmed("oak/nodes/w1/up/avail")
             reader, writer = await asyncio.open_connection("127.0.0.1", b.port)
-            writer.write(connect_packet("node-w1", "node.w1", "w1-password", keepalive=1,
+            writer.write(connect_packet("node.w1", "node.w1", "w1-password", keepalive=1,
                                         will=("oak/nodes/w1/up/avail", '{"state":"offline"}')))
             assert (await reader.readexactly(4))[3] == 0, "the silent client was not let in"
             message = await watcher.get(30)  # it sends nothing more, not even a ping

@@ -137,10 +137,10 @@ async def test_topic_rules_hold_on_mosquitto(stack: Stack, api: Any) -> None:
     w1 = _login(stack.base / "w1" / "identity.json")
     assert w1[0] == "node.w1"
     # A worker may connect only as its own client id (which displaces the real w1 for a moment).
-    assert "oak/nodes/w1/down/desired" in _read(cluster, w1, "oak/nodes/w1/down/#", 2, "-i", "node-w1")
-    assert _read(cluster, w1, "oak/nodes/w2/down/#", 2, "-i", "node-w1") == "", "w1 reads w2's desired instances"
-    _publish(cluster, w1, "oak/nodes/w2/up/avail", '{"state":"offline"}', "-r", "-i", "node-w1")
-    _publish(cluster, w1, "oak/join/request/x", '{"kind": "node", "name": "w9"}', "-i", "node-w1")
+    assert "oak/nodes/w1/down/desired" in _read(cluster, w1, "oak/nodes/w1/down/#", 2, "-i", "node.w1")
+    assert _read(cluster, w1, "oak/nodes/w2/down/#", 2, "-i", "node.w1") == "", "w1 reads w2's desired instances"
+    _publish(cluster, w1, "oak/nodes/w2/up/avail", '{"state":"offline"}', "-r", "-i", "node.w1")
+    _publish(cluster, w1, "oak/join/request/x", '{"kind": "node", "name": "w9"}', "-i", "node.w1")
     await eventually(lambda: _online_nodes(admin, 2), what="w2 still online")
     assert sorted(n["name"] for n in await admin.request("nodes", "list")) == ["w1", "w2"]
 

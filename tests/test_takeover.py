@@ -70,10 +70,10 @@ async def test_refused_connects_change_nothing(stack: Stack, api: Any) -> None:
     admin_login = _login(stack.base / "root" / "credentials.json")
     w2_login = _login(stack.base / "w2" / "identity.json")
     attempts = [
-        *((root, cid, login) for cid in ("root", "bridge-c1", "admin")
+        *((root, cid, login) for cid in ("root", "cluster.c1", "admin")
           for login in [("nobody", "wrong"), ("admin", "wrong"), ("cluster.c1", "wrong")]),
-        *((root, cid, admin_login) for cid in ("root", "bridge-c1")),
-        *((cluster, cid, login) for cid in ("cluster", "bridge", "node-w1")
+        *((root, cid, admin_login) for cid in ("root", "cluster.c1")),
+        *((cluster, cid, login) for cid in ("cluster", "bridge", "node.w1")
           for login in [("nobody", "wrong"), ("node.w1", "wrong"), w2_login]),
     ]
     let_in = [(port, cid, login[0]) for port, cid, login in attempts if _connect(port, cid, login) == 0]
@@ -101,7 +101,7 @@ async def test_worker_displaced_by_its_own_login_comes_back(stack: Stack, api: A
     await admin.request("services", "deploy", {"service": "dp.test.job.test", "replicas": 1})
     await running(admin, "dp.test.job.test", 1)
 
-    assert _connect(stack.cluster_ports["c1"], "node-w1", _login(stack.base / "w1" / "identity.json")) == 0
+    assert _connect(stack.cluster_ports["c1"], "node.w1", _login(stack.base / "w1" / "identity.json")) == 0
     await eventually(lambda: "reconnected" in (stack.base / "w1.log").read_text(), timeout=15,
                      what="w1 reconnected")
     await admin.request("services", "scale", {"service": "dp.test.job.test", "replicas": 2})

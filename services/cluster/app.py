@@ -9,7 +9,6 @@ from pathlib import Path
 
 from broker.backend import MOSQUITTO, BrokerSpec, make_credentials, open_broker
 from broker.bridge import Bridge
-from broker.identity import CLUSTER, Identity, machine_client_id
 from broker.join import JoinDesk, obtain_login
 from broker.mosquitto_files import NativeBridge
 from broker.server import Listeners
@@ -94,7 +93,7 @@ async def _bridge(cfg: ClusterConfig, local: BrokerUrl, service_login: tuple[str
     """Join the root if needed, then forward between the brokers for as long as the cluster runs."""
     login = await obtain_login(cfg.data_dir, cfg.root, "cluster", cfg.name, cfg.root_join_token, timeout=3600)
     root_side = MqttSession(
-        cfg.root, machine_client_id(Identity(CLUSTER, cfg.name)), login.username, login.password,
+        cfg.root, login.username, login.username, login.password,
         avail_topic=topics.up(topics.CLUSTERS, cfg.name, "avail"), clean_session=False,
     )
     local_side = MqttSession(local, "bridge", *service_login)

@@ -14,7 +14,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from broker.credentials import Credentials
-from broker.identity import may_name_a_user
 from services.common import topics
 from services.common.mqtt import Message, MqttSession
 from services.common.sla import SlaError, parse_sla
@@ -266,8 +265,6 @@ class Api:
         admin = bool(self._arg(body, "admin", bool, required=False))
         if not topics.is_valid_id(name):
             raise ApiError("bad_request", f"bad username {name!r}: use letters, digits, '-' and '_' (at most 63)")
-        if not may_name_a_user(name):
-            raise ApiError("bad_request", f"{name!r} is reserved: machines' client ids start with '{name}-'")
         if len(password) < 8:
             raise ApiError("bad_request", "the password must have at least 8 characters")
         if self.credentials.exists(name):

@@ -9,7 +9,6 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from broker.identity import NODE, Identity, machine_client_id
 from broker.join import obtain_login
 from plugins.runtimes.cgroups import instances_cgroup2
 from services.common import envelope, models, plugins, topics
@@ -109,7 +108,7 @@ async def run_worker(cfg: WorkerConfig) -> None:
     await prober.start()
     session = MqttSession(
         cfg.cluster,
-        machine_client_id(Identity(NODE, cfg.name)),
+        login.username,
         login.username,
         login.password,
         avail_topic=topics.up(topics.NODES, cfg.name, "avail"),
