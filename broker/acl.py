@@ -6,7 +6,8 @@
   and ``oak/root/avail``;
 * node ``N`` (cluster broker): publish under ``oak/nodes/N/up/``, read ``oak/nodes/N/down/#`` and
   ``oak/cluster/avail``;
-* a newcomer ``join:X``: publish ``oak/join/request/X``, read ``oak/join/response/X``.
+* a newcomer ``join:X``: publish ``oak/join/request/X``, read ``oak/join/response/X`` and ``oak/join/ca``
+  (``join.discover``, before it has checked the CA, reads only the latter: broker.plugins).
 
 Client ids are bound to identities too (:func:`client_id_allowed`): a CONNECT with another's client
 id is refused before it can touch that client's session.
@@ -50,7 +51,7 @@ def allowed(identity: Identity, action: str, topic: str) -> bool:
         return False
     if identity.kind == JOIN:
         mine = topics.join_request(identity.name) if action == PUBLISH else topics.join_response(identity.name)
-        return topic == mine
+        return topic == mine or (action != PUBLISH and topic == topics.JOIN_CA)
     publish, readable, exact = rules(identity)
     if action == PUBLISH:
         return "+" not in topic and "#" not in topic and any(_under(topic, p) for p in publish)
@@ -67,7 +68,7 @@ def client_id_allowed(identity: Identity, client_id: str) -> bool:
         return True
     owner = client_id_owner(client_id)
     if owner is not None:
-        return owner == identity
+        return owner == identity or owner.kind == identity.kind == JOIN  # nonces: newcomers and discovery
     if identity.kind != USER:
         return False
     return client_id == identity.name or client_id.startswith((identity.name + "-", GENERATED_PREFIX))

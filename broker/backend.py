@@ -59,6 +59,11 @@ class BrokerSpec:
         return cls(EXTERNAL, url, username, password)
 
     @property
+    def runs_listeners(self) -> bool:
+        """True when oak runs the broker (embedded or mosquitto) and so its listeners, TLS and CA."""
+        return self.kind != EXTERNAL
+
+    @property
     def oak_accounts(self) -> bool:
         """True when the broker holds oak's accounts (so its services log in with their own)."""
         return self.kind != EXTERNAL or self.files is not None
@@ -71,11 +76,13 @@ class RunningBroker:
     url: BrokerUrl
     credentials: Credentials
     spec: BrokerSpec
+    tls_port: int | None = None  # where users and machines connect, when the tier runs TLS
+    cert_port: int | None = None  # where machines log in with certificates, when not on tls_port (mosquitto)
 
     @property
     def port(self) -> int:
-        """The broker's port."""
-        return self.url.port
+        """The port users and machines connect to (TLS where the tier runs it)."""
+        return self.tls_port if self.tls_port is not None else self.url.port
 
     def login(self, service: str) -> tuple[str, str]:
         """Username and password of the in-process service *service* (``root``, ``cluster``...)."""
@@ -85,10 +92,10 @@ class RunningBroker:
         return username, self.credentials.service_password(username)
 
 
-def make_credentials(spec: BrokerSpec, store: Store, join_token: str | None) -> Credentials:
+def make_credentials(spec: BrokerSpec, store: Store) -> Credentials:
     """The credentials object the broker of *spec* needs."""
     mosquitto = spec.kind == MOSQUITTO or (spec.kind == EXTERNAL and spec.files is not None)
-    return MosquittoCredentials(store, join_token) if mosquitto else Credentials(store, join_token)
+    return MosquittoCredentials(store) if mosquitto else Credentials(store)
 
 
 @contextlib.asynccontextmanager
@@ -114,7 +121,8 @@ async def open_broker(
     elif spec.kind == MOSQUITTO:
         assert isinstance(credentials, MosquittoCredentials)
         async with MosquittoBroker(listeners, credentials, data_dir / "mosquitto", bridge) as mosquitto:
-            yield RunningBroker(BrokerUrl(mosquitto.local_host, mosquitto.port), credentials, spec)
+            yield RunningBroker(BrokerUrl(mosquitto.local_host, mosquitto.port), credentials, spec, mosquitto.tls_port,
+                                mosquitto.cert_port)
     else:
         async with EmbeddedBroker(listeners, credentials) as embedded:
-            yield RunningBroker(BrokerUrl("127.0.0.1", embedded.port), credentials, spec)
+            yield RunningBroker(BrokerUrl("127.0.0.1", embedded.port), credentials, spec, embedded.tls_port)

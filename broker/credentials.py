@@ -52,16 +52,16 @@ class Credentials:
     """The accounts a broker accepts, backed by a :class:`Store`.
 
     Also admits, without storing anything, the in-process services (``svc:*``, with a password made
-    at start-up) and newcomers (``join:<nonce>``) when joining is open or their token is right.
+    at start-up) and newcomers (``join.*``, who may only ask to join: the desk checks their token).
     """
 
-    def __init__(self, store: Store, join_token: str | None = None) -> None:
+    def __init__(self, store: Store) -> None:
         self._store = store
         self._accounts: dict[str, Account] = {}
         self._services: dict[str, str] = {}
         self._verified: dict[str, bytes] = {}
         self._checks: asyncio.Semaphore | None = None
-        self.join_token = join_token
+        self.machines_by_certificate = False  # set where the tier runs a CA: then no password logs them in
 
     async def load(self) -> None:
         """Read the accounts from the store."""
@@ -120,10 +120,8 @@ class Credentials:
         if identity.kind == SERVICE:
             expected = self._services.get(username)
             return identity if expected and hmac.compare_digest(expected, password) else None
-        if identity.kind == JOIN:
-            if self.join_token is None:
-                return identity
-            return identity if hmac.compare_digest(self.join_token, password) else None
+        if identity.kind == JOIN:  # a newcomer: the join desk checks its token (broker.join)
+            return identity
         account = self._accounts.get(username)
         if account is None:
             if identity.kind == USER:

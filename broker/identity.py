@@ -43,6 +43,9 @@ class Identity:
 # (mosquitto) can admit newcomers too; the topic rules take the nonce from the client id.
 NEWCOMER = Identity(JOIN, "newcomer").username
 OPEN_JOIN_PASSWORD = "-"
+# Before it sends its token, a newcomer reads the parent's CA as DISCOVER (any password, nonce client id),
+# which may read ``oak/join/ca`` and nothing else (broker.join).
+DISCOVER = Identity(JOIN, "discover").username
 
 
 # Client ids. A broker lets an identity connect only with a client id of its own (broker.acl.client_id_allowed),

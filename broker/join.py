@@ -1,9 +1,21 @@
-"""Joining: a new cluster (at the root) or worker (at a cluster) obtains credentials of its own.
+"""Joining: a new cluster (at the root) or worker (at a cluster) obtains an identity of its own.
 
-The newcomer connects as ``join.newcomer`` with client id ``<nonce>`` (password: the join token, or
-``-`` when joining is open), publishes ``{"kind": "node", "name": "w1"}`` on ``oak/join/request/<nonce>`` and reads its
-username and password from ``oak/join/response/<nonce>``; the ACL lets no one else read that topic.
-It keeps them in ``<data-dir>/identity.json`` (mode 0600) and uses only them from then on.
+Where the parent runs a CA (every tier oak runs itself) the identity is a certificate:
+
+1. **Discovery.** The newcomer connects with TLS it cannot verify yet, as ``join.discover`` (which may
+   read nothing but ``oak/join/ca``), and reads the fleet's CA from that retained topic. It checks the
+   CA's fingerprint against the one in its join command (``sha256:...``) and stops if they differ: a
+   man in the middle learns nothing, not even the token.
+2. **Join.** It connects again, now verifying the parent's server certificate against that CA, as
+   ``join.newcomer`` with client id ``<nonce>`` and the join token as password (``-`` when joining is
+   open), publishes ``{"kind": "node", "name": "w1", "csr": <PEM>}`` on ``oak/join/request/<nonce>``
+   and reads ``{"ok": true, "username", "cert", "ca"}`` from ``oak/join/response/<nonce>`` (a cluster
+   also sends ``ca_csr``, its own CA's key, and receives ``ca_cert``, that CA signed by the root).
+3. It keeps ``identity.json`` and ``tls/{key,cert,ca}.pem`` (0600) in its data dir and logs in with
+   its certificate from then on.
+
+Where the parent has no CA (a broker you operate yourself, plain ``mqtt://``) the desk answers a
+username and password instead, and no discovery happens.
 """
 
 from __future__ import annotations
@@ -14,71 +26,161 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from broker import ca
 from broker.credentials import Credentials, new_password
-from broker.identity import NEWCOMER, OPEN_JOIN_PASSWORD, Identity
+from broker.identity import CLUSTER, DISCOVER, NEWCOMER, OPEN_JOIN_PASSWORD, Identity
+from broker.tokens import JoinPolicy, JoinTokens
 from services.common import topics
-from services.common.mqtt import BrokerUrl, Message, MqttError, MqttSession
-from services.common.private import write_secret
+from services.common.mqtt import BrokerUrl, Message, MqttError, MqttSession, tls_context
+from services.common.private import private_dir, write_private, write_secret
 
 log = logging.getLogger(__name__)
 
 IDENTITY_FILE = "identity.json"
+TLS_DIR = "tls"
 NONCE_FILE = "join-nonce.json"  # the nonce of a join under way: a retry after a timeout asks again with it
 RESEND_FIRST, RESEND_MAX = 3.0, 30.0  # a newcomer re-sends its request after 3 s, then backs off to 30 s
 ANSWERS_KEPT, ANSWER_TTL = 10_000, 600.0  # join answers kept to answer a repeated request the same way
 REFUSED_GRACE = 30.0  # a newcomer refused by the broker tries again for this long before giving up
+DISCOVERY_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True)
 class Login:
-    """A username and password to connect with."""
+    """How a cluster or worker logs in to its parent: a certificate (with the fleet's CA to verify the
+    parent by), or, with a parent that runs no CA, a password."""
 
     username: str
-    password: str
+    password: str = ""
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    port: int | None = None  # the parent's port for certificate logins, when not the one joined on
+
+    def at(self, url: BrokerUrl) -> BrokerUrl:
+        """Where to log in with this login at the parent reached at *url*."""
+        return BrokerUrl(url.host, self.port, url.tls) if self.port else url
+
+    def tls(self) -> Any:
+        """The TLS context of this login (None for a password login)."""
+        return tls_context(self.ca, self.cert, self.key) if self.cert is not None else None
+
+    @classmethod
+    def load(cls, data_dir: Path) -> Login | None:
+        """The login kept in *data_dir*, if it has one."""
+        path = data_dir / IDENTITY_FILE
+        if not path.exists():
+            return None
+        saved = json.loads(path.read_text())
+        if not saved.get("password"):
+            tls = data_dir / TLS_DIR
+            return cls(saved["username"], "", tls / "ca.pem", tls / "cert.pem", tls / "key.pem", saved.get("port"))
+        return cls(saved["username"], saved["password"])
 
 
 async def obtain_login(
-    data_dir: Path, url: BrokerUrl, kind: str, name: str, token: str | None, timeout: float = 30.0
+    data_dir: Path, url: BrokerUrl, kind: str, name: str, token: str | None, timeout: float = 30.0,
+    fingerprint: str | None = None, ca_key: ca.PrivateKey | None = None,
 ) -> Login:
-    """Return this cluster's or worker's login, joining the parent first if it has none yet."""
-    path = data_dir / IDENTITY_FILE
-    if path.exists():
-        saved = json.loads(path.read_text())
-        return Login(saved["username"], saved["password"])
+    """Return this cluster's or worker's login, joining the parent first if it has none yet.
+
+    *url* with TLS (``mqtts://``) joins for a certificate, pinning the fleet's CA to *fingerprint*
+    (without one the CA is trusted on first use, with a warning); a cluster passes its own CA's key as
+    *ca_key*, for the root to sign.
+    """
+    saved = Login.load(data_dir)
+    if saved is not None:
+        return saved
     pending = data_dir / NONCE_FILE
-    nonce = json.loads(pending.read_text())["nonce"] if pending.exists() else secrets.token_hex(16)
-    write_secret(pending, {"nonce": nonce})
-    request = json.dumps({"kind": kind, "name": name}).encode()
+    state = json.loads(pending.read_text()) if pending.exists() else {"nonce": secrets.token_hex(16)}
+    key = ca.load_key(state["key"].encode()) if "key" in state else ca.new_key()
+    write_secret(pending, {"nonce": state["nonce"], "key": ca.key_pem(key).decode()})
+    nonce, username = state["nonce"], Identity(kind, name).username
+    body: dict[str, Any] = {"kind": kind, "name": name, **({"token": token} if token else {})}
+    trusted: str | None = None
+    if url.tls:
+        trusted = await discover(url, nonce, fingerprint)
+        body["csr"] = ca.request(key, username).decode()
+        if ca_key is not None:
+            body["ca_csr"] = ca.request(ca_key, ca.cluster_ca_name(name)).decode()
+    answer = await _ask_until_answered(url, nonce, json.dumps(body).encode(), timeout, f"{kind} {name!r}", trusted)
+    if not answer.get("ok"):
+        pending.unlink(missing_ok=True)
+        raise MqttError(f"{url} refused to let {kind} {name!r} join: {answer.get('error') or answer}")
+    login = _keep(data_dir, answer, key, trusted)
+    pending.unlink(missing_ok=True)
+    log.info("joined %s as %s; %s kept in %s", url, login.username,
+             "its certificate" if login.cert else "its password", data_dir)
+    return login
+
+
+def _keep(data_dir: Path, answer: dict[str, Any], key: ca.PrivateKey, trusted: str | None) -> Login:
+    """Write the identity the desk gave; return it as a :class:`Login`."""
+    if "cert" not in answer:
+        write_secret(data_dir / IDENTITY_FILE, {"username": answer["username"], "password": answer["password"]})
+        return Login(answer["username"], answer["password"])
+    tls = private_dir(data_dir / TLS_DIR)
+    ca.load_certs(answer["cert"])  # refuse to keep anything that is not a certificate
+    write_private(tls / "key.pem", ca.key_pem(key).decode())
+    write_private(tls / "cert.pem", answer["cert"])
+    write_private(tls / "ca.pem", trusted or answer["ca"])
+    if answer.get("ca_cert"):
+        write_private(tls / "ca-cross.pem", answer["ca_cert"])
+    port = answer.get("port")
+    write_secret(data_dir / IDENTITY_FILE, {"username": answer["username"],
+                                            **({"port": port} if isinstance(port, int) else {})})
+    return Login.load(data_dir) or Login(answer["username"])
+
+
+async def discover(url: BrokerUrl, nonce: str, fingerprint: str | None) -> str:
+    """The fleet's CA (PEM) as the parent at *url* presents it, checked against *fingerprint*."""
+    try:
+        async with MqttSession(url, nonce, DISCOVER, OPEN_JOIN_PASSWORD, tls=tls_context(None)) as session:
+            await session.subscribe_confirmed(topics.JOIN_CA)
+            message = await session.get(DISCOVERY_TIMEOUT)
+    except TimeoutError:
+        raise MqttError(f"{url} published no CA on {topics.JOIN_CA} within {DISCOVERY_TIMEOUT:.0f} s") from None
+    try:
+        pem = json.loads(message.payload)["ca"]
+        authority = ca.load_certs(pem)[0]
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        raise MqttError(f"{url} published no usable CA: {exc}") from None
+    seen = ca.fingerprint(authority)
+    if fingerprint is None:
+        log.warning("NO CA FINGERPRINT: trusting the CA %s that %s presents; give the fingerprint from "
+                    "`oak token create` to make sure it is the real one", seen, url)
+    elif seen != fingerprint.strip().lower():
+        raise MqttError(f"{url} presents the CA {seen}, not the {fingerprint} you were given: "
+                        "not joining (a wrong address, or someone in between)")
+    return str(pem)
+
+
+async def _ask_until_answered(url: BrokerUrl, nonce: str, request: bytes, timeout: float, who: str,
+                              trusted: str | None) -> Any:
+    """:func:`_ask` again while the parent refuses newcomers, for a while (it may not have started yet)."""
     refused_until, pause = time.monotonic() + REFUSED_GRACE, 0.5
     while True:
         try:
-            answer = await _ask(url, nonce, token, request, timeout, f"{kind} {name!r}")
-            break
+            return await _ask(url, nonce, request, timeout, who, trusted)
         except MqttError as exc:
             # A broker oak does not run refuses newcomers until the parent's tier has written its
             # accounts: a refusal is final only after a while (a wrong join token, then).
             if time.monotonic() + pause > refused_until:
                 raise
-            log.warning("%s; a wrong join token, or the parent has not started yet: asking again", exc)
+            log.warning("%s; the parent may not have started yet: asking again", exc)
             await asyncio.sleep(pause)
             pause = min(pause * 2, 5.0)
-    if not answer.get("ok"):
-        pending.unlink(missing_ok=True)
-        raise MqttError(f"{url} refused to let {kind} {name!r} join: {answer.get('error') or answer}")
-    login = Login(answer["username"], answer["password"])
-    write_secret(path, {"username": login.username, "password": login.password})
-    pending.unlink(missing_ok=True)
-    log.info("joined %s as %s; credentials kept in %s", url, login.username, path)
-    return login
 
 
-async def _ask(url: BrokerUrl, nonce: str, token: str | None, request: bytes, timeout: float, who: str) -> Any:
+async def _ask(url: BrokerUrl, nonce: str, request: bytes, timeout: float, who: str, trusted: str | None) -> Any:
     """Send the join request (again and again, backing off) until the desk answers; its answer."""
-    async with MqttSession(url, nonce, NEWCOMER, token or OPEN_JOIN_PASSWORD) as session:
+    tls = tls_context(ca_pem=trusted) if trusted is not None else None  # the parent must prove it is the CA's
+    async with MqttSession(url, nonce, NEWCOMER, OPEN_JOIN_PASSWORD, tls=tls) as session:
         await session.subscribe_confirmed(topics.join_response(nonce))
         wait = RESEND_FIRST
         async with asyncio.timeout(timeout):
@@ -92,24 +194,57 @@ async def _ask(url: BrokerUrl, nonce: str, token: str | None, request: bytes, ti
                     wait = min(wait * 2, RESEND_MAX)
 
 
+@dataclass(frozen=True)
+class Issuer:
+    """What a desk signs newcomers' certificates with: this tier's CA, and the fleet's CA they keep.
+
+    At the root both are the root's CA, and a joining cluster's own CA is signed too (``ca_csr``); at a
+    cluster the cluster's CA signs its workers.
+    """
+
+    authority: ca.Authority
+    fleet_ca: str  # PEM
+    port: int | None = None  # where certificates log in, when not on the port the newcomer joined on
+
+    def answer(self, kind: str, name: str, request: dict[str, Any]) -> dict[str, Any]:
+        """The certificate part of an answer; :class:`ca.CertificateError` for a bad request."""
+        csr = request.get("csr")
+        if not isinstance(csr, str):
+            raise ca.CertificateError("the join request has no certificate signing request (csr)")
+        cert = self.authority.issue(ca.requested_key(csr), Identity(kind, name).username)
+        out: dict[str, Any] = {"cert": ca.cert_pem(cert).decode(), "ca": self.fleet_ca,
+                               **({"port": self.port} if self.port else {})}
+        if kind == CLUSTER:
+            ca_csr = request.get("ca_csr")
+            if not isinstance(ca_csr, str):
+                raise ca.CertificateError("a cluster's join request needs its CA's signing request (ca_csr)")
+            cross = self.authority.cross_sign(ca.requested_key(ca_csr), ca.cluster_ca_name(name))
+            out["ca_cert"] = ca.cert_pem(cross).decode()
+        return out
+
+
 class JoinDesk:
     """Answers join requests of one kind of newcomer (``cluster`` at the root, ``node`` at a cluster)."""
 
-    def __init__(self, credentials: Credentials, kind: str) -> None:
+    def __init__(self, credentials: Credentials, kind: str, issuer: Issuer | None = None,
+                 policy: JoinPolicy | None = None, on_token_used: Callable[[str], None] | None = None) -> None:
         self.credentials = credentials
         self.kind = kind
-        # nonce -> (name, when, the login given): a newcomer that re-sends its request (it had no answer
-        # in time) gets the same login again instead of "already joined". Bounded in number and age.
-        self._given: OrderedDict[str, tuple[str, float, asyncio.Future[Login]]] = OrderedDict()
+        self.issuer = issuer
+        self.policy = policy or JoinPolicy(JoinTokens(), open=True)
+        self.on_token_used = on_token_used  # a cluster tells the root, which counts the uses
+        # nonce -> (name, when, the answer given): a newcomer that re-sends its request (it had no answer
+        # in time) gets the same answer again instead of "already joined". Bounded in number and age.
+        self._given: OrderedDict[str, tuple[str, float, asyncio.Future[dict[str, Any]]]] = OrderedDict()
 
-    def _remember(self, nonce: str, name: str) -> asyncio.Future[Login]:
+    def _remember(self, nonce: str, name: str) -> asyncio.Future[dict[str, Any]]:
         now = time.monotonic()
         while self._given:
             _, when, _ = next(iter(self._given.values()))
             if len(self._given) < ANSWERS_KEPT and when >= now - ANSWER_TTL:
                 break
             self._given.popitem(last=False)
-        given: asyncio.Future[Login] = asyncio.get_running_loop().create_future()
+        given: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._given[nonce] = (name, now, given)
         return given
 
@@ -123,46 +258,57 @@ class JoinDesk:
             return self._answer(session, nonce, error="the join request must be {\"kind\": ..., \"name\": ...}")
         if kind != self.kind:
             return self._answer(session, nonce, error=f"only a {self.kind} can join here, not a {kind}")
-        if not isinstance(name, str) or not topics.is_valid_id(name):
+        if not topics.is_valid_id(name):
             return self._answer(session, nonce, error=f"bad name {name!r}: use letters, digits, '-' and '_'")
         username = Identity(kind, name).username
         known = self._given.get(nonce)
         if known is not None and known[0] == name:
             try:
-                login = await asyncio.shield(known[2])  # the first request may still be being answered
+                earlier = await asyncio.shield(known[2])  # the first request may still be being answered
             except Exception:  # noqa: BLE001 - the first attempt failed: answer this one afresh
                 self._given.pop(nonce, None)
             else:
                 log.info("%s %r asked again with the same nonce: answered as before", kind, name)
-                self._answer(session, nonce, login=login)
+                self._answer(session, nonce, given=earlier)
                 return None
+        token = request.get("token")
+        refusal = self.policy.refusal(token, kind)
+        if refusal:
+            return self._answer(session, nonce, error=f"{kind} {name!r}: {refusal}")
         if self.credentials.exists(username):
             return self._answer(
                 session,
                 nonce,
                 error=f"a {kind} named {name!r} has already joined; restart it with its own data dir "
-                f"(it keeps its credentials in {IDENTITY_FILE}) or choose another name",
+                f"(it keeps its identity in {IDENTITY_FILE}) or choose another name",
             )
+        by_token = self.policy.by_token(token, kind)
         password = new_password()
-        given = self._remember(nonce, name)
+        try:
+            body = self.issuer.answer(kind, name, request) if self.issuer else {"password": password}
+        except ca.CertificateError as exc:
+            return self._answer(session, nonce, error=str(exc))
+        body["username"] = username
+        promise = self._remember(nonce, name)
         try:
             await self.credentials.set_password(username, password)
         except BaseException as exc:
             self._given.pop(nonce, None)
-            given.set_exception(exc if isinstance(exc, Exception) else RuntimeError("join cancelled"))
-            given.exception()  # retrieved: no "never retrieved" warning when nobody waits
+            promise.set_exception(exc if isinstance(exc, Exception) else RuntimeError("join cancelled"))
+            promise.exception()  # retrieved: no "never retrieved" warning when nobody waits
             raise
-        given.set_result(Login(username, password))
-        if self.credentials.join_token is None:
-            log.warning(
-                "OPEN JOIN: %s %r joined without a token; start with --join-token to require one", kind, name
-            )
-        self._answer(session, nonce, login=Login(username, password))
+        promise.set_result(body)
+        if not by_token:
+            log.warning("OPEN JOIN: %s %r joined without a valid token (--open-join)", kind, name)
+        token_id = await self.policy.tokens.use(token)
+        if token_id is not None and self.on_token_used is not None:
+            self.on_token_used(token_id)
+        self._answer(session, nonce, given=body)
         return name
 
     @staticmethod
-    def _answer(session: MqttSession, nonce: str, *, error: str = "", login: Login | None = None) -> None:
-        body = {"ok": True, **login.__dict__} if login else {"ok": False, "error": error}
+    def _answer(session: MqttSession, nonce: str, *, error: str = "", given: dict[str, Any] | None = None) -> None:
+        body = {"ok": True, **given} if given else {"ok": False, "error": error}
         session.publish(topics.join_response(nonce), json.dumps(body).encode())
         if error:
             log.warning("join refused: %s", error)

@@ -23,7 +23,7 @@ from types import TracebackType
 from broker.mosquitto_credentials import MosquittoCredentials
 from broker.mosquitto_files import Listener, NativeBridge, render_conf
 from broker.mosquitto_plugin import build_plugin
-from broker.password_files import PasswordFiles
+from broker.password_files import LOOPBACK_PASSWORDS, PasswordFiles
 from broker.server import Listeners
 from services.common.mqtt import BrokerUrl
 
@@ -32,6 +32,7 @@ __all__ = ["MosquittoBroker", "MosquittoCredentials"]
 log = logging.getLogger(__name__)
 
 START_TIMEOUT = 10.0
+CERT_PORT_OFFSET = 2  # the TLS port + 1 is the plain loopback port's default
 
 
 def _die_with_parent() -> None:
@@ -62,8 +63,15 @@ class MosquittoBroker:
         self.directory = directory
         self.bridge = bridge
         self.binary = binary
-        self.port = listeners.port or _free_port(listeners.host)
-        self.files = PasswordFiles(credentials, directory, BrokerUrl(self.local_host, self.port), self._hangup)
+        self.port = listeners.port or _free_port(listeners.plain_host or listeners.host)
+        self.tls_port = None if listeners.tls_port is None else listeners.tls_port or _free_port(listeners.host)
+        # Clusters and workers log in with their certificates on a listener of their own (mosquitto takes
+        # usernames from certificates only where it requires them): the TLS port + 2, or any free one.
+        self.cert_port: int | None = None
+        if listeners.tls_port is not None and listeners.cafile:
+            self.cert_port = listeners.tls_port + CERT_PORT_OFFSET if listeners.tls_port else _free_port(listeners.host)
+        self.files = PasswordFiles(credentials, directory, BrokerUrl(self.local_host, self.port), self._hangup,
+                                   listeners.plain_admits)
         self._process: asyncio.subprocess.Process | None = None
         self._plugin: Path | None = None
         self._watcher: asyncio.Task[None] | None = None
@@ -71,15 +79,20 @@ class MosquittoBroker:
     @property
     def local_host(self) -> str:
         """Where this machine's services reach the broker."""
-        return "127.0.0.1" if self.listeners.host in ("0.0.0.0", "") else self.listeners.host
+        host = self.listeners.plain_host or self.listeners.host
+        return "127.0.0.1" if host in ("0.0.0.0", "") else host
 
     def _config(self) -> str:
         lst = self.listeners
-        listeners = [Listener(self.port, lst.host)]
+        plain = LOOPBACK_PASSWORDS if lst.plain_admits is not None else "passwd"
+        listeners = [Listener(self.port, lst.plain_host or lst.host, password_file=plain)]
         if lst.tls_port is not None:
-            listeners.append(Listener(lst.tls_port, lst.host, lst.certfile, lst.keyfile))
+            listeners.append(Listener(lst.tls_port, lst.host, lst.certfile, lst.keyfile, cafile=lst.cafile))
+        if self.cert_port is not None:
+            listeners.append(Listener(self.cert_port, lst.host, lst.certfile, lst.keyfile, cafile=lst.cafile,
+                                      certificates=True))
         if lst.ws_port is not None:
-            listeners.append(Listener(lst.ws_port, lst.host, websockets=True))
+            listeners.append(Listener(lst.ws_port, lst.plain_host or lst.host, websockets=True, password_file=plain))
         return render_conf(self.directory, listeners, self.bridge, pwd.getpwuid(os.geteuid()).pw_name, self._plugin)
 
     async def _hangup(self) -> None:

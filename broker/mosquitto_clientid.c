@@ -41,7 +41,7 @@ static int owner_of(const char *id, char *owner, size_t size)
 	} else if (starts_with(id, "cluster.") || starts_with(id, "node.")) {
 		snprintf(owner, size, "%s", id);
 	} else if (is_nonce(id)) {
-		snprintf(owner, size, "join.newcomer");
+		snprintf(owner, size, "join.");  /* any newcomer: join.newcomer, join.discover */
 	} else {
 		return 0;
 	}
@@ -55,7 +55,10 @@ static int client_id_allowed(const char *username, const char *id)
 
 	if (!username || !id) return 0;
 	if (starts_with(username, "svc.")) return 1; /* the tier's own services */
-	if (owner_of(id, owner, sizeof owner)) return strcmp(owner, username) == 0;
+	if (owner_of(id, owner, sizeof owner)) {
+		if (!strcmp(owner, "join.")) return starts_with(username, "join.");
+		return strcmp(owner, username) == 0;
+	}
 	if (strchr(username, '.')) return 0; /* a machine: its own ids only */
 	if (starts_with(id, "auto-")) return 1; /* a broker's name for a client that sent none */
 	length = strlen(username);

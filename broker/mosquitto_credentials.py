@@ -6,7 +6,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from broker.credentials import ITERATIONS, Credentials
-from broker.identity import NEWCOMER, OPEN_JOIN_PASSWORD, USER, Identity
+from broker.identity import DISCOVER, NEWCOMER, OPEN_JOIN_PASSWORD, USER, Identity
 from broker.mosquitto_files import password_line, render_acl
 from services.common.store import Store
 
@@ -23,8 +23,8 @@ class MosquittoCredentials(Credentials):
     named in a warning (re-create the user, or let the cluster or worker join again).
     """
 
-    def __init__(self, store: Store, join_token: str | None = None) -> None:
-        super().__init__(store, join_token)
+    def __init__(self, store: Store) -> None:
+        super().__init__(store)
         self._db = store
         self._lines: dict[str, str] = {}
         self._service_lines: dict[str, str] = {}
@@ -64,11 +64,14 @@ class MosquittoCredentials(Credentials):
         if self.on_change is not None:
             await self.on_change()
 
-    def password_file(self, probe_line: str) -> str:
-        """The password file: accounts, in-process services, newcomers and the reload probe."""
-        newcomer = password_line(NEWCOMER, self.join_token or OPEN_JOIN_PASSWORD, MACHINE_ITERATIONS)
-        lines = [*self._lines.values(), *self._service_lines.values(), newcomer, probe_line]
-        return "\n".join(lines) + "\n"
+    def password_file(self, probe_line: str, kinds: frozenset[str] | None = None) -> str:
+        """The password file: accounts, in-process services, newcomers and the reload probe; only the
+        identities of *kinds* when given (the probe always: it is a service)."""
+        newcomer = password_line(NEWCOMER, OPEN_JOIN_PASSWORD, MACHINE_ITERATIONS)
+        discover = password_line(DISCOVER, OPEN_JOIN_PASSWORD, MACHINE_ITERATIONS)
+        lines = {**self._lines, **self._service_lines, NEWCOMER: newcomer, DISCOVER: discover}
+        kept = [line for name, line in lines.items() if kinds is None or Identity.of(name).kind in kinds]
+        return "\n".join([*kept, probe_line]) + "\n"
 
     def acl_file(self) -> str:
         """The ACL file for every account and service."""

@@ -60,6 +60,7 @@ def render_acl(usernames: list[str]) -> str:
         "# Written by oak from broker/acl.py's rules; rewritten whenever an identity changes.",
         f"pattern write {topics.join_request('%c')}",
         f"pattern read {topics.join_response('%c')}",
+        f"pattern read {topics.JOIN_CA}",
     ]
     for username in usernames:
         if Identity.of(username).kind != JOIN:
@@ -69,19 +70,35 @@ def render_acl(usernames: list[str]) -> str:
 
 @dataclass(frozen=True)
 class Listener:
-    """One mosquitto listener."""
+    """One mosquitto listener, with its own logins (``per_listener_settings``).
+
+    A password listener checks *password_file* (and oak's client-id plugin, when built); a certificate
+    listener (*certificates*: TLS with a client certificate of *cafile* required) takes the certificate's
+    common name as username and client id, so no one can use another's id there either.
+    """
 
     port: int
     host: str = "127.0.0.1"
     certfile: str | None = None
     keyfile: str | None = None
     websockets: bool = False
+    cafile: str | None = None
+    certificates: bool = False
+    password_file: str = "passwd"
 
-    def lines(self) -> list[str]:
+    def lines(self, directory: Path, plugin: Path | None) -> list[str]:
         """Its lines in mosquitto.conf."""
-        out = [f"listener {self.port} {self.host}"]
+        out = [f"listener {self.port} {self.host}", "allow_anonymous false", f"acl_file {directory / 'acl'}"]
+        if self.certificates:
+            out += ["require_certificate true", "use_identity_as_username true", "use_username_as_clientid true"]
+        else:
+            out.append(f"password_file {directory / self.password_file}")
+            if plugin is not None:
+                out += [f"plugin {plugin}", f"auto_id_prefix {GENERATED_PREFIX}"]
         if self.certfile and self.keyfile:
             out += [f"certfile {self.certfile}", f"keyfile {self.keyfile}"]
+        if self.cafile:
+            out.append(f"cafile {self.cafile}")
         if self.websockets:
             out.append("protocol websockets")
         return out
@@ -100,7 +117,10 @@ class NativeBridge:
     cluster: str
     root: BrokerUrl
     username: str
-    password: str
+    password: str = ""  # empty: log in with the certificate below
+    ca: Path | None = None  # the fleet's CA, to verify the root by
+    cert: Path | None = None
+    key: Path | None = None
 
     def lines(self) -> list[str]:
         """The ``connection`` section."""
@@ -115,14 +135,18 @@ class NativeBridge:
             f"notification_topic {topics.up(topics.CLUSTERS, self.cluster, 'avail')}",
             f"remote_clientid {self.username}",
             f"remote_username {self.username}",
-            f"remote_password {self.password}",
+            *([f"remote_password {self.password}"] if self.password else []),
             "cleansession false",
             "keepalive_interval 10",
             "restart_timeout 1 10",
             f"topic # in 1 {topics.DOWNSTREAM}/ {down}",
             f"topic # out 1 {topics.UPSTREAM}/ {up}",
         ]
-        if self.root.tls:
+        if self.ca is not None:  # no host name check: tiers are reached by any address, the CA is the fleet's
+            out += [f"bridge_cafile {self.ca}", "bridge_insecure true"]
+            if self.cert is not None:
+                out += [f"bridge_certfile {self.cert}", f"bridge_keyfile {self.key}"]
+        elif self.root.tls:
             out.append("bridge_capath /etc/ssl/certs")
         return out
 
@@ -138,11 +162,7 @@ def render_conf(directory: Path, listeners: list[Listener], bridge: NativeBridge
     lines = [
         "# Written by oak at every start: change the oak command line, not this file.",
         *([f"user {user}"] if user else []),
-        "per_listener_settings false",
-        "allow_anonymous false",
-        f"password_file {directory / 'passwd'}",
-        f"acl_file {directory / 'acl'}",
-        *([f"plugin {plugin}", f"auto_id_prefix {GENERATED_PREFIX}"] if plugin else []),
+        "per_listener_settings true",
         "persistence true",
         f"persistence_location {directory}/",
         "autosave_interval 60",
@@ -154,7 +174,7 @@ def render_conf(directory: Path, listeners: list[Listener], bridge: NativeBridge
         "log_timestamp_format %H:%M:%S",
     ]
     for listener in listeners:
-        lines += ["", *listener.lines()]
+        lines += ["", *listener.lines(directory, plugin)]
     if bridge is not None:
         lines += ["", *bridge.lines()]
     return "\n".join(lines) + "\n"

@@ -22,15 +22,16 @@ from services.common.mqtt import BrokerUrl
 from services.common.private import write_private
 
 PROBE = Identity(SERVICE, "reload-probe").username
-FILES = ("passwd", "acl")
+LOOPBACK_PASSWORDS = "passwd-loopback"  # the logins of a tier's plain loopback listener
 
 
 class PasswordFiles:
     """``passwd`` and ``acl`` in *directory* for *credentials*, re-read by the broker at *url* on *signal*."""
 
     def __init__(self, credentials: MosquittoCredentials, directory: Path, url: BrokerUrl,
-                 signal: Callable[[], Awaitable[None]]) -> None:
+                 signal: Callable[[], Awaitable[None]], loopback_kinds: frozenset[str] | None = None) -> None:
         self.credentials = credentials
+        self.loopback_kinds = loopback_kinds  # when given, LOOPBACK_PASSWORDS holds only these kinds
         self.directory = directory
         self.url = url
         self.signal = signal
@@ -43,6 +44,9 @@ class PasswordFiles:
         self._probe_password = new_password()
         probe = password_line(PROBE, self._probe_password, MACHINE_ITERATIONS)
         write_private(self.directory / "passwd", self.credentials.password_file(probe))
+        if self.loopback_kinds is not None:
+            loopback = self.credentials.password_file(probe, self.loopback_kinds)
+            write_private(self.directory / LOOPBACK_PASSWORDS, loopback)
         write_private(self.directory / "acl", self.credentials.acl_file())
 
     async def probe(self) -> bool:

@@ -11,7 +11,8 @@ from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
 from broker import acl
-from broker.identity import JOIN, Identity
+from broker.identity import CLUSTER, DISCOVER, JOIN, NODE, SERVICE, Identity
+from services.common import topics
 
 log = logging.getLogger(__name__)
 
@@ -19,30 +20,57 @@ ACTIONS = {Action.PUBLISH: acl.PUBLISH, Action.SUBSCRIBE: acl.SUBSCRIBE, Action.
 
 
 class OakAuthPlugin(BaseAuthPlugin):
-    """Admits a client only with the right password for its identity and a client id of its own.
+    """Admits a client with a certificate of the tier's CA or the right password for its identity, and a
+    client id of its own.
 
-    No anonymous access. The broker asks this before it looks up the session the client id names
+    No anonymous access. A certificate's common name is the identity, which must still be known (a revoked
+    one is not); clusters and workers log in only that way where the tier runs a CA. The plain listener
+    admits only the kinds of identity it is configured for (a tier: its own services, and users with
+    ``--plain-loopback``). The broker asks this before it looks up the session the client id names
     (:class:`broker.server.EmbeddedBroker`), so a refused CONNECT never touches another's session.
     Passwords are checked off the event loop (:meth:`Credentials.check`).
     """
 
     @dataclass
     class Config:
-        """``credentials``: the :class:`broker.credentials.Credentials` to check against."""
+        """``credentials``: the :class:`broker.credentials.Credentials` to check against; ``plain_admits``:
+        the kinds of identity the plain listener lets in (None: all)."""
 
         credentials: Any = None
+        plain_admits: frozenset[str] | None = None
 
     async def authenticate(self, *, session: Session) -> bool | None:
-        """Check the session's username, password and client id."""
-        identity = await self.config.credentials.check(session.username, session.password)
+        """Check the session's certificate or password, its listener and its client id."""
+        refusal, identity = await self._identify(session)
         session.is_anonymous = identity is None
-        if identity is None:
-            log.info("refused client id %r: wrong password for %r", session.client_id, session.username)
-            return False
-        if not acl.client_id_allowed(identity, session.client_id or ""):
-            log.warning("refused %s: client id %r is not its own", identity.username, session.client_id)
+        if identity is not None and not acl.client_id_allowed(identity, session.client_id or ""):
+            refusal = f"client id {session.client_id!r} is not its own"
+        if refusal:
+            log.warning("refused %s (client id %r): %s", session.username or "a client", session.client_id, refusal)
             return False
         return True
+
+    async def _identify(self, session: Session) -> tuple[str, Identity | None]:
+        """(why it is refused or "", the identity)."""
+        credentials = self.config.credentials
+        certified = getattr(session, "oak_certified", "")
+        if certified:
+            identity = Identity.of(certified)
+            if session.username and session.username != certified:
+                return f"its certificate is {certified}'s", None
+            if identity.kind == SERVICE or not credentials.exists(certified):
+                return f"the certificate of {certified} is not (or no longer) valid here", None
+            session.username = certified
+            return "", identity
+        identity = await credentials.check(session.username, session.password)
+        if identity is None:
+            return "wrong password", None
+        if identity.kind in (CLUSTER, NODE) and credentials.machines_by_certificate:
+            return "clusters and workers log in with their certificate", None
+        admits = self.config.plain_admits
+        if not getattr(session, "oak_tls", False) and admits is not None and identity.kind not in admits:
+            return "plain TCP is for this tier's own services (a user needs TLS, or --plain-loopback)", None
+        return "", identity
 
 
 class OakTopicPlugin(BaseTopicPlugin):
@@ -66,6 +94,8 @@ def permitted(session: Session, topic: str, action: str) -> bool:
     if not session.username:
         return False
     identity = Identity.of(session.username)
+    if session.username == DISCOVER:
+        return action != acl.PUBLISH and topic == topics.JOIN_CA
     if identity.kind == JOIN:  # a newcomer's nonce is its client id (see broker.identity.NEWCOMER)
         identity = Identity(JOIN, session.client_id or "")
     return acl.allowed(identity, action, topic)

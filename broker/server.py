@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import ssl
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -28,7 +29,13 @@ for _name in ("amqtt", "transitions"):
 
 @dataclass(frozen=True)
 class Listeners:
-    """Where the broker listens: plain TCP always; TLS and websockets when asked for."""
+    """Where the broker listens: plain TCP always; TLS and websockets when asked for.
+
+    *cafile*: the CA whose certificates log clients in on the TLS listener (machines, and users who
+    have one); without it the TLS listener takes passwords only. *plain_host* binds the plain listener
+    elsewhere than the others (a tier keeps it on loopback); *plain_admits*, when given, are the only
+    kinds of identity (broker.identity) it lets in.
+    """
 
     host: str = "127.0.0.1"
     port: int = 0
@@ -36,12 +43,24 @@ class Listeners:
     certfile: str | None = None
     keyfile: str | None = None
     ws_port: int | None = None
+    cafile: str | None = None
+    plain_host: str | None = None
+    plain_admits: frozenset[str] | None = None
 
 
 # amqtt waits keepalive + this many seconds for a client's next packet (MQTT asks 1.5 x keepalive; Oakling's
 # clients use 10 s and their pings may be late when their process is busy, so 2 x).
 KEEPALIVE_GRACE = 10
 GENERATED_ID = "amqtt/"  # how amqtt names a client that sent an empty client id
+
+
+def certified_name(peer: dict[str, Any] | None) -> str:
+    """The common name of a verified client certificate (as ``ssl.SSLObject.getpeercert`` gives it), or ""."""
+    for rdn in (peer or {}).get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    return ""
 
 
 class _Handler(BrokerProtocolHandler):
@@ -71,6 +90,17 @@ class _Broker(IndexedRouting, BrokerStats, Broker):
     never heard anything again) and took it over, and only then refused the newcomer's password.
     """
 
+    def _create_ssl_context(self, listener: Any) -> ssl.SSLContext:  # type: ignore[override]
+        """The TLS listener's context: client certificates are checked against the tier's CA alone when
+        it has one (amqtt's own falls back to the system's CAs, which must never log anyone in here)."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(listener["certfile"], listener["keyfile"])
+        if listener.get("cafile"):
+            context.load_verify_locations(cafile=listener["cafile"])
+            context.verify_mode = ssl.CERT_OPTIONAL
+        return context
+
     async def _initialize_client_session(self, reader: Any, writer: Any, remote_address: str,
                                          remote_port: int) -> tuple[BrokerProtocolHandler, Any]:
         """Read the CONNECT, admit it, then resume or replace the session its client id names."""
@@ -81,6 +111,9 @@ class _Broker(IndexedRouting, BrokerStats, Broker):
             with contextlib.suppress(Exception):
                 await writer.close()
             raise MQTTError(f"{peer} sent no valid CONNECT: {exc}") from None
+        tls = writer._writer.get_extra_info("ssl_object") if hasattr(writer, "_writer") else None
+        incoming.oak_tls = tls is not None
+        incoming.oak_certified = certified_name(tls.getpeercert() if tls is not None else None)
         if incoming.client_id.startswith(GENERATED_ID) and incoming.clean_session and incoming.username:
             identity = Identity.of(incoming.username)  # a user's empty client id becomes one of its own
             if identity.kind == USER:
@@ -141,10 +174,11 @@ class EmbeddedBroker:
         self.keepalive_grace = keepalive_grace
         self._broker: _Broker | None = None
         self.port = listeners.port
+        self.tls_port = listeners.tls_port
 
     def _config(self) -> dict[str, Any]:
         lst = self.listeners
-        listeners: dict[str, Any] = {"default": {"type": "tcp", "bind": f"{lst.host}:{lst.port}"}}
+        listeners: dict[str, Any] = {"default": {"type": "tcp", "bind": f"{lst.plain_host or lst.host}:{lst.port}"}}
         if lst.tls_port is not None:
             listeners["tls"] = {
                 "type": "tcp",
@@ -152,14 +186,15 @@ class EmbeddedBroker:
                 "ssl": True,
                 "certfile": lst.certfile,
                 "keyfile": lst.keyfile,
+                "cafile": lst.cafile,
             }
         if lst.ws_port is not None:
-            listeners["ws"] = {"type": "ws", "bind": f"{lst.host}:{lst.ws_port}"}
+            listeners["ws"] = {"type": "ws", "bind": f"{lst.plain_host or lst.host}:{lst.ws_port}"}  # plain, too
         return {
             "listeners": listeners,
             "timeout_disconnect_delay": self.keepalive_grace,
             "plugins": {
-                "broker.plugins.OakAuthPlugin": {"credentials": self.credentials},
+                "broker.plugins.OakAuthPlugin": {"credentials": self.credentials, "plain_admits": lst.plain_admits},
                 "broker.plugins.OakTopicPlugin": {},
             },
         }
@@ -167,9 +202,14 @@ class EmbeddedBroker:
     async def __aenter__(self) -> EmbeddedBroker:
         self._broker = _Broker(self._config())
         await self._broker.start()
-        server = self._broker._servers["default"].instance
-        self.port = server.sockets[0].getsockname()[1]
+        self.port = self._bound("default")
+        if self.listeners.tls_port is not None:
+            self.tls_port = self._bound("tls")
         return self
+
+    def _bound(self, listener: str) -> int:
+        assert self._broker is not None
+        return int(self._broker._servers[listener].instance.sockets[0].getsockname()[1])
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None

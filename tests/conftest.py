@@ -37,7 +37,10 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
 
 async def connect(stack: Stack, timeout: float = 20.0) -> OakClient:
     """An API client for the admin, once the root is up."""
-    await eventually(lambda: (stack.base / "root" / "credentials.json").exists(), timeout, what="root credentials")
+    try:
+        await eventually(lambda: (stack.base / "root" / "credentials.json").exists(), timeout, what="root credentials")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{stack.logs()}") from None
     profile = stack.profile()
     client = OakClient(profile)
     deadline = time.monotonic() + timeout

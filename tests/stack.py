@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -13,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from broker.ca import fingerprint, load_certs
 from services.cli.client import Profile
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,6 +83,8 @@ class Stack:
         self.root_args = root_args  # e.g. ("--broker", "mosquitto"), for every root started
         self.cluster_args = cluster_args  # the same, for every cluster
         self.procs: dict[str, Proc] = {}
+        self.scheme = "mqtts://"  # how clusters and workers reach their parents ("mqtt://" for a broker without TLS)
+        self.token = secrets.token_urlsafe(16)  # every tier's --join-token: joining needs one by default
         self.root_port = free_port()
         self.cluster_ports: dict[str, int] = {}
 
@@ -92,19 +96,33 @@ class Stack:
     def root(self, *extra: str) -> Proc:
         """Start the root."""
         return self._start("root", oak("root", "--data-dir", str(self.base / "root"), "--host", "127.0.0.1",
-                                       "--port", str(self.root_port), *self.root_args, *extra))
+                                       "--port", str(self.root_port), "--join-token", self.token, *self.root_args,
+                                       *extra))
+
+    def pin(self) -> list[str]:
+        """``--ca-fingerprint`` of the root's CA, once the root has made it (none without TLS)."""
+        if self.scheme != "mqtts://":
+            return []
+        path = self.base / "root" / "ca" / "ca.pem"
+        deadline = time.monotonic() + 30
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return ["--ca-fingerprint", fingerprint(load_certs(path.read_bytes())[0])] if path.exists() else []
 
     def cluster(self, name: str, *extra: str) -> Proc:
         """Start a cluster orchestrator called *name*."""
         port = self.cluster_ports.setdefault(name, free_port())
         return self._start(name, oak("cluster", "--name", name, "--data-dir", str(self.base / name),
                                      "--host", "127.0.0.1", "--port", str(port),
-                                     "--root", f"127.0.0.1:{self.root_port}", *self.cluster_args, *extra))
+                                     "--root", f"{self.scheme}127.0.0.1:{self.root_port}",
+                                     "--root-join-token", self.token, "--join-token", self.token, *self.pin(),
+                                     *self.cluster_args, *extra))
 
     def worker(self, name: str, cluster: str, *extra: str) -> Proc:
         """Start a worker called *name* under *cluster*."""
         return self._start(name, oak("worker", "--name", name, "--data-dir", str(self.base / name),
-                                     "--cluster", f"127.0.0.1:{self.cluster_ports[cluster]}", *extra))
+                                     "--cluster", f"{self.scheme}127.0.0.1:{self.cluster_ports[cluster]}",
+                                     "--join-token", self.token, *self.pin(), *extra))
 
     def profile(self) -> Profile:
         """The admin's profile, once the root has written it."""

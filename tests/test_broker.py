@@ -11,7 +11,6 @@ import pytest
 
 from broker.bridge import Bridge
 from broker.credentials import Credentials
-from broker.identity import NEWCOMER
 from broker.join import JoinDesk, obtain_login
 from broker.probe import connect_packet
 from broker.server import EmbeddedBroker, Listeners
@@ -119,18 +118,6 @@ async def test_join_gives_own_credentials_once(tmp_path: Path, broker: EmbeddedB
         with pytest.raises(MqttError, match="only a node"):
             await obtain_login(tmp_path / "c", url(broker), "cluster", "c9", None, timeout=10)
         serving.cancel()
-
-
-async def test_join_token_is_enforced(tmp_path: Path) -> None:
-    """With a join token, a newcomer without it cannot even connect."""
-    creds = Credentials(Store(tmp_path / "db.json"), join_token="s3cret")
-    await creds.load()
-    async with EmbeddedBroker(Listeners(port=0), creds) as b:
-        with pytest.raises(MqttError):
-            async with MqttSession(url(b), "ab" * 16, NEWCOMER, "wrong", retry_first_connect=False):
-                pass
-        async with MqttSession(url(b), "ab" * 16, NEWCOMER, "s3cret", retry_first_connect=False):
-            pass
 
 
 async def test_bridge_forwards_both_ways_and_keeps_retain(tmp_path: Path) -> None:

@@ -111,8 +111,14 @@ def test_seed_commands_verbatim(tmp_path: Path) -> None:
         if lab:
             lab.host("h1")
         address = lab.addresses["h1"] if lab else "127.0.0.1"
+        home = tmp_path / "root"
+        wait_until(lambda: (home / "credentials.json").exists(), what="root up")
+        made = json.loads(run_oak(home, "token", "create", "--uses", "1", "--ttl", "10m", "--json").stdout)
+        assert "NodeEngine" in made["command"]
+        assert made["fingerprint"] in made["command"]
         netcfg.write_text(json.dumps({"NodePublicAddress": address, "NodePublicPort": "50103",
-                                      "ClusterUrl": "localhost", "ClusterMqttPort": str(stack.cluster_ports["c1"])}))
+                                      "ClusterUrl": "localhost", "ClusterMqttPort": str(stack.cluster_ports["c1"]),
+                                      "JoinToken": made["token"], "CaFingerprint": made["fingerprint"]}))
         nm_port = free_port()
         bin_dir = Path(sys.executable).parent
         host = ["--host-netns", lab.hosts["h1"]] if lab else []
@@ -122,7 +128,6 @@ def test_seed_commands_verbatim(tmp_path: Path) -> None:
         stack.procs["ne"] = Proc("ne", [str(bin_dir / "NodeEngine"), "-n", str(nm_port), "-p", "10100", "-a",
                                         "127.0.0.1", "--netcfg", str(netcfg), "--name", "seedworker",
                                         "--data-dir", str(tmp_path / "ne")], tmp_path).start()
-        home = tmp_path / "root"
         wait_until(lambda: "seedworker" in run_oak(home, "node", "list", check=False).stdout, what="worker joined")
         log = stack.procs["ne"].tail()
         assert "using the cluster broker on port" in log
@@ -156,7 +161,8 @@ def test_mosquitto_script_creates_deploys_and_watches(stack: Stack) -> None:
     wait_until(lambda: "w1" in run_oak(home, "node", "list", check=False).stdout, what="w1 joined")
     creds = json.loads((home / "credentials.json").read_text())
     user, password = creds["username"], creds["password"]
-    common = ["-V", "mqttv311", "-h", "127.0.0.1", "-p", str(stack.root_port), "-u", user, "-P", password, "-q", "1"]
+    common = ["-V", "mqttv311", "-h", "127.0.0.1", "-p", str(stack.root_port), "--cafile", creds["ca"], "-u", user,
+              "-P", password, "-q", "1"]
     (stack.base / "sla.json").write_text(json.dumps(sla(sleeper("job", 6201), app="script")))
     responses = subprocess.Popen(["mosquitto_sub", *common, "-t", f"oak/api/{user}/response/#", "-v", "-C", "3"],
                                  stdout=subprocess.PIPE, text=True)
@@ -190,23 +196,24 @@ def test_mosquitto_script_creates_deploys_and_watches(stack: Stack) -> None:
     assert spy.stdout == "", "a user cannot subscribe to everything"
 
 
-def test_tls_and_websocket_listeners(stack: Stack) -> None:
-    """With --tls-port and --ws-port the root broker also speaks MQTT over TLS and websockets, with the
-    same credentials and rules."""
+def test_tls_by_default_plain_on_loopback_and_websockets(stack: Stack) -> None:
+    """The root listens with TLS, its certificate verified by the CA in credentials.json (by mosquitto's
+    clients, which check the address too, and by openssl); plain TCP reaches it only on loopback and only
+    with --plain-loopback, and so do websockets (--ws-port); the same credentials and rules everywhere."""
     need_binary("openssl")
     need_binary("mosquitto_pub")
-    cert, key = stack.base / "cert.pem", stack.base / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
-                    "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
-                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True, timeout=60)
-    tls_port, ws_port = free_port(), free_port()
-    stack.root("--tls-port", str(tls_port), "--certfile", str(cert), "--keyfile", str(key), "--ws-port",
-               str(ws_port))
+    plain_port, ws_port = free_port(), free_port()
+    stack.root("--plain-loopback", "--plain-port", str(plain_port), "--ws-port", str(ws_port))
     home = stack.base / "root"
     wait_until(lambda: (home / "credentials.json").exists(), what="root up")
     creds = json.loads((home / "credentials.json").read_text())
-    user, password = creds["username"], creds["password"]
-    tls = ["-V", "mqttv311", "-h", "127.0.0.1", "-p", str(tls_port), "--cafile", str(cert), "-u", user,
+    user, password, ca = creds["username"], creds["password"], creds["ca"]
+    assert creds["root"] == f"mqtts://127.0.0.1:{stack.root_port}"
+    shown = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{stack.root_port}", "-CAfile", ca,
+                            "-verify_return_error", "-brief"], input="", capture_output=True, text=True, timeout=20)
+    assert "Verification: OK" in shown.stderr, shown.stderr
+    assert "Oakling root CA broker" in shown.stderr, shown.stderr
+    tls = ["-V", "mqttv311", "-h", "127.0.0.1", "-p", str(stack.root_port), "--cafile", ca, "-u", user,
            "-P", password, "-q", "1"]
     answer = subprocess.Popen(["mosquitto_sub", *tls, "-t", f"oak/api/{user}/response/apps/list", "-C", "1",
                                "-W", "10"], stdout=subprocess.PIPE, text=True)
@@ -218,6 +225,10 @@ def test_tls_and_websocket_listeners(stack: Stack) -> None:
     wrong = subprocess.run(["mosquitto_pub", *tls[:-4], "-u", user, "-P", "wrong", "-t", "x", "-m", "x"],
                            capture_output=True, text=True, timeout=10)
     assert wrong.returncode != 0
+    login = ["-V", "mqttv311", "-h", "127.0.0.1", "-u", user, "-P", password, "-t", "x", "-m", "x"]
+    for port, works in [(stack.root_port, False), (plain_port, True)]:
+        done = subprocess.run(["mosquitto_pub", "-p", str(port), *login], capture_output=True, timeout=10)
+        assert (done.returncode == 0) is works, f"plain TCP on port {port}: {done.stderr!r}"
 
     async def over_websocket() -> dict:
         from amqtt.client import MQTTClient

@@ -93,6 +93,7 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
             (tmp_path / name).mkdir()
             brokers.append(OperatorsMosquitto(tmp_path / name, port))
         s = Stack(tmp_path / "stack", root_args=brokers[0].args(), cluster_args=brokers[1].args())
+        s.scheme = "mqtt://"  # the operator's mosquitto listens without TLS here
         s.root_port, s.cluster_ports["c1"] = root_port, cluster_port
         yield s
     finally:

@@ -86,19 +86,28 @@ def _login(path: Path) -> tuple[str, str]:
     return saved["username"], saved["password"]
 
 
-def _mqtt(tool: str, port: int, login: tuple[str, str], *args: str) -> list[str]:
-    return [tool, "-V", "mqttv311", "-h", "127.0.0.1", "-p", str(port), "-u", login[0], "-P", login[1], *args]
+Login = tuple[str, str] | Path  # a username and password, or a machine's data dir (its certificate)
 
 
-def _read(port: int, login: tuple[str, str], topic: str, seconds: int = 2, *extra: str) -> str:
+def _mqtt(tool: str, port: int, login: Login, *args: str, ca: Path | None = None) -> list[str]:
+    """A mosquitto client's command line; over TLS verifying the server by *ca* when given."""
+    if isinstance(login, Path):
+        who = ["--cert", str(login / "tls" / "cert.pem"), "--key", str(login / "tls" / "key.pem")]
+    else:
+        who = ["-u", login[0], "-P", login[1]]
+    tls = ["--cafile", str(ca)] if ca else []
+    return [tool, "-V", "mqttv311", "-h", "127.0.0.1", "-p", str(port), *tls, *who, *args]
+
+
+def _read(port: int, login: Login, topic: str, seconds: int = 2, *extra: str, ca: Path | None = None) -> str:
     """What *login* receives on *topic* within *seconds* (retained messages included)."""
-    done = subprocess.run(_mqtt("mosquitto_sub", port, login, "-t", topic, "-v", "-W", str(seconds), *extra),
+    done = subprocess.run(_mqtt("mosquitto_sub", port, login, "-t", topic, "-v", "-W", str(seconds), *extra, ca=ca),
                           capture_output=True, text=True, timeout=seconds + 10)
     return done.stdout
 
 
-def _publish(port: int, login: tuple[str, str], topic: str, payload: str, *extra: str) -> None:
-    subprocess.run(_mqtt("mosquitto_pub", port, login, "-q", "1", "-t", topic, "-m", payload, *extra),
+def _publish(port: int, login: Login, topic: str, payload: str, *extra: str, ca: Path | None = None) -> None:
+    subprocess.run(_mqtt("mosquitto_pub", port, login, "-q", "1", "-t", topic, "-m", payload, *extra, ca=ca),
                    check=True, timeout=10)
 
 
@@ -124,27 +133,33 @@ async def test_topic_rules_hold_on_mosquitto(stack: Stack, api: Any) -> None:
     admin = await two_workers_running(stack, api, "acl", 6041)
     await admin.request("users", "create", {"username": "bob", "password": "bob-password-1"})
     root, cluster = stack.root_port, stack.cluster_ports["c1"]
+    ca = stack.base / "root" / "ca" / "ca.pem"
     bob, admin_login = ("bob", "bob-password-1"), _login(stack.base / "root" / "credentials.json")
 
-    assert "oak/api/admin/state/services/acl.test.job.test" in _read(root, admin_login, "oak/api/admin/state/#")
-    assert _read(root, bob, "oak/api/admin/#") == "", "bob reads the admin's retained state"
-    assert _read(root, bob, "oak/clusters/#") == ""
-    _publish(root, bob, "oak/api/admin/request/apps/delete", '{"app": "acl"}')
-    _publish(root, bob, "oak/clusters/c1/up/avail", '{"state":"offline"}', "-r")
+    assert "oak/api/admin/state/services/acl.test.job.test" in _read(root, admin_login, "oak/api/admin/state/#",
+                                                                     ca=ca)
+    assert _read(root, bob, "oak/api/admin/#", ca=ca) == "", "bob reads the admin's retained state"
+    assert _read(root, bob, "oak/clusters/#", ca=ca) == ""
+    _publish(root, bob, "oak/api/admin/request/apps/delete", '{"app": "acl"}', ca=ca)
+    _publish(root, bob, "oak/clusters/c1/up/avail", '{"state":"offline"}', "-r", ca=ca)
     assert [a["name"] for a in await admin.request("apps", "list")] == ["acl"]
     assert [c["online"] for c in await admin.request("clusters", "list")] == [True]
 
-    w1 = _login(stack.base / "w1" / "identity.json")
-    assert w1[0] == "node.w1"
-    # A worker may connect only as its own client id (which displaces the real w1 for a moment).
-    assert "oak/nodes/w1/down/desired" in _read(cluster, w1, "oak/nodes/w1/down/#", 2, "-i", "node.w1")
-    assert _read(cluster, w1, "oak/nodes/w2/down/#", 2, "-i", "node.w1") == "", "w1 reads w2's desired instances"
-    _publish(cluster, w1, "oak/nodes/w2/up/avail", '{"state":"offline"}', "-r", "-i", "node.w1")
-    _publish(cluster, w1, "oak/join/request/x", '{"kind": "node", "name": "w9"}', "-i", "node.w1")
+    # w1 logs in with its certificate on mosquitto's certificate listener (which displaces the real w1 for
+    # a moment: the client id is the certificate's name).
+    w1, w1_port = stack.base / "w1", json.loads((stack.base / "w1" / "identity.json").read_text())["port"]
+    assert "oak/nodes/w1/down/desired" in _read(w1_port, w1, "oak/nodes/w1/down/#", ca=ca)
+    assert _read(w1_port, w1, "oak/nodes/w2/down/#", ca=ca) == "", "w1 reads w2's desired instances"
+    _publish(w1_port, w1, "oak/nodes/w2/up/avail", '{"state":"offline"}', "-r", ca=ca)
+    _publish(w1_port, w1, "oak/join/request/x", '{"kind": "node", "name": "w9"}', ca=ca)
     await eventually(lambda: _online_nodes(admin, 2), what="w2 still online")
     assert sorted(n["name"] for n in await admin.request("nodes", "list")) == ["w1", "w2"]
 
-    for login in [("bob", "wrong"), ("node.w1", "wrong"), ("", "")]:
-        refused = subprocess.run(_mqtt("mosquitto_pub", root, login, "-t", "oak/x", "-m", "x"),
+    for port, login in [(root, ("bob", "wrong")), (root, ("", "")), (cluster, ("node.w1", "x")),
+                        (w1_port, ("node.w1", "x"))]:
+        refused = subprocess.run(_mqtt("mosquitto_pub", port, login, "-t", "oak/x", "-m", "x", ca=ca),
                                  capture_output=True, timeout=10)
-        assert refused.returncode != 0
+        assert refused.returncode != 0, f"{login} at {port}"
+    plain = subprocess.run(_mqtt("mosquitto_pub", root, admin_login, "-t", "oak/x", "-m", "x"),
+                           capture_output=True, timeout=10)
+    assert plain.returncode != 0, "plain TCP to the TLS listener"

@@ -60,7 +60,7 @@ async def test_tenants_see_only_their_own_and_files_are_private(stack: Stack, ap
             await admin.request("users", "create", {"username": bad, "password": "long-enough"})
         assert err.value.code == "bad_request", bad
 
-    bob = await OakClient(Profile("bob", "bob-password-1", admin.profile.root)).__aenter__()
+    bob = await OakClient(Profile("bob", "bob-password-1", admin.profile.root, admin.profile.ca)).__aenter__()
     try:
         assert [n["services"] for n in await bob.request("nodes", "list")] == [{}]
         assert [n["services"] for n in await admin.request("nodes", "list")] == [{"priv.test.job.test": 1}]
@@ -70,9 +70,9 @@ async def test_tenants_see_only_their_own_and_files_are_private(stack: Stack, ap
     finally:
         await bob.__aexit__(None, None, None)
 
+    cluster = BrokerUrl("127.0.0.1", stack.cluster_ports["c1"], tls=True)
     with pytest.raises(MqttError, match="bad name"):
-        await obtain_login(stack.base / "w9", BrokerUrl("127.0.0.1", stack.cluster_ports["c1"]), "node", "w9\n",
-                           None, timeout=10)
+        await obtain_login(stack.base / "w9", cluster, "node", "w9\n", None, timeout=10)
     assert not (stack.base / "w9" / "identity.json").exists()
     loose = [entry for name in ("root", "c1", "w1") for entry in _loose(stack.base / name)]
     assert not loose, f"readable by others: {loose}"

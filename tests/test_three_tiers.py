@@ -289,7 +289,7 @@ async def test_users_cannot_see_or_touch_each_others_services(stack: Stack, api:
     with pytest.raises(ApiFailure) as err:
         await admin.request("users", "create", {"username": "bob", "password": "another-password"})
     assert err.value.code == "conflict"
-    bob = await OakClient(Profile("bob", "bob-password-1", admin.profile.root)).__aenter__()
+    bob = await OakClient(Profile("bob", "bob-password-1", admin.profile.root, admin.profile.ca)).__aenter__()
     try:
         assert await bob.request("services", "list") == []
         assert await bob.request("apps", "list") == []

@@ -13,7 +13,7 @@ from types import TracebackType
 from typing import Any
 
 from services.common import envelope, models, topics
-from services.common.mqtt import BrokerUrl, Message, MqttError, MqttSession
+from services.common.mqtt import BrokerUrl, Message, MqttError, MqttSession, tls_context
 
 REQUEST_TIMEOUT = 15.0
 
@@ -29,11 +29,12 @@ def oak_home(data_dir: str | None) -> Path:
 
 @dataclass(frozen=True)
 class Profile:
-    """Who the CLI is and where the root is."""
+    """Who the CLI is, where the root is, and the CA that proves it is the root (for ``mqtts://``)."""
 
     username: str
     password: str
     root: BrokerUrl
+    ca: Path | None = None
 
     @classmethod
     def load(cls, data_dir: Path, root: str | None = None) -> Profile:
@@ -41,8 +42,11 @@ class Profile:
         path = data_dir / "credentials.json"
         try:
             saved = json.loads(path.read_text())
-            url = root or saved.get("root") or "mqtt://127.0.0.1:10000"
-            return cls(saved["username"], saved["password"], BrokerUrl.parse(url, 10000))
+            url = BrokerUrl.parse(root or saved.get("root") or "mqtts://127.0.0.1:10000", 10000)
+            if root and "://" not in root and saved.get("ca"):
+                url = BrokerUrl(url.host, url.port, tls=True)  # --root HOST:PORT of a root that runs TLS
+            ca = Path(saved["ca"]) if saved.get("ca") else None
+            return cls(saved["username"], saved["password"], url, ca)
         except FileNotFoundError:
             raise CliError(f"no credentials at {path}: start the root with `oak up` or `oak root`, "
                            "or point --data-dir/OAK_HOME at its data directory") from None
@@ -69,7 +73,7 @@ class OakClient:
         self.profile = profile
         self.session = MqttSession(
             profile.root, f"{profile.username}-cli-{secrets.token_hex(4)}", profile.username, profile.password,
-            retry_first_connect=False,
+            retry_first_connect=False, tls=tls_context(profile.ca) if profile.root.tls and profile.ca else None,
         )
         self.updates: asyncio.Queue[Message] = asyncio.Queue()
         self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import getpass
 import os
+import secrets
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +17,7 @@ from typing import Any
 from broker.backend import EXTERNAL, BrokerSpec
 from broker.external import conf_lines, write_initial
 from broker.server import Listeners
+from broker.tier_ca import TierCa
 from services.cli.client import CliError, OakClient, Profile
 from services.cli.tables import table
 from services.cluster.app import ClusterConfig, run_cluster
@@ -27,11 +31,8 @@ Render = Callable[[Any], str]
 
 
 def listeners(args: argparse.Namespace, port: int | None = None) -> Listeners:
-    """The broker listeners asked for on the command line."""
-    if args.tls_port is not None and not (args.certfile and args.keyfile):
-        raise CliError("--tls-port needs --certfile and --keyfile")
-    return Listeners(args.host, args.port if port is None else port, args.tls_port, args.certfile, args.keyfile,
-                     args.ws_port)
+    """The broker listeners asked for on the command line (the tier secures them: broker.tier_ca)."""
+    return Listeners(args.host, args.port if port is None else port, ws_port=args.ws_port)
 
 
 def broker_spec(args: argparse.Namespace) -> BrokerSpec:
@@ -45,7 +46,13 @@ def broker_spec(args: argparse.Namespace) -> BrokerSpec:
 
 def _root_config(args: argparse.Namespace, home: Path) -> RootConfig:
     return RootConfig(home, listeners(args), args.scheduler, args.scheduler_profile, args.join_token,
-                      getattr(args, "advertise", "127.0.0.1"), broker_spec(args))
+                      getattr(args, "advertise", "127.0.0.1"), broker_spec(args), args.plain_loopback,
+                      _plain_port(args), args.open_join)
+
+
+def _plain_port(args: argparse.Namespace) -> int:
+    """The plain loopback port: --plain-port, or any free one when the broker's own port is 0."""
+    return 0 if args.port == 0 else args.plain_port
 
 
 async def root(args: argparse.Namespace, home: Path) -> None:
@@ -57,7 +64,8 @@ async def cluster(args: argparse.Namespace, home: Path, root_url: BrokerUrl) -> 
     """``oak cluster``."""
     await run_cluster(ClusterConfig(home, args.name, root_url, args.location, listeners(args), args.scheduler,
                                     args.scheduler_profile, args.join_token, args.root_join_token,
-                                    broker_spec(args), args.mosquitto_bridge))
+                                    broker_spec(args), args.mosquitto_bridge, args.ca_fingerprint,
+                                    args.plain_loopback, _plain_port(args), args.open_join))
 
 
 async def worker(args: argparse.Namespace, home: Path, cluster_url: BrokerUrl) -> None:
@@ -70,7 +78,7 @@ async def worker(args: argparse.Namespace, home: Path, cluster_url: BrokerUrl) -
                                   probe_port=int(args.probe.rpartition(":")[2] or 0), overlay=args.overlay,
                                   netmanager_port=args.netmanager, public_address=args.public_address,
                                   vxlan_port=args.vxlan_port, direct_routing=args.direct_routing,
-                                  host_netns=args.host_netns))
+                                  host_netns=args.host_netns, ca_fingerprint=args.ca_fingerprint))
 
 
 async def sim(args: argparse.Namespace, home: Path, cluster_url: BrokerUrl) -> None:
@@ -83,7 +91,7 @@ async def sim(args: argparse.Namespace, home: Path, cluster_url: BrokerUrl) -> N
             name = f"{args.prefix}-{i + 1:04d}"
             tasks.create_task(run_worker_retrying(WorkerConfig(  # one failing worker is retried, alone
                 home / name, cluster_url, name, ("sim",), "sim", args.join_token,
-                report_interval=args.report_interval, stop_grace=0.0)))
+                report_interval=args.report_interval, stop_grace=0.0, ca_fingerprint=args.ca_fingerprint)))
             if i % 50 == 49:
                 await asyncio.sleep(0.2)  # let joins through in waves
         print(f"oak sim: {args.workers} simulated workers started against {cluster_url}", file=sys.stderr,
@@ -105,30 +113,42 @@ async def up(args: argparse.Namespace, home: Path) -> None:
     """``oak up``: root, cluster and worker in one process (1-DOC); each keeps its own data dir."""
     root_ready, cluster_ready = asyncio.Event(), asyncio.Event()
     ports: dict[str, int] = {}
+    token = args.join_token or secrets.token_urlsafe(24)  # this run's own cluster and worker join with it
+
+    def fingerprint() -> str:  # the root's CA, on this machine: the cluster and worker pin it
+        return TierCa.root(home).fingerprint
 
     async def start_cluster() -> None:
         await root_ready.wait()
         await run_cluster(
-            ClusterConfig(home / "cluster", args.cluster_name, BrokerUrl("127.0.0.1", ports["root"]),
+            ClusterConfig(home / "cluster", args.cluster_name, BrokerUrl("127.0.0.1", ports["root"], tls=True),
                           listen=Listeners(args.host, args.cluster_port), scheduler=args.scheduler,
                           scheduler_profile=args.scheduler_profile,
-                          join_token=args.join_token, root_join_token=args.join_token, broker=cfg.broker),
+                          join_token=token, root_join_token=token, broker=cfg.broker,
+                          root_ca_fingerprint=fingerprint(), plain_loopback=cfg.plain_loopback,
+                          plain_port=args.cluster_port + 1 if args.cluster_port else 0, open_join=args.open_join),
             cluster_ready,
         )
 
     async def start_worker() -> None:
         await cluster_ready.wait()
-        await run_worker(WorkerConfig(home / "worker", BrokerUrl("127.0.0.1", args.cluster_port),
-                                      args.name, join_token=args.join_token, overlay=args.overlay))
+        await run_worker(WorkerConfig(home / "worker", BrokerUrl("127.0.0.1", args.cluster_port, tls=True),
+                                      args.name, join_token=token, overlay=args.overlay,
+                                      ca_fingerprint=fingerprint()))
 
     async def announce() -> None:
         await cluster_ready.wait()
-        print(f"Oakling is up: root on port {ports['root']}, cluster {args.cluster_name!r} on port "
+        ca = home / "ca" / "ca.pem"
+        plain = (f"  or without TLS, on this machine only:  mosquitto_sub -p {args.plain_port} -u admin -P ...\n"
+                 if cfg.plain_loopback else "  (add --plain-loopback to also allow plain TCP on 127.0.0.1)\n")
+        print(f"Oakling is up: root on port {ports['root']} (TLS), cluster {args.cluster_name!r} on port "
               f"{args.cluster_port}, worker {args.name!r}.\nAdmin credentials: {home / 'credentials.json'}\n"
-              f"Try: oak app create sla.json && oak service list    (Ctrl-C stops everything)",
+              f"Try: oak app create sla.json && oak service list    (Ctrl-C stops everything)\n"
+              f"Scripts: mosquitto_sub -V mqttv311 -h 127.0.0.1 -p {ports['root']} --cafile {ca} -u admin -P ...\n"
+              f"{plain}The fleet's CA: {ca} ({fingerprint()})",
               file=sys.stderr, flush=True)
 
-    cfg = _root_config(args, home)
+    cfg = dataclasses.replace(_root_config(args, home), join_token=token)
     if cfg.broker.kind == EXTERNAL:
         raise CliError("oak up runs two brokers (root and cluster): use --broker embedded or mosquitto")
     ports["root"] = args.port
@@ -146,6 +166,23 @@ SERVICE_COLUMNS = [("SERVICE", "job_name"), ("ID", "service_id"), ("STATUS", "st
 INSTANCE_COLUMNS = [("#", "number"), ("STATUS", "status"), ("CLUSTER", "cluster"), ("NODE", "node"),
                     ("IP", "ip"), ("CPU%", "cpu_percent"), ("MEM MB", "memory_mb"), ("IO MB", "io_mb"),
                     ("RESTARTS", "restarts"), ("REASON", "reason")]
+
+
+def duration(text: str) -> float:
+    """Seconds in ``90``, ``90s``, ``15m``, ``24h`` or ``7d``."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
+    try:
+        return float(number) * units[unit]
+    except ValueError:
+        raise CliError(f"not a duration: {text!r} (e.g. 90s, 15m, 24h, 7d)") from None
+
+
+def _token(data: Any) -> str:
+    limit = "any number of times" if data["uses"] is None else f"{data['uses']} time(s)"
+    until = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(data["expires"]))
+    return (f"token for a {data['kind']}, valid until {until}, {limit}:\n{data['token']}\n"
+            f"CA fingerprint: {data['fingerprint']}\n\njoin with:\n{data['command']}")
 
 
 def _services(data: Any) -> str:
@@ -206,6 +243,9 @@ async def client_command(args: argparse.Namespace) -> tuple[Any, Render]:
             return data, lambda d: f"created user {d['username']}" + (" (admin)" if d["admin"] else "")
         if group == "user" and action == "list":
             return await oak.request("users", "list"), lambda d: table(d, [("USER", "username"), ("ADMIN", "admin")])
+        if group == "token" and action == "create":
+            body = {"cluster": args.cluster, "ttl": duration(args.ttl), "uses": args.uses}
+            return await oak.request("tokens", "create", body), _token
     raise CliError(f"unknown command {group} {action}")
 
 

@@ -29,17 +29,23 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def _add_service_flags(p: argparse.ArgumentParser, port: int) -> None:
     p.add_argument("--data-dir", help="state, credentials and logs (default: $OAK_HOME or ~/.oak)")
     p.add_argument("--host", default="0.0.0.0", help="address the broker listens on (default 0.0.0.0)")
-    p.add_argument("--port", type=int, default=port, help=f"broker port (default {port}; 0 = any free port)")
-    p.add_argument("--tls-port", type=int, help="also listen with TLS on this port (needs --certfile/--keyfile)")
-    p.add_argument("--certfile", help="PEM certificate for the TLS listener")
-    p.add_argument("--keyfile", help="PEM private key for the TLS listener")
-    p.add_argument("--ws-port", type=int, help="also listen for MQTT over websockets on this port")
+    p.add_argument("--port", type=int, default=port,
+                   help=f"broker port, TLS (default {port}; 0 = any free port)")
+    p.add_argument("--plain-loopback", action="store_true",
+                   help="also let users connect without TLS, on 127.0.0.1 only (port: --plain-port)")
+    p.add_argument("--plain-port", type=int, default=port + 1,
+                   help=f"the plain loopback port with --plain-loopback (default {port + 1})")
+    p.add_argument("--ws-port", type=int,
+                   help="also listen for MQTT over plain websockets on this port, on the plain TCP's terms "
+                        "(loopback; users only with --plain-loopback)")
     p.add_argument("--scheduler", default=DEFAULT_PROFILE,
                    help=f"scheduler plugins with optional weights, e.g. 'least-loaded,anti-affinity=2' "
                         f"(default {DEFAULT_PROFILE})")
     p.add_argument("--scheduler-profile", type=Path, help="a TOML scheduling profile (see docs/plugins.md)")
     p.add_argument("--join-token", default=os.environ.get("OAK_JOIN_TOKEN"),
-                   help="require this token from clusters/workers that join (default: open joining)")
+                   help="a fixed token clusters/workers may join with, besides those of `oak token create`")
+    p.add_argument("--open-join", action="store_true",
+                   help="let clusters/workers join without a token (logged loudly; for labs only)")
     p.add_argument("--broker", default="embedded",
                    help="'embedded' (amqtt in this process, the default), 'mosquitto' (run mosquitto as a child, "
                         "with password and ACL files made by oak) or mqtt://HOST:PORT (an existing broker; "
@@ -83,6 +89,8 @@ def parser() -> argparse.ArgumentParser:
     cluster.add_argument("--location", default=os.environ.get("CLUSTER_LOCATION", ""),
                          help="default $CLUSTER_LOCATION (e.g. 48.14,11.58)")
     cluster.add_argument("--root-join-token", default=os.environ.get("OAK_ROOT_JOIN_TOKEN"))
+    cluster.add_argument("--ca-fingerprint", default=os.environ.get("OAK_CA_FINGERPRINT"),
+                         help="sha256:... of the root's CA, checked before joining (from `oak token create`)")
     cluster.add_argument("--mosquitto-bridge", action="store_true",
                          help="with --broker mosquitto: let mosquitto's own bridge link to the root")
     cluster.add_argument("--json", action="store_true", help="with list: print JSON")
@@ -96,6 +104,8 @@ def parser() -> argparse.ArgumentParser:
                         help="also enable the vm runtime: unikernels and microVMs in QEMU (as NodeEngine -u)")
     worker.add_argument("--collector", default="psutil")
     worker.add_argument("--join-token", default=os.environ.get("OAK_JOIN_TOKEN"))
+    worker.add_argument("--ca-fingerprint", default=os.environ.get("OAK_CA_FINGERPRINT"),
+                        help="sha256:... of the fleet's CA, checked before joining (from `oak token create`)")
     worker.add_argument("--location", default="", help="where the worker is, 'latitude,longitude'")
     worker.add_argument("--label", action="append", default=[], help="a label SLAs can need (repeatable)")
     worker.add_argument("--probe", default="127.0.0.1:0",
@@ -166,6 +176,8 @@ def parser() -> argparse.ArgumentParser:
     sim.add_argument("--data-dir")
     sim.add_argument("--report-interval", type=float, default=5.0, help="seconds between reports (default 5)")
     sim.add_argument("--join-token", default=os.environ.get("OAK_JOIN_TOKEN"))
+    sim.add_argument("--ca-fingerprint", default=os.environ.get("OAK_CA_FINGERPRINT"),
+                     help="sha256:... of the fleet's CA, checked before joining")
     sim.add_argument("-v", "--verbose", action="store_true")
 
     brk = sub.add_parser("broker", help="an existing broker for oak").add_subparsers(dest="action", required=True)
@@ -176,6 +188,14 @@ def parser() -> argparse.ArgumentParser:
     tui = sub.add_parser("tui", help="the dashboard")
     tui.add_argument("--data-dir")
     tui.add_argument("--root", help="the root broker, HOST:PORT (default: from credentials.json)")
+
+    token = sub.add_parser("token", help="join tokens (administrators only)").add_subparsers(dest="action",
+                                                                                              required=True)
+    p = token.add_parser("create", help="make a join token and print the join command, with the CA's fingerprint")
+    p.add_argument("--cluster", action="store_true", help="for a cluster joining the root (default: a worker)")
+    p.add_argument("--ttl", default="24h", help="how long it is valid: 90s, 15m, 24h, 7d (default 24h)")
+    p.add_argument("--uses", type=int, help="how many joins it allows (default: any number until it expires)")
+    _add_common(p)
 
     user = sub.add_parser("user", help="users (administrators only)").add_subparsers(dest="action", required=True)
     p = user.add_parser("create", help="create a user")
@@ -192,7 +212,7 @@ def root_url(value: str | None) -> BrokerUrl:
     value = value or os.environ.get("OAK_ROOT")
     if not value and os.environ.get("SYSTEM_MANAGER_URL"):
         value = f"{os.environ['SYSTEM_MANAGER_URL']}:{os.environ.get('SYSTEM_MANAGER_PORT', '10000')}"
-    return BrokerUrl.parse(value or "127.0.0.1:10000", 10000)
+    return BrokerUrl.parse(value or "127.0.0.1:10000", 10000, tls=True)
 
 
 def _run_services(args: argparse.Namespace) -> Callable[[], Awaitable[None]] | None:
@@ -207,9 +227,9 @@ def _run_services(args: argparse.Namespace) -> Callable[[], Awaitable[None]] | N
             raise CliError("a cluster needs a name: --name or $CLUSTER_NAME")
         return lambda: commands.cluster(args, home, root_url(args.root))
     if args.command == "worker":
-        return lambda: commands.worker(args, home, BrokerUrl.parse(args.cluster, 10003))
+        return lambda: commands.worker(args, home, BrokerUrl.parse(args.cluster, 10003, tls=True))
     if args.command == "sim":
-        return lambda: commands.sim(args, home, BrokerUrl.parse(args.cluster, 10003))
+        return lambda: commands.sim(args, home, BrokerUrl.parse(args.cluster, 10003, tls=True))
     return None
 
 

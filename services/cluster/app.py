@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from broker.backend import MOSQUITTO, BrokerSpec, make_credentials, open_broker
 from broker.bridge import Bridge
-from broker.join import JoinDesk, obtain_login
+from broker.join import TLS_DIR, Issuer, JoinDesk, Login, obtain_login
 from broker.mosquitto_files import NativeBridge
 from broker.server import Listeners
+from broker.tier_ca import TierCa
+from broker.tokens import JoinPolicy, JoinTokens
 from services.cluster.orchestrator import ClusterOrchestrator
 from services.cluster.relay import Relay
 from services.common import envelope, models, plugins, profile, topics
 from services.common.models import ClusterInfo
-from services.common.mqtt import BrokerUrl, MqttSession, serve
+from services.common.mqtt import BrokerUrl, Message, MqttSession, serve
+from services.common.private import private_dir
 from services.common.store import Store
 
 log = logging.getLogger(__name__)
@@ -34,32 +38,56 @@ class ClusterConfig:
     listen: Listeners = Listeners("0.0.0.0", 10003)
     scheduler: str = profile.DEFAULT
     scheduler_profile: Path | None = None
-    join_token: str | None = None
+    join_token: str | None = None  # a fixed token workers may join with (besides the root's)
     root_join_token: str | None = None
     broker: BrokerSpec = BrokerSpec()
     native_bridge: bool = False  # mosquitto's own bridge to the root (with broker kind mosquitto)
+    root_ca_fingerprint: str | None = None  # the fleet CA a first join pins (from `oak token create`)
+    plain_loopback: bool = False
+    plain_port: int = 0
+    open_join: bool = False  # workers may join without a token
 
 
 async def run_cluster(cfg: ClusterConfig, ready: asyncio.Event | None = None) -> None:
-    """Run a cluster orchestrator until cancelled; set *ready* once workers can connect."""
+    """Run a cluster orchestrator until cancelled; set *ready* once workers can connect.
+
+    A cluster that runs its own broker joins the root first (on its first start), so that its broker
+    presents workers a certificate chain up to the root's CA from the start.
+    """
     if not topics.is_valid_id(cfg.name):
         raise ValueError(f"bad cluster name {cfg.name!r}: use letters, digits, '-' and '_' (at most 63)")
     scheduling = profile.load(plugins.make_manager(), cfg.scheduler, cfg.scheduler_profile)
+    private_dir(cfg.data_dir)
+    tier = TierCa.cluster(cfg.data_dir, cfg.name) if cfg.broker.runs_listeners else None
+    login = await obtain_login(cfg.data_dir, cfg.root, "cluster", cfg.name, cfg.root_join_token, timeout=3600,
+                               fingerprint=cfg.root_ca_fingerprint, ca_key=tier.authority.key if tier else None)
+    if tier is not None and login.cert is not None:
+        tier = tier.joined(login.ca or Path(), cfg.data_dir / TLS_DIR / "ca-cross.pem")
     store = Store(cfg.data_dir / "cluster.db.json")
-    credentials = make_credentials(cfg.broker, store, cfg.join_token)
+    credentials = make_credentials(cfg.broker, store)
     await credentials.load()
-    desk = JoinDesk(credentials, "node")
+    credentials.machines_by_certificate = tier is not None
+    listen = tier.listeners(cfg.listen, cfg.plain_loopback, cfg.plain_port) if tier else cfg.listen
     try:
-        native = await _native_bridge(cfg)
-        async with open_broker(cfg.broker, cfg.listen, credentials, cfg.data_dir, ("cluster", "bridge"),
+        native = _native_bridge(cfg, login)
+        async with open_broker(cfg.broker, listen, credentials, cfg.data_dir, ("cluster", "bridge"),
                                native) as broker:
             session = MqttSession(broker.url, "cluster", *broker.login("cluster"), avail_topic=topics.CLUSTER_AVAIL)
+            tokens = JoinTokens()  # the root's tokens for workers (down/tokens)
+            issuer = Issuer(tier.authority, tier.fleet_ca, broker.cert_port) if tier else None
+            desk = JoinDesk(credentials, "node", issuer, JoinPolicy(tokens, cfg.join_token, cfg.open_join),
+                            on_token_used=lambda token_id: session.publish(
+                                topics.upstream(topics.TOKENS_USED), json.dumps({"id": token_id}).encode()))
+            if cfg.open_join:
+                log.warning("OPEN JOIN: any worker that reaches port %d may join (--open-join)", broker.port)
             async with session:
                 orchestrator = ClusterOrchestrator(cfg.name, store, scheduling, session, cfg.location)
                 await orchestrator.restore()
                 orchestrator.subscribe()
                 relay = Relay(orchestrator, session)
-                await session.subscribe_confirmed(topics.JOIN_REQUESTS)
+                await session.subscribe_confirmed(topics.JOIN_REQUESTS, topics.downstream(topics.TOKENS))
+                if tier:
+                    session.publish(topics.JOIN_CA, tier.discovery(), retain=True)
                 info = ClusterInfo(cfg.name, cfg.location, VERSION, ",".join(scheduling.names))
                 session.publish(
                     topics.upstream("info"),
@@ -71,29 +99,39 @@ async def run_cluster(cfg: ClusterConfig, ready: asyncio.Event | None = None) ->
                     ready.set()
                 await serve(session, {
                     topics.JOIN_REQUESTS: lambda m: desk.handle(session, m),
+                    topics.downstream(topics.TOKENS): lambda m: _take_tokens(tokens, m),
                     topics.downstream("cmd/+"): relay.command,
                     topics.up_filter(topics.NODES, "res/+"): relay.answer,
                     topics.BASE + "/#": orchestrator.handle,
-                }, orchestrator.run(), *([] if native else [_bridge(cfg, broker.url, broker.login("bridge"))]))
+                }, orchestrator.run(), *([] if native else [_bridge(cfg, login, broker.url, broker.login("bridge"))]))
     finally:
         store.close()
 
 
-async def _native_bridge(cfg: ClusterConfig) -> NativeBridge | None:
-    """mosquitto's own bridge to the root, when asked for: the cluster joins the root first."""
+async def _take_tokens(tokens: JoinTokens, message: Message) -> None:
+    """The root's tokens for workers, as it last sent them."""
+    try:
+        records = json.loads(message.payload)[topics.TOKENS]
+        if not isinstance(records, dict):
+            raise TypeError("not an object")
+        await tokens.replace(records)
+    except (ValueError, KeyError, TypeError) as exc:
+        log.warning("the root's join tokens: %s (the readable ones are used)", exc)
+
+
+def _native_bridge(cfg: ClusterConfig, login: Login) -> NativeBridge | None:
+    """mosquitto's own bridge to the root, when asked for."""
     if not cfg.native_bridge:
         return None
     if cfg.broker.kind != MOSQUITTO:
         raise ValueError("mosquitto's own bridge needs the cluster's broker to be mosquitto (--broker mosquitto)")
-    login = await obtain_login(cfg.data_dir, cfg.root, "cluster", cfg.name, cfg.root_join_token, timeout=3600)
-    return NativeBridge(cfg.name, cfg.root, login.username, login.password)
+    return NativeBridge(cfg.name, login.at(cfg.root), login.username, login.password, login.ca, login.cert, login.key)
 
 
-async def _bridge(cfg: ClusterConfig, local: BrokerUrl, service_login: tuple[str, str]) -> None:
-    """Join the root if needed, then forward between the brokers for as long as the cluster runs."""
-    login = await obtain_login(cfg.data_dir, cfg.root, "cluster", cfg.name, cfg.root_join_token, timeout=3600)
+async def _bridge(cfg: ClusterConfig, login: Login, local: BrokerUrl, service_login: tuple[str, str]) -> None:
+    """Forward between the brokers for as long as the cluster runs."""
     root_side = MqttSession(
-        cfg.root, login.username, login.username, login.password,
+        login.at(cfg.root), login.username, login.username, login.password, tls=login.tls(),
         avail_topic=topics.up(topics.CLUSTERS, cfg.name, "avail"), clean_session=False,
     )
     local_side = MqttSession(local, "bridge", *service_login)

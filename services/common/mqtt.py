@@ -18,6 +18,7 @@ import logging
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
@@ -56,10 +57,10 @@ class BrokerUrl:
     tls: bool = False
 
     @classmethod
-    def parse(cls, url: str, default_port: int = 1883) -> BrokerUrl:
-        """Parse ``mqtt://host:port``, ``mqtts://host:port`` or a bare ``host[:port]``."""
+    def parse(cls, url: str, default_port: int = 1883, tls: bool = False) -> BrokerUrl:
+        """Parse ``mqtt://host:port``, ``mqtts://host:port`` or a bare ``host[:port]`` (TLS when *tls*)."""
         if "://" not in url:
-            url = f"mqtt://{url}"
+            url = f"{'mqtts' if tls else 'mqtt'}://{url}"
         parts = urlsplit(url)
         if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl") or not parts.hostname:
             raise ValueError(f"not a broker URL: {url!r} (expected mqtt://host:port)")
@@ -67,6 +68,28 @@ class BrokerUrl:
 
     def __str__(self) -> str:
         return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+def tls_context(ca: Path | None = None, cert: Path | None = None, key: Path | None = None, *,
+                ca_pem: str | None = None) -> ssl.SSLContext:
+    """A client's TLS context: the server must present a certificate issued under the CA in *ca* (the
+    fleet's CA, pinned at join), and *cert*/*key* are the client's own certificate, when it has one.
+
+    *ca_pem* gives the CA as PEM text instead of a file. Without either the server is not verified at
+    all: only for a newcomer fetching the CA to check it against the fingerprint it was given
+    (broker.join), never for anything else. Host names are not checked: tiers are reached by any
+    address, and only the fleet's CA (and the clusters' CAs it signs) issue server certificates.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = False
+    if ca is None and ca_pem is None:
+        context.verify_mode = ssl.CERT_NONE
+    else:
+        context.load_verify_locations(cafile=str(ca) if ca else None, cadata=ca_pem)
+    if cert is not None:
+        context.load_cert_chain(str(cert), str(key) if key else None)
+    return context
 
 
 @dataclass(frozen=True)
@@ -94,8 +117,10 @@ class MqttSession:
         keepalive: int = 10,
         retry_first_connect: bool = True,
         announce: bool = True,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.url = url
+        self._tls = tls
         self.client_id = client_id
         self._avail_topic = avail_topic
         self._retry = retry_first_connect
@@ -136,7 +161,7 @@ class MqttSession:
                 delay = min(delay * 2, 5.0)
 
     async def _connect_once(self) -> None:
-        tls: Any = ssl.create_default_context() if self.url.tls else False
+        tls: Any = self._tls or (ssl.create_default_context() if self.url.tls else False)
         await self._client.connect(
             self.url.host, self.url.port, ssl=tls, keepalive=self._keepalive, version=MQTTv311
         )

@@ -28,6 +28,8 @@ net           yes       (down) the overlay: a cluster's block / a worker's subne
 cmd/<verb>    no        a one-shot request (``logs``), answered on ``res/<verb>``
 res/<verb>    no        the answer, with the request's ``id``
 evt/<kind>    no        events (placement failures, restarts) for feeds
+tokens        yes       (to clusters) the join tokens for workers, hashed: ``{"tokens": {id: record}}``
+tokens/used   no        (from clusters) a worker joined with token ``{"id": ...}``
 ============= ========= ===========================================================================
 """
 
@@ -39,7 +41,7 @@ from dataclasses import dataclass
 BASE = "oak"
 CLUSTERS = "clusters"
 NODES = "nodes"
-RETAINED = frozenset({"avail", "info", "state", "desired", "peers", "net"})
+RETAINED = frozenset({"avail", "info", "state", "desired", "peers", "net", "tokens"})
 DELTA = "delta"
 
 ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
@@ -147,6 +149,14 @@ def join_response(nonce: str) -> str:
 
 
 JOIN_REQUESTS = f"{BASE}/join/request/+"
+# Retained by each tier that runs a CA: ``{"ca": <the fleet's CA, PEM>, "chain": [<PEM>, ...]}``. A
+# newcomer reads it over a connection it cannot verify yet, checks the CA against the fingerprint it was
+# given, and only then connects again, verified, to send its token (broker.join).
+JOIN_CA = f"{BASE}/join/ca"
+# Join tokens for workers, made at the root: sent (hashed, retained) to each cluster on ``down/tokens``;
+# a cluster reports each use on ``up/tokens/used`` ``{"id": ...}`` (broker.tokens).
+TOKENS = "tokens"
+TOKENS_USED = "tokens/used"
 
 
 

@@ -18,6 +18,7 @@ from services.common import topics
 from services.common.mqtt import Message, MqttSession
 from services.common.sla import SlaError, parse_sla
 from services.root.catalog import App, Catalog, Conflict, NotFound, Service
+from services.root.joining import RootJoining
 from services.root.orchestrator import RootOrchestrator
 from services.root.streams import LogStreams
 from services.root.views import cluster_rows, node_rows
@@ -25,6 +26,7 @@ from services.root.views import cluster_rows, node_rows
 log = logging.getLogger(__name__)
 
 MAX_REPLICAS = 1000
+DEFAULT_TOKEN_TTL = 24 * 3600.0
 
 
 class ApiError(Exception):
@@ -42,11 +44,12 @@ class Api:
     """Serves the requests of every user."""
 
     def __init__(self, catalog: Catalog, orchestrator: RootOrchestrator, credentials: Credentials,
-                 streams: LogStreams) -> None:
+                 streams: LogStreams, joining: RootJoining | None = None) -> None:
         self.catalog = catalog
         self.orchestrator = orchestrator
         self.credentials = credentials
         self.streams = streams
+        self.joining = joining
         self._transaction: str | None = None
         self.routes: dict[tuple[str, str], Handler] = {
             ("apps", "create"): self.apps_create,
@@ -62,6 +65,7 @@ class Api:
             ("nodes", "list"): self.nodes_list,
             ("users", "create"): self.users_create,
             ("users", "list"): self.users_list,
+            ("tokens", "create"): self.tokens_create,
         }
 
     async def handle(self, session: MqttSession, message: Message) -> None:
@@ -271,6 +275,20 @@ class Api:
             raise Conflict(f"user {name!r} exists already")
         await self.credentials.set_password(name, password, admin=admin)
         return {"username": name, "admin": admin}
+
+    async def tokens_create(self, user: str, body: Any) -> Any:
+        """A join token and its join command (administrators only): ``{"cluster": bool, "ttl": seconds,
+        "uses": n}``, by default for a worker, valid 24 hours, any number of times."""
+        self._admin(user)
+        if self.joining is None:
+            raise ApiError("unavailable", "this root runs on a broker it does not manage: joining is its operator's")
+        for_cluster = bool(self._arg(body, "cluster", bool, required=False))
+        ttl = self._arg(body, "ttl", (int, float), required=False)
+        uses = self._arg(body, "uses", int, required=False)
+        try:
+            return await self.joining.create(for_cluster, DEFAULT_TOKEN_TTL if ttl is None else float(ttl), uses)
+        except ValueError as exc:
+            raise ApiError("bad_request", str(exc)) from None
 
     async def users_list(self, user: str, body: Any) -> Any:
         """Every user (administrators only)."""

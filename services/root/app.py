@@ -10,14 +10,17 @@ from pathlib import Path
 
 from broker.backend import BrokerSpec, make_credentials, open_broker
 from broker.credentials import Credentials, new_password
-from broker.join import JoinDesk
+from broker.join import Issuer, JoinDesk
 from broker.server import Listeners
+from broker.tier_ca import TierCa
+from broker.tokens import JoinPolicy, JoinTokens
 from services.common import plugins, profile, topics
-from services.common.mqtt import MqttSession, serve
+from services.common.mqtt import BrokerUrl, Message, MqttSession, serve
 from services.common.private import private_dir, write_secret
 from services.common.store import Store
 from services.root.api import Api
 from services.root.catalog import Catalog
+from services.root.joining import RootJoining
 from services.root.network import RootNetwork
 from services.root.orchestrator import RootOrchestrator
 from services.root.streams import LogStreams
@@ -35,23 +38,27 @@ class RootConfig:
     listen: Listeners = Listeners("0.0.0.0", 10000)
     scheduler: str = profile.DEFAULT
     scheduler_profile: Path | None = None
-    join_token: str | None = None
+    join_token: str | None = None  # a fixed token clusters may join with (besides `oak token create`'s)
     advertise: str = "127.0.0.1"
     broker: BrokerSpec = BrokerSpec()
+    plain_loopback: bool = False  # users may also connect without TLS, on 127.0.0.1:plain_port
+    plain_port: int = 0
+    open_join: bool = False  # clusters may join without a token
 
 
-async def ensure_admin(cfg: RootConfig, credentials: Credentials, port: int) -> None:
-    """Create the admin user on first start and keep its credentials in ``credentials.json`` (0600)."""
+async def ensure_admin(cfg: RootConfig, credentials: Credentials, url: BrokerUrl, cafile: Path | None) -> None:
+    """Create the admin user on first start and keep its credentials in ``credentials.json`` (0600), with
+    where the root listens (``mqtts://`` where it runs TLS) and the CA that proves it is the root."""
     path = cfg.data_dir / CREDENTIALS_FILE
-    url = f"mqtt://{cfg.advertise}:{port}"
+    where = {"root": str(url), **({"ca": str(cafile)} if cafile else {})}
     if credentials.exists(ADMIN) and path.exists():
         saved = json.loads(path.read_text())
-        if saved.get("root") != url:  # the port may differ from the last run (e.g. --port 0)
-            write_secret(path, {**saved, "root": url})
+        if {k: saved.get(k) for k in where} != where:  # the port may differ from the last run (e.g. --port 0)
+            write_secret(path, {**{k: v for k, v in saved.items() if k not in ("root", "ca")}, **where})
         return
     password = new_password()
     await credentials.set_password(ADMIN, password, admin=True)
-    write_secret(path, {"username": ADMIN, "password": password, "root": url})
+    write_secret(path, {"username": ADMIN, "password": password, **where})
     log.info("created user %r; its credentials are in %s", ADMIN, path)
 
 
@@ -60,12 +67,17 @@ async def run_root(cfg: RootConfig, ready: asyncio.Event | None = None) -> None:
     scheduling = profile.load(plugins.make_manager(), cfg.scheduler, cfg.scheduler_profile)
     private_dir(cfg.data_dir)
     store = Store(cfg.data_dir / "root.db.json")
-    credentials = make_credentials(cfg.broker, store, cfg.join_token)
+    credentials = make_credentials(cfg.broker, store)
     await credentials.load()
+    tokens = JoinTokens(store)
+    await tokens.load()
     catalog = Catalog(store)
     await catalog.load()
+    tier = TierCa.root(cfg.data_dir) if cfg.broker.runs_listeners else None
+    listen = tier.listeners(cfg.listen, cfg.plain_loopback, cfg.plain_port) if tier else cfg.listen
+    credentials.machines_by_certificate = tier is not None
     try:
-        async with open_broker(cfg.broker, cfg.listen, credentials, cfg.data_dir, ("root",)) as broker:
+        async with open_broker(cfg.broker, listen, credentials, cfg.data_dir, ("root",)) as broker:
             session = MqttSession(broker.url, "root", *broker.login("root"),
                                   avail_topic=topics.ROOT_AVAIL, announce=False)
             async with session:
@@ -73,17 +85,34 @@ async def run_root(cfg: RootConfig, ready: asyncio.Event | None = None) -> None:
                 await network.load()
                 orchestrator = RootOrchestrator(catalog, scheduling, session, credentials.users, network)
                 streams = LogStreams(session)
-                api = Api(catalog, orchestrator, credentials, streams)
-                desk = JoinDesk(credentials, "cluster")
+                public = BrokerUrl(cfg.advertise, broker.port, tls=tier is not None)
+                joining = RootJoining(tokens, session, credentials.usernames, public,
+                                      tier.fingerprint if tier else None)
+                api = Api(catalog, orchestrator, credentials, streams, joining)
+                issuer = Issuer(tier.authority, tier.fleet_ca, broker.cert_port) if tier else None
+                desk = JoinDesk(credentials, "cluster", issuer, JoinPolicy(tokens, cfg.join_token, cfg.open_join))
+                if cfg.open_join:
+                    log.warning("OPEN JOIN: any cluster that reaches port %d may join (--open-join)", broker.port)
+                joining.publish()
+                if tier:
+                    session.publish(topics.JOIN_CA, tier.discovery(), retain=True)
                 orchestrator.start()
                 await session.subscribe_confirmed(topics.API_REQUESTS, topics.JOIN_REQUESTS)
                 session.announce()  # oak/root/avail online: clients wait for it before their first request
-                await ensure_admin(cfg, credentials, broker.port)
-                log.info("root serving on port %d (scheduling: %s)", broker.port, ", ".join(scheduling.names))
+                await ensure_admin(cfg, credentials, public, tier.cafile if tier else None)
+                log.info("root serving on %s (scheduling: %s)", public, ", ".join(scheduling.names))
+                if tier:
+                    log.info("the fleet's CA: %s, fingerprint %s", tier.cafile, tier.fingerprint)
                 if ready:
                     ready.set()
+                async def join(message: Message) -> None:
+                    joined = await desk.handle(session, message)
+                    if joined:
+                        joining.publish(joined)
+
                 await serve(session, {
-                    topics.JOIN_REQUESTS: lambda m: desk.handle(session, m),
+                    topics.JOIN_REQUESTS: join,
+                    topics.up_filter(topics.CLUSTERS, topics.TOKENS_USED): joining.used,
                     topics.API_REQUESTS: lambda m: api.handle(session, m),
                     topics.up_filter(topics.CLUSTERS, "res/+"): streams.answer,
                     topics.up_filter(topics.CLUSTERS, "#"): orchestrator.handle_cluster,

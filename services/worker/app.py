@@ -42,6 +42,7 @@ class WorkerConfig:
     join_token: str | None = None
     location: str = ""
     labels: tuple[str, ...] = ()
+    ca_fingerprint: str | None = None  # the fleet CA a first join pins (from `oak token create`)
     report_interval: float = 2.0
     stop_grace: float = 5.0
     probe_host: str = "127.0.0.1"
@@ -97,7 +98,8 @@ async def run_worker(cfg: WorkerConfig) -> None:
         for virtualization in runtime.virtualizations:
             runtimes[virtualization] = runtime
     collector = plugins.load_collector(pm, cfg.collector)
-    login = await obtain_login(cfg.data_dir, cfg.cluster, "node", cfg.name, cfg.join_token)
+    login = await obtain_login(cfg.data_dir, cfg.cluster, "node", cfg.name, cfg.join_token,
+                               fingerprint=cfg.ca_fingerprint)
     store = Store(cfg.data_dir / "worker.db.json")
     network, owned = await make_network(cfg, store)
     reporter = Reporter(cfg.name, collector)
@@ -107,12 +109,13 @@ async def run_worker(cfg: WorkerConfig) -> None:
     prober = reporter.prober = Prober(cfg.probe_host, cfg.probe_port)
     await prober.start()
     session = MqttSession(
-        cfg.cluster,
+        login.at(cfg.cluster),
         login.username,
         login.username,
         login.password,
         avail_topic=topics.up(topics.NODES, cfg.name, "avail"),
         clean_session=False,
+        tls=login.tls(),
     )
     try:
         await engine.restore()  # inside the try: a stop from here on also stops the adopted instances

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -10,7 +11,8 @@ from typing import Any, Literal
 DEFAULT_PATH = Path("/etc/netmanager/netcfg.json")
 DirectRouting = Literal["off", "on", "auto"]  # DirectRouting false, true, "auto"
 KNOWN = {"NodePublicAddress", "NodePublicPort", "ClusterUrl", "ClusterMqttPort", "DefaultInterface", "Debug",
-         "DirectRouting", "PublicIPNetworking", "MqttCert", "MqttKey"}
+         "DirectRouting", "PublicIPNetworking", "MqttCert", "MqttKey", "JoinToken", "CaFingerprint"}
+FINGERPRINT = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 class NetConfigError(ValueError):
@@ -42,6 +44,14 @@ def _text(raw: dict[str, Any], name: str, default: str) -> str:
     return value
 
 
+def _fingerprint(raw: dict[str, Any]) -> str:
+    value = _text(raw, "CaFingerprint", "").strip().lower()
+    if value and not FINGERPRINT.fullmatch(value):
+        raise NetConfigError(f"CaFingerprint: expected sha256: and 64 hex digits (from `oak token create`), "
+                             f"got {value!r}")
+    return value
+
+
 def _direct_routing(raw: dict[str, Any]) -> DirectRouting:
     value = raw.get("DirectRouting", "auto")
     if isinstance(value, bool):
@@ -62,6 +72,8 @@ class NetConfig:
     default_interface: str = ""
     debug: bool = False
     direct_routing: DirectRouting = "auto"  # reach workers on the same link without VXLAN: off, on, or once probed
+    join_token: str = ""  # the token a first join presents (JoinToken)
+    ca_fingerprint: str = ""  # the fleet CA a first join pins (CaFingerprint)
 
     @classmethod
     def parse(cls, raw: Any) -> NetConfig:
@@ -79,6 +91,8 @@ class NetConfig:
             default_interface=_text(raw, "DefaultInterface", ""),
             debug=_flag(raw, "Debug"),
             direct_routing=_direct_routing(raw),
+            join_token=_text(raw, "JoinToken", ""),
+            ca_fingerprint=_fingerprint(raw),
         )
 
     @classmethod

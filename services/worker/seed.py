@@ -48,7 +48,9 @@ def node_engine_parser() -> argparse.ArgumentParser:
     p.add_argument("--netcfg", type=Path, default=DEFAULT_PATH, help=f"netcfg.json (default {DEFAULT_PATH})")
     p.add_argument("--data-dir", help="worker state (default: $OAK_HOME/worker or ~/.oak/worker)")
     p.add_argument("--name", default=socket.gethostname(), help="worker name (default: hostname)")
-    p.add_argument("--join-token")
+    p.add_argument("--join-token", help="the token of a first join (default: JoinToken of netcfg.json)")
+    p.add_argument("--ca-fingerprint",
+                   help="sha256:... of the fleet's CA, checked before joining (default: CaFingerprint of netcfg.json)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -82,9 +84,11 @@ def node_engine_main(argv: list[str] | None = None) -> int:
         log.info("port %d is Oakestra's HTTP port; using the cluster broker on port %d", OAKESTRA_HTTP_PORT, port)
     runtimes = ("process", "vm") if _flag(args.unikernel) else ("process",)  # vm: unikernels and microVMs
     overlay = bool(args.netmanagerPort) and _check_netmanager(args.netmanagerPort, args.name)
-    cluster = BrokerUrl(args.clusterAddr or net.cluster_url, port)
+    cluster = BrokerUrl(args.clusterAddr or net.cluster_url, port, tls=True)
     cfg = WorkerConfig(Path(args.data_dir) if args.data_dir else oak_home(None) / "worker", cluster, args.name,
-                       runtimes, join_token=args.join_token, netmanager_port=args.netmanagerPort if overlay else 0)
+                       runtimes, join_token=args.join_token or net.join_token or None,
+                       netmanager_port=args.netmanagerPort if overlay else 0,
+                       ca_fingerprint=args.ca_fingerprint or net.ca_fingerprint or None)
     try:
         asyncio.run(run_until_signalled(lambda: run_worker(cfg)))
     except KeyboardInterrupt:

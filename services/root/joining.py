@@ -1,0 +1,65 @@
+"""Join tokens at the root: ``tokens/create`` makes them, clusters get the workers' ones, uses are counted.
+
+Tokens for clusters stay at the root, whose desk checks them. Tokens for workers are sent, hashed, to
+every cluster as retained ``oak/clusters/<c>/down/tokens`` (again whenever one is made or used, and
+when a cluster joins); a cluster reports each use on ``up/tokens/used``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from broker.identity import CLUSTER, Identity
+from broker.tokens import JoinTokens
+from services.common import topics
+from services.common.mqtt import BrokerUrl, Message, MqttSession
+
+log = logging.getLogger(__name__)
+
+
+
+class RootJoining:
+    """The root's join tokens, and how their join commands read."""
+
+    def __init__(self, tokens: JoinTokens, session: MqttSession, clusters: Callable[[], list[str]],
+                 root: BrokerUrl, fingerprint: str | None) -> None:
+        self.tokens = tokens
+        self.session = session
+        self.clusters = clusters  # the usernames that exist
+        self.root = root
+        self.fingerprint = fingerprint
+
+    async def create(self, for_cluster: bool, ttl: float, uses: int | None) -> dict[str, Any]:
+        """A new token and the command that joins with it (ValueError for bad limits)."""
+        token, record = await self.tokens.create("cluster" if for_cluster else "node", ttl, uses)
+        pin = f" --ca-fingerprint {self.fingerprint}" if self.fingerprint else ""
+        if for_cluster:
+            command = (f"CLUSTER_NAME=<name> CLUSTER_LOCATION=<lat,lon> oak cluster --root {self.root.host}:"
+                       f"{self.root.port} --root-join-token {token}{pin}")
+        else:
+            command = (f"oak worker --cluster <cluster address>:10003 --name <name> --join-token {token}{pin}\n"
+                       f"NodeEngine -n 6000 -p 10100 -a <cluster address> --join-token {token}{pin}")
+            self.publish()
+        return {"token": token, "kind": record.kind, "expires": record.expires, "uses": record.uses,
+                "fingerprint": self.fingerprint, "command": command}
+
+    def publish(self, cluster: str | None = None) -> None:
+        """Send the workers' tokens (hashed) to *cluster*, or to every cluster."""
+        body = json.dumps({topics.TOKENS: self.tokens.of_kind("node")}).encode()
+        names = [cluster] if cluster else [Identity.of(u).name for u in self.clusters()
+                                           if Identity.of(u).kind == CLUSTER]
+        for name in names:
+            self.session.publish(topics.down(topics.CLUSTERS, name, topics.TOKENS), body, retain=True)
+
+    async def used(self, message: Message) -> None:
+        """A cluster let a worker join with one of the tokens: count the use, tell every cluster."""
+        try:
+            token_id = json.loads(message.payload)["id"]
+        except (ValueError, KeyError, TypeError):
+            log.warning("dropped a malformed token use from %s", message.topic)
+            return
+        if await self.tokens.used(str(token_id)):
+            self.publish()
