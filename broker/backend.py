@@ -11,7 +11,8 @@ broker's accounts and topic rules are its operator's job.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,9 +22,11 @@ from broker.identity import SERVICE, Identity
 from broker.mosquitto import MosquittoBroker, MosquittoCredentials
 from broker.mosquitto_files import NativeBridge
 from broker.server import EmbeddedBroker, Listeners
+from broker.tier_ca import TierCa
 from services.common.mqtt import BrokerUrl
 from services.common.store import Store
 
+log = logging.getLogger(__name__)
 EMBEDDED, MOSQUITTO, EXTERNAL = "embedded", "mosquitto", "external"
 
 
@@ -69,6 +72,12 @@ class BrokerSpec:
         return self.kind != EXTERNAL or self.files is not None
 
 
+async def _nobody(username: str) -> int:
+    """A broker someone else runs: its operator disconnects revoked identities."""
+    log.warning("revoked %s: this broker is not oak's, so its operator must disconnect it", username)
+    return 0
+
+
 @dataclass(frozen=True)
 class RunningBroker:
     """Where the tier's own services connect, and with which login."""
@@ -78,11 +87,22 @@ class RunningBroker:
     spec: BrokerSpec
     tls_port: int | None = None  # where users and machines connect, when the tier runs TLS
     cert_port: int | None = None  # where machines log in with certificates, when not on tls_port (mosquitto)
+    cut_off: Callable[[str], Awaitable[int]] = _nobody  # disconnect a revoked identity at once
 
     @property
     def port(self) -> int:
         """The port users and machines connect to (TLS where the tier runs it)."""
         return self.tls_port if self.tls_port is not None else self.url.port
+
+    async def revoke(self, username: str, tier: TierCa | None) -> bool:
+        """Refuse *username* from now on (its account and certificate) and disconnect it; False if unknown."""
+        if not await self.credentials.revoke(username):
+            return False
+        if tier is not None:
+            tier.write_crl(await self.credentials.revoked())
+        await self.cut_off(username)
+        log.warning("revoked %s: disconnected, and refused from now on", username)
+        return True
 
     def login(self, service: str) -> tuple[str, str]:
         """Username and password of the in-process service *service* (``root``, ``cluster``...)."""
@@ -122,7 +142,8 @@ async def open_broker(
         assert isinstance(credentials, MosquittoCredentials)
         async with MosquittoBroker(listeners, credentials, data_dir / "mosquitto", bridge) as mosquitto:
             yield RunningBroker(BrokerUrl(mosquitto.local_host, mosquitto.port), credentials, spec, mosquitto.tls_port,
-                                mosquitto.cert_port)
+                                mosquitto.cert_port, mosquitto.cut_off)
     else:
         async with EmbeddedBroker(listeners, credentials) as embedded:
-            yield RunningBroker(BrokerUrl("127.0.0.1", embedded.port), credentials, spec, embedded.tls_port)
+            yield RunningBroker(BrokerUrl("127.0.0.1", embedded.port), credentials, spec, embedded.tls_port,
+                                cut_off=embedded.cut_off)

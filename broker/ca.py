@@ -157,6 +157,16 @@ class Authority:
         """The CA certificate's fingerprint."""
         return fingerprint(self.cert)
 
+    def revocation_list(self, serials: list[int]) -> bytes:
+        """A CRL (PEM) of this CA naming *serials*, valid a year (mosquitto reads it at start)."""
+        now = _now()
+        builder = (x509.CertificateRevocationListBuilder().issuer_name(self.cert.subject)
+                   .last_update(now - BACKDATE).next_update(now + datetime.timedelta(days=365)))
+        for serial in serials:
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now - BACKDATE).build())
+        return builder.sign(self.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
 
 def _build(subject: x509.Name, public_key: ec.EllipticCurvePublicKey, issuer: x509.Name, signer: PrivateKey,
            days: float, *, ca: bool = False, client: bool = False, server: bool = False,

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import hmac
 import logging
 import secrets
+import time
 from dataclasses import dataclass
 
 from broker.identity import JOIN, SERVICE, USER, Identity
@@ -15,6 +17,7 @@ from services.common.store import Store
 log = logging.getLogger(__name__)
 
 TABLE = "identities"
+REVOKED = "revoked"  # serial (hex) -> {"username", "expires"}: certificates no one may use any more
 ITERATIONS = 100_000
 # Clusters and workers only ever get passwords from new_password() (192 random bits): stretching adds
 # nothing there, and 100,000 rounds per join would make 1,000 workers joining at once take minutes.
@@ -39,13 +42,16 @@ def _hash(password: str, salt: bytes, iterations: int) -> str:
 
 @dataclass(frozen=True)
 class Account:
-    """A stored identity: its username, password hash and whether it administers the system."""
+    """A stored identity: its username, password hash, whether it administers the system, and the one
+    certificate that logs it in, if it has one (its serial in hex, and when it ends)."""
 
     username: str
     salt: str
     hash: str
     iterations: int = ITERATIONS
     admin: bool = False
+    cert_serial: str = ""
+    cert_expires: float = 0.0
 
 
 class Credentials:
@@ -96,6 +102,33 @@ class Credentials:
         await self._store.put(TABLE, username, account.__dict__)
         self._accounts[username] = account
         self._verified.pop(username, None)
+
+    async def certify(self, username: str, serial: int, expires: float) -> None:
+        """Make the certificate *serial* (ending at *expires*) the one that logs *username* in."""
+        account = self._accounts[username]
+        account = dataclasses.replace(account, cert_serial=f"{serial:X}", cert_expires=expires)
+        await self._store.put(TABLE, username, account.__dict__)
+        self._accounts[username] = account
+
+    def certificate(self, username: str) -> tuple[str, float] | None:
+        """(serial in hex, end) of the certificate that logs *username* in, if any."""
+        account = self._accounts.get(username)
+        return (account.cert_serial, account.cert_expires) if account and account.cert_serial else None
+
+    async def revoke(self, username: str) -> bool:
+        """Delete the account *username* and keep its certificate's serial as revoked; False if unknown."""
+        account = self._accounts.get(username)
+        if account is None:
+            return False
+        if account.cert_serial:
+            await self._store.put(REVOKED, account.cert_serial, {"username": username, "expires": account.cert_expires})
+        await self.remove(username)
+        return True
+
+    async def revoked(self) -> list[int]:
+        """The serials of revoked certificates that have not ended yet (for a revocation list)."""
+        now = time.time()
+        return [int(serial, 16) for serial, doc in (await self._store.load(REVOKED)).items() if doc["expires"] > now]
 
     async def remove(self, username: str) -> None:
         """Delete the account *username*."""

@@ -62,6 +62,13 @@ class Login:
     key: Path | None = None
     port: int | None = None  # the parent's port for certificate logins, when not the one joined on
 
+    def expired(self) -> bool:
+        """True when this login's certificate has ended."""
+        if self.cert is None:
+            return False
+        end = ca.load_certs(self.cert.read_bytes())[0].not_valid_after_utc.timestamp()
+        return end < time.time()
+
     def at(self, url: BrokerUrl) -> BrokerUrl:
         """Where to log in with this login at the parent reached at *url*."""
         return BrokerUrl(url.host, self.port, url.tls) if self.port else url
@@ -94,8 +101,11 @@ async def obtain_login(
     *ca_key*, for the root to sign.
     """
     saved = Login.load(data_dir)
-    if saved is not None:
+    if saved is not None and not saved.expired():
         return saved
+    if saved is not None:
+        log.warning("the certificate of %s has ended (it was away too long): joining again, with a token",
+                    saved.username)
     pending = data_dir / NONCE_FILE
     state = json.loads(pending.read_text()) if pending.exists() else {"nonce": secrets.token_hex(16)}
     key = ca.load_key(state["key"].encode()) if "key" in state else ca.new_key()
@@ -205,13 +215,14 @@ class Issuer:
     authority: ca.Authority
     fleet_ca: str  # PEM
     port: int | None = None  # where certificates log in, when not on the port the newcomer joined on
+    days: float = ca.CERT_DAYS  # how long the certificates it signs last
 
     def answer(self, kind: str, name: str, request: dict[str, Any]) -> dict[str, Any]:
         """The certificate part of an answer; :class:`ca.CertificateError` for a bad request."""
         csr = request.get("csr")
         if not isinstance(csr, str):
             raise ca.CertificateError("the join request has no certificate signing request (csr)")
-        cert = self.authority.issue(ca.requested_key(csr), Identity(kind, name).username)
+        cert = self.authority.issue(ca.requested_key(csr), Identity(kind, name).username, days=self.days)
         out: dict[str, Any] = {"cert": ca.cert_pem(cert).decode(), "ca": self.fleet_ca,
                                **({"port": self.port} if self.port else {})}
         if kind == CLUSTER:
@@ -275,7 +286,7 @@ class JoinDesk:
         refusal = self.policy.refusal(token, kind)
         if refusal:
             return self._answer(session, nonce, error=f"{kind} {name!r}: {refusal}")
-        if self.credentials.exists(username):
+        if self.credentials.exists(username) and not self._expired(username):
             return self._answer(
                 session,
                 nonce,
@@ -297,6 +308,9 @@ class JoinDesk:
             promise.set_exception(exc if isinstance(exc, Exception) else RuntimeError("join cancelled"))
             promise.exception()  # retrieved: no "never retrieved" warning when nobody waits
             raise
+        if "cert" in body:  # this certificate, and no other, logs the newcomer in
+            issued = ca.load_certs(body["cert"])[0]
+            await self.credentials.certify(username, issued.serial_number, issued.not_valid_after_utc.timestamp())
         promise.set_result(body)
         if not by_token:
             log.warning("OPEN JOIN: %s %r joined without a valid token (--open-join)", kind, name)
@@ -305,6 +319,11 @@ class JoinDesk:
             self.on_token_used(token_id)
         self._answer(session, nonce, given=body)
         return name
+
+    def _expired(self, username: str) -> bool:
+        """True when *username*'s certificate has ended (it may join again, with a token)."""
+        certificate = self.credentials.certificate(username)
+        return certificate is not None and certificate[1] < time.time()
 
     @staticmethod
     def _answer(session: MqttSession, nonce: str, *, error: str = "", given: dict[str, Any] | None = None) -> None:

@@ -90,7 +90,7 @@ class MosquittoBroker:
             listeners.append(Listener(lst.tls_port, lst.host, lst.certfile, lst.keyfile, cafile=lst.cafile))
         if self.cert_port is not None:
             listeners.append(Listener(self.cert_port, lst.host, lst.certfile, lst.keyfile, cafile=lst.cafile,
-                                      certificates=True))
+                                      certificates=True, crlfile=lst.crlfile))
         if lst.ws_port is not None:
             listeners.append(Listener(lst.ws_port, lst.plain_host or lst.host, websockets=True, password_file=plain))
         return render_conf(self.directory, listeners, self.bridge, pwd.getpwuid(os.geteuid()).pw_name, self._plugin)
@@ -138,6 +138,30 @@ class MosquittoBroker:
         if self._process is not None:
             await self.files.reload(START_TIMEOUT)
 
+    async def cut_off(self, username: str) -> int:
+        """Restart mosquitto, which then reads the revocation list again: every client reconnects within a
+        second or two, and a revoked certificate (*username*'s) is refused from then on."""
+        async with self.files.lock:
+            if self._watcher is not None:
+                self._watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._watcher
+            await self._stop_process()
+            log.info("restarting mosquitto so that it refuses %s's certificate", username)
+            self.files.write()
+            await self._spawn()
+            self._watcher = asyncio.get_running_loop().create_task(self._watch())
+        return -1
+
+    async def _stop_process(self) -> None:
+        if self._process is not None and self._process.returncode is None:
+            self._process.terminate()
+            try:
+                await asyncio.wait_for(self._process.wait(), 10)
+            except TimeoutError:
+                self._process.kill()
+                await self._process.wait()
+
     async def __aenter__(self) -> MosquittoBroker:
         if shutil.which(self.binary) is None:
             raise RuntimeError(f"{self.binary} is not installed (Debian: apt-get install mosquitto)")
@@ -160,10 +184,4 @@ class MosquittoBroker:
             self._watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watcher
-        if self._process is not None and self._process.returncode is None:
-            self._process.terminate()
-            try:
-                await asyncio.wait_for(self._process.wait(), 10)
-            except TimeoutError:
-                self._process.kill()
-                await self._process.wait()
+        await self._stop_process()

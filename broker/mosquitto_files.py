@@ -85,12 +85,15 @@ class Listener:
     cafile: str | None = None
     certificates: bool = False
     password_file: str = "passwd"
+    crlfile: str | None = None
 
     def lines(self, directory: Path, plugin: Path | None) -> list[str]:
         """Its lines in mosquitto.conf."""
         out = [f"listener {self.port} {self.host}", "allow_anonymous false", f"acl_file {directory / 'acl'}"]
         if self.certificates:
             out += ["require_certificate true", "use_identity_as_username true", "use_username_as_clientid true"]
+            if self.crlfile:
+                out.append(f"crlfile {self.crlfile}")
         else:
             out.append(f"password_file {directory / self.password_file}")
             if plugin is not None:

@@ -58,7 +58,9 @@ class OakAuthPlugin(BaseAuthPlugin):
             identity = Identity.of(certified)
             if session.username and session.username != certified:
                 return f"its certificate is {certified}'s", None
-            if identity.kind == SERVICE or not credentials.exists(certified):
+            current = credentials.certificate(certified)
+            if identity.kind == SERVICE or not credentials.exists(certified) or (
+                    current is not None and current[0] != getattr(session, "oak_serial", "")):
                 return f"the certificate of {certified} is not (or no longer) valid here", None
             session.username = certified
             return "", identity

@@ -46,6 +46,7 @@ class Listeners:
     cafile: str | None = None
     plain_host: str | None = None
     plain_admits: frozenset[str] | None = None
+    crlfile: str | None = None  # certificates revoked (mosquitto's certificate listener reads it at start)
 
 
 # amqtt waits keepalive + this many seconds for a client's next packet (MQTT asks 1.5 x keepalive; Oakling's
@@ -61,6 +62,12 @@ def certified_name(peer: dict[str, Any] | None) -> str:
             if key == "commonName":
                 return str(value)
     return ""
+
+
+async def _close(handler: BrokerProtocolHandler) -> None:
+    """Close a client's connection as if it had dropped (its last will goes out)."""
+    await handler.handle_connection_closed()
+    await handler.stop()
 
 
 class _Handler(BrokerProtocolHandler):
@@ -113,7 +120,9 @@ class _Broker(IndexedRouting, BrokerStats, Broker):
             raise MQTTError(f"{peer} sent no valid CONNECT: {exc}") from None
         tls = writer._writer.get_extra_info("ssl_object") if hasattr(writer, "_writer") else None
         incoming.oak_tls = tls is not None
-        incoming.oak_certified = certified_name(tls.getpeercert() if tls is not None else None)
+        presented = tls.getpeercert() if tls is not None else None
+        incoming.oak_certified = certified_name(presented)
+        incoming.oak_serial = str((presented or {}).get("serialNumber", "")).lstrip("0")
         if incoming.client_id.startswith(GENERATED_ID) and incoming.clean_session and incoming.username:
             identity = Identity.of(incoming.username)  # a user's empty client id becomes one of its own
             if identity.kind == USER:
@@ -129,8 +138,7 @@ class _Broker(IndexedRouting, BrokerStats, Broker):
             # CONNECT: the displaced client never noticed and never heard anything again).
             log.warning("%s at %s takes over client id %r: closing its earlier connection",
                         incoming.username, peer, incoming.client_id)
-            await current.handle_connection_closed()
-            await current.stop()
+            await _close(current)
         if session is None or incoming.clean_session:
             await self._delete_session(incoming.client_id)
             session, session.parent = incoming, 0
@@ -206,6 +214,15 @@ class EmbeddedBroker:
         if self.listeners.tls_port is not None:
             self.tls_port = self._bound("tls")
         return self
+
+    async def cut_off(self, username: str) -> int:
+        """Close every connection logged in as *username* (revoked: its will goes out); how many."""
+        assert self._broker is not None
+        connected = [handler for session, handler in list(self._broker._sessions.values())
+                     if session.username == username and session.transitions.is_connected()]
+        for handler in connected:
+            await _close(handler)
+        return len(connected)
 
     def _bound(self, listener: str) -> int:
         assert self._broker is not None

@@ -74,9 +74,18 @@ class TierCa:
         """The retained ``oak/join/ca`` document newcomers check before joining."""
         return json.dumps({"ca": self.fleet_ca, "chain": [ca.cert_pem(c).decode() for c in self.chain]}).encode()
 
-    def listeners(self, wanted: Listeners, plain_loopback: bool = False, plain_port: int = 0) -> Listeners:
-        """*wanted* (host, port, websockets) secured: TLS on its port, with a fresh server certificate;
-        plain TCP on loopback, for this tier's services (and users, with *plain_loopback*, on *plain_port*)."""
+    def write_crl(self, serials: list[int]) -> Path:
+        """The revocation list of this CA (``crl.pem``), naming *serials*; its path."""
+        path = self.directory / "crl.pem"
+        write_private(path, self.authority.revocation_list(serials).decode())
+        return path
+
+    def listeners(self, wanted: Listeners, revoked: list[int], plain_loopback: bool = False,
+                  plain_port: int = 0) -> Listeners:
+        """*wanted* (host, port, websockets) secured: TLS on its port, with a fresh server certificate and
+        the revocation list of the *revoked* serials; plain TCP on loopback, for this tier's services (and
+        users, with *plain_loopback*, on *plain_port*)."""
+        crlfile = self.write_crl(revoked)
         certfile, keyfile = self.directory / "server.pem", self.directory / "server.key"
         chain, key = self.authority.server_chain(ca.common_name(self.authority.cert) + " broker", self.chain,
                                                  local_hosts(wanted.host))
@@ -84,4 +93,5 @@ class TierCa:
         write_private(certfile, chain.decode())
         return replace(wanted, port=plain_port if plain_loopback else 0, tls_port=wanted.port,
                        certfile=str(certfile), keyfile=str(keyfile), cafile=str(self.cafile), plain_host="127.0.0.1",
+                       crlfile=str(crlfile),
                        plain_admits=frozenset({SERVICE, USER} if plain_loopback else {SERVICE}))

@@ -47,7 +47,7 @@ def broker_spec(args: argparse.Namespace) -> BrokerSpec:
 def _root_config(args: argparse.Namespace, home: Path) -> RootConfig:
     return RootConfig(home, listeners(args), args.scheduler, args.scheduler_profile, args.join_token,
                       getattr(args, "advertise", "127.0.0.1"), broker_spec(args), args.plain_loopback,
-                      _plain_port(args), args.open_join)
+                      _plain_port(args), args.open_join, args.cert_days)
 
 
 def _plain_port(args: argparse.Namespace) -> int:
@@ -62,10 +62,11 @@ async def root(args: argparse.Namespace, home: Path) -> None:
 
 async def cluster(args: argparse.Namespace, home: Path, root_url: BrokerUrl) -> None:
     """``oak cluster``."""
-    await run_cluster(ClusterConfig(home, args.name, root_url, args.location, listeners(args), args.scheduler,
-                                    args.scheduler_profile, args.join_token, args.root_join_token,
-                                    broker_spec(args), args.mosquitto_bridge, args.ca_fingerprint,
-                                    args.plain_loopback, _plain_port(args), args.open_join))
+    await run_cluster(ClusterConfig(
+        home, args.name, root_url, args.location, listeners(args), args.scheduler, args.scheduler_profile,
+        args.join_token, args.root_join_token, broker_spec(args), args.mosquitto_bridge,
+        root_ca_fingerprint=args.ca_fingerprint, cert_days=args.cert_days, plain_loopback=args.plain_loopback,
+        plain_port=_plain_port(args), open_join=args.open_join))
 
 
 async def worker(args: argparse.Namespace, home: Path, cluster_url: BrokerUrl) -> None:
@@ -178,6 +179,12 @@ def duration(text: str) -> float:
         raise CliError(f"not a duration: {text!r} (e.g. 90s, 15m, 24h, 7d)") from None
 
 
+def _dated(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """*rows* with ``cert_expires`` as a date (or nothing, for an identity without a certificate)."""
+    return [{**row, "cert_expires": time.strftime("%Y-%m-%d %H:%M", time.localtime(row["cert_expires"]))
+             if row.get("cert_expires") else None} for row in rows]
+
+
 def _token(data: Any) -> str:
     limit = "any number of times" if data["uses"] is None else f"{data['uses']} time(s)"
     until = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(data["expires"]))
@@ -226,16 +233,23 @@ async def client_command(args: argparse.Namespace) -> tuple[Any, Render]:
             return data, lambda d: f"deleted {d['app_id']} ({', '.join(d['deleted_services']) or 'no services'})"
         if group == "service":
             return await _service_command(oak, args)
+        if action == "revoke":
+            kind = "cluster" if group == "cluster" else "node"
+            if not args.target:
+                raise CliError(f"which {kind}? oak {group} revoke NAME")
+            data = await oak.request(f"{kind}s", "revoke", {kind: args.target})
+            return data, lambda d: f"revoked {kind} {args.target}: disconnected, refused from now on"
         if group == "cluster":
             return await oak.request("clusters", "list"), lambda d: table(
-                d, [("CLUSTER", "name"), ("ONLINE", "online"), ("LOCATION", "location"), ("NODES", "nodes"),
+                _dated(d), [("CLUSTER", "name"), ("ONLINE", "online"), ("LOCATION", "location"), ("NODES", "nodes"),
                     ("CPUS", "cpu_cores"), ("MEM MB", "memory_mb"), ("CPU%", "cpu_percent"),
-                    ("INSTANCES", "instances")]) if d else "no clusters"
+                    ("INSTANCES", "instances"), ("CERT EXPIRES", "cert_expires")]) if d else "no clusters"
         if group == "node":
             return await oak.request("nodes", "list"), lambda d: table(
-                d, [("NODE", "name"), ("CLUSTER", "cluster"), ("ONLINE", "online"), ("CPUS", "cpu_cores"),
+                _dated(d), [("NODE", "name"), ("CLUSTER", "cluster"), ("ONLINE", "online"), ("CPUS", "cpu_cores"),
                     ("CPU FREE", "cpu_free"), ("MEM MB", "memory_mb"), ("MEM FREE", "memory_free_mb"),
-                    ("CPU%", "cpu_percent"), ("RUNTIMES", "runtimes"), ("INSTANCES", "instances")]) if d else "no nodes"
+                    ("CPU%", "cpu_percent"), ("RUNTIMES", "runtimes"), ("INSTANCES", "instances"),
+                    ("CERT EXPIRES", "cert_expires")]) if d else "no nodes"
         if group == "user" and action == "create":
             password = args.password or os.environ.get("OAK_NEW_PASSWORD") or getpass.getpass("password: ")
             data = await oak.request("users", "create", {"username": args.username, "password": password,

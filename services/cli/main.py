@@ -44,6 +44,9 @@ def _add_service_flags(p: argparse.ArgumentParser, port: int) -> None:
     p.add_argument("--scheduler-profile", type=Path, help="a TOML scheduling profile (see docs/plugins.md)")
     p.add_argument("--join-token", default=os.environ.get("OAK_JOIN_TOKEN"),
                    help="a fixed token clusters/workers may join with, besides those of `oak token create`")
+    p.add_argument("--cert-days", type=float, default=90.0,
+                   help="how long the certificates this tier gives its children last (default 90 days; "
+                        "they are renewed when a third is left)")
     p.add_argument("--open-join", action="store_true",
                    help="let clusters/workers join without a token (logged loudly; for labs only)")
     p.add_argument("--broker", default="embedded",
@@ -81,7 +84,9 @@ def parser() -> argparse.ArgumentParser:
     root.add_argument("--advertise", default="127.0.0.1", help="address written into credentials.json")
 
     cluster = sub.add_parser("cluster", help="run a cluster orchestrator, or `oak cluster list`")
-    cluster.add_argument("action", nargs="?", choices=["list"], help="list the clusters instead of running one")
+    cluster.add_argument("action", nargs="?", choices=["list", "revoke"],
+                         help="list the clusters, or revoke one (refuse it from now on), instead of running one")
+    cluster.add_argument("target", nargs="?", help="with revoke: the cluster")
     _add_service_flags(cluster, 10003)
     cluster.add_argument("--root", help="root broker HOST:PORT (default $OAK_ROOT or "
                          "$SYSTEM_MANAGER_URL:$SYSTEM_MANAGER_PORT, else 127.0.0.1:10000)")
@@ -168,6 +173,9 @@ def parser() -> argparse.ArgumentParser:
 
     node = sub.add_parser("node", help="workers").add_subparsers(dest="action", required=True)
     _add_common(node.add_parser("list", help="list every worker"))
+    p = node.add_parser("revoke", help="refuse a worker from now on: disconnect it, move its instances")
+    p.add_argument("target", metavar="NODE")
+    _add_common(p)
 
     sim = sub.add_parser("sim", help="a testbed: many simulated workers (real MQTT, simulated workloads)")
     sim.add_argument("--workers", type=int, default=50, help="how many (default 50)")

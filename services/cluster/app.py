@@ -5,13 +5,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
-from broker.backend import MOSQUITTO, BrokerSpec, make_credentials, open_broker
+from broker import ca
+from broker.backend import MOSQUITTO, BrokerSpec, RunningBroker, make_credentials, open_broker
 from broker.bridge import Bridge
+from broker.credentials import Credentials
+from broker.identity import NODE, Identity
 from broker.join import TLS_DIR, Issuer, JoinDesk, Login, obtain_login
 from broker.mosquitto_files import NativeBridge
+from broker.renewal import CERT, CSR, Renewal, Renewer
 from broker.server import Listeners
 from broker.tier_ca import TierCa
 from broker.tokens import JoinPolicy, JoinTokens
@@ -43,6 +48,7 @@ class ClusterConfig:
     broker: BrokerSpec = BrokerSpec()
     native_bridge: bool = False  # mosquitto's own bridge to the root (with broker kind mosquitto)
     root_ca_fingerprint: str | None = None  # the fleet CA a first join pins (from `oak token create`)
+    cert_days: float = ca.CERT_DAYS  # how long the workers' certificates last
     plain_loopback: bool = False
     plain_port: int = 0
     open_join: bool = False  # workers may join without a token
@@ -67,25 +73,32 @@ async def run_cluster(cfg: ClusterConfig, ready: asyncio.Event | None = None) ->
     credentials = make_credentials(cfg.broker, store)
     await credentials.load()
     credentials.machines_by_certificate = tier is not None
-    listen = tier.listeners(cfg.listen, cfg.plain_loopback, cfg.plain_port) if tier else cfg.listen
+    listen = (tier.listeners(cfg.listen, await credentials.revoked(), cfg.plain_loopback, cfg.plain_port)
+              if tier else cfg.listen)
     try:
         native = _native_bridge(cfg, login)
         async with open_broker(cfg.broker, listen, credentials, cfg.data_dir, ("cluster", "bridge"),
                                native) as broker:
             session = MqttSession(broker.url, "cluster", *broker.login("cluster"), avail_topic=topics.CLUSTER_AVAIL)
             tokens = JoinTokens()  # the root's tokens for workers (down/tokens)
-            issuer = Issuer(tier.authority, tier.fleet_ca, broker.cert_port) if tier else None
+            issuer = Issuer(tier.authority, tier.fleet_ca, broker.cert_port, cfg.cert_days) if tier else None
+            renewer = Renewer(credentials, tier.authority, NODE, cfg.cert_days) if tier else None
+            bridge_tls = login.tls()
+            renewal = (Renewal(session, bridge_tls, cfg.data_dir / TLS_DIR, topics.upstream(CSR))
+                       if bridge_tls and not native else None)
             desk = JoinDesk(credentials, "node", issuer, JoinPolicy(tokens, cfg.join_token, cfg.open_join),
                             on_token_used=lambda token_id: session.publish(
                                 topics.upstream(topics.TOKENS_USED), json.dumps({"id": token_id}).encode()))
             if cfg.open_join:
                 log.warning("OPEN JOIN: any worker that reaches port %d may join (--open-join)", broker.port)
             async with session:
-                orchestrator = ClusterOrchestrator(cfg.name, store, scheduling, session, cfg.location)
+                orchestrator = ClusterOrchestrator(cfg.name, store, scheduling, session, cfg.location,
+                                                   lambda node: _expiry(credentials, Identity(NODE, node).username))
                 await orchestrator.restore()
                 orchestrator.subscribe()
                 relay = Relay(orchestrator, session)
-                await session.subscribe_confirmed(topics.JOIN_REQUESTS, topics.downstream(topics.TOKENS))
+                await session.subscribe_confirmed(topics.JOIN_REQUESTS, topics.downstream(topics.TOKENS),
+                                                  *([renewer.requests] if renewer else []), topics.downstream(CERT))
                 if tier:
                     session.publish(topics.JOIN_CA, tier.discovery(), retain=True)
                 info = ClusterInfo(cfg.name, cfg.location, VERSION, ",".join(scheduling.names))
@@ -100,12 +113,34 @@ async def run_cluster(cfg: ClusterConfig, ready: asyncio.Event | None = None) ->
                 await serve(session, {
                     topics.JOIN_REQUESTS: lambda m: desk.handle(session, m),
                     topics.downstream(topics.TOKENS): lambda m: _take_tokens(tokens, m),
+                    topics.downstream(topics.REVOKE): lambda m: _revoke(broker, tier, m),
+                    **({renewer.requests: lambda m: renewer.answer(session, m)} if renewer else {}),
+                    **({topics.downstream(CERT): renewal.take} if renewal else {}),
                     topics.downstream("cmd/+"): relay.command,
                     topics.up_filter(topics.NODES, "res/+"): relay.answer,
                     topics.BASE + "/#": orchestrator.handle,
-                }, orchestrator.run(), *([] if native else [_bridge(cfg, login, broker.url, broker.login("bridge"))]))
+                }, orchestrator.run(), *([renewal.run()] if renewal else []),
+                    *([] if native else [_bridge(cfg, login, bridge_tls, broker.url, broker.login("bridge"))]))
     finally:
         store.close()
+
+
+def _expiry(credentials: Credentials, username: str) -> float:
+    """When *username*'s certificate ends (0.0: it has none)."""
+    certificate = credentials.certificate(username)
+    return certificate[1] if certificate else 0.0
+
+
+async def _revoke(broker: RunningBroker, tier: TierCa | None, message: Message) -> None:
+    """The root asks to refuse a worker from now on: its account and certificate go, it is disconnected
+    (its last will says offline, so its instances move)."""
+    try:
+        node = json.loads(message.payload)["node"]
+    except (ValueError, KeyError, TypeError):
+        log.warning("dropped a malformed revocation from the root")
+        return
+    if not topics.is_valid_id(node) or not await broker.revoke(Identity(NODE, node).username, tier):
+        log.warning("the root revoked worker %r, which has not joined here", node)
 
 
 async def _take_tokens(tokens: JoinTokens, message: Message) -> None:
@@ -128,10 +163,11 @@ def _native_bridge(cfg: ClusterConfig, login: Login) -> NativeBridge | None:
     return NativeBridge(cfg.name, login.at(cfg.root), login.username, login.password, login.ca, login.cert, login.key)
 
 
-async def _bridge(cfg: ClusterConfig, login: Login, local: BrokerUrl, service_login: tuple[str, str]) -> None:
-    """Forward between the brokers for as long as the cluster runs."""
+async def _bridge(cfg: ClusterConfig, login: Login, tls: ssl.SSLContext | None, local: BrokerUrl,
+                  service_login: tuple[str, str]) -> None:
+    """Forward between the brokers for as long as the cluster runs (logging in with *tls*, renewed in place)."""
     root_side = MqttSession(
-        login.at(cfg.root), login.username, login.username, login.password, tls=login.tls(),
+        login.at(cfg.root), login.username, login.username, login.password, tls=tls,
         avail_topic=topics.up(topics.CLUSTERS, cfg.name, "avail"), clean_session=False,
     )
     local_side = MqttSession(local, "bridge", *service_login)

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,8 +61,10 @@ class NodeView:
 class ClusterOrchestrator:
     """Desired instances from the root, placed on workers; observed statuses, reported upward."""
 
-    def __init__(self, name: str, store: Store, profile: Profile, session: MqttSession, location: str = "") -> None:
+    def __init__(self, name: str, store: Store, profile: Profile, session: MqttSession, location: str = "",
+                 cert_expiry: Callable[[str], float] = lambda _node: 0.0) -> None:
         self.name = name
+        self.cert_expiry = cert_expiry  # when a worker's certificate ends (0: it has none)
         self.location = location
         self.store = store
         self.profile = profile
@@ -277,6 +280,7 @@ class ClusterOrchestrator:
                 instances=int(count), arch=info.arch, labels=list(info.labels),
                 location=info.location or self.location, gpus_free=info.gpus - gpus,
                 services=services.get(view.name, {}), coord=list(view.coord),
+                cert_expires=self.cert_expiry(view.name),
             )
         return out
 

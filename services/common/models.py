@@ -176,6 +176,7 @@ class NodeSummary:
     gpus_free: float = 0.0
     services: dict[str, int] = dataclasses.field(default_factory=dict)
     coord: list[float] = dataclasses.field(default_factory=list)
+    cert_expires: float = 0.0  # when the worker's certificate ends (epoch seconds; 0: it has none)
 
     def candidate(self) -> Candidate:
         """This worker as a scheduling candidate."""

@@ -92,6 +92,11 @@ def delta_of(topic: str) -> str:
     return f"{topic}/{DELTA}"
 
 
+def child_of(topic: str) -> str:
+    """The child a ``oak/<kind>/<child>/...`` topic is about."""
+    return topic.split("/")[2]
+
+
 def up_filter(kind: str, channel: str) -> str:
     """Filter a parent subscribes with to hear *channel* from all its children."""
     return f"{BASE}/{kind}/+/up/{channel}"
@@ -157,6 +162,7 @@ JOIN_CA = f"{BASE}/join/ca"
 # a cluster reports each use on ``up/tokens/used`` ``{"id": ...}`` (broker.tokens).
 TOKENS = "tokens"
 TOKENS_USED = "tokens/used"
+REVOKE = "cmd/revoke"  # (to clusters) ``{"node": name}``: refuse that worker from now on and disconnect it
 
 
 

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from broker.credentials import Credentials
+from broker.identity import CLUSTER, Identity
 from services.common import topics
 from services.common.mqtt import Message, MqttSession
 from services.common.sla import SlaError, parse_sla
@@ -66,6 +67,8 @@ class Api:
             ("users", "create"): self.users_create,
             ("users", "list"): self.users_list,
             ("tokens", "create"): self.tokens_create,
+            ("clusters", "revoke"): self.clusters_revoke,
+            ("nodes", "revoke"): self.nodes_revoke,
         }
 
     async def handle(self, session: MqttSession, message: Message) -> None:
@@ -249,7 +252,11 @@ class Api:
 
     async def clusters_list(self, user: str, body: Any) -> Any:
         """Every cluster: online, location, workers and their aggregate capacity."""
-        return cluster_rows(self.orchestrator.clusters.values())
+        rows = cluster_rows(self.orchestrator.clusters.values())
+        for row in rows:
+            certificate = self.credentials.certificate(Identity(CLUSTER, row["name"]).username)
+            row["cert_expires"] = certificate[1] if certificate else 0.0
+        return rows
 
     async def nodes_list(self, user: str, body: Any) -> Any:
         """Every worker of every cluster."""
@@ -280,15 +287,37 @@ class Api:
         """A join token and its join command (administrators only): ``{"cluster": bool, "ttl": seconds,
         "uses": n}``, by default for a worker, valid 24 hours, any number of times."""
         self._admin(user)
-        if self.joining is None:
-            raise ApiError("unavailable", "this root runs on a broker it does not manage: joining is its operator's")
+        joining = self._joining()
         for_cluster = bool(self._arg(body, "cluster", bool, required=False))
         ttl = self._arg(body, "ttl", (int, float), required=False)
         uses = self._arg(body, "uses", int, required=False)
         try:
-            return await self.joining.create(for_cluster, DEFAULT_TOKEN_TTL if ttl is None else float(ttl), uses)
+            return await joining.create(for_cluster, DEFAULT_TOKEN_TTL if ttl is None else float(ttl), uses)
         except ValueError as exc:
             raise ApiError("bad_request", str(exc)) from None
+
+    def _joining(self) -> RootJoining:
+        if self.joining is None:
+            raise ApiError("unavailable", "this root runs on a broker it does not manage: joining is its operator's")
+        return self.joining
+
+    async def clusters_revoke(self, user: str, body: Any) -> Any:
+        """Refuse a cluster from now on and disconnect it; its instances move (administrators only)."""
+        self._admin(user)
+        name = self._arg(body, "cluster", str)
+        if not topics.is_valid_id(name) or not await self._joining().revoke_cluster(name):
+            raise ApiError("not_found", f"no cluster {name!r} has joined")
+        return {"cluster": name, "revoked": True}
+
+    async def nodes_revoke(self, user: str, body: Any) -> Any:
+        """Have a worker's cluster refuse it from now on and disconnect it; its instances move (admins only)."""
+        self._admin(user)
+        name = self._arg(body, "node", str)
+        holders = [view.name for view in self.orchestrator.clusters.values() if name in view.nodes]
+        if not holders:
+            raise ApiError("not_found", f"no worker {name!r} is known")
+        self._joining().revoke_node(holders[0], name)
+        return {"node": name, "cluster": holders[0], "revoked": True}
 
     async def users_list(self, user: str, body: Any) -> Any:
         """Every user (administrators only)."""

@@ -8,9 +8,12 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from broker import ca
 from broker.backend import BrokerSpec, make_credentials, open_broker
 from broker.credentials import Credentials, new_password
+from broker.identity import CLUSTER
 from broker.join import Issuer, JoinDesk
+from broker.renewal import Renewer
 from broker.server import Listeners
 from broker.tier_ca import TierCa
 from broker.tokens import JoinPolicy, JoinTokens
@@ -44,6 +47,7 @@ class RootConfig:
     plain_loopback: bool = False  # users may also connect without TLS, on 127.0.0.1:plain_port
     plain_port: int = 0
     open_join: bool = False  # clusters may join without a token
+    cert_days: float = ca.CERT_DAYS  # how long the clusters' certificates last
 
 
 async def ensure_admin(cfg: RootConfig, credentials: Credentials, url: BrokerUrl, cafile: Path | None) -> None:
@@ -74,7 +78,8 @@ async def run_root(cfg: RootConfig, ready: asyncio.Event | None = None) -> None:
     catalog = Catalog(store)
     await catalog.load()
     tier = TierCa.root(cfg.data_dir) if cfg.broker.runs_listeners else None
-    listen = tier.listeners(cfg.listen, cfg.plain_loopback, cfg.plain_port) if tier else cfg.listen
+    listen = (tier.listeners(cfg.listen, await credentials.revoked(), cfg.plain_loopback, cfg.plain_port)
+              if tier else cfg.listen)
     credentials.machines_by_certificate = tier is not None
     try:
         async with open_broker(cfg.broker, listen, credentials, cfg.data_dir, ("root",)) as broker:
@@ -87,9 +92,10 @@ async def run_root(cfg: RootConfig, ready: asyncio.Event | None = None) -> None:
                 streams = LogStreams(session)
                 public = BrokerUrl(cfg.advertise, broker.port, tls=tier is not None)
                 joining = RootJoining(tokens, session, credentials.usernames, public,
-                                      tier.fingerprint if tier else None)
+                                      tier.fingerprint if tier else None, lambda name: broker.revoke(name, tier))
                 api = Api(catalog, orchestrator, credentials, streams, joining)
-                issuer = Issuer(tier.authority, tier.fleet_ca, broker.cert_port) if tier else None
+                issuer = Issuer(tier.authority, tier.fleet_ca, broker.cert_port, cfg.cert_days) if tier else None
+                renewer = Renewer(credentials, tier.authority, CLUSTER, cfg.cert_days) if tier else None
                 desk = JoinDesk(credentials, "cluster", issuer, JoinPolicy(tokens, cfg.join_token, cfg.open_join))
                 if cfg.open_join:
                     log.warning("OPEN JOIN: any cluster that reaches port %d may join (--open-join)", broker.port)
@@ -113,6 +119,7 @@ async def run_root(cfg: RootConfig, ready: asyncio.Event | None = None) -> None:
                 await serve(session, {
                     topics.JOIN_REQUESTS: join,
                     topics.up_filter(topics.CLUSTERS, topics.TOKENS_USED): joining.used,
+                    **({renewer.requests: lambda m: renewer.answer(session, m)} if renewer else {}),
                     topics.API_REQUESTS: lambda m: api.handle(session, m),
                     topics.up_filter(topics.CLUSTERS, "res/+"): streams.answer,
                     topics.up_filter(topics.CLUSTERS, "#"): orchestrator.handle_cluster,

@@ -1,15 +1,17 @@
-"""Join tokens at the root: ``tokens/create`` makes them, clusters get the workers' ones, uses are counted.
+"""Who may be part of the fleet, at the root: join tokens (``tokens/create``; clusters get the workers'
+ones, uses are counted) and revocation of clusters and workers.
 
 Tokens for clusters stay at the root, whose desk checks them. Tokens for workers are sent, hashed, to
 every cluster as retained ``oak/clusters/<c>/down/tokens`` (again whenever one is made or used, and
-when a cluster joins); a cluster reports each use on ``up/tokens/used``.
+when a cluster joins); a cluster reports each use on ``up/tokens/used``. A worker is revoked by its
+cluster, which the root asks on ``down/cmd/revoke``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from broker.identity import CLUSTER, Identity
@@ -25,12 +27,21 @@ class RootJoining:
     """The root's join tokens, and how their join commands read."""
 
     def __init__(self, tokens: JoinTokens, session: MqttSession, clusters: Callable[[], list[str]],
-                 root: BrokerUrl, fingerprint: str | None) -> None:
+                 root: BrokerUrl, fingerprint: str | None, revoke: Callable[[str], Awaitable[bool]]) -> None:
         self.tokens = tokens
         self.session = session
         self.clusters = clusters  # the usernames that exist
         self.root = root
         self.fingerprint = fingerprint
+        self._revoke = revoke  # refuse a username from now on and disconnect it (RunningBroker.revoke)
+
+    async def revoke_cluster(self, name: str) -> bool:
+        """Refuse cluster *name* from now on and disconnect it (the root then moves its instances)."""
+        return await self._revoke(Identity(CLUSTER, name).username)
+
+    def revoke_node(self, cluster: str, node: str) -> None:
+        """Ask *cluster* to refuse its worker *node* from now on and disconnect it (and move its instances)."""
+        self.session.publish(topics.down(topics.CLUSTERS, cluster, topics.REVOKE), json.dumps({"node": node}).encode())
 
     async def create(self, for_cluster: bool, ttl: float, uses: int | None) -> dict[str, Any]:
         """A new token and the command that joins with it (ValueError for bad limits)."""

@@ -9,7 +9,8 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from broker.join import obtain_login
+from broker.join import TLS_DIR, obtain_login
+from broker.renewal import CERT, CSR, Renewal
 from plugins.runtimes.cgroups import instances_cgroup2
 from services.common import envelope, models, plugins, topics
 from services.common.models import NodeInfo
@@ -108,6 +109,7 @@ async def run_worker(cfg: WorkerConfig) -> None:
     reporter.engine = engine
     prober = reporter.prober = Prober(cfg.probe_host, cfg.probe_port)
     await prober.start()
+    tls = login.tls()
     session = MqttSession(
         login.at(cfg.cluster),
         login.username,
@@ -115,8 +117,9 @@ async def run_worker(cfg: WorkerConfig) -> None:
         login.password,
         avail_topic=topics.up(topics.NODES, cfg.name, "avail"),
         clean_session=False,
-        tls=login.tls(),
+        tls=tls,
     )
+    renewal = Renewal(session, tls, cfg.data_dir / TLS_DIR, topics.up(topics.NODES, cfg.name, CSR)) if tls else None
     try:
         await engine.restore()  # inside the try: a stop from here on also stops the adopted instances
         async with session:
@@ -143,7 +146,8 @@ async def run_worker(cfg: WorkerConfig) -> None:
             session.subscribe(topics.down(topics.NODES, cfg.name, "desired"),
                               topics.down(topics.NODES, cfg.name, "peers"),
                               topics.down(topics.NODES, cfg.name, "net"),
-                              topics.down(topics.NODES, cfg.name, "cmd/+"))
+                              topics.down(topics.NODES, cfg.name, "cmd/+"),
+                              topics.down(topics.NODES, cfg.name, CERT))
             logs = LogServer(cfg.name, cfg.data_dir, session)
             log.info("worker %s connected to its cluster at %s; runtimes: %s", cfg.name, cfg.cluster,
                      ", ".join(sorted(runtimes)))
@@ -152,7 +156,8 @@ async def run_worker(cfg: WorkerConfig) -> None:
                 topics.down(topics.NODES, cfg.name, "desired"): lambda m: _apply_desired(engine, m),
                 topics.down(topics.NODES, cfg.name, "cmd/logs"): logs.handle,
                 topics.down(topics.NODES, cfg.name, "net"): lambda m: _apply_net(network, m),
-            }, reporter.run(session, cfg.report_interval), prober.run())
+                **({topics.down(topics.NODES, cfg.name, CERT): renewal.take} if renewal else {}),
+            }, reporter.run(session, cfg.report_interval), prober.run(), *([renewal.run()] if renewal else []))
     finally:
         prober.close()
         await engine.close()

@@ -1,0 +1,106 @@
+"""Revocation: ``oak node revoke`` and ``oak cluster revoke`` disconnect the identity at once, refuse it from
+then on, and move its instances; ``oak node list``/``oak cluster list`` show when certificates end.
+On the embedded broker and on mosquitto (which refuses the certificate by its revocation list)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Stack, dumps, eventually, sla, sleeper
+from tests.test_cli_and_scripts import run_oak
+from tests.test_three_tiers import _online_nodes, running
+
+MOSQUITTO = ("--broker", "mosquitto")
+
+
+@pytest.fixture(params=["embedded", "mosquitto"])
+def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
+    """A stack on either broker."""
+    for binary in ("mosquitto_sub", *(("mosquitto",) if request.param == "mosquitto" else ())):
+        if shutil.which(binary) is None:
+            pytest.skip(f"{binary} is not installed (make test installs it when run as root)")
+    args = MOSQUITTO if request.param == "mosquitto" else ()
+    s = Stack(tmp_path, root_args=args, cluster_args=args)
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def _logs_in(stack: Stack, machine: str, port: int) -> bool:
+    """Whether *machine*'s own certificate still logs it in at *port* (mosquitto_sub, as anyone could)."""
+    saved = json.loads((stack.base / machine / "identity.json").read_text())
+    tls = stack.base / machine / "tls"
+    done = subprocess.run(["mosquitto_sub", "-V", "mqttv311", "-h", "127.0.0.1", "-p", str(saved.get("port", port)),
+                           "--cafile", str(tls / "ca.pem"), "--cert", str(tls / "cert.pem"), "--key",
+                           str(tls / "key.pem"), "-i", saved["username"], "-t", "oak/x", "-W", "1"],
+                          capture_output=True, timeout=10)
+    return done.returncode in (0, 27)  # 27: -W ran out, so it was connected
+
+
+@pytest.mark.timeout(150)
+async def test_a_revoked_worker_is_cut_off_and_its_instances_move(stack: Stack, api: Any) -> None:
+    """w1 revoked: offline at once, its instance runs on w2, and its certificate is refused from then on."""
+    stack.root()
+    stack.cluster("c1")
+    stack.worker("w1", "c1")
+    stack.worker("w2", "c1")
+    admin = await api()
+    await eventually(lambda: _online_nodes(admin, 2), timeout=30, what="two workers online")
+    home = stack.base / "root"
+    listed = json.loads(run_oak(home, "node", "list", "--json").stdout)
+    assert all(n["cert_expires"] > time.time() + 80 * 86400 for n in listed), "certificates last 90 days"
+    assert "CERT EXPIRES" in run_oak(home, "node", "list").stdout
+    await admin.request("apps", "create", raw=dumps(sla(sleeper("job", 6071), app="rv")))
+    await admin.request("services", "deploy", {"service": "rv.test.job.test", "replicas": 2})
+    await running(admin, "rv.test.job.test", 2)
+    assert _logs_in(stack, "w1", stack.cluster_ports["c1"])
+
+    assert "revoked node w1" in run_oak(home, "node", "revoke", "w1").stdout
+    await eventually(lambda: _online_nodes(admin, 1), timeout=15, what="w1 offline")
+    moved = await running(admin, "rv.test.job.test", 2, timeout=30)
+    assert {i["node"] for i in moved["instances"]} == {"w2"}
+    assert not _logs_in(stack, "w1", stack.cluster_ports["c1"]), "w1's certificate still logs it in"
+    await eventually(lambda: "lost the broker" in (stack.base / "w1.log").read_text(), timeout=10, what="w1 cut off")
+    missing = run_oak(home, "node", "revoke", "nobody", check=False)
+    assert missing.returncode == 1
+    assert "no worker 'nobody'" in missing.stderr
+
+
+@pytest.mark.timeout(150)
+async def test_a_revoked_cluster_is_cut_off_and_its_instances_move(stack: Stack, api: Any) -> None:
+    """c1 revoked at the root: its instance runs on c2, and c1's certificate is refused from then on."""
+    stack.root()
+    stack.cluster("c1")
+    stack.cluster("c2")
+    stack.worker("w1", "c1")
+    stack.worker("w2", "c2")
+    admin = await api()
+    await eventually(lambda: _online_nodes(admin, 2), timeout=30, what="two workers online")
+    home = stack.base / "root"
+    clusters = json.loads(run_oak(home, "cluster", "list", "--json").stdout)
+    assert all(c["cert_expires"] > time.time() + 80 * 86400 for c in clusters)
+    await admin.request("apps", "create", raw=dumps(sla(sleeper("job", 6072), app="rc")))
+    await admin.request("services", "deploy", {"service": "rc.test.job.test", "replicas": 1})
+    victim = (await running(admin, "rc.test.job.test", 1))["instances"][0]["cluster"]
+    other = "c2" if victim == "c1" else "c1"
+    assert _logs_in(stack, victim, stack.root_port)
+
+    assert f"revoked cluster {victim}" in run_oak(home, "cluster", "revoke", victim).stdout
+    await eventually(lambda: _offline(admin, victim), timeout=15, what=f"{victim} offline")
+    moved = await running(admin, "rc.test.job.test", 1, timeout=30)
+    assert moved["instances"][0]["cluster"] == other
+    assert not _logs_in(stack, victim, stack.root_port), f"{victim}'s certificate still logs it in"
+
+
+async def _offline(admin: Any, name: str) -> bool:
+    return any(c["name"] == name and not c["online"] for c in await admin.request("clusters", "list"))
+
