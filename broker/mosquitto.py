@@ -21,11 +21,12 @@ from pathlib import Path
 from types import TracebackType
 
 from broker.mosquitto_credentials import MosquittoCredentials
-from broker.mosquitto_files import Listener, NativeBridge, render_conf
+from broker.mosquitto_files import KICK_FILE, Listener, NativeBridge, render_conf
 from broker.mosquitto_plugin import build_plugin
 from broker.password_files import LOOPBACK_PASSWORDS, PasswordFiles
 from broker.server import Listeners
 from services.common.mqtt import BrokerUrl
+from services.common.private import write_private
 
 __all__ = ["MosquittoBroker", "MosquittoCredentials"]
 
@@ -139,18 +140,17 @@ class MosquittoBroker:
             await self.files.reload(START_TIMEOUT)
 
     async def cut_off(self, username: str) -> int:
-        """Restart mosquitto, which then reads the revocation list again: every client reconnects within a
-        second or two, and a revoked certificate (*username*'s) is refused from then on."""
-        async with self.files.lock:
-            if self._watcher is not None:
-                self._watcher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._watcher
-            await self._stop_process()
-            log.info("restarting mosquitto so that it refuses %s's certificate", username)
-            self.files.write()
-            await self._spawn()
-            self._watcher = asyncio.get_running_loop().create_task(self._watch())
+        """Disconnect *username* at once (oak's plugin kicks it at a reload) and read the revocation list
+        again, which refuses its certificate from then on; -1 (mosquitto does not say how many)."""
+        if self._plugin is None:
+            log.warning("without oak's plugin mosquitto cannot disconnect %s: it is refused from its next "
+                        "connection on", username)
+        kick = self.directory / KICK_FILE
+        write_private(kick, username + "\n")
+        try:
+            await self.reload()
+        finally:
+            write_private(kick, "")
         return -1
 
     async def _stop_process(self) -> None:

@@ -7,6 +7,10 @@
  * this one through a real mosquitto. The password file still decides passwords: this plugin answers
  * "not authorised" for a foreign client id and defers everything else to it.
  *
+ * It also disconnects revoked identities, which mosquitto itself never does: at every reload (SIGHUP) it
+ * kicks the users named in the file of its option kick_file, one a line, with their last wills (so their
+ * parents see them go).
+ *
  * oak builds it at mosquitto's start (broker/mosquitto_plugin.py) with the system's C compiler and
  * mosquitto's plugin header (Debian: mosquitto-dev).
  */
@@ -18,6 +22,7 @@
 #include <mosquitto_plugin.h>
 
 static mosquitto_plugin_id_t *plugin_id;
+static char kick_file[4096];
 
 static int starts_with(const char *text, const char *prefix)
 {
@@ -78,6 +83,26 @@ static int on_basic_auth(int event, void *event_data, void *userdata)
 	return MOSQ_ERR_AUTH;
 }
 
+static int on_reload(int event, void *event_data, void *userdata)
+{
+	char line[512];
+	FILE *names;
+
+	(void)event;
+	(void)event_data;
+	(void)userdata;
+	if (!kick_file[0] || !(names = fopen(kick_file, "r"))) return MOSQ_ERR_SUCCESS;
+	while (fgets(line, sizeof line, names)) {
+		line[strcspn(line, "\r\n")] = '\0';
+		if (line[0]) {
+			mosquitto_log_printf(MOSQ_LOG_NOTICE, "oak: disconnecting revoked %s", line);
+			mosquitto_kick_client_by_username(line, true);
+		}
+	}
+	fclose(names);
+	return MOSQ_ERR_SUCCESS;
+}
+
 int mosquitto_plugin_version(int supported_version_count, const int *supported_versions)
 {
 	(void)supported_version_count;
@@ -89,9 +114,11 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata,
                           struct mosquitto_opt *options, int option_count)
 {
 	(void)userdata;
-	(void)options;
-	(void)option_count;
 	plugin_id = identifier;
+	for (int i = 0; i < option_count; i++) {
+		if (!strcmp(options[i].key, "kick_file")) snprintf(kick_file, sizeof kick_file, "%s", options[i].value);
+	}
+	mosquitto_callback_register(plugin_id, MOSQ_EVT_RELOAD, on_reload, NULL, NULL);
 	return mosquitto_callback_register(plugin_id, MOSQ_EVT_BASIC_AUTH, on_basic_auth, NULL, NULL);
 }
 
@@ -100,5 +127,6 @@ int mosquitto_plugin_cleanup(void *userdata, struct mosquitto_opt *options, int 
 	(void)userdata;
 	(void)options;
 	(void)option_count;
+	mosquitto_callback_unregister(plugin_id, MOSQ_EVT_RELOAD, on_reload, NULL);
 	return mosquitto_callback_unregister(plugin_id, MOSQ_EVT_BASIC_AUTH, on_basic_auth, NULL);
 }

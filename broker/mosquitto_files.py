@@ -18,11 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from broker import acl
-from broker.identity import CLUSTER, GENERATED_PREFIX, JOIN, NODE, SERVICE, USER, Identity
+from broker.identity import CLUSTER, JOIN, NODE, SERVICE, USER, Identity
 from services.common import topics
 from services.common.mqtt import BrokerUrl
 
 SALT_BYTES = 12  # mosquitto refuses any other salt length
+KICK_FILE = "kick"  # usernames oak's plugin disconnects at the next reload (broker/mosquitto_clientid.c)
 JOIN_FILTERS = f"{topics.BASE}/join/#"
 
 
@@ -96,8 +97,8 @@ class Listener:
                 out.append(f"crlfile {self.crlfile}")
         else:
             out.append(f"password_file {directory / self.password_file}")
-            if plugin is not None:
-                out += [f"plugin {plugin}", f"auto_id_prefix {GENERATED_PREFIX}"]
+            if plugin is not None:  # clients that send no id are named auto-<uuid> (mosquitto's default prefix)
+                out += [f"plugin {plugin}", f"plugin_opt_kick_file {directory / KICK_FILE}"]
         if self.certfile and self.keyfile:
             out += [f"certfile {self.certfile}", f"keyfile {self.keyfile}"]
         if self.cafile:

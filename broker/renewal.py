@@ -89,7 +89,7 @@ class Renewal:
     def wait(self) -> float:
         """Seconds until the certificate should be renewed (0: now), and then between requests."""
         cert = self._current()
-        life = (cert.not_valid_after_utc - cert.not_valid_before_utc).total_seconds()
+        life = (cert.not_valid_after_utc - cert.not_valid_before_utc - ca.BACKDATE).total_seconds()
         left = (cert.not_valid_after_utc - _now()).total_seconds()
         if left > life * RENEW_WHEN_LEFT:
             return left - life * RENEW_WHEN_LEFT

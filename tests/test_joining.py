@@ -47,7 +47,7 @@ async def parent(tmp_path: Path) -> AsyncIterator[Parent]:
     credentials.machines_by_certificate = True
     tokens = JoinTokens(store)
     tier = TierCa.root(tmp_path / "parent")
-    async with EmbeddedBroker(tier.listeners(Listeners("127.0.0.1", 0)), credentials) as broker:
+    async with EmbeddedBroker(tier.listeners(Listeners("127.0.0.1", 0), []), credentials) as broker:
         service = MqttSession(BrokerUrl("127.0.0.1", broker.port), "desk", "svc.desk",
                               credentials.service_password("svc.desk"))
         async with service:

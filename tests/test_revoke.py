@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import Stack, dumps, eventually, sla, sleeper
 from tests.test_cli_and_scripts import run_oak
-from tests.test_three_tiers import _online_nodes, running
+from tests.test_three_tiers import _online_nodes, running, state
 
 MOSQUITTO = ("--broker", "mosquitto")
 
@@ -96,11 +96,57 @@ async def test_a_revoked_cluster_is_cut_off_and_its_instances_move(stack: Stack,
 
     assert f"revoked cluster {victim}" in run_oak(home, "cluster", "revoke", victim).stdout
     await eventually(lambda: _offline(admin, victim), timeout=15, what=f"{victim} offline")
-    moved = await running(admin, "rc.test.job.test", 1, timeout=30)
-    assert moved["instances"][0]["cluster"] == other
+    async def moved() -> bool:
+        instances = (await state(admin, "rc.test.job.test"))["instances"]
+        return [(i["cluster"], i["status"]) for i in instances] == [(other, "RUNNING")]
+
+    await eventually(moved, timeout=30, what=f"the instance RUNNING on {other}")
     assert not _logs_in(stack, victim, stack.root_port), f"{victim}'s certificate still logs it in"
 
 
 async def _offline(admin: Any, name: str) -> bool:
     return any(c["name"] == name and not c["online"] for c in await admin.request("clusters", "list"))
 
+
+
+def _serial(path: Path) -> int:
+    from broker.ca import load_certs
+
+    return load_certs(path.read_bytes())[0].serial_number
+
+
+@pytest.mark.timeout(150)
+async def test_certificates_are_renewed_before_they_end_without_interrupting_anything(tmp_path: Path) -> None:
+    """With certificates of 35 s, the cluster's and the worker's are renewed over MQTT when a third is left;
+    the instance keeps running untouched, and after a restart of the cluster the worker logs in with its
+    renewed certificate (the old one no longer would)."""
+    from tests.conftest import connect
+
+    short = ("--cert-days", "0.0004")
+    stack = Stack(tmp_path, root_args=short, cluster_args=short)
+    try:
+        stack.root()
+        stack.cluster("c1")
+        stack.worker("w1", "c1")
+        admin = await connect(stack)
+        await eventually(lambda: _online_nodes(admin, 1), timeout=30, what="w1 online")
+        await admin.request("apps", "create", raw=dumps(sla(sleeper("job", 6073), app="rn")))
+        await admin.request("services", "deploy", {"service": "rn.test.job.test", "replicas": 1})
+        before = (await running(admin, "rn.test.job.test", 1))["instances"][0]
+        worker, cluster = stack.base / "w1" / "tls" / "cert.pem", stack.base / "c1" / "tls" / "cert.pem"
+        first = {"w1": _serial(worker), "c1": _serial(cluster)}
+        await eventually(lambda: _serial(worker) != first["w1"] and _serial(cluster) != first["c1"], timeout=45,
+                         interval=0.5, what="both certificates renewed")
+        after = (await running(admin, "rn.test.job.test", 1))["instances"][0]
+        assert (after["iid"], after["restarts"], after["node"]) == (before["iid"], before["restarts"], "w1")
+        assert "lost the broker" not in (stack.base / "w1.log").read_text()
+        assert "certificate renewed" in (stack.base / "w1.log").read_text()
+
+        stack.procs["c1"].stop()
+        stack.procs["c1"].start()  # the worker reconnects, with its renewed certificate
+        await eventually(lambda: "reconnected" in (stack.base / "w1.log").read_text(), timeout=30,
+                         what="w1 back with its new certificate")
+        await eventually(lambda: _online_nodes(admin, 1), timeout=30, what="w1 online again")
+        await admin.__aexit__(None, None, None)
+    finally:
+        stack.stop()

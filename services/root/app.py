@@ -103,7 +103,9 @@ async def run_root(cfg: RootConfig, ready: asyncio.Event | None = None) -> None:
                 if tier:
                     session.publish(topics.JOIN_CA, tier.discovery(), retain=True)
                 orchestrator.start()
-                await session.subscribe_confirmed(topics.API_REQUESTS, topics.JOIN_REQUESTS)
+                await session.subscribe_confirmed(topics.API_REQUESTS, topics.JOIN_REQUESTS,
+                                                  topics.up_filter(topics.CLUSTERS, topics.TOKENS_USED),
+                                                  *([renewer.requests] if renewer else []))
                 session.announce()  # oak/root/avail online: clients wait for it before their first request
                 await ensure_admin(cfg, credentials, public, tier.cafile if tier else None)
                 log.info("root serving on %s (scheduling: %s)", public, ", ".join(scheduling.names))
