@@ -123,8 +123,9 @@ class _Broker(IndexedRouting, BrokerStats, Broker):
         presented = tls.getpeercert() if tls is not None else None
         incoming.oak_certified = certified_name(presented)
         incoming.oak_serial = str((presented or {}).get("serialNumber", "")).lstrip("0")
-        if incoming.client_id.startswith(GENERATED_ID) and incoming.clean_session and incoming.username:
-            identity = Identity.of(incoming.username)  # a user's empty client id becomes one of its own
+        who = incoming.username or incoming.oak_certified
+        if incoming.client_id.startswith(GENERATED_ID) and incoming.clean_session and who:
+            identity = Identity.of(who)  # a user's empty client id becomes one of its own
             if identity.kind == USER:
                 incoming.client_id = f"{identity.name}-{secrets.token_hex(6)}"
         incoming.oak_admitted = await super()._authenticate(incoming, None)

@@ -96,7 +96,7 @@ class Stack:
     def root(self, *extra: str) -> Proc:
         """Start the root."""
         return self._start("root", oak("root", "--data-dir", str(self.base / "root"), "--host", "127.0.0.1",
-                                       "--port", str(self.root_port), "--join-token", self.token, *self.root_args,
+                                       "--port", str(self.root_port), f"--join-token={self.token}", *self.root_args,
                                        *extra))
 
     def pin(self) -> list[str]:
@@ -115,14 +115,14 @@ class Stack:
         return self._start(name, oak("cluster", "--name", name, "--data-dir", str(self.base / name),
                                      "--host", "127.0.0.1", "--port", str(port),
                                      "--root", f"{self.scheme}127.0.0.1:{self.root_port}",
-                                     "--root-join-token", self.token, "--join-token", self.token, *self.pin(),
+                                     f"--root-join-token={self.token}", f"--join-token={self.token}", *self.pin(),
                                      *self.cluster_args, *extra))
 
     def worker(self, name: str, cluster: str, *extra: str) -> Proc:
         """Start a worker called *name* under *cluster*."""
         return self._start(name, oak("worker", "--name", name, "--data-dir", str(self.base / name),
                                      "--cluster", f"{self.scheme}127.0.0.1:{self.cluster_ports[cluster]}",
-                                     "--join-token", self.token, *self.pin(), *extra))
+                                     f"--join-token={self.token}", *self.pin(), *extra))
 
     def profile(self) -> Profile:
         """The admin's profile, once the root has written it."""

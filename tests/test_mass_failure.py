@@ -24,7 +24,7 @@ def _sim(stack: Stack, prefix: str, workers: int) -> Proc:
     proc = Proc(f"sim-{prefix}", oak("sim", "--workers", str(workers), "--prefix", prefix,
                                      "--cluster", f"127.0.0.1:{stack.cluster_ports['c1']}",
                                      "--data-dir", str(stack.base / "sims"), "--report-interval", "2",
-                                     "--join-token", stack.token, *stack.pin()),
+                                     f"--join-token={stack.token}", *stack.pin()),
                 stack.base).start()
     stack.procs[proc.name] = proc
     return proc

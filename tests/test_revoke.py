@@ -150,3 +150,33 @@ async def test_certificates_are_renewed_before_they_end_without_interrupting_any
         await admin.__aexit__(None, None, None)
     finally:
         stack.stop()
+
+
+@pytest.mark.timeout(120)
+async def test_a_user_with_a_certificate_logs_in_without_a_password(stack: Stack, api: Any) -> None:
+    """``oak user create bob --cert``: a subscription with bob's certificate and no password gets bob's
+    answers, and only bob's."""
+    stack.root()
+    admin = await api()
+    home = stack.base / "root"
+    made = run_oak(home, "user", "create", "bob", "--password", "bob-password-1", "--cert", "--json")
+    port = json.loads(made.stdout).get("port") or stack.root_port
+    certs = home / "users" / "bob"
+    assert (certs / "key.pem").stat().st_mode & 0o777 == 0o600
+    tls = ["-V", "mqttv311", "-h", "127.0.0.1", "-p", str(port), "--cafile", str(certs / "ca.pem"), "--cert",
+           str(certs / "cert.pem"), "--key", str(certs / "key.pem"), "-q", "1"]
+    answer = subprocess.Popen(["mosquitto_sub", *tls, "-t", "oak/api/bob/response/apps/list", "-C", "1", "-W", "10"],
+                              stdout=subprocess.PIPE, text=True)
+    time.sleep(1)
+    # mosquitto's certificate listener names a client by its certificate: one session per user there, so the
+    # request goes with bob's password, over TLS, beside the subscription made with bob's certificate.
+    password = ["-V", "mqttv311", "-h", "127.0.0.1", "-p", str(stack.root_port), "--cafile", str(certs / "ca.pem"),
+                "-u", "bob", "-P", "bob-password-1", "-q", "1"]
+    subprocess.run(["mosquitto_pub", *password, "-t", "oak/api/bob/request/apps/list", "-m", "{}"], check=True,
+                   timeout=10)
+    out, _ = answer.communicate(timeout=15)
+    assert json.loads(out) == {"ok": True, "data": []}
+    spy = subprocess.run(["mosquitto_sub", *tls, "-t", "oak/api/admin/#", "-C", "1", "-W", "2"], capture_output=True,
+                         text=True, timeout=10)
+    assert spy.stdout == "", "bob's certificate reads the admin's API"
+    assert [u["username"] for u in await admin.request("users", "list")] == ["admin", "bob"]

@@ -24,7 +24,7 @@ async def test_fifty_simulated_workers(stack: Stack, api: Any) -> None:
     stack.cluster("c1")
     sim = Proc("sim", oak("sim", "--workers", str(WORKERS), "--cluster", f"127.0.0.1:{stack.cluster_ports['c1']}",
                           "--data-dir", str(stack.base / "sim"), "--report-interval", "2",
-                          "--join-token", stack.token, *stack.pin()), stack.base).start()
+                          f"--join-token={stack.token}", *stack.pin()), stack.base).start()
     stack.procs["sim"] = sim
     client = await api()
     await eventually(lambda: _online_nodes(client, WORKERS), 90, 0.5, what=f"{WORKERS} simulated workers online")

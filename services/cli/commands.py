@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from broker import ca
 from broker.backend import EXTERNAL, BrokerSpec
 from broker.external import conf_lines, write_initial
 from broker.server import Listeners
@@ -22,6 +23,7 @@ from services.cli.client import CliError, OakClient, Profile
 from services.cli.tables import table
 from services.cluster.app import ClusterConfig, run_cluster
 from services.common.mqtt import BrokerUrl
+from services.common.private import private_dir, write_private
 from services.root.app import RootConfig, run_root
 from services.worker.app import WorkerConfig, run_worker, run_worker_retrying
 
@@ -179,6 +181,15 @@ def duration(text: str) -> float:
         raise CliError(f"not a duration: {text!r} (e.g. 90s, 15m, 24h, 7d)") from None
 
 
+def _keep_user_certificate(home: Path, username: str, key: ca.PrivateKey, data: dict[str, Any]) -> Path:
+    """Write a new user's key, certificate and the CA to ``<data-dir>/users/<name>/`` (0600); the folder."""
+    where = private_dir(home / "users" / username)
+    write_private(where / "key.pem", ca.key_pem(key).decode())
+    write_private(where / "cert.pem", data.pop("cert"))
+    write_private(where / "ca.pem", data.pop("ca"))
+    return where
+
+
 def _dated(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """*rows* with ``cert_expires`` as a date (or nothing, for an identity without a certificate)."""
     return [{**row, "cert_expires": time.strftime("%Y-%m-%d %H:%M", time.localtime(row["cert_expires"]))
@@ -221,7 +232,8 @@ async def client_command(args: argparse.Namespace) -> tuple[Any, Render]:
     """Run one client command; return its data and how to render it."""
     from services.cli.client import oak_home
 
-    profile = Profile.load(oak_home(args.data_dir), args.root)
+    home = oak_home(args.data_dir)
+    profile = Profile.load(home, args.root)
     async with OakClient(profile) as oak:
         group, action = args.command, getattr(args, "action", None)
         if group == "app" and action == "create":
@@ -252,9 +264,18 @@ async def client_command(args: argparse.Namespace) -> tuple[Any, Render]:
                     ("CERT EXPIRES", "cert_expires")]) if d else "no nodes"
         if group == "user" and action == "create":
             password = args.password or os.environ.get("OAK_NEW_PASSWORD") or getpass.getpass("password: ")
-            data = await oak.request("users", "create", {"username": args.username, "password": password,
-                                                         "admin": args.admin})
-            return data, lambda d: f"created user {d['username']}" + (" (admin)" if d["admin"] else "")
+            body = {"username": args.username, "password": password, "admin": args.admin}
+            key = ca.new_key() if args.cert else None
+            if key is not None:
+                body["csr"] = ca.request(key, args.username).decode()
+            data = await oak.request("users", "create", body)
+            if key is None:
+                return data, lambda d: f"created user {d['username']}" + (" (admin)" if d["admin"] else "")
+            where = _keep_user_certificate(home, args.username, key, data)
+            port = f" (port {data['port']})" if data.get("port") else ""
+            return data, lambda d: (f"created user {d['username']}" + (" (admin)" if d["admin"] else "")
+                                    + f"; its certificate, key and the CA are in {where}; it logs in with them "
+                                    f"and no password{port}")
         if group == "user" and action == "list":
             return await oak.request("users", "list"), lambda d: table(d, [("USER", "username"), ("ADMIN", "admin")])
         if group == "token" and action == "create":

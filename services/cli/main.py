@@ -210,6 +210,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("username")
     p.add_argument("--password", help="default: read from $OAK_NEW_PASSWORD or a prompt")
     p.add_argument("--admin", action="store_true")
+    p.add_argument("--cert", action="store_true",
+                   help="also make it a certificate (key made here, kept in <data-dir>/users/NAME/)")
     _add_common(p)
     _add_common(user.add_parser("list", help="list users"))
     return top

@@ -269,7 +269,7 @@ class Api:
             raise ApiError("forbidden", "only an administrator may manage users")
 
     async def users_create(self, user: str, body: Any) -> Any:
-        """Create a user (administrators only)."""
+        """Create a user (administrators only); with ``csr``, also a certificate that logs it in."""
         self._admin(user)
         name = self._arg(body, "username", str)
         password = self._arg(body, "password", str)
@@ -278,10 +278,18 @@ class Api:
             raise ApiError("bad_request", f"bad username {name!r}: use letters, digits, '-' and '_' (at most 63)")
         if len(password) < 8:
             raise ApiError("bad_request", "the password must have at least 8 characters")
+        csr = self._arg(body, "csr", str, required=False)
         if self.credentials.exists(name):
             raise Conflict(f"user {name!r} exists already")
         await self.credentials.set_password(name, password, admin=admin)
-        return {"username": name, "admin": admin}
+        if csr is None:
+            return {"username": name, "admin": admin}
+        try:
+            issued = await self._joining().user_certificate(self.credentials, name, csr)
+        except ValueError as exc:
+            await self.credentials.remove(name)
+            raise ApiError("bad_request", f"csr: {exc}") from None
+        return {"username": name, "admin": admin, **issued}
 
     async def tokens_create(self, user: str, body: Any) -> Any:
         """A join token and its join command (administrators only): ``{"cluster": bool, "ttl": seconds,

@@ -91,10 +91,11 @@ async def run_root(cfg: RootConfig, ready: asyncio.Event | None = None) -> None:
                 orchestrator = RootOrchestrator(catalog, scheduling, session, credentials.users, network)
                 streams = LogStreams(session)
                 public = BrokerUrl(cfg.advertise, broker.port, tls=tier is not None)
-                joining = RootJoining(tokens, session, credentials.usernames, public,
-                                      tier.fingerprint if tier else None, lambda name: broker.revoke(name, tier))
-                api = Api(catalog, orchestrator, credentials, streams, joining)
                 issuer = Issuer(tier.authority, tier.fleet_ca, broker.cert_port, cfg.cert_days) if tier else None
+                joining = RootJoining(tokens, session, credentials.usernames, public,
+                                      tier.fingerprint if tier else None, lambda name: broker.revoke(name, tier),
+                                      issuer)
+                api = Api(catalog, orchestrator, credentials, streams, joining)
                 renewer = Renewer(credentials, tier.authority, CLUSTER, cfg.cert_days) if tier else None
                 desk = JoinDesk(credentials, "cluster", issuer, JoinPolicy(tokens, cfg.join_token, cfg.open_join))
                 if cfg.open_join:

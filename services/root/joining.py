@@ -14,7 +14,10 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from broker import ca
+from broker.credentials import Credentials
 from broker.identity import CLUSTER, Identity
+from broker.join import Issuer
 from broker.tokens import JoinTokens
 from services.common import topics
 from services.common.mqtt import BrokerUrl, Message, MqttSession
@@ -27,13 +30,24 @@ class RootJoining:
     """The root's join tokens, and how their join commands read."""
 
     def __init__(self, tokens: JoinTokens, session: MqttSession, clusters: Callable[[], list[str]],
-                 root: BrokerUrl, fingerprint: str | None, revoke: Callable[[str], Awaitable[bool]]) -> None:
+                 root: BrokerUrl, fingerprint: str | None, revoke: Callable[[str], Awaitable[bool]],
+                 issuer: Issuer | None = None) -> None:
+        self.issuer = issuer  # the root's CA, which also signs users' certificates
         self.tokens = tokens
         self.session = session
         self.clusters = clusters  # the usernames that exist
         self.root = root
         self.fingerprint = fingerprint
         self._revoke = revoke  # refuse a username from now on and disconnect it (RunningBroker.revoke)
+
+    async def user_certificate(self, credentials: Credentials, username: str, csr: str) -> dict[str, Any]:
+        """A certificate for user *username*'s key (ValueError for a bad request): it logs the user in
+        without a password, and replaces any earlier one."""
+        if self.issuer is None:
+            raise ValueError("this root runs no CA (its broker is not oak's)")
+        cert = self.issuer.authority.issue(ca.requested_key(csr), username, days=self.issuer.days)
+        await credentials.certify(username, cert.serial_number, cert.not_valid_after_utc.timestamp())
+        return {"cert": ca.cert_pem(cert).decode(), "ca": self.issuer.fleet_ca, "port": self.issuer.port}
 
     async def revoke_cluster(self, name: str) -> bool:
         """Refuse cluster *name* from now on and disconnect it (the root then moves its instances)."""
