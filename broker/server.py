@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 import ssl
@@ -12,6 +13,7 @@ from types import TracebackType
 from typing import Any
 
 from amqtt.broker import Broker
+from amqtt.contexts import ListenerType
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
@@ -52,6 +54,9 @@ class Listeners:
 # amqtt waits keepalive + this many seconds for a client's next packet (MQTT asks 1.5 x keepalive; Oakling's
 # clients use 10 s and their pings may be late when their process is busy, so 2 x).
 KEEPALIVE_GRACE = 10
+# A connection that has not finished its TLS handshake, or then sent its CONNECT, within this many seconds
+# is closed: an idle socket holds a file descriptor and memory, and enough of them exhaust the process.
+CONNECT_DEADLINE = 5.0
 GENERATED_ID = "amqtt/"  # how amqtt names a client that sent an empty client id
 
 
@@ -113,11 +118,12 @@ class _Broker(IndexedRouting, BrokerStats, Broker):
         """Read the CONNECT, admit it, then resume or replace the session its client id names."""
         peer = f"{remote_address}:{remote_port}"
         try:
-            handler, incoming = await BrokerProtocolHandler.init_from_connect(reader, writer, self.plugins_manager)
-        except (AMQTTError, MQTTError, NoDataError) as exc:
+            handler, incoming = await asyncio.wait_for(
+                BrokerProtocolHandler.init_from_connect(reader, writer, self.plugins_manager), CONNECT_DEADLINE)
+        except (AMQTTError, MQTTError, NoDataError, TimeoutError) as exc:
             with contextlib.suppress(Exception):
                 await writer.close()
-            raise MQTTError(f"{peer} sent no valid CONNECT: {exc}") from None
+            raise MQTTError(f"{peer} sent no valid CONNECT within {CONNECT_DEADLINE:.0f} s: {exc!r}") from None
         tls = writer._writer.get_extra_info("ssl_object") if hasattr(writer, "_writer") else None
         incoming.oak_tls = tls is not None
         presented = tls.getpeercert() if tls is not None else None
@@ -151,6 +157,16 @@ class _Broker(IndexedRouting, BrokerStats, Broker):
         if session.keep_alive > 0:
             session.keep_alive += self.config.get("timeout-disconnect-delay", 0) or 0
         return handler, session
+
+    async def _create_server_instance(self, listener_name: str, listener_type: Any, address: str | None, port: int,
+                                      ssl_context: ssl.SSLContext | None) -> Any:
+        """amqtt's TCP listeners, with the TLS handshake bounded by :data:`CONNECT_DEADLINE` (asyncio's
+        default waits a minute)."""
+        if listener_type != ListenerType.TCP or ssl_context is None:
+            return await super()._create_server_instance(listener_name, listener_type, address, port, ssl_context)
+        return await asyncio.start_server(functools.partial(self.stream_connected, listener_name=listener_name),
+                                          address, port, reuse_address=True, ssl=ssl_context,
+                                          ssl_handshake_timeout=CONNECT_DEADLINE)
 
     async def _authenticate(self, session: Any, listener: Any) -> bool:
         """Answered once, in :meth:`_initialize_client_session`, before any session is touched."""
