@@ -4,6 +4,7 @@ On the embedded broker and on mosquitto (which refuses the certificate by its re
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import subprocess
@@ -116,13 +117,17 @@ def _serial(path: Path) -> int:
 
 
 @pytest.mark.timeout(150)
-async def test_certificates_are_renewed_before_they_end_without_interrupting_anything(tmp_path: Path) -> None:
+@pytest.mark.parametrize("broker", ["embedded", "mosquitto"])
+async def test_certificates_are_renewed_before_they_end_without_interrupting_anything(tmp_path: Path,
+                                                                                     broker: str) -> None:
     """With certificates of 35 s, the cluster's and the worker's are renewed over MQTT when a third is left;
     the instance keeps running untouched, and after a restart of the cluster the worker logs in with its
     renewed certificate (the old one no longer would)."""
     from tests.conftest import connect
 
-    short = ("--cert-days", "0.0004")
+    if broker == "mosquitto" and shutil.which("mosquitto") is None:
+        pytest.skip("mosquitto is not installed (make test installs it when run as root)")
+    short = ("--cert-days", "0.0004", *(MOSQUITTO if broker == "mosquitto" else ()))
     stack = Stack(tmp_path, root_args=short, cluster_args=short)
     try:
         stack.root()
@@ -180,3 +185,32 @@ async def test_a_user_with_a_certificate_logs_in_without_a_password(stack: Stack
                          text=True, timeout=10)
     assert spy.stdout == "", "bob's certificate reads the admin's API"
     assert [u["username"] for u in await admin.request("users", "list")] == ["admin", "bob"]
+
+
+@pytest.mark.timeout(120)
+async def test_a_worker_away_past_its_certificate_joins_again_with_a_token(tmp_path: Path) -> None:
+    """A worker stopped until its certificate (10 s here) has ended joins again at its next start, with
+    its token, and is the same worker to its cluster."""
+    from tests.conftest import connect
+
+    stack = Stack(tmp_path, cluster_args=("--cert-days", "0.000115"))
+    try:
+        stack.root()
+        stack.cluster("c1")
+        stack.worker("w1", "c1")
+        admin = await connect(stack)
+        await eventually(lambda: _online_nodes(admin, 1), timeout=30, what="w1 online")
+        first = _serial(stack.base / "w1" / "tls" / "cert.pem")
+        stack.procs["w1"].stop()
+        await eventually(lambda: _online_nodes(admin, 0), timeout=15, what="w1 offline")
+        from broker.ca import load_certs
+
+        end = load_certs((stack.base / "w1" / "tls" / "cert.pem").read_bytes())[0].not_valid_after_utc.timestamp()
+        await asyncio.sleep(max(end - time.time() + 0.5, 0))
+        stack.procs["w1"].start()
+        await eventually(lambda: _online_nodes(admin, 1), timeout=30, what="w1 online again")
+        assert _serial(stack.base / "w1" / "tls" / "cert.pem") != first
+        assert "joining again, with a token" in (stack.base / "w1.log").read_text()
+        await admin.__aexit__(None, None, None)
+    finally:
+        stack.stop()
