@@ -151,6 +151,8 @@ class ClusterOrchestrator:
                 self._on_state(node, envelope.decode(message.payload, "node.state").data)
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("ignoring a bad message on %s: %s", message.topic, exc)
+            if message.retain and topics.parse_child(message.topic) is not None:
+                self.session.publish(message.topic, b"", retain=True)  # read again at every restart otherwise
 
     async def _on_desired(self, payload: bytes) -> None:
         """The root's whole desired map (retained; empty payload = nothing wanted)."""

@@ -7,6 +7,8 @@ ones) and raises :class:`ValueError` on a malformed body.
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -42,14 +44,61 @@ def _fields(cls: type) -> tuple[str, ...]:
 
 
 def load(cls: type[T], data: Any) -> T:
-    """Build dataclass *cls* from a JSON object, ignoring unknown keys."""
+    """Build dataclass *cls* from a JSON object, ignoring unknown keys; every field must have its type
+    (ValueError naming the field otherwise: ``NodeInfo.cpu_cores: expected a number, got 'x'``)."""
     if not isinstance(data, dict):
         raise ValueError(f"{cls.__name__}: expected an object, got {type(data).__name__}")
     names = _fields(cls)
+    hints = _hints(cls)
+    kept = {k: v for k, v in data.items() if k in names}
+    for name, value in kept.items():
+        why = _mismatch(value, hints.get(name, Any))
+        if why:
+            raise ValueError(f"{cls.__name__}.{name}: {why}")
     try:
-        return cls(**{k: v for k, v in data.items() if k in names})
+        return cls(**kept)
     except TypeError as exc:
         raise ValueError(f"{cls.__name__}: {exc}") from None
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = _HINTS[cls] = typing.get_type_hints(cls)
+    return hints
+
+
+def _mismatch(value: Any, hint: Any) -> str:
+    """Why *value* (decoded JSON) is not of type *hint* ("" when it is)."""
+    if hint is Any:
+        return ""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        whys = [_mismatch(value, arg) for arg in args]
+        return "" if "" in whys else whys[0]
+    if hint is type(None):
+        return "" if value is None else f"expected null, got {value!r:.40}"
+    if hint is bool:
+        return "" if isinstance(value, bool) else f"expected true or false, got {value!r:.40}"
+    if hint in (int, float):
+        ok = isinstance(value, int if hint is int else int | float) and not isinstance(value, bool)
+        return "" if ok else f"expected a number, got {value!r:.40}"
+    if hint is str:
+        return "" if isinstance(value, str) else f"expected a string, got {value!r:.40}"
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            return f"expected a list, got {value!r:.40}"
+        inner = args[0] if args else Any
+        return next((f"[{i}]: {why}" for i, item in enumerate(value) if (why := _mismatch(item, inner))), "")
+    if origin is dict:
+        if not isinstance(value, dict):
+            return f"expected an object, got {value!r:.40}"
+        inner = args[1] if len(args) == 2 else Any
+        return next((f"[{k!r}]: {why}" for k, item in value.items() if (why := _mismatch(item, inner))), "")
+    return ""
 
 
 def dump(obj: Any) -> dict[str, Any]:
