@@ -25,6 +25,28 @@ def need_binary(name: str) -> None:
         pytest.skip(f"{name} is not installed (make test installs it when run as root)")
 
 
+def either_broker(kind: str, tmp_path: Path) -> Iterator[Stack]:
+    """A stack whose root and clusters run on *kind* (``embedded`` or ``mosquitto``), stopped at the end;
+    skips, saying why, when mosquitto or its clients are missing."""
+    for binary in ("mosquitto_sub", "mosquitto_pub", *(("mosquitto",) if kind == "mosquitto" else ())):
+        need_binary(binary)
+    args = ("--broker", "mosquitto") if kind == "mosquitto" else ()
+    s = Stack(tmp_path, root_args=args, cluster_args=args)
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def machine_login(stack: Stack, machine: str, port: int) -> list[str]:
+    """mosquitto client flags that log in as *machine* with its own certificate (its own client id), at
+    *port* or, on mosquitto, the certificate port its parent gave it."""
+    saved = json.loads((stack.base / machine / "identity.json").read_text())
+    tls = stack.base / machine / "tls"
+    return ["-V", "mqttv311", "-h", "127.0.0.1", "-p", str(saved.get("port", port)), "--cafile", str(tls / "ca.pem"),
+            "--cert", str(tls / "cert.pem"), "--key", str(tls / "key.pem"), "-i", saved["username"]]
+
+
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[Stack]:
     """A stack of processes, stopped at the end of the test."""

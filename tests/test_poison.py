@@ -9,7 +9,6 @@ bad retained message is cleared.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Stack, eventually
+from tests.conftest import Stack, either_broker, eventually, machine_login
 from tests.test_three_tiers import _online_nodes
 
 MOSQUITTO = ("--broker", "mosquitto")
@@ -26,25 +25,13 @@ MOSQUITTO = ("--broker", "mosquitto")
 @pytest.fixture(params=["embedded", "mosquitto"])
 def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
     """A stack on either broker."""
-    for binary in ("mosquitto_pub", *(("mosquitto",) if request.param == "mosquitto" else ())):
-        if shutil.which(binary) is None:
-            pytest.skip(f"{binary} is not installed (make test installs it when run as root)")
-    args = MOSQUITTO if request.param == "mosquitto" else ()
-    s = Stack(tmp_path, root_args=args, cluster_args=args)
-    try:
-        yield s
-    finally:
-        s.stop()
+    yield from either_broker(request.param, tmp_path)
 
 
 def _publish_as(stack: Stack, machine: str, port: int, topic: str, payload: str, retain: bool) -> None:
     """Publish as *machine*, with its own certificate (as a broken or hostile worker or cluster would)."""
-    saved = json.loads((stack.base / machine / "identity.json").read_text())
-    tls = stack.base / machine / "tls"
-    subprocess.run(["mosquitto_pub", "-V", "mqttv311", "-h", "127.0.0.1", "-p", str(saved.get("port", port)),
-                    "--cafile", str(tls / "ca.pem"), "--cert", str(tls / "cert.pem"), "--key", str(tls / "key.pem"),
-                    "-i", saved["username"], "-q", "1", "-t", topic, "-m", payload, *(["-r"] if retain else [])],
-                   check=True, timeout=10)
+    subprocess.run(["mosquitto_pub", *machine_login(stack, machine, port), "-q", "1", "-t", topic, "-m", payload,
+                    *(["-r"] if retain else [])], check=True, timeout=10)
 
 
 def _envelope(kind: str, data: dict[str, Any]) -> str:

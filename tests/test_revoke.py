@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Stack, dumps, eventually, sla, sleeper
+from tests.conftest import Stack, dumps, either_broker, eventually, machine_login, sla, sleeper
 from tests.test_cli_and_scripts import run_oak
 from tests.test_three_tiers import _online_nodes, running, state
 
@@ -25,24 +25,12 @@ MOSQUITTO = ("--broker", "mosquitto")
 @pytest.fixture(params=["embedded", "mosquitto"])
 def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
     """A stack on either broker."""
-    for binary in ("mosquitto_sub", *(("mosquitto",) if request.param == "mosquitto" else ())):
-        if shutil.which(binary) is None:
-            pytest.skip(f"{binary} is not installed (make test installs it when run as root)")
-    args = MOSQUITTO if request.param == "mosquitto" else ()
-    s = Stack(tmp_path, root_args=args, cluster_args=args)
-    try:
-        yield s
-    finally:
-        s.stop()
+    yield from either_broker(request.param, tmp_path)
 
 
 def _logs_in(stack: Stack, machine: str, port: int) -> bool:
     """Whether *machine*'s own certificate still logs it in at *port* (mosquitto_sub, as anyone could)."""
-    saved = json.loads((stack.base / machine / "identity.json").read_text())
-    tls = stack.base / machine / "tls"
-    done = subprocess.run(["mosquitto_sub", "-V", "mqttv311", "-h", "127.0.0.1", "-p", str(saved.get("port", port)),
-                           "--cafile", str(tls / "ca.pem"), "--cert", str(tls / "cert.pem"), "--key",
-                           str(tls / "key.pem"), "-i", saved["username"], "-t", "oak/x", "-W", "1"],
+    done = subprocess.run(["mosquitto_sub", *machine_login(stack, machine, port), "-t", "oak/x", "-W", "1"],
                           capture_output=True, timeout=10)
     return done.returncode in (0, 27)  # 27: -W ran out, so it was connected
 

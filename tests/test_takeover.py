@@ -11,7 +11,6 @@ by its own login (stolen credentials) is back within seconds.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Stack, dumps, eventually, sla, sleeper
+from tests.conftest import Stack, dumps, either_broker, eventually, sla, sleeper
 from tests.test_mosquitto import two_workers_running
 from tests.test_three_tiers import _online_nodes, running, state
 
@@ -29,18 +28,7 @@ MOSQUITTO = ("--broker", "mosquitto")
 @pytest.fixture(params=["embedded", "mosquitto"])
 def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
     """A stack on either broker."""
-    if shutil.which("mosquitto_sub") is None:
-        pytest.skip("mosquitto_sub is not installed (make test installs it when run as root)")
-    args: tuple[str, ...] = ()
-    if request.param == "mosquitto":
-        if shutil.which("mosquitto") is None:
-            pytest.skip("mosquitto is not installed (make test installs it when run as root)")
-        args = MOSQUITTO
-    s = Stack(tmp_path, root_args=args, cluster_args=args)
-    try:
-        yield s
-    finally:
-        s.stop()
+    yield from either_broker(request.param, tmp_path)
 
 
 def _login(path: Path) -> tuple[str, str]:
