@@ -87,6 +87,10 @@ class ClusterOrchestrator:
         self._place_wanted = False
         self._placing: asyncio.Task[None] | None = None
         self._maps_due: set[str] = set()  # workers whose desired maps changed in memory, published once on disk
+        # Instances taken off a worker that went offline, by that worker: its retained map keeps listing
+        # them until they run elsewhere, so a worker that comes back (kill -9 and restart) keeps and adopts
+        # them when they could not be placed elsewhere, and stops them when they were.
+        self._left_on: dict[str, str] = {}
         self._placing_lock = asyncio.Lock()
         self._desired_in = DeltaReceiver(DESIRED_SECTIONS)
         self.network = ClusterNetwork(name, store, session)
@@ -172,6 +176,7 @@ class ClusterOrchestrator:
         for iid in gone:
             del self.desired[iid]
         touched = {self.assigned.pop(iid) for iid in gone if iid in self.assigned}
+        touched |= {self._left_on.pop(iid) for iid in gone if iid in self._left_on}
         for iid in gone:
             self.unplaced.pop(iid, None)
             self._demands.pop(iid, None)
@@ -201,12 +206,12 @@ class ClusterOrchestrator:
         log.warning("worker %s %s; moving its %d instance(s)", node.name, why, len(lost))
         for iid in lost:
             del self.assigned[iid]
+            self._left_on[iid] = node.name
         # In memory now, on disk with the next write (the new placements' one); a restart before that
         # finds the worker silent and moves them then. Not waiting here lets the avails of many workers
         # lost at once be handled one after the other quickly, and placed together.
         self.store.apply(ASSIGNED, {}, tuple(lost))
         node.statuses = {}
-        self._maps_due.add(node.name)
         self._peers_dirty = True
         self.place_soon()
         self._changed.set()
@@ -334,6 +339,9 @@ class ClusterOrchestrator:
             candidates[chosen.id] = reserve(chosen, demand)
             self.assigned[iid] = chosen.id
             self.unplaced.pop(iid, None)
+            left_on = self._left_on.pop(iid, None)
+            if left_on is not None and left_on != chosen.id:
+                self._maps_due.add(left_on)  # it runs elsewhere now: the worker it was on stops its copy
             placed[iid] = {"node": chosen.id}
             log.info("placed %s on %s", iid, chosen.id)
         if placed:
