@@ -26,7 +26,7 @@ from broker.mosquitto_plugin import build_plugin
 from broker.password_files import LOOPBACK_PASSWORDS, PasswordFiles
 from broker.server import Listeners
 from services.common.mqtt import BrokerUrl
-from services.common.private import write_private
+from services.common.private import private_opener, write_private
 
 __all__ = ["MosquittoBroker", "MosquittoCredentials"]
 
@@ -102,7 +102,7 @@ class MosquittoBroker:
             self._process.send_signal(signal.SIGHUP)
 
     async def _spawn(self) -> None:
-        log_file = open(self.directory / "mosquitto.log", "ab")  # noqa: SIM115, ASYNC230 - handed to the child
+        log_file = open(self.directory / "mosquitto.log", "ab", opener=private_opener)  # noqa: SIM115, ASYNC230
         try:
             self._process = await asyncio.create_subprocess_exec(
                 self.binary, "-c", str(self.directory / "mosquitto.conf"),

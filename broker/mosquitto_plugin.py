@@ -51,4 +51,5 @@ async def build_plugin(directory: Path) -> Path | None:
         log.warning("CLIENT IDS NOT BOUND: oak's mosquitto plugin did not build: %s",
                     output.decode(errors="replace").strip()[-500:])
         return None
+    target.chmod(0o700)  # nothing of a tier's is anyone else's (mosquitto runs as oak's user)
     return target

@@ -19,6 +19,7 @@ import pytest
 from broker.mosquitto_files import acl_block, password_line, render_acl
 from services.cli.client import OakClient
 from tests.conftest import Stack, dumps, eventually, sla, sleeper
+from tests.test_privacy import test_tenants_see_only_their_own_and_files_are_private  # noqa: F401 - again here
 from tests.test_three_tiers import (  # noqa: F401 - collected here again, on mosquitto
     _online_nodes,
     running,
