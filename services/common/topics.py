@@ -30,6 +30,8 @@ res/<verb>    no        the answer, with the request's ``id``
 evt/<kind>    no        events (placement failures, restarts) for feeds
 tokens        yes       (to clusters) the join tokens for workers, hashed: ``{"tokens": {id: record}}``
 tokens/used   no        (from clusters) a worker joined with token ``{"id": ...}``
+csr           no        (up) a child's signing request for its key, to renew its certificate (broker.renewal)
+cert          no        (down) the renewed certificate
 ============= ========= ===========================================================================
 """
 
