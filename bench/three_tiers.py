@@ -61,6 +61,22 @@ async def spawn_baseline(rounds: int) -> list[float]:
     return out
 
 
+async def deploy_rounds(client: OakClient, app: str, rounds: int) -> list[float]:
+    """Milliseconds from ``services/deploy`` of a one-replica ``sleep`` service until its retained state
+    says RUNNING (then undeployed), *rounds* times."""
+    await client.request("apps", "create", raw=sla(app, "svc", ["sleep", "3600"]))
+    job = f"{app}.bench.svc.bench"
+    await client.session.subscribe_confirmed(topics.api_service_state(client.profile.username, job))
+    latencies = []
+    for _ in range(rounds):
+        t0 = time.monotonic()
+        await client.request("services", "deploy", {"service": job, "replicas": 1})
+        latencies.append((await wait_status(client, job, "RUNNING") - t0) * 1000)
+        await client.request("services", "undeploy", {"service": job})
+        await wait_status(client, job, "UNDEPLOYED")
+    return latencies
+
+
 async def submit_to_running(rounds: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         stack = Stack(Path(tmp))
@@ -70,16 +86,7 @@ async def submit_to_running(rounds: int) -> None:
             stack.worker("w1", "c1")
             client = await client_for(stack)
             await eventually(lambda: _online(client, 1), 30, what="worker online")
-            await client.request("apps", "create", raw=sla("lat", "svc", ["sleep", "3600"]))
-            job = "lat.bench.svc.bench"
-            await client.session.subscribe_confirmed(topics.api_service_state(client.profile.username, job))
-            latencies = []
-            for _ in range(rounds):
-                t0 = time.monotonic()
-                await client.request("services", "deploy", {"service": job, "replicas": 1})
-                latencies.append((await wait_status(client, job, "RUNNING") - t0) * 1000)
-                await client.request("services", "undeploy", {"service": job})
-                await wait_status(client, job, "UNDEPLOYED")
+            latencies = await deploy_rounds(client, "lat", rounds)
             baseline = await spawn_baseline(rounds)
             await client.__aexit__(None, None, None)
         finally:

@@ -34,9 +34,8 @@ from pathlib import Path
 import psutil
 
 from bench.common import record, summary
-from bench.three_tiers import sla, wait_status
+from bench.three_tiers import deploy_rounds
 from services.cli.client import OakClient, Profile
-from services.common import topics
 from tests.stack import eventually, free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,16 +121,7 @@ async def submit_to_running(version: Version, rounds: int, idle: float) -> tuple
     """Milliseconds from deploy to RUNNING, *rounds* times; then the stack's idle CPU (% of one core)."""
     with tempfile.TemporaryDirectory() as tmp:
         async with stack(version, Path(tmp)) as (client, _):
-            await client.request("apps", "create", raw=sla("tls", "svc", ["sleep", "3600"]))
-            job = "tls.bench.svc.bench"
-            await client.session.subscribe_confirmed(topics.api_service_state(client.profile.username, job))
-            latencies = []
-            for _ in range(rounds):
-                t0 = time.monotonic()
-                await client.request("services", "deploy", {"service": job, "replicas": 1})
-                latencies.append((await wait_status(client, job, "RUNNING") - t0) * 1000)
-                await client.request("services", "undeploy", {"service": job})
-                await wait_status(client, job, "UNDEPLOYED")
+            latencies = await deploy_rounds(client, "tls", rounds)
             await asyncio.sleep(5)  # settle
             procs = [psutil.Process(p.pid) for p in version.procs]
             cpu0 = sum(sum(p.cpu_times()[:2]) for p in procs)

@@ -76,6 +76,26 @@ async def connect(stack: Stack, timeout: float = 20.0) -> OakClient:
             client = OakClient(profile)
 
 
+async def online_nodes(client: OakClient, count: int) -> bool:
+    """True when exactly *count* workers are online."""
+    nodes = await client.request("nodes", "list")
+    return sum(1 for n in nodes if n["online"]) == count
+
+
+async def fleet(stack: Stack, api: Callable[[], Any], workers: dict[str, tuple[str, ...]]) -> OakClient:
+    """Start the root, the clusters of *workers* and their workers; the admin's client once all are online."""
+    stack.root()
+    for cluster in workers:
+        stack.cluster(cluster)
+    for cluster, names in workers.items():
+        for name in names:
+            stack.worker(name, cluster)
+    admin: OakClient = await api()
+    total = sum(len(names) for names in workers.values())
+    await eventually(lambda: online_nodes(admin, total), timeout=30, what=f"{total} workers online")
+    return admin
+
+
 @pytest.fixture
 async def api(stack: Stack) -> AsyncIterator[Callable[[], Any]]:
     """Yields a coroutine factory ``await api()`` connecting the admin client (closed at the end)."""

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Stack, dumps, either_broker, eventually, sla, sleeper
+from tests.conftest import Stack, dumps, either_broker, eventually, fleet, sla, sleeper
 from tests.test_three_tiers import _online_nodes, running, sleeps
 
 
@@ -25,11 +25,7 @@ def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
 async def test_a_worker_killed_alone_adopts_its_processes(stack: Stack, api: Any) -> None:
     """kill -9 of the worker's PID only, a restart 2 s later: the same process runs on, adopted, with no
     restart counted."""
-    stack.root()
-    stack.cluster("c1")
-    stack.worker("w1", "c1")
-    admin = await api()
-    await eventually(lambda: _online_nodes(admin, 1), timeout=30, what="w1 online")
+    admin = await fleet(stack, api, {"c1": ("w1",)})
     await admin.request("apps", "create", raw=dumps(sla(sleeper("job", 6081), app="ad")))
     await admin.request("services", "deploy", {"service": "ad.test.job.test", "replicas": 1})
     before = (await running(admin, "ad.test.job.test", 1))["instances"][0]

@@ -17,8 +17,8 @@ from broker.join import obtain_login
 from services.cli.client import ApiFailure, OakClient, Profile
 from services.common import envelope, topics
 from services.common.mqtt import BrokerUrl, MqttError
-from tests.conftest import Stack, dumps, eventually, sla, sleeper
-from tests.test_three_tiers import _online_nodes, running
+from tests.conftest import Stack, dumps, fleet, sla, sleeper
+from tests.test_three_tiers import running
 
 
 async def _infrastructure(client: OakClient) -> dict[str, Any]:
@@ -46,11 +46,7 @@ def _loose(base: Path) -> list[str]:
 async def test_tenants_see_only_their_own_and_files_are_private(stack: Stack, api: Any) -> None:
     """bob sees the workers but none of the admin's services on them; names with a newline are refused;
     the data dirs of root, cluster and worker hold nothing others may read."""
-    stack.root()
-    stack.cluster("c1")
-    stack.worker("w1", "c1")
-    admin = await api()
-    await eventually(lambda: _online_nodes(admin, 1), what="w1 online")
+    admin = await fleet(stack, api, {"c1": ("w1",)})
     await admin.request("apps", "create", raw=dumps(sla(sleeper("job", 6061), app="priv")))
     await admin.request("services", "deploy", {"service": "priv.test.job.test", "replicas": 1})
     await running(admin, "priv.test.job.test", 1)

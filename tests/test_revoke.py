@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Stack, dumps, either_broker, eventually, machine_login, sla, sleeper
+from tests.conftest import Stack, dumps, either_broker, eventually, fleet, machine_login, sla, sleeper
 from tests.test_cli_and_scripts import run_oak
 from tests.test_three_tiers import _online_nodes, running, state
 
@@ -38,12 +38,7 @@ def _logs_in(stack: Stack, machine: str, port: int) -> bool:
 @pytest.mark.timeout(150)
 async def test_a_revoked_worker_is_cut_off_and_its_instances_move(stack: Stack, api: Any) -> None:
     """w1 revoked: offline at once, its instance runs on w2, and its certificate is refused from then on."""
-    stack.root()
-    stack.cluster("c1")
-    stack.worker("w1", "c1")
-    stack.worker("w2", "c1")
-    admin = await api()
-    await eventually(lambda: _online_nodes(admin, 2), timeout=30, what="two workers online")
+    admin = await fleet(stack, api, {"c1": ("w1", "w2")})
     home = stack.base / "root"
     listed = json.loads(run_oak(home, "node", "list", "--json").stdout)
     assert all(n["cert_expires"] > time.time() + 80 * 86400 for n in listed), "certificates last 90 days"
@@ -67,13 +62,7 @@ async def test_a_revoked_worker_is_cut_off_and_its_instances_move(stack: Stack, 
 @pytest.mark.timeout(150)
 async def test_a_revoked_cluster_is_cut_off_and_its_instances_move(stack: Stack, api: Any) -> None:
     """c1 revoked at the root: its instance runs on c2, and c1's certificate is refused from then on."""
-    stack.root()
-    stack.cluster("c1")
-    stack.cluster("c2")
-    stack.worker("w1", "c1")
-    stack.worker("w2", "c2")
-    admin = await api()
-    await eventually(lambda: _online_nodes(admin, 2), timeout=30, what="two workers online")
+    admin = await fleet(stack, api, {"c1": ("w1",), "c2": ("w2",)})
     home = stack.base / "root"
     clusters = json.loads(run_oak(home, "cluster", "list", "--json").stdout)
     assert all(c["cert_expires"] > time.time() + 80 * 86400 for c in clusters)
@@ -149,8 +138,7 @@ async def test_certificates_are_renewed_before_they_end_without_interrupting_any
 async def test_a_user_with_a_certificate_logs_in_without_a_password(stack: Stack, api: Any) -> None:
     """``oak user create bob --cert``: a subscription with bob's certificate and no password gets bob's
     answers, and only bob's."""
-    stack.root()
-    admin = await api()
+    admin = await fleet(stack, api, {})
     home = stack.base / "root"
     made = run_oak(home, "user", "create", "bob", "--password", "bob-password-1", "--cert", "--json")
     port = json.loads(made.stdout).get("port") or stack.root_port

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Stack, dumps, either_broker, eventually, sla, sleeper
+from tests.conftest import Stack, dumps, either_broker, eventually, fleet, sla, sleeper
 from tests.test_mosquitto import two_workers_running
 from tests.test_three_tiers import _online_nodes, running, state
 
@@ -95,11 +95,7 @@ async def test_refused_connects_change_nothing(stack: Stack, api: Any) -> None:
 async def test_worker_displaced_by_its_own_login_comes_back(stack: Stack, api: Any) -> None:
     """Stolen credentials can displace a worker (its own client id), but it reconnects, says so, and
     keeps its instances and its place."""
-    stack.root()
-    stack.cluster("c1")
-    stack.worker("w1", "c1")
-    admin = await api()
-    await eventually(lambda: _online_nodes(admin, 1), timeout=30, what="w1 online")
+    admin = await fleet(stack, api, {"c1": ("w1",)})
     await admin.request("apps", "create", raw=dumps(sla(sleeper("job", 6053), app="dp")))
     await admin.request("services", "deploy", {"service": "dp.test.job.test", "replicas": 1})
     await running(admin, "dp.test.job.test", 1)

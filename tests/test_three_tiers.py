@@ -13,6 +13,7 @@ import pytest
 from services.cli.client import ApiFailure, OakClient, Profile
 from services.common import topics
 from tests.conftest import Stack, dumps, eventually, sla, sleeper
+from tests.conftest import online_nodes as _online_nodes
 
 
 async def state(client: OakClient, service: str) -> dict[str, Any]:
@@ -85,10 +86,6 @@ async def test_mdoc_deploy_scale_undeploy(stack: Stack, api: Any) -> None:
     await eventually(lambda: not sleeps("6002", stack.base), what="deleted app's processes gone")
     assert await client.request("apps", "list") == []
 
-
-async def _online_nodes(client: OakClient, count: int) -> bool:
-    nodes = await client.request("nodes", "list")
-    return sum(1 for n in nodes if n["online"]) == count
 
 
 @pytest.mark.timeout(120)
