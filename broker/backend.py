@@ -88,6 +88,7 @@ class RunningBroker:
     tls_port: int | None = None  # where users and machines connect, when the tier runs TLS
     cert_port: int | None = None  # where machines log in with certificates, when not on tls_port (mosquitto)
     cut_off: Callable[[str], Awaitable[int]] = _nobody  # disconnect a revoked identity at once
+    restart: Callable[[], Awaitable[None]] | None = None  # the mosquitto oak runs, started again
 
     @property
     def port(self) -> int:
@@ -142,7 +143,7 @@ async def open_broker(
         assert isinstance(credentials, MosquittoCredentials)
         async with MosquittoBroker(listeners, credentials, data_dir / "mosquitto", bridge) as mosquitto:
             yield RunningBroker(BrokerUrl(mosquitto.local_host, mosquitto.port), credentials, spec, mosquitto.tls_port,
-                                mosquitto.cert_port, mosquitto.cut_off)
+                                mosquitto.cert_port, mosquitto.cut_off, mosquitto.restart)
     else:
         async with EmbeddedBroker(listeners, credentials) as embedded:
             yield RunningBroker(BrokerUrl("127.0.0.1", embedded.port), credentials, spec, embedded.tls_port,

@@ -88,7 +88,7 @@ class MosquittoBroker:
         plain = LOOPBACK_PASSWORDS if lst.plain_admits is not None else "passwd"
         listeners = [Listener(self.port, lst.plain_host or lst.host, password_file=plain)]
         if lst.tls_port is not None:
-            listeners.append(Listener(lst.tls_port, lst.host, lst.certfile, lst.keyfile, cafile=lst.cafile))
+            listeners.append(Listener(self.tls_port or 0, lst.host, lst.certfile, lst.keyfile, cafile=lst.cafile))
         if self.cert_port is not None:
             listeners.append(Listener(self.cert_port, lst.host, lst.certfile, lst.keyfile, cafile=lst.cafile,
                                       certificates=True, crlfile=lst.crlfile))
@@ -152,6 +152,18 @@ class MosquittoBroker:
         finally:
             write_private(kick, "")
         return -1
+
+    async def restart(self) -> None:
+        """Stop mosquitto and start it again (it reads its bridge's certificate only when it starts)."""
+        async with self.files.lock:
+            if self._watcher is not None:
+                self._watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._watcher
+            await self._stop_process()
+            self.files.write()
+            await self._spawn()
+            self._watcher = asyncio.get_running_loop().create_task(self._watch())
 
     async def _stop_process(self) -> None:
         if self._process is not None and self._process.returncode is None:

@@ -15,6 +15,7 @@ import datetime
 import json
 import logging
 import ssl
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,8 +77,10 @@ def _now() -> datetime.datetime:
 class Renewal:
     """A child's side: keeps the certificate in *tls_dir* renewed and *context* loaded with it."""
 
-    def __init__(self, session: MqttSession, context: ssl.SSLContext, tls_dir: Path, csr_topic: str) -> None:
+    def __init__(self, session: MqttSession, context: ssl.SSLContext, tls_dir: Path, csr_topic: str,
+                 on_renewed: Callable[[], Awaitable[None]] | None = None) -> None:
         self.session = session
+        self.on_renewed = on_renewed  # what else must take the new certificate (mosquitto's own bridge)
         self.context = context
         self.cert, self.key = tls_dir / "cert.pem", tls_dir / "key.pem"
         self.csr_topic = csr_topic
@@ -127,3 +130,5 @@ class Renewal:
         self.context.load_cert_chain(str(self.cert), str(self.key))
         self.renewed.set()
         log.info("certificate renewed until %s", cert.not_valid_after_utc.isoformat())
+        if self.on_renewed is not None:
+            await self.on_renewed()

@@ -8,6 +8,7 @@ nothing else logs a machine in: not a password, not plain TCP, not a certificate
 from __future__ import annotations
 
 import asyncio
+import shutil
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -16,9 +17,10 @@ from pathlib import Path
 import pytest
 
 from broker import ca
+from broker.backend import EMBEDDED, MOSQUITTO, BrokerSpec, make_credentials, open_broker
 from broker.credentials import Credentials
 from broker.join import Issuer, JoinDesk, Login, obtain_login
-from broker.server import EmbeddedBroker, Listeners
+from broker.server import Listeners
 from broker.tier_ca import TierCa
 from broker.tokens import JoinPolicy, JoinTokens
 from services.common import topics
@@ -30,34 +32,40 @@ from services.common.store import Store
 class Parent:
     """A tier's broker with its CA and join desk, as a cluster runs them."""
 
-    url: BrokerUrl
+    url: BrokerUrl  # TLS: users and newcomers
     plain: BrokerUrl
+    cert: BrokerUrl  # where certificates log in (mosquitto: a listener of its own)
     tier: TierCa
     tokens: JoinTokens
     credentials: Credentials
     store_path: Path
 
 
-@pytest.fixture
-async def parent(tmp_path: Path) -> AsyncIterator[Parent]:
-    """A broker that runs a CA and answers ``node`` join requests with tokens required."""
+@pytest.fixture(params=[EMBEDDED, MOSQUITTO])
+async def parent(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Parent]:
+    """A broker (embedded, or mosquitto run by oak) that runs a CA and answers ``node`` join requests with
+    tokens required, as a cluster does."""
+    if request.param == MOSQUITTO and shutil.which("mosquitto") is None:
+        pytest.skip("mosquitto is not installed (make test installs it when run as root)")
+    spec = BrokerSpec(request.param)
     store = Store(tmp_path / "parent" / "db.json")
-    credentials = Credentials(store)
+    credentials = make_credentials(spec, store)
     await credentials.load()
     credentials.machines_by_certificate = True
     tokens = JoinTokens(store)
     tier = TierCa.root(tmp_path / "parent")
-    async with EmbeddedBroker(tier.listeners(Listeners("127.0.0.1", 0), []), credentials) as broker:
-        service = MqttSession(BrokerUrl("127.0.0.1", broker.port), "desk", "svc.desk",
-                              credentials.service_password("svc.desk"))
+    listeners = tier.listeners(Listeners("127.0.0.1", 0), [])
+    async with open_broker(spec, listeners, credentials, tmp_path / "parent", ("desk",)) as broker:
+        service = MqttSession(broker.url, "desk", *broker.login("desk"))
         async with service:
-            desk = JoinDesk(credentials, "node", Issuer(tier.authority, tier.fleet_ca), JoinPolicy(tokens))
+            issuer = Issuer(tier.authority, tier.fleet_ca, broker.cert_port)
+            desk = JoinDesk(credentials, "node", issuer, JoinPolicy(tokens))
             service.publish(topics.JOIN_CA, tier.discovery(), retain=True)
             await service.subscribe_confirmed(topics.JOIN_REQUESTS)
             serving = asyncio.create_task(dispatch(service, {topics.JOIN_REQUESTS: lambda m: desk.handle(service, m)}))
-            assert broker.tls_port is not None
-            yield Parent(BrokerUrl("127.0.0.1", broker.tls_port, tls=True), BrokerUrl("127.0.0.1", broker.port),
-                         tier, tokens, credentials, tmp_path / "parent" / "db.json")
+            tls = BrokerUrl("127.0.0.1", broker.port, tls=True)
+            yield Parent(tls, broker.url, BrokerUrl("127.0.0.1", broker.cert_port or broker.port, tls=True), tier,
+                         tokens, credentials, tmp_path / "parent" / "db.json")
             serving.cancel()
     store.close()
 
@@ -79,7 +87,8 @@ async def test_a_token_and_the_right_fingerprint_give_a_certificate_that_logs_in
     assert (tmp_path / "w1" / "tls" / "key.pem").stat().st_mode & 0o777 == 0o600
     cert = ca.load_certs((tmp_path / "w1" / "tls" / "cert.pem").read_bytes())[0]
     assert ca.common_name(cert) == "node.w1"
-    async with MqttSession(parent.url, "node.w1", "node.w1", "", tls=login.tls(),
+    assert login.at(parent.url) == parent.cert, "the join answer names where certificates log in"
+    async with MqttSession(parent.cert, "node.w1", "node.w1", "", tls=login.tls(),
                            retry_first_connect=False) as session:
         await session.subscribe_confirmed(topics.down(topics.NODES, "w1", "desired"))
     secret = token.split(".")[2]
@@ -140,9 +149,10 @@ async def test_only_a_certificate_of_this_ca_logs_a_machine_in(parent: Parent, t
         "no certificate": tls_context(fleet),
     }
     for what, context in attempts.items():
-        with pytest.raises((MqttError, ssl.SSLError, OSError)):  # noqa: PT012 - one attempt per context
-            async with MqttSession(parent.url, "node.w1", "node.w1", "x", tls=context, retry_first_connect=False):
-                pytest.fail(f"a {what} logged node.w1 in")
+        for url in {parent.url, parent.cert}:
+            with pytest.raises((MqttError, ssl.SSLError, OSError)):  # noqa: PT012 - one attempt per context
+                async with MqttSession(url, "node.w1", "node.w1", "x", tls=context, retry_first_connect=False):
+                    pytest.fail(f"a {what} logged node.w1 in at {url}")
     with pytest.raises(MqttError):
         async with MqttSession(parent.plain, "node.w1", "node.w1", "x", retry_first_connect=False):
             pass
@@ -150,6 +160,5 @@ async def test_only_a_certificate_of_this_ca_logs_a_machine_in(parent: Parent, t
                                retry_first_connect=False)
     with pytest.raises((MqttError, TimeoutError)):
         await asyncio.wait_for(plain_on_tls.__aenter__(), 3)
-    async with MqttSession(parent.url, "node.w1", "node.w1", "", tls=login.tls(),
-                           retry_first_connect=False):
+    async with MqttSession(parent.cert, "node.w1", "node.w1", "", tls=login.tls(), retry_first_connect=False):
         pass

@@ -30,6 +30,7 @@ from services.common.store import Store
 
 log = logging.getLogger(__name__)
 VERSION = "0.1.0"
+RESTART_GRACE = 15.0  # seconds workers have to come back after this cluster restarts its own mosquitto
 
 
 @dataclass(frozen=True)
@@ -84,8 +85,9 @@ async def run_cluster(cfg: ClusterConfig, ready: asyncio.Event | None = None) ->
             issuer = Issuer(tier.authority, tier.fleet_ca, broker.cert_port, cfg.cert_days) if tier else None
             renewer = Renewer(credentials, tier.authority, NODE, cfg.cert_days) if tier else None
             bridge_tls = login.tls()
-            renewal = (Renewal(session, bridge_tls, cfg.data_dir / TLS_DIR, topics.upstream(CSR))
-                       if bridge_tls and not native else None)
+            renewal = (Renewal(session, bridge_tls, cfg.data_dir / TLS_DIR, topics.upstream(CSR),
+                               on_renewed=(lambda: _restart_native_bridge(broker, orchestrator)) if native else None)
+                       if bridge_tls else None)
             desk = JoinDesk(credentials, "node", issuer, JoinPolicy(tokens, cfg.join_token, cfg.open_join),
                             on_token_used=lambda token_id: session.publish(
                                 topics.upstream(topics.TOKENS_USED), json.dumps({"id": token_id}).encode()))
@@ -123,6 +125,16 @@ async def run_cluster(cfg: ClusterConfig, ready: asyncio.Event | None = None) ->
                     *([] if native else [_bridge(cfg, login, bridge_tls, broker.url, broker.login("bridge"))]))
     finally:
         store.close()
+
+
+async def _restart_native_bridge(broker: RunningBroker, orchestrator: ClusterOrchestrator) -> None:
+    """mosquitto's own bridge reads its certificate only when mosquitto starts: restart it, telling the
+    orchestrator first that the workers' last wills it is about to see mean nothing."""
+    if broker.restart is None:
+        return
+    log.info("restarting mosquitto so that its bridge to the root uses the renewed certificate")
+    orchestrator.hold_offline(RESTART_GRACE)
+    await broker.restart()
 
 
 def _expiry(credentials: Credentials, username: str) -> float:

@@ -78,6 +78,7 @@ class ClusterOrchestrator:
         self._peers_dirty = False
         self._changed = asyncio.Event()
         self._silent_after: float | None = None
+        self._held_until = 0.0  # while this cluster restarts its own broker (hold_offline)
         # Caches, keyed by the objects they were made from (kept identical while unchanged), so a report
         # converts only the workers and instances that changed.
         self._demands: dict[str, tuple[InstanceSpec, Demand]] = {}
@@ -197,7 +198,12 @@ class ClusterOrchestrator:
             log.info("worker %s is online", node.name)
             self._peers_dirty = True
         if not online and was:
-            await self._move_off(node, "went offline")
+            if time.monotonic() < self._held_until:
+                log.info("worker %s went offline while its broker restarts: it has until then to come back",
+                         node.name)
+                self._silent_after = self._held_until  # then _give_up_on_silent_workers moves what is left
+            else:
+                await self._move_off(node, "went offline")
         self._changed.set()
 
     async def _move_off(self, node: NodeView, why: str) -> None:
@@ -235,6 +241,11 @@ class ClusterOrchestrator:
                 await self.place_pending()
             except Exception:
                 log.exception("a placement pass failed")
+
+    def hold_offline(self, seconds: float) -> None:
+        """Give workers *seconds* to come back before moving their instances: this cluster restarts its
+        broker (which sends every worker's last will) on purpose."""
+        self._held_until = time.monotonic() + seconds
 
     async def _give_up_on_silent_workers(self) -> None:
         """After a restart, a worker that held instances and has not come back within STARTUP_GRACE is
