@@ -113,11 +113,7 @@ async def test_certificates_are_renewed_before_they_end_without_interrupting_any
     short = ("--cert-days", "0.0004")
     stack = Stack(tmp_path, root_args=(*short, *root_args), cluster_args=(*short, *cluster_args))
     try:
-        stack.root()
-        stack.cluster("c1")
-        stack.worker("w1", "c1")
-        admin = await connect(stack)
-        await eventually(lambda: _online_nodes(admin, 1), timeout=30, what="w1 online")
+        admin = await fleet(stack, lambda: connect(stack), {"c1": ("w1",)})
         await admin.request("apps", "create", raw=dumps(sla(sleeper("job", 6073), app="rn")))
         await admin.request("services", "deploy", {"service": "rn.test.job.test", "replicas": 1})
         before = (await running(admin, "rn.test.job.test", 1))["instances"][0]
@@ -184,11 +180,7 @@ async def test_a_worker_away_past_its_certificate_joins_again_with_a_token(tmp_p
 
     stack = Stack(tmp_path, cluster_args=("--cert-days", "0.000115"))
     try:
-        stack.root()
-        stack.cluster("c1")
-        stack.worker("w1", "c1")
-        admin = await connect(stack)
-        await eventually(lambda: _online_nodes(admin, 1), timeout=30, what="w1 online")
+        admin = await fleet(stack, lambda: connect(stack), {"c1": ("w1",)})
         first = _serial(stack.base / "w1" / "tls" / "cert.pem")
         stack.procs["w1"].stop()
         await eventually(lambda: _online_nodes(admin, 0), timeout=15, what="w1 offline")
