@@ -1,6 +1,6 @@
 """README: "Instances survive a worker that is killed (kill -9): the restarted worker adopts them." Tried as
 issue 21 did, by killing only the worker's PID and starting it again 2 s later, on both brokers, with the
-process runtime (containers: tests/test_containers_e2e.py; VMs: tests/test_vm_e2e.py)."""
+process runtime (containers on runc and containerd: tests/test_containers_e2e.py; VMs: tests/test_vm_e2e.py)."""
 
 from __future__ import annotations
 

@@ -4,6 +4,7 @@ logs``, completes a one_shot power-off, and leaves no QEMU process or tap behind
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -100,6 +101,18 @@ async def test_a_vm_service_end_to_end(stack: Stack, api: Any, lab: Lab, tmp_pat
         return done.stdout.strip() == "hello from the vm"
 
     await eventually(serves, 120, interval=1, what="the VM answering on its service IP")
+
+    # kill -9 of the worker's PID alone, a restart 2 s later: the same QEMU runs on, adopted (issue 21)
+    vm_qemus = qemus() - before_qemus
+    stack.procs["w1"].kill9()
+    await asyncio.sleep(2)
+    assert qemus() - before_qemus == vm_qemus, "the VM died with its worker"
+    stack.procs["w1"].start()
+    await eventually(lambda: "adopted" in stack.procs["w1"].log.read_text(), 30, what="adopted")
+    again = await eventually(lambda: running(WEB), 30, what="the VM RUNNING again")
+    assert [(i["iid"], i["restarts"]) for i in again["instances"]] == [(vm_iid, web["instances"][0]["restarts"])]
+    assert qemus() - before_qemus == vm_qemus, "the same QEMU, not a new one"
+    await eventually(serves, 30, interval=1, what="the adopted VM still answering")
 
     done = subprocess.run(oak("service", "logs", WEB, "0", "-n", "50", "--data-dir", str(stack.base / "root")),
                           capture_output=True, text=True, cwd=REPO, timeout=30)
