@@ -5,7 +5,8 @@ bash "$(dirname "$0")/vm-deps.sh" || echo "note: QEMU or the test kernel could n
 need=()
 command -v mosquitto_pub >/dev/null || need+=(mosquitto-clients)
 command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
-[ -f /usr/include/mosquitto_plugin.h ] || need+=(mosquitto-dev)  # oak's client-id plugin for mosquitto
+[ -f /usr/include/mosquitto_plugin.h ] || need+=(mosquitto-dev)  # oak's login plugin for mosquitto
+[ -f /usr/include/openssl/evp.h ] || need+=(libssl-dev)  # the same plugin checks passwords with OpenSSL
 command -v cc >/dev/null || need+=(gcc)
 command -v runc >/dev/null || need+=(runc)
 command -v ctr >/dev/null || need+=(containerd)

@@ -36,6 +36,15 @@ def new_password() -> str:
     return secrets.token_urlsafe(24)
 
 
+def same_secret(known: str, given: str) -> bool:
+    """Whether *given* is *known*, in constant time, for any text (hmac's own takes only ASCII str)."""
+    return hmac.compare_digest(known.encode(errors="surrogatepass"), given.encode(errors="surrogatepass"))
+
+
+def _digest(password: str) -> bytes:
+    return hashlib.sha256(password.encode(errors="surrogatepass")).digest()
+
+
 def _hash(password: str, salt: bytes, iterations: int) -> str:
     return hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations).hex()
 
@@ -152,7 +161,7 @@ class Credentials:
         identity = Identity.of(username)
         if identity.kind == SERVICE:
             expected = self._services.get(username)
-            return identity if expected and hmac.compare_digest(expected, password) else None
+            return identity if expected and same_secret(expected, password) else None
         if identity.kind == JOIN:  # a newcomer: the join desk checks its token (broker.join)
             return identity
         account = self._accounts.get(username)
@@ -160,10 +169,20 @@ class Credentials:
             if identity.kind == USER:
                 _hash(password, _NOBODY_SALT, ITERATIONS)  # as slow as a wrong password for a real user
             return None
-        digest = hashlib.sha256(password.encode()).digest()
-        if self._verified.get(username) == digest:  # PBKDF2 once per password, not per reconnect
+        if self.remembers(username, password):  # PBKDF2 once per password, not per reconnect
             return identity
         if hmac.compare_digest(_hash(password, bytes.fromhex(account.salt), account.iterations), account.hash):
-            self._verified[username] = digest
+            self._verified[username] = _digest(password)
             return identity
         return None
+
+    def remembers(self, username: str | None, password: str | bytes | None) -> bool:
+        """True when *password* is known right for *username* without hashing: it logged that user in
+        since start, or it is an in-process service's."""
+        if not username or password is None:
+            return False
+        if isinstance(password, bytes):
+            password = password.decode(errors="replace")
+        if username in self._services:
+            return same_secret(self._services[username], password)
+        return username in self._verified and hmac.compare_digest(self._verified[username], _digest(password))

@@ -56,7 +56,7 @@ DISCOVER = Identity(JOIN, "discover").username
 # * a newcomer: its nonce, 32 hex digits;
 # * user ``U``: ``U`` or ``U-<anything>``; an empty client id is given ``U-<random>`` (the embedded broker)
 #   or ``auto-<uuid>`` (mosquitto), and any user may hold an ``auto-`` id: they cannot be guessed.
-# broker/mosquitto_clientid.c says the same rule in C, for mosquitto's password listener.
+# broker/mosquitto_login.c says the same rule in C, for mosquitto's password listener.
 SERVICE_CLIENT_IDS = frozenset({"root", "cluster", "bridge"})
 GENERATED_PREFIX = "auto-"
 NONCE_HEX_DIGITS = 32

@@ -23,7 +23,7 @@ from services.common import topics
 from services.common.mqtt import BrokerUrl
 
 SALT_BYTES = 12  # mosquitto refuses any other salt length
-KICK_FILE = "kick"  # usernames oak's plugin disconnects at the next reload (broker/mosquitto_clientid.c)
+KICK_FILE = "kick"  # usernames oak's plugin disconnects at the next reload (broker/mosquitto_login.c)
 JOIN_FILTERS = f"{topics.BASE}/join/#"
 
 
@@ -98,7 +98,8 @@ class Listener:
         else:
             out.append(f"password_file {directory / self.password_file}")
             if plugin is not None:  # clients that send no id are named auto-<uuid> (mosquitto's default prefix)
-                out += [f"plugin {plugin}", f"plugin_opt_kick_file {directory / KICK_FILE}"]
+                out += [f"plugin {plugin}", f"plugin_opt_kick_file {directory / KICK_FILE}",
+                        f"plugin_opt_password_file {directory / self.password_file}"]
         if self.certfile and self.keyfile:
             out += [f"certfile {self.certfile}", f"keyfile {self.keyfile}"]
         if self.cafile:

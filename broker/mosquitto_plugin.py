@@ -1,9 +1,11 @@
-"""Builds the client-id plugin (``mosquitto_clientid.c``) for the mosquitto a tier runs.
+"""Builds the login plugin (``mosquitto_login.c``) for the mosquitto a tier runs.
 
-mosquitto has no setting that binds client ids to logins for more than one id per login, so oak brings
-a small plugin and compiles it where mosquitto runs, once per version of its source, into the broker's
-directory. Without a C compiler or mosquitto's plugin header (Debian: ``mosquitto-dev``) the broker
-still runs, but any valid login may then displace another client's session; oak says so loudly.
+mosquitto has no setting that binds client ids to logins for more than one id per login, none that
+slows down failed logins, and hashes every password on every connection; so oak brings a small plugin
+and compiles it where mosquitto runs, once per version of its source, into the broker's directory.
+Without a C compiler, mosquitto's plugin header (Debian: ``mosquitto-dev``) or OpenSSL's
+(``libssl-dev``) the broker still runs on mosquitto's own password check, but any valid login may then
+displace another client's session; oak says so loudly.
 """
 
 from __future__ import annotations
@@ -16,15 +18,15 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("mosquitto_clientid.c")
-HEADER = "mosquitto_plugin.h"
+SOURCE = Path(__file__).with_name("mosquitto_login.c")
+HEADERS = ("mosquitto_plugin.h", "openssl/evp.h")
 INCLUDE_DIRS = (Path("/usr/include"), Path("/usr/local/include"))
 
 
 def _target(directory: Path) -> Path:
     """Where this version of the source builds to; builds of other versions are removed."""
-    name = f"oak_clientid-{hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]}.so"
-    for old in directory.glob("oak_clientid-*.so"):
+    name = f"oak_login-{hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]}.so"
+    for old in directory.glob("oak_login-*.so"):
         if old.name != name:
             old.unlink()
     return directory / name
@@ -33,16 +35,17 @@ def _target(directory: Path) -> Path:
 async def build_plugin(directory: Path) -> Path | None:
     """The plugin's shared object in *directory*, built if needed; None (with a warning) if it cannot be."""
     compiler = shutil.which("cc") or shutil.which("gcc")
-    if compiler is None or not any((include / HEADER).exists() for include in INCLUDE_DIRS):
+    missing = [h for h in HEADERS if not any((include / h).exists() for include in INCLUDE_DIRS)]
+    if compiler is None or missing:
         log.warning("CLIENT IDS NOT BOUND: building oak's mosquitto plugin needs a C compiler and %s "
-                    "(Debian: apt-get install gcc mosquitto-dev); until then a valid login may take over "
-                    "another client's session on this broker", HEADER)
+                    "(Debian: apt-get install gcc mosquitto-dev libssl-dev); until then a valid login may "
+                    "take over another client's session on this broker", " and ".join(HEADERS))
         return None
     target = _target(directory)
     if target.exists():
         return target
     process = await asyncio.create_subprocess_exec(
-        compiler, "-shared", "-fPIC", "-O2", "-o", str(target), str(SOURCE),
+        compiler, "-shared", "-fPIC", "-O2", "-o", str(target), str(SOURCE), "-lcrypto",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )
     output, _ = await process.communicate()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from amqtt.contexts import Action
@@ -12,10 +12,13 @@ from amqtt.session import Session
 
 from broker import acl
 from broker.identity import CLUSTER, DISCOVER, JOIN, NODE, SERVICE, Identity
+from broker.login_guard import LoginGuard
 from services.common import topics
 
 log = logging.getLogger(__name__)
 
+WRONG_PASSWORD = "wrong password"
+BACKING_OFF = "too many failed logins"
 ACTIONS = {Action.PUBLISH: acl.PUBLISH, Action.SUBSCRIBE: acl.SUBSCRIBE, Action.RECEIVE: acl.RECEIVE}
 
 
@@ -28,16 +31,19 @@ class OakAuthPlugin(BaseAuthPlugin):
     admits only the kinds of identity it is configured for (a tier: its own services, and users with
     ``--plain-loopback``). The broker asks this before it looks up the session the client id names
     (:class:`broker.server.EmbeddedBroker`), so a refused CONNECT never touches another's session.
-    Passwords are checked off the event loop (:meth:`Credentials.check`).
+    Passwords are checked off the event loop (:meth:`Credentials.check`), and failed ones slow down their
+    source address and user name (:mod:`broker.login_guard`).
     """
 
     @dataclass
     class Config:
         """``credentials``: the :class:`broker.credentials.Credentials` to check against; ``plain_admits``:
-        the kinds of identity the plain listener lets in (None: all)."""
+        the kinds of identity the plain listener lets in (None: all); ``guard``: the failed logins'
+        backoff, one per broker."""
 
         credentials: Any = None
         plain_admits: frozenset[str] | None = None
+        guard: LoginGuard = field(default_factory=LoginGuard)
 
     async def authenticate(self, *, session: Session) -> bool | None:
         """Check the session's certificate or password, its listener and its client id."""
@@ -46,7 +52,11 @@ class OakAuthPlugin(BaseAuthPlugin):
         if identity is not None and not acl.client_id_allowed(identity, session.client_id or ""):
             refusal = f"client id {session.client_id!r} is not its own"
         if refusal:
-            log.warning("refused %s (client id %r): %s", session.username or "a client", session.client_id, refusal)
+            # a flood is logged once, by the guard: its single attempts are details
+            level = logging.DEBUG if refusal.startswith(BACKING_OFF) else \
+                logging.INFO if refusal == WRONG_PASSWORD else logging.WARNING
+            log.log(level, "refused %s (client id %r): %s", session.username or "a client", session.client_id,
+                    refusal)
             return False
         return True
 
@@ -64,14 +74,32 @@ class OakAuthPlugin(BaseAuthPlugin):
                 return f"the certificate of {certified} is not (or no longer) valid here", None
             session.username = certified
             return "", identity
-        identity = await credentials.check(session.username, session.password)
-        if identity is None:
-            return "wrong password", None
-        if identity.kind in (CLUSTER, NODE) and credentials.machines_by_certificate:
+        refusal, proven = await self._check_password(session)
+        if proven is None:
+            return refusal, None
+        if proven.kind in (CLUSTER, NODE) and credentials.machines_by_certificate:
             return "clusters and workers log in with their certificate", None
         admits = self.config.plain_admits
-        if not getattr(session, "oak_tls", False) and admits is not None and identity.kind not in admits:
+        if not getattr(session, "oak_tls", False) and admits is not None and proven.kind not in admits:
             return "plain TCP is for this tier's own services (a user needs TLS, or --plain-loopback)", None
+        return "", proven
+
+    async def _check_password(self, session: Session) -> tuple[str, Identity | None]:
+        """(why it is refused or "", the identity its password proves), within :mod:`broker.login_guard`'s
+        backoff for the session's source address and user name."""
+        credentials, guard = self.config.credentials, self.config.guard
+        source, name = getattr(session, "oak_source", ""), session.username or ""
+        if not credentials.remembers(name, session.password):
+            wait = guard.refused_for(source, name)
+            if wait > 0:
+                return f"{BACKING_OFF} from {source} or for {name!r}: {wait:.1f} s left", None
+        identity = await credentials.check(name, session.password)
+        if identity is None:
+            note = guard.failed(source, name)
+            if note:
+                log.warning("%s (the last from %s)", note, source)
+            return WRONG_PASSWORD, None
+        guard.succeeded(source, name)
         return "", identity
 
 

@@ -125,6 +125,7 @@ class _Broker(IndexedRouting, BrokerStats, Broker):
                 await writer.close()
             raise MQTTError(f"{peer} sent no valid CONNECT within {CONNECT_DEADLINE:.0f} s: {exc!r}") from None
         tls = writer._writer.get_extra_info("ssl_object") if hasattr(writer, "_writer") else None
+        incoming.oak_source = remote_address
         incoming.oak_tls = tls is not None
         presented = tls.getpeercert() if tls is not None else None
         incoming.oak_certified = certified_name(presented)

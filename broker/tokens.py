@@ -9,12 +9,12 @@ checked by the root; tokens for workers are made at the root too and sent, hashe
 from __future__ import annotations
 
 import hashlib
-import hmac
 import secrets
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from broker.credentials import same_secret
 from services.common.store import Store
 
 TABLE = "join_tokens"
@@ -23,7 +23,7 @@ MAX_TTL = 365 * 24 * 3600.0
 
 
 def _digest(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
+    return hashlib.sha256(secret.encode(errors="surrogatepass")).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ class JoinPolicy:
 
     def by_token(self, token: object, kind: str) -> bool:
         """True when *token* lets a *kind* join (open joining aside)."""
-        if self.static is not None and isinstance(token, str) and hmac.compare_digest(token, self.static):
+        if self.static is not None and isinstance(token, str) and same_secret(self.static, token):
             return True
         return not self.tokens.refusal(token, kind)
 
@@ -153,7 +153,7 @@ class JoinTokens:
             return "no valid join token (expected oak1.<id>.<secret>, from `oak token create`)"
         _, token_id, secret = token.split(".")
         record = self._records.get(token_id)
-        if record is None or not hmac.compare_digest(record.digest, _digest(secret)):
+        if record is None or not same_secret(record.digest, _digest(secret)):
             return "unknown join token"
         return token_id, record
 

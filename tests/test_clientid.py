@@ -1,7 +1,7 @@
 """Client ids are bound to identities: one table of cases, checked by the rule itself and by both brokers.
 
 Each broker is asked with Debian's mosquitto_pub, as a script or an attacker would connect; mosquitto
-enforces the rule through oak's plugin (broker/mosquitto_clientid.c), the embedded broker through
+enforces the rule through oak's plugin (broker/mosquitto_login.c), the embedded broker through
 broker/acl.py.
 """
 
@@ -85,7 +85,7 @@ async def _broker(kind: str, tmp_path: Path) -> AsyncIterator[tuple[int, Credent
         if kind == "mosquitto":
             assert isinstance(credentials, MosquittoCredentials)
             async with MosquittoBroker(Listeners(port=0), credentials, tmp_path / "mosquitto") as mosquitto:
-                plugins = list((tmp_path / "mosquitto").glob("oak_clientid-*.so"))
+                plugins = list((tmp_path / "mosquitto").glob("oak_login-*.so"))
                 if not plugins:
                     pytest.skip("oak's mosquitto plugin could not be built here (needs gcc and mosquitto-dev)")
                 yield mosquitto.port, credentials
