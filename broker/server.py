@@ -20,6 +20,7 @@ from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 
 from broker import acl
 from broker.credentials import Credentials
+from broker.gate import PENDING_PER_SOURCE, GatedSocket
 from broker.identity import USER, Identity
 from broker.plugins import permitted
 from broker.routing import BrokerStats, IndexedRouting
@@ -49,6 +50,7 @@ class Listeners:
     plain_host: str | None = None
     plain_admits: frozenset[str] | None = None
     crlfile: str | None = None  # certificates revoked (mosquitto's certificate listener reads it at start)
+    pending_per_source: int = PENDING_PER_SOURCE  # connections one address may hold before it logs in
 
 
 # amqtt waits keepalive + this many seconds for a client's next packet (MQTT asks 1.5 x keepalive; Oakling's
@@ -102,6 +104,11 @@ class _Broker(IndexedRouting, BrokerStats, Broker):
     never heard anything again) and took it over, and only then refused the newcomer's password.
     """
 
+    def __init__(self, config: dict[str, Any], pending_per_source: int = PENDING_PER_SOURCE) -> None:
+        super().__init__(config)
+        self.pending_per_source = pending_per_source
+        self.gates: list[GatedSocket] = []
+
     def _create_ssl_context(self, listener: Any) -> ssl.SSLContext:  # type: ignore[override]
         """The TLS listener's context: client certificates are checked against the tier's CA alone when
         it has one (amqtt's own falls back to the system's CAs, which must never log anyone in here)."""
@@ -140,6 +147,9 @@ class _Broker(IndexedRouting, BrokerStats, Broker):
             await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)
             await writer.close()
             raise MQTTError(f"{peer} refused (client id {incoming.client_id!r}, user {incoming.username!r})")
+        connection = writer._writer.get_extra_info("socket") if hasattr(writer, "_writer") else None
+        for gate in self.gates:
+            gate.admitted(remote_address, connection.fileno() if connection is not None else -1)
         session, current = self._sessions.get(incoming.client_id, (None, None))
         if session is not None and current is not None and session.transitions.is_connected():
             # MQTT-3.1.4-2: the earlier connection is closed (amqtt 0.12 left it open but deaf after a clean
@@ -161,13 +171,16 @@ class _Broker(IndexedRouting, BrokerStats, Broker):
 
     async def _create_server_instance(self, listener_name: str, listener_type: Any, address: str | None, port: int,
                                       ssl_context: ssl.SSLContext | None) -> Any:
-        """amqtt's TCP listeners, with the TLS handshake bounded by :data:`CONNECT_DEADLINE` (asyncio's
-        default waits a minute)."""
-        if listener_type != ListenerType.TCP or ssl_context is None:
+        """amqtt's TCP listeners on a :class:`broker.gate.GatedSocket` (a per-source limit on connections
+        not yet admitted), with the TLS handshake bounded by :data:`CONNECT_DEADLINE` (asyncio's default
+        waits a minute)."""
+        if listener_type != ListenerType.TCP:
             return await super()._create_server_instance(listener_name, listener_type, address, port, ssl_context)
+        gate = GatedSocket.listen_on(address or "0.0.0.0", port, self.pending_per_source)
+        self.gates.append(gate)
         return await asyncio.start_server(functools.partial(self.stream_connected, listener_name=listener_name),
-                                          address, port, reuse_address=True, ssl=ssl_context,
-                                          ssl_handshake_timeout=CONNECT_DEADLINE)
+                                          sock=gate, ssl=ssl_context,
+                                          ssl_handshake_timeout=CONNECT_DEADLINE if ssl_context else None)
 
     async def _authenticate(self, session: Any, listener: Any) -> bool:
         """Answered once, in :meth:`_initialize_client_session`, before any session is touched."""
@@ -226,7 +239,7 @@ class EmbeddedBroker:
         }
 
     async def __aenter__(self) -> EmbeddedBroker:
-        self._broker = _Broker(self._config())
+        self._broker = _Broker(self._config(), self.listeners.pending_per_source)
         await self._broker.start()
         self.port = self._bound("default")
         if self.listeners.tls_port is not None:
