@@ -195,6 +195,31 @@ class _Broker(IndexedRouting, BrokerStats, Broker):
         handler.__class__ = _Handler  # amqtt makes its own handler class in a classmethod; ours only adds a method
         await super()._handle_client_session(reader, writer, client_session, handler, *args)
 
+    async def _handle_disconnect(self, client_session: Any, handler: BrokerProtocolHandler,
+                                 disconnect_waiter: asyncio.Future[Any]) -> None:
+        """Kept for :meth:`_client_message_loop` to handle once the client's last messages are delivered."""
+        client_session.oak_left = (handler, disconnect_waiter)
+
+    async def _client_message_loop(self, client_session: Any, handler: BrokerProtocolHandler) -> None:
+        """amqtt's loop, then the messages the client published before it left, then its leaving (the will).
+
+        amqtt 0.12 stops reading a client's received messages the moment it disconnects: a script that
+        publishes a burst and exits (``mosquitto_pub -l``) lost whatever was still queued, QoS 1 included,
+        though every one had been acknowledged.
+        """
+        await super()._client_message_loop(client_session, handler)
+        loop = asyncio.get_running_loop()
+        queue = client_session.delivered_message_queue
+        while not queue.empty():
+            received: asyncio.Future[Any] = loop.create_future()
+            received.set_result(queue.get_nowait())
+            if not await self._handle_message_delivery(client_session, handler, received):
+                break
+        left = getattr(client_session, "oak_left", None)
+        if left is not None:
+            client_session.oak_left = None
+            await super()._handle_disconnect(client_session, *left)
+
     async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int], session: Any) -> None:
         subscribers = self._subscriptions.get(subscription[0], ())
         if any(subscriber is session for subscriber, _ in subscribers):

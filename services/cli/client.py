@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import secrets
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,18 +138,30 @@ class OakClient:
             payload = json.dumps({**document, "transaction": transaction}).encode()
         else:
             payload = json.dumps({**(body or {}), "transaction": transaction}).encode()
+        deadline = time.monotonic() + REQUEST_TIMEOUT
+        while True:
+            answer = await self._ask(topics.api_request(self.profile.username, resource, action), payload,
+                                     transaction, deadline)
+            error: dict[str, Any] = answer["error"] if isinstance(answer.get("error"), dict) else {}
+            retry_after = error.get("retry_after")
+            if answer.get("ok") or error.get("code") != "busy" or not isinstance(retry_after, int | float) \
+                    or time.monotonic() + retry_after > deadline:
+                break
+            await asyncio.sleep(retry_after)  # the root is catching up: ask again when it said
+        if not answer.get("ok"):
+            raise ApiFailure(error.get("code", "error"), error.get("message", "refused"))
+        return answer.get("data")
+
+    async def _ask(self, topic: str, payload: bytes, transaction: str, deadline: float) -> dict[str, Any]:
+        """Publish one request and wait, until *deadline*, for the answer with its transaction."""
         waiter = self._pending[transaction] = asyncio.get_running_loop().create_future()
-        self.session.publish(topics.api_request(self.profile.username, resource, action), payload)
+        self.session.publish(topic, payload)
         try:
-            answer = await asyncio.wait_for(waiter, REQUEST_TIMEOUT)
+            return dict(await asyncio.wait_for(waiter, max(0.0, deadline - time.monotonic())))
         except TimeoutError:
             raise CliError(f"the root at {self.profile.root} did not answer within {REQUEST_TIMEOUT:.0f} s") from None
         finally:
             self._pending.pop(transaction, None)
-        if not answer.get("ok"):
-            error = answer.get("error", {})
-            raise ApiFailure(error.get("code", "error"), error.get("message", "refused"))
-        return answer.get("data")
 
     async def stream(self, resource: str, action: str, body: dict[str, Any]) -> tuple[Any, AsyncIterator[dict]]:
         """Send a request answered many times (``services/logs``): its first answer's data, and the rest."""

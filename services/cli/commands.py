@@ -49,7 +49,7 @@ def broker_spec(args: argparse.Namespace) -> BrokerSpec:
 def _root_config(args: argparse.Namespace, home: Path) -> RootConfig:
     return RootConfig(home, listeners(args), args.scheduler, args.scheduler_profile, args.join_token,
                       getattr(args, "advertise", "127.0.0.1"), broker_spec(args), args.plain_loopback,
-                      _plain_port(args), args.open_join, args.cert_days)
+                      _plain_port(args), args.open_join, args.cert_days, args.busy_backlog)
 
 
 def _plain_port(args: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ from services.common.lifecycle import run_until_signalled, setup_logging
 from services.common.mqtt import BrokerUrl, MqttError
 from services.common.plugins import PluginError
 from services.common.profile import DEFAULT as DEFAULT_PROFILE
+from services.root.api import BUSY_BACKLOG
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -82,6 +83,10 @@ def parser() -> argparse.ArgumentParser:
     root = sub.add_parser("root", help="run the root orchestrator")
     _add_service_flags(root, 10000)
     root.add_argument("--advertise", default="127.0.0.1", help="address written into credentials.json")
+    for parser in (up, root):
+        parser.add_argument("--busy-backlog", type=int, default=BUSY_BACKLOG,
+                            help=f"messages waiting for the root beyond which requests are answered `busy` with "
+                                 f"a retry hint (default {BUSY_BACKLOG})")
 
     cluster = sub.add_parser("cluster", help="run a cluster orchestrator, or `oak cluster list`")
     cluster.add_argument("action", nargs="?", choices=["list", "revoke"],

@@ -262,6 +262,11 @@ class MqttSession:
                 self._retained.pop(topic, None)
         self._client.publish(topic, payload, qos=qos, retain=retain)
 
+    @property
+    def backlog(self) -> int:
+        """Messages received and not yet taken: how far behind the service reading them is."""
+        return self._queue.qsize()
+
     async def messages(self) -> AsyncIterator[Message]:
         """Yield incoming messages forever."""
         while True:

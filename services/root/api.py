@@ -4,12 +4,18 @@ A request is published on ``oak/api/<user>/request/<resource>/<action>``; the an
 ``oak/api/<user>/response/<resource>/<action>`` as ``{"ok": true, "data": ..., "transaction": ...}`` or
 ``{"ok": false, "error": {"code": ..., "message": ...}}``. The broker has already checked that the
 publisher is ``<user>``. A bad request changes nothing.
+
+Every request is answered exactly once: a request that fails in an unforeseen way is answered
+``internal`` (and logged), and while more than *busy_backlog* messages wait for the root, requests are
+answered ``busy`` at once, with ``retry_after`` seconds (the backlog at the recent cost per message),
+instead of waiting behind the backlog until their sender gives up.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -27,6 +33,8 @@ from services.root.views import cluster_rows, node_rows
 log = logging.getLogger(__name__)
 
 MAX_REPLICAS = 1000
+BUSY_BACKLOG = 2000  # messages waiting for the root beyond which requests are answered "busy"
+OVERLOAD_QUIET = 5.0  # seconds without a busy answer that end an overload (for its one log line)
 DEFAULT_TOKEN_TTL = 24 * 3600.0
 
 
@@ -41,12 +49,23 @@ class ApiError(Exception):
 Handler = Callable[[str, Any], Awaitable[Any]]
 
 
+class Busy(Exception):
+    """The root is too far behind to serve a request now: retry in *retry_after* seconds."""
+
+    def __init__(self, retry_after: float, backlog: int) -> None:
+        super().__init__(f"the root is busy ({backlog} messages waiting): retry in {retry_after:.1f} s")
+        self.retry_after = retry_after
+
+
 class Api:
     """Serves the requests of every user."""
 
     def __init__(self, catalog: Catalog, orchestrator: RootOrchestrator, credentials: Credentials,
-                 streams: LogStreams, joining: RootJoining | None = None) -> None:
+                 streams: LogStreams, joining: RootJoining | None = None, busy_backlog: int = BUSY_BACKLOG) -> None:
         self.catalog = catalog
+        self.busy_backlog = busy_backlog
+        self._cost = 0.001  # seconds per request, a moving average (for the busy answer's retry_after)
+        self._last_busy = float("-inf")
         self.orchestrator = orchestrator
         self.credentials = credentials
         self.streams = streams
@@ -82,11 +101,17 @@ class Api:
             if isinstance(body, dict) and isinstance(body.get("transaction"), str):
                 transaction = body["transaction"]
             self._transaction = transaction
+            if session.backlog > self.busy_backlog:
+                raise Busy(round(max(1.0, session.backlog * self._cost), 1), session.backlog)
             handler = self.routes.get((parsed.resource, parsed.action))
             if handler is None:
                 known = ", ".join(f"{r}/{a}" for r, a in self.routes)
                 raise ApiError("unknown_action", f"no action {parsed.resource}/{parsed.action} (known: {known})")
+            started = time.perf_counter()
             answer: dict[str, Any] = {"ok": True, "data": await handler(parsed.user, body)}
+            self._cost += (time.perf_counter() - started - self._cost) / 16
+        except Busy as exc:
+            answer = {"ok": False, "error": {"code": "busy", "message": str(exc), "retry_after": exc.retry_after}}
         except ApiError as exc:
             answer = {"ok": False, "error": {"code": exc.code, "message": str(exc)}}
         except SlaError as exc:
@@ -95,15 +120,29 @@ class Api:
             answer = {"ok": False, "error": {"code": "not_found", "message": str(exc)}}
         except Conflict as exc:
             answer = {"ok": False, "error": {"code": "conflict", "message": str(exc)}}
+        except Exception as exc:  # a bug: the request still gets its one answer, and the root serves on
+            log.exception("%s %s/%s failed", parsed.user, parsed.resource, parsed.action)
+            answer = {"ok": False, "error": {"code": "internal", "message": f"the root failed: {exc!r}"}}
         if transaction is not None:
             answer["transaction"] = transaction
-        if not answer["ok"]:
+        busy = not answer["ok"] and answer["error"]["code"] == "busy"
+        self._note_overload(busy, answer)
+        if not answer["ok"] and not busy:
             log.info("%s %s/%s refused: %s", parsed.user, parsed.resource, parsed.action, answer["error"]["message"])
         session.publish(
             topics.api_response(parsed.user, parsed.resource, parsed.action),
             json.dumps(answer).encode(),
         )
         self.orchestrator.flush_states()
+
+    def _note_overload(self, busy: bool, answer: dict[str, Any]) -> None:
+        """Log an overload once, when it begins (after OVERLOAD_QUIET seconds without a busy answer)."""
+        if not busy:
+            return
+        now = time.monotonic()
+        if now - self._last_busy > OVERLOAD_QUIET:
+            log.warning("%s; answering requests busy until it catches up", answer["error"]["message"])
+        self._last_busy = now
 
     @staticmethod
     def _body(payload: bytes) -> Any:

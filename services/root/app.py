@@ -21,7 +21,7 @@ from services.common import plugins, profile, topics
 from services.common.mqtt import BrokerUrl, Message, MqttSession, serve
 from services.common.private import private_dir, write_secret
 from services.common.store import Store
-from services.root.api import Api
+from services.root.api import BUSY_BACKLOG, Api
 from services.root.catalog import Catalog
 from services.root.joining import RootJoining
 from services.root.network import RootNetwork
@@ -48,6 +48,7 @@ class RootConfig:
     plain_port: int = 0
     open_join: bool = False  # clusters may join without a token
     cert_days: float = ca.CERT_DAYS  # how long the clusters' certificates last
+    busy_backlog: int = BUSY_BACKLOG  # messages waiting beyond which requests are answered "busy"
 
 
 async def ensure_admin(cfg: RootConfig, credentials: Credentials, url: BrokerUrl, cafile: Path | None) -> None:
@@ -95,7 +96,7 @@ async def run_root(cfg: RootConfig, ready: asyncio.Event | None = None) -> None:
                 joining = RootJoining(tokens, session, credentials.usernames, public,
                                       tier.fingerprint if tier else None, lambda name: broker.revoke(name, tier),
                                       issuer)
-                api = Api(catalog, orchestrator, credentials, streams, joining)
+                api = Api(catalog, orchestrator, credentials, streams, joining, cfg.busy_backlog)
                 renewer = Renewer(credentials, tier.authority, CLUSTER, cfg.cert_days) if tier else None
                 desk = JoinDesk(credentials, "cluster", issuer, JoinPolicy(tokens, cfg.join_token, cfg.open_join))
                 if cfg.open_join:
