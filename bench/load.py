@@ -11,8 +11,9 @@ connected all along, asks ``services/list`` over and over, and its latency is me
   were answered.
 
 And what short-lived clients pay: the time of a TLS CONNECT/CONNACK for a user, the first one (its
-password is hashed: 100,000 rounds of PBKDF2) against the next ones (it is remembered); and 50 concurrent ``services/deploy``
-requests from 5 users, each from a client that connects, asks and leaves as the CLI does.
+password is hashed: 100,000 rounds of PBKDF2) against the next ones (it is remembered); and 50
+concurrent ``services/deploy`` requests from 5 users, each from a client that connects, asks and leaves
+as the CLI does.
 
 Run: ``.venv/bin/python -m bench.load [--flood 10] [--sockets 10000]``
 """
