@@ -35,6 +35,8 @@ def view(name: str, workers: int, cores: float = 4, memory: float = 4096) -> Clu
 class FakeSession:
     """Records what the orchestrator publishes."""
 
+    backlog = 0  # nothing waits: the tier is idle
+
     def __init__(self) -> None:
         self.published: list[tuple[str, bytes]] = []
 

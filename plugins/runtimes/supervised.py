@@ -114,15 +114,19 @@ class SupervisedRuntime:
                 raise RuntimeError(f"cannot create the cgroup: {exc}") from None
         with open_log(spec) as log_file:
             try:
+                command = self.command(spec)
                 child = await asyncio.create_subprocess_exec(
-                    *self.command(spec), cwd=spec.work_dir, env=self.environment(spec),
-                    stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file, start_new_session=True,
-                    preexec_fn=(lambda: cgroup.add(os.getpid())) if cgroup else None,
+                    *(cgroup.entered_by(command) if cgroup else command), cwd=spec.work_dir,
+                    env=self.environment(spec), stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+                    start_new_session=True,
                 )
             except OSError as exc:
                 if cgroup:
                     cgroup.remove()
                 raise RuntimeError(f"cannot start: {exc}") from None
+        if cgroup:  # the shell joins it before the command runs; it is in it when start returns, too
+            with contextlib.suppress(OSError):
+                cgroup.add(child.pid)
         self._children[child.pid] = child
         try:
             started = psutil.Process(child.pid).create_time()

@@ -28,7 +28,7 @@ from services.common.mqtt import Message, MqttSession
 from services.common.retained import LastSent
 from services.common.scheduling import Profile, reserve, with_targets
 from services.common.store import Store
-from services.common.throttle import ReportThrottle
+from services.common.throttle import ReportThrottle, Trigger
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +36,14 @@ DESIRED, ASSIGNED = "desired", "assigned"
 STATE_INTERVAL = 2.0
 PEERS = 8
 RETRY_INTERVAL = 1.0
-PLACE_COALESCE = 0.05  # a placement pass waits this long, so the changes arriving meanwhile share it
+# A placement pass runs PLACE_COALESCE after it is asked for (changes arriving together share it) while the
+# cluster keeps up with its messages; while messages wait for it (a burst of deploys, many workers lost)
+# passes run PLACE_SPACING apart, so what arrives meanwhile shares a pass.
+PLACE_COALESCE = 0.002
+PLACE_SPACING = 0.05
 STARTUP_GRACE = 10.0
-# The state report is throttled by its own cost (ReportThrottle): the next one waits at least
-# REPORT_MIN_INTERVAL and REPORT_COST_FACTOR times what the last one took.
+# The state report is throttled by its own cost (ReportThrottle): the next one waits REPORT_COST_FACTOR
+# times what the last one took, and while messages wait for the cluster, at least REPORT_MIN_INTERVAL.
 REPORT_MIN_INTERVAL = 0.2
 REPORT_COST_FACTOR = 10.0
 DESIRED_SECTIONS = ("instances",)
@@ -85,8 +89,8 @@ class ClusterOrchestrator:
         self._spec_docs: dict[str, tuple[InstanceSpec, dict[str, Any]]] = {}
         self._node_docs: dict[str, tuple[NodeSummary, dict[str, Any]]] = {}
         self._status_docs: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
-        self._place_wanted = False
-        self._placing: asyncio.Task[None] | None = None
+        pacing = ReportThrottle(PLACE_SPACING, factor=0.0, coalesce=PLACE_COALESCE, idle_coalesce=PLACE_COALESCE)
+        self._placements = Trigger(lambda: self.place_pending(), pacing, "a placement pass", self._busy)
         self._maps_due: set[str] = set()  # workers whose desired maps changed in memory, published once on disk
         # Instances taken off a worker that went offline, by that worker: its retained map keeps listing
         # them until they run elsewhere, so a worker that comes back (kill -9 and restart) keeps and adopts
@@ -222,25 +226,21 @@ class ClusterOrchestrator:
         self.place_soon()
         self._changed.set()
 
+    def _busy(self) -> bool:
+        """Whether messages wait for this cluster: then reports and placements batch."""
+        return self.session.backlog > 0
+
     def place_soon(self) -> None:
         """Have :meth:`place_pending` run shortly (once for what several callers lost at nearly the same time)."""
-        self._place_wanted = True
-        if self._placing is None or self._placing.done():
-            self._placing = asyncio.get_running_loop().create_task(self._place_later())
+        self._placements.pull()
+
+    @property
+    def _placing(self) -> asyncio.Task[None] | None:
+        return self._placements.task
 
     async def placed(self) -> None:
         """Wait until the placement :meth:`place_soon` asked for is done and on disk (tests, shutdown)."""
-        while self._placing is not None and not self._placing.done():
-            await asyncio.shield(self._placing)
-
-    async def _place_later(self) -> None:
-        while self._place_wanted:
-            self._place_wanted = False
-            await asyncio.sleep(PLACE_COALESCE)
-            try:
-                await self.place_pending()
-            except Exception:
-                log.exception("a placement pass failed")
+        await self._placements.settled()
 
     def hold_offline(self, seconds: float) -> None:
         """Give workers *seconds* to come back before moving their instances: this cluster restarts its
@@ -458,8 +458,7 @@ class ClusterOrchestrator:
                 tasks.create_task(self._report())
                 tasks.create_task(self._retry())
         finally:
-            if self._placing is not None:
-                self._placing.cancel()
+            self._placements.cancel()
 
     async def _retry(self) -> None:
         while True:
@@ -477,7 +476,7 @@ class ClusterOrchestrator:
             while True:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), STATE_INTERVAL)
-                await asyncio.sleep(throttle.delay(time.monotonic()))  # coalesces bursts
+                await asyncio.sleep(throttle.delay(time.monotonic(), self._busy()))  # coalesces bursts
                 self._changed.clear()
                 started = time.monotonic()
                 throttle.ran(started, started + await self.report(out))

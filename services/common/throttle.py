@@ -1,31 +1,93 @@
-"""Spacing reports by their own cost, so that reporting a big state never takes over the event loop."""
+"""Pacing batched work (reports, placement passes): at once on an idle tier, batched on a busy one.
+
+:class:`ReportThrottle` says how long to wait before the next run; :class:`Trigger` runs a piece of work
+soon after it is asked for, once for all the asks made before it starts, paced by a throttle. The root's
+reconcile pass, the cluster's placement pass and the state reports all go through these.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class ReportThrottle:
-    """Spaces reports by their own cost: the next one starts at least :attr:`gap` (``max(minimum,
-    factor × cost of the last one)``) after the last one started, and never sooner than *coalesce* after
-    a change, so changes in a burst share a report and reporting uses at most ~1/factor of the loop."""
+    """Spaces runs by their own cost, and while the tier is busy (messages wait in its inbox) by a
+    minimum too: the next one starts at least ``factor`` × the last one's cost after the last one started
+    (so the work uses at most ~1/factor of the loop), and while busy, at least *minimum* after it and
+    never sooner than *coalesce* after it was asked for.
+
+    This is what makes the batching adaptive: an idle tier runs the next one at once (a deploy on a quiet
+    system is not held up), a busy one batches what arrives meanwhile into one run per *minimum*.
+    """
 
     minimum: float
     factor: float = 10.0
     coalesce: float = 0.005
+    idle_coalesce: float = 0.0  # what an idle tier still waits for more changes
     _started: float = float("-inf")
     _cost: float = 0.0
 
     @property
     def gap(self) -> float:
-        """The least time between the starts of the last report and the next."""
+        """The least time between the starts of two runs while the tier is busy."""
         return max(self.minimum, self.factor * self._cost)
 
-    def delay(self, now: float) -> float:
-        """How long to wait, at *now*, before the next report."""
+    def delay(self, now: float, busy: bool = True) -> float:
+        """How long to wait, at *now*, before the next run (*busy*: messages wait for the tier; an idle one
+        neither coalesces nor keeps the minimum spacing)."""
+        if not busy:
+            return max(self.idle_coalesce, self._started + self.factor * self._cost - now)
         return max(self.coalesce, self._started + self.gap - now)
 
     def ran(self, started: float, ended: float) -> None:
-        """Record a report that ran from *started* to *ended*."""
+        """Record a run from *started* to *ended*."""
         self._started, self._cost = started, ended - started
+
+
+class Trigger:
+    """Runs *action* soon after :meth:`pull`: once for every pull made before the run starts, once more
+    for pulls made during it; never two runs at a time; paced by *pacing* (:class:`ReportThrottle`),
+    whose minimum spacing applies while *busy*() says the tier is behind."""
+
+    def __init__(self, action: Callable[[], Awaitable[object]], pacing: ReportThrottle, what: str,
+                 busy: Callable[[], bool] = lambda: True) -> None:
+        self.action = action
+        self.pacing = pacing
+        self.what = what
+        self.busy = busy
+        self.task: asyncio.Task[None] | None = None
+        self._wanted = False
+
+    def pull(self) -> None:
+        """Have the action run soon, without waiting for it."""
+        self._wanted = True
+        if self.task is None or self.task.done():
+            self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def settled(self) -> None:
+        """Wait until no pulled run is pending or running."""
+        while self.task is not None and not self.task.done():
+            await asyncio.shield(self.task)
+
+    def cancel(self) -> None:
+        """Stop a pending or running run (shutdown)."""
+        if self.task is not None:
+            self.task.cancel()
+
+    async def _run(self) -> None:
+        while self._wanted:
+            await asyncio.sleep(self.pacing.delay(time.monotonic(), self.busy()))
+            self._wanted = False
+            started = time.monotonic()
+            try:
+                await self.action()
+            except Exception:
+                log.exception("%s failed", self.what)
+            self.pacing.ran(started, time.monotonic())

@@ -23,6 +23,7 @@ from services.common.models import ClusterInfo, InstanceSpec, InstanceStatus, No
 from services.common.mqtt import Message, MqttSession
 from services.common.retained import LastSent
 from services.common.scheduling import Profile, with_targets
+from services.common.throttle import ReportThrottle, Trigger
 from services.root.catalog import Catalog, Instance, Service
 from services.root.clusters import STARTUP_GRACE, ClusterView, Pool, choose
 from services.root.network import RootNetwork, overlay_routes
@@ -67,8 +68,9 @@ class RootOrchestrator:
         self._published_state = LastSent()  # each service's state, by service id
         self._dirty: set[str] = set()
         self._reconciling = asyncio.Lock()
-        self._kick_wanted = False
-        self._kick_task: asyncio.Task[None] | None = None
+        # at once (after the request that asked is answered): placing is the root's cheap, rare work
+        self._kicks = Trigger(lambda: self.reconcile(), ReportThrottle(0.0, factor=0.0, coalesce=0.0),
+                              "a reconcile pass")
 
     def start(self) -> None:
         """Subscribe, and republish every cluster's desired map and every service's state."""
@@ -198,24 +200,11 @@ class RootOrchestrator:
     def kick(self) -> None:
         """Have a reconcile pass run soon, without waiting for it (an API request is answered first).
         Kicks made before that pass starts share it; one made during it gets another pass after it."""
-        self._kick_wanted = True
-        if self._kick_task is None or self._kick_task.done():
-            self._kick_task = asyncio.get_running_loop().create_task(self._kicked())
-
-    async def _kicked(self) -> None:
-        while self._kick_wanted:
-            await asyncio.sleep(0)  # the caller answers its request first
-            async with self._reconciling:
-                self._kick_wanted = False
-                try:
-                    await self._reconcile()
-                except Exception:
-                    log.exception("a reconcile pass failed")
+        self._kicks.pull()
 
     async def settled(self) -> None:
         """Wait until no kicked pass is pending or running (tests, shutdown)."""
-        while self._kick_task is not None and not self._kick_task.done():
-            await asyncio.shield(self._kick_task)
+        await self._kicks.settled()
 
     async def _reconcile(self) -> None:
         changes: dict[str, str] = {}
@@ -411,8 +400,7 @@ class RootOrchestrator:
                 if ticks % INFRASTRUCTURE_EVERY == 0:
                     self.publish_infrastructure()
         finally:
-            if self._kick_task is not None:
-                self._kick_task.cancel()
+            self._kicks.cancel()
             for out in self._desired_out.values():
                 out.close()
 
