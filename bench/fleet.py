@@ -80,7 +80,8 @@ class Fleet:
         proc = Proc(f"sim-{prefix}", oak(
             "sim", "--workers", str(count), "--prefix", prefix,
             "--cluster", f"127.0.0.1:{self.stack.cluster_ports[cluster]}",
-            "--data-dir", str(self.base / "sims"), "--report-interval", str(self.report_interval)), self.base,
+            "--data-dir", str(self.base / "sims"), "--report-interval", str(self.report_interval),
+            f"--join-token={self.stack.token}", *self.stack.pin()), self.base,
             self.stack.env).start()
         self.stack.procs[proc.name] = proc
         return proc
