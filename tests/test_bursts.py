@@ -165,3 +165,13 @@ async def test_a_request_that_fails_unforeseen_is_answered_internal() -> None:
     assert json.loads(failed)["error"]["code"] == "internal"
     assert json.loads(failed)["transaction"] == "t"
     assert json.loads(served) == {"ok": True, "data": ["ok"], "transaction": "t"}
+
+
+async def test_a_request_nested_too_deeply_is_answered_bad_request() -> None:
+    """10,000 levels of nesting (json's recursion limit) get a bad_request answer, not silence."""
+    api = Api(None, _Orchestrator(), None, None)  # type: ignore[arg-type]
+    session = _Session()
+    deep = b'{"transaction": "t", "x": ' + b"[" * 10_000 + b"]" * 10_000 + b"}"
+    await api.handle(session, Message("oak/api/alice/request/services/list", deep, False, 0))  # type: ignore[arg-type]
+    ((_, answer),) = session.published
+    assert json.loads(answer)["error"] == {"code": "bad_request", "message": "the request is nested too deeply"}

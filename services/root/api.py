@@ -152,6 +152,8 @@ class Api:
             return json.loads(payload)
         except (ValueError, UnicodeDecodeError):
             raise ApiError("bad_request", "the request is not JSON") from None
+        except RecursionError:
+            raise ApiError("bad_request", "the request is nested too deeply") from None
 
     # ---- argument helpers ---------------------------------------------------------------------
 
