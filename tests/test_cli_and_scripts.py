@@ -244,3 +244,12 @@ def test_tls_by_default_plain_on_loopback_and_websockets(stack: Stack) -> None:
     import asyncio
 
     assert asyncio.run(over_websocket()) == {"ok": True, "data": []}
+
+
+def test_the_version_is_the_packages() -> None:
+    """`oak --version` says the version pyproject.toml gives the installed package (one place, not three)."""
+    from importlib import metadata
+
+    done = subprocess.run(oak("--version"), capture_output=True, text=True, cwd=REPO, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"oak {metadata.version('oakling')}"

@@ -18,6 +18,7 @@ from services.common.lifecycle import run_until_signalled, setup_logging
 from services.common.mqtt import BrokerUrl, MqttError
 from services.common.plugins import PluginError
 from services.common.profile import DEFAULT as DEFAULT_PROFILE
+from services.common.version import VERSION
 from services.root.api import BUSY_BACKLOG
 
 
@@ -70,6 +71,7 @@ def _add_service_flags(p: argparse.ArgumentParser, port: int) -> None:
 def parser() -> argparse.ArgumentParser:
     """The whole command line."""
     top = argparse.ArgumentParser(prog="oak", description="Oakling: a hierarchical edge orchestrator.")
+    top.add_argument("--version", action="version", version=f"oak {VERSION}")
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     up = sub.add_parser("up", help="run root + cluster + worker on this machine (1-DOC)")

@@ -27,9 +27,9 @@ from services.common.models import ClusterInfo
 from services.common.mqtt import BrokerUrl, Message, MqttSession, serve
 from services.common.private import private_dir
 from services.common.store import Store
+from services.common.version import VERSION
 
 log = logging.getLogger(__name__)
-VERSION = "0.1.0"
 RESTART_GRACE = 15.0  # seconds workers have to come back after this cluster restarts its own mosquitto
 
 

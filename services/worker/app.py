@@ -17,6 +17,7 @@ from services.common.models import NodeInfo
 from services.common.mqtt import BrokerUrl, Message, MqttSession, serve
 from services.common.private import private_dir
 from services.common.store import Store
+from services.common.version import VERSION
 from services.worker.engine import Engine
 from services.worker.kernel import Kernel
 from services.worker.logs import LogServer
@@ -28,7 +29,6 @@ from services.worker.reporter import Reporter
 from services.worker.socklb import open_balancer
 
 log = logging.getLogger(__name__)
-VERSION = "0.1.0"
 
 
 @dataclass(frozen=True)
