@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import random
 import secrets
 import signal
 import socket
@@ -20,11 +22,24 @@ from services.cli.client import Profile
 REPO = Path(__file__).resolve().parents[1]
 
 
+# Ports for the tiers under test are taken below Linux's ephemeral range (32768-60999), where no client
+# socket of a test running alongside can hold them; a tier also listens on its port + 1 (plain loopback)
+# and, on mosquitto, + 2 (certificates), so all three must be free.
+PORTS = range(20_000, 32_000, 3)
+
+
 def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port that, with the two after it, nobody uses right now."""
+    for port in random.sample(PORTS, 200):
+        try:
+            with contextlib.ExitStack() as held:
+                for p in range(port, port + 3):
+                    sock = held.enter_context(socket.socket())
+                    sock.bind(("127.0.0.1", p))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no three free TCP ports in a row below the ephemeral range")
 
 
 class Proc:
