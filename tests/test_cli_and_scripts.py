@@ -253,3 +253,21 @@ def test_the_version_is_the_packages() -> None:
     done = subprocess.run(oak("--version"), capture_output=True, text=True, cwd=REPO, timeout=30)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"oak {metadata.version('oakling')}"
+
+
+def test_plugins_list_shows_every_installed_plugin_with_its_origin() -> None:
+    """`oak plugins list` names each scheduler, runtime and collector, its package and version and the module
+    it comes from (read from the entry points, nothing imported); --json gives the same as data."""
+    from importlib import metadata
+
+    done = subprocess.run(oak("plugins", "list", "--json"), capture_output=True, text=True, cwd=REPO, timeout=30)
+    assert done.returncode == 0, done.stderr
+    rows = {(p["kind"], p["name"]): p for p in json.loads(done.stdout)}
+    for kind, group in (("scheduler", "oak.schedulers"), ("runtime", "oak.runtimes"), ("collector", "oak.collectors")):
+        for ep in metadata.entry_points(group=group):
+            assert rows[(kind, ep.name)]["source"] == ep.value
+    assert rows[("runtime", "process")]["distribution"] == "oakling"
+    assert rows[("runtime", "process")]["version"] == metadata.version("oakling")
+    table = subprocess.run(oak("plugins", "list"), capture_output=True, text=True, cwd=REPO, timeout=30).stdout
+    assert table.splitlines()[0].split() == ["KIND", "NAME", "PACKAGE", "VERSION", "FROM"]
+    assert len(table.splitlines()) == len(rows) + 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import socket
@@ -14,9 +15,10 @@ from typing import Any
 
 from services.cli import commands
 from services.cli.client import CliError, oak_home
+from services.cli.tables import table
 from services.common.lifecycle import run_until_signalled, setup_logging
 from services.common.mqtt import BrokerUrl, MqttError
-from services.common.plugins import PluginError
+from services.common.plugins import PluginError, installed
 from services.common.profile import DEFAULT as DEFAULT_PROFILE
 from services.common.version import VERSION
 from services.root.api import BUSY_BACKLOG
@@ -195,6 +197,10 @@ def parser() -> argparse.ArgumentParser:
                      help="sha256:... of the fleet's CA, checked before joining")
     sim.add_argument("-v", "--verbose", action="store_true")
 
+    plugins = sub.add_parser("plugins", help="the installed plugins").add_subparsers(dest="action", required=True)
+    p = plugins.add_parser("list", help="schedulers, runtimes and collectors: version and where each comes from")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
     brk = sub.add_parser("broker", help="an existing broker for oak").add_subparsers(dest="action", required=True)
     p = brk.add_parser("files", help="write starting password and ACL files for your mosquitto into DIR and "
                                      "print the mosquitto.conf lines that use them (see docs/brokers.md)")
@@ -261,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "broker":
         return commands.broker_files(args.dir)
+    if args.command == "plugins":
+        _print([dataclasses.asdict(p) for p in installed()], args, lambda rows: table(rows, PLUGIN_COLUMNS))
+        return 0
     if args.command == "tui":
         from tui.__main__ import main as tui_main
 
@@ -287,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 EXPECTED = (CliError, MqttError, PluginError, ValueError, OSError)
+PLUGIN_COLUMNS = (("KIND", "kind"), ("NAME", "name"), ("PACKAGE", "distribution"), ("VERSION", "version"),
+                  ("FROM", "source"))
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:

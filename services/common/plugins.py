@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import pluggy
@@ -40,6 +41,29 @@ def _load(pm: pluggy.PluginManager, kind: str, name: str) -> None:
         if pm.get_plugin(key) is None and not pm.is_blocked(key):
             pm.register(ep.load(), name=key)
     pm.check_pending()
+
+
+@dataclass(frozen=True)
+class Installed:
+    """One installed plugin as its entry point declares it: nothing of it is imported to list it."""
+
+    kind: str  # scheduler, runtime or collector
+    name: str
+    distribution: str  # the package that provides it
+    version: str
+    source: str  # module:attribute
+
+
+def installed() -> list[Installed]:
+    """Every installed scheduler, runtime and collector plugin, by kind and name."""
+    from importlib.metadata import entry_points
+
+    found = []
+    for kind, group in GROUPS.items():
+        for ep in entry_points(group=group):
+            dist = ep.dist
+            found.append(Installed(kind, ep.name, dist.name if dist else "?", dist.version if dist else "?", ep.value))
+    return sorted(found, key=lambda p: (p.kind, p.name))
 
 
 def available(kind: str) -> list[str]:
