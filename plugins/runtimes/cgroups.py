@@ -89,6 +89,8 @@ class Usage:
 # sh -c ENTER_SCRIPT oak-cgroup N PROCS_1 .. PROCS_N COMMAND...: join the groups, then become COMMAND.
 ENTER_SCRIPT = ('n=$1; shift; while [ "$n" -gt 0 ]; do echo $$ > "$1" || { echo "oak: cannot enter the cgroup $1" >&2; '
                 'exit 125; }; shift; n=$((n - 1)); done; exec "$@"')
+ENTERING_ARGS = ("/bin/sh", "-c", ENTER_SCRIPT, "oak-cgroup")
+ENTERING = "\0".join(ENTERING_ARGS).encode()  # how /proc/<pid>/cmdline starts while the shell has not exec'd
 
 
 class Cgroup:
@@ -152,7 +154,7 @@ class Cgroup:
         the whole worker (some 10 ms of the event loop each); a shell is spawned with vfork. A group the
         shell cannot enter ends it with status 125, saying why in the instance's log."""
         procs = [str(path / "cgroup.procs") for path in self.dirs.values()]
-        return ["/bin/sh", "-c", ENTER_SCRIPT, "oak-cgroup", str(len(procs)), *procs, *command]
+        return [*ENTERING_ARGS, str(len(procs)), *procs, *command]
 
     def exists(self) -> bool:
         """True while any of the group's directories exists."""

@@ -37,6 +37,7 @@ class Geo:
     """Filter by distance to the SLA's places; score closer candidates higher."""
 
     name = NAME
+    evaluates = ("geo",)  # the SLA constraint types it honours
 
     def _distances(self, demand: Demand, candidate: Candidate) -> list[tuple[float, float]] | None:
         here = parse_location(candidate.location)

@@ -18,6 +18,7 @@ class Labels:
     """Filter by required labels."""
 
     name = NAME
+    evaluates = ("addons",)  # the SLA constraint types it honours
 
     def filter(self, demand: Demand, candidate: Candidate) -> str | None:
         """Reject a candidate missing any needed label."""

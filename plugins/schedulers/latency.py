@@ -27,6 +27,7 @@ class Latency:
     """Filter and score by estimated round-trip time to the SLA's target workers."""
 
     name = NAME
+    evaluates = ("latency",)  # the SLA constraint types it honours
 
     def filter(self, demand: Demand, candidate: Candidate) -> str | None:
         """Reject candidates whose estimated RTT to a target is over its threshold (or unknown)."""

@@ -224,6 +224,19 @@ class SchedulerPlugin(Protocol):
         ...
 
 
+@runtime_checkable
+class ConstraintEvaluator(Protocol):
+    """A scheduler plugin that honours SLA ``constraints`` of some types (an ability a plugin declares).
+
+    ``evaluates`` names the constraint types (``"geo"``, ``"latency"``, ``"addons"``, ...) its ``filter``
+    and ``score`` take into account. A service with a constraint that no plugin of the profile
+    evaluates is refused at deploy (the framework's *fit* itself handles ``direct``), rather than placed
+    as if the constraint were not there.
+    """
+
+    evaluates: tuple[str, ...]
+
+
 # --------------------------------------------------------------------------------------------------
 # Hooks
 # --------------------------------------------------------------------------------------------------

@@ -16,11 +16,11 @@ decision, so a burst of deployments does not pile onto one node.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from itertools import chain, islice
 
-from services.common.hookspecs import Candidate, Demand, SchedulerPlugin
+from services.common.hookspecs import Candidate, ConstraintEvaluator, Demand, SchedulerPlugin
 
 MIN_SCORE, MAX_SCORE = 0.0, 100.0
 
@@ -49,6 +49,27 @@ class Profile:
     def names(self) -> list[str]:
         """The plugins' names, for logs and info."""
         return [w.plugin.name for w in self.plugins]
+
+
+# Constraint types the framework's fit handles itself, and Oakling's plugins for the others (for the hint
+# a refused deploy gives).
+FIT_CONSTRAINTS = frozenset({"direct"})
+OWN_EVALUATORS = {"geo": "geo", "addons": "labels", "latency": "latency"}
+
+
+def unevaluated(profile: Profile, constraint_types: Iterable[str]) -> list[str]:
+    """The constraint types among *constraint_types* that neither fit nor any plugin of *profile* evaluates."""
+    evaluated = {kind for weighted in profile.plugins if isinstance(weighted.plugin, ConstraintEvaluator)
+                 for kind in weighted.plugin.evaluates}
+    return sorted({kind for kind in constraint_types if kind not in FIT_CONSTRAINTS and kind not in evaluated})
+
+
+def unevaluated_reason(profile: Profile, kinds: list[str]) -> str:
+    """Why a service with constraints of *kinds* (from :func:`unevaluated`) is refused, and what to enable."""
+    hints = [f"{OWN_EVALUATORS[k]!r} for {k!r}" for k in kinds if k in OWN_EVALUATORS]
+    return (f"no enabled scheduler plugin evaluates {', '.join(repr(k) for k in kinds)} constraints (enabled: "
+            f"{', '.join(profile.names)}); it would be placed as if they were not there"
+            + (f": enable {', '.join(hints)} (oak root --scheduler ...)" if hints else ""))
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from broker.credentials import Credentials
 from broker.identity import CLUSTER, Identity
 from services.common import topics
 from services.common.mqtt import Message, MqttSession
+from services.common.scheduling import unevaluated, unevaluated_reason
 from services.common.sla import SlaError, parse_sla
 from services.root.catalog import App, Catalog, Conflict, NotFound, Service
 from services.root.joining import RootJoining
@@ -234,6 +235,8 @@ class Api:
         return self.orchestrator.service_state(self._service(user, body))
 
     async def _scale(self, service: Service, replicas: int) -> Any:
+        if replicas > 0:
+            self._check_constraints_evaluated(service)
         added, removed = await self.catalog.set_replicas(service, replicas)
         await self.orchestrator.forget(removed)
         service = self.catalog.services[service.sid]
@@ -242,8 +245,17 @@ class Api:
         return {**self.orchestrator.service_state(service), "added": [i.number for i in added],
                 "removed": [i.number for i in removed]}
 
+    def _check_constraints_evaluated(self, service: Service) -> None:
+        """Refuse to run *service* when no scheduler plugin of the root would honour one of its constraints."""
+        constraints = service.spec.get("constraints") or []
+        kinds = [c.get("type", "") for c in constraints if isinstance(c, dict)] if isinstance(constraints, list) else []
+        missing = unevaluated(self.orchestrator.profile, kinds)
+        if missing:
+            raise ApiError("missing_plugin", unevaluated_reason(self.orchestrator.profile, missing))
+
     async def services_deploy(self, user: str, body: Any) -> Any:
-        """Deploy a service with ``replicas`` instances (default 1)."""
+        """Deploy a service with ``replicas`` instances (default 1); refused when the root's scheduler
+        plugins would ignore one of its constraints."""
         replicas = self._replicas(body, 1)
         if replicas < 1:
             raise ApiError("bad_request", "deploy needs at least 1 replica (use undeploy to stop a service)")
