@@ -1,0 +1,56 @@
+"""Adaptive pacing (services/common/throttle.py): an idle tier runs its batched work at once, a busy one
+spaces it; a Trigger runs once for the asks made before it starts and once more for those during it."""
+
+from __future__ import annotations
+
+import asyncio
+
+from services.common.throttle import ReportThrottle, Trigger
+
+
+def test_an_idle_tier_waits_only_for_the_cost_spacing() -> None:
+    pacing = ReportThrottle(minimum=0.2, factor=10, coalesce=0.005)
+    pacing.ran(100.0, 100.001)  # a cheap run: 10 x its cost is 10 ms
+    assert abs(pacing.delay(100.002, busy=True) - 0.198) < 1e-9  # busy: the minimum spacing
+    assert abs(pacing.delay(100.002, busy=False) - 0.009) < 1e-9  # idle: only 10 x the cost
+    assert pacing.delay(100.5, busy=False) == 0.0  # long after: at once
+    assert pacing.delay(100.5, busy=True) == 0.005  # busy: still coalesces
+    with_idle_coalesce = ReportThrottle(minimum=0.05, factor=0, coalesce=0.002, idle_coalesce=0.002)
+    assert with_idle_coalesce.delay(0.0, busy=False) == 0.002
+
+
+async def test_a_trigger_runs_once_for_asks_before_and_once_for_asks_during_a_run() -> None:
+    runs = []
+    release = asyncio.Event()
+
+    async def work() -> None:
+        runs.append(len(runs))
+        if len(runs) == 1:
+            await release.wait()
+
+    trigger = Trigger(work, ReportThrottle(0.0, factor=0.0, coalesce=0.0), "work", busy=lambda: False)
+    trigger.pull()
+    trigger.pull()  # before the run starts: the same run
+    await asyncio.sleep(0.01)
+    assert runs == [0]
+    trigger.pull()
+    trigger.pull()  # during the run: one more run after it
+    release.set()
+    await trigger.settled()
+    assert runs == [0, 1]
+
+
+async def test_a_failing_run_is_logged_and_the_trigger_goes_on() -> None:
+    calls = []
+
+    async def flaky() -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise ValueError("a bug")
+
+    trigger = Trigger(flaky, ReportThrottle(0.0, factor=0.0, coalesce=0.0), "flaky", busy=lambda: False)
+    trigger.pull()
+    await trigger.settled()
+    trigger.pull()
+    await trigger.settled()
+    assert len(calls) == 2
