@@ -12,7 +12,7 @@ def test_an_idle_tier_waits_only_for_the_cost_spacing() -> None:
     pacing = ReportThrottle(minimum=0.2, factor=10, coalesce=0.005)
     pacing.ran(100.0, 100.001)  # a cheap run: 10 x its cost is 10 ms
     assert abs(pacing.delay(100.002, busy=True) - 0.198) < 1e-9  # busy: the minimum spacing
-    assert abs(pacing.delay(100.002, busy=False) - 0.009) < 1e-9  # idle: only 10 x the cost
+    assert abs(pacing.delay(100.002, busy=False) - 0.008) < 1e-9  # idle: only 10 x the cost (10 ms after the start)
     assert pacing.delay(100.5, busy=False) == 0.0  # long after: at once
     assert pacing.delay(100.5, busy=True) == 0.005  # busy: still coalesces
     with_idle_coalesce = ReportThrottle(minimum=0.05, factor=0, coalesce=0.002, idle_coalesce=0.002)
