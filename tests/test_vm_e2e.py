@@ -40,12 +40,12 @@ def vm(name: str, code: Path, cmd: list[str], **extra: Any) -> dict[str, Any]:
             "memory": 128, "vcpus": 1, **extra}
 
 
-def qemus() -> set[int]:
-    """PIDs of the QEMU processes running Oakling instances."""
+def qemus(iid: str = "") -> set[int]:
+    """PIDs of the QEMU processes running Oakling instances (only instance *iid*'s, when given)."""
     out = set()
     for proc in psutil.process_iter(["name", "cmdline"]):
         cmdline = proc.info["cmdline"] or []
-        if (proc.info["name"] or "").startswith("qemu-system") and any(a.startswith("oak-") for a in cmdline):
+        if (proc.info["name"] or "").startswith("qemu-system") and any(a.startswith(f"oak-{iid}") for a in cmdline):
             out.add(proc.pid)
     return out
 
@@ -103,15 +103,16 @@ async def test_a_vm_service_end_to_end(stack: Stack, api: Any, lab: Lab, tmp_pat
     await eventually(serves, 120, interval=1, what="the VM answering on its service IP")
 
     # kill -9 of the worker's PID alone, a restart 2 s later: the same QEMU runs on, adopted (issue 21)
-    vm_qemus = qemus() - before_qemus
+    vm_qemus = qemus(vm_iid)  # its own: other tests' VMs may come and go meanwhile
+    assert len(vm_qemus) == 1
     stack.procs["w1"].kill9()
     await asyncio.sleep(2)
-    assert qemus() - before_qemus == vm_qemus, "the VM died with its worker"
+    assert qemus(vm_iid) == vm_qemus, "the VM died with its worker"
     stack.procs["w1"].start()
     await eventually(lambda: "adopted" in stack.procs["w1"].log.read_text(), 30, what="adopted")
     again = await eventually(lambda: running(WEB), 30, what="the VM RUNNING again")
     assert [(i["iid"], i["restarts"]) for i in again["instances"]] == [(vm_iid, web["instances"][0]["restarts"])]
-    assert qemus() - before_qemus == vm_qemus, "the same QEMU, not a new one"
+    assert qemus(vm_iid) == vm_qemus, "the same QEMU, not a new one"
     await eventually(serves, 30, interval=1, what="the adopted VM still answering")
 
     done = subprocess.run(oak("service", "logs", WEB, "0", "-n", "50", "--data-dir", str(stack.base / "root")),
