@@ -37,7 +37,7 @@ from bench.three_tiers import sla
 from broker.probe import connect_packet
 from services.cli.client import CliError, OakClient, Profile
 from services.common.mqtt import tls_context
-from tests.stack import Stack, eventually
+from tests.stack import Stack, end, eventually
 
 USERS = 5
 DEPLOYS = 50
@@ -141,8 +141,7 @@ def burst(base: Path, port: int, profile: Profile) -> int:
                         "-t", f"oak/api/{profile.username}/request/services/list"], input=requests, text=True,
                        check=True, timeout=60)
         time.sleep(2)
-        answers.terminate()
-        answers.wait(10)
+        end(answers)
     return sum(1 for line in out.read_text().splitlines() if '"transaction": "b' in line)
 
 

@@ -68,18 +68,24 @@ class Proc:
 
     def stop(self) -> None:
         """Stop it gracefully (SIGTERM), then kill it if it lingers."""
-        if self.popen is None or self.popen.poll() is not None:
-            return
-        self.popen.send_signal(signal.SIGTERM)
-        try:
-            self.popen.wait(15)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait(5)
+        if self.popen is not None:
+            end(self.popen, 15)
 
     def tail(self, lines: int = 30) -> str:
         """The end of its log, for failure messages."""
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:]) if self.log.exists() else ""
+
+
+def end(popen: subprocess.Popen[Any], grace: float = 5.0) -> None:
+    """Stop a process this test started: SIGTERM, then SIGKILL if it lingers past *grace* seconds."""
+    if popen.poll() is not None:
+        return
+    popen.send_signal(signal.SIGTERM)
+    try:
+        popen.wait(grace)
+    except subprocess.TimeoutExpired:
+        popen.kill()
+        popen.wait(5)
 
 
 def oak(*args: str) -> list[str]:

@@ -21,7 +21,7 @@ import pytest
 from services.common.mqtt import Message
 from services.root.api import Api
 from tests.conftest import Stack, connect, need_binary
-from tests.stack import REPO
+from tests.stack import REPO, end
 
 BURST = 1000
 
@@ -65,8 +65,7 @@ async def _burst(stack: Stack) -> dict[str, list[dict[str, Any]]]:
         await asyncio.sleep(8)  # the root answers 1,000 in well under a second or two
         await admin.request("services", "list")  # the root is still serving
     finally:
-        answers.terminate()
-        answers.wait(10)
+        end(answers)
         await admin.__aexit__(None, None, None)
     by_transaction: dict[str, list[dict[str, Any]]] = {}
     for line in out.read_text().splitlines():
