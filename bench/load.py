@@ -38,6 +38,7 @@ from broker.probe import connect_packet
 from services.cli.client import CliError, OakClient, Profile
 from services.common.mqtt import tls_context
 from tests.stack import Stack, end, eventually
+from tests.test_bursts import LINE_BUFFERED
 
 USERS = 5
 DEPLOYS = 50
@@ -133,8 +134,9 @@ def burst(base: Path, port: int, profile: Profile) -> int:
     login = ["-V", "mqttv311", "-h", "127.0.0.1", "-p", str(port), "--cafile", str(profile.ca),
              "-u", profile.username, "-P", profile.password]
     with out.open("w") as sink:
-        answers = subprocess.Popen(["mosquitto_sub", *login, "-i", f"{profile.username}-burst-answers", "-q", "1",
-                                    "-t", f"oak/api/{profile.username}/response/services/list"], stdout=sink)
+        answers = subprocess.Popen([*LINE_BUFFERED, "mosquitto_sub", *login, "-i", f"{profile.username}-burst-answers",
+                                    "-q", "1", "-t", f"oak/api/{profile.username}/response/services/list"],
+                                   stdout=sink)
         time.sleep(1)
         requests = "".join(json.dumps({"transaction": f"b{n}"}) + "\n" for n in range(BURST))
         subprocess.run(["mosquitto_pub", *login, "-i", f"{profile.username}-burst", "-q", "1", "-l",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +25,8 @@ from tests.conftest import Stack, connect, need_binary
 from tests.stack import REPO, end
 
 BURST = 1000
+# each answer reaches the file as it comes, so none is lost should mosquitto_sub have to be killed
+LINE_BUFFERED = ["stdbuf", "-oL"] if shutil.which("stdbuf") else []
 
 
 @pytest.fixture(params=["embedded", "mosquitto"])
@@ -54,7 +57,7 @@ async def _burst(stack: Stack) -> dict[str, list[dict[str, Any]]]:
              "-u", user, "-P", saved["password"]]
     out = stack.base / "answers.txt"  # a file, not a pipe: a full pipe would stop mosquitto_sub reading
     with out.open("w") as sink:
-        answers = subprocess.Popen(["mosquitto_sub", *login, "-i", f"{user}-answers", "-q", "1",
+        answers = subprocess.Popen([*LINE_BUFFERED, "mosquitto_sub", *login, "-i", f"{user}-answers", "-q", "1",
                                     "-t", f"oak/api/{user}/response/#"], stdout=sink)
     try:
         await asyncio.sleep(1)  # subscribed
