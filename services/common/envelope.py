@@ -52,6 +52,8 @@ def decode(payload: bytes | str, kind: str | None = None) -> Envelope:
         raw = json.loads(payload)
     except (ValueError, UnicodeDecodeError) as exc:
         raise EnvelopeError(f"not JSON: {exc}") from None
+    except RecursionError:
+        raise EnvelopeError("nested too deeply") from None
     if not isinstance(raw, dict):
         raise EnvelopeError("not a JSON object")
     v, got_kind, data = raw.get("v"), raw.get("kind"), raw.get("data")

@@ -284,13 +284,17 @@ async def dispatch(session: MqttSession, routes: dict[str, Handler]) -> None:
     """Hand every incoming message to the handler of the first topic filter it matches, forever.
 
     *routes* maps MQTT filters (``+``/``#`` allowed) to handlers, tried in order. A handler that raises
-    is logged and the loop goes on: one bad message never stops a service.
+    is logged and the loop goes on: one bad message never stops a service. Bad input (a ``ValueError``,
+    such as an envelope or a field that does not check out) is one line naming the topic (and so the
+    sender) and what is wrong; anything else is a bug, logged with its traceback.
     """
     async for message in session.messages():
         for topic_filter, handler in routes.items():
             if matches(topic_filter, message.topic):
                 try:
                     await handler(message)
+                except (ValueError, RecursionError) as exc:
+                    log.warning("ignoring a bad message on %s: %s", message.topic, str(exc)[:300] or repr(exc))
                 except Exception:
                     log.exception("failed to handle a message on %s", message.topic)
                 break

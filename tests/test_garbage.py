@@ -1,0 +1,91 @@
+"""Garbage on every channel a child or a user may publish on stops no tier (issue 15, point 1).
+
+As a worker (its certificate), garbage on every ``up`` channel of its own at its cluster; as a cluster
+(its certificate), on every ``up`` channel of its own at the root; as the admin, on every API request
+topic. The corpus: not JSON, JSON of the wrong shape, envelopes with wrong kinds and null data, numbers
+where strings belong and strings where numbers belong, nesting past json's recursion limit, a lone
+surrogate, a long string. Afterwards the root still answers, both workers are still online, and a new
+service reaches RUNNING, on either broker; and every tier said what was wrong in one line each, with no
+traceback (a traceback is for bugs).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Stack, dumps, either_broker, eventually, fleet, machine_login, sla, sleeper
+from tests.test_three_tiers import running
+
+WORKER_CHANNELS = ("info", "state", "state/delta", "avail", "csr", "res/logs", "net", "peers")
+CLUSTER_CHANNELS = ("info", "state", "state/delta", "avail", "csr", "res/logs", "tokens/used", "net")
+API_VERBS = ("apps/create", "apps/list", "apps/delete", "services/list", "services/inspect", "services/deploy",
+             "services/scale", "services/undeploy", "services/logs", "clusters/list", "nodes/list",
+             "users/create", "users/list", "tokens/create", "clusters/revoke", "nodes/revoke")
+
+
+def corpus() -> list[str]:
+    """One payload a line."""
+    envelope = {"v": 1, "kind": "node.state", "ts": 0, "src": "x"}
+    return [
+        "not json", "[]", "null", "1e999", '"a string"', "{}", '{"v": 1}',
+        json.dumps({**envelope, "data": None}), json.dumps({**envelope, "kind": "desired", "data": {}}),
+        json.dumps({**envelope, "data": {"cpu_cores": "x", "runtimes": None, "labels": 5, "instances": "all"}}),
+        json.dumps({**envelope, "kind": "node.info", "data": {"cpu_cores": "x", "runtimes": None, "labels": 5}}),
+        json.dumps({**envelope, "kind": "cluster.state", "data": {"nodes": {"w": {"cpu_free": "lots"}},
+                                                                   "instances": 7}}),
+        json.dumps({**envelope, "kind": "cluster.state.delta", "data": {"epoch": 5, "seq": "x", "put": []}}),
+        json.dumps({"service": 5, "replicas": "many", "app": [], "username": {}, "password": 1, "tail": -1}),
+        '{"a": ' + "[" * 10_000 + "]" * 10_000 + "}",
+        '{"s": "\\ud800"}',
+        json.dumps({"s": "x" * 100_000}),
+    ]
+
+
+@pytest.fixture(params=["embedded", "mosquitto"])
+def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
+    """A stack on either broker."""
+    yield from either_broker(request.param, tmp_path)
+
+
+def _flood(login: list[str], topics: list[str], payloads: Path) -> None:
+    for topic in topics:
+        subprocess.run(["mosquitto_pub", *login, "-q", "1", "-t", topic, "-l"], stdin=payloads.open("rb"),
+                       check=True, timeout=30)
+
+
+@pytest.mark.timeout(180)
+async def test_garbage_on_every_channel_stops_no_tier(stack: Stack, api: Any, tmp_path: Path) -> None:
+    admin = await fleet(stack, api, {"c1": ("w1", "w2")})
+    payloads = tmp_path / "garbage.txt"
+    payloads.write_text("\n".join(corpus()) + "\n")
+    cluster = stack.cluster_ports["c1"]
+    _flood(machine_login(stack, "w2", cluster), [f"oak/nodes/w2/up/{c}" for c in WORKER_CHANNELS], payloads)
+    _flood(machine_login(stack, "c1", stack.root_port), [f"oak/clusters/c1/up/{c}" for c in CLUSTER_CHANNELS],
+           payloads)
+    saved = json.loads((stack.base / "root" / "credentials.json").read_text())
+    user = ["-V", "mqttv311", "-h", "127.0.0.1", "-p", str(stack.root_port), "--cafile", saved["ca"],
+            "-u", saved["username"], "-P", saved["password"], "-i", f"{saved['username']}-garbage"]
+    _flood(user, [f"oak/api/{saved['username']}/request/{verb}" for verb in API_VERBS], payloads)
+
+    await admin.request("services", "list")
+    await admin.request("apps", "create", raw=dumps(sla(sleeper("after", 6091), app="gb")))
+    await admin.request("services", "deploy", {"service": "gb.test.after.test", "replicas": 2})
+    await running(admin, "gb.test.after.test", 2, timeout=60)
+
+    async def both_online() -> bool:
+        nodes = await admin.request("nodes", "list")
+        return sorted(n["name"] for n in nodes if n["online"]) == ["w1", "w2"]
+
+    await eventually(both_online, 30, what="w1 and w2 online (w2 sends its good info and state again)")
+    for name in ("root", "c1", "w1", "w2"):
+        popen = stack.procs[name].popen
+        assert popen is not None
+        assert popen.poll() is None, f"{name} stopped"
+        log = stack.procs[name].log.read_text(errors="replace")
+        assert "Traceback" not in log, f"{name}: bad input is one log line, not a traceback:\n{log[-3000:]}"
