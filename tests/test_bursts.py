@@ -23,6 +23,7 @@ from services.common.mqtt import Message
 from services.root.api import Api
 from tests.conftest import Stack, connect, need_binary
 from tests.stack import REPO, end
+from tests.test_root_burst import FakeSession
 
 BURST = 1000
 # each answer reaches the file as it comes, so none is lost should mosquitto_sub have to be killed
@@ -107,18 +108,6 @@ async def test_an_overloaded_root_answers_busy_instead_of_dropping(tmp_path: Pat
     assert log.count("answering requests busy until it catches up") == 1, "the overload is logged once"
 
 
-class _Session:
-    """What Api.handle needs of a session: where its answers go, and its backlog."""
-
-    backlog = 0
-
-    def __init__(self) -> None:
-        self.published: list[tuple[str, bytes]] = []
-
-    def publish(self, topic: str, payload: bytes) -> None:
-        self.published.append((topic, payload))
-
-
 class _Orchestrator:
     def flush_states(self) -> None:
         pass
@@ -135,7 +124,7 @@ async def test_a_request_waiting_behind_a_backlog_is_answered_busy_with_a_retry_
         return []
 
     api.routes[("services", "list")] = fine
-    session = _Session()
+    session = FakeSession()
     for backlog, transaction in ((11, "late"), (10, "on-time")):
         session.backlog = backlog
         await api.handle(session, Message("oak/api/alice/request/services/list",  # type: ignore[arg-type]
@@ -160,7 +149,7 @@ async def test_a_request_that_fails_unforeseen_is_answered_internal() -> None:
 
     api.routes[("apps", "list")] = broken
     api.routes[("services", "list")] = fine
-    session = _Session()
+    session = FakeSession()
     for verb in ("apps/list", "services/list"):
         await api.handle(session, Message(f"oak/api/alice/request/{verb}", b'{"transaction": "t"}', False, 0))  # type: ignore[arg-type]
     (_, failed), (_, served) = session.published
@@ -172,7 +161,7 @@ async def test_a_request_that_fails_unforeseen_is_answered_internal() -> None:
 async def test_a_request_nested_too_deeply_is_answered_bad_request() -> None:
     """10,000 levels of nesting (json's recursion limit) get a bad_request answer, not silence."""
     api = Api(None, _Orchestrator(), None, None)  # type: ignore[arg-type]
-    session = _Session()
+    session = FakeSession()
     deep = b'{"transaction": "t", "x": ' + b"[" * 10_000 + b"]" * 10_000 + b"}"
     await api.handle(session, Message("oak/api/alice/request/services/list", deep, False, 0))  # type: ignore[arg-type]
     ((_, answer),) = session.published

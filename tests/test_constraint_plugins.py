@@ -19,15 +19,15 @@ from plugins.schedulers.labels import Labels
 from plugins.schedulers.least_loaded import LeastLoaded
 from services.cli.client import ApiFailure
 from services.common.scheduling import Profile, Weighted, unevaluated
-from tests.conftest import Stack, connect, dumps, sla, sleeper
+from tests.conftest import Stack, dumps, sla, sleeper
 
 NEAR_MUNICH = {"type": "geo", "location": "48.1,11.6", "threshold": 100}
 
 
 @pytest.fixture
-def lean_root(tmp_path: Path) -> Iterator[Stack]:
-    """A root that schedules with least-loaded only."""
-    stack = Stack(tmp_path, root_args=("--scheduler", "least-loaded"))
+def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
+    """A stack whose root runs with the extra flags the test gives (indirect parametrization)."""
+    stack = Stack(tmp_path, root_args=getattr(request, "param", ()))
     try:
         yield stack
     finally:
@@ -39,41 +39,36 @@ def _app(*constraints: dict[str, Any]) -> bytes:
 
 
 @pytest.mark.timeout(60)
-async def test_a_constraint_no_plugin_evaluates_is_refused(lean_root: Stack) -> None:
+@pytest.mark.parametrize("stack", [("--scheduler", "least-loaded")], indirect=True)
+async def test_a_constraint_no_plugin_evaluates_is_refused(stack: Stack, api: Any) -> None:
     """geo on a least-loaded root: missing_plugin, naming geo; nothing is placed; without it, accepted."""
-    lean_root.root()
-    admin = await connect(lean_root)
-    try:
-        await admin.request("apps", "create", raw=_app(NEAR_MUNICH))
-        with pytest.raises(ApiFailure) as refused:
-            await admin.request("services", "deploy", {"service": "geoapp.test.job.test", "replicas": 2})
-        assert refused.value.code == "missing_plugin"
-        assert "'geo' constraints" in str(refused.value)
-        assert "enable 'geo'" in str(refused.value)
-        (service,) = await admin.request("services", "list")
-        assert service["instances"] == [], "nothing was placed"
-        await admin.request("apps", "create", raw=dumps(sla(sleeper("plain"), app="plainapp")))
-        await admin.request("services", "deploy", {"service": "plainapp.test.plain.test", "replicas": 1})
-    finally:
-        await admin.__aexit__(None, None, None)
+    stack.root()
+    admin = await api()
+    await admin.request("apps", "create", raw=_app(NEAR_MUNICH))
+    with pytest.raises(ApiFailure) as refused:
+        await admin.request("services", "deploy", {"service": "geoapp.test.job.test", "replicas": 2})
+    assert refused.value.code == "missing_plugin"
+    assert "'geo' constraints" in str(refused.value)
+    assert "enable 'geo'" in str(refused.value)
+    (service,) = await admin.request("services", "list")
+    assert service["instances"] == [], "nothing was placed"
+    await admin.request("apps", "create", raw=dumps(sla(sleeper("plain"), app="plainapp")))
+    await admin.request("services", "deploy", {"service": "plainapp.test.plain.test", "replicas": 1})
 
 
 @pytest.mark.timeout(60)
-async def test_the_default_plugins_take_geo_but_nothing_takes_clusters(stack: Stack) -> None:
+async def test_the_default_plugins_take_geo_but_nothing_takes_clusters(stack: Stack, api: Any) -> None:
     """The default root accepts the geo deploy; a 'clusters' constraint is refused with no plugin to name."""
     stack.root()
-    admin = await connect(stack)
-    try:
-        await admin.request("apps", "create", raw=_app(NEAR_MUNICH))
-        await admin.request("services", "deploy", {"service": "geoapp.test.job.test", "replicas": 1})
-        await admin.request("apps", "create", raw=dumps(sla(sleeper("c", constraints=[
-            {"type": "clusters", "allowed": ["a"]}]), app="capp")))
-        with pytest.raises(ApiFailure) as refused:
-            await admin.request("services", "deploy", {"service": "capp.test.c.test", "replicas": 1})
-        assert refused.value.code == "missing_plugin"
-        assert "'clusters' constraints" in str(refused.value)
-    finally:
-        await admin.__aexit__(None, None, None)
+    admin = await api()
+    await admin.request("apps", "create", raw=_app(NEAR_MUNICH))
+    await admin.request("services", "deploy", {"service": "geoapp.test.job.test", "replicas": 1})
+    await admin.request("apps", "create", raw=dumps(sla(sleeper("c", constraints=[
+        {"type": "clusters", "allowed": ["a"]}]), app="capp")))
+    with pytest.raises(ApiFailure) as refused:
+        await admin.request("services", "deploy", {"service": "capp.test.c.test", "replicas": 1})
+    assert refused.value.code == "missing_plugin"
+    assert "'clusters' constraints" in str(refused.value)
 
 
 def test_which_constraints_a_profile_evaluates() -> None:

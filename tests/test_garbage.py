@@ -72,9 +72,10 @@ async def _flood_as_machine(stack: Stack, machine: str, port: int, topics: list[
     context = tls_context(tls / "ca.pem", tls / "cert.pem", tls / "key.pem")
     async with MqttSession(url, saved["username"], saved["username"], "", tls=context,
                            retry_first_connect=False) as session:
+        payloads = [payload.encode(errors="surrogatepass") for payload in corpus()]
         for topic in topics:
-            for payload in corpus():
-                session.publish(topic, payload.encode(errors="surrogatepass"))
+            for payload in payloads:
+                session.publish(topic, payload)
         await asyncio.sleep(2)  # QoS 1: let them all go out before leaving
 
 

@@ -133,9 +133,10 @@ class SupervisedRuntime:
                 if cgroup:
                     cgroup.remove()
                 raise RuntimeError(f"cannot start: {exc}") from None
-        if cgroup:  # the shell joins it before the command runs; the move is made here at once (the
-            # first move into a new group costs the kernel some 16 ms, which a shell pays more slowly),
-            # and start returns once the shell has become the command, as it did with a preexec_fn
+        if cgroup:  # the shell joins it before the command runs; the move is made here too, at once and on
+            # the loop (the first move into a new group costs the kernel some 16 ms; left to the shell alone,
+            # starts measured slower), and start returns once the shell has become the command, as it did
+            # with a preexec_fn
             with contextlib.suppress(OSError):
                 cgroup.add(child.pid)
             await _until_execed(child)
