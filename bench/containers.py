@@ -26,7 +26,7 @@ from pathlib import Path
 from bench.common import record, summary
 from bench.three_tiers import _online, client_for, wait_status
 from plugins.runtimes import containerd
-from services.common import topics
+from services.common import channels
 from tests.images import build_busybox, missing
 from tests.stack import Stack, eventually
 
@@ -110,7 +110,8 @@ async def orchestrated(image: Path, base: Path, rounds: int, engine: str) -> lis
                                "memory": 32, "vcpus": 0.1}]}]}
         await client.request("apps", "create", raw=json.dumps(doc).encode())
         job = "ctr.bench.box.bench"
-        await client.session.subscribe_confirmed(topics.api_service_state(client.profile.username, job))
+        await client.session.subscribe_confirmed(
+            channels.API_SERVICE_STATE.topic(user=client.profile.username, job=job))
         latencies = []
         for _ in range(rounds + 1):  # the first round also extracts the image into the cache
             t0 = time.monotonic()

@@ -32,7 +32,7 @@ from typing import Any
 from bench.common import percentile, record
 from bench.fleet import Fleet, sample, window
 from services.cli.client import CliError, OakClient, decode_state
-from services.common import topics
+from services.common import channels
 from tests.stack import eventually
 
 REPLICAS = 1000  # the most one service may have
@@ -114,8 +114,8 @@ async def place(fleet: Fleet, client: OakClient, tracker: Tracker, instances: in
     """Deploy *instances* at once and time them to placed and RUNNING; CPU over the burst."""
     services = -(-instances // REPLICAS)
     await client.request("apps", "create", raw=sla(services))
-    await client.session.subscribe_confirmed(*(topics.api_service_state(client.profile.username, job(i))
-                                               for i in range(services)))
+    await client.session.subscribe_confirmed(
+        *(channels.API_SERVICE_STATE.topic(user=client.profile.username, job=job(i)) for i in range(services)))
     tracker.reset()
     before, peak = sample(fleet), {}
     t0 = time.monotonic()

@@ -21,7 +21,7 @@ import psutil
 
 from bench.common import record, summary
 from services.cli.client import OakClient, Profile, decode_state
-from services.common import topics
+from services.common import channels
 from tests.stack import Proc, Stack, eventually, free_port, oak
 
 
@@ -41,7 +41,7 @@ async def client_for(stack: Stack) -> OakClient:
 
 async def wait_status(client: OakClient, job: str, want: str) -> float:
     """Return the monotonic time at which *job*'s retained state first says *want*."""
-    topic = topics.api_service_state(client.profile.username, job)
+    topic = channels.API_SERVICE_STATE.topic(user=client.profile.username, job=job)
     while True:
         message = await asyncio.wait_for(client.updates.get(), 30)
         if message.topic == topic and message.payload and decode_state(message.payload)["status"] == want:
@@ -66,7 +66,7 @@ async def deploy_rounds(client: OakClient, app: str, rounds: int) -> list[float]
     says RUNNING (then undeployed), *rounds* times."""
     await client.request("apps", "create", raw=sla(app, "svc", ["sleep", "3600"]))
     job = f"{app}.bench.svc.bench"
-    await client.session.subscribe_confirmed(topics.api_service_state(client.profile.username, job))
+    await client.session.subscribe_confirmed(channels.API_SERVICE_STATE.topic(user=client.profile.username, job=job))
     latencies = []
     for _ in range(rounds):
         t0 = time.monotonic()

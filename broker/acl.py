@@ -1,25 +1,27 @@
 """Topic rules: who may publish, subscribe to and receive what. Pure functions, no broker needed.
 
+The rules come from the channel table (:func:`services.common.channels.rules`):
+
 * a service (the root or cluster orchestrator itself, the bridge's local side): everything;
-* user ``U``: publish under ``oak/api/U/request/``, read ``oak/api/U/#`` and ``oak/root/avail``;
-* cluster ``C`` (root broker): publish under ``oak/clusters/C/up/``, read ``oak/clusters/C/down/#``
-  and ``oak/root/avail``;
-* node ``N`` (cluster broker): publish under ``oak/nodes/N/up/``, read ``oak/nodes/N/down/#`` and
-  ``oak/cluster/avail``;
+* user ``U``, cluster ``C``, node ``N``: publish exactly the channels the table makes it the publisher
+  of, under its own name (``oak/nodes/N/up/info``, never ``oak/nodes/N/up/anything``); read the subtree
+  its readable channels share (``oak/api/U``, ``oak/clusters/C/down``, ``oak/nodes/N/down``) and the
+  readable channels that name nobody (``oak/root/avail``, ``oak/cluster/avail``);
 * a newcomer ``join:X``: publish ``oak/join/request/X``, read ``oak/join/response/X`` and ``oak/join/ca``
   (``join.discover``, before it has checked the CA, reads only the latter: broker.plugins).
 
 Client ids are bound to identities too (:func:`client_id_allowed`): a CONNECT with another's client
 id is refused before it can touch that client's session.
 
-A subscription is allowed only when its filter is *confined* to an allowed subtree: the subtree's
+A subscription is allowed only when its filter is *confined* to a readable subtree: the subtree's
 levels appear literally at the start of the filter, so ``+`` or ``#`` can never reach past it.
 """
 
 from __future__ import annotations
 
-from broker.identity import CLUSTER, GENERATED_PREFIX, JOIN, NODE, SERVICE, USER, Identity, client_id_owner
-from services.common import topics
+from broker.identity import GENERATED_PREFIX, JOIN, SERVICE, USER, Identity, client_id_owner
+from services.common import channels, topics
+from services.common.channels import Rules
 
 PUBLISH, SUBSCRIBE, RECEIVE = "publish", "subscribe", "receive"
 
@@ -31,16 +33,11 @@ def _under(topic: str, prefix: str) -> bool:
     return len(got) > len(want) and got[: len(want)] == want
 
 
-def rules(identity: Identity) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
-    """(publish subtrees, readable subtrees, readable exact topics) of *identity*."""
-    name = identity.name
-    if identity.kind == USER:
-        return (f"oak/api/{name}/request",), (f"oak/api/{name}",), (topics.ROOT_AVAIL,)
-    if identity.kind == CLUSTER:
-        return (f"oak/clusters/{name}/up",), (f"oak/clusters/{name}/down",), (topics.ROOT_AVAIL,)
-    if identity.kind == NODE:
-        return (f"oak/nodes/{name}/up",), (f"oak/nodes/{name}/down",), (topics.CLUSTER_AVAIL,)
-    return (), (), ()
+def rules(identity: Identity) -> Rules:
+    """What *identity* may publish and read (nothing for a service, which may do anything, or a newcomer)."""
+    if identity.kind in (SERVICE, JOIN):
+        return Rules()
+    return channels.rules(identity.kind, identity.name)
 
 
 def allowed(identity: Identity, action: str, topic: str) -> bool:
@@ -50,12 +47,13 @@ def allowed(identity: Identity, action: str, topic: str) -> bool:
     if not topics.is_valid_id(identity.name):
         return False
     if identity.kind == JOIN:
-        mine = topics.join_request(identity.name) if action == PUBLISH else topics.join_response(identity.name)
-        return topic == mine or (action != PUBLISH and topic == topics.JOIN_CA)
-    publish, readable, exact = rules(identity)
+        nonce = identity.name
+        mine = (channels.JOIN_REQUEST if action == PUBLISH else channels.JOIN_RESPONSE).topic(join=nonce)
+        return topic == mine or (action != PUBLISH and topic == channels.JOIN_CA.topic())
+    granted = rules(identity)
     if action == PUBLISH:
-        return "+" not in topic and "#" not in topic and any(_under(topic, p) for p in publish)
-    return topic in exact or any(_under(topic, p) for p in readable)
+        return "+" not in topic and "#" not in topic and any(topics.matches(f, topic) for f in granted.publish)
+    return topic in granted.exact or any(_under(topic, p) for p in granted.subtrees)
 
 
 def client_id_allowed(identity: Identity, client_id: str) -> bool:

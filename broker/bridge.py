@@ -6,9 +6,9 @@ reconnects) and a last will that marks the cluster offline at the root:
     root  ``oak/clusters/<cid>/down/<channel>``  ->  cluster  ``oak/downstream/<channel>``
     root  ``oak/clusters/<cid>/up/<channel>``    <-  cluster  ``oak/upstream/<channel>``
 
-The prefixes never overlap, so no message loops. The retain flag is not carried by MQTT 3.1.1 on live
-deliveries, so it is restored from the topic table (:func:`services.common.topics.is_retained_channel`);
-QoS is kept.
+The prefixes never overlap, so no message loops. Only the channels of the table pass (anything else
+is dropped); the retain flag is not carried by MQTT 3.1.1 on live deliveries, so it is restored from
+the table (:func:`services.common.channels.bridged`). QoS is kept.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from services.common import topics
+from services.common import channels
 from services.common.mqtt import MqttSession
 
 log = logging.getLogger(__name__)
@@ -29,33 +29,20 @@ class Bridge:
         self.cluster_id = cluster_id
         self.root = root
         self.local = local
-        self._down_prefix = f"{topics.BASE}/{topics.CLUSTERS}/{cluster_id}/down/"
-        self._up_prefix = topics.UPSTREAM + "/"
 
     async def run(self) -> None:
         """Forward both ways until cancelled."""
-        self.root.subscribe(self._down_prefix + "#")
-        self.local.subscribe(self._up_prefix + "#")
+        self.root.subscribe(channels.down_filter(self.cluster_id))
+        self.local.subscribe(channels.UPSTREAM_BASE + "/#")
         async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(self._pump(self.root, self.local, self._down_prefix, topics.downstream))
-            tasks.create_task(
-                self._pump(
-                    self.local,
-                    self.root,
-                    self._up_prefix,
-                    lambda channel: topics.up(topics.CLUSTERS, self.cluster_id, channel),
-                )
-            )
+            tasks.create_task(self._pump(self.root, self.local))
+            tasks.create_task(self._pump(self.local, self.root))
 
-    @staticmethod
-    async def _pump(source: MqttSession, target: MqttSession, prefix: str, rename) -> None:  # type: ignore[no-untyped-def]
+    async def _pump(self, source: MqttSession, target: MqttSession) -> None:
         async for message in source.messages():
-            if not message.topic.startswith(prefix):
+            where = channels.bridged(message.topic, self.cluster_id)
+            if where is None:
+                log.warning("not bridging %s: no such channel", message.topic)
                 continue
-            channel = message.topic[len(prefix) :]
-            target.publish(
-                rename(channel),
-                message.payload,
-                retain=topics.is_retained_channel(channel),
-                qos=message.qos,
-            )
+            topic, retained = where
+            target.publish(topic, message.payload, retain=retained, qos=message.qos)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SERVICE, USER, CLUSTER, NODE, JOIN = "service", "user", "cluster", "node", "join"
+from services.common.channels import CLUSTER, JOIN, NODE, SERVICE, USER  # the roles of the channel table
+
 WORDS = {"svc": SERVICE, "cluster": CLUSTER, "node": NODE, "join": JOIN}
 SEPARATORS = (".", ":")
 

@@ -35,8 +35,9 @@ from broker import ca
 from broker.credentials import Credentials, new_password
 from broker.identity import CLUSTER, DISCOVER, NEWCOMER, OPEN_JOIN_PASSWORD, Identity
 from broker.tokens import JoinPolicy, JoinTokens
-from services.common import topics
-from services.common.mqtt import BrokerUrl, Message, MqttError, MqttSession, tls_context
+from services.common import channels, topics
+from services.common.inbox import Received
+from services.common.mqtt import BrokerUrl, MqttError, MqttSession, tls_context
 from services.common.private import private_dir, write_private, write_secret
 
 log = logging.getLogger(__name__)
@@ -151,10 +152,11 @@ async def discover(url: BrokerUrl, nonce: str, fingerprint: str | None) -> str:
     """The fleet's CA (PEM) as the parent at *url* presents it, checked against *fingerprint*."""
     try:
         async with MqttSession(url, nonce, DISCOVER, OPEN_JOIN_PASSWORD, tls=tls_context(None)) as session:
-            await session.subscribe_confirmed(topics.JOIN_CA)
+            await session.subscribe_confirmed(channels.JOIN_CA.topic())
             message = await session.get(DISCOVERY_TIMEOUT)
     except TimeoutError:
-        raise MqttError(f"{url} published no CA on {topics.JOIN_CA} within {DISCOVERY_TIMEOUT:.0f} s") from None
+        raise MqttError(f"{url} published no CA on {channels.JOIN_CA.topic()} within {DISCOVERY_TIMEOUT:.0f} s"
+                        ) from None
     try:
         pem = json.loads(message.payload)["ca"]
         authority = ca.load_certs(pem)[0]
@@ -191,12 +193,12 @@ async def _ask(url: BrokerUrl, nonce: str, request: bytes, timeout: float, who: 
     """Send the join request (again and again, backing off) until the desk answers; its answer."""
     tls = tls_context(ca_pem=trusted) if trusted is not None else None  # the parent must prove it is the CA's
     async with MqttSession(url, nonce, NEWCOMER, OPEN_JOIN_PASSWORD, tls=tls) as session:
-        await session.subscribe_confirmed(topics.join_response(nonce))
+        await session.subscribe_confirmed(channels.JOIN_RESPONSE.topic(join=nonce))
         wait = RESEND_FIRST
         async with asyncio.timeout(timeout):
             while True:
                 # The same nonce each time: the desk answers a repeated request as it did the first one.
-                session.publish(topics.join_request(nonce), request)
+                session.send(channels.JOIN_REQUEST, request, join=nonce)
                 try:
                     return json.loads((await session.get(wait)).payload)
                 except TimeoutError:
@@ -259,13 +261,13 @@ class JoinDesk:
         self._given[nonce] = (name, now, given)
         return given
 
-    async def handle(self, session: MqttSession, message: Message) -> str | None:
+    async def handle(self, session: MqttSession, received: Received[bytes]) -> str | None:
         """Answer one request; return the name that joined, if one did."""
-        nonce = message.topic.rsplit("/", 1)[-1]
+        nonce = received.names["join"]
         try:
-            request = json.loads(message.payload)
+            request = json.loads(received.message.payload)
             kind, name = request["kind"], request["name"]
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             return self._answer(session, nonce, error="the join request must be {\"kind\": ..., \"name\": ...}")
         if kind != self.kind:
             return self._answer(session, nonce, error=f"only a {self.kind} can join here, not a {kind}")
@@ -328,6 +330,6 @@ class JoinDesk:
     @staticmethod
     def _answer(session: MqttSession, nonce: str, *, error: str = "", given: dict[str, Any] | None = None) -> None:
         body = {"ok": True, **given} if given else {"ok": False, "error": error}
-        session.publish(topics.join_response(nonce), json.dumps(body).encode())
+        session.send(channels.JOIN_RESPONSE, body, join=nonce)
         if error:
             log.warning("join refused: %s", error)

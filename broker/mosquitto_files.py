@@ -19,12 +19,12 @@ from pathlib import Path
 
 from broker import acl
 from broker.identity import CLUSTER, JOIN, NODE, SERVICE, USER, Identity
-from services.common import topics
+from services.common import channels, topics
 from services.common.mqtt import BrokerUrl
 
 SALT_BYTES = 12  # mosquitto refuses any other salt length
 KICK_FILE = "kick"  # usernames oak's plugin disconnects at the next reload (broker/mosquitto_login.c)
-JOIN_FILTERS = f"{topics.BASE}/join/#"
+JOIN_FILTERS = f"{channels.BASE}/join/#"
 
 
 def password_line(username: str, password: str, iterations: int) -> str:
@@ -45,13 +45,13 @@ def acl_block(username: str) -> list[str]:
         return [f"user {username}", "topic readwrite #"]
     if identity.kind not in (USER, CLUSTER, NODE) or not topics.is_valid_id(identity.name):
         return []
-    publish, readable, exact = acl.rules(identity)
+    rules = acl.rules(identity)
     return [
         f"user {username}",
         f"topic deny {JOIN_FILTERS}",
-        *(f"topic write {prefix}/#" for prefix in publish),
-        *(f"topic read {prefix}/#" for prefix in readable),
-        *(f"topic read {topic}" for topic in exact),
+        *(f"topic write {topic_filter}" for topic_filter in rules.publish),
+        *(f"topic read {prefix}/#" for prefix in rules.subtrees),
+        *(f"topic read {topic}" for topic in rules.exact),
     ]
 
 
@@ -59,9 +59,9 @@ def render_acl(usernames: list[str]) -> str:
     """The whole ACL file for *usernames*."""
     lines = [
         "# Written by oak from broker/acl.py's rules; rewritten whenever an identity changes.",
-        f"pattern write {topics.join_request('%c')}",
-        f"pattern read {topics.join_response('%c')}",
-        f"pattern read {topics.JOIN_CA}",
+        f"pattern write {channels.JOIN_REQUEST.topic(join='%c')}",
+        f"pattern read {channels.JOIN_RESPONSE.topic(join='%c')}",
+        f"pattern read {channels.JOIN_CA.topic()}",
     ]
     for username in usernames:
         if Identity.of(username).kind != JOIN:
@@ -127,25 +127,33 @@ class NativeBridge:
     cert: Path | None = None
     key: Path | None = None
 
+    def _topic_lines(self) -> list[str]:
+        """One ``topic`` line per bridged channel of the table: ``topic <rest> in|out 1 <local>/ <remote>/``."""
+        out = []
+        for direction, pairs in (("in", channels.BRIDGED_DOWN), ("out", channels.BRIDGED_UP)):
+            for at_root, local in pairs:
+                remote, here = at_root.filter(cluster=self.cluster).split("/"), local.filter().split("/")
+                shared = len(here) - (len(remote) - 4)  # the channel's own levels follow oak/clusters/<c>/<dir>
+                out.append(f"topic {'/'.join(here[shared:])} {direction} 1 {'/'.join(here[:shared])}/ "
+                           f"{'/'.join(remote[:4])}/")
+        return out
+
     def lines(self) -> list[str]:
         """The ``connection`` section."""
-        down = f"{topics.BASE}/{topics.CLUSTERS}/{self.cluster}/down/"
-        up = f"{topics.BASE}/{topics.CLUSTERS}/{self.cluster}/up/"
         out = [
             f"connection oak-root-{self.cluster}",
             f"address {self.root.host}:{self.root.port}",
             "bridge_protocol_version mqttv311",
             "try_private false",
             "notifications true",
-            f"notification_topic {topics.up(topics.CLUSTERS, self.cluster, 'avail')}",
+            f"notification_topic {channels.CLUSTER_AVAIL.topic(cluster=self.cluster)}",
             f"remote_clientid {self.username}",
             f"remote_username {self.username}",
             *([f"remote_password {self.password}"] if self.password else []),
             "cleansession false",
             "keepalive_interval 10",
             "restart_timeout 1 10",
-            f"topic # in 1 {topics.DOWNSTREAM}/ {down}",
-            f"topic # out 1 {topics.UPSTREAM}/ {up}",
+            *self._topic_lines(),
         ]
         if self.ca is not None:  # no host name check: tiers are reached by any address, the CA is the fleet's
             out += [f"bridge_cafile {self.ca}", "bridge_insecure true"]

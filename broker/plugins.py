@@ -13,7 +13,7 @@ from amqtt.session import Session
 from broker import acl
 from broker.identity import CLUSTER, DISCOVER, JOIN, NODE, SERVICE, Identity
 from broker.login_guard import LoginGuard
-from services.common import topics
+from services.common import channels
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def permitted(session: Session, topic: str, action: str) -> bool:
         return False
     identity = Identity.of(session.username)
     if session.username == DISCOVER:
-        return action != acl.PUBLISH and topic == topics.JOIN_CA
+        return action != acl.PUBLISH and topic == channels.JOIN_CA.topic()
     if identity.kind == JOIN:  # a newcomer's nonce is its client id (see broker.identity.NEWCOMER)
         identity = Identity(JOIN, session.client_id or "")
     return acl.allowed(identity, action, topic)

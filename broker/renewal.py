@@ -22,13 +22,14 @@ from pathlib import Path
 from broker import ca
 from broker.credentials import Credentials
 from broker.identity import CLUSTER, Identity
-from services.common import topics
-from services.common.mqtt import Message, MqttSession
+from services.common import channels
+from services.common.channels import Channel
+from services.common.inbox import Received
+from services.common.mqtt import MqttSession
 from services.common.private import write_private
 
 log = logging.getLogger(__name__)
 
-CSR, CERT = "csr", "cert"
 RENEW_WHEN_LEFT = 1 / 3  # of the certificate's life
 ASK_EVERY_MAX = 3600.0
 
@@ -43,21 +44,18 @@ class Renewer:
     days: float = ca.CERT_DAYS
 
     @property
-    def requests(self) -> str:
-        """The filter of the children's requests."""
-        return topics.up_filter(self._children, CSR)
+    def requests(self) -> Channel[dict[str, object]]:
+        """The channel of the children's requests."""
+        return channels.CLUSTER_CSR if self.kind == CLUSTER else channels.NODE_CSR
 
-    @property
-    def _children(self) -> str:
-        return topics.CLUSTERS if self.kind == CLUSTER else topics.NODES
-
-    async def answer(self, session: MqttSession, message: Message) -> None:
+    async def answer(self, session: MqttSession, request: Received[dict[str, object]]) -> None:
         """Answer a child's ``up/csr`` with a fresh certificate on its ``down/cert`` (a bad one is dropped)."""
-        child = topics.child_of(message.topic)
-        reply = topics.down(self._children, child, CERT)
+        child = request.sender
+        reply = (channels.CLUSTER_CERT.topic(cluster=child) if self.kind == CLUSTER
+                 else channels.NODE_CERT.topic(node=child))
         username = Identity(self.kind, child).username
         try:
-            key = ca.requested_key(json.loads(message.payload)["csr"])
+            key = ca.requested_key(str((request.body or {})["csr"]))
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("dropped a bad certificate request from %s: %s", username, exc)
             return
@@ -115,10 +113,10 @@ class Renewal:
             except TimeoutError:
                 log.warning("no new certificate yet (the current one ends in %.0f s); asking again", left)
 
-    async def take(self, message: Message) -> None:
+    async def take(self, answer: Received[dict[str, object]]) -> None:
         """The parent's answer: keep the certificate and log in with it from the next connection on."""
         try:
-            pem = json.loads(message.payload)["cert"]
+            pem = str((answer.body or {})["cert"])
             cert = ca.load_certs(pem)[0]
         except (ValueError, KeyError, TypeError, IndexError) as exc:
             log.warning("dropped a bad certificate from the parent: %s", exc)

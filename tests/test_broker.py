@@ -14,9 +14,11 @@ from broker.credentials import Credentials
 from broker.join import JoinDesk, obtain_login
 from broker.probe import connect_packet
 from broker.server import EmbeddedBroker, Listeners
-from services.common import topics
-from services.common.mqtt import BrokerUrl, Message, MqttError, MqttSession, dispatch
+from services.common import channels
+from services.common.inbox import Inbox
+from services.common.mqtt import BrokerUrl, MqttError, MqttSession
 from services.common.store import Store
+from tests.fakes import received
 
 
 @pytest.fixture
@@ -91,24 +93,26 @@ async def test_user_cannot_read_or_touch_another_users_api(broker: EmbeddedBroke
     observer = MqttSession(url(broker), "obs", "svc:test", creds.service_password("svc:test"))
     alice = MqttSession(url(broker), "alice", "alice", "alice-password")
     async with observer, alice:
-        observer.publish(topics.api_service_state("bob", "a.b.c.d"), b"bob's", retain=True)
-        observer.subscribe(topics.API_REQUESTS)
-        alice.subscribe("oak/#", "oak/api/+/state/#", "oak/api/bob/#", topics.api_state_filter("alice"))
-        await asyncio.sleep(0.2)
+        observer.publish(channels.API_SERVICE_STATE.topic(user="bob", job="a.b.c.d"), b"bob's", retain=True)
+        await observer.subscribe_confirmed(channels.API_REQUEST.filter())
+        await alice.subscribe_confirmed("oak/#", "oak/api/+/state/#", "oak/api/bob/#", "oak/api/alice/state/#")
         assert await nothing(alice)
-        alice.publish(topics.api_request("bob", "apps", "delete"), b"{}")
+        alice.publish(channels.API_REQUEST.topic(user="bob", resource="apps", action="delete"), b"{}")
         assert await nothing(observer)
-        alice.publish(topics.api_request("alice", "apps", "list"), b"{}")
-        assert (await observer.get(2)).topic == topics.api_request("alice", "apps", "list")
+        mine = channels.API_REQUEST.topic(user="alice", resource="apps", action="list")
+        alice.publish(mine, b"{}")
+        assert (await observer.get(2)).topic == mine
 
 
 async def test_join_gives_own_credentials_once(tmp_path: Path, broker: EmbeddedBroker, creds: Credentials) -> None:
     """A newcomer gets credentials of its own; a second node with the same name is refused."""
     server = MqttSession(url(broker), "desk", "svc:desk", creds.service_password("svc:desk"))
     async with server:
-        server.subscribe(topics.JOIN_REQUESTS)
         desk = JoinDesk(creds, "node")
-        serving = asyncio.create_task(dispatch(server, {topics.JOIN_REQUESTS: lambda m: desk.handle(server, m)}))
+        inbox = Inbox()
+        inbox.on(channels.JOIN_REQUEST, lambda m: desk.handle(server, m))
+        await inbox.subscribe(server)
+        serving = asyncio.create_task(inbox.run(server))
         login = await obtain_login(tmp_path / "w1", url(broker), "node", "w1", None, timeout=10)
         assert login.username == "node.w1"
         assert (tmp_path / "w1" / "identity.json").stat().st_mode & 0o777 == 0o600
@@ -130,23 +134,27 @@ async def test_bridge_forwards_both_ways_and_keeps_retain(tmp_path: Path) -> Non
     async with EmbeddedBroker(Listeners(port=0), root_creds) as root, \
             EmbeddedBroker(Listeners(port=0), local_creds) as local:
         root_side = MqttSession(url(root), "cluster.c1", "cluster:c1", "c1pw",
-                                avail_topic=topics.up(topics.CLUSTERS, "c1", "avail"), clean_session=False)
+                                avail_topic=channels.CLUSTER_AVAIL.topic(cluster="c1"), clean_session=False)
         local_side = MqttSession(url(local), "bridge", "svc:bridge", local_creds.service_password("svc:bridge"))
         root_app = MqttSession(url(root), "root", "svc:root", root_creds.service_password("svc:root"))
         cluster_app = MqttSession(url(local), "cl", "svc:cl", local_creds.service_password("svc:cl"))
         async with root_side, local_side, root_app, cluster_app:
             bridge = asyncio.create_task(Bridge("c1", root_side, local_side).run())
             await asyncio.sleep(0.3)
-            root_app.publish(topics.down(topics.CLUSTERS, "c1", "desired"), b"D", retain=True)
-            cluster_app.publish(topics.upstream("state"), b"S", retain=True)
+            root_app.publish(channels.CLUSTER_DESIRED.topic(cluster="c1"), b"D", retain=True)
+            root_app.publish(channels.CLUSTER_DESIRED.topic(cluster="c1") + "/unknown", b"X", retain=True)
+            cluster_app.publish(channels.upstream(channels.CLUSTER_STATE).topic(), b"S", retain=True)
             await asyncio.sleep(0.5)
             # Late subscribers see retained copies on both sides: the retain flag survived the bridge.
-            cluster_app.subscribe(topics.downstream("desired"))
-            root_app.subscribe(topics.up(topics.CLUSTERS, "c1", "state"), topics.up(topics.CLUSTERS, "c1", "avail"))
+            downstream = channels.downstream(channels.CLUSTER_DESIRED).topic()
+            await cluster_app.subscribe_confirmed("oak/downstream/#")
+            await root_app.subscribe_confirmed(channels.CLUSTER_STATE.topic(cluster="c1"),
+                                               channels.CLUSTER_AVAIL.topic(cluster="c1"))
             received = [await cluster_app.get(2), await root_app.get(2), await root_app.get(2)]
             got = {(m.topic, m.payload) for m in received}
-            assert got == {(topics.downstream("desired"), b"D"), (topics.up(topics.CLUSTERS, "c1", "state"), b"S"),
-                           (topics.up(topics.CLUSTERS, "c1", "avail"), b'{"state":"online"}')}
+            assert got == {(downstream, b"D"), (channels.CLUSTER_STATE.topic(cluster="c1"), b"S"),
+                           (channels.CLUSTER_AVAIL.topic(cluster="c1"), b'{"state":"online"}')}
+            assert await nothing(cluster_app)  # a topic that is no channel is not bridged
             bridge.cancel()
 
 
@@ -157,8 +165,8 @@ async def test_connecting_client_gets_no_retained_messages_of_other_subscription
     owner = MqttSession(url(broker), "svc", "svc:test", creds.service_password("svc:test"))
     bob = MqttSession(url(broker), "bob", "bob", "bob-password")
     async with owner, bob:
-        owner.publish(topics.api_service_state("bob", "a.b.c.d"), b"bob's secret", retain=True)
-        bob.subscribe(topics.api_state_filter("bob"))
+        owner.publish(channels.API_SERVICE_STATE.topic(user="bob", job="a.b.c.d"), b"bob's secret", retain=True)
+        bob.subscribe("oak/api/bob/state/#")
         assert (await bob.get(2)).payload == b"bob's secret"
         async with MqttSession(url(broker), "alice", "alice", "alice-password") as alice:
             assert await nothing(alice)
@@ -170,8 +178,10 @@ class _Answers:
     def __init__(self) -> None:
         self.bodies: list[dict[str, object]] = []
 
-    def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+    def publish(self, topic: str, payload: bytes, retain: bool = False, qos: int = 1) -> None:
         self.bodies.append(json.loads(payload))
+
+    send = MqttSession.send
 
 
 async def test_join_desk_answers_a_repeated_request_the_same_way(tmp_path: Path) -> None:
@@ -181,13 +191,13 @@ async def test_join_desk_answers_a_repeated_request_the_same_way(tmp_path: Path)
     await creds.load()
     desk, out = JoinDesk(creds, "node"), _Answers()
     request = json.dumps({"kind": "node", "name": "w1"}).encode()
-    first = Message(topics.join_request("n1"), request, False, 0)
+    first = received(channels.JOIN_REQUEST, channels.JOIN_REQUEST.topic(join="n1"), request)
     await asyncio.gather(desk.handle(out, first), desk.handle(out, first))  # type: ignore[arg-type]
     await desk.handle(out, first)  # type: ignore[arg-type]
     assert [b["ok"] for b in out.bodies] == [True, True, True]
     assert len({b["password"] for b in out.bodies}) == 1
     assert creds.verify(str(out.bodies[0]["username"]), str(out.bodies[0]["password"])) is not None
-    await desk.handle(out, Message(topics.join_request("n2"), request, False, 0))  # type: ignore[arg-type]
+    await desk.handle(out, received(channels.JOIN_REQUEST, channels.JOIN_REQUEST.topic(join="n2"), request))  # type: ignore[arg-type]
     assert out.bodies[-1]["ok"] is False
     assert "already joined" in str(out.bodies[-1]["error"])
 

@@ -19,13 +19,18 @@ from typing import Any
 
 import pytest
 
-from services.common.mqtt import Message
+from services.common import channels
 from services.root.api import Api
 from tests.conftest import Stack, connect, need_binary
+from tests.fakes import FakeSession, deliver_on
 from tests.stack import REPO, end
-from tests.test_root_burst import FakeSession
 
 BURST = 1000
+
+
+async def ask(api: Api, session: FakeSession, topic: str, payload: bytes) -> None:
+    """One user request, through the API channel as the root's inbox hands it over."""
+    await deliver_on(channels.API_REQUEST, lambda request: api.handle(session, request), session, topic, payload)  # type: ignore[arg-type]
 # each answer reaches the file as it comes, so none is lost should mosquitto_sub have to be killed
 LINE_BUFFERED = ["stdbuf", "-oL"] if shutil.which("stdbuf") else []
 
@@ -127,8 +132,8 @@ async def test_a_request_waiting_behind_a_backlog_is_answered_busy_with_a_retry_
     session = FakeSession()
     for backlog, transaction in ((11, "late"), (10, "on-time")):
         session.backlog = backlog
-        await api.handle(session, Message("oak/api/alice/request/services/list",  # type: ignore[arg-type]
-                                          json.dumps({"transaction": transaction}).encode(), False, 0))
+        await ask(api, session, "oak/api/alice/request/services/list",
+                  json.dumps({"transaction": transaction}).encode())
     late, on_time = (json.loads(payload) for _, payload in session.published)
     assert late["error"]["code"] == "busy"
     assert late["error"]["retry_after"] >= 1.0
@@ -151,7 +156,7 @@ async def test_a_request_that_fails_unforeseen_is_answered_internal() -> None:
     api.routes[("services", "list")] = fine
     session = FakeSession()
     for verb in ("apps/list", "services/list"):
-        await api.handle(session, Message(f"oak/api/alice/request/{verb}", b'{"transaction": "t"}', False, 0))  # type: ignore[arg-type]
+        await ask(api, session, f"oak/api/alice/request/{verb}", b'{"transaction": "t"}')
     (_, failed), (_, served) = session.published
     assert json.loads(failed)["error"]["code"] == "internal"
     assert json.loads(failed)["transaction"] == "t"
@@ -163,6 +168,6 @@ async def test_a_request_nested_too_deeply_is_answered_bad_request() -> None:
     api = Api(None, _Orchestrator(), None, None)  # type: ignore[arg-type]
     session = FakeSession()
     deep = b'{"transaction": "t", "x": ' + b"[" * 10_000 + b"]" * 10_000 + b"}"
-    await api.handle(session, Message("oak/api/alice/request/services/list", deep, False, 0))  # type: ignore[arg-type]
+    await ask(api, session, "oak/api/alice/request/services/list", deep)
     ((_, answer),) = session.published
     assert json.loads(answer)["error"] == {"code": "bad_request", "message": "the request is nested too deeply"}

@@ -13,18 +13,19 @@ from plugins.schedulers.least_loaded import LeastLoaded
 from services.cluster.orchestrator import (
     ASSIGNED,
     DESIRED,
-    STATE_SECTIONS,
     ClusterOrchestrator,
     NodeView,
 )
-from services.common import envelope, models, topics
+from services.common import channels, envelope, models
 from services.common.delta import DeltaPublisher, DeltaReceiver, DeltaSender
-from services.common.models import InstanceSpec, NodeInfo
-from services.common.mqtt import Message
+from services.common.models import InstanceSpec, NodeInfo, NodeState
 from services.common.scheduling import Profile, Weighted
 from services.common.store import Store
 from services.common.throttle import ReportThrottle
-from tests.test_root_burst import FakeSession
+from tests.fakes import FakeSession, deliver
+
+WHOLE = channels.downstream(channels.CLUSTER_DESIRED).topic()
+UPSTREAM_STATE = channels.upstream(channels.CLUSTER_STATE)
 
 
 def test_the_throttle_spaces_reports_by_their_cost() -> None:
@@ -45,7 +46,7 @@ async def test_state_reuses_the_documents_of_what_did_not_change(tmp_path: Path)
     service = {"app_name": "a", "app_namespace": "t", "name": "s", "namespace": "t", "virtualization": "process",
                "code": "", "cmd": ["sleep", "1"], "memory": 10, "vcpus": 1}
     desired = {f"i{k}": models.dump(InstanceSpec(f"i{k}", "u", "a.t.s.t", k, service)) for k in range(4)}
-    await orch._on_desired(envelope.encode("desired", {"instances": desired}, "root"))
+    await deliver(orch, orch.session, WHOLE, envelope.encode("desired", {"instances": desired}, "root"), True)
     await orch.placed()
     first = orch.state()
     assert sorted(first["instances"]) == ["i0", "i1", "i2", "i3"]
@@ -53,7 +54,7 @@ async def test_state_reuses_the_documents_of_what_did_not_change(tmp_path: Path)
     assert first["nodes"] == {n: models.dump(s) for n, s in orch.summaries().items()}
     assert first["instances"] == {i: models.dump(s) for i, s in orch.statuses().items()}
     # the same desired map again keeps the specs, so nothing is converted again
-    await orch._on_desired(envelope.encode("desired", {"instances": desired}, "root"))
+    await deliver(orch, orch.session, WHOLE, envelope.encode("desired", {"instances": desired}, "root"), True)
     await orch.placed()
     second = orch.state()
     assert second == first
@@ -61,7 +62,7 @@ async def test_state_reuses_the_documents_of_what_did_not_change(tmp_path: Path)
     assert all(second["nodes"][n] is first["nodes"][n] for n in first["nodes"])
     # a worker reports one instance RUNNING: only that instance's document is new
     iid, node = next(iter(orch.assigned.items()))
-    orch._on_state(orch.nodes[node], {"instances": {iid: {"status": "RUNNING"}}})
+    orch._on_state(orch.nodes[node], NodeState.load({"instances": {iid: {"status": "RUNNING"}}}))
     third = orch.state()
     assert third["instances"][iid]["status"] == "RUNNING"
     assert [i for i in desired if third["instances"][i] is not first["instances"][i]] == [iid]
@@ -77,7 +78,7 @@ async def test_workers_lost_together_are_moved_in_one_pass(tmp_path: Path, monke
     service = {"app_name": "a", "app_namespace": "t", "name": "s", "namespace": "t", "virtualization": "process",
                "code": "", "cmd": ["sleep", "1"], "memory": 10, "vcpus": 1}
     desired = {f"i{k}": models.dump(InstanceSpec(f"i{k}", "u", "a.t.s.t", k, service)) for k in range(6)}
-    await orch._on_desired(envelope.encode("desired", {"instances": desired}, "root"))
+    await deliver(orch, orch.session, WHOLE, envelope.encode("desired", {"instances": desired}, "root"), True)
     await orch.placed()
     assert set(orch.assigned.values()) == {"w1", "w2", "w3"}
     passes = 0
@@ -109,17 +110,17 @@ async def test_the_root_desired_map_arrives_as_deltas_and_the_state_leaves_as_de
                "code": "", "cmd": ["sleep", "1"], "memory": 10, "vcpus": 1}
     spec = {f"i{k}": models.dump(InstanceSpec(f"i{k}", "u", "a.t.s.t", k, service)) for k in range(4)}
     root = DeltaSender(("instances",), epoch="r1")
-    whole, delta = topics.downstream("desired"), topics.delta_of(topics.downstream("desired"))
+    whole, delta = WHOLE, channels.downstream(channels.CLUSTER_DESIRED_DELTA).topic()
 
     async def send(instances: dict[str, Any], lost: bool = False) -> None:
         change = root.diff({"instances": instances})
         assert change is not None
         if not lost:
-            await orch.handle(Message(delta, envelope.encode("desired.delta", change.data(), "root"), False, 1))
+            await deliver(orch, session, delta, envelope.encode("desired.delta", change.data(), "root"))
             await orch.placed()
 
     root.diff({"instances": {}})
-    await orch.handle(Message(whole, envelope.encode("desired", root.whole(), "root"), True, 1))
+    await deliver(orch, session, whole, envelope.encode("desired", root.whole(), "root"), True)
     await orch.placed()
     await send({"i0": spec["i0"], "i1": spec["i1"]})
     assert sorted(orch.assigned) == ["i0", "i1"]
@@ -129,22 +130,23 @@ async def test_the_root_desired_map_arrives_as_deltas_and_the_state_leaves_as_de
     await send({"i1": spec["i1"], "i2": spec["i2"]}, lost=True)
     await send({"i1": spec["i1"], "i2": spec["i2"], "i3": spec["i3"]})
     assert sorted(orch.desired) == ["i1"]  # i3's delta waits for the lost one
-    await orch.handle(Message(whole, envelope.encode("desired", root.whole(), "root"), True, 1))
+    await deliver(orch, session, whole, envelope.encode("desired", root.whole(), "root"), True)
     await orch.placed()
     assert sorted(orch.desired) == ["i1", "i2", "i3"]
     assert sorted(orch.assigned) == ["i1", "i2", "i3"]
 
     # the state, as deltas: the root's receiver ends with the cluster's whole state
-    out = DeltaPublisher(session, topics.upstream("state"), "cluster.state", "cluster/c1", STATE_SECTIONS)
+    out = DeltaPublisher(session, UPSTREAM_STATE, "cluster/c1")
     session.published.clear()
     out.update(orch.state())
-    orch._on_state(orch.nodes["w1"], {"instances": {"i2": {"status": "RUNNING"}}})
+    orch._on_state(orch.nodes["w1"], NodeState.load({"instances": {"i2": {"status": "RUNNING"}}}))
     out.update(orch.state())
-    receiver = DeltaReceiver(STATE_SECTIONS)
+    receiver = DeltaReceiver(UPSTREAM_STATE.sections)
     for topic, payload in session.published:
         data = envelope.decode(payload).data
         receiver.delta(data) if topic.endswith("/delta") else receiver.whole(data)
-    assert [t for t, _ in session.published] == [topics.upstream("state"), topics.delta_of(topics.upstream("state"))]
+    assert [t for t, _ in session.published] == [UPSTREAM_STATE.topic(),
+                                                 channels.upstream(channels.CLUSTER_STATE_DELTA).topic()]
     assert len(envelope.decode(session.published[1][1]).data["put"]["instances"]) == 1  # only i2
     assert receiver.docs == orch.state()
     out.close()
@@ -170,7 +172,7 @@ class DiskCheckingSession(FakeSession):
         self.path = path
         self.on_disk: list[tuple[str, set[str], set[str]]] = []
 
-    def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+    def publish(self, topic: str, payload: bytes, retain: bool = False, qos: int = 1) -> None:
         super().publish(topic, payload, retain)
         self.on_disk.append((topic, set(stored(self.path, DESIRED)), set(stored(self.path, ASSIGNED))))
 
@@ -196,8 +198,8 @@ async def test_the_dispatch_never_waits_for_the_store_and_nothing_is_told_before
     spec = {f"i{k}": models.dump(InstanceSpec(f"i{k}", "u", "a.t.s.t", k, service)) for k in range(4)}
     root = DeltaSender(("instances",), epoch="r1")
     root.diff({"instances": {}})
-    whole, delta = topics.downstream("desired"), topics.delta_of(topics.downstream("desired"))
-    await asyncio.wait_for(orch.handle(Message(whole, envelope.encode("desired", root.whole(), "root"), True, 1)), 1)
+    whole, delta = WHOLE, channels.downstream(channels.CLUSTER_DESIRED_DELTA).topic()
+    await asyncio.wait_for(deliver(orch, session, whole, envelope.encode("desired", root.whole(), "root"), True), 1)
     await orch.placed()
     passes: list[int] = []  # instances waiting for a worker, at each placement pass
     place = orch._place_pending
@@ -210,12 +212,12 @@ async def test_the_dispatch_never_waits_for_the_store_and_nothing_is_told_before
     for k in (2, 4):  # two deltas in a row, each taken at once
         change = root.diff({"instances": {i: spec[i] for i in list(spec)[:k]}})
         assert change is not None
-        await asyncio.wait_for(orch.handle(Message(delta, envelope.encode("desired.delta", change.data(), "root"),
-                                                   False, 1)), 1)
+        await asyncio.wait_for(deliver(orch, session, delta, envelope.encode("desired.delta", change.data(), "root")),
+                               1)
     assert sorted(orch.desired) == ["i0", "i1", "i2", "i3"]
     await asyncio.sleep(0.2)  # the placement pass ran and waits for the write
     assert sorted(orch.assigned) == ["i0", "i1", "i2", "i3"]
-    out = DeltaPublisher(session, topics.upstream("state"), "cluster.state", "cluster/c1", STATE_SECTIONS)
+    out = DeltaPublisher(session, UPSTREAM_STATE, "cluster/c1")
     report = asyncio.create_task(orch.report(out))
     await asyncio.sleep(0.1)
     assert not report.done()
@@ -225,10 +227,10 @@ async def test_the_dispatch_never_waits_for_the_store_and_nothing_is_told_before
     await report
     assert [p for p in passes if p] == [4]  # one pass placed what both deltas brought
     maps = [(t, d, a) for t, d, a in session.on_disk if t.endswith("/desired")]
-    assert sorted(t for t, _, _ in maps) == [topics.down(topics.NODES, w, "desired") for w in ("w1", "w2")]
+    assert sorted(t for t, _, _ in maps) == [channels.NODE_DESIRED.topic(node=w) for w in ("w1", "w2")]
     everything = {"i0", "i1", "i2", "i3"}
     assert all(d == everything and a == everything for _, d, a in session.on_disk)  # on disk when published
-    states = [envelope.decode(p).data for t, p in session.published if t == topics.upstream("state")]
+    states = [envelope.decode(p).data for t, p in session.published if t == UPSTREAM_STATE.topic()]
     assert len(states) == 1
     assert sorted(states[0]["instances"]) == sorted(everything)
     out.close()

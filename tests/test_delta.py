@@ -6,9 +6,9 @@ import asyncio
 import random
 from typing import Any
 
-from services.common import envelope, topics
+from services.common import channels, envelope
 from services.common.delta import Change, Delta, DeltaPublisher, DeltaReceiver, DeltaSender
-from tests.test_root_burst import FakeSession
+from tests.fakes import FakeSession
 
 SECTIONS = ("nodes", "instances")
 
@@ -134,15 +134,15 @@ def test_random_losses_and_reorders_converge_after_the_last_whole_document() -> 
 
 async def test_the_publisher_sends_deltas_at_once_and_the_whole_once_settled() -> None:
     session = FakeSession()
-    topic = topics.down(topics.CLUSTERS, "c1", "desired")
-    out = DeltaPublisher(session, topic, "desired", "root", ("instances",), quiet=0.05)  # type: ignore[arg-type]
+    topic = channels.CLUSTER_DESIRED.topic(cluster="c1")
+    out = DeltaPublisher(session, channels.CLUSTER_DESIRED, "root", {"cluster": "c1"}, quiet=0.05)
     out.update({"instances": {"a": {"n": 1}}})
     assert [t for t, _ in session.published] == [topic]  # the first is whole
     out.update({"instances": {"a": {"n": 1}}})
     assert len(session.published) == 1  # nothing changed
     out.update({"instances": {"a": {"n": 1}, "b": {"n": 2}}})
     out.update({"instances": {"b": {"n": 2}}})
-    assert [t for t, _ in session.published[1:]] == [topics.delta_of(topic)] * 2
+    assert [t for t, _ in session.published[1:]] == [channels.CLUSTER_DESIRED_DELTA.topic(cluster="c1")] * 2
     delta = envelope.decode(session.published[2][1], "desired.delta").data
     assert delta["drop"] == {"instances": ["a"]}
     assert delta["seq"] == 3
@@ -156,12 +156,12 @@ async def test_the_publisher_sends_deltas_at_once_and_the_whole_once_settled() -
 async def test_the_publisher_sends_the_whole_document_at_least_every_full_every() -> None:
     now = [0.0]
     session = FakeSession()
-    out = DeltaPublisher(session, "t", "k", "s", ("instances",), quiet=5, full_every=10,  # type: ignore[arg-type]
+    out = DeltaPublisher(session, channels.CLUSTER_DESIRED, "s", {"cluster": "c1"}, quiet=5, full_every=10,
                          clock=lambda: now[0])
     out.update({"instances": {}})
     for k in range(30):
         now[0] += 1
         out.update({"instances": {"a": {"n": k}}})
-    wholes = [t for t, _ in session.published if t == "t"]
+    wholes = [t for t, _ in session.published if t == channels.CLUSTER_DESIRED.topic(cluster="c1")]
     assert len(wholes) == 4  # at 0, 10, 20 and 30 s, though changes never settled
     out.close()

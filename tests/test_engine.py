@@ -19,6 +19,7 @@ from services.worker import engine as engine_module
 from services.worker.engine import Engine, backoff
 from services.worker.reporter import Reporter
 from tests.conftest import eventually
+from tests.fakes import FakeSession
 
 
 def spec(iid: str, cmd: list[str], one_shot: bool = False) -> InstanceSpec:
@@ -104,19 +105,9 @@ class Slow:
         return {}
 
 
-class Sent:
-    """Counts what the reporter publishes."""
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
-        self.count += 1
-
-
 async def test_costly_reports_are_spaced_by_their_cost() -> None:
     """A burst of changes on a worker whose report costs 20 ms makes a report at most every ~200 ms."""
-    reporter, sent = Reporter("w1", Slow()), Sent()  # type: ignore[arg-type]
+    reporter, sent = Reporter("w1", Slow()), FakeSession()  # type: ignore[arg-type]
     task = asyncio.create_task(reporter.run(sent, 60))  # type: ignore[arg-type]
     for _ in range(100):  # changes for a second
         reporter.poke()
@@ -125,4 +116,4 @@ async def test_costly_reports_are_spaced_by_their_cost() -> None:
     with contextlib.suppress(asyncio.CancelledError):
         await task
     assert reporter.throttle.gap >= 0.2
-    assert 2 <= sent.count <= 8, f"{sent.count} reports in a second of changes"
+    assert 2 <= len(sent.published) <= 8, f"{len(sent.published)} reports in a second of changes"

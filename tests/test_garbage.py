@@ -23,11 +23,13 @@ from typing import Any
 
 import pytest
 
+from services.common import channels
 from services.common.mqtt import BrokerUrl, MqttSession, tls_context
 from tests.conftest import Stack, dumps, either_broker, eventually, fleet, sla, sleeper
 from tests.test_three_tiers import running
 
-WORKER_CHANNELS = ("info", "state", "state/delta", "avail", "csr", "res/logs", "net", "peers")
+# every channel a worker publishes, from the table (its topics as worker w2)
+WORKER_TOPICS = [c.topic(node="w2", verb="logs") for c in channels.CLUSTER_BROKER if c.publisher == channels.NODE]
 API_VERBS = ("apps/create", "apps/list", "apps/delete", "services/list", "services/inspect", "services/deploy",
              "services/scale", "services/undeploy", "services/logs", "clusters/list", "nodes/list",
              "users/create", "users/list", "tokens/create", "clusters/revoke", "nodes/revoke")
@@ -85,11 +87,12 @@ async def test_garbage_on_every_channel_stops_no_tier(stack: Stack, api: Any, tm
     payloads = tmp_path / "garbage.txt"
     payloads.write_text("\n".join(corpus()) + "\n")
     cluster = stack.cluster_ports["c1"]
-    await _flood_as_machine(stack, "w2", cluster, [f"oak/nodes/w2/up/{c}" for c in WORKER_CHANNELS])
+    await _flood_as_machine(stack, "w2", cluster, WORKER_TOPICS)
     saved = json.loads((stack.base / "root" / "credentials.json").read_text())
     user = ["-V", "mqttv311", "-h", "127.0.0.1", "-p", str(stack.root_port), "--cafile", saved["ca"],
             "-u", saved["username"], "-P", saved["password"], "-i", f"{saved['username']}-garbage"]
-    _flood(user, [f"oak/api/{saved['username']}/request/{verb}" for verb in API_VERBS], payloads)
+    _flood(user, [channels.API_REQUEST.topic(user=saved["username"], resource=verb.split("/")[0],
+                                             action=verb.split("/")[1]) for verb in API_VERBS], payloads)
 
     await admin.request("services", "list")
     await admin.request("apps", "create", raw=dumps(sla(sleeper("after", 6091), app="gb")))

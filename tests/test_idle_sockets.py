@@ -45,8 +45,8 @@ async def test_sockets_that_never_connect_are_closed(tmp_path: Path, monkeypatch
                 for _ in range(IDLE)]
         async with MqttSession(BrokerUrl("127.0.0.1", b.tls_port, tls=True), "alice-1", "alice", "alice-password",
                                tls=tls_context(tier.cafile), retry_first_connect=False) as alice:
-            await alice.subscribe_confirmed("oak/api/alice/request/ping")
-            alice.publish("oak/api/alice/request/ping", b"hello")
+            await alice.subscribe_confirmed("oak/api/alice/request/apps/ping")
+            alice.publish("oak/api/alice/request/apps/ping", b"hello")
             assert (await alice.get(5)).payload == b"hello", "the broker serves while the idle sockets wait"
         closed = await asyncio.gather(*(_closed_by_peer(reader, 5.0) for reader, _ in idle))
         assert sum(closed) == len(idle), f"{len(idle) - sum(closed)} idle sockets still open"
@@ -76,8 +76,8 @@ async def test_one_address_holds_only_so_many_connections_not_logged_in(tmp_path
         closed_at_once = await asyncio.gather(*(_closed_by_peer(reader, 0.5) for reader, _ in idle))
         assert sum(closed_at_once) == 40, f"{sum(closed_at_once)} of 60 closed at once (20 may wait)"
         async with MqttSession(url, "alice-x", "alice", "alice-password", retry_first_connect=False) as alice:
-            await alice.subscribe_confirmed("oak/api/alice/request/ping")
-            alice.publish("oak/api/alice/request/ping", b"hello")
+            await alice.subscribe_confirmed("oak/api/alice/request/apps/ping")
+            alice.publish("oak/api/alice/request/apps/ping", b"hello")
             assert (await alice.get(5)).payload == b"hello", "another address is served"
         for _, writer in idle:
             writer.close()

@@ -23,8 +23,9 @@ from broker.join import Issuer, JoinDesk, Login, obtain_login
 from broker.server import Listeners
 from broker.tier_ca import TierCa
 from broker.tokens import JoinPolicy, JoinTokens
-from services.common import topics
-from services.common.mqtt import BrokerUrl, MqttError, MqttSession, dispatch, tls_context
+from services.common import channels
+from services.common.inbox import Inbox
+from services.common.mqtt import BrokerUrl, MqttError, MqttSession, tls_context
 from services.common.store import Store
 
 
@@ -60,9 +61,11 @@ async def parent(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
         async with service:
             issuer = Issuer(tier.authority, tier.fleet_ca, broker.cert_port)
             desk = JoinDesk(credentials, "node", issuer, JoinPolicy(tokens))
-            service.publish(topics.JOIN_CA, tier.discovery(), retain=True)
-            await service.subscribe_confirmed(topics.JOIN_REQUESTS)
-            serving = asyncio.create_task(dispatch(service, {topics.JOIN_REQUESTS: lambda m: desk.handle(service, m)}))
+            service.send(channels.JOIN_CA, tier.discovery())
+            inbox = Inbox()
+            inbox.on(channels.JOIN_REQUEST, lambda m: desk.handle(service, m))
+            await inbox.subscribe(service)
+            serving = asyncio.create_task(inbox.run(service))
             tls = BrokerUrl("127.0.0.1", broker.port, tls=True)
             yield Parent(tls, broker.url, BrokerUrl("127.0.0.1", broker.cert_port or broker.port, tls=True), tier,
                          tokens, credentials, tmp_path / "parent" / "db.json")
@@ -90,7 +93,7 @@ async def test_a_token_and_the_right_fingerprint_give_a_certificate_that_logs_in
     assert login.at(parent.url) == parent.cert, "the join answer names where certificates log in"
     async with MqttSession(parent.cert, "node.w1", "node.w1", "", tls=login.tls(),
                            retry_first_connect=False) as session:
-        await session.subscribe_confirmed(topics.down(topics.NODES, "w1", "desired"))
+        await session.subscribe_confirmed(channels.NODE_DESIRED.topic(node="w1"))
     secret = token.split(".")[2]
     stored = "".join(p.read_text() for p in parent.store_path.parent.iterdir() if p.name.startswith("db.json"))
     assert token.split(".")[1] in stored, "the token's record is on disk"

@@ -67,11 +67,13 @@ def test_password_lines_are_mosquittos_pbkdf2_sha512() -> None:
 
 
 def test_acl_file_says_what_broker_acl_says() -> None:
-    """Each identity gets its own subtrees; newcomers only the join topics of their client id."""
-    assert acl_block("alice") == ["user alice", "topic deny oak/join/#", "topic write oak/api/alice/request/#",
+    """Each identity publishes its own channels and reads its own subtree; newcomers only the join topics
+    of their client id."""
+    assert acl_block("alice") == ["user alice", "topic deny oak/join/#", "topic write oak/api/alice/request/+/+",
                                   "topic read oak/api/alice/#", "topic read oak/root/avail"]
-    assert acl_block("node.w1")[2:] == ["topic write oak/nodes/w1/up/#", "topic read oak/nodes/w1/down/#",
-                                        "topic read oak/cluster/avail"]
+    assert acl_block("node.w1")[2:] == [*(f"topic write oak/nodes/w1/up/{c}" for c in
+                                          ("avail", "info", "state", "res/+", "csr")),
+                                        "topic read oak/nodes/w1/down/#", "topic read oak/cluster/avail"]
     assert acl_block("svc.root") == ["user svc.root", "topic readwrite #"]
     assert acl_block("node:w1") == acl_block("bad name") == []
     text = render_acl(["alice", "join.newcomer"])

@@ -237,7 +237,7 @@ async def test_cluster_hands_out_and_frees_subnets(tmp_path: Path, monkeypatch: 
     assert net.subnets == {}, "no block from the root yet"
     assert net.state(workers) == {"w1": {"subnet": "", "endpoint": "192.168.1.1:50103"},
                                   "w2": {"subnet": "", "endpoint": "192.168.1.2:50103"}}
-    await net.on_root(envelope.encode("net", {"block": "10.18.16.0/20", "table": {}}, "root"))
+    await net.on_root({"block": "10.18.16.0/20", "table": {}})
     await net.allocate(workers)
     assert net.subnets == {"w1": "10.18.16.0/26", "w2": "10.18.16.64/26"}, "only overlay workers get one"
 

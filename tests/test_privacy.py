@@ -15,17 +15,18 @@ import pytest
 
 from broker.join import obtain_login
 from services.cli.client import ApiFailure, OakClient, Profile
-from services.common import envelope, topics
+from services.common import channels, envelope
 from services.common.mqtt import BrokerUrl, MqttError
 from tests.conftest import Stack, dumps, fleet, sla, sleeper
 from tests.test_three_tiers import running
 
 
 async def _infrastructure(client: OakClient) -> dict[str, Any]:
-    await client.session.subscribe_confirmed(topics.api_infrastructure(client.profile.username))
+    topic = channels.API_INFRASTRUCTURE.topic(user=client.profile.username)
+    await client.session.subscribe_confirmed(topic)
     while True:
         message = await client.updates.get()
-        if message.topic == topics.api_infrastructure(client.profile.username):
+        if message.topic == topic:
             return envelope.decode(message.payload).data  # type: ignore[no-any-return]
 
 

@@ -9,17 +9,17 @@ from pathlib import Path
 from typing import Any
 
 from plugins.schedulers.least_loaded import LeastLoaded
-from services.common import envelope, models, topics
+from services.common import channels, envelope, models
 from services.common.delta import DeltaSender
 from services.common.hookspecs import Demand
 from services.common.models import InstanceSpec, InstanceStatus, NodeSummary
-from services.common.mqtt import Message
 from services.common.scheduling import Profile, Weighted
 from services.common.sla import parse_sla
 from services.common.store import Store
 from services.root.catalog import Catalog, Service
 from services.root.clusters import ClusterView, Pool, choose
 from services.root.orchestrator import RootOrchestrator
+from tests.fakes import FakeSession, deliver
 
 PROFILE = Profile((Weighted(LeastLoaded()),))
 
@@ -30,21 +30,6 @@ def view(name: str, workers: int, cores: float = 4, memory: float = 4096) -> Clu
     out.nodes = {f"{name}-w{i}": NodeSummary(f"{name}-w{i}", True, cores, memory, cores, memory, 0.0, ["process"])
                  for i in range(workers)}
     return out
-
-
-class FakeSession:
-    """Records what the orchestrator publishes."""
-
-    backlog = 0  # nothing waits: the tier is idle
-
-    def __init__(self) -> None:
-        self.published: list[tuple[str, bytes]] = []
-
-    def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
-        self.published.append((topic, payload))
-
-    def subscribe(self, *filters: str) -> None:
-        pass
 
 
 async def one_service(tmp_path: Path, replicas: int) -> tuple[Catalog, Service]:
@@ -110,14 +95,16 @@ async def test_the_root_folds_state_deltas_into_its_view_of_the_cluster(tmp_path
     cluster = DeltaSender(("nodes", "instances", "overlay"), epoch="c1")
     state = {"nodes": {}, "instances": {"i1": {"status": "CREATING"}, "i2": {"status": "CREATING"}}, "overlay": {}}
     cluster.diff(state)
-    topic = topics.up(topics.CLUSTERS, "c1", "state")
-    await orchestrator.handle_cluster(Message(topic, envelope.encode("cluster.state", cluster.whole(), "c"), True, 1))
+    session = FakeSession()
+    orchestrator.session = session  # type: ignore[assignment]
+    topic = channels.CLUSTER_STATE.topic(cluster="c1")
+    await deliver(orchestrator, session, topic, envelope.encode("cluster.state", cluster.whole(), "c"), True)
     statuses = orchestrator.clusters["c1"].statuses
     assert {i: s.status for i, s in statuses.items()} == {"i1": "CREATING", "i2": "CREATING"}
     delta = cluster.diff({**state, "instances": {"i1": {"status": "RUNNING"}}})
     assert delta is not None
-    await orchestrator.handle_cluster(Message(topics.delta_of(topic),
-                                              envelope.encode("cluster.state.delta", delta.data(), "c"), False, 1))
+    await deliver(orchestrator, session, channels.CLUSTER_STATE_DELTA.topic(cluster="c1"),
+                  envelope.encode("cluster.state.delta", delta.data(), "c"))
     assert {i: s.status for i, s in orchestrator.clusters["c1"].statuses.items()} == {"i1": "RUNNING"}
     await orchestrator.settled()
 
@@ -144,7 +131,7 @@ async def test_a_service_state_is_published_with_its_rows_json_reused(tmp_path: 
     orchestrator.kick()
     await orchestrator.settled()
     assert all(orchestrator.spec_doc(i) == models.dump(orchestrator.spec_of(i)) for i in catalog.instances.values())
-    topic = topics.api_service_state("u", service.job_name)
+    topic = channels.API_SERVICE_STATE.topic(user="u", job=service.job_name)
     first = [p for t, p in session.published if t == topic][-1]
     assert json.loads(first)["data"] == orchestrator.service_state(service)
     assert envelope.decode(first, "service.state").data == envelope.decode(

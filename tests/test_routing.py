@@ -73,19 +73,20 @@ async def test_delivery_through_exact_and_wildcard_filters(broker: EmbeddedBroke
     messages reach later subscribers of exact and wildcard filters; the counters count."""
     url = BrokerUrl("127.0.0.1", broker.port)
     async with MqttSession(url, "alice-a", "alice", "pw") as sub, MqttSession(url, "alice-b", "alice", "pw") as pub:
-        await sub.subscribe_confirmed("oak/api/alice/request/x", "oak/api/alice/request/+")
-        pub.publish("oak/api/alice/request/r", b"retained", retain=True)
-        pub.publish("oak/api/alice/request/x", b"hello")
+        await sub.subscribe_confirmed("oak/api/alice/request/apps/x", "oak/api/alice/request/apps/+")
+        pub.publish("oak/api/alice/request/apps/r", b"retained", retain=True)
+        pub.publish("oak/api/alice/request/apps/x", b"hello")
         got = [await sub.get(5) for _ in range(3)]
         assert sorted((m.topic, m.payload) for m in got) == [
-            ("oak/api/alice/request/r", b"retained"), ("oak/api/alice/request/x", b"hello"),
-            ("oak/api/alice/request/x", b"hello")]
+            ("oak/api/alice/request/apps/r", b"retained"), ("oak/api/alice/request/apps/x", b"hello"),
+            ("oak/api/alice/request/apps/x", b"hello")]
         with pytest.raises(TimeoutError):
             await sub.get(0.3)
         async with MqttSession(url, "alice-c", "alice", "pw") as late:
-            await late.subscribe_confirmed("oak/api/alice/request/r", "oak/api/alice/request/+")
+            await late.subscribe_confirmed("oak/api/alice/request/apps/r", "oak/api/alice/request/apps/+")
             got = [await late.get(5), await late.get(5)]
-            assert {(m.topic, m.payload, m.retain) for m in got} == {("oak/api/alice/request/r", b"retained", True)}
+            assert {(m.topic, m.payload, m.retain) for m in got} == {
+                ("oak/api/alice/request/apps/r", b"retained", True)}
             with pytest.raises(TimeoutError):
                 await late.get(0.3)
         await asyncio.sleep(0.1)
@@ -100,19 +101,19 @@ async def test_a_gone_session_takes_only_its_own_filters(broker: EmbeddedBroker)
     amqtt = broker._broker
     assert amqtt is not None
     async with MqttSession(url, "alice-stay", "alice", "pw") as stay:
-        await stay.subscribe_confirmed("oak/api/alice/request/shared")
+        await stay.subscribe_confirmed("oak/api/alice/request/apps/shared")
         async with MqttSession(url, "alice-go", "alice", "pw") as go:
-            await go.subscribe_confirmed("oak/api/alice/request/shared", "oak/api/alice/request/+")
-            assert "oak/api/alice/request/+" in amqtt._wildcards()[("oak", "api", "alice", "request")]
+            await go.subscribe_confirmed("oak/api/alice/request/apps/shared", "oak/api/alice/request/apps/+")
+            assert "oak/api/alice/request/apps/+" in amqtt._wildcards()[("oak", "api", "alice", "request", "apps")]
         for _ in range(40):  # amqtt drops ended clean sessions once a second
             await asyncio.sleep(0.1)
-            if "oak/api/alice/request/+" not in amqtt._subscriptions:
+            if "oak/api/alice/request/apps/+" not in amqtt._subscriptions:
                 break
-        assert set(amqtt._subscriptions) >= {"oak/api/alice/request/shared"}
-        assert "oak/api/alice/request/+" not in amqtt._subscriptions
+        assert set(amqtt._subscriptions) >= {"oak/api/alice/request/apps/shared"}
+        assert "oak/api/alice/request/apps/+" not in amqtt._subscriptions
         indexed = sorted(f for filters in amqtt._wildcards().values() for f in filters)
         assert indexed == sorted(f for f in amqtt._subscriptions if "+" in f or "#" in f)
-        assert [s.client_id for s, _ in amqtt._subscriptions["oak/api/alice/request/shared"]] == ["alice-stay"]
+        assert [s.client_id for s, _ in amqtt._subscriptions["oak/api/alice/request/apps/shared"]] == ["alice-stay"]
 
 
 def _packet(kind: int, body: bytes) -> bytes:
@@ -135,13 +136,13 @@ async def test_a_delivery_acknowledged_too_late_is_counted_not_logged(
     connect = _text("MQTT") + bytes([4, 0xC2]) + (60).to_bytes(2, "big") + login
     writer.write(_packet(0x10, connect))
     assert (await asyncio.wait_for(reader.readexactly(4), 5)) == b"\x20\x02\x00\x00"  # CONNACK, accepted
-    writer.write(_packet(0x82, (1).to_bytes(2, "big") + _text("oak/api/alice/request/x") + b"\x01"))
+    writer.write(_packet(0x82, (1).to_bytes(2, "big") + _text("oak/api/alice/request/apps/x") + b"\x01"))
     assert (await asyncio.wait_for(reader.readexactly(5), 5))[:1] == b"\x90"  # SUBACK
     amqtt = broker._broker
     assert amqtt is not None
     caplog.set_level(logging.INFO)
     async with MqttSession(BrokerUrl("127.0.0.1", broker.port), "alice-b", "alice", "pw") as pub:
-        pub.publish("oak/api/alice/request/x", b"hello")
+        pub.publish("oak/api/alice/request/apps/x", b"hello")
         first = await asyncio.wait_for(reader.read(1), 5)
         assert first[0] >> 4 == 3  # the PUBLISH arrived; no PUBACK is sent
         for _ in range(80):

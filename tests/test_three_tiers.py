@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 from services.cli.client import ApiFailure, OakClient, Profile
-from services.common import topics
+from services.common import channels
 from tests.conftest import Stack, dumps, eventually, sla, sleeper
 from tests.conftest import online_nodes as _online_nodes
 
@@ -209,7 +209,8 @@ async def test_bad_requests_get_errors_and_change_nothing(stack: Stack, api: Any
     assert err.value.code == "invalid_sla"
     assert "applications[0].microservices[0].memory" in str(err.value)
     for garbage in (b'{"sla_version": "v2.0"', b"\xff\xfe", b"[1, 2]"):
-        client.session.publish(topics.api_request(client.profile.username, "apps", "create"), garbage)
+        create = channels.API_REQUEST.topic(user=client.profile.username, resource="apps", action="create")
+        client.session.publish(create, garbage)
         answer = json.loads((await asyncio.wait_for(client.updates.get(), 10)).payload)
         assert answer["ok"] is False
         assert answer["error"]["code"] in ("bad_request", "invalid_sla")
@@ -299,8 +300,9 @@ async def test_users_cannot_see_or_touch_each_others_services(stack: Stack, api:
         with pytest.raises(ApiFailure) as err:
             await bob.request("users", "create", {"username": "eve", "password": "eve-password"})
         assert err.value.code == "forbidden"
-        bob.session.subscribe(topics.api_state_filter("admin"))
-        bob.session.publish(topics.api_request("admin", "apps", "delete"), dumps({"app": "shop"}))
+        bob.session.subscribe("oak/api/admin/state/#")
+        bob.session.publish(channels.API_REQUEST.topic(user="admin", resource="apps", action="delete"),
+                            dumps({"app": "shop"}))
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(bob.updates.get(), 1.0)
         # bob may use the same names as the admin: job names are unique per user only

@@ -14,10 +14,8 @@ from typing import Any, Protocol
 from textual.message_pump import MessagePump
 
 from services.cli.client import CliError, OakClient, Profile
-from services.common import envelope, topics
+from services.common import channels
 from tui.messages import FeedStatus, InfrastructureChanged, ServiceChanged
-
-SERVICE_PREFIX = "/state/services/"
 
 
 class Feed(Protocol):
@@ -43,11 +41,11 @@ class Feed(Protocol):
 
 def translate(topic: str, payload: bytes) -> ServiceChanged | InfrastructureChanged | None:
     """The Textual message for one MQTT message, or None for anything else."""
-    if SERVICE_PREFIX in topic:
-        job = topic.split(SERVICE_PREFIX, 1)[1]
-        return ServiceChanged(job, envelope.decode(payload, "service.state").data if payload else None)
-    if topic.endswith("/state/infrastructure") and payload:
-        data = envelope.decode(payload, "infrastructure").data
+    service = channels.API_SERVICE_STATE.parse(topic)
+    if service is not None:
+        return ServiceChanged(service["job"], channels.API_SERVICE_STATE.decode(payload) if payload else None)
+    if channels.API_INFRASTRUCTURE.parse(topic) is not None and payload:
+        data = channels.API_INFRASTRUCTURE.decode(payload)
         return InfrastructureChanged(list(data.get("clusters", [])), list(data.get("nodes", [])))
     return None
 
@@ -67,7 +65,8 @@ class MqttFeed:
             target.post_message(FeedStatus(str(exc), ok=False))
             return
         target.post_message(FeedStatus(f"{self.profile.username} @ {self.profile.root}", ok=True))
-        await self.client.session.subscribe_confirmed(topics.api_state_filter(self.profile.username))
+        await self.client.session.subscribe_confirmed(channels.API_SERVICE_STATE.filter(user=self.profile.username),
+                                                         channels.API_INFRASTRUCTURE.topic(user=self.profile.username))
         try:
             while True:
                 message = await self.client.updates.get()

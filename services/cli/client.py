@@ -13,7 +13,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from services.common import envelope, models, topics
+from services.common import channels, envelope, models
 from services.common.mqtt import BrokerUrl, Message, MqttError, MqttSession, tls_context
 
 REQUEST_TIMEOUT = 15.0
@@ -85,14 +85,14 @@ class OakClient:
             await self.session.__aenter__()
         except MqttError as exc:
             raise CliError(str(exc)) from None
-        await self.session.subscribe_confirmed(f"{topics.BASE}/api/{self.profile.username}/response/#",
-                                               topics.ROOT_AVAIL)
+        await self.session.subscribe_confirmed(channels.API_RESPONSE.filter(user=self.profile.username),
+                                               channels.ROOT_AVAIL.topic())
         # The root says online once it serves requests (retained): wait for it, so none is lost.
         try:
             async with asyncio.timeout(REQUEST_TIMEOUT):
                 while True:
                     message = await self.session.get(REQUEST_TIMEOUT)
-                    if message.topic == topics.ROOT_AVAIL and envelope.is_online(message.payload):
+                    if channels.ROOT_AVAIL.parse(message.topic) is not None and envelope.is_online(message.payload):
                         break
         except TimeoutError:
             await self.session.close()
@@ -109,9 +109,8 @@ class OakClient:
         await self.session.close()
 
     async def _read(self) -> None:
-        responses = f"{topics.BASE}/api/{self.profile.username}/response/"
         async for message in self.session.messages():
-            if not message.topic.startswith(responses):
+            if channels.API_RESPONSE.parse(message.topic) is None:
                 self.updates.put_nowait(message)
                 continue
             try:
@@ -140,8 +139,8 @@ class OakClient:
             payload = json.dumps({**(body or {}), "transaction": transaction}).encode()
         deadline = time.monotonic() + REQUEST_TIMEOUT
         while True:
-            answer = await self._ask(topics.api_request(self.profile.username, resource, action), payload,
-                                     transaction, deadline)
+            answer = await self._ask(channels.API_REQUEST.topic(user=self.profile.username, resource=resource,
+                                                                action=action), payload, transaction, deadline)
             error: dict[str, Any] = answer["error"] if isinstance(answer.get("error"), dict) else {}
             retry_after = error.get("retry_after")
             if answer.get("ok") or error.get("code") != "busy" or not isinstance(retry_after, int | float) \
@@ -167,7 +166,7 @@ class OakClient:
         """Send a request answered many times (``services/logs``): its first answer's data, and the rest."""
         transaction = secrets.token_hex(6)
         first = await self.request(resource, action, body, transaction=transaction)
-        topic = topics.api_response(self.profile.username, resource, action)
+        topic = channels.API_RESPONSE.topic(user=self.profile.username, resource=resource, action=action)
 
         async def rest() -> AsyncIterator[dict]:
             while True:
@@ -187,7 +186,7 @@ class OakClient:
         self, job_name: str, timeout: float, on_update: Callable[[dict[str, Any]], None]
     ) -> dict[str, Any]:
         """Follow a service's retained state until every instance is RUNNING (or COMPLETED)."""
-        topic = topics.api_service_state(self.profile.username, job_name)
+        topic = channels.API_SERVICE_STATE.topic(user=self.profile.username, job=job_name)
         await self.session.subscribe_confirmed(topic)
         try:
             async with asyncio.timeout(timeout):
@@ -205,4 +204,4 @@ class OakClient:
 
 def decode_state(payload: bytes) -> dict[str, Any]:
     """The ``data`` of a retained service state message."""
-    return envelope.decode(payload, "service.state").data
+    return channels.API_SERVICE_STATE.decode(payload)

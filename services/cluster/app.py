@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from broker import ca
 from broker.backend import MOSQUITTO, BrokerSpec, RunningBroker, make_credentials, open_broker
@@ -16,15 +16,16 @@ from broker.credentials import Credentials
 from broker.identity import NODE, Identity
 from broker.join import TLS_DIR, Issuer, JoinDesk, Login, obtain_login
 from broker.mosquitto_files import NativeBridge
-from broker.renewal import CERT, CSR, Renewal, Renewer
+from broker.renewal import Renewal, Renewer
 from broker.server import Listeners
 from broker.tier_ca import TierCa
 from broker.tokens import JoinPolicy, JoinTokens
 from services.cluster.orchestrator import ClusterOrchestrator
 from services.cluster.relay import Relay
-from services.common import envelope, models, plugins, profile, topics
+from services.common import channels, models, plugins, profile, topics
+from services.common.inbox import Inbox, Received, serve
 from services.common.models import ClusterInfo
-from services.common.mqtt import BrokerUrl, Message, MqttSession, serve
+from services.common.mqtt import BrokerUrl, MqttSession
 from services.common.private import private_dir
 from services.common.store import Store
 from services.common.version import VERSION
@@ -80,48 +81,47 @@ async def run_cluster(cfg: ClusterConfig, ready: asyncio.Event | None = None) ->
         native = _native_bridge(cfg, login)
         async with open_broker(cfg.broker, listen, credentials, cfg.data_dir, ("cluster", "bridge"),
                                native) as broker:
-            session = MqttSession(broker.url, "cluster", *broker.login("cluster"), avail_topic=topics.CLUSTER_AVAIL)
+            session = MqttSession(broker.url, "cluster", *broker.login("cluster"),
+                                  avail_topic=channels.CLUSTER_SELF_AVAIL.topic())
             tokens = JoinTokens()  # the root's tokens for workers (down/tokens)
             issuer = Issuer(tier.authority, tier.fleet_ca, broker.cert_port, cfg.cert_days) if tier else None
             renewer = Renewer(credentials, tier.authority, NODE, cfg.cert_days) if tier else None
             bridge_tls = login.tls()
-            renewal = (Renewal(session, bridge_tls, cfg.data_dir / TLS_DIR, topics.upstream(CSR),
+            renewal = (Renewal(session, bridge_tls, cfg.data_dir / TLS_DIR,
+                               channels.upstream(channels.CLUSTER_CSR).topic(),
                                on_renewed=(lambda: _restart_native_bridge(broker, orchestrator)) if native else None)
                        if bridge_tls else None)
             desk = JoinDesk(credentials, "node", issuer, JoinPolicy(tokens, cfg.join_token, cfg.open_join),
-                            on_token_used=lambda token_id: session.publish(
-                                topics.upstream(topics.TOKENS_USED), json.dumps({"id": token_id}).encode()))
+                            on_token_used=lambda token_id: session.send(
+                                channels.upstream(channels.CLUSTER_TOKEN_USED), {"id": token_id}))
             if cfg.open_join:
                 log.warning("OPEN JOIN: any worker that reaches port %d may join (--open-join)", broker.port)
             async with session:
                 orchestrator = ClusterOrchestrator(cfg.name, store, scheduling, session, cfg.location,
                                                    lambda node: _expiry(credentials, Identity(NODE, node).username))
                 await orchestrator.restore()
-                orchestrator.subscribe()
-                relay = Relay(orchestrator, session)
-                await session.subscribe_confirmed(topics.JOIN_REQUESTS, topics.downstream(topics.TOKENS),
-                                                  *([renewer.requests] if renewer else []), topics.downstream(CERT))
+                relay = Relay(orchestrator.assigned, session)
+                inbox = Inbox()
+                orchestrator.listen(inbox)
+                inbox.on(channels.JOIN_REQUEST, lambda m: desk.handle(session, m))
+                inbox.on(channels.downstream(channels.CLUSTER_TOKENS), lambda m: _take_tokens(tokens, m))
+                inbox.on(channels.downstream(channels.CLUSTER_COMMAND), lambda m: _revoke(broker, tier, m),
+                         verb="revoke")
+                inbox.on(channels.downstream(channels.CLUSTER_COMMAND), relay.command, verb="logs")
+                inbox.on(channels.NODE_ANSWER, relay.answer)
+                if renewer:
+                    inbox.on(renewer.requests, lambda m: renewer.answer(session, m))
+                if renewal:
+                    inbox.on(channels.downstream(channels.CLUSTER_CERT), renewal.take)
+                await inbox.subscribe(session)
                 if tier:
-                    session.publish(topics.JOIN_CA, tier.discovery(), retain=True)
+                    session.send(channels.JOIN_CA, tier.discovery())
                 info = ClusterInfo(cfg.name, cfg.location, VERSION, ",".join(scheduling.names))
-                session.publish(
-                    topics.upstream("info"),
-                    envelope.encode("cluster.info", models.dump(info), f"cluster/{cfg.name}"),
-                    retain=True,
-                )
+                session.send(channels.upstream(channels.CLUSTER_INFO), models.dump(info), f"cluster/{cfg.name}")
                 log.info("cluster %s serving workers on port %d", cfg.name, broker.port)
                 if ready:
                     ready.set()
-                await serve(session, {
-                    topics.JOIN_REQUESTS: lambda m: desk.handle(session, m),
-                    topics.downstream(topics.TOKENS): lambda m: _take_tokens(tokens, m),
-                    topics.downstream(topics.REVOKE): lambda m: _revoke(broker, tier, m),
-                    **({renewer.requests: lambda m: renewer.answer(session, m)} if renewer else {}),
-                    **({topics.downstream(CERT): renewal.take} if renewal else {}),
-                    topics.downstream("cmd/+"): relay.command,
-                    topics.up_filter(topics.NODES, "res/+"): relay.answer,
-                    topics.BASE + "/#": orchestrator.handle,
-                }, orchestrator.run(), *([renewal.run()] if renewal else []),
+                await serve(session, inbox, orchestrator.run(), *([renewal.run()] if renewal else []),
                     *([] if native else [_bridge(cfg, login, bridge_tls, broker.url, broker.login("bridge"))]))
     finally:
         store.close()
@@ -143,22 +143,18 @@ def _expiry(credentials: Credentials, username: str) -> float:
     return certificate[1] if certificate else 0.0
 
 
-async def _revoke(broker: RunningBroker, tier: TierCa | None, message: Message) -> None:
+async def _revoke(broker: RunningBroker, tier: TierCa | None, revocation: Received[dict[str, Any]]) -> None:
     """The root asks to refuse a worker from now on: its account and certificate go, it is disconnected
     (its last will says offline, so its instances move)."""
-    try:
-        node = json.loads(message.payload)["node"]
-    except (ValueError, KeyError, TypeError):
-        log.warning("dropped a malformed revocation from the root")
-        return
+    node = str((revocation.body or {}).get("node"))
     if not topics.is_valid_id(node) or not await broker.revoke(Identity(NODE, node).username, tier):
         log.warning("the root revoked worker %r, which has not joined here", node)
 
 
-async def _take_tokens(tokens: JoinTokens, message: Message) -> None:
+async def _take_tokens(tokens: JoinTokens, sent: Received[dict[str, Any]]) -> None:
     """The root's tokens for workers, as it last sent them."""
     try:
-        records = json.loads(message.payload)[topics.TOKENS]
+        records = (sent.body or {})["tokens"]
         if not isinstance(records, dict):
             raise TypeError("not an object")
         await tokens.replace(records)
@@ -180,7 +176,7 @@ async def _bridge(cfg: ClusterConfig, login: Login, tls: ssl.SSLContext | None, 
     """Forward between the brokers for as long as the cluster runs (logging in with *tls*, renewed in place)."""
     root_side = MqttSession(
         login.at(cfg.root), login.username, login.username, login.password, tls=tls,
-        avail_topic=topics.up(topics.CLUSTERS, cfg.name, "avail"), clean_session=False,
+        avail_topic=channels.CLUSTER_AVAIL.topic(cluster=cfg.name), clean_session=False,
     )
     local_side = MqttSession(local, "bridge", *service_login)
     async with root_side, local_side:

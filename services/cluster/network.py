@@ -13,9 +13,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
-from services.common import addressing, envelope, models, topics
+from services.common import addressing, channels, models
 from services.common.models import InstanceSpec, InstanceStatus, NodeInfo
 from services.common.mqtt import MqttSession
 from services.common.nettable import Backend, NetTable, NodeRoute, ServiceRoute, TableSender
@@ -52,10 +52,12 @@ class ClusterNetwork:
         self.subnets = {name: str(doc["subnet"]) for name, doc in stored.items() if name != "_block"}
         self.block = str(stored.get("_block", {}).get("block", ""))
 
-    async def on_root(self, payload: bytes) -> None:
+    async def on_root(self, data: dict[str, Any]) -> None:
         """Take the block and table the root sent."""
-        data = envelope.decode(payload, "net").data
-        block, table = str(data["block"]), NetTable.from_json(data["table"])
+        try:
+            block, table = str(data["block"]), NetTable.from_json(data["table"])
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"net: {exc!r}") from None
         if block != self.block:
             if self.block:
                 log.warning("the root moved this cluster from block %s to %s; workers get new subnets", self.block,
@@ -120,7 +122,7 @@ class ClusterNetwork:
         if not self.subnets:
             return
         self.sender.send(self.table(workers, desired, assigned),
-                         {topics.down(topics.NODES, name, "net"): {"subnet": subnet, "cluster": self.cluster}
+                         {channels.NODE_NET.topic(node=name): {"subnet": subnet, "cluster": self.cluster}
                           for name, subnet in self.subnets.items()})
 
     def state(self, workers: Mapping[str, Worker]) -> dict[str, dict[str, str]]:

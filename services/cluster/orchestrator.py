@@ -20,11 +20,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.cluster.network import ClusterNetwork
-from services.common import envelope, models, scheduling, topics
+from services.common import channels, models, scheduling
 from services.common.delta import Change, DeltaPublisher, DeltaReceiver
 from services.common.hookspecs import Candidate, Demand
-from services.common.models import InstanceSpec, InstanceStatus, NodeInfo, NodeSummary
-from services.common.mqtt import Message, MqttSession
+from services.common.inbox import Inbox, Received
+from services.common.models import InstanceSpec, InstanceStatus, NodeInfo, NodeState, NodeSummary
+from services.common.mqtt import MqttSession
 from services.common.retained import LastSent
 from services.common.scheduling import Profile, reserve, with_targets
 from services.common.store import Store
@@ -46,8 +47,6 @@ STARTUP_GRACE = 10.0
 # times what the last one took, and while messages wait for the cluster, at least REPORT_MIN_INTERVAL.
 REPORT_MIN_INTERVAL = 0.2
 REPORT_COST_FACTOR = 10.0
-DESIRED_SECTIONS = ("instances",)
-STATE_SECTIONS = ("nodes", "instances", "overlay")
 
 
 @dataclass
@@ -97,7 +96,7 @@ class ClusterOrchestrator:
         # them when they could not be placed elsewhere, and stops them when they were.
         self._left_on: dict[str, str] = {}
         self._placing_lock = asyncio.Lock()
-        self._desired_in = DeltaReceiver(DESIRED_SECTIONS)
+        self._desired_in = DeltaReceiver(channels.CLUSTER_DESIRED.sections)
         self.network = ClusterNetwork(name, store, session)
 
     # ---- start-up ----------------------------------------------------------------------------
@@ -117,57 +116,52 @@ class ClusterOrchestrator:
         self._silent_after = time.monotonic() + STARTUP_GRACE if self.assigned else None
         await self.network.load()
 
-    def subscribe(self) -> None:
-        """Subscribe to the root's desired map and every worker's channels."""
-        self.session.subscribe(
-            topics.downstream("desired"),
-            topics.delta_of(topics.downstream("desired")),
-            topics.downstream("net"),
-            topics.downstream("cmd/+"),
-            topics.up_filter(topics.NODES, "res/+"),
-            topics.up_filter(topics.NODES, "avail"),
-            topics.up_filter(topics.NODES, "info"),
-            topics.up_filter(topics.NODES, "state"),
-        )
+    def listen(self, inbox: Inbox) -> None:
+        """Register the channels this orchestrator reads: the root's desired map and net, the workers' own."""
+        inbox.on(channels.downstream(channels.CLUSTER_DESIRED), self.take_desired)
+        inbox.on(channels.downstream(channels.CLUSTER_DESIRED_DELTA), self.take_desired_delta)
+        inbox.on(channels.downstream(channels.CLUSTER_NET), self.take_net)
+        inbox.on(channels.NODE_AVAIL, self.take_avail)
+        inbox.on(channels.NODE_INFO, self.take_info)
+        inbox.on(channels.NODE_STATE, self.take_state)
 
     # ---- messages ----------------------------------------------------------------------------
 
-    async def handle(self, message: Message) -> None:
-        """Apply one message; a malformed one is logged and changes nothing."""
-        try:
-            if message.topic == topics.downstream("desired"):
-                await self._on_desired(message.payload)
-                return
-            if message.topic == topics.delta_of(topics.downstream("desired")):
-                await self._take_desired(self._desired_in.delta(envelope.decode(message.payload, "desired.delta").data))
-                return
-            if message.topic == topics.downstream("net"):
-                if message.payload:
-                    await self.network.on_root(message.payload)
-                    self._changed.set()
-                return
-            parsed = topics.parse_child(message.topic)
-            if parsed is None or parsed.kind != topics.NODES or parsed.direction != "up":
-                return
-            node = self.nodes.setdefault(parsed.child, NodeView(parsed.child))
-            if parsed.channel == "avail":
-                await self._on_avail(node, envelope.is_online(message.payload))
-            elif parsed.channel == "info" and message.payload:
-                node.info = models.load(NodeInfo, envelope.decode(message.payload, "node.info").data)
-                self._peers_dirty = True
-                self._changed.set()
-            elif parsed.channel == "state" and message.payload:
-                self._on_state(node, envelope.decode(message.payload, "node.state").data)
-        except (ValueError, KeyError, TypeError) as exc:
-            log.warning("ignoring a bad message on %s: %s", message.topic, exc)
-            if message.retain and topics.parse_child(message.topic) is not None:
-                self.session.publish(message.topic, b"", retain=True)  # read again at every restart otherwise
-
-    async def _on_desired(self, payload: bytes) -> None:
+    async def take_desired(self, desired: Received[dict[str, Any]]) -> None:
         """The root's whole desired map (retained; empty payload = nothing wanted)."""
-        data = envelope.decode(payload, "desired").data if payload else {"instances": {}}
+        data = desired.body if desired.body is not None else {"instances": {}}
         models.load_desired(data)  # all valid, or nothing changes
         await self._take_desired(self._desired_in.whole(data))
+
+    async def take_desired_delta(self, delta: Received[dict[str, Any]]) -> None:
+        """A change of the root's desired map."""
+        if delta.body is not None:
+            await self._take_desired(self._desired_in.delta(delta.body))
+
+    async def take_net(self, net: Received[dict[str, Any]]) -> None:
+        """The root's overlay block and net table."""
+        if net.body is not None:
+            await self.network.on_root(net.body)
+            self._changed.set()
+
+    async def take_avail(self, avail: Received[bool]) -> None:
+        """A worker came online or went offline (its last will)."""
+        await self._on_avail(self._node(avail.sender), bool(avail.body))
+
+    async def take_info(self, info: Received[NodeInfo]) -> None:
+        """A worker's static facts."""
+        if info.body is not None:
+            self._node(info.sender).info = info.body
+            self._peers_dirty = True
+            self._changed.set()
+
+    async def take_state(self, state: Received[NodeState]) -> None:
+        """A worker's live facts."""
+        if state.body is not None:
+            self._on_state(self._node(state.sender), state.body)
+
+    def _node(self, name: str) -> NodeView:
+        return self.nodes.setdefault(name, NodeView(name))
 
     async def _take_desired(self, change: Change) -> None:
         """Apply what changed in the root's desired map: only the changed specs are read and stored."""
@@ -257,15 +251,13 @@ class ClusterOrchestrator:
             if not node.online and node.name in set(self.assigned.values()):
                 await self._move_off(node, f"has not come back within {STARTUP_GRACE:.0f} s of this restart")
 
-    def _on_state(self, node: NodeView, data: dict[str, Any]) -> None:
-        statuses = {i: o if (o := node.statuses.get(i)) == s else s
-                    for i, s in models.load_statuses(data.get("instances", {})).items()}
+    def _on_state(self, node: NodeView, state: NodeState) -> None:
+        statuses = {i: o if (o := node.statuses.get(i)) == s else s for i, s in state.instances.items()}
         changed = {i: (s.status, s.ip) for i, s in statuses.items()} != {
             i: (s.status, s.ip) for i, s in node.statuses.items()}
         node.statuses = statuses
-        node.metrics = {k: float(v) for k, v in data.items() if isinstance(v, int | float)}
-        coord = data.get("coord")
-        node.coord = [float(x) for x in coord] if isinstance(coord, list) else []
+        node.metrics = state.metrics
+        node.coord = state.coord
         if changed:
             self._changed.set()
 
@@ -385,8 +377,7 @@ class ClusterOrchestrator:
             ring = [probes[(index + k) % len(probes)] for k in range(1, min(PEERS, len(probes) - 1) + 1)]
             peers = [{"name": n, "probe": p} for n, p in ring]
             if self._peers_published.fresh(name, frozenset((p["name"], p["probe"]) for p in peers)):
-                self.session.publish(topics.down(topics.NODES, name, "peers"),
-                                     envelope.encode("peers", {"peers": peers}, f"cluster/{self.name}"), retain=True)
+                self.session.send(channels.NODE_PEERS, {"peers": peers}, f"cluster/{self.name}", node=name)
 
     def _maps(self, nodes: set[str]) -> dict[str, dict[str, Any]]:
         """The desired maps of *nodes* (one pass over the assignments for all)."""
@@ -399,11 +390,7 @@ class ClusterOrchestrator:
     def _publish_map(self, node: str, mine: dict[str, Any]) -> None:
         if not self._published.fresh(node, frozenset(mine)):
             return
-        self.session.publish(
-            topics.down(topics.NODES, node, "desired"),
-            envelope.encode("desired", {"instances": mine}, f"cluster/{self.name}"),
-            retain=True,
-        )
+        self.session.send(channels.NODE_DESIRED, {"instances": mine}, f"cluster/{self.name}", node=node)
 
     # ---- reporting ---------------------------------------------------------------------------
 
@@ -469,8 +456,7 @@ class ClusterOrchestrator:
     async def _report(self) -> None:
         """Whenever something changed (or every STATE_INTERVAL), after the throttle's delay: the peers, the
         net and the state for the root (what changed at once, the whole once settled)."""
-        out = DeltaPublisher(self.session, topics.upstream("state"), "cluster.state", f"cluster/{self.name}",
-                             STATE_SECTIONS)
+        out = DeltaPublisher(self.session, channels.upstream(channels.CLUSTER_STATE), f"cluster/{self.name}")
         throttle = ReportThrottle(REPORT_MIN_INTERVAL, REPORT_COST_FACTOR)
         try:
             while True:

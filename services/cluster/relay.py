@@ -3,12 +3,13 @@ and the workers' answers (``res/<verb>``) back up. Payloads pass through untouch
 
 from __future__ import annotations
 
-import json
 import logging
+from collections.abc import Mapping
+from typing import Any
 
-from services.cluster.orchestrator import ClusterOrchestrator
-from services.common import topics
-from services.common.mqtt import Message, MqttSession
+from services.common import channels
+from services.common.inbox import Received
+from services.common.mqtt import MqttSession
 
 log = logging.getLogger(__name__)
 
@@ -16,27 +17,25 @@ log = logging.getLogger(__name__)
 class Relay:
     """Commands down to workers, answers up to the root."""
 
-    def __init__(self, orchestrator: ClusterOrchestrator, session: MqttSession) -> None:
-        self.orchestrator = orchestrator
+    def __init__(self, assigned: Mapping[str, str], session: MqttSession) -> None:
+        self.assigned = assigned  # which worker holds each instance (the orchestrator's, kept current)
         self.session = session
 
-    async def command(self, message: Message) -> None:
+    async def command(self, command: Received[dict[str, Any]]) -> None:
         """``oak/downstream/cmd/<verb>`` with ``{"id", "iid", ...}``: to the instance's worker."""
-        verb = message.topic.rsplit("/", 1)[-1]
-        try:
-            body = json.loads(message.payload)
-            iid = body["iid"]
-        except (ValueError, KeyError, TypeError):
-            log.warning("ignoring a bad %s command", verb)
+        verb, body = command.names["verb"], command.body or {}
+        iid = body.get("iid")
+        if not isinstance(iid, str):
+            log.warning("ignoring a %s command without an instance", verb)
             return
-        node = self.orchestrator.assigned.get(iid)
+        node = self.assigned.get(iid)
         if node is None:
             answer = {"id": body.get("id"), "iid": iid, "error": "the instance is not on any worker", "done": True}
-            self.session.publish(topics.upstream(f"res/{verb}"), json.dumps(answer).encode())
+            self.session.send(channels.upstream(channels.CLUSTER_ANSWER), answer, verb=verb)
             return
-        self.session.publish(topics.down(topics.NODES, node, f"cmd/{verb}"), message.payload)
+        self.session.send(channels.NODE_COMMAND, command.message.payload, node=node, verb=verb)
 
-    async def answer(self, message: Message) -> None:
+    async def answer(self, answer: Received[dict[str, Any]]) -> None:
         """``oak/nodes/<n>/up/res/<verb>``: up to the root."""
-        verb = message.topic.rsplit("/", 1)[-1]
-        self.session.publish(topics.upstream(f"res/{verb}"), message.payload)
+        self.session.send(channels.upstream(channels.CLUSTER_ANSWER), answer.message.payload,
+                          verb=answer.names["verb"])

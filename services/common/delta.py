@@ -5,7 +5,7 @@ cluster is ``{"instances": {iid: spec}}``, a cluster's state ``{"nodes": ..., "i
 "overlay": ...}``. Resending 10,000 specs or statuses for every change costs both sides more than the
 change itself, so the owner of such a topic publishes:
 
-* every change at once as a small **delta**, not retained, on ``<channel>/delta`` (:func:`topics.delta_of`):
+* every change at once as a small **delta**, not retained, on ``<channel>/delta`` (the channel's ``delta``):
   ``{"epoch": e, "seq": n, "put": {section: {key: doc}}, "drop": {section: [key, ...]}}``;
 * the **whole document**, retained, on the channel itself, with ``"epoch"`` and ``"seq"`` added beside
   the sections: first at once, then once changes have settled (``quiet`` seconds without one) and at
@@ -29,7 +29,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from services.common import envelope, topics
+from services.common import envelope
+from services.common.channels import Channel
 
 Doc = dict[str, Any]
 Sections = dict[str, dict[str, Doc]]
@@ -202,13 +203,15 @@ class DeltaPublisher:
     :meth:`update` is called with the current whole document whenever it may have changed; the whole
     document follows by itself once changes settle (a timer on the running loop)."""
 
-    def __init__(self, session: Publisher, topic: str, kind: str, src: str, sections: tuple[str, ...],
+    def __init__(self, session: Publisher, channel: Channel[Any], src: str, names: Mapping[str, str] | None = None,
                  quiet: float = 1.0, full_every: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+        if channel.delta is None:
+            raise ValueError(f"{channel.pattern} has no delta channel")
         self.session = session
-        self.topic = topic
-        self.kind = kind
+        self.topic, self.delta_topic = channel.topic(**(names or {})), channel.delta.topic(**(names or {}))
+        self.kind, self.delta_kind = channel.kind, channel.delta.kind
         self.src = src
-        self.sender = DeltaSender(sections)
+        self.sender = DeltaSender(channel.sections)
         self.quiet = quiet
         self.full_every = full_every
         self.clock = clock
@@ -225,7 +228,7 @@ class DeltaPublisher:
             return True
         if delta is None:
             return False
-        self.session.publish(topics.delta_of(self.topic), envelope.encode(f"{self.kind}.delta", delta.data(), self.src))
+        self.session.publish(self.delta_topic, envelope.encode(self.delta_kind, delta.data(), self.src))
         if self.clock() - self._whole_at >= self.full_every:
             self.publish_whole()
         else:

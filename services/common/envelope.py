@@ -46,8 +46,8 @@ def encode_json(kind: str, data: str, src: str) -> bytes:
     return f'{head[:-1]},"data":{data}}}'.encode()
 
 
-def decode(payload: bytes | str, kind: str | None = None) -> Envelope:
-    """Decode an envelope; check its *kind* when given. Raise :class:`EnvelopeError` on anything else."""
+def json_object(payload: bytes | str) -> dict[str, Any]:
+    """A JSON object, or :class:`EnvelopeError` saying why *payload* is not one."""
     try:
         raw = json.loads(payload)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -56,6 +56,12 @@ def decode(payload: bytes | str, kind: str | None = None) -> Envelope:
         raise EnvelopeError("nested too deeply") from None
     if not isinstance(raw, dict):
         raise EnvelopeError("not a JSON object")
+    return raw
+
+
+def decode(payload: bytes | str, kind: str | None = None) -> Envelope:
+    """Decode an envelope; check its *kind* when given. Raise :class:`EnvelopeError` on anything else."""
+    raw = json_object(payload)
     v, got_kind, data = raw.get("v"), raw.get("kind"), raw.get("data")
     if not isinstance(v, int) or isinstance(v, bool) or v < 1:
         raise EnvelopeError("missing or bad 'v'")

@@ -188,6 +188,27 @@ def load_statuses(data: Any) -> dict[str, InstanceStatus]:
 
 
 @dataclass(frozen=True)
+class NodeState:
+    """A worker's live facts (retained ``state``): its instances' statuses, its load (every number it
+    samples: ``cpu_percent``, ``memory_percent``...) and its latency coordinate."""
+
+    instances: dict[str, InstanceStatus]
+    metrics: dict[str, float]
+    coord: list[float]
+
+    @classmethod
+    def load(cls, data: dict[str, Any]) -> NodeState:
+        """Read the published form: ``{"instances": {...}, "coord": [...], <metric>: <number>...}``."""
+        coord = data.get("coord", [])
+        why = _mismatch(coord, list[float])
+        if why:
+            raise ValueError(f"NodeState.coord: {why}")
+        metrics = {k: float(v) for k, v in data.items()
+                   if isinstance(v, int | float) and not isinstance(v, bool)}
+        return cls(load_statuses(data.get("instances", {})), metrics, [float(x) for x in coord])
+
+
+@dataclass(frozen=True)
 class NodeInfo:
     """A worker's static facts (retained ``info``)."""
 

@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -26,8 +26,8 @@ from urllib.parse import urlsplit
 import gmqtt
 from gmqtt.mqtt.constants import MQTTv311
 
+from services.common.channels import Channel
 from services.common.envelope import OFFLINE, ONLINE
-from services.common.topics import matches
 
 log = logging.getLogger(__name__)
 logging.getLogger("gmqtt").setLevel(logging.WARNING)
@@ -262,6 +262,12 @@ class MqttSession:
                 self._retained.pop(topic, None)
         self._client.publish(topic, payload, qos=qos, retain=retain)
 
+    def send(self, channel: Channel[Any], data: Mapping[str, Any] | bytes, src: str = "", **names: str) -> None:
+        """Publish *data* (encoded as *channel* says, unless already bytes) on *channel*'s topic for *names*,
+        retained and at the QoS the channel table gives."""
+        payload = data if isinstance(data, bytes) else channel.encode(data, src)
+        self.publish(channel.topic(**names), payload, retain=channel.retained, qos=channel.qos)
+
     @property
     def backlog(self) -> int:
         """Messages received and not yet taken: how far behind the service reading them is."""
@@ -275,34 +281,3 @@ class MqttSession:
     async def get(self, timeout: float) -> Message:
         """Return the next incoming message, or raise TimeoutError."""
         return await asyncio.wait_for(self._queue.get(), timeout)
-
-
-Handler = Callable[[Message], Awaitable[Any]]
-
-
-async def dispatch(session: MqttSession, routes: dict[str, Handler]) -> None:
-    """Hand every incoming message to the handler of the first topic filter it matches, forever.
-
-    *routes* maps MQTT filters (``+``/``#`` allowed) to handlers, tried in order. A handler that raises
-    is logged and the loop goes on: one bad message never stops a service. Bad input (a ``ValueError``,
-    such as an envelope or a field that does not check out) is one line naming the topic (and so the
-    sender) and what is wrong; anything else is a bug, logged with its traceback.
-    """
-    async for message in session.messages():
-        for topic_filter, handler in routes.items():
-            if matches(topic_filter, message.topic):
-                try:
-                    await handler(message)
-                except (ValueError, RecursionError) as exc:
-                    log.warning("ignoring a bad message on %s: %s", message.topic, str(exc)[:300] or repr(exc))
-                except Exception:
-                    log.exception("failed to handle a message on %s", message.topic)
-                break
-
-
-async def serve(session: MqttSession, routes: dict[str, Handler], *loops: Coroutine[Any, Any, None]) -> None:
-    """Dispatch *session*'s messages to *routes* while running *loops*, until cancelled."""
-    async with asyncio.TaskGroup() as tasks:
-        tasks.create_task(dispatch(session, routes))
-        for loop in loops:
-            tasks.create_task(loop)

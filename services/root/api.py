@@ -17,12 +17,14 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from broker.credentials import Credentials
 from broker.identity import CLUSTER, Identity
-from services.common import topics
-from services.common.mqtt import Message, MqttSession
+from services.common import channels, topics
+from services.common.inbox import Received
+from services.common.mqtt import MqttSession
 from services.common.scheduling import unevaluated, unevaluated_reason
 from services.common.sla import SlaError, parse_sla
 from services.root.catalog import App, Catalog, Conflict, NotFound, Service
@@ -37,6 +39,15 @@ MAX_REPLICAS = 1000
 BUSY_BACKLOG = 2000  # messages waiting for the root beyond which requests are answered "busy"
 OVERLOAD_QUIET = 5.0  # seconds without a busy answer that end an overload (for its one log line)
 DEFAULT_TOKEN_TTL = 24 * 3600.0
+
+
+@dataclass(frozen=True)
+class Request:
+    """Who asks for what: the placeholders of ``oak/api/<user>/request/<resource>/<action>``."""
+
+    user: str
+    resource: str
+    action: str
 
 
 class ApiError(Exception):
@@ -91,14 +102,12 @@ class Api:
             ("nodes", "revoke"): self.nodes_revoke,
         }
 
-    async def handle(self, session: MqttSession, message: Message) -> None:
+    async def handle(self, session: MqttSession, request: Received[bytes]) -> None:
         """Answer one request message."""
-        parsed = topics.parse_api_request(message.topic)
-        if parsed is None:
-            return
+        parsed = Request(**request.names)
         transaction, body = None, None
         try:
-            body = self._body(message.payload)
+            body = self._body(request.message.payload)
             if isinstance(body, dict) and isinstance(body.get("transaction"), str):
                 transaction = body["transaction"]
             self._transaction = transaction
@@ -130,10 +139,7 @@ class Api:
         self._note_overload(busy, answer)
         if not answer["ok"] and not busy:
             log.info("%s %s/%s refused: %s", parsed.user, parsed.resource, parsed.action, answer["error"]["message"])
-        session.publish(
-            topics.api_response(parsed.user, parsed.resource, parsed.action),
-            json.dumps(answer).encode(),
-        )
+        session.send(channels.API_RESPONSE, answer, user=parsed.user, resource=parsed.resource, action=parsed.action)
         self.orchestrator.flush_states()
 
     def _note_overload(self, busy: bool, answer: dict[str, Any]) -> None:

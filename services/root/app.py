@@ -17,8 +17,9 @@ from broker.renewal import Renewer
 from broker.server import Listeners
 from broker.tier_ca import TierCa
 from broker.tokens import JoinPolicy, JoinTokens
-from services.common import plugins, profile, topics
-from services.common.mqtt import BrokerUrl, Message, MqttSession, serve
+from services.common import channels, plugins, profile
+from services.common.inbox import Inbox, Received, serve
+from services.common.mqtt import BrokerUrl, MqttSession
 from services.common.private import private_dir, write_secret
 from services.common.store import Store
 from services.root.api import BUSY_BACKLOG, Api
@@ -85,7 +86,7 @@ async def run_root(cfg: RootConfig, ready: asyncio.Event | None = None) -> None:
     try:
         async with open_broker(cfg.broker, listen, credentials, cfg.data_dir, ("root",)) as broker:
             session = MqttSession(broker.url, "root", *broker.login("root"),
-                                  avail_topic=topics.ROOT_AVAIL, announce=False)
+                                  avail_topic=channels.ROOT_AVAIL.topic(), announce=False)
             async with session:
                 network = RootNetwork(store, session)
                 await network.load()
@@ -103,11 +104,23 @@ async def run_root(cfg: RootConfig, ready: asyncio.Event | None = None) -> None:
                     log.warning("OPEN JOIN: any cluster that reaches port %d may join (--open-join)", broker.port)
                 joining.publish()
                 if tier:
-                    session.publish(topics.JOIN_CA, tier.discovery(), retain=True)
+                    session.send(channels.JOIN_CA, tier.discovery())
                 orchestrator.start()
-                await session.subscribe_confirmed(topics.API_REQUESTS, topics.JOIN_REQUESTS,
-                                                  topics.up_filter(topics.CLUSTERS, topics.TOKENS_USED),
-                                                  *([renewer.requests] if renewer else []))
+
+                async def join(request: Received[bytes]) -> None:
+                    joined = await desk.handle(session, request)
+                    if joined:
+                        joining.publish(joined)
+
+                inbox = Inbox()
+                inbox.on(channels.API_REQUEST, lambda m: api.handle(session, m))
+                orchestrator.listen(inbox)
+                inbox.on(channels.CLUSTER_ANSWER, streams.answer)
+                inbox.on(channels.JOIN_REQUEST, join)
+                inbox.on(channels.CLUSTER_TOKEN_USED, joining.used)
+                if renewer:
+                    inbox.on(renewer.requests, lambda m: renewer.answer(session, m))
+                await inbox.subscribe(session)
                 session.announce()  # oak/root/avail online: clients wait for it before their first request
                 await ensure_admin(cfg, credentials, public, tier.cafile if tier else None)
                 log.info("root serving on %s (scheduling: %s)", public, ", ".join(scheduling.names))
@@ -115,18 +128,6 @@ async def run_root(cfg: RootConfig, ready: asyncio.Event | None = None) -> None:
                     log.info("the fleet's CA: %s, fingerprint %s", tier.cafile, tier.fingerprint)
                 if ready:
                     ready.set()
-                async def join(message: Message) -> None:
-                    joined = await desk.handle(session, message)
-                    if joined:
-                        joining.publish(joined)
-
-                await serve(session, {
-                    topics.JOIN_REQUESTS: join,
-                    topics.up_filter(topics.CLUSTERS, topics.TOKENS_USED): joining.used,
-                    **({renewer.requests: lambda m: renewer.answer(session, m)} if renewer else {}),
-                    topics.API_REQUESTS: lambda m: api.handle(session, m),
-                    topics.up_filter(topics.CLUSTERS, "res/+"): streams.answer,
-                    topics.up_filter(topics.CLUSTERS, "#"): orchestrator.handle_cluster,
-                }, orchestrator.run())
+                await serve(session, inbox, orchestrator.run())
     finally:
         store.close()

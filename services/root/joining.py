@@ -9,7 +9,6 @@ cluster, which the root asks on ``down/cmd/revoke``.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -19,8 +18,9 @@ from broker.credentials import Credentials
 from broker.identity import CLUSTER, Identity
 from broker.join import Issuer
 from broker.tokens import JoinTokens
-from services.common import topics
-from services.common.mqtt import BrokerUrl, Message, MqttSession
+from services.common import channels
+from services.common.inbox import Received
+from services.common.mqtt import BrokerUrl, MqttSession
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class RootJoining:
 
     def revoke_node(self, cluster: str, node: str) -> None:
         """Ask *cluster* to refuse its worker *node* from now on and disconnect it (and move its instances)."""
-        self.session.publish(topics.down(topics.CLUSTERS, cluster, topics.REVOKE), json.dumps({"node": node}).encode())
+        self.session.send(channels.CLUSTER_COMMAND, {"node": node}, cluster=cluster, verb="revoke")
 
     async def create(self, for_cluster: bool, ttl: float, uses: int | None) -> dict[str, Any]:
         """A new token and the command that joins with it (ValueError for bad limits)."""
@@ -73,18 +73,17 @@ class RootJoining:
 
     def publish(self, cluster: str | None = None) -> None:
         """Send the workers' tokens (hashed) to *cluster*, or to every cluster."""
-        body = json.dumps({topics.TOKENS: self.tokens.of_kind("node")}).encode()
+        body = channels.CLUSTER_TOKENS.encode({"tokens": self.tokens.of_kind("node")}, "root")
         names = [cluster] if cluster else [Identity.of(u).name for u in self.clusters()
                                            if Identity.of(u).kind == CLUSTER]
         for name in names:
-            self.session.publish(topics.down(topics.CLUSTERS, name, topics.TOKENS), body, retain=True)
+            self.session.send(channels.CLUSTER_TOKENS, body, cluster=name)
 
-    async def used(self, message: Message) -> None:
+    async def used(self, use: Received[dict[str, Any]]) -> None:
         """A cluster let a worker join with one of the tokens: count the use, tell every cluster."""
-        try:
-            token_id = json.loads(message.payload)["id"]
-        except (ValueError, KeyError, TypeError):
-            log.warning("dropped a malformed token use from %s", message.topic)
+        token_id = (use.body or {}).get("id")
+        if token_id is None:
+            log.warning("dropped a token use without an id from cluster %s", use.sender)
             return
         if await self.tokens.used(str(token_id)):
             self.publish()

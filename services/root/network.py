@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
-from services.common import addressing, models, topics
+from services.common import addressing, channels, models
 from services.common.mqtt import MqttSession
 from services.common.nettable import Backend, NetTable, NodeRoute, ServiceRoute, TableSender
 from services.common.store import Store
@@ -70,7 +70,7 @@ class RootNetwork:
         if not self.blocks:
             return
         self.sender.send(build_table(catalog, clusters),
-                         {topics.down(topics.CLUSTERS, name, "net"): {"block": block}
+                         {channels.CLUSTER_NET.topic(cluster=name): {"block": block}
                           for name, block in self.blocks.items()})
 
 

@@ -16,11 +16,12 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from services.common import envelope, models, topics
+from services.common import channels, envelope, models
 from services.common.delta import Change, DeltaPublisher, DeltaReceiver
 from services.common.hookspecs import Demand
+from services.common.inbox import Inbox, Received
 from services.common.models import ClusterInfo, InstanceSpec, InstanceStatus, NodeSummary
-from services.common.mqtt import Message, MqttSession
+from services.common.mqtt import MqttSession
 from services.common.retained import LastSent
 from services.common.scheduling import Profile, with_targets
 from services.common.throttle import ReportThrottle, Trigger
@@ -33,11 +34,9 @@ log = logging.getLogger(__name__)
 TICK = 0.5
 INFRASTRUCTURE_EVERY = 4  # ticks: the users' infrastructure view is refreshed at most every 2 s
 YIELD_EVERY = 200  # placement decisions between two turns of the event loop during a pass
-DESIRED_SECTIONS = ("instances",)
 # The whole desired map (megabytes with 10,000 instances, decoded by the cluster) follows the deltas
 # once placements pause this long, and at least this often while they go on.
 DESIRED_QUIET, DESIRED_FULL_EVERY = 2.0, 30.0
-STATE_SECTIONS = ("nodes", "instances", "overlay")
 
 
 class RootOrchestrator:
@@ -72,46 +71,62 @@ class RootOrchestrator:
         self._kicks = Trigger(lambda: self.reconcile(), ReportThrottle(0.0, factor=0.0, coalesce=0.0),
                               "a reconcile pass")
 
+    def listen(self, inbox: Inbox) -> None:
+        """Register the channels this orchestrator reads: every cluster's own."""
+        inbox.on(channels.CLUSTER_AVAIL, self.take_avail)
+        inbox.on(channels.CLUSTER_INFO, self.take_info)
+        inbox.on(channels.CLUSTER_STATE, self.take_state)
+        inbox.on(channels.CLUSTER_STATE_DELTA, self.take_state_delta)
+
     def start(self) -> None:
-        """Subscribe, and republish every cluster's desired map and every service's state."""
+        """Republish every cluster's desired map and every service's state."""
         for name in self.catalog.known_clusters:
             view = self.clusters.setdefault(name, ClusterView(name))
             view.set_online(False, grace=STARTUP_GRACE)
-        for channel in ("avail", "info", "state", topics.delta_of("state"), "res/+"):
-            self.session.subscribe(topics.up_filter(topics.CLUSTERS, channel))
         for name in self.catalog.known_clusters:
             self.publish_desired(name)
         self._dirty |= set(self.catalog.services)
 
     # ---- clusters ----------------------------------------------------------------------------
 
-    async def handle_cluster(self, message: Message) -> None:
-        """Apply a cluster's avail, info or state message."""
-        parsed = topics.parse_child(message.topic)
-        if parsed is None or parsed.direction != "up":
-            return
-        view = self.clusters.setdefault(parsed.child, ClusterView(parsed.child))
-        if parsed.channel == "avail":
-            online = envelope.is_online(message.payload)
-            if online != view.online:
-                log.info("cluster %s is %s", view.name, "online" if online else "offline")
-            view.set_online(online)
-            if online:
-                self._excluded_clear(view.name)
-        elif parsed.channel == "info" and message.payload:
-            view.info = models.load(ClusterInfo, envelope.decode(message.payload, "cluster.info").data)
-        elif parsed.channel in ("state", topics.delta_of("state")) and message.payload:
-            receiver = self._states_in.setdefault(view.name, DeltaReceiver(STATE_SECTIONS))
-            if parsed.channel == "state":
-                change = receiver.whole(envelope.decode(message.payload, "cluster.state").data)
-            else:
-                change = receiver.delta(envelope.decode(message.payload, "cluster.state.delta").data)
-            if not change:
-                return
-            self._take_state(view, receiver, change)
-            if self.network:
-                await self.network.grant([view])
+    def _view(self, name: str) -> ClusterView:
+        return self.clusters.setdefault(name, ClusterView(name))
+
+    async def take_avail(self, avail: Received[bool]) -> None:
+        """A cluster's bridge came online or went offline (its last will)."""
+        view, online = self._view(avail.sender), bool(avail.body)
+        if online != view.online:
+            log.info("cluster %s is %s", view.name, "online" if online else "offline")
+        view.set_online(online)
+        if online:
+            self._excluded_clear(view.name)
         self.kick()  # placing never holds up the messages behind this one (API requests among them)
+
+    async def take_info(self, info: Received[ClusterInfo]) -> None:
+        """A cluster's static facts."""
+        if info.body is not None:
+            self._view(info.sender).info = info.body
+
+    async def take_state(self, state: Received[dict[str, Any]]) -> None:
+        """A cluster's whole state document."""
+        if state.body is not None:
+            await self._changed_state(state.sender, lambda receiver: receiver.whole(state.body or {}))
+
+    async def take_state_delta(self, delta: Received[dict[str, Any]]) -> None:
+        """A change of a cluster's state document."""
+        if delta.body is not None:
+            await self._changed_state(delta.sender, lambda receiver: receiver.delta(delta.body or {}))
+
+    async def _changed_state(self, cluster: str, take: Callable[[DeltaReceiver], Change]) -> None:
+        view = self._view(cluster)
+        receiver = self._states_in.setdefault(view.name, DeltaReceiver(channels.CLUSTER_STATE.sections))
+        change = take(receiver)
+        if not change:
+            return
+        self._take_state(view, receiver, change)
+        if self.network:
+            await self.network.grant([view])
+        self.kick()
 
     def _excluded_clear(self, cluster: str) -> None:
         for excluded in self._excluded.values():
@@ -279,7 +294,7 @@ class RootOrchestrator:
         out = self._desired_out.get(cluster)
         if out is None:
             out = self._desired_out[cluster] = DeltaPublisher(
-                self.session, topics.down(topics.CLUSTERS, cluster, "desired"), "desired", "root", DESIRED_SECTIONS,
+                self.session, channels.CLUSTER_DESIRED, "root", {"cluster": cluster},
                 quiet=DESIRED_QUIET, full_every=DESIRED_FULL_EVERY)
         out.update({"instances": mine})
 
@@ -368,8 +383,8 @@ class RootOrchestrator:
                 continue
             state = self.service_state(service, sorted(by_service[sid], key=lambda i: i.number))
             if self._published_state.fresh(sid, state):
-                self.session.publish(topics.api_service_state(service.owner, service.job_name),
-                                     self.state_body(state), retain=True)
+                self.session.send(channels.API_SERVICE_STATE, self.state_body(state), user=service.owner,
+                                  job=service.job_name)
 
     def mark(self, service: Service) -> None:
         """Note that *service* changed, so its state is republished."""
@@ -378,7 +393,7 @@ class RootOrchestrator:
     def clear_state(self, service: Service) -> None:
         """Remove a deleted service's retained state."""
         self._published_state.forget(service.sid)
-        self.session.publish(topics.api_service_state(service.owner, service.job_name), b"", retain=True)
+        self.session.send(channels.API_SERVICE_STATE, b"", user=service.owner, job=service.job_name)
 
     def publish_infrastructure(self) -> None:
         """Republish, for every user, the retained clusters-and-workers view when it changed."""
@@ -386,8 +401,7 @@ class RootOrchestrator:
         for user in self.users():
             data = {"clusters": clusters, "nodes": node_rows(self.clusters.values(), user)}
             if self._infrastructure.fresh(user, json.dumps(data, sort_keys=True)):
-                self.session.publish(topics.api_infrastructure(user), envelope.encode("infrastructure", data, "root"),
-                                     retain=True)
+                self.session.send(channels.API_INFRASTRUCTURE, data, "root", user=user)
 
     async def run(self) -> None:
         """Reconcile periodically (failover deadlines, retries) until cancelled."""

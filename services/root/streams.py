@@ -3,13 +3,14 @@ the workers' chunks come back as further answers carrying the request's transact
 
 from __future__ import annotations
 
-import json
 import logging
 import secrets
 from dataclasses import dataclass, field
+from typing import Any
 
-from services.common import topics
-from services.common.mqtt import Message, MqttSession
+from services.common import channels
+from services.common.inbox import Received
+from services.common.mqtt import MqttSession
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ class LogStreams:
         self.streams[stream_id] = Stream(user, transaction, dict(instances))
         for iid, (_, cluster) in instances.items():
             body = {"id": stream_id, "iid": iid, "tail": tail, "follow": follow}
-            self.session.publish(topics.down(topics.CLUSTERS, cluster, "cmd/logs"), json.dumps(body).encode())
+            self.session.send(channels.CLUSTER_COMMAND, body, cluster=cluster, verb="logs")
         return stream_id
 
     def stop(self, user: str, stream_id: str) -> bool:
@@ -47,17 +48,17 @@ class LogStreams:
             return False
         for iid, (_, cluster) in stream.instances.items():
             body = {"id": stream_id, "iid": iid, "stop": True}
-            self.session.publish(topics.down(topics.CLUSTERS, cluster, "cmd/logs"), json.dumps(body).encode())
+            self.session.send(channels.CLUSTER_COMMAND, body, cluster=cluster, verb="logs")
         return True
 
-    async def answer(self, message: Message) -> None:
+    async def answer(self, chunk: Received[dict[str, Any]]) -> None:
         """A chunk from a worker (via its cluster): pass it to the user who asked."""
+        body = chunk.body or {}
         try:
-            body = json.loads(message.payload)
             stream = self.streams.get(str(body["id"]))
             iid = str(body["iid"])
-        except (ValueError, KeyError, TypeError):
-            log.warning("ignoring a bad answer on %s", message.topic)
+        except KeyError:
+            log.warning("ignoring an answer without id or iid from cluster %s", chunk.sender)
             return
         if stream is None or iid not in stream.instances:
             return
@@ -69,7 +70,7 @@ class LogStreams:
             answer["error"] = {"code": "no_logs", "message": str(body["error"])}
         if stream.transaction is not None:
             answer["transaction"] = stream.transaction
-        self.session.publish(topics.api_response(stream.user, "services", "logs"), json.dumps(answer).encode())
+        self.session.send(channels.API_RESPONSE, answer, user=stream.user, resource="services", action="logs")
         if data["done"]:
             stream.instances.pop(iid, None)
             if not stream.instances:

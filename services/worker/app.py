@@ -8,13 +8,15 @@ import random
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from broker.join import TLS_DIR, obtain_login
-from broker.renewal import CERT, CSR, Renewal
+from broker.renewal import Renewal
 from plugins.runtimes.cgroups import instances_cgroup2
-from services.common import envelope, models, plugins, topics
-from services.common.models import NodeInfo
-from services.common.mqtt import BrokerUrl, Message, MqttSession, serve
+from services.common import channels, models, plugins, topics
+from services.common.inbox import Inbox, Received, serve
+from services.common.models import InstanceSpec, NodeInfo
+from services.common.mqtt import BrokerUrl, MqttSession
 from services.common.private import private_dir
 from services.common.store import Store
 from services.common.version import VERSION
@@ -115,11 +117,11 @@ async def run_worker(cfg: WorkerConfig) -> None:
         login.username,
         login.username,
         login.password,
-        avail_topic=topics.up(topics.NODES, cfg.name, "avail"),
+        avail_topic=channels.NODE_AVAIL.topic(node=cfg.name),
         clean_session=False,
         tls=tls,
     )
-    renewal = Renewal(session, tls, cfg.data_dir / TLS_DIR, topics.up(topics.NODES, cfg.name, CSR)) if tls else None
+    renewal = Renewal(session, tls, cfg.data_dir / TLS_DIR, channels.NODE_CSR.topic(node=cfg.name)) if tls else None
     try:
         await engine.restore()  # inside the try: a stop from here on also stops the adopted instances
         async with session:
@@ -138,26 +140,19 @@ async def run_worker(cfg: WorkerConfig) -> None:
                 probe=prober.address,
                 overlay=await network.endpoint() if network else "",
             )
-            session.publish(
-                topics.up(topics.NODES, cfg.name, "info"),
-                envelope.encode("node.info", models.dump(info), f"node/{cfg.name}"),
-                retain=True,
-            )
-            session.subscribe(topics.down(topics.NODES, cfg.name, "desired"),
-                              topics.down(topics.NODES, cfg.name, "peers"),
-                              topics.down(topics.NODES, cfg.name, "net"),
-                              topics.down(topics.NODES, cfg.name, "cmd/+"),
-                              topics.down(topics.NODES, cfg.name, CERT))
+            session.send(channels.NODE_INFO, models.dump(info), f"node/{cfg.name}", node=cfg.name)
             logs = LogServer(cfg.name, cfg.data_dir, session)
+            inbox = Inbox()
+            inbox.on(channels.NODE_PEERS, lambda m: _apply_peers(prober, m), node=cfg.name)
+            inbox.on(channels.NODE_DESIRED, lambda m: _apply_desired(engine, m), node=cfg.name)
+            inbox.on(channels.NODE_COMMAND, logs.handle, node=cfg.name, verb="logs")
+            inbox.on(channels.NODE_NET, lambda m: _apply_net(network, m), node=cfg.name)
+            if renewal:
+                inbox.on(channels.NODE_CERT, renewal.take, node=cfg.name)
             log.info("worker %s connected to its cluster at %s; runtimes: %s", cfg.name, cfg.cluster,
                      ", ".join(sorted(runtimes)))
-            await serve(session, {
-                topics.down(topics.NODES, cfg.name, "peers"): lambda m: _apply_peers(prober, m),
-                topics.down(topics.NODES, cfg.name, "desired"): lambda m: _apply_desired(engine, m),
-                topics.down(topics.NODES, cfg.name, "cmd/logs"): logs.handle,
-                topics.down(topics.NODES, cfg.name, "net"): lambda m: _apply_net(network, m),
-                **({topics.down(topics.NODES, cfg.name, CERT): renewal.take} if renewal else {}),
-            }, reporter.run(session, cfg.report_interval), prober.run(), *([renewal.run()] if renewal else []))
+            await serve(session, inbox, reporter.run(session, cfg.report_interval), prober.run(),
+                        *([renewal.run()] if renewal else []))
     finally:
         prober.close()
         await engine.close()
@@ -173,33 +168,23 @@ async def run_worker(cfg: WorkerConfig) -> None:
         store.close()
 
 
-async def _apply_net(network: Network | None, message: Message) -> None:
+async def _apply_net(network: Network | None, net: Received[dict[str, Any]]) -> None:
     """Take this worker's subnet and the net table from the cluster."""
-    if network is None or not message.payload:
+    if network is None or net.body is None:
         return
     try:
-        data = envelope.decode(message.payload, "net").data
+        data = net.body
         await network.update(str(data["subnet"]), str(data["cluster"]), dict(data["table"]))
     except (ValueError, KeyError, TypeError, RuntimeError) as exc:
         log.warning("cannot apply the net table: %s", exc)
 
 
-async def _apply_peers(prober: Prober, message: Message) -> None:
+async def _apply_peers(prober: Prober, peers: Received[dict[str, Any]]) -> None:
     """Take the cluster's list of the other workers to measure latency to."""
-    try:
-        prober.set_peers(envelope.decode(message.payload, "peers").data.get("peers", []) if message.payload else [])
-    except ValueError as exc:
-        log.warning("ignoring a bad peer list: %s", exc)
+    listed = (peers.body or {}).get("peers", [])
+    prober.set_peers(listed if isinstance(listed, list) else [])
 
 
-async def _apply_desired(engine: Engine, message: Message) -> None:
+async def _apply_desired(engine: Engine, desired: Received[dict[str, InstanceSpec]]) -> None:
     """Reconcile with a desired map from the cluster (empty payload = nothing wanted)."""
-    if not message.payload:
-        await engine.apply({})
-        return
-    try:
-        desired = models.load_desired(envelope.decode(message.payload, "desired").data)
-    except ValueError as exc:
-        log.warning("ignoring a bad desired map: %s", exc)
-        return
-    await engine.apply(desired)
+    await engine.apply(desired.body or {})

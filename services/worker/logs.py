@@ -4,13 +4,13 @@ they are written, published on ``oak/nodes/<n>/up/res/logs`` in chunks; never a 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
-from services.common import topics
-from services.common.mqtt import Message, MqttSession
+from services.common import channels, topics
+from services.common.inbox import Received
+from services.common.mqtt import MqttSession
 
 log = logging.getLogger(__name__)
 POLL = 0.3
@@ -47,12 +47,12 @@ class LogServer:
         self._streams: dict[str, asyncio.Task[None]] = {}
 
     def _send(self, body: dict[str, Any]) -> None:
-        self.session.publish(topics.up(topics.NODES, self.node, "res/logs"), json.dumps(body).encode())
+        self.session.send(channels.NODE_ANSWER, body, "", node=self.node, verb="logs")
 
-    async def handle(self, message: Message) -> None:
+    async def handle(self, command: Received[dict[str, Any]]) -> None:
         """Start, or stop, one log stream."""
+        body = command.body or {}
         try:
-            body = json.loads(message.payload)
             stream, iid = str(body["id"]), str(body["iid"])
         except (ValueError, KeyError, TypeError):
             log.warning("ignoring a bad logs command")

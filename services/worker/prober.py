@@ -66,10 +66,12 @@ class Prober:
         self._protocol = protocol
         self.port = transport.get_extra_info("sockname")[1]
 
-    def set_peers(self, peers: list[dict[str, str]]) -> None:
+    def set_peers(self, peers: list[Any]) -> None:
         """The other workers of the cluster: ``[{"name": ..., "probe": "host:port"}]``."""
         parsed = {}
         for peer in peers:
+            if not isinstance(peer, dict):
+                continue
             host, _, port = str(peer.get("probe", "")).rpartition(":")
             if host and port.isdigit():
                 parsed[str(peer.get("name"))] = (host, int(port))

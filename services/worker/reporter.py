@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 from typing import TYPE_CHECKING
 
-from services.common import envelope, models, topics
+from services.common import channels, models
 from services.common.hookspecs import Collector
 from services.common.mqtt import MqttSession
 from services.common.throttle import ReportThrottle
@@ -48,12 +48,11 @@ class Reporter:
         share a report: after a change the next waits at least 5 ms, and starts at least ten times what
         the last one cost after it (a worker holding a thousand instances is not kept busy re-sending all
         of them per change)."""
-        topic = topics.up(topics.NODES, self.node, "state")
         loop = asyncio.get_running_loop()
         while True:
             self._changed.clear()
             began = loop.time()
-            session.publish(topic, envelope.encode("node.state", self.state(), f"node/{self.node}"), retain=True)
+            session.send(channels.NODE_STATE, self.state(), f"node/{self.node}", node=self.node)
             self.throttle.ran(began, loop.time())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), interval)

@@ -1,0 +1,112 @@
+"""A service's typed inbox: the channels it reads, each with the handler that takes it.
+
+Registering a handler with its channel (:meth:`Inbox.on`) is also what subscribes to it, so the list of
+``on`` calls in an ``app.py`` is the whole of what that service hears. Every message is decoded at the
+edge against its channel's type before a handler sees it: one that does not decode is dropped with one
+log line naming the sender and what is wrong (a child's bad retained message is cleared too, or it would
+be read again after every restart), and the service keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from services.common.channels import CLUSTER, NODE, Channel
+from services.common.mqtt import Message, MqttSession
+from services.common.topics import matches
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Received(Generic[T]):
+    """One message on a channel: the topic's placeholders, and the decoded body (None when the payload is
+    empty: a retained topic cleared)."""
+
+    channel: Channel[T]
+    names: dict[str, str]
+    body: T | None
+    message: Message
+
+    @property
+    def sender(self) -> str:
+        """The identity the channel belongs to (``w1`` on ``oak/nodes/w1/up/info``), or ""."""
+        owner = self.channel.owner
+        return self.names.get(owner, "") if owner else ""
+
+
+Handler = Callable[[Received[Any]], Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class _Route:
+    topic_filter: str
+    channel: Channel[Any]
+    handler: Handler
+
+
+class Inbox:
+    """The channels one session reads, in the order they were registered."""
+
+    def __init__(self) -> None:
+        self._routes: list[_Route] = []
+        self._subscribed = False
+
+    def on(self, channel: Channel[T], handler: Callable[[Received[T]], Awaitable[Any]], **names: str) -> None:
+        """Hand messages on *channel* (its placeholders narrowed to *names*, e.g. ``node="w1"``) to *handler*."""
+        self._routes.append(_Route(channel.filter(**names), channel, handler))
+
+    @property
+    def filters(self) -> list[str]:
+        """The subscriptions this inbox needs."""
+        return [route.topic_filter for route in self._routes]
+
+    async def subscribe(self, session: MqttSession) -> None:
+        """Subscribe to every channel, waiting for the broker's acknowledgements."""
+        if not self._subscribed:
+            await session.subscribe_confirmed(*self.filters)
+            self._subscribed = True
+
+    async def deliver(self, session: MqttSession, message: Message) -> None:
+        """Decode *message* against its channel and hand it to its handler; bad input is logged and dropped."""
+        route = next((r for r in self._routes if matches(r.topic_filter, message.topic)), None)
+        if route is None:
+            return
+        channel = route.channel
+        names = channel.parse(message.topic)
+        if names is None:
+            return
+        try:
+            body = channel.decode(message.payload) if message.payload else None
+        except (ValueError, RecursionError) as exc:
+            sender = names.get(channel.owner, "") if channel.owner else ""
+            log.warning("dropped a bad message on %s%s: %s", message.topic,
+                        f" from {channel.owner} {sender}" if sender else "", str(exc)[:300] or repr(exc))
+            if message.retain and channel.retained and channel.publisher in (CLUSTER, NODE):
+                session.publish(message.topic, b"", retain=True)
+            return
+        try:
+            await route.handler(Received(channel, names, body, message))
+        except (ValueError, RecursionError) as exc:
+            log.warning("ignoring a bad message on %s: %s", message.topic, str(exc)[:300] or repr(exc))
+        except Exception:
+            log.exception("failed to handle a message on %s", message.topic)
+
+    async def run(self, session: MqttSession) -> None:
+        """Subscribe, then deliver every incoming message, one at a time, forever."""
+        await self.subscribe(session)
+        async for message in session.messages():
+            await self.deliver(session, message)
+
+
+async def serve(session: MqttSession, inbox: Inbox, *loops: Coroutine[Any, Any, None]) -> None:
+    """Run *inbox* on *session* while running *loops*, until cancelled."""
+    async with asyncio.TaskGroup() as tasks:
+        tasks.create_task(inbox.run(session))
+        for loop in loops:
+            tasks.create_task(loop)
