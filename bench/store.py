@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import percentile, record, summary
-from services.common import models
 from services.common.models import InstanceSpec
 from services.common.sla import ServiceSpec
 from services.common.store import Store
@@ -60,9 +59,9 @@ def spec_doc(k: int, rng: random.Random) -> dict[str, Any]:
                           cmd=("/bin/server", "--port", "8080"), environment=("LOG_LEVEL=info", "MODE=edge"),
                           memory=256, vcpus=0.5, port="80:8080", clusters=("c1",),
                           constraints=({"type": "geo", "location": "48.1,11.6", "threshold": 100},))
-    spec = InstanceSpec(f"i{k:05d}", "admin", service.job_name, k, service.to_dict(),
+    spec = InstanceSpec(f"i{k:05d}", "admin", service.job_name, k, service,
                         sid=f"s{k:032x}", rr_ip=f"10.30.{k // 250}.{k % 250}", closest_ip="")
-    return models.dump(spec)
+    return spec.doc
 
 
 async def fill(store: Any, docs: int, rng: random.Random) -> None:

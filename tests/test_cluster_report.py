@@ -20,6 +20,7 @@ from services.common import channels, envelope, models
 from services.common.delta import DeltaPublisher, DeltaReceiver, DeltaSender
 from services.common.models import InstanceSpec, NodeInfo, NodeState
 from services.common.scheduling import Profile, Weighted
+from services.common.sla import ServiceSpec
 from services.common.store import Store
 from services.common.throttle import ReportThrottle
 from tests.fakes import FakeSession, deliver
@@ -45,7 +46,7 @@ async def test_state_reuses_the_documents_of_what_did_not_change(tmp_path: Path)
         orch.nodes[name] = NodeView(name, online=True, info=NodeInfo(name, 4, 4096, ["process"]))
     service = {"app_name": "a", "app_namespace": "t", "name": "s", "namespace": "t", "virtualization": "process",
                "code": "", "cmd": ["sleep", "1"], "memory": 10, "vcpus": 1}
-    desired = {f"i{k}": models.dump(InstanceSpec(f"i{k}", "u", "a.t.s.t", k, service)) for k in range(4)}
+    desired = {f"i{k}": InstanceSpec(f"i{k}", "u", "a.t.s.t", k, ServiceSpec.from_dict(service)).doc for k in range(4)}
     await deliver(orch, orch.session, WHOLE, envelope.encode("desired", {"instances": desired}, "root"), True)
     await orch.placed()
     first = orch.state()
@@ -77,7 +78,7 @@ async def test_workers_lost_together_are_moved_in_one_pass(tmp_path: Path, monke
         orch.nodes[name] = NodeView(name, online=True, info=NodeInfo(name, 8, 4096, ["process"]))
     service = {"app_name": "a", "app_namespace": "t", "name": "s", "namespace": "t", "virtualization": "process",
                "code": "", "cmd": ["sleep", "1"], "memory": 10, "vcpus": 1}
-    desired = {f"i{k}": models.dump(InstanceSpec(f"i{k}", "u", "a.t.s.t", k, service)) for k in range(6)}
+    desired = {f"i{k}": InstanceSpec(f"i{k}", "u", "a.t.s.t", k, ServiceSpec.from_dict(service)).doc for k in range(6)}
     await deliver(orch, orch.session, WHOLE, envelope.encode("desired", {"instances": desired}, "root"), True)
     await orch.placed()
     assert set(orch.assigned.values()) == {"w1", "w2", "w3"}
@@ -108,7 +109,7 @@ async def test_the_root_desired_map_arrives_as_deltas_and_the_state_leaves_as_de
     orch.nodes["w1"] = NodeView("w1", online=True, info=NodeInfo("w1", 8, 4096, ["process"]))
     service = {"app_name": "a", "app_namespace": "t", "name": "s", "namespace": "t", "virtualization": "process",
                "code": "", "cmd": ["sleep", "1"], "memory": 10, "vcpus": 1}
-    spec = {f"i{k}": models.dump(InstanceSpec(f"i{k}", "u", "a.t.s.t", k, service)) for k in range(4)}
+    spec = {f"i{k}": InstanceSpec(f"i{k}", "u", "a.t.s.t", k, ServiceSpec.from_dict(service)).doc for k in range(4)}
     root = DeltaSender(("instances",), epoch="r1")
     whole, delta = WHOLE, channels.downstream(channels.CLUSTER_DESIRED_DELTA).topic()
 
@@ -195,7 +196,7 @@ async def test_the_dispatch_never_waits_for_the_store_and_nothing_is_told_before
         orch.nodes[name] = NodeView(name, online=True, info=NodeInfo(name, 8, 4096, ["process"]))
     service = {"app_name": "a", "app_namespace": "t", "name": "s", "namespace": "t", "virtualization": "process",
                "code": "", "cmd": ["sleep", "1"], "memory": 10, "vcpus": 1}
-    spec = {f"i{k}": models.dump(InstanceSpec(f"i{k}", "u", "a.t.s.t", k, service)) for k in range(4)}
+    spec = {f"i{k}": InstanceSpec(f"i{k}", "u", "a.t.s.t", k, ServiceSpec.from_dict(service)).doc for k in range(4)}
     root = DeltaSender(("instances",), epoch="r1")
     root.diff({"instances": {}})
     whole, delta = WHOLE, channels.downstream(channels.CLUSTER_DESIRED_DELTA).topic()

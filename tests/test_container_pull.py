@@ -99,7 +99,7 @@ async def test_pulling_shows_in_the_instance_status(tmp_path: Path, skopeo: Path
     service = ServiceSpec(app_name="a", app_namespace="n", name="s", namespace="n", virtualization="container",
                           code="docker.io/library/nginx:latest", cmd=())
     eng = Engine("w1", {"container": rt}, Store(tmp_path / "w.json"), tmp_path / "w")
-    await eng.apply({"i1": InstanceSpec("i1", "admin", service.job_name, 0, service.to_dict())})
+    await eng.apply({"i1": InstanceSpec("i1", "admin", service.job_name, 0, service)})
     try:
         await eventually(lambda: eng.statuses()["i1"].reason.startswith("pulling docker.io/library/nginx:latest"),
                          what="pulling in the status")

@@ -25,7 +25,7 @@ from tests.fakes import FakeSession
 def spec(iid: str, cmd: list[str], one_shot: bool = False) -> InstanceSpec:
     service = ServiceSpec(app_name="a", app_namespace="n", name="s", namespace="n", virtualization="process",
                           code="", cmd=tuple(cmd), one_shot=one_shot)
-    return InstanceSpec(iid, "admin", service.job_name, 0, service.to_dict())
+    return InstanceSpec(iid, "admin", service.job_name, 0, service)
 
 
 @pytest.fixture(autouse=True)

@@ -15,6 +15,7 @@ from services.cluster.network import ClusterNetwork
 from services.common import addressing, envelope
 from services.common.models import InstanceSpec, InstanceStatus, NodeInfo
 from services.common.nettable import Backend, NetTable, NodeRoute, ServiceRoute
+from services.common.sla import ServiceSpec
 from services.common.store import Store
 from services.worker.kernel import KernelError
 from services.worker.netcfg import NetConfig, NetConfigError
@@ -241,7 +242,8 @@ async def test_cluster_hands_out_and_frees_subnets(tmp_path: Path, monkeypatch: 
     await net.allocate(workers)
     assert net.subnets == {"w1": "10.18.16.0/26", "w2": "10.18.16.64/26"}, "only overlay workers get one"
 
-    spec = InstanceSpec("i1", "u", "web", 0, {}, "s1", "10.30.0.1", "10.30.0.2")
+    spec = InstanceSpec("i1", "u", "web", 0, ServiceSpec("a", "t", "web", "t", "process", ""), "s1", "10.30.0.1",
+                        "10.30.0.2")
     workers["w2"].statuses = {"i1": InstanceStatus("RUNNING", ip="10.18.16.66")}
     net.publish(workers, {"i1": spec}, {"i1": "w2"})
     sent = session.sent["oak/nodes/w1/down/net"]

@@ -22,7 +22,7 @@ from typing import Any
 from services.cluster.network import ClusterNetwork
 from services.common import channels, models, scheduling
 from services.common.delta import Change, DeltaPublisher, DeltaReceiver
-from services.common.hookspecs import Candidate, Demand
+from services.common.hookspecs import Candidate
 from services.common.inbox import Inbox, Received
 from services.common.models import InstanceSpec, InstanceStatus, NodeInfo, NodeState, NodeSummary
 from services.common.mqtt import MqttSession
@@ -82,10 +82,8 @@ class ClusterOrchestrator:
         self._changed = asyncio.Event()
         self._silent_after: float | None = None
         self._held_until = 0.0  # while this cluster restarts its own broker (hold_offline)
-        # Caches, keyed by the objects they were made from (kept identical while unchanged), so a report
-        # converts only the workers and instances that changed.
-        self._demands: dict[str, tuple[InstanceSpec, Demand]] = {}
-        self._spec_docs: dict[str, tuple[InstanceSpec, dict[str, Any]]] = {}
+        # The documents of the last report, with what they were made from: a report converts only the
+        # workers and instances that changed.
         self._node_docs: dict[str, tuple[NodeSummary, dict[str, Any]]] = {}
         self._status_docs: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
         pacing = ReportThrottle(PLACE_SPACING, factor=0.0, coalesce=PLACE_COALESCE, idle_coalesce=PLACE_COALESCE)
@@ -109,7 +107,7 @@ class ClusterOrchestrator:
         self.assigned = {
             iid: doc["node"] for iid, doc in (await self.store.load(ASSIGNED)).items() if iid in self.desired
         }
-        self._desired_in.docs["instances"] = {iid: self._spec_doc(iid) for iid in self.desired}
+        self._desired_in.docs["instances"] = {iid: spec.doc for iid, spec in self.desired.items()}
         for node, mine in self._maps(set(self.assigned.values())).items():  # as stored
             self.nodes.setdefault(node, NodeView(node))
             self._publish_map(node, mine)
@@ -168,8 +166,7 @@ class ClusterOrchestrator:
         if not change:
             return
         put = models.load_desired({"instances": change.put.get("instances", {})})
-        # Unchanged specs keep their object, so the caches keyed by them stay valid.
-        put = {iid: spec for iid, spec in put.items() if self.desired.get(iid) != spec}
+        put = {iid: spec for iid, spec in put.items() if self.desired.get(iid) != spec}  # unchanged: not stored again
         gone = [iid for iid in change.drop.get("instances", ()) if iid in self.desired]
         self.desired.update(put)
         for iid in gone:
@@ -178,13 +175,11 @@ class ClusterOrchestrator:
         touched |= {self._left_on.pop(iid) for iid in gone if iid in self._left_on}
         for iid in gone:
             self.unplaced.pop(iid, None)
-            self._demands.pop(iid, None)
-            self._spec_docs.pop(iid, None)
             self._status_docs.pop(iid, None)
         # In memory now, on disk with the placement pass's one write (place_soon): the message dispatch (the
         # states of 1,000 workers among what waits behind it) never waits for the store, and deltas arriving
         # meanwhile share one pass. What others hear of it (workers' maps, the state report) waits for that write.
-        self.store.apply(DESIRED, {i: self._spec_doc(i) for i in put}, tuple(gone))
+        self.store.apply(DESIRED, {i: spec.doc for i, spec in put.items()}, tuple(gone))
         self.store.apply(ASSIGNED, {}, tuple(gone))
         self._maps_due |= touched
         self.place_soon()
@@ -269,7 +264,7 @@ class ClusterOrchestrator:
         services: dict[str, dict[str, int]] = {}
         for iid, node in self.assigned.items():
             spec = self.desired[iid]
-            demand = self._demand(iid)
+            demand = spec.demand
             total = used.setdefault(node, [0.0, 0.0, 0.0, 0.0])
             total[0] += demand.vcpus
             total[1] += demand.memory_mb
@@ -294,22 +289,6 @@ class ClusterOrchestrator:
             )
         return out
 
-    def _demand(self, iid: str) -> Demand:
-        """The demand of a desired instance, converted once per spec."""
-        spec = self.desired[iid]
-        cached = self._demands.get(iid)
-        if cached is None or cached[0] is not spec:
-            cached = self._demands[iid] = (spec, spec.demand())
-        return cached[1]
-
-    def _spec_doc(self, iid: str) -> dict[str, Any]:
-        """A desired instance as a document, converted once per spec (never modify it)."""
-        spec = self.desired[iid]
-        cached = self._spec_docs.get(iid)
-        if cached is None or cached[0] is not spec:
-            cached = self._spec_docs[iid] = (spec, models.dump(spec))
-        return cached[1]
-
     def candidates(self) -> list[Candidate]:
         """Every online worker as a scheduling candidate."""
         return [summary.candidate() for summary in self.summaries().values() if summary.online]
@@ -330,7 +309,7 @@ class ClusterOrchestrator:
         coords = {c.id: c.coord for c in candidates.values() if c.coord}
         placed: dict[str, dict[str, str]] = {}
         for iid in sorted(pending, key=lambda i: (self.desired[i].job_name, self.desired[i].instance_number)):
-            demand = with_targets(self._demand(iid), coords)
+            demand = with_targets(self.desired[iid].demand, coords)
             decision = scheduling.place(demand, list(candidates.values()), self.profile, "node")
             if decision.choice is None:
                 reason = decision.why_not() if candidates else "no worker online"
@@ -384,7 +363,7 @@ class ClusterOrchestrator:
         maps: dict[str, dict[str, Any]] = {node: {} for node in nodes}
         for iid, node in self.assigned.items():
             if node in maps:
-                maps[node][iid] = self._spec_doc(iid)
+                maps[node][iid] = self.desired[iid].doc
         return maps
 
     def _publish_map(self, node: str, mine: dict[str, Any]) -> None:

@@ -1,21 +1,22 @@
 """The messages tiers exchange, as frozen dataclasses with a JSON form.
 
-Readers build them with :func:`load`, which ignores unknown keys (newer senders may add optional
-ones) and raises :class:`ValueError` on a malformed body.
+Readers build them with :func:`load` (services/common/wire.py), which ignores unknown keys (newer
+senders may add optional ones), raises :class:`ValueError` on a malformed body, and builds the nested
+types (an instance's :class:`ServiceSpec`) once: nothing re-parses them afterwards.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
+import functools
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from services.common.hookspecs import Candidate, Demand
 from services.common.sla import ServiceSpec
+from services.common.wire import check, dump, load
 
-T = TypeVar("T")
+__all__ = ["dump", "load"]  # models.load / models.dump: what readers and writers of messages use
 
 # Instance statuses, as Oakestra names them on the wire.
 REQUESTED = "REQUESTED"
@@ -31,87 +32,22 @@ NO_WORKER_CAPACITY = "NO_WORKER_CAPACITY"
 UNSCHEDULED = (REQUESTED, NO_CLUSTER_CAPACITY)
 
 
-_FIELDS: dict[type, tuple[str, ...]] = {}
-_SCALARS = frozenset({str, int, float, bool, type(None)})
-
-
-def _fields(cls: type) -> tuple[str, ...]:
-    """The field names of dataclass *cls* (looked up once per class)."""
-    names = _FIELDS.get(cls)
-    if names is None:
-        names = _FIELDS[cls] = tuple(f.name for f in dataclasses.fields(cls))
-    return names
-
-
-def load(cls: type[T], data: Any) -> T:
-    """Build dataclass *cls* from a JSON object, ignoring unknown keys; every field must have its type
-    (ValueError naming the field otherwise: ``NodeInfo.cpu_cores: expected a number, got 'x'``)."""
-    if not isinstance(data, dict):
-        raise ValueError(f"{cls.__name__}: expected an object, got {type(data).__name__}")
-    names = _fields(cls)
-    hints = _hints(cls)
-    kept = {k: v for k, v in data.items() if k in names}
-    for name, value in kept.items():
-        why = _mismatch(value, hints.get(name, Any))
-        if why:
-            raise ValueError(f"{cls.__name__}.{name}: {why}")
-    try:
-        return cls(**kept)
-    except TypeError as exc:
-        raise ValueError(f"{cls.__name__}: {exc}") from None
-
-
-_HINTS: dict[type, dict[str, Any]] = {}
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    hints = _HINTS.get(cls)
-    if hints is None:
-        hints = _HINTS[cls] = typing.get_type_hints(cls)
-    return hints
-
-
-def _mismatch(value: Any, hint: Any) -> str:
-    """Why *value* (decoded JSON) is not of type *hint* ("" when it is)."""
-    if hint is Any:
-        return ""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        whys = [_mismatch(value, arg) for arg in args]
-        return "" if "" in whys else whys[0]
-    if hint is type(None):
-        return "" if value is None else f"expected null, got {value!r:.40}"
-    if hint is bool:
-        return "" if isinstance(value, bool) else f"expected true or false, got {value!r:.40}"
-    if hint in (int, float):
-        ok = isinstance(value, int if hint is int else int | float) and not isinstance(value, bool)
-        return "" if ok else f"expected a number, got {value!r:.40}"
-    if hint is str:
-        return "" if isinstance(value, str) else f"expected a string, got {value!r:.40}"
-    if origin in (list, tuple):
-        if not isinstance(value, list | tuple):
-            return f"expected a list, got {value!r:.40}"
-        inner = args[0] if args else Any
-        return next((f"[{i}]: {why}" for i, item in enumerate(value) if (why := _mismatch(item, inner))), "")
-    if origin is dict:
-        if not isinstance(value, dict):
-            return f"expected an object, got {value!r:.40}"
-        inner = args[1] if len(args) == 2 else Any
-        return next((f"[{k!r}]: {why}" for k, item in value.items() if (why := _mismatch(item, inner))), "")
-    return ""
-
-
-def dump(obj: Any) -> dict[str, Any]:
-    """The JSON form of a dataclass. One whose fields all hold scalars (an instance's status, 10,000 of
-    them at the root during a burst) is read field by field, without :func:`dataclasses.asdict`'s
-    recursion and deep copies (the same result, a tenth of the time)."""
-    out = {}
-    for name in _fields(type(obj)):
-        value = getattr(obj, name)
-        if type(value) not in _SCALARS:
-            return dataclasses.asdict(obj)
-        out[name] = value
-    return out
+def demand_of(service: ServiceSpec, key: str) -> Demand:
+    """What an instance of *service* (``owner/job_name`` *key*) asks of the place it runs on."""
+    arch = service.extra.get("arch", ())
+    return Demand(
+        vcpus=float(service.vcpus),
+        memory_mb=int(service.memory),
+        virtualization=service.virtualization,
+        clusters=service.clusters,
+        nodes=service.nodes,
+        service=key,
+        gpus=int(service.vgpus),
+        arch=tuple(a for a in arch if isinstance(a, str)) if isinstance(arch, list) else (),
+        needs=service.needs,
+        near=service.near,
+        latency=service.latency,
+    )
 
 
 @dataclass(frozen=True)
@@ -122,38 +58,27 @@ class InstanceSpec:
     owner: str
     job_name: str
     instance_number: int
-    service: dict[str, Any]
+    service: ServiceSpec
     sid: str = ""
     rr_ip: str = ""
     closest_ip: str = ""
-
-    @property
-    def spec(self) -> ServiceSpec:
-        """The service this is an instance of."""
-        return ServiceSpec.from_dict(self.service)
 
     @property
     def service_key(self) -> str:
         """Identifies the service across users: ``owner/job_name``."""
         return f"{self.owner}/{self.job_name}"
 
+    @functools.cached_property
     def demand(self) -> Demand:
         """What the instance asks of the place it runs on."""
-        spec = self.spec
-        arch = spec.extra.get("arch", ())
-        return Demand(
-            vcpus=float(spec.vcpus),
-            memory_mb=int(spec.memory),
-            virtualization=spec.virtualization,
-            clusters=tuple(spec.clusters),
-            nodes=tuple(spec.nodes),
-            service=self.service_key,
-            gpus=int(spec.vgpus),
-            arch=tuple(a for a in arch if isinstance(a, str)) if isinstance(arch, list) else (),
-            needs=tuple(spec.needs),
-            near=tuple(spec.near),
-            latency=tuple(spec.latency),
-        )
+        return demand_of(self.service, self.service_key)
+
+    @functools.cached_property
+    def doc(self) -> dict[str, Any]:
+        """The JSON form (the service's part is the service's own, shared by its instances)."""
+        return {"iid": self.iid, "owner": self.owner, "job_name": self.job_name,
+                "instance_number": self.instance_number, "service": self.service.doc, "sid": self.sid,
+                "rr_ip": self.rr_ip, "closest_ip": self.closest_ip}
 
 
 def load_desired(data: Any) -> dict[str, InstanceSpec]:
@@ -200,9 +125,7 @@ class NodeState:
     def load(cls, data: dict[str, Any]) -> NodeState:
         """Read the published form: ``{"instances": {...}, "coord": [...], <metric>: <number>...}``."""
         coord = data.get("coord", [])
-        why = _mismatch(coord, list[float])
-        if why:
-            raise ValueError(f"NodeState.coord: {why}")
+        check(coord, list[float], "NodeState.coord")
         metrics = {k: float(v) for k, v in data.items()
                    if isinstance(v, int | float) and not isinstance(v, bool)}
         return cls(load_statuses(data.get("instances", {})), metrics, [float(x) for x in coord])

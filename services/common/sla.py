@@ -12,12 +12,15 @@ starts at ``applications``.
 from __future__ import annotations
 
 import copy
+import functools
 import ipaddress
 import json
 import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, TypeGuard
+
+from services.common import wire
 
 NAME_RE = re.compile(r"[a-zA-Z0-9]{1,30}")
 VIRT_RE = re.compile(r"[a-z0-9_-]{1,30}")
@@ -69,12 +72,12 @@ class ServiceSpec:
     constraints: tuple[dict[str, Any], ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
-    @property
+    @functools.cached_property
     def needs(self) -> tuple[str, ...]:
         """Labels the service needs, from its ``addons`` constraints."""
         return tuple(dict.fromkeys(n for c in self.constraints if c.get("type") == "addons" for n in c["needs"]))
 
-    @property
+    @functools.cached_property
     def near(self) -> tuple[tuple[float, float, float], ...]:
         """(latitude, longitude, max km) of each ``geo`` constraint."""
         out = []
@@ -84,7 +87,7 @@ class ServiceSpec:
                 out.append((lat, lon, float(c["threshold"])))
         return tuple(out)
 
-    @property
+    @functools.cached_property
     def latency(self) -> tuple[tuple[str, float], ...]:
         """(target worker, max ms) of each ``latency`` constraint."""
         return tuple((str(c["target"]), float(c["threshold"])) for c in self.constraints if c.get("type") == "latency")
@@ -93,6 +96,11 @@ class ServiceSpec:
     def job_name(self) -> str:
         """Oakestra's job name ``app.appns.svc.svcns``."""
         return f"{self.app_name}.{self.app_namespace}.{self.name}.{self.namespace}"
+
+    @functools.cached_property
+    def doc(self) -> dict[str, Any]:
+        """:meth:`to_dict`, made once (what desired maps carry; never changed, like the spec itself)."""
+        return self.to_dict()
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form; :meth:`from_dict` reads it back exactly (also after a trip through JSON)."""
@@ -108,14 +116,8 @@ class ServiceSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ServiceSpec:
-        """Inverse of :meth:`to_dict`."""
-        return cls(**{
-            **data,
-            "cmd": tuple(data.get("cmd", ())), "environment": tuple(data.get("environment", ())),
-            "clusters": tuple(data.get("clusters", ())), "nodes": tuple(data.get("nodes", ())),
-            "constraints": tuple(copy.deepcopy(c) for c in data.get("constraints", ())),
-            "extra": copy.deepcopy(dict(data.get("extra", {}))),
-        })
+        """Inverse of :meth:`to_dict`, every field checked (ValueError naming the one that is wrong)."""
+        return wire.load(cls, data)
 
 
 @dataclass(frozen=True)

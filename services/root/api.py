@@ -253,7 +253,7 @@ class Api:
 
     def _check_constraints_evaluated(self, service: Service) -> None:
         """Refuse to run *service* when no scheduler plugin of the root would honour one of its constraints."""
-        kinds = [c["type"] for c in service.sla.constraints]  # checked when the SLA was accepted
+        kinds = [c["type"] for c in service.spec.constraints]  # checked when the SLA was accepted
         missing = unevaluated(self.orchestrator.profile, kinds)
         if missing:
             raise ApiError("missing_plugin", unevaluated_reason(self.orchestrator.profile, missing))

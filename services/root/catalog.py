@@ -8,11 +8,14 @@ gets its round-robin and closest IPs when created; they are free again once it i
 
 from __future__ import annotations
 
+import functools
 import secrets
 from dataclasses import dataclass, replace
 from typing import Any
 
 from services.common import addressing, models
+from services.common.hookspecs import Demand
+from services.common.models import InstanceSpec
 from services.common.sla import AppSpec, ServiceSpec
 from services.common.store import Store
 
@@ -51,21 +54,26 @@ class Service:
     sid: str
     owner: str
     app_id: str
-    spec: dict[str, object]
+    spec: ServiceSpec
     replicas: int = 0
     next_number: int = 0
     rr_ip: str = ""
     closest_ip: str = ""
 
     @property
-    def sla(self) -> ServiceSpec:
-        """The service spec."""
-        return ServiceSpec.from_dict(self.spec)
-
-    @property
     def job_name(self) -> str:
         """Oakestra's ``app.appns.svc.svcns`` name."""
-        return self.sla.job_name
+        return self.spec.job_name
+
+    @functools.cached_property
+    def demand(self) -> Demand:
+        """What each instance of the service asks of the place it runs on."""
+        return models.demand_of(self.spec, f"{self.owner}/{self.job_name}")
+
+    def instance(self, instance: Instance) -> InstanceSpec:
+        """The desired-map entry of one of this service's instances."""
+        return InstanceSpec(instance.iid, self.owner, self.job_name, instance.number, self.spec, self.sid,
+                            self.rr_ip, self.closest_ip)
 
 
 @dataclass(frozen=True)
@@ -144,7 +152,7 @@ class Catalog:
             except addressing.Exhausted as exc:
                 raise Conflict(str(exc)) from None
             used |= {rr_ip, closest_ip}
-            services.append(Service(new_id(), owner, app_id, svc.to_dict(), rr_ip=rr_ip, closest_ip=closest_ip))
+            services.append(Service(new_id(), owner, app_id, svc, rr_ip=rr_ip, closest_ip=closest_ip))
         app = App(app_id, owner, spec.name, spec.namespace, spec.desc, tuple(s.sid for s in services))
         await self.store.put_many(SERVICES, {s.sid: models.dump(s) for s in services})
         await self.store.put(APPS, app_id, models.dump(app))

@@ -57,11 +57,6 @@ class RootOrchestrator:
         self._excluded: dict[str, set[str]] = {}
         self._desired_out: dict[str, DeltaPublisher] = {}
         self._states_in: dict[str, DeltaReceiver] = {}
-        # Per instance, its desired-map document (and the service spec and number it was made from), and per
-        # service its demand: made once, not for every decision and every publication.
-        self._spec_docs: dict[str, tuple[object, int, dict[str, Any]]] = {}
-        self._service_docs: dict[str, tuple[object, dict[str, Any]]] = {}
-        self._demands: dict[str, tuple[object, Demand]] = {}
         # Per instance, its row in its service's state and the row's JSON text (see _instance_row).
         self._rows: dict[str, tuple[tuple[int, str, InstanceStatus], dict[str, Any], str]] = {}
         self._published_state = LastSent()  # each service's state, by service id
@@ -168,30 +163,7 @@ class RootOrchestrator:
 
     def spec_of(self, instance: Instance) -> InstanceSpec:
         """The desired-map entry of an instance."""
-        service = self.catalog.services[instance.sid]
-        return InstanceSpec(instance.iid, service.owner, service.job_name, instance.number, service.spec,
-                            service.sid, service.rr_ip, service.closest_ip)
-
-    def spec_doc(self, instance: Instance) -> dict[str, Any]:
-        """:meth:`spec_of` as a document, made once per instance (never modify it): its service's document
-        with this instance's id and number, the service's part converted once and shared."""
-        spec = self.catalog.services[instance.sid].spec
-        cached = self._spec_docs.get(instance.iid)
-        if cached is None or cached[0] is not spec or cached[1] != instance.number:
-            common = self._service_docs.get(instance.sid)
-            if common is None or common[0] is not spec:
-                common = self._service_docs[instance.sid] = (spec, models.dump(self.spec_of(instance)))
-            doc = {**common[1], "iid": instance.iid, "instance_number": instance.number}
-            cached = self._spec_docs[instance.iid] = (spec, instance.number, doc)
-        return cached[2]
-
-    def demand_of(self, instance: Instance) -> Demand:
-        """What an instance of its service asks for, made once per service."""
-        spec = self.catalog.services[instance.sid].spec
-        cached = self._demands.get(instance.sid)
-        if cached is None or cached[0] is not spec:
-            cached = self._demands[instance.sid] = (spec, self.spec_of(instance).demand())
-        return cached[1]
+        return self.catalog.services[instance.sid].instance(instance)
 
     def _reservations(self) -> dict[str, dict[str, Demand]]:
         """What the root placed and the clusters have not reported yet: ``{cluster: {worker: demand}}``."""
@@ -270,13 +242,14 @@ class RootOrchestrator:
     def _choose(self, instance: Instance, avoid: set[str], pools: dict[str, Pool],
                 reserved: dict[str, dict[str, Demand]], coords: dict[str, tuple[float, ...]]) -> str:
         """Choose the cluster of *instance* and reserve its worker there, in *pools* and ``self.reserved``."""
-        demand = with_targets(self.demand_of(instance), coords)
+        service = self.catalog.services[instance.sid]
+        demand = with_targets(service.demand, coords)
         views = [v for name, v in self.clusters.items() if name not in avoid]
         decision, worker = choose(demand, views, reserved, self.profile, pools)
         if decision.choice is None:
             reason = decision.why_not() if views else "no cluster has joined"
             if self.unplaced.get(instance.iid) != reason:
-                log.warning("cannot place %s (%s): %s", instance.iid, self.spec_doc(instance)["job_name"], reason)
+                log.warning("cannot place %s (%s): %s", instance.iid, service.job_name, reason)
                 self._dirty.add(instance.sid)
             self.unplaced[instance.iid] = reason
             return ""
@@ -284,13 +257,13 @@ class RootOrchestrator:
         cluster = decision.choice.id
         pools[cluster].take(worker, demand)
         self.reserved[instance.iid] = (cluster, worker, demand)
-        log.info("placed %s (%s #%d) on cluster %s", instance.iid, self.spec_doc(instance)["job_name"],
+        log.info("placed %s (%s #%d) on cluster %s", instance.iid, service.job_name,
                  instance.number, cluster)
         return cluster
 
     def publish_desired(self, cluster: str) -> None:
         """Publish what changed in the desired map of *cluster*: a delta now, the whole map once settled."""
-        mine = {i.iid: self.spec_doc(i) for i in self.catalog.instances.values() if i.cluster == cluster}
+        mine = {i.iid: self.spec_of(i).doc for i in self.catalog.instances.values() if i.cluster == cluster}
         out = self._desired_out.get(cluster)
         if out is None:
             out = self._desired_out[cluster] = DeltaPublisher(
@@ -301,7 +274,6 @@ class RootOrchestrator:
     async def forget(self, removed: list[Instance]) -> None:
         """Drop removed instances from their clusters' desired maps."""
         for instance in removed:
-            self._spec_docs.pop(instance.iid, None)
             self._rows.pop(instance.iid, None)
             self.unplaced.pop(instance.iid, None)
             self.reserved.pop(instance.iid, None)
@@ -327,7 +299,7 @@ class RootOrchestrator:
     def service_state(self, service: Service, of: list[Instance] | None = None) -> dict[str, Any]:
         """A service as its owner sees it: spec summary, overall status, every instance (*of*: the
         service's instances by number, when the caller has them)."""
-        spec = service.sla
+        spec = service.spec
         mine = self.catalog.instances_of(service.sid) if of is None else of
         instances = [self._instance_row(instance) for instance in mine]
         return {

@@ -36,7 +36,7 @@ def backoff(restarts: int) -> float:
 
 def ended_status(spec: InstanceSpec, end: Exit, restarts: int) -> InstanceStatus:
     """COMPLETED for a one_shot service that exited 0; DEAD for any other end."""
-    if spec.spec.one_shot and end.code == 0:
+    if spec.service.one_shot and end.code == 0:
         return InstanceStatus(models.COMPLETED, end.reason, exit_code=0, restarts=restarts)
     return InstanceStatus(models.DEAD, end.reason, exit_code=end.code, restarts=restarts)
 
@@ -95,7 +95,7 @@ class Engine:
     @staticmethod
     def _doc(slot: Slot) -> dict[str, object]:
         handle = models.dump(slot.handle) if slot.handle else None
-        return {"spec": models.dump(slot.spec), "handle": handle, "status": models.dump(slot.status)}
+        return {"spec": slot.spec.doc, "handle": handle, "status": models.dump(slot.status)}
 
     async def _save(self, slot: Slot) -> None:
         await self.store.put(TABLE, slot.spec.iid, self._doc(slot))
@@ -124,7 +124,7 @@ class Engine:
                 log.warning("dropping unreadable stored instance %s: %s", iid, exc)
                 await self.store.delete(TABLE, iid)
                 continue
-            runtime = self.runtimes.get(spec.spec.virtualization)
+            runtime = self.runtimes.get(spec.service.virtualization)
             adopted = bool(handle and runtime and await runtime.adopt(handle))
             slot = Slot(spec, status, handle if adopted else None)
             self.slots[iid] = slot
@@ -154,7 +154,7 @@ class Engine:
             slot.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await slot.task
-        runtime = self.runtimes.get(slot.spec.spec.virtualization)
+        runtime = self.runtimes.get(slot.spec.service.virtualization)
         if slot.handle and runtime:
             await runtime.stop(slot.handle, self.stop_grace)
         if self.network:
@@ -165,9 +165,9 @@ class Engine:
     async def _supervise(self, slot: Slot, *, adopted: bool) -> None:
         """Run one instance until it completes or is removed."""
         spec = slot.spec
-        runtime = self.runtimes.get(spec.spec.virtualization)
+        runtime = self.runtimes.get(spec.service.virtualization)
         if runtime is None:
-            self._set(slot, InstanceStatus(models.FAILED, f"this node has no {spec.spec.virtualization} runtime"))
+            self._set(slot, InstanceStatus(models.FAILED, f"this node has no {spec.service.virtualization} runtime"))
             return
         restarts = slot.status.restarts
         while True:
@@ -221,7 +221,7 @@ class Engine:
         """The instance's place on the overlay (None without one)."""
         if self.network is None:
             return None
-        place = await self.network.attach(slot.spec.iid, slot.spec.spec.port)
+        place = await self.network.attach(slot.spec.iid, slot.spec.service.port)
         slot.ip = place.ip
         return place
 
@@ -234,7 +234,7 @@ class Engine:
         self.on_change()
 
     def _launch_spec(self, spec: InstanceSpec, place: Attachment | None = None) -> LaunchSpec:
-        svc = spec.spec
+        svc = spec.service
         return LaunchSpec(
             iid=spec.iid,
             job_name=spec.job_name,
@@ -259,7 +259,7 @@ class Engine:
     async def sample(self) -> None:
         """Refresh the resource use of every running instance."""
         for slot in self.slots.values():
-            runtime = self.runtimes.get(slot.spec.spec.virtualization)
+            runtime = self.runtimes.get(slot.spec.service.virtualization)
             stats = await runtime.stats(slot.handle) if runtime and slot.handle else None
             slot.stats = ({"cpu_percent": stats.cpu_percent, "memory_mb": stats.memory_mb, "io_mb": stats.io_mb}
                           if stats else {})
@@ -281,6 +281,6 @@ class Engine:
         stops = [
             runtime.stop(slot.handle, self.stop_grace)
             for slot in self.slots.values()
-            if slot.handle and (runtime := self.runtimes.get(slot.spec.spec.virtualization))
+            if slot.handle and (runtime := self.runtimes.get(slot.spec.service.virtualization))
         ]
         await asyncio.gather(*stops, *self._stopping, return_exceptions=True)
