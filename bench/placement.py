@@ -19,8 +19,8 @@ import time
 
 from bench.common import record
 from services.common import profile
-from services.common.hookspecs import Candidate, Demand
 from services.common.models import NodeSummary
+from services.common.plugin_api import Candidate, Demand
 from services.common.plugins import make_manager
 from services.common.scheduling import fit, place, reserve
 from services.root.clusters import ClusterView, choose

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from services.common.hookspecs import Exit, Handle, LaunchSpec, Runtime
+from services.common.plugin_api import Exit, Handle, LaunchSpec, Runtime
 
 _numbers = itertools.count()
 

@@ -12,7 +12,7 @@ import pytest
 from plugins.conformance import RuntimeConformance
 from plugins.runtimes.container import ContainerRuntime
 from plugins.runtimes.process import ProcessRuntime
-from services.common.hookspecs import Runtime
+from services.common.plugin_api import Runtime
 
 pytestmark = pytest.mark.timeout(90)
 

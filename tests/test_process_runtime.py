@@ -19,7 +19,7 @@ import pytest
 import plugins.runtimes.process as process_module
 from plugins.runtimes.process import ProcessRuntime
 from services.common import plugins
-from services.common.hookspecs import Exit, Handle, LaunchSpec, Runtime
+from services.common.plugin_api import Exit, Handle, LaunchSpec, Runtime
 
 pytestmark = pytest.mark.timeout(60)
 counter = iter(range(10_000))

@@ -11,7 +11,7 @@ import pytest
 import plugins.collectors.psutil_basic as psutil_module
 from plugins.collectors.psutil_basic import PsutilCollector
 from services.common import plugins
-from services.common.hookspecs import Collector
+from services.common.plugin_api import Collector
 
 
 def test_info() -> None:

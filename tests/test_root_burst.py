@@ -11,8 +11,8 @@ from typing import Any
 from plugins.schedulers.least_loaded import LeastLoaded
 from services.common import channels, envelope, models
 from services.common.delta import DeltaSender
-from services.common.hookspecs import Demand
 from services.common.models import InstanceSpec, InstanceStatus, NodeSummary
+from services.common.plugin_api import Demand
 from services.common.scheduling import Profile, Weighted
 from services.common.sla import ServiceSpec, parse_sla
 from services.common.store import Store

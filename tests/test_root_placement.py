@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 
 from plugins.schedulers.least_loaded import LeastLoaded
-from services.common.hookspecs import Demand
 from services.common.models import NodeSummary
+from services.common.plugin_api import Demand
 from services.common.scheduling import Profile, Weighted
 from services.root.clusters import FAILOVER_GRACE, STARTUP_GRACE, ClusterView, choose
 

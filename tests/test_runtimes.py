@@ -18,7 +18,7 @@ from plugins.runtimes.cgroups import Cgroup, instances_cgroup2
 from plugins.runtimes.container import ContainerRuntime, split_ref
 from plugins.runtimes.process import ProcessRuntime
 from plugins.runtimes.supervised import SupervisedRuntime, describe
-from services.common.hookspecs import LaunchSpec
+from services.common.plugin_api import LaunchSpec
 
 pytestmark = pytest.mark.timeout(60)
 counter = iter(range(10_000))

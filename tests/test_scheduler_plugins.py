@@ -14,7 +14,7 @@ from plugins.schedulers.labels import Labels
 from plugins.schedulers.latency import Latency
 from plugins.schedulers.least_loaded import LeastLoaded
 from services.common import profile
-from services.common.hookspecs import Candidate, Demand
+from services.common.plugin_api import Candidate, Demand, FilterPlugin, Normalizer, ScorePlugin
 from services.common.plugins import PluginError, make_manager
 from services.common.scheduling import Profile, Weighted, place, reserve
 
@@ -49,13 +49,37 @@ FILTER_CASES = [
     ("least-loaded filters nothing", LeastLoaded(), demand(), cand("n"), None),
     ("bin-pack filters nothing", BinPack(), demand(), cand("n"), None),
 ]
+EXTENSION_POINTS = [  # (plugin, filters, scores, normalizes): what each built-in implements
+    (Labels(), True, False, False), (Geo(), True, True, False), (AntiAffinity(), True, True, False),
+    (FirstFit(), True, True, True), (LeastLoaded(), False, True, False), (BinPack(), False, True, False),
+]
+
+
+@pytest.mark.parametrize(("plugin", "filters", "scores", "normalizes"), EXTENSION_POINTS,
+                         ids=[p[0].name for p in EXTENSION_POINTS])
+def test_each_plugin_is_at_the_extension_points_it_implements(plugin: object, filters: bool, scores: bool,
+                                                              normalizes: bool) -> None:
+    """Filter, score and normalize are separate Protocols, told apart with isinstance (no getattr)."""
+    assert (isinstance(plugin, FilterPlugin), isinstance(plugin, ScorePlugin), isinstance(plugin, Normalizer)) \
+        == (filters, scores, normalizes)
+    profile = Profile((Weighted(plugin),))  # type: ignore[arg-type]
+    assert (plugin in profile.filters, plugin in [p for p, _ in profile.scorers]) == (filters, scores)
+
+
+def test_a_plugin_with_neither_filter_nor_score_is_refused() -> None:
+    class Nothing:
+        name = "nothing"
+
+    with pytest.raises(ValueError, match="implements neither filter nor score"):
+        Profile((Weighted(Nothing()),))  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(("plugin", "dem", "candidate", "reason"), [c[1:] for c in FILTER_CASES],
                          ids=[c[0] for c in FILTER_CASES])
 def test_filters(plugin, dem: Demand, candidate: Candidate, reason: str | None) -> None:  # type: ignore[no-untyped-def]
-    """Each plugin keeps or rejects a candidate with a reason people can read."""
-    assert plugin.filter(dem, candidate) == reason
+    """Each plugin keeps or rejects a candidate with a reason people can read (one that does not filter
+    keeps every candidate)."""
+    assert (plugin.filter(dem, candidate) if isinstance(plugin, FilterPlugin) else None) == reason
 
 
 CHOICE_CASES = [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from plugins.schedulers.least_loaded import LeastLoaded
-from services.common.hookspecs import Candidate, Demand
+from services.common.plugin_api import Candidate, Demand
 from services.common.scheduling import Profile, Weighted, fit, place
 
 PROFILE = Profile((Weighted(LeastLoaded()),))

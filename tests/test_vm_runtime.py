@@ -22,7 +22,7 @@ from plugins.runtimes import vm as vm_module
 from plugins.runtimes import vmimage, vmnet
 from plugins.runtimes.cgroups import Cgroup
 from plugins.runtimes.vm import VmRuntime, ending, kvm_problem
-from services.common.hookspecs import Handle, LaunchSpec
+from services.common.plugin_api import Handle, LaunchSpec
 from services.common.plugins import runtime_labels
 from tests import vmimages
 from tests.netlab import sh

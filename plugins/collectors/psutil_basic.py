@@ -8,7 +8,7 @@ from typing import Any
 
 import psutil
 
-from services.common.hookspecs import hookimpl
+from services.common.plugin_api import hookimpl
 
 NAME = "psutil"
 ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from services.common.hookspecs import hookimpl
+from services.common.plugin_api import hookimpl
 
 NAME = "sim"
 

@@ -55,7 +55,7 @@ import psutil
 from plugins.runtimes import containerd
 from plugins.runtimes.cgroups import CPU_PERIOD_US, Cgroup, absolute_path, relative_path
 from plugins.runtimes.supervised import SupervisedRuntime, describe, open_log
-from services.common.hookspecs import Exit, Handle, LaunchSpec, hookimpl
+from services.common.plugin_api import Exit, Handle, LaunchSpec, hookimpl
 from services.common.private import private_opener
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ import shutil
 from typing import Any
 
 from plugins.runtimes.supervised import SupervisedRuntime
-from services.common.hookspecs import LaunchSpec, hookimpl
+from services.common.plugin_api import LaunchSpec, hookimpl
 
 log = logging.getLogger(__name__)
 NAME = "process"

@@ -13,7 +13,7 @@ import itertools
 import time
 from typing import Any
 
-from services.common.hookspecs import Exit, Handle, InstanceStats, LaunchSpec, hookimpl
+from services.common.plugin_api import Exit, Handle, InstanceStats, LaunchSpec, hookimpl
 
 NAME = "sim"
 _pids = itertools.count(10_000_000)

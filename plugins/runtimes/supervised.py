@@ -20,7 +20,7 @@ from typing import BinaryIO
 import psutil
 
 from plugins.runtimes.cgroups import ENTERING, Cgroup
-from services.common.hookspecs import Exit, Handle, InstanceStats, LaunchSpec
+from services.common.plugin_api import Exit, Handle, InstanceStats, LaunchSpec
 from services.common.private import private_dir, private_opener
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ from typing import Any
 
 from plugins.runtimes import vmimage, vmnet
 from plugins.runtimes.supervised import SupervisedRuntime, describe
-from services.common.hookspecs import Exit, Handle, LaunchSpec, hookimpl
+from services.common.plugin_api import Exit, Handle, LaunchSpec, hookimpl
 
 log = logging.getLogger(__name__)
 NAME = "vm"

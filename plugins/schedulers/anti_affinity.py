@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from services.common.hookspecs import Candidate, Demand, hookimpl
+from services.common.plugin_api import Candidate, Demand, hookimpl
 
 NAME = "anti-affinity"
 

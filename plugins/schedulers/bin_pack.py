@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from plugins.schedulers.least_loaded import left_fraction
-from services.common.hookspecs import Candidate, Demand, hookimpl
+from services.common.plugin_api import Candidate, Demand, hookimpl
 
 NAME = "bin-pack"
 
@@ -17,10 +17,6 @@ class BinPack:
     """Prefer the fullest candidate that still fits."""
 
     name = NAME
-
-    def filter(self, demand: Demand, candidate: Candidate) -> str | None:
-        """Reject nothing beyond the framework's fit check."""
-        return None
 
     def score(self, demand: Demand, candidate: Candidate) -> float:
         """Used fraction after placement, 0..100."""

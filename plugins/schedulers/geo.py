@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from services.common.hookspecs import Candidate, Demand, hookimpl
+from services.common.plugin_api import Candidate, Demand, hookimpl
 
 NAME = "geo"
 EARTH_RADIUS_KM = 6371.0

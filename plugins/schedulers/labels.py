@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from services.common.hookspecs import Candidate, Demand, hookimpl
+from services.common.plugin_api import Candidate, Demand, hookimpl
 
 NAME = "labels"
 
@@ -26,10 +26,6 @@ class Labels:
             return None
         missing = sorted(set(demand.needs) - set(candidate.labels))
         return f"lacks label {','.join(missing)}" if missing else None
-
-    def score(self, demand: Demand, candidate: Candidate) -> float:
-        """No preference among candidates that have the labels."""
-        return 0.0
 
 
 @hookimpl

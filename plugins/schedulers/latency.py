@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from services.common.hookspecs import Candidate, Demand, hookimpl
+from services.common.plugin_api import Candidate, Demand, hookimpl
 
 NAME = "latency"
 

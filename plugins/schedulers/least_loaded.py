@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from services.common.hookspecs import Candidate, Demand, hookimpl
+from services.common.plugin_api import Candidate, Demand, hookimpl
 
 NAME = "least-loaded"
 
@@ -26,10 +26,6 @@ class LeastLoaded:
     """Spread instances over the least loaded candidates."""
 
     name = NAME
-
-    def filter(self, demand: Demand, candidate: Candidate) -> str | None:
-        """Reject nothing beyond the framework's fit check."""
-        return None
 
     def score(self, demand: Demand, candidate: Candidate) -> float:
         """Free fraction after placement (0..100), minus a fiftieth of the measured CPU load."""

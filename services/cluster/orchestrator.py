@@ -22,10 +22,10 @@ from typing import Any
 from services.cluster.network import ClusterNetwork
 from services.common import channels, models, scheduling
 from services.common.delta import Change, DeltaPublisher, DeltaReceiver
-from services.common.hookspecs import Candidate
 from services.common.inbox import Inbox, Received
 from services.common.models import InstanceSpec, InstanceStatus, NodeInfo, NodeState, NodeSummary
 from services.common.mqtt import MqttSession
+from services.common.plugin_api import Candidate
 from services.common.retained import LastSent
 from services.common.scheduling import Profile, reserve, with_targets
 from services.common.store import Store

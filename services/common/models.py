@@ -12,7 +12,7 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
-from services.common.hookspecs import Candidate, Demand
+from services.common.plugin_api import Candidate, Demand
 from services.common.sla import ServiceSpec
 from services.common.wire import check, dump, load
 

@@ -10,7 +10,7 @@ from typing import Any
 import pluggy
 
 from services.common import hookspecs
-from services.common.hookspecs import Collector, Runtime, SchedulerPlugin
+from services.common.plugin_api import Collector, HasFacts, Runtime, SchedulerPlugin
 
 GROUPS = {"scheduler": "oak.schedulers", "runtime": "oak.runtimes", "collector": "oak.collectors"}
 
@@ -91,9 +91,8 @@ def runtime_labels(runtimes: Iterable[Runtime]) -> list[str]:
     """Node labels ``key=value`` from the runtimes' optional ``facts()`` (each runtime asked once)."""
     labels: list[str] = []
     for runtime in {id(r): r for r in runtimes}.values():
-        facts = getattr(runtime, "facts", None)
-        if callable(facts):
-            labels += [f"{key}={value}" for key, value in facts().items()]
+        if isinstance(runtime, HasFacts):
+            labels += [f"{key}={value}" for key, value in runtime.facts().items()]
     return labels
 
 

@@ -15,12 +15,21 @@ decision, so a burst of deployments does not pile onto one node.
 
 from __future__ import annotations
 
+import functools
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from itertools import chain, islice
 
-from services.common.hookspecs import Candidate, ConstraintEvaluator, Demand, SchedulerPlugin
+from services.common.plugin_api import (
+    Candidate,
+    ConstraintEvaluator,
+    Demand,
+    FilterPlugin,
+    Normalizer,
+    SchedulerPlugin,
+    ScorePlugin,
+)
 
 MIN_SCORE, MAX_SCORE = 0.0, 100.0
 
@@ -45,10 +54,25 @@ class Profile:
     plugins: tuple[Weighted, ...]
     sample: int = 100
 
+    def __post_init__(self) -> None:
+        for weighted in self.plugins:
+            if not isinstance(weighted.plugin, FilterPlugin | ScorePlugin):
+                raise ValueError(f"scheduler plugin {weighted.plugin.name!r} implements neither filter nor score")
+
     @property
     def names(self) -> list[str]:
         """The plugins' names, for logs and info."""
         return [w.plugin.name for w in self.plugins]
+
+    @functools.cached_property
+    def filters(self) -> tuple[FilterPlugin, ...]:
+        """The plugins at the filter extension point, in profile order."""
+        return tuple(w.plugin for w in self.plugins if isinstance(w.plugin, FilterPlugin))
+
+    @functools.cached_property
+    def scorers(self) -> tuple[tuple[ScorePlugin, float], ...]:
+        """The plugins at the score extension point, with their weights."""
+        return tuple((w.plugin, w.weight) for w in self.plugins if isinstance(w.plugin, ScorePlugin))
 
 
 # Constraint types the framework's fit handles itself, and Oakling's plugins for the others (for the hint
@@ -108,9 +132,8 @@ def fit(demand: Demand, candidate: Candidate, level: str) -> str | None:
     return None
 
 
-def _normalized(plugin: SchedulerPlugin, raw: dict[str, float]) -> dict[str, float]:
-    normalize = getattr(plugin, "normalize", None)
-    scores = normalize(raw) if normalize else raw
+def _normalized(plugin: ScorePlugin, raw: dict[str, float]) -> dict[str, float]:
+    scores = plugin.normalize(raw) if isinstance(plugin, Normalizer) else raw
     if all(MIN_SCORE <= score <= MAX_SCORE for score in scores.values()):
         return scores
     return {cid: max(MIN_SCORE, min(MAX_SCORE, score)) for cid, score in scores.items()}
@@ -132,10 +155,10 @@ def feasible(demand: Demand, candidates: Sequence[Candidate], profile: Profile,
         if len(survivors) >= enough:
             break
         reason = fit(demand, candidate, level)
-        for weighted in profile.plugins:
+        for plugin in profile.filters:
             if reason:
                 break
-            reason = weighted.plugin.filter(demand, candidate)
+            reason = plugin.filter(demand, candidate)
         if reason:
             reasons[candidate.id] = reason
         else:
@@ -150,10 +173,9 @@ def place(demand: Demand, candidates: Sequence[Candidate], profile: Profile, lev
     if not survivors:
         return Decision(None, reasons)
     totals = dict.fromkeys((c.id for c in survivors), 0.0)
-    for weighted in profile.plugins:
-        score, weight = weighted.plugin.score, weighted.weight
-        raw = {c.id: score(demand, c) for c in survivors}
-        for cid, value in _normalized(weighted.plugin, raw).items():
+    for plugin, weight in profile.scorers:
+        raw = {c.id: plugin.score(demand, c) for c in survivors}
+        for cid, value in _normalized(plugin, raw).items():
             totals[cid] += weight * value
     best = max(survivors, key=lambda c: (totals[c.id], c.id))
     return Decision(best, reasons, totals)

@@ -14,8 +14,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from services.common import addressing, models
-from services.common.hookspecs import Demand
 from services.common.models import InstanceSpec
+from services.common.plugin_api import Demand
 from services.common.sla import AppSpec, ServiceSpec
 from services.common.store import Store
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, replace
 
-from services.common.hookspecs import Candidate, Demand
 from services.common.models import ClusterInfo, InstanceStatus, NodeSummary
 from services.common.nettable import NodeRoute
+from services.common.plugin_api import Candidate, Demand
 from services.common.scheduling import Decision, Profile, place, reserve
 
 FAILOVER_GRACE = 2.0

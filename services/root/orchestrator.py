@@ -18,10 +18,10 @@ from typing import Any
 
 from services.common import channels, envelope, models
 from services.common.delta import Change, DeltaPublisher, DeltaReceiver
-from services.common.hookspecs import Demand
 from services.common.inbox import Inbox, Received
 from services.common.models import ClusterInfo, InstanceSpec, InstanceStatus, NodeSummary
 from services.common.mqtt import MqttSession
+from services.common.plugin_api import Demand
 from services.common.retained import LastSent
 from services.common.scheduling import Profile, with_targets
 from services.common.throttle import ReportThrottle, Trigger

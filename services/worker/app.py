@@ -17,6 +17,7 @@ from services.common import channels, models, plugins, topics
 from services.common.inbox import Inbox, Received, serve
 from services.common.models import InstanceSpec, NodeInfo
 from services.common.mqtt import BrokerUrl, MqttSession
+from services.common.plugin_api import Closeable
 from services.common.private import private_dir
 from services.common.store import Store
 from services.common.version import VERSION
@@ -157,10 +158,9 @@ async def run_worker(cfg: WorkerConfig) -> None:
         prober.close()
         await engine.close()
         for runtime in {id(r): r for r in runtimes.values()}.values():
-            close = getattr(runtime, "close", None)  # optional: e.g. stop the containerd it started
-            if close is not None:
+            if isinstance(runtime, Closeable):  # e.g. stop the containerd it started
                 try:
-                    await close()
+                    await runtime.close()
                 except Exception:
                     log.exception("closing the %s runtime failed", runtime.name)
         if owned:

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from services.common import models
-from services.common.hookspecs import Exit, Handle, LaunchSpec, Runtime
 from services.common.models import InstanceSpec, InstanceStatus
+from services.common.plugin_api import Exit, Handle, LaunchSpec, Runtime
 from services.common.store import Store
 from services.worker.overlay import Attachment, Network
 

@@ -7,8 +7,8 @@ import contextlib
 from typing import TYPE_CHECKING
 
 from services.common import channels, models
-from services.common.hookspecs import Collector
 from services.common.mqtt import MqttSession
+from services.common.plugin_api import Collector
 from services.common.throttle import ReportThrottle
 
 if TYPE_CHECKING:
