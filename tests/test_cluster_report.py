@@ -10,12 +10,8 @@ from typing import Any
 import pytest
 
 from plugins.schedulers.least_loaded import LeastLoaded
-from services.cluster.orchestrator import (
-    ASSIGNED,
-    DESIRED,
-    ClusterOrchestrator,
-    NodeView,
-)
+from services.cluster.orchestrator import ASSIGNED, DESIRED, ClusterOrchestrator
+from services.cluster.placement import NodeView
 from services.common import channels, envelope, models
 from services.common.delta import DeltaPublisher, DeltaReceiver, DeltaSender
 from services.common.models import InstanceSpec, NodeInfo, NodeState

@@ -66,14 +66,14 @@ async def test_a_burst_is_placed_after_the_answer_with_reservations_built_once(t
     orchestrator = RootOrchestrator(catalog, PROFILE, FakeSession())  # type: ignore[arg-type]
     orchestrator.clusters = {"c1": view("c1", 4), "c2": view("c2", 4)}
     calls = 0
-    build = orchestrator._reservations
+    build = orchestrator.placement.reservations
 
     def counted() -> Any:
         nonlocal calls
         calls += 1
         return build()
 
-    orchestrator._reservations = counted  # type: ignore[method-assign]
+    orchestrator.placement.reservations = counted  # type: ignore[method-assign]
     orchestrator.kick()
     orchestrator.kick()
     assert all(not i.cluster for i in catalog.instances.values())  # nothing placed inside the request
@@ -81,7 +81,7 @@ async def test_a_burst_is_placed_after_the_answer_with_reservations_built_once(t
     assert calls == 1
     assert all(i.cluster for i in catalog.instances.values())
     per_worker: dict[str, int] = {}
-    for _, worker, _ in orchestrator.reserved.values():
+    for _, worker, _ in orchestrator.placement.reserved.values():
         per_worker[worker] = per_worker.get(worker, 0) + 1
     assert sorted(per_worker.values()) == [8] * 8  # 4 cores / 0.5 vcpus each: every worker full, none over
     await asyncio.sleep(0)
@@ -136,7 +136,7 @@ async def test_a_service_state_is_published_with_its_rows_json_reused(tmp_path: 
     assert json.loads(first)["data"] == orchestrator.service_state(service)
     assert envelope.decode(first, "service.state").data == envelope.decode(
         envelope.encode("service.state", orchestrator.service_state(service), "root")).data
-    texts = {iid: cached[2] for iid, cached in orchestrator._rows.items()}
+    texts = {iid: orchestrator.views.text(iid) for iid in catalog.instances}
     changed = next(iter(catalog.instances))
     orchestrator.clusters["c1"].statuses[changed] = InstanceStatus("RUNNING", node="c1-w0", cluster="c1")
     orchestrator.mark(service)
@@ -144,4 +144,4 @@ async def test_a_service_state_is_published_with_its_rows_json_reused(tmp_path: 
     second = json.loads([p for t, p in session.published if t == topic][-1])["data"]
     assert second == orchestrator.service_state(service)
     assert [r["status"] for r in second["instances"] if r["iid"] == changed] == ["RUNNING"]
-    assert [iid for iid, cached in orchestrator._rows.items() if cached[2] is not texts[iid]] == [changed]
+    assert [iid for iid in catalog.instances if orchestrator.views.text(iid) is not texts[iid]] == [changed]

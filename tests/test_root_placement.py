@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 from plugins.schedulers.least_loaded import LeastLoaded
-from services.common.models import NodeSummary
+from services.common import models
+from services.common.models import InstanceStatus, NodeSummary
 from services.common.plugin_api import Demand
 from services.common.scheduling import Profile, Weighted
+from services.common.sla import ServiceSpec
+from services.root.catalog import Instance, Service
 from services.root.clusters import FAILOVER_GRACE, STARTUP_GRACE, ClusterView, choose
+from services.root.placement import Placement
 
 PROFILE = Profile((Weighted(LeastLoaded()),))
 
@@ -69,3 +74,32 @@ def test_an_offline_report_keeps_the_startup_grace() -> None:
     view.set_online(False)
     assert view.move_after is not None
     assert view.move_after - time.monotonic() <= FAILOVER_GRACE, "once it was back, a new outage waits the short one"
+
+
+def test_placement_decides_one_instance_at_a_time_without_a_broker() -> None:
+    """The root's placement as plain logic: decisions come one by one (the orchestrator turns the loop
+    between them), each sees the reservations of those before it, a refused instance goes elsewhere, and
+    the moves off a failed cluster are reported once."""
+    spec = ServiceSpec("a", "t", "web", "t", "process", "", memory=1024, vcpus=1)
+    service = Service("s1", "u", "app", spec, replicas=5)
+    instances = {f"i{k}": Instance(f"i{k}", "s1", k) for k in range(5)}
+    clusters = {"c1": cluster("c1", ("a", 4, 2048)), "c2": cluster("c2", ("b", 4, 2048))}
+    placement = Placement(PROFILE)
+    decided = list(placement.decisions(instances, {"s1": service}, clusters, set()))
+    assert [d.iid for d in decided] == list(instances)
+    assert sorted(d.cluster for d in decided) == ["", "c1", "c1", "c2", "c2"], "2 GB each: two per cluster"
+    waiting = next(d for d in decided if not d.cluster)
+    assert waiting.news
+    assert "memory" in placement.unplaced[waiting.iid]
+    placed = {d.iid: d.cluster for d in decided if d.cluster}
+    assert sorted(c for c, _, _ in placement.reserved.values()) == sorted(placed.values())
+    instances.update({iid: dataclasses.replace(instances[iid], cluster=c) for iid, c in placed.items()})
+    refused = next(iid for iid, c in placed.items() if c == "c1")
+    placement.absorb("c1", refused, InstanceStatus(models.NO_WORKER_CAPACITY, "full"))
+    again = [d for d in placement.decisions(instances, {"s1": service}, clusters, set()) if d.iid == refused]
+    assert [d.cluster for d in again] in (["c2"], [""]), "never c1 again"
+    clusters["c1"].set_online(False, grace=0.0)
+    time.sleep(0.01)
+    moved = placement.moves(clusters, instances)
+    assert sorted(moved["c1"]) == sorted(iid for iid, i in instances.items() if i.cluster == "c1")
+    assert placement.moves(clusters, instances) == {}, "reported once"

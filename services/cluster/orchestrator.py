@@ -5,8 +5,9 @@ bridge, and its changes on ``.../desired/delta``) and every worker's ``avail``/`
 writes each worker's desired map and the cluster's ``info``/``state`` for the root (``oak/upstream/...``;
 the state's changes as deltas on ``oak/upstream/state/delta``, see ``services/common/delta.py``).
 
-Fit is judged on *declared* demand (the SLA's vcpus and memory summed over a worker's instances), so
-two placements in a row never double-book a worker; measured load only breaks ties.
+This class holds the cluster's state and orders its effects (memory, then disk, then the network); the
+decisions are plain logic elsewhere: where instances go (services/cluster/placement.py), the state
+document (reporting.py), the workers' latency peers (peers.py) and the overlay (network.py).
 """
 
 from __future__ import annotations
@@ -16,18 +17,20 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from services.cluster.network import ClusterNetwork
-from services.common import channels, models, scheduling
+from services.cluster.peers import rings
+from services.cluster.placement import NodeView, plan, summaries
+from services.cluster.reporting import StateReport, status_of
+from services.common import channels, models
 from services.common.delta import Change, DeltaPublisher, DeltaReceiver
 from services.common.inbox import Inbox, Received
 from services.common.models import InstanceSpec, InstanceStatus, NodeInfo, NodeState, NodeSummary
 from services.common.mqtt import MqttSession
 from services.common.plugin_api import Candidate
 from services.common.retained import LastSent
-from services.common.scheduling import Profile, reserve, with_targets
+from services.common.scheduling import Profile
 from services.common.store import Store
 from services.common.throttle import ReportThrottle, Trigger
 
@@ -35,7 +38,6 @@ log = logging.getLogger(__name__)
 
 DESIRED, ASSIGNED = "desired", "assigned"
 STATE_INTERVAL = 2.0
-PEERS = 8
 RETRY_INTERVAL = 1.0
 # A placement pass runs PLACE_COALESCE after it is asked for (changes arriving together share it) while the
 # cluster keeps up with its messages; while messages wait for it (a burst of deploys, many workers lost)
@@ -47,18 +49,6 @@ STARTUP_GRACE = 10.0
 # times what the last one took, and while messages wait for the cluster, at least REPORT_MIN_INTERVAL.
 REPORT_MIN_INTERVAL = 0.2
 REPORT_COST_FACTOR = 10.0
-
-
-@dataclass
-class NodeView:
-    """What the cluster knows of one worker."""
-
-    name: str
-    online: bool = False
-    info: NodeInfo | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
-    statuses: dict[str, InstanceStatus] = field(default_factory=dict)
-    coord: list[float] = field(default_factory=list)
 
 
 class ClusterOrchestrator:
@@ -82,10 +72,7 @@ class ClusterOrchestrator:
         self._changed = asyncio.Event()
         self._silent_after: float | None = None
         self._held_until = 0.0  # while this cluster restarts its own broker (hold_offline)
-        # The documents of the last report, with what they were made from: a report converts only the
-        # workers and instances that changed.
-        self._node_docs: dict[str, tuple[NodeSummary, dict[str, Any]]] = {}
-        self._status_docs: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+        self._documents = StateReport(name)
         pacing = ReportThrottle(PLACE_SPACING, factor=0.0, coalesce=PLACE_COALESCE, idle_coalesce=PLACE_COALESCE)
         self._placements = Trigger(lambda: self.place_pending(), pacing, "a placement pass", self._busy)
         self._maps_due: set[str] = set()  # workers whose desired maps changed in memory, published once on disk
@@ -175,7 +162,6 @@ class ClusterOrchestrator:
         touched |= {self._left_on.pop(iid) for iid in gone if iid in self._left_on}
         for iid in gone:
             self.unplaced.pop(iid, None)
-            self._status_docs.pop(iid, None)
         # In memory now, on disk with the placement pass's one write (place_soon): the message dispatch (the
         # states of 1,000 workers among what waits behind it) never waits for the store, and deltas arriving
         # meanwhile share one pass. What others hear of it (workers' maps, the state report) waits for that write.
@@ -260,34 +246,7 @@ class ClusterOrchestrator:
 
     def summaries(self) -> dict[str, NodeSummary]:
         """Every known worker: capacity, what remains free after its instances' demands, labels, replicas."""
-        used: dict[str, list[float]] = {}
-        services: dict[str, dict[str, int]] = {}
-        for iid, node in self.assigned.items():
-            spec = self.desired[iid]
-            demand = spec.demand
-            total = used.setdefault(node, [0.0, 0.0, 0.0, 0.0])
-            total[0] += demand.vcpus
-            total[1] += demand.memory_mb
-            total[2] += demand.gpus
-            total[3] += 1
-            counts = services.setdefault(node, {})
-            counts[spec.service_key] = counts.get(spec.service_key, 0) + 1
-        out = {}
-        for view in self.nodes.values():
-            if view.info is None:
-                continue
-            cpu, mem, gpus, count = used.get(view.name, [0.0, 0.0, 0.0, 0.0])
-            info = view.info
-            out[view.name] = NodeSummary(
-                name=view.name, online=view.online, cpu_cores=info.cpu_cores, memory_mb=info.memory_mb,
-                cpu_free=info.cpu_cores - cpu, memory_free_mb=info.memory_mb - mem,
-                cpu_percent=view.metrics.get("cpu_percent", 0.0), runtimes=list(info.runtimes),
-                instances=int(count), arch=info.arch, labels=list(info.labels),
-                location=info.location or self.location, gpus_free=info.gpus - gpus,
-                services=services.get(view.name, {}), coord=list(view.coord),
-                cert_expires=self.cert_expiry(view.name),
-            )
-        return out
+        return summaries(self.nodes, self.desired, self.assigned, self.location, self.cert_expiry)
 
     def candidates(self) -> list[Candidate]:
         """Every online worker as a scheduling candidate."""
@@ -301,35 +260,23 @@ class ClusterOrchestrator:
             await self._place_pending()
 
     async def _place_pending(self) -> None:
-        pending = [iid for iid in self.desired if iid not in self.assigned]
-        if not pending:
-            await self._publish_when_durable(set())
-            return
-        candidates = {c.id: c for c in self.candidates()}
-        coords = {c.id: c.coord for c in candidates.values() if c.coord}
-        placed: dict[str, dict[str, str]] = {}
-        for iid in sorted(pending, key=lambda i: (self.desired[i].job_name, self.desired[i].instance_number)):
-            demand = with_targets(self.desired[iid].demand, coords)
-            decision = scheduling.place(demand, list(candidates.values()), self.profile, "node")
-            if decision.choice is None:
-                reason = decision.why_not() if candidates else "no worker online"
-                if self.unplaced.get(iid) != reason:
-                    log.warning("cannot place %s: %s", iid, reason)
-                self.unplaced[iid] = reason
-                continue
-            chosen = decision.choice
-            candidates[chosen.id] = reserve(chosen, demand)
-            self.assigned[iid] = chosen.id
+        result = plan(self.desired, self.assigned, self.candidates(), self.profile)
+        for iid, reason in result.unplaced.items():
+            if self.unplaced.get(iid) != reason:
+                log.warning("cannot place %s: %s", iid, reason)
+            self.unplaced[iid] = reason
+        for iid, node in result.placed.items():
+            self.assigned[iid] = node
             self.unplaced.pop(iid, None)
             left_on = self._left_on.pop(iid, None)
-            if left_on is not None and left_on != chosen.id:
+            if left_on is not None and left_on != node:
                 self._maps_due.add(left_on)  # it runs elsewhere now: the worker it was on stops its copy
-            placed[iid] = {"node": chosen.id}
-            log.info("placed %s on %s", iid, chosen.id)
-        if placed:
-            self.store.apply(ASSIGNED, placed)
-        await self._publish_when_durable({p["node"] for p in placed.values()})
-        self._changed.set()
+            log.info("placed %s on %s", iid, node)
+        if result.placed:
+            self.store.apply(ASSIGNED, {iid: {"node": node} for iid, node in result.placed.items()})
+        await self._publish_when_durable(set(result.placed.values()))
+        if result.placed or result.unplaced:
+            self._changed.set()
 
     async def _publish_when_durable(self, nodes: set[str]) -> None:
         """Publish the maps of *nodes* and of every worker whose map changed in memory, as they stand now,
@@ -348,13 +295,11 @@ class ClusterOrchestrator:
             self._publish_map(node, mine)
 
     def _publish_peers(self) -> None:
-        """Give every online worker up to PEERS others to measure latency to: the workers after it in a ring
-        of names, so each list is small and a join changes only a few of them. Retained; sent when changed."""
+        """Give every online worker a few others to measure latency to (peers.py). Retained; sent when
+        changed."""
         self._peers_dirty = False
-        probes = sorted((v.name, v.info.probe) for v in self.nodes.values() if v.online and v.info and v.info.probe)
-        for index, (name, _) in enumerate(probes):
-            ring = [probes[(index + k) % len(probes)] for k in range(1, min(PEERS, len(probes) - 1) + 1)]
-            peers = [{"name": n, "probe": p} for n, p in ring]
+        probes = [(v.name, v.info.probe) for v in self.nodes.values() if v.online and v.info and v.info.probe]
+        for name, peers in rings(probes).items():
             if self._peers_published.fresh(name, frozenset((p["name"], p["probe"]) for p in peers)):
                 self.session.send(channels.NODE_PEERS, {"peers": peers}, f"cluster/{self.name}", node=name)
 
@@ -379,43 +324,14 @@ class ClusterOrchestrator:
         for iid in self.desired:
             node = self.assigned.get(iid)
             seen = self.nodes[node].statuses.get(iid) if node in self.nodes else None
-            out[iid] = self._status(iid, node, seen)
+            out[iid] = status_of(self.name, node, seen, self.unplaced.get(iid, ""))
         return out
-
-    def _status(self, iid: str, node: str | None, seen: InstanceStatus | None) -> InstanceStatus:
-        if node is None:
-            reason = self.unplaced.get(iid, "")
-            status = models.NO_WORKER_CAPACITY if reason else models.REQUESTED
-            return InstanceStatus(status, reason, cluster=self.name)
-        if seen is None:
-            return InstanceStatus(models.NODE_SCHEDULED, node=node, cluster=self.name)
-        return InstanceStatus(**{**seen.__dict__, "node": node, "cluster": self.name})
 
     def state(self) -> dict[str, Any]:
-        """The cluster's retained ``state`` for the root. Documents of unchanged workers and instances
-        are reused (the same objects), so building and comparing it costs little when little changed."""
-        nodes = {}
-        for name, summary in self.summaries().items():
-            cached = self._node_docs.get(name)
-            if cached is None or cached[0] != summary:
-                cached = self._node_docs[name] = (summary, models.dump(summary))
-            nodes[name] = cached[1]
-        for name in self._node_docs.keys() - nodes.keys():
-            del self._node_docs[name]
-        return {"nodes": nodes, "instances": self._instance_docs(), "overlay": self.network.state(self.nodes)}
-
-    def _instance_docs(self) -> dict[str, dict[str, Any]]:
-        """What :meth:`statuses` gives, as documents, converted only for instances whose inputs changed."""
-        out = {}
-        for iid in self.desired:
-            node = self.assigned.get(iid)
-            seen = self.nodes[node].statuses.get(iid) if node in self.nodes else None
-            key = (node, seen, self.unplaced.get(iid, ""))
-            cached = self._status_docs.get(iid)
-            if cached is None or cached[0] != key:
-                cached = self._status_docs[iid] = (key, models.dump(self._status(iid, node, seen)))
-            out[iid] = cached[1]
-        return out
+        """The cluster's retained ``state`` for the root (reporting.py: only what changed is converted)."""
+        return {"nodes": self._documents.nodes(self.summaries()),
+                "instances": self._documents.instances(self.desired, self.assigned, self.nodes, self.unplaced),
+                "overlay": self.network.state(self.nodes)}
 
     async def run(self) -> None:
         """Retry placements and publish the cluster state, until cancelled."""

@@ -6,6 +6,10 @@ once as a delta on ``.../desired/delta``, see ``services/common/delta.py``) and 
 ``avail``/``info``/``state`` (and ``state/delta``). An instance a cluster cannot place (NO_WORKER_CAPACITY) is
 moved to another cluster that can hold it; a cluster that goes offline has its instances moved after
 a short grace, and one never heard from after a root restart after a longer one.
+
+This class holds the root's view of its clusters and orders effects (memory, disk, then the network);
+the decisions are plain logic elsewhere: which cluster an instance goes to (services/root/placement.py)
+and what users see of their services (views.py).
 """
 
 from __future__ import annotations
@@ -16,19 +20,19 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from services.common import channels, envelope, models
+from services.common import channels, models
 from services.common.delta import Change, DeltaPublisher, DeltaReceiver
 from services.common.inbox import Inbox, Received
 from services.common.models import ClusterInfo, InstanceSpec, InstanceStatus, NodeSummary
 from services.common.mqtt import MqttSession
-from services.common.plugin_api import Demand
 from services.common.retained import LastSent
-from services.common.scheduling import Profile, with_targets
+from services.common.scheduling import Profile
 from services.common.throttle import ReportThrottle, Trigger
 from services.root.catalog import Catalog, Instance, Service
-from services.root.clusters import STARTUP_GRACE, ClusterView, Pool, choose
+from services.root.clusters import STARTUP_GRACE, ClusterView
 from services.root.network import RootNetwork, overlay_routes
-from services.root.views import cluster_rows, node_rows
+from services.root.placement import Placement
+from services.root.views import ServiceStates, cluster_rows, node_rows
 
 log = logging.getLogger(__name__)
 TICK = 0.5
@@ -52,13 +56,10 @@ class RootOrchestrator:
         self.profile = profile
         self.session = session
         self.clusters: dict[str, ClusterView] = {}
-        self.unplaced: dict[str, str] = {}
-        self.reserved: dict[str, tuple[str, str, Demand]] = {}
-        self._excluded: dict[str, set[str]] = {}
+        self.placement = Placement(profile)
         self._desired_out: dict[str, DeltaPublisher] = {}
         self._states_in: dict[str, DeltaReceiver] = {}
-        # Per instance, its row in its service's state and the row's JSON text (see _instance_row).
-        self._rows: dict[str, tuple[tuple[int, str, InstanceStatus], dict[str, Any], str]] = {}
+        self.views = ServiceStates(self.instance_status)
         self._published_state = LastSent()  # each service's state, by service id
         self._dirty: set[str] = set()
         self._reconciling = asyncio.Lock()
@@ -94,7 +95,7 @@ class RootOrchestrator:
             log.info("cluster %s is %s", view.name, "online" if online else "offline")
         view.set_online(online)
         if online:
-            self._excluded_clear(view.name)
+            self.placement.cluster_online(view.name)
         self.kick()  # placing never holds up the messages behind this one (API requests among them)
 
     async def take_info(self, info: Received[ClusterInfo]) -> None:
@@ -123,10 +124,6 @@ class RootOrchestrator:
             await self.network.grant([view])
         self.kick()
 
-    def _excluded_clear(self, cluster: str) -> None:
-        for excluded in self._excluded.values():
-            excluded.discard(cluster)
-
     def _take_state(self, view: ClusterView, receiver: DeltaReceiver, change: Change) -> None:
         """Update *view* with what changed in its cluster's state (only the changed documents are read)."""
         nodes, statuses = change.put.get("nodes", {}), change.put.get("instances", {})
@@ -149,10 +146,7 @@ class RootOrchestrator:
             instance = self.catalog.instances.get(iid)
             if instance is None or instance.cluster != view.name:
                 continue
-            if status.node or status.status == models.NO_WORKER_CAPACITY:
-                self.reserved.pop(iid, None)
-            if status.status == models.NO_WORKER_CAPACITY:
-                self._excluded.setdefault(iid, set()).add(view.name)
+            self.placement.absorb(view.name, iid, status)
             self._dirty.add(instance.sid)
         for iid in gone:
             instance = self.catalog.instances.get(iid)
@@ -164,17 +158,6 @@ class RootOrchestrator:
     def spec_of(self, instance: Instance) -> InstanceSpec:
         """The desired-map entry of an instance."""
         return self.catalog.services[instance.sid].instance(instance)
-
-    def _reservations(self) -> dict[str, dict[str, Demand]]:
-        """What the root placed and the clusters have not reported yet: ``{cluster: {worker: demand}}``."""
-        out: dict[str, dict[str, Demand]] = {}
-        for cluster, node, demand in self.reserved.values():
-            per_node = out.setdefault(cluster, {})
-            prev = per_node.get(node)
-            per_node[node] = demand if prev is None else Demand(
-                prev.vcpus + demand.vcpus, prev.memory_mb + demand.memory_mb, demand.virtualization,
-                service=demand.service, gpus=prev.gpus + demand.gpus)
-        return out
 
     async def reconcile(self) -> None:
         """Move instances off failed clusters, place unplaced ones, publish what changed.
@@ -194,41 +177,25 @@ class RootOrchestrator:
         await self._kicks.settled()
 
     async def _reconcile(self) -> None:
-        changes: dict[str, str] = {}
-        for view in self.clusters.values():
-            if view.should_move():
-                moving = [i.iid for i in self.catalog.instances.values() if i.cluster == view.name]
-                if moving:
-                    log.warning("cluster %s is gone; moving its %d instance(s)", view.name, len(moving))
-                changes.update({iid: "" for iid in moving})
-                view.move_after = None
-        # One pass builds each cluster's candidates (after the reservations) once and lowers them per
-        # decision; it yields now and then so the root keeps answering during a big burst.
-        pools: dict[str, Pool] = {}
-        reserved: dict[str, dict[str, Demand]] | None = None
-        coords: dict[str, tuple[float, ...]] | None = None
-        decisions = 0
-        # Only instances without a cluster, moving, or refused by theirs need a decision: found in one quick
-        # pass over the catalog (10,000 instances), not looked at one by one on every pass.
-        excluded = self._excluded
-        todo = [(iid, instance) for iid, instance in self.catalog.instances.items()
-                if not instance.cluster or iid in changes or iid in excluded]
-        for iid, instance in todo:
-            cluster = changes.get(iid, instance.cluster)
-            stuck = cluster and cluster in excluded.get(iid, ())
-            if cluster and not stuck:
-                continue
-            if iid not in self.catalog.instances:
-                continue  # removed while this pass yielded
-            if reserved is None or coords is None:
-                reserved = self._reservations()
-                coords = {n.name: tuple(n.coord) for v in self.clusters.values() for n in v.nodes.values() if n.coord}
-            target = self._choose(instance, self._excluded.get(iid, set()), pools, reserved, coords)
-            if target and target != cluster:
-                changes[iid] = target
-            decisions += 1
-            if decisions % YIELD_EVERY == 0:
-                await asyncio.sleep(0)
+        moves = self.placement.moves(self.clusters, self.catalog.instances)
+        for cluster, moving in moves.items():
+            if moving:
+                log.warning("cluster %s is gone; moving its %d instance(s)", cluster, len(moving))
+        changes = {iid: "" for moving in moves.values() for iid in moving}
+        decisions = self.placement.decisions(self.catalog.instances, self.catalog.services, self.clusters,
+                                             set(changes))
+        for count, decided in enumerate(decisions, 1):
+            instance = self.catalog.instances[decided.iid]
+            service = self.catalog.services[instance.sid]
+            if decided.cluster and decided.cluster != changes.get(decided.iid, instance.cluster):
+                changes[decided.iid] = decided.cluster
+                log.info("placed %s (%s #%d) on cluster %s", instance.iid, service.job_name, instance.number,
+                         decided.cluster)
+            elif decided.news:
+                log.warning("cannot place %s (%s): %s", instance.iid, service.job_name, decided.reason)
+                self._dirty.add(instance.sid)
+            if count % YIELD_EVERY == 0:
+                await asyncio.sleep(0)  # the root keeps answering during a big burst
         changes = {iid: c for iid, c in changes.items() if iid in self.catalog.instances}
         if changes:
             touched = {self.catalog.instances[i].cluster for i in changes} | set(changes.values())
@@ -238,28 +205,6 @@ class RootOrchestrator:
             for cluster in touched - {""}:
                 self.publish_desired(cluster)
         self.flush_states()
-
-    def _choose(self, instance: Instance, avoid: set[str], pools: dict[str, Pool],
-                reserved: dict[str, dict[str, Demand]], coords: dict[str, tuple[float, ...]]) -> str:
-        """Choose the cluster of *instance* and reserve its worker there, in *pools* and ``self.reserved``."""
-        service = self.catalog.services[instance.sid]
-        demand = with_targets(service.demand, coords)
-        views = [v for name, v in self.clusters.items() if name not in avoid]
-        decision, worker = choose(demand, views, reserved, self.profile, pools)
-        if decision.choice is None:
-            reason = decision.why_not() if views else "no cluster has joined"
-            if self.unplaced.get(instance.iid) != reason:
-                log.warning("cannot place %s (%s): %s", instance.iid, service.job_name, reason)
-                self._dirty.add(instance.sid)
-            self.unplaced[instance.iid] = reason
-            return ""
-        self.unplaced.pop(instance.iid, None)
-        cluster = decision.choice.id
-        pools[cluster].take(worker, demand)
-        self.reserved[instance.iid] = (cluster, worker, demand)
-        log.info("placed %s (%s #%d) on cluster %s", instance.iid, service.job_name,
-                 instance.number, cluster)
-        return cluster
 
     def publish_desired(self, cluster: str) -> None:
         """Publish what changed in the desired map of *cluster*: a delta now, the whole map once settled."""
@@ -274,10 +219,8 @@ class RootOrchestrator:
     async def forget(self, removed: list[Instance]) -> None:
         """Drop removed instances from their clusters' desired maps."""
         for instance in removed:
-            self._rows.pop(instance.iid, None)
-            self.unplaced.pop(instance.iid, None)
-            self.reserved.pop(instance.iid, None)
-            self._excluded.pop(instance.iid, None)
+            self.views.forget(instance.iid)
+            self.placement.forget(instance.iid)
         for cluster in {i.cluster for i in removed} - {""}:
             self.publish_desired(cluster)
 
@@ -286,7 +229,7 @@ class RootOrchestrator:
     def instance_status(self, instance: Instance) -> InstanceStatus:
         """The best-known status of one instance."""
         if not instance.cluster:
-            reason = self.unplaced.get(instance.iid, "")
+            reason = self.placement.unplaced.get(instance.iid, "")
             return InstanceStatus(models.NO_CLUSTER_CAPACITY if reason else models.REQUESTED, reason)
         view = self.clusters.get(instance.cluster)
         seen = view.statuses.get(instance.iid) if view else None
@@ -296,45 +239,9 @@ class RootOrchestrator:
             return InstanceStatus(**{**seen.__dict__, "reason": f"cluster {view.name} is offline; last: {seen.status}"})
         return seen
 
-    def service_state(self, service: Service, of: list[Instance] | None = None) -> dict[str, Any]:
-        """A service as its owner sees it: spec summary, overall status, every instance (*of*: the
-        service's instances by number, when the caller has them)."""
-        spec = service.spec
-        mine = self.catalog.instances_of(service.sid) if of is None else of
-        instances = [self._instance_row(instance) for instance in mine]
-        return {
-            "service_id": service.sid,
-            "job_name": service.job_name,
-            "app_id": service.app_id,
-            "virtualization": spec.virtualization,
-            "code": spec.code,
-            "cmd": list(spec.cmd),
-            "memory": spec.memory,
-            "vcpus": spec.vcpus,
-            "replicas": service.replicas,
-            "rr_ip": service.rr_ip,
-            "closest_ip": service.closest_ip,
-            "status": overall_status(service.replicas, [i["status"] for i in instances]),
-            "instances": instances,
-        }
-
-    def _instance_row(self, instance: Instance) -> dict[str, Any]:
-        """One instance's row in its service's state, made again (with its JSON text) only when its place
-        or status changed (never modify it)."""
-        key = (instance.number, instance.cluster, self.instance_status(instance))
-        cached = self._rows.get(instance.iid)
-        if cached is None or cached[0] != key:
-            row = {"number": instance.number, "iid": instance.iid, "cluster": instance.cluster,
-                   **{k: v for k, v in models.dump(key[2]).items() if k != "cluster"}}
-            cached = self._rows[instance.iid] = (key, row, json.dumps(row, separators=(",", ":")))
-        return cached[1]
-
-    def state_body(self, state: dict[str, Any]) -> bytes:
-        """The envelope of a :meth:`service_state`, its rows' JSON taken from their cache: a burst changes a
-        few rows of a thousand between two publications, so the rest are not encoded again."""
-        head = json.dumps({k: v for k, v in state.items() if k != "instances"}, separators=(",", ":"))
-        rows = ",".join(self._rows[row["iid"]][2] for row in state["instances"])
-        return envelope.encode_json("service.state", f'{head[:-1]},"instances":[{rows}]}}', "root")
+    def service_state(self, service: Service) -> dict[str, Any]:
+        """A service as its owner sees it: spec summary, overall status, every instance."""
+        return self.views.state(service, self.catalog.instances_of(service.sid))
 
     def flush_states(self) -> None:
         """Republish the retained state of every service that changed."""
@@ -353,9 +260,9 @@ class RootOrchestrator:
             service = self.catalog.services.get(sid)
             if service is None:
                 continue
-            state = self.service_state(service, sorted(by_service[sid], key=lambda i: i.number))
+            state = self.views.state(service, sorted(by_service[sid], key=lambda i: i.number))
             if self._published_state.fresh(sid, state):
-                self.session.send(channels.API_SERVICE_STATE, self.state_body(state), user=service.owner,
+                self.session.send(channels.API_SERVICE_STATE, self.views.body(state), user=service.owner,
                                   job=service.job_name)
 
     def mark(self, service: Service) -> None:
@@ -389,17 +296,3 @@ class RootOrchestrator:
             self._kicks.cancel()
             for out in self._desired_out.values():
                 out.close()
-
-
-def overall_status(replicas: int, statuses: list[str]) -> str:
-    """One word for a service: UNDEPLOYED, RUNNING, COMPLETED, or the status holding it back."""
-    if replicas == 0 and not statuses:
-        return "UNDEPLOYED"
-    if statuses and all(s == models.RUNNING for s in statuses):
-        return models.RUNNING
-    if statuses and all(s == models.COMPLETED for s in statuses):
-        return models.COMPLETED
-    for worst in (models.FAILED, models.DEAD, models.NO_CLUSTER_CAPACITY, models.NO_WORKER_CAPACITY):
-        if worst in statuses:
-            return worst
-    return next((s for s in statuses if s != models.RUNNING), models.REQUESTED)

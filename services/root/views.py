@@ -1,13 +1,85 @@
-"""The infrastructure as users see it: clusters and workers, for ``clusters/list``, ``nodes/list`` and
-the retained ``oak/api/<user>/state/infrastructure`` topic the dashboard builds its overview from."""
+"""What users see: their services' retained states (``oak/api/<user>/state/services/<job>``), and the
+infrastructure, clusters and workers, for ``clusters/list``, ``nodes/list`` and the retained
+``oak/api/<user>/state/infrastructure`` topic the dashboard builds its overview from."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import json
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from services.common import models
+from services.common import envelope, models
+from services.common.models import InstanceStatus
+from services.root.catalog import Instance, Service
 from services.root.clusters import ClusterView
+
+
+class ServiceStates:
+    """The users' view of their services: spec summary, overall status and every instance's row.
+
+    A burst changes a few rows of a thousand between two publications, so each row is kept with its
+    JSON text and the status it was made from, and made again only when that changed."""
+
+    def __init__(self, status_of: Callable[[Instance], InstanceStatus]) -> None:
+        self.status_of = status_of  # the best-known status of an instance (the orchestrator's)
+        self._rows: dict[str, tuple[tuple[int, str, InstanceStatus], dict[str, Any], str]] = {}
+
+    def state(self, service: Service, instances: list[Instance]) -> dict[str, Any]:
+        """*service* as its owner sees it, with its *instances* (by number)."""
+        spec = service.spec
+        rows = [self._row(instance) for instance in instances]
+        return {
+            "service_id": service.sid,
+            "job_name": service.job_name,
+            "app_id": service.app_id,
+            "virtualization": spec.virtualization,
+            "code": spec.code,
+            "cmd": list(spec.cmd),
+            "memory": spec.memory,
+            "vcpus": spec.vcpus,
+            "replicas": service.replicas,
+            "rr_ip": service.rr_ip,
+            "closest_ip": service.closest_ip,
+            "status": overall_status(service.replicas, [r["status"] for r in rows]),
+            "instances": rows,
+        }
+
+    def _row(self, instance: Instance) -> dict[str, Any]:
+        inputs = (instance.number, instance.cluster, self.status_of(instance))
+        made = self._rows.get(instance.iid)
+        if made is None or made[0] != inputs:
+            row = {"number": instance.number, "iid": instance.iid, "cluster": instance.cluster,
+                   **{k: v for k, v in models.dump(inputs[2]).items() if k != "cluster"}}
+            made = self._rows[instance.iid] = (inputs, row, json.dumps(row, separators=(",", ":")))
+        return made[1]
+
+    def text(self, iid: str) -> str:
+        """The JSON text of an instance's last row."""
+        return self._rows[iid][2]
+
+    def body(self, state: dict[str, Any]) -> bytes:
+        """The envelope of a :meth:`state`, its rows' JSON taken as they were made."""
+        head = json.dumps({k: v for k, v in state.items() if k != "instances"}, separators=(",", ":"))
+        rows = ",".join(self._rows[row["iid"]][2] for row in state["instances"])
+        return envelope.encode_json("service.state", f'{head[:-1]},"instances":[{rows}]}}', "root")
+
+    def forget(self, iid: str) -> None:
+        """*iid* was removed."""
+        self._rows.pop(iid, None)
+
+
+def overall_status(replicas: int, statuses: list[str]) -> str:
+    """One word for a service: UNDEPLOYED, RUNNING, COMPLETED, or the status holding it back."""
+    if replicas == 0 and not statuses:
+        return "UNDEPLOYED"
+    if statuses and all(s == models.RUNNING for s in statuses):
+        return models.RUNNING
+    if statuses and all(s == models.COMPLETED for s in statuses):
+        return models.COMPLETED
+    for worst in (models.FAILED, models.DEAD, models.NO_CLUSTER_CAPACITY, models.NO_WORKER_CAPACITY):
+        if worst in statuses:
+            return worst
+    return next((s for s in statuses if s != models.RUNNING), models.REQUESTED)
 
 
 def cluster_rows(clusters: Iterable[ClusterView]) -> list[dict[str, Any]]:
