@@ -24,7 +24,7 @@ test: $(STAMP) system-deps
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy broker services plugins
+	$(VENV)/bin/mypy broker services plugins tui bench
 
 bench: $(STAMP) system-deps
 	$(VENV)/bin/python -m bench.run_all

@@ -6,7 +6,8 @@ For each size, in order:
 * idle: control-plane CPU (% of one core) and RSS, and each broker's message rate, over a window;
 * place: 10,000 instances (10 services x 1,000 replicas) deployed at once; per instance the time from
   the deploy request until the root's retained state shows it on a worker (placed) and RUNNING, with
-  CPU and peak RSS over the whole burst;
+  CPU and peak RSS over the whole burst; meanwhile another user session asks ``services/list`` every
+  50 ms, and the time to each answer is the *user lane* (issue 15: under 100 ms at p99);
 * loaded idle: the same window with every instance running;
 * failure: ``kill -9`` of up to 100 workers at once (half the fleet when it is smaller); time until
   every instance they held is placed elsewhere (detected and rescheduled) and RUNNING again.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import signal
 import sys
@@ -110,14 +112,36 @@ async def measure(fleet: Fleet, seconds: float) -> dict[str, Any]:
     return window(a, sample(fleet))
 
 
+async def user_lane(profile: Any, answered: list[float], busy: list[int], stop: asyncio.Event) -> None:
+    """Ask ``services/list`` every 50 ms on a session of its own until *stop*; note each answer's time
+    (seconds) in *answered*, and count ``busy`` answers in *busy*."""
+    async with OakClient(profile) as other:
+        while not stop.is_set():
+            began = time.perf_counter()
+            try:
+                await other.request("services", "list")
+            except CliError as exc:
+                if "busy" in str(exc):
+                    busy.append(1)
+            else:
+                answered.append(time.perf_counter() - began)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.05)
+
+
 async def place(fleet: Fleet, client: OakClient, tracker: Tracker, instances: int, timeout: float) -> dict[str, Any]:
-    """Deploy *instances* at once and time them to placed and RUNNING; CPU over the burst."""
+    """Deploy *instances* at once and time them to placed and RUNNING, and a user's requests meanwhile;
+    CPU over the burst."""
     services = -(-instances // REPLICAS)
     await client.request("apps", "create", raw=sla(services))
     await client.session.subscribe_confirmed(
         *(channels.API_SERVICE_STATE.topic(user=client.profile.username, job=job(i)) for i in range(services)))
     tracker.reset()
-    before, peak = sample(fleet), {}
+    answered: list[float] = []
+    busy: list[int] = []
+    stop = asyncio.Event()
+    lane = asyncio.create_task(user_lane(fleet.stack.profile(), answered, busy, stop))
+    before, peak = sample(fleet), dict[str, float]()
     t0 = time.monotonic()
     late = 0
     for i in range(services):
@@ -132,6 +156,8 @@ async def place(fleet: Fleet, client: OakClient, tracker: Tracker, instances: in
         now = sample(fleet)
         peak = {n: max(peak.get(n, 0.0), r) for n, r in now.rss_mb.items()}
     done = time.monotonic() - t0
+    stop.set()
+    await lane
     usage = window(before, sample(fleet))
     for name, row in usage.items():
         row["peak_rss_mb"] = round(peak.get(name, row["rss_mb"]), 1)
@@ -140,7 +166,10 @@ async def place(fleet: Fleet, client: OakClient, tracker: Tracker, instances: in
             "reached": tracker.running() >= instances,
             "placed_latency_s": percentiles([t - t0 for t in tracker.placed_at.values()]),
             "running_latency_s": percentiles([t - t0 for t in tracker.running_at.values()]),
-            "state_updates": tracker.updates, "usage": usage}
+            "state_updates": tracker.updates, "usage": usage,
+            "user_lane_ms": {k: round(percentile(answered, q) * 1000, 1)
+                             for k, q in (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))}
+            | {"answers": len(answered), "busy": len(busy)}}
 
 
 async def offline_times(fleet: Fleet, client: OakClient, t0: float, timeout: float) -> list[float]:
@@ -197,7 +226,7 @@ async def run_case(workers: int, clusters: int, args: argparse.Namespace) -> dic
                 for cluster, prefix, count in fleet.plan():
                     fleet.start_sims(cluster, prefix, count)
                     expected += count
-                    await eventually(lambda n=expected: online(client, n), args.join_timeout, 0.5,
+                    await eventually(functools.partial(online, client, expected), args.join_timeout, 0.5,
                                      what=f"{expected} workers online")
                 result["join_s"] = round(time.monotonic() - t0, 1)
                 await asyncio.sleep(args.settle)

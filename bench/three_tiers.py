@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import tempfile
 import time
@@ -127,7 +128,7 @@ async def worker_death(rounds: int) -> None:
                 for proc in psutil.process_iter(["cmdline"]):
                     if proc.info["cmdline"] == ["sleep", "3601"] and proc.parent() is None:
                         proc.kill()
-                await eventually(lambda m=moved, v=victim: _moved(client, job, m, v), 30, 0.02, what="moved")
+                await eventually(functools.partial(_moved, client, job, moved, victim), 30, 0.02, what="moved")
                 durations.append(time.monotonic() - t0)
                 stack.procs[victim].start()
                 await eventually(lambda: _online(client, 2), 30, what="victim back")

@@ -165,3 +165,25 @@ async def test_the_publisher_sends_the_whole_document_at_least_every_full_every(
     wholes = [t for t, _ in session.published if t == channels.CLUSTER_DESIRED.topic(cluster="c1")]
     assert len(wholes) == 4  # at 0, 10, 20 and 30 s, though changes never settled
     out.close()
+
+
+def test_tracked_changes_make_the_same_deltas_as_a_diff() -> None:
+    """A sender told what changed (put, drop) numbers the same deltas a diff of whole documents gives,
+    without looking at the rest; a change that changes nothing is no delta."""
+    told, diffed = DeltaSender(SECTIONS, epoch="e1"), DeltaSender(SECTIONS, epoch="e1")
+    receiver = DeltaReceiver(SECTIONS)
+    receiver.whole(told.whole())  # as a publisher starts: the whole (empty) document first
+    steps = [({"instances": {"a": {"status": "x"}, "b": {"status": "y"}}}, {}),
+             ({"instances": {"b": {"status": "z"}}}, {"instances": ["a"]}),
+             ({"instances": {"b": {"status": "z"}}}, {"instances": ["gone"]})]
+    whole: dict[str, dict[str, Any]] = {"nodes": {}, "instances": {}}
+    for put, drop in steps:
+        for key in drop.get("instances", []):
+            whole["instances"].pop(key, None)
+        whole["instances"].update(put["instances"])
+        by_change, by_diff = told.change(put, drop), diffed.diff(whole)
+        assert (by_change.change if by_change else None) == (by_diff.change if by_diff else None)
+        if by_change:
+            receiver.delta(by_change.data())
+    assert told.seq == 2, "the last step changed nothing"
+    assert receiver.docs == whole

@@ -10,7 +10,7 @@ from typing import Any
 
 from plugins.schedulers.least_loaded import LeastLoaded
 from services.common import channels, envelope, models
-from services.common.delta import DeltaSender
+from services.common.delta import DeltaReceiver, DeltaSender
 from services.common.models import InstanceSpec, InstanceStatus, NodeSummary
 from services.common.plugin_api import Demand
 from services.common.scheduling import Profile, Weighted
@@ -145,3 +145,53 @@ async def test_a_service_state_is_published_with_its_rows_json_reused(tmp_path: 
     assert second == orchestrator.service_state(service)
     assert [r["status"] for r in second["instances"] if r["iid"] == changed] == ["RUNNING"]
     assert [iid for iid in catalog.instances if orchestrator.views.text(iid) is not texts[iid]] == [changed]
+
+
+def _desired_maps(session: FakeSession) -> dict[str, dict[str, Any]]:
+    """Each cluster's desired map as a cluster folds what the root published (wholes and deltas)."""
+    receivers: dict[str, DeltaReceiver] = {}
+    for topic, payload in session.published:
+        found = channels.find(topic, (channels.CLUSTER_DESIRED, channels.CLUSTER_DESIRED_DELTA))
+        if found is None:
+            continue
+        channel, names = found
+        receiver = receivers.setdefault(names["cluster"], DeltaReceiver(channels.CLUSTER_DESIRED.sections))
+        data = envelope.decode(payload).data
+        receiver.whole(data) if channel is channels.CLUSTER_DESIRED else receiver.delta(data)
+    return {cluster: receiver.docs["instances"] for cluster, receiver in receivers.items()}
+
+
+async def test_desired_maps_follow_placements_moves_and_removals(tmp_path: Path) -> None:
+    """The root sends each cluster only what changed in its map (no whole-map rebuild per pass), and what
+    a cluster folds from it is always the catalog's placement: after a burst, after a cluster fails and
+    its instances move, and after instances are removed."""
+    catalog, service = await one_service(tmp_path, 16)
+    session = FakeSession()
+    orchestrator = RootOrchestrator(catalog, PROFILE, session)  # type: ignore[arg-type]
+    orchestrator.clusters = {"c1": view("c1", 2), "c2": view("c2", 2)}
+
+    def expected() -> dict[str, set[str]]:
+        out: dict[str, set[str]] = {"c1": set(), "c2": set()}
+        for instance in catalog.instances.values():
+            if instance.cluster:
+                out[instance.cluster].add(instance.iid)
+        return out
+
+    orchestrator.kick()
+    await orchestrator.settled()
+    assert {c: set(m) for c, m in _desired_maps(session).items()} == expected()
+    assert all(set(m) for m in expected().values()), "both clusters got instances"
+    sample = next(iter(_desired_maps(session)["c1"].values()))
+    assert models.load(InstanceSpec, sample).service == service.spec, "the spec travels typed and whole"
+
+    orchestrator.clusters["c1"].set_online(False, grace=0.0)
+    await asyncio.sleep(0.01)
+    orchestrator.clusters["c2"].nodes.update(view("c2x", 2).nodes)  # room for what moves
+    await orchestrator.reconcile()
+    assert {c: set(m) for c, m in _desired_maps(session).items()} == expected()
+    assert not expected()["c1"], "everything moved off the failed cluster"
+
+    _, removed = await catalog.set_replicas(catalog.services[service.sid], 4)
+    await orchestrator.forget(removed)
+    assert {c: set(m) for c, m in _desired_maps(session).items()} == expected()
+    assert sum(len(m) for m in expected().values()) == 4

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -76,8 +76,9 @@ class Delta:
 
 
 class DeltaSender:
-    """Turns successive whole documents into numbered deltas. Unchanged documents are recognised by
-    identity first (callers that cache their documents make a diff nearly free), then by equality."""
+    """Turns changes into numbered deltas: either changes the caller tracked itself (:meth:`change`, no
+    look at the rest of the document), or successive whole documents (:meth:`diff`; unchanged entries are
+    recognised by identity first, then by equality)."""
 
     def __init__(self, sections: tuple[str, ...], epoch: str | None = None) -> None:
         self.sections = sections
@@ -102,6 +103,28 @@ class DeltaSender:
             return None
         self.seq += 1
         return Delta(self.epoch, self.seq, Change(put, drop))
+
+    def change(self, put: Mapping[str, Mapping[str, Doc]] | None = None,
+               drop: Mapping[str, Iterable[str]] | None = None) -> Delta | None:
+        """The delta that puts the documents *put* and drops the keys *drop* (per section), applied to the
+        last document; None when it changes nothing."""
+        puts: dict[str, dict[str, Doc]] = {}
+        drops: dict[str, tuple[str, ...]] = {}
+        for section, keys in (drop or {}).items():
+            last = self.last[section]
+            gone = tuple(k for k in keys if last.pop(k, None) is not None)
+            if gone:
+                drops[section] = gone
+        for section, docs in (put or {}).items():
+            last = self.last[section]
+            changed = {k: v for k, v in docs.items() if (o := last.get(k)) is not v and o != v}
+            if changed:
+                last.update(changed)
+                puts[section] = changed
+        if not puts and not drops:
+            return None
+        self.seq += 1
+        return Delta(self.epoch, self.seq, Change(puts, drops))
 
     def whole(self) -> Doc:
         """The last document, with its epoch and seq (the retained form)."""
@@ -222,7 +245,15 @@ class DeltaPublisher:
     def update(self, doc: Mapping[str, Mapping[str, Doc]]) -> bool:
         """Publish what changed since the last call (the first call publishes the whole document);
         return True when something was published."""
-        delta = self.sender.diff(doc)
+        return self._send(self.sender.diff(doc))
+
+    def change(self, put: Mapping[str, Mapping[str, Doc]] | None = None,
+               drop: Mapping[str, Iterable[str]] | None = None) -> bool:
+        """Publish changes the caller tracked itself (see :meth:`DeltaSender.change`); True when something
+        was published."""
+        return self._send(self.sender.change(put, drop))
+
+    def _send(self, delta: Delta | None) -> bool:
         if self._whole_seq is None:
             self.publish_whole()
             return True

@@ -198,31 +198,48 @@ class RootOrchestrator:
                 await asyncio.sleep(0)  # the root keeps answering during a big burst
         changes = {iid: c for iid, c in changes.items() if iid in self.catalog.instances}
         if changes:
-            touched = {self.catalog.instances[i].cluster for i in changes} | set(changes.values())
+            before = {iid: self.catalog.instances[iid].cluster for iid in changes}
             await self.catalog.assign(changes)
-            for iid in changes:
-                self._dirty.add(self.catalog.instances[iid].sid)
-            for cluster in touched - {""}:
-                self.publish_desired(cluster)
+            self._tell_clusters(before, changes)
         self.flush_states()
 
+    def _tell_clusters(self, before: dict[str, str], after: dict[str, str]) -> None:
+        """Send each cluster the change of its desired map: the instances it lost and got, nothing else
+        (the desired maps track their own changes: no look at the other 10,000 instances)."""
+        drops: dict[str, list[str]] = {}
+        puts: dict[str, dict[str, Any]] = {}
+        for iid, cluster in before.items():
+            if cluster and after.get(iid, cluster) != cluster:
+                drops.setdefault(cluster, []).append(iid)
+        for iid, cluster in after.items():
+            instance = self.catalog.instances.get(iid)
+            if cluster and instance is not None and before.get(iid) != cluster:
+                puts.setdefault(cluster, {})[iid] = self.spec_of(instance).doc
+            if instance is not None:
+                self._dirty.add(instance.sid)
+        for cluster in drops.keys() | puts.keys():
+            self._desired(cluster).change({"instances": puts.get(cluster, {})}, {"instances": drops.get(cluster, [])})
+
     def publish_desired(self, cluster: str) -> None:
-        """Publish what changed in the desired map of *cluster*: a delta now, the whole map once settled."""
+        """Publish the whole desired map of *cluster*, as the catalog has it (at start)."""
         mine = {i.iid: self.spec_of(i).doc for i in self.catalog.instances.values() if i.cluster == cluster}
+        self._desired(cluster).update({"instances": mine})
+
+    def _desired(self, cluster: str) -> DeltaPublisher:
+        """The publisher of *cluster*'s desired map: each change at once, the whole map once settled."""
         out = self._desired_out.get(cluster)
         if out is None:
             out = self._desired_out[cluster] = DeltaPublisher(
                 self.session, channels.CLUSTER_DESIRED, "root", {"cluster": cluster},
                 quiet=DESIRED_QUIET, full_every=DESIRED_FULL_EVERY)
-        out.update({"instances": mine})
+        return out
 
     async def forget(self, removed: list[Instance]) -> None:
         """Drop removed instances from their clusters' desired maps."""
         for instance in removed:
             self.views.forget(instance.iid)
             self.placement.forget(instance.iid)
-        for cluster in {i.cluster for i in removed} - {""}:
-            self.publish_desired(cluster)
+        self._tell_clusters({i.iid: i.cluster for i in removed}, {i.iid: "" for i in removed})
 
     # ---- what users see ----------------------------------------------------------------------
 
