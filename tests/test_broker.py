@@ -73,9 +73,8 @@ async def test_worker_cannot_publish_as_another_worker(broker: EmbeddedBroker, c
     observer = MqttSession(url(broker), "obs", "svc:test", creds.service_password("svc:test"))
     w1 = MqttSession(url(broker), "node.w1", "node:w1", "pw1")
     async with observer, w1:
-        observer.subscribe("oak/nodes/#")
-        w1.subscribe("oak/nodes/w2/down/desired", "oak/nodes/w1/down/desired")
-        await asyncio.sleep(0.2)
+        await observer.subscribe_confirmed("oak/nodes/#")
+        await w1.subscribe_confirmed("oak/nodes/w2/down/desired", "oak/nodes/w1/down/desired")
         w1.publish("oak/nodes/w2/up/state", b"forged")
         assert await nothing(observer)
         w1.publish("oak/nodes/w1/up/state", b"mine")
@@ -138,13 +137,17 @@ async def test_bridge_forwards_both_ways_and_keeps_retain(tmp_path: Path) -> Non
         local_side = MqttSession(url(local), "bridge", "svc:bridge", local_creds.service_password("svc:bridge"))
         root_app = MqttSession(url(root), "root", "svc:root", root_creds.service_password("svc:root"))
         cluster_app = MqttSession(url(local), "cl", "svc:cl", local_creds.service_password("svc:cl"))
-        async with root_side, local_side, root_app, cluster_app:
+        watch_root = MqttSession(url(root), "watch", "svc:watch", root_creds.service_password("svc:watch"))
+        watch_local = MqttSession(url(local), "watch", "svc:watch", local_creds.service_password("svc:watch"))
+        async with root_side, local_side, root_app, cluster_app, watch_root, watch_local:
+            await watch_root.subscribe_confirmed(channels.CLUSTER_STATE.topic(cluster="c1"))
+            await watch_local.subscribe_confirmed(channels.downstream(channels.CLUSTER_DESIRED).topic())
             bridge = asyncio.create_task(Bridge("c1", root_side, local_side).run())
-            await asyncio.sleep(0.3)
-            root_app.publish(channels.CLUSTER_DESIRED.topic(cluster="c1"), b"D", retain=True)
             root_app.publish(channels.CLUSTER_DESIRED.topic(cluster="c1") + "/unknown", b"X", retain=True)
+            root_app.publish(channels.CLUSTER_DESIRED.topic(cluster="c1"), b"D", retain=True)
             cluster_app.publish(channels.upstream(channels.CLUSTER_STATE).topic(), b"S", retain=True)
-            await asyncio.sleep(0.5)
+            assert (await watch_local.get(5)).payload == b"D", "forwarded down"
+            assert (await watch_root.get(5)).payload == b"S", "forwarded up"
             # Late subscribers see retained copies on both sides: the retain flag survived the bridge.
             downstream = channels.downstream(channels.CLUSTER_DESIRED).topic()
             await cluster_app.subscribe_confirmed("oak/downstream/#")

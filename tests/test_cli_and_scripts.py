@@ -28,6 +28,24 @@ def run_oak(home: Path, *args: str, check: bool = True) -> subprocess.CompletedP
     return done
 
 
+def subscribed(command: list[str]) -> subprocess.Popen[str]:
+    """mosquitto_sub *command*, started with ``-d`` and returned once the broker acknowledged its
+    subscription (no sleep and hope); :func:`messages` reads its output without the debug lines."""
+    need_binary("stdbuf")  # mosquitto_sub's output line by line, not when it ends
+    proc = subprocess.Popen(["stdbuf", "-oL", *command, "-d"], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if "received SUBACK" in line:
+            return proc
+    raise AssertionError(f"{command[0]} ended before it subscribed")
+
+
+def messages(proc: subprocess.Popen[str], timeout: float) -> list[str]:
+    """The message lines *proc* (from :func:`subscribed`) printed until it ended."""
+    out, _ = proc.communicate(timeout=timeout)
+    return [line for line in out.splitlines() if line and not line.startswith(("Client ", "Subscribed ("))]
+
+
 def wait_until(check, timeout: float = 30.0, what: str = "condition"):  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -164,9 +182,7 @@ def test_mosquitto_script_creates_deploys_and_watches(stack: Stack) -> None:
     common = ["-V", "mqttv311", "-h", "127.0.0.1", "-p", str(stack.root_port), "--cafile", creds["ca"], "-u", user,
               "-P", password, "-q", "1"]
     (stack.base / "sla.json").write_text(json.dumps(sla(sleeper("job", 6201), app="script")))
-    responses = subprocess.Popen(["mosquitto_sub", *common, "-t", f"oak/api/{user}/response/#", "-v", "-C", "3"],
-                                 stdout=subprocess.PIPE, text=True)
-    time.sleep(0.5)
+    responses = subscribed(["mosquitto_sub", *common, "-t", f"oak/api/{user}/response/#", "-v", "-C", "3"])
     subprocess.run(["mosquitto_pub", *common, "-t", f"oak/api/{user}/request/apps/create", "-f",
                     str(stack.base / "sla.json")], check=True, timeout=10)
     subprocess.run(["mosquitto_pub", *common, "-t", f"oak/api/{user}/request/services/deploy", "-m",
@@ -174,8 +190,7 @@ def test_mosquitto_script_creates_deploys_and_watches(stack: Stack) -> None:
                    timeout=10)
     subprocess.run(["mosquitto_pub", *common, "-t", f"oak/api/{user}/request/apps/create", "-m", "garbage"],
                    check=True, timeout=10)
-    out, _ = responses.communicate(timeout=20)
-    lines = [line.split(" ", 1) for line in out.strip().splitlines()]
+    lines = [line.split(" ", 1) for line in messages(responses, 20)]
     answers: dict[str, list[dict]] = {}
     for topic, body in lines:
         answers.setdefault("/".join(topic.split("/")[-2:]), []).append(json.loads(body))
@@ -215,13 +230,10 @@ def test_tls_by_default_plain_on_loopback_and_websockets(stack: Stack) -> None:
     assert "Oakling root CA broker" in shown.stderr, shown.stderr
     tls = ["-V", "mqttv311", "-h", "127.0.0.1", "-p", str(stack.root_port), "--cafile", ca, "-u", user,
            "-P", password, "-q", "1"]
-    answer = subprocess.Popen(["mosquitto_sub", *tls, "-t", f"oak/api/{user}/response/apps/list", "-C", "1",
-                               "-W", "10"], stdout=subprocess.PIPE, text=True)
-    time.sleep(0.5)
+    answer = subscribed(["mosquitto_sub", *tls, "-t", f"oak/api/{user}/response/apps/list", "-C", "1", "-W", "10"])
     subprocess.run(["mosquitto_pub", *tls, "-t", f"oak/api/{user}/request/apps/list", "-m", "{}"], check=True,
                    timeout=10)
-    out, _ = answer.communicate(timeout=15)
-    assert json.loads(out) == {"ok": True, "data": []}
+    assert [json.loads(line) for line in messages(answer, 15)] == [{"ok": True, "data": []}]
     wrong = subprocess.run(["mosquitto_pub", *tls[:-4], "-u", user, "-P", "wrong", "-t", "x", "-m", "x"],
                            capture_output=True, text=True, timeout=10)
     assert wrong.returncode != 0

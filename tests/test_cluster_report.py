@@ -20,6 +20,7 @@ from services.common.sla import ServiceSpec
 from services.common.store import Store
 from services.common.throttle import ReportThrottle
 from tests.fakes import FakeSession, deliver
+from tests.stack import eventually
 
 WHOLE = channels.downstream(channels.CLUSTER_DESIRED).topic()
 UPSTREAM_STATE = channels.upstream(channels.CLUSTER_STATE)
@@ -212,8 +213,8 @@ async def test_the_dispatch_never_waits_for_the_store_and_nothing_is_told_before
         await asyncio.wait_for(deliver(orch, session, delta, envelope.encode("desired.delta", change.data(), "root")),
                                1)
     assert sorted(orch.desired) == ["i0", "i1", "i2", "i3"]
-    await asyncio.sleep(0.2)  # the placement pass ran and waits for the write
-    assert sorted(orch.assigned) == ["i0", "i1", "i2", "i3"]
+    await eventually(lambda: sorted(orch.assigned) == ["i0", "i1", "i2", "i3"], 5, 0.01,
+                     what="the placement pass ran (and waits for the write)")
     out = DeltaPublisher(session, UPSTREAM_STATE, "cluster/c1")
     report = asyncio.create_task(orch.report(out))
     await asyncio.sleep(0.1)

@@ -20,6 +20,7 @@ import plugins.runtimes.process as process_module
 from plugins.runtimes.process import ProcessRuntime
 from services.common import plugins
 from services.common.plugin_api import Exit, Handle, LaunchSpec, Runtime
+from tests.stack import eventually
 
 pytestmark = pytest.mark.timeout(60)
 counter = iter(range(10_000))
@@ -72,8 +73,7 @@ async def test_start_adopt_stats_stop(started: Started) -> None:
     assert handle.iid.startswith("p")
     assert abs(handle.started_at - psutil.Process(handle.pid).create_time()) < 0.01
     assert os.getpgid(handle.pid) == handle.pid  # its own process group
-    await asyncio.sleep(0.2)
-    assert await started.rt.adopt(handle)
+    assert await started.rt.adopt(handle)  # start returns once the command runs: no wait needed
     stats = await started.rt.stats(handle)
     assert stats is not None
     assert stats.memory_mb > 0
@@ -84,6 +84,17 @@ async def test_start_adopt_stats_stop(started: Started) -> None:
     assert not await started.rt.adopt(handle)
     assert await started.rt.stats(handle) is None
     assert not psutil.pid_exists(handle.pid) or psutil.Process(handle.pid).create_time() != handle.started_at
+
+
+async def test_a_stop_right_after_start_is_a_term(started: Started) -> None:
+    """start returns once the instance can take a TERM: a stop at once (a deploy undone at once) ends it by
+    TERM, never by the KILL after the grace (the namespace's init ignores TERM until its handler is set)."""
+    for _ in range(5):
+        handle = await started.start(started.spec(["sleep", "30"]))
+        await started.rt.stop(handle, 5.0)
+        end = await asyncio.wait_for(started.rt.wait(handle), 10)
+        assert not is_signal_exit(end, signal.SIGKILL), end
+        assert is_signal_exit(end, signal.SIGTERM), end
 
 
 async def test_output_lands_in_the_log(started: Started) -> None:
@@ -109,7 +120,6 @@ async def test_exit_codes(started: Started, cmd: list[str], expected: Exit) -> N
 
 async def test_killed_by_a_signal(started: Started) -> None:
     handle = await started.start(started.spec(["sleep", "30"]))
-    await asyncio.sleep(0.2)
     os.killpg(handle.pid, signal.SIGKILL)
     end = await asyncio.wait_for(started.rt.wait(handle), 10)
     assert is_signal_exit(end, signal.SIGKILL), end
@@ -143,7 +153,6 @@ async def test_worker_environment_does_not_leak(started: Started, monkeypatch: p
 async def test_restarted_worker_adopts_and_waits(started: Started) -> None:
     """A new runtime object (the worker after a restart) adopts the instance and sees it end."""
     handle = await started.start(started.spec(["sleep", "30"]))
-    await asyncio.sleep(0.2)
     again = ProcessRuntime(str(started.tmp_path / "data"))
     assert await again.adopt(handle)
     assert await again.stats(handle) is not None
@@ -160,7 +169,6 @@ async def test_restarted_worker_adopts_and_waits(started: Started) -> None:
 async def test_reused_pid_is_not_adopted_nor_signalled(started: Started) -> None:
     """A handle whose start time does not match the process behind its PID is treated as gone."""
     handle = await started.start(started.spec(["sleep", "30"]))
-    await asyncio.sleep(0.2)
     # an old instance whose PID now belongs to another process (here: another instance)
     stale = Handle(handle.iid + "-old", "process", handle.pid, handle.started_at - 100.0)
     again = ProcessRuntime(str(started.tmp_path / "data"))
@@ -174,7 +182,7 @@ async def test_reused_pid_is_not_adopted_nor_signalled(started: Started) -> None
 
 async def test_stop_kills_what_ignores_sigterm(started: Started) -> None:
     handle = await started.start(started.spec(["sh", "-c", "trap '' TERM; sleep 30"]))
-    await asyncio.sleep(0.3)
+    await eventually(lambda: psutil.Process(handle.pid).children(), 5, 0.02, what="the trap set (sleep started)")
     loop = asyncio.get_running_loop()
     began = loop.time()
     await started.rt.stop(handle, 0.5)

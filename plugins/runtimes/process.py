@@ -9,9 +9,13 @@ no limits. With the overlay network the command also runs in the instance's netw
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import shutil
 from typing import Any
+
+import psutil
 
 from plugins.runtimes.supervised import SupervisedRuntime
 from services.common.plugin_api import LaunchSpec, hookimpl
@@ -19,6 +23,7 @@ from services.common.plugin_api import LaunchSpec, hookimpl
 log = logging.getLogger(__name__)
 NAME = "process"
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+READY_TIMEOUT = 2.0
 
 # PID 1 of the namespace: forward TERM/INT to the command, then exit with the command's status.
 INIT = (
@@ -53,6 +58,18 @@ class ProcessRuntime(SupervisedRuntime):
         enter = ["nsenter", f"--net={spec.netns}"] if spec.netns else []
         return [*enter, "unshare", "--pid", "--mount", "--uts", "--ipc", "--fork", "--mount-proc", "--",
                 "/bin/sh", "-c", INIT, "oak-init", *spec.cmd]
+
+    async def ready(self, child: asyncio.subprocess.Process) -> None:
+        """Return once the namespace's init runs the command, and so has its TERM handler: a PID 1 without
+        one ignores TERM, so a stop right after start would otherwise wait for the SIGKILL."""
+        if not self.sandboxed or shutil.which("unshare") is None:
+            return
+        with contextlib.suppress(TimeoutError, psutil.Error):
+            async with asyncio.timeout(READY_TIMEOUT):
+                # unshare (or nsenter become unshare) -> the init shell -> the command
+                while child.returncode is None and not any(
+                        p.children() for p in psutil.Process(child.pid).children()):
+                    await asyncio.sleep(0.001)
 
     def environment(self, spec: LaunchSpec) -> dict[str, str]:
         """A minimal environment plus the SLA's, with HOSTNAME=instance-<n>."""

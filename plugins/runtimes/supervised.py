@@ -140,6 +140,7 @@ class SupervisedRuntime:
             with contextlib.suppress(OSError):
                 cgroup.add(child.pid)
             await _until_execed(child)
+        await self.ready(child)
         self._children[child.pid] = child
         try:
             started = psutil.Process(child.pid).create_time()
@@ -203,6 +204,10 @@ class SupervisedRuntime:
             while self._same(handle) is not None:
                 await asyncio.sleep(0.05)
         await asyncio.to_thread(self._release, handle)
+
+    async def ready(self, child: asyncio.subprocess.Process) -> None:
+        """Return once the instance can be stopped as :meth:`terminate` stops it (a wrapper of the command
+        has set up its signal handling); called at the end of :meth:`start`. Nothing to wait for here."""
 
     @staticmethod
     def _signal_group(pid: int, sig: signal.Signals) -> None:
