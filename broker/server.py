@@ -197,8 +197,9 @@ class _Broker(IndexedRouting, BrokerStats, Broker):
 
     async def _handle_disconnect(self, client_session: Any, handler: BrokerProtocolHandler,
                                  disconnect_waiter: asyncio.Future[Any]) -> None:
-        """Kept for :meth:`_client_message_loop` to handle once the client's last messages are delivered."""
-        client_session.oak_left = (handler, disconnect_waiter)
+        """Kept (on this connection's handler) for :meth:`_client_message_loop` to handle once the client's
+        last messages are delivered."""
+        handler.oak_left = disconnect_waiter  # type: ignore[attr-defined]
 
     async def _client_message_loop(self, client_session: Any, handler: BrokerProtocolHandler) -> None:
         """amqtt's loop, then the messages the client published before it left, then its leaving (the will).
@@ -215,10 +216,18 @@ class _Broker(IndexedRouting, BrokerStats, Broker):
             received.set_result(queue.get_nowait())
             if not await self._handle_message_delivery(client_session, handler, received):
                 break
-        left = getattr(client_session, "oak_left", None)
-        if left is not None:
-            client_session.oak_left = None
-            await super()._handle_disconnect(client_session, *left)
+        left = getattr(handler, "oak_left", None)
+        if left is None:
+            return
+        handler.oak_left = None  # type: ignore[attr-defined]
+        current = self._sessions.get(client_session.client_id)
+        if current is not None and current[0] is client_session and current[1] is not handler:
+            # This connection was taken over and its session lives on with the new one: only the connection
+            # ends. Ending the session here (amqtt marks it disconnected) left the new connection deaf, and
+            # the will said offline after the client had said online again.
+            await self._stop_handler(handler)
+            return
+        await super()._handle_disconnect(client_session, handler, left)
 
     async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int], session: Any) -> None:
         subscribers = self._subscriptions.get(subscription[0], ())

@@ -19,6 +19,7 @@ from services.common.inbox import Inbox
 from services.common.mqtt import BrokerUrl, MqttError, MqttSession
 from services.common.store import Store
 from tests.fakes import received
+from tests.stack import eventually
 
 
 @pytest.fixture
@@ -221,3 +222,30 @@ async def test_a_client_that_falls_silent_is_disconnected_and_its_will_sent(cred
             assert (message.topic, message.payload) == ("oak/nodes/w1/up/avail", b'{"state":"offline"}')
             assert await reader.read() == b"", "the broker kept the connection open"
             writer.close()
+
+
+async def test_a_client_taking_its_session_back_hears_everything_and_leaves_no_will(creds: Credentials) -> None:
+    """A worker's persistent session is taken over by another connection with its client id (a clean one,
+    as a duplicate worker or a stolen login makes), and the worker, reconnecting, takes it back while that
+    connection is still open: the worker hears what is published to it afterwards (it used to stay deaf:
+    the displaced connection's end ended the shared session), and no will says it is offline."""
+    await creds.set_password("node.w1", "w1-password")
+    async with EmbeddedBroker(Listeners(port=0), creds) as b:
+        avail, desired = channels.NODE_AVAIL.topic(node="w1"), channels.NODE_DESIRED.topic(node="w1")
+        cluster = MqttSession(url(b), "cluster", "svc.cluster", creds.service_password("svc.cluster"))
+        worker = MqttSession(url(b), "node.w1", "node.w1", "w1-password", avail_topic=avail, clean_session=False)
+        async with cluster, worker:
+            await worker.subscribe_confirmed(desired)
+            await cluster.subscribe_confirmed(avail)
+            assert (await cluster.get(5)).payload == b'{"state":"online"}'
+            reader, writer = await asyncio.open_connection("127.0.0.1", b.port)
+            writer.write(connect_packet("node.w1", "node.w1", "w1-password", keepalive=60))
+            assert (await reader.readexactly(4))[3] == 0, "the second connection was not let in"
+            assert await reader.read() == b"", "the worker took its session back and closed the other"
+            writer.close()
+            await eventually(lambda: worker.connected.is_set(), 10, 0.05, what="the worker reconnected")
+            cluster.publish(desired, b"map", qos=1)
+            assert (await worker.get(5)).payload == b"map", "the worker is deaf after taking its session back"
+            seen = [await cluster.get(5) for _ in range(2)]  # the worker's will when displaced, then online
+            assert seen[-1].payload == b'{"state":"online"}'
+            assert await nothing(cluster, 1.0), "a will after the worker said online again"

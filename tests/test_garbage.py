@@ -1,9 +1,9 @@
-"""Garbage on every channel a worker or a user may publish on stops no tier (issue 15, point 1).
+"""Garbage on every channel a worker, a cluster or a user may publish on stops no tier (issue 15, point 1).
 
-As a worker (its certificate), garbage on every ``up`` channel of its own at its cluster; as the admin,
-on every API request topic. (A cluster's channels at the root are not here yet: publishing as a cluster
-means taking over its bridge's session, and a bridge displaced while it reconnects can stay deaf: the
-issue's note has the details. tests/test_poison.py sends a cluster's bad state once.)
+As a worker (its certificate), garbage on every channel the table lets a worker publish at its cluster;
+as a cluster that joined the root with a token but runs nothing (a broken or hostile one: its own
+certificate, so the real cluster's bridge session is left alone), on every channel a cluster publishes
+at the root; as the admin, on every API request topic.
 
 The corpus: not JSON, JSON of the wrong shape, envelopes with wrong kinds and null data, numbers
 where strings belong and strings where numbers belong, nesting past json's recursion limit, a lone
@@ -23,13 +23,16 @@ from typing import Any
 
 import pytest
 
+from broker import ca
+from broker.join import obtain_login
 from services.common import channels
 from services.common.mqtt import BrokerUrl, MqttSession, tls_context
 from tests.conftest import Stack, dumps, either_broker, eventually, fleet, sla, sleeper
 from tests.test_three_tiers import running
 
-# every channel a worker publishes, from the table (its topics as worker w2)
+# every channel a worker publishes, from the table (its topics as worker w2), and a cluster (as c9)
 WORKER_TOPICS = [c.topic(node="w2", verb="logs") for c in channels.CLUSTER_BROKER if c.publisher == channels.NODE]
+CLUSTER_TOPICS = [c.topic(cluster="c9", verb="logs") for c in channels.ROOT_BROKER if c.publisher == channels.CLUSTER]
 API_VERBS = ("apps/create", "apps/list", "apps/delete", "services/list", "services/inspect", "services/deploy",
              "services/scale", "services/undeploy", "services/logs", "clusters/list", "nodes/list",
              "users/create", "users/list", "tokens/create", "clusters/revoke", "nodes/revoke")
@@ -65,6 +68,13 @@ def _flood(login: list[str], topics: list[str], payloads: Path) -> None:
                        check=True, timeout=30)
 
 
+async def _join_as_cluster(stack: Stack, admin: Any, name: str) -> None:
+    """Join the root as cluster *name* with a token (a certificate of its own), running nothing."""
+    token = await admin.request("tokens", "create", {"cluster": True, "uses": 1})
+    await obtain_login(stack.base / name, BrokerUrl("127.0.0.1", stack.root_port, tls=True), "cluster", name,
+                       token["token"], timeout=30, fingerprint=token["fingerprint"], ca_key=ca.new_key())
+
+
 async def _flood_as_machine(stack: Stack, machine: str, port: int, topics: list[str]) -> None:
     """Publish the corpus on *topics* as *machine*, with its certificate, over one connection: a machine's
     client id is its own, so each connection takes its session over once (and it comes back)."""
@@ -88,6 +98,8 @@ async def test_garbage_on_every_channel_stops_no_tier(stack: Stack, api: Any, tm
     payloads.write_text("\n".join(corpus()) + "\n")
     cluster = stack.cluster_ports["c1"]
     await _flood_as_machine(stack, "w2", cluster, WORKER_TOPICS)
+    await _join_as_cluster(stack, admin, "c9")
+    await _flood_as_machine(stack, "c9", stack.root_port, CLUSTER_TOPICS)
     saved = json.loads((stack.base / "root" / "credentials.json").read_text())
     user = ["-V", "mqttv311", "-h", "127.0.0.1", "-p", str(stack.root_port), "--cafile", saved["ca"],
             "-u", saved["username"], "-P", saved["password"], "-i", f"{saved['username']}-garbage"]
