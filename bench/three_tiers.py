@@ -185,7 +185,8 @@ def main() -> None:
     p.add_argument("--idle-seconds", type=float, default=30)
     args = p.parse_args()
     asyncio.run(submit_to_running(args.rounds))
-    asyncio.run(worker_death(args.failovers))
+    if args.failovers:
+        asyncio.run(worker_death(args.failovers))
     asyncio.run(idle_footprint(args.idle_seconds))
 
 

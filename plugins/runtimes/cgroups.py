@@ -135,13 +135,18 @@ class Cgroup:
             else:
                 with contextlib.suppress(OSError):
                     (self.dirs[""] / "memory.swap.max").write_text("0")
-        if vcpus:
-            quota = max(1000, int(vcpus * CPU_PERIOD_US))
-            if self.version == 2:
-                (self.dirs[""] / "cpu.max").write_text(f"{quota} {CPU_PERIOD_US}")
-            else:
-                (self.dirs["cpu"] / "cpu.cfs_period_us").write_text(str(CPU_PERIOD_US))
-                (self.dirs["cpu"] / "cpu.cfs_quota_us").write_text(str(quota))
+        self.limit_cpu(vcpus)
+
+    def limit_cpu(self, vcpus: float) -> None:
+        """Set the group's CPU quota (vCPUs, 0 = none)."""
+        if not vcpus:
+            return
+        quota = max(1000, int(vcpus * CPU_PERIOD_US))
+        if self.version == 2:
+            (self.dirs[""] / "cpu.max").write_text(f"{quota} {CPU_PERIOD_US}")
+        else:
+            (self.dirs["cpu"] / "cpu.cfs_period_us").write_text(str(CPU_PERIOD_US))
+            (self.dirs["cpu"] / "cpu.cfs_quota_us").write_text(str(quota))
 
     def add(self, pid: int) -> None:
         """Move process *pid* into the group."""
@@ -149,10 +154,11 @@ class Cgroup:
             (path / "cgroup.procs").write_text(str(pid))
 
     def entered_by(self, command: list[str]) -> list[str]:
-        """*command*, run by a shell that first moves itself into the group, so the limits hold from the
-        command's first instruction. A ``preexec_fn`` would do the same, but it makes every start a fork of
-        the whole worker (some 10 ms of the event loop each); a shell is spawned with vfork. A group the
-        shell cannot enter ends it with status 125, saying why in the instance's log."""
+        """*command*, run by a shell that first moves itself into the group, so the group's limits hold from
+        the command's first instruction (SupervisedRuntime.start sets the CPU quota later). A ``preexec_fn``
+        would do the same, but it makes every start a fork of the whole worker (some 10 ms of the event loop
+        each); a shell is spawned with vfork. A group the shell cannot enter ends it with status 125, saying
+        why in the instance's log."""
         procs = [str(path / "cgroup.procs") for path in self.dirs.values()]
         return [*ENTERING_ARGS, str(len(procs)), *procs, *command]
 

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import shutil
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -33,6 +34,17 @@ INIT = (
     'while kill -0 "$child" 2>/dev/null; do wait "$child"; status=$?; done; '
     'exit "$status"'
 )
+
+
+def _children(pid: int) -> list[int]:
+    """The children of single-threaded process *pid*: from procfs directly (a few microseconds; psutil's
+    ``children()`` scans every process, some 2 ms, polled here every millisecond)."""
+    try:
+        return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:  # a kernel without CONFIG_PROC_CHILDREN, or the process is gone
+        return [p.pid for p in psutil.Process(pid).children()] if psutil.pid_exists(pid) else []
+    except OSError:
+        return []
 
 
 class ProcessRuntime(SupervisedRuntime):
@@ -67,8 +79,7 @@ class ProcessRuntime(SupervisedRuntime):
         with contextlib.suppress(TimeoutError, psutil.Error):
             async with asyncio.timeout(READY_TIMEOUT):
                 # unshare (or nsenter become unshare) -> the init shell -> the command
-                while child.returncode is None and not any(
-                        p.children() for p in psutil.Process(child.pid).children()):
+                while child.returncode is None and not any(_children(init) for init in _children(child.pid)):
                     await asyncio.sleep(0.001)
 
     def environment(self, spec: LaunchSpec) -> dict[str, str]:
