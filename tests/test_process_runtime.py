@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
 import pytest
 
 import plugins.runtimes.process as process_module
+from plugins.runtimes.cgroups import Cgroup
 from plugins.runtimes.process import ProcessRuntime
 from services.common import plugins
 from services.common.plugin_api import Exit, Handle, LaunchSpec, Runtime
@@ -95,6 +98,19 @@ async def test_a_stop_right_after_start_is_a_term(started: Started) -> None:
         end = await asyncio.wait_for(started.rt.wait(handle), 10)
         assert not is_signal_exit(end, signal.SIGKILL), end
         assert is_signal_exit(end, signal.SIGTERM), end
+
+
+async def test_the_cpu_quota_is_set_once_the_instance_is_ready(started: Started) -> None:
+    """The SLA's vcpus become the group's CPU quota, set once the sandbox runs the command (so the
+    runtime's own wrappers start at full speed), and set again by a runtime that adopts the instance."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("cgroups and namespaces need root and unshare")
+    handle = await started.start(replace(started.spec(["sleep", "30"]), vcpus=0.5))
+    group = Cgroup(handle.iid)
+    await eventually(lambda: group.cpu_limit() == 0.5, 5, 0.01, what="the CPU quota set")
+    group.limit_cpu(2.0)  # as a worker that ended before its instance was ready left it
+    assert await ProcessRuntime(str(started.tmp_path / "data")).adopt(handle)
+    assert group.cpu_limit() == 0.5
 
 
 async def test_output_lands_in_the_log(started: Started) -> None:

@@ -148,6 +148,18 @@ class Cgroup:
             (self.dirs["cpu"] / "cpu.cfs_period_us").write_text(str(CPU_PERIOD_US))
             (self.dirs["cpu"] / "cpu.cfs_quota_us").write_text(str(quota))
 
+    def cpu_limit(self) -> float:
+        """The group's CPU quota in vCPUs (0.0: none)."""
+        try:
+            if self.version == 2:
+                quota, period = (self.dirs[""] / "cpu.max").read_text().split()
+            else:
+                quota = (self.dirs["cpu"] / "cpu.cfs_quota_us").read_text().strip()
+                period = (self.dirs["cpu"] / "cpu.cfs_period_us").read_text().strip()
+        except (OSError, ValueError):
+            return 0.0
+        return 0.0 if quota in ("max", "-1") else int(quota) / int(period)
+
     def add(self, pid: int) -> None:
         """Move process *pid* into the group."""
         for path in self.dirs.values():

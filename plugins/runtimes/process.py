@@ -18,13 +18,12 @@ from typing import Any
 
 import psutil
 
-from plugins.runtimes.supervised import SupervisedRuntime
+from plugins.runtimes.supervised import READY_TIMEOUT, SupervisedRuntime
 from services.common.plugin_api import LaunchSpec, hookimpl
 
 log = logging.getLogger(__name__)
 NAME = "process"
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-READY_TIMEOUT = 2.0
 
 # PID 1 of the namespace: forward TERM/INT to the command, then exit with the command's status.
 INIT = (

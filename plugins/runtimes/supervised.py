@@ -25,6 +25,7 @@ from services.common.private import private_dir, private_opener
 
 log = logging.getLogger(__name__)
 POLL = 0.5
+READY_TIMEOUT = 2.0
 LOG_MAX_BYTES = 10 * 2**20
 LOG_KEEP = 3
 
@@ -79,6 +80,7 @@ class SupervisedRuntime:
     def __init__(self, data_dir: str) -> None:
         self.data_dir = Path(data_dir)
         self._children: dict[int, asyncio.subprocess.Process] = {}
+        self._settling: dict[int, asyncio.Task[None]] = {}  # started instances not yet ready (see start)
         self._probes: dict[str, psutil.Process] = {}
         self._last: dict[str, tuple[float, float]] = {}
 
@@ -119,9 +121,10 @@ class SupervisedRuntime:
         memory_mb, vcpus = self.limits(spec)
         if cgroup is not None:
             try:
-                # Memory is limited from the command's first instruction; the CPU quota once start returns
-                # (below): under a quota of a tenth of a vCPU the runtime's own wrappers (the shell that
-                # enters the group, unshare, the namespace's init) took some 200 ms to reach the command.
+                # Memory is limited from the command's first instruction; the CPU quota once the instance
+                # is ready (_settle): under a quota of a tenth of a vCPU the runtime's own wrappers (the
+                # shell entering the group, unshare, the namespace's init) took some 200 ms to reach the
+                # command.
                 cgroup.create(memory_mb, 0)
             except OSError as exc:
                 raise RuntimeError(f"cannot create the cgroup: {exc}") from None
@@ -144,19 +147,35 @@ class SupervisedRuntime:
             with contextlib.suppress(OSError):
                 cgroup.add(child.pid)
             await _until_execed(child)
-        await self.ready(child)
-        if cgroup is not None:
-            try:
-                cgroup.limit_cpu(vcpus)
-            except OSError as exc:
-                await self._abandon(child, cgroup)
-                raise RuntimeError(f"cannot set the CPU quota: {exc}") from None
+        # The instance runs (its sandbox's first process, as a container's init); what it still sets up on
+        # its way to the command is awaited apart, and the CPU quota set then: stop waits for it.
+        settling = asyncio.create_task(self._settle(child, cgroup, vcpus))
+        self._settling[child.pid] = settling
+        settling.add_done_callback(lambda _: self._settling.pop(child.pid, None))
         self._children[child.pid] = child
         try:
             started = psutil.Process(child.pid).create_time()
         except psutil.Error:
             started = 0.0
-        return Handle(spec.iid, self.name, child.pid, started, {"memory_mb": spec.memory_mb})
+        return Handle(spec.iid, self.name, child.pid, started, {"memory_mb": spec.memory_mb, "vcpus": vcpus})
+
+    async def _settle(self, child: asyncio.subprocess.Process, cgroup: Cgroup | None, vcpus: float) -> None:
+        """Wait until the instance is :meth:`ready`, then set its CPU quota."""
+        await self.ready(child)
+        if cgroup is None:
+            return
+        try:
+            cgroup.limit_cpu(vcpus)
+        except OSError as exc:
+            log.error("cannot set the CPU quota of %s (%s): stopping it", cgroup.name, exc)
+            self._signal_group(child.pid, signal.SIGKILL)
+
+    async def _settled(self, handle: Handle) -> None:
+        """Return once the instance started as *handle* is past :meth:`ready` (at once for most)."""
+        settling = self._settling.get(handle.pid)
+        if settling is not None:
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(settling), READY_TIMEOUT)
 
     @property
     def sandboxed(self) -> bool:
@@ -200,6 +219,7 @@ class SupervisedRuntime:
     async def stop(self, handle: Handle, grace: float) -> None:
         """Ask the instance to stop, kill it after *grace* seconds, and remove what it leaves."""
         if self._same(handle) is not None:
+            await self._settled(handle)  # a TERM before the instance is ready could be lost
             await self.terminate(handle)
             loop = asyncio.get_running_loop()
             deadline = loop.time() + grace
@@ -215,16 +235,11 @@ class SupervisedRuntime:
                 await asyncio.sleep(0.05)
         await asyncio.to_thread(self._release, handle)
 
-    async def _abandon(self, child: asyncio.subprocess.Process, cgroup: Cgroup) -> None:
-        """Kill a child whose start failed half-way, and remove its group."""
-        self._signal_group(child.pid, signal.SIGKILL)
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(child.wait(), 5)
-        await asyncio.to_thread(cgroup.remove)
-
     async def ready(self, child: asyncio.subprocess.Process) -> None:
         """Return once the instance can be stopped as :meth:`terminate` stops it (a wrapper of the command
-        has set up its signal handling); called at the end of :meth:`start`. Nothing to wait for here."""
+        has set up its signal handling), at most READY_TIMEOUT after :meth:`start`; until then
+        :meth:`stop` waits, and the CPU quota is not set (the wrappers start at full speed). Nothing to
+        wait for here."""
 
     @staticmethod
     def _signal_group(pid: int, sig: signal.Signals) -> None:
@@ -232,8 +247,14 @@ class SupervisedRuntime:
             os.killpg(pid, sig)
 
     async def adopt(self, handle: Handle) -> bool:
-        """True when the instance of a previous worker run still runs."""
-        return self._same(handle) is not None
+        """True when the instance of a previous worker run still runs (its CPU quota set again, in case that
+        run ended before it was)."""
+        running = self._same(handle) is not None
+        vcpus = handle.data.get("vcpus")
+        if running and vcpus and handle.pid not in self._children and self.makes_cgroup and self.sandboxed:
+            with contextlib.suppress(OSError, ValueError, TypeError):
+                Cgroup(handle.iid).limit_cpu(float(vcpus))
+        return running
 
     async def stats(self, handle: Handle) -> InstanceStats | None:
         """CPU, memory and disk I/O of the instance: from its cgroup when it has one, else (CPU and memory
