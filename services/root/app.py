@@ -30,6 +30,7 @@ from services.root.orchestrator import RootOrchestrator
 from services.root.streams import LogStreams
 
 log = logging.getLogger(__name__)
+USERS = "users"  # the users' requests' lane of the inbox: they never wait behind the clusters' messages
 CREDENTIALS_FILE = "credentials.json"
 ADMIN = "admin"
 
@@ -113,7 +114,8 @@ async def run_root(cfg: RootConfig, ready: asyncio.Event | None = None) -> None:
                         joining.publish(joined)
 
                 inbox = Inbox()
-                inbox.on(channels.API_REQUEST, lambda m: api.handle(session, m))
+                inbox.on(channels.API_REQUEST, lambda m: api.handle(session, m), lane=USERS)
+                api.waiting = lambda: inbox.backlog(USERS) + session.backlog
                 orchestrator.listen(inbox)
                 inbox.on(channels.CLUSTER_ANSWER, streams.answer)
                 inbox.on(channels.JOIN_REQUEST, join)
