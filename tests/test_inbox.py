@@ -1,11 +1,6 @@
-"""The typed inbox: decoding at the edge, bad input dropped with one line, and lanes that take turns."""
+"""The typed inbox: decoding at the edge, bad input dropped with one line naming the sender."""
 
 from __future__ import annotations
-
-import asyncio
-import time
-from collections.abc import AsyncIterator
-from typing import Any
 
 import pytest
 
@@ -14,56 +9,6 @@ from services.common.inbox import Inbox, Received
 from services.common.models import NodeInfo
 from services.common.mqtt import Message
 from tests.fakes import FakeSession
-
-
-class Feed(FakeSession):
-    """A session whose incoming messages are the ones given, then nothing."""
-
-    def __init__(self, messages: list[Message]) -> None:
-        super().__init__()
-        self.incoming: asyncio.Queue[Message] = asyncio.Queue()
-        for message in messages:
-            self.incoming.put_nowait(message)
-
-    async def subscribe_confirmed(self, *filters: str) -> None:
-        pass
-
-    async def messages(self) -> AsyncIterator[Message]:
-        while True:
-            yield await self.incoming.get()
-
-    @property
-    def backlog(self) -> int:  # type: ignore[override]
-        return self.incoming.qsize()
-
-
-async def test_a_users_request_does_not_wait_for_the_clusters_backlog() -> None:
-    """200 cluster messages of 5 ms each are queued before one user request: in a lane of its own the
-    request is handled after at most one of them, not after all 200 (one second)."""
-    handled: list[str] = []
-    answered = asyncio.Event()
-
-    async def cluster_state(state: Received[Any]) -> None:
-        time.sleep(0.005)  # handling a cluster's state holds the loop
-        handled.append("state")
-
-    async def request(request: Received[bytes]) -> None:
-        handled.append("request")
-        answered.set()
-
-    state = envelope.encode("cluster.state", {"nodes": {}, "instances": {}}, "c")
-    queued = [Message(channels.CLUSTER_STATE.topic(cluster="c1"), state, False, 1)] * 200
-    session = Feed([*queued, Message(channels.API_REQUEST.topic(user="u", resource="apps", action="list"), b"{}",
-                                     False, 1)])
-    inbox = Inbox()
-    inbox.on(channels.CLUSTER_STATE, cluster_state)
-    inbox.on(channels.API_REQUEST, request, lane="users")
-    running = asyncio.create_task(inbox.run(session))  # type: ignore[arg-type]
-    await asyncio.wait_for(answered.wait(), 5)
-    assert handled.index("request") <= 2, f"the request waited for {handled.index('request')} cluster messages"
-    running.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await running
 
 
 async def test_bad_input_is_dropped_and_a_childs_bad_retained_message_cleared(caplog: pytest.LogCaptureFixture) -> None:

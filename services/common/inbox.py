@@ -1,11 +1,7 @@
 """A service's typed inbox: the channels it reads, each with the handler that takes it.
 
 Registering a handler with its channel (:meth:`Inbox.on`) is also what subscribes to it, so the list of
-``on`` calls in an ``app.py`` is the whole of what that service hears.
-
-Messages of one *lane* are handled one at a time, in order. Lanes take turns: a service gives its users'
-requests a lane of their own (the root does), so a request waits for at most the one message of the
-other lane being handled, never for the thousands of cluster messages queued before it. Every message is decoded at the
+``on`` calls in an ``app.py`` is the whole of what that service hears. Every message is decoded at the
 edge against its channel's type before a handler sees it: one that does not decode is dropped with one
 log line naming the sender and what is wrong (a child's bad retained message is cleared too, or it would
 be read again after every restart), and the service keeps serving.
@@ -52,7 +48,6 @@ class _Route:
     topic_filter: str
     channel: Channel[Any]
     handler: Handler
-    lane: str
 
 
 class Inbox:
@@ -61,19 +56,10 @@ class Inbox:
     def __init__(self) -> None:
         self._routes: list[_Route] = []
         self._subscribed = False
-        self._lanes: dict[str, asyncio.Queue[tuple[_Route, Message]]] = {}
 
-    def on(self, channel: Channel[T], handler: Callable[[Received[T]], Awaitable[Any]], lane: str = "",
-           **names: str) -> None:
-        """Hand messages on *channel* (its placeholders narrowed to *names*, e.g. ``node="w1"``) to *handler*,
-        in *lane*."""
-        self._routes.append(_Route(channel.filter(**names), channel, handler, lane))
-        self._lanes.setdefault(lane, asyncio.Queue())
-
-    def backlog(self, lane: str) -> int:
-        """Messages of *lane* received and not handled yet."""
-        queue = self._lanes.get(lane)
-        return queue.qsize() if queue is not None else 0
+    def on(self, channel: Channel[T], handler: Callable[[Received[T]], Awaitable[Any]], **names: str) -> None:
+        """Hand messages on *channel* (its placeholders narrowed to *names*, e.g. ``node="w1"``) to *handler*."""
+        self._routes.append(_Route(channel.filter(**names), channel, handler))
 
     @property
     def filters(self) -> list[str]:
@@ -86,16 +72,11 @@ class Inbox:
             await session.subscribe_confirmed(*self.filters)
             self._subscribed = True
 
-    def _route(self, message: Message) -> _Route | None:
-        return next((r for r in self._routes if matches(r.topic_filter, message.topic)), None)
-
     async def deliver(self, session: MqttSession, message: Message) -> None:
         """Decode *message* against its channel and hand it to its handler; bad input is logged and dropped."""
-        route = self._route(message)
-        if route is not None:
-            await self._deliver(session, route, message)
-
-    async def _deliver(self, session: MqttSession, route: _Route, message: Message) -> None:
+        route = next((r for r in self._routes if matches(r.topic_filter, message.topic)), None)
+        if route is None:
+            return
         channel = route.channel
         names = channel.parse(message.topic)
         if names is None:
@@ -117,25 +98,10 @@ class Inbox:
             log.exception("failed to handle a message on %s", message.topic)
 
     async def run(self, session: MqttSession) -> None:
-        """Subscribe, then deliver every incoming message, one at a time per lane, forever."""
+        """Subscribe, then deliver every incoming message, one at a time, forever."""
         await self.subscribe(session)
-        if len(self._lanes) <= 1:
-            async for message in session.messages():
-                await self.deliver(session, message)
-            return
-        async with asyncio.TaskGroup() as lanes:
-            for queue in self._lanes.values():
-                lanes.create_task(self._drain(session, queue))
-            async for message in session.messages():
-                route = self._route(message)
-                if route is not None:
-                    self._lanes[route.lane].put_nowait((route, message))
-
-    async def _drain(self, session: MqttSession, queue: asyncio.Queue[tuple[_Route, Message]]) -> None:
-        while True:
-            route, message = await queue.get()
-            await self._deliver(session, route, message)
-            await asyncio.sleep(0)  # the other lanes' turn
+        async for message in session.messages():
+            await self.deliver(session, message)
 
 
 async def serve(session: MqttSession, inbox: Inbox, *loops: Coroutine[Any, Any, None]) -> None:

@@ -6,10 +6,10 @@ A request is published on ``oak/api/<user>/request/<resource>/<action>``; the an
 publisher is ``<user>``. A bad request changes nothing.
 
 Every request is answered exactly once: a request that fails in an unforeseen way is answered
-``internal`` (and logged), and while more than *busy_backlog* requests wait for the root, requests are
-answered ``busy`` at once, with ``retry_after`` seconds (the backlog at the recent cost per request),
-instead of waiting behind the backlog until their sender gives up. (Requests have a lane of their own in
-the root's inbox: they wait behind each other, not behind the clusters' messages.)
+``internal`` (and logged), and while more than *busy_backlog* requests wait for the root (they come on
+a connection of their own, apart from the clusters' traffic), requests are answered ``busy`` at once,
+with ``retry_after`` seconds (the backlog at the recent cost per request), instead of waiting behind the
+backlog until their sender gives up.
 """
 
 from __future__ import annotations
@@ -77,8 +77,6 @@ class Api:
                  streams: LogStreams, joining: RootJoining | None = None, busy_backlog: int = BUSY_BACKLOG) -> None:
         self.catalog = catalog
         self.busy_backlog = busy_backlog
-        # how many requests wait behind this one (the root's app counts its users' lane); None: the session's
-        self.waiting: Callable[[], int] | None = None
         self._cost = 0.001  # seconds per request, a moving average (for the busy answer's retry_after)
         self._last_busy = float("-inf")
         self.orchestrator = orchestrator
@@ -114,9 +112,8 @@ class Api:
             if isinstance(body, dict) and isinstance(body.get("transaction"), str):
                 transaction = body["transaction"]
             self._transaction = transaction
-            waiting = self.waiting() if self.waiting else session.backlog
-            if waiting > self.busy_backlog:
-                raise Busy(round(max(1.0, waiting * self._cost), 1), waiting)
+            if session.backlog > self.busy_backlog:
+                raise Busy(round(max(1.0, session.backlog * self._cost), 1), session.backlog)
             handler = self.routes.get((parsed.resource, parsed.action))
             if handler is None:
                 known = ", ".join(f"{r}/{a}" for r, a in self.routes)

@@ -30,7 +30,6 @@ from services.root.orchestrator import RootOrchestrator
 from services.root.streams import LogStreams
 
 log = logging.getLogger(__name__)
-USERS = "users"  # the users' requests' lane of the inbox: they never wait behind the clusters' messages
 CREDENTIALS_FILE = "credentials.json"
 ADMIN = "admin"
 
@@ -88,7 +87,10 @@ async def run_root(cfg: RootConfig, ready: asyncio.Event | None = None) -> None:
         async with open_broker(cfg.broker, listen, credentials, cfg.data_dir, ("root",)) as broker:
             session = MqttSession(broker.url, "root", *broker.login("root"),
                                   avail_topic=channels.ROOT_AVAIL.topic(), announce=False)
-            async with session:
+            # The users' requests come on a connection of their own, so they never queue behind the
+            # clusters' traffic (thousands of messages in one burst, in order on the other connection).
+            requests = MqttSession(broker.url, "root-api", *broker.login("root"))
+            async with session, requests:
                 network = RootNetwork(store, session)
                 await network.load()
                 orchestrator = RootOrchestrator(catalog, scheduling, session, credentials.users, network)
@@ -113,9 +115,10 @@ async def run_root(cfg: RootConfig, ready: asyncio.Event | None = None) -> None:
                     if joined:
                         joining.publish(joined)
 
+                users = Inbox()
+                users.on(channels.API_REQUEST, lambda m: api.handle(requests, m))
+                await users.subscribe(requests)
                 inbox = Inbox()
-                inbox.on(channels.API_REQUEST, lambda m: api.handle(session, m), lane=USERS)
-                api.waiting = lambda: inbox.backlog(USERS) + session.backlog
                 orchestrator.listen(inbox)
                 inbox.on(channels.CLUSTER_ANSWER, streams.answer)
                 inbox.on(channels.JOIN_REQUEST, join)
@@ -130,6 +133,6 @@ async def run_root(cfg: RootConfig, ready: asyncio.Event | None = None) -> None:
                     log.info("the fleet's CA: %s, fingerprint %s", tier.cafile, tier.fingerprint)
                 if ready:
                     ready.set()
-                await serve(session, inbox, orchestrator.run())
+                await serve(session, inbox, orchestrator.run(), users.run(requests))
     finally:
         store.close()
