@@ -41,8 +41,9 @@ class StateReport:
             if made is None or made[0] != summary:
                 made = self._nodes[name] = (summary, models.dump(summary))
             out[name] = made[1]
-        for name in self._nodes.keys() - out.keys():
-            del self._nodes[name]
+        if len(self._nodes) > len(out):
+            for name in self._nodes.keys() - out.keys():
+                del self._nodes[name]
         return out
 
     def instances(self, desired: Mapping[str, InstanceSpec], assigned: Mapping[str, str],
@@ -57,6 +58,7 @@ class StateReport:
             if made is None or made[0] != inputs:
                 made = self._instances[iid] = (inputs, models.dump(status_of(self.cluster, *inputs)))
             out[iid] = made[1]
-        for iid in self._instances.keys() - out.keys():
-            del self._instances[iid]
+        if len(self._instances) > len(out):  # instances went: forget their documents
+            for iid in self._instances.keys() - out.keys():
+                del self._instances[iid]
         return out
