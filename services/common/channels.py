@@ -71,27 +71,41 @@ class Channel(Generic[T]):
     delta: Channel[Any] | None = None  # the non-retained channel carrying this document's changes
     sections: tuple[str, ...] = ()  # a document sent as deltas: its sections (services/common/delta.py)
 
-    @property
-    def levels(self) -> tuple[str, ...]:
-        return tuple(self.pattern.split("/"))
+    @functools.cached_property
+    def levels(self) -> tuple[tuple[str, bool], ...]:
+        """The pattern's levels, each as (its text, or the placeholder's name; whether a placeholder):
+        split once, as every topic built or parsed on this channel needs them."""
+        return tuple((m.group(1), True) if (m := _PLACEHOLDER.fullmatch(level)) else (level, False)
+                     for level in self.pattern.split("/"))
 
-    @property
+    @functools.cached_property
     def names(self) -> tuple[str, ...]:
         """The placeholders of the pattern, in order."""
-        return tuple(_PLACEHOLDER.findall(self.pattern))
+        return tuple(text for text, placeholder in self.levels if placeholder)
 
-    @property
+    @functools.cached_property
     def owner(self) -> str | None:
         """The placeholder naming whose channel this is (``cluster`` in ``oak/clusters/{cluster}/up/..``)."""
         return next((name for name in self.names if name in ROLES), None)
 
     def topic(self, **names: str) -> str:
         """The topic with every placeholder filled (KeyError naming a missing one)."""
-        return "/".join(_fill(level, names, None) for level in self.levels)
+        return self._fill(names, None)
 
     def filter(self, **names: str) -> str:
         """The subscription filter: the given placeholders filled, the others ``+``."""
-        return "/".join(_fill(level, names, "+") for level in self.levels)
+        return self._fill(names, "+")
+
+    def _fill(self, names: Mapping[str, str], default: str | None) -> str:
+        out = []
+        for text, placeholder in self.levels:
+            if placeholder:
+                value = names.get(text, default)
+                if value is None:
+                    raise KeyError(f"the topic needs {text!r}")
+                text = value
+            out.append(text)
+        return "/".join(out)
 
     def parse(self, topic: str) -> dict[str, str] | None:
         """The placeholders' values when *topic* is on this channel, else None."""
@@ -99,13 +113,12 @@ class Channel(Generic[T]):
         if len(got) != len(self.levels):
             return None
         out: dict[str, str] = {}
-        for want, level in zip(self.levels, got, strict=True):
-            placeholder = _PLACEHOLDER.fullmatch(want)
+        for (text, placeholder), level in zip(self.levels, got, strict=True):
             if placeholder:
                 if not level or "+" in level or "#" in level:
                     return None
-                out[placeholder.group(1)] = level
-            elif want != level:
+                out[text] = level
+            elif text != level:
                 return None
         return out
 
@@ -118,16 +131,6 @@ class Channel(Generic[T]):
 
 def _shown(pattern: str) -> str:
     return pattern.replace("{", "<").replace("}", ">")
-
-
-def _fill(level: str, names: Mapping[str, str], default: str | None) -> str:
-    placeholder = _PLACEHOLDER.fullmatch(level)
-    if not placeholder:
-        return level
-    value = names.get(placeholder.group(1), default)
-    if value is None:
-        raise KeyError(f"the topic needs {placeholder.group(1)!r}")
-    return value
 
 
 def _whole_and_delta(pattern: str, doc: str, kind: str, publisher: str, readers: tuple[str, ...],
@@ -269,7 +272,7 @@ UPSTREAM_BASE, DOWNSTREAM_BASE = f"{BASE}/upstream", f"{BASE}/downstream"
 
 def _mirror(channel: Channel[T], base: str) -> Channel[T]:
     """*channel* as the cluster orchestrator sees it on its own broker (the bridge carries it)."""
-    tail = "/".join(channel.levels[4:])
+    tail = "/".join(channel.pattern.split("/")[4:])
     return replace(channel, pattern=f"{base}/{tail}", publisher=SERVICE, readers=(),
                    doc=f"the bridge's side of `{_shown(channel.pattern)}`",
                    delta=_mirror(channel.delta, base) if channel.delta else None)

@@ -17,7 +17,6 @@ from typing import Any, Generic, TypeVar
 
 from services.common.channels import CLUSTER, NODE, Channel
 from services.common.mqtt import Message, MqttSession
-from services.common.topics import matches
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -36,8 +35,12 @@ class Received(Generic[T]):
     @property
     def sender(self) -> str:
         """The identity the channel belongs to (``w1`` on ``oak/nodes/w1/up/info``), or ""."""
-        owner = self.channel.owner
-        return self.names.get(owner, "") if owner else ""
+        return _sender(self.channel, self.names)
+
+
+def _sender(channel: Channel[Any], names: dict[str, str]) -> str:
+    owner = channel.owner
+    return names.get(owner, "") if owner else ""
 
 
 Handler = Callable[[Received[Any]], Awaitable[Any]]
@@ -45,9 +48,20 @@ Handler = Callable[[Received[Any]], Awaitable[Any]]
 
 @dataclass(frozen=True)
 class _Route:
-    topic_filter: str
     channel: Channel[Any]
+    names: dict[str, str]  # the placeholders this route narrows the channel to
     handler: Handler
+
+    @property
+    def topic_filter(self) -> str:
+        return self.channel.filter(**self.names)
+
+    def parse(self, topic: str) -> dict[str, str] | None:
+        """The topic's placeholders when it is this route's, else None."""
+        names = self.channel.parse(topic)
+        if names is None or any(names[key] != value for key, value in self.names.items()):
+            return None
+        return names
 
 
 class Inbox:
@@ -59,7 +73,7 @@ class Inbox:
 
     def on(self, channel: Channel[T], handler: Callable[[Received[T]], Awaitable[Any]], **names: str) -> None:
         """Hand messages on *channel* (its placeholders narrowed to *names*, e.g. ``node="w1"``) to *handler*."""
-        self._routes.append(_Route(channel.filter(**names), channel, handler))
+        self._routes.append(_Route(channel, names, handler))
 
     @property
     def filters(self) -> list[str]:
@@ -74,17 +88,15 @@ class Inbox:
 
     async def deliver(self, session: MqttSession, message: Message) -> None:
         """Decode *message* against its channel and hand it to its handler; bad input is logged and dropped."""
-        route = next((r for r in self._routes if matches(r.topic_filter, message.topic)), None)
-        if route is None:
+        route, names = next(((r, n) for r in self._routes if (n := r.parse(message.topic)) is not None),
+                            (None, None))
+        if route is None or names is None:
             return
         channel = route.channel
-        names = channel.parse(message.topic)
-        if names is None:
-            return
         try:
             body = channel.decode(message.payload) if message.payload else None
         except (ValueError, RecursionError) as exc:
-            sender = names.get(channel.owner, "") if channel.owner else ""
+            sender = _sender(channel, names)
             log.warning("dropped a bad message on %s%s: %s", message.topic,
                         f" from {channel.owner} {sender}" if sender else "", str(exc)[:300] or repr(exc))
             if message.retain and channel.retained and channel.publisher in (CLUSTER, NODE):
