@@ -73,21 +73,28 @@ def _plan(cls: type) -> dict[str, tuple[Check | None, Convert | None]]:
     return plan
 
 
+def _scalar(kind: type, word: str, exclude_bool: bool = False) -> Check:
+    def check(value: Any) -> str:
+        ok = isinstance(value, kind) and not (exclude_bool and isinstance(value, bool))
+        return "" if ok else f"expected {word}, got {value!r:.40}"
+    return check
+
+
+# The scalar hints' checks, shared by the per-class plans and :func:`_mismatch`.
+_SCALAR_CHECKS: dict[Any, Check] = {
+    str: _scalar(str, "a string"),
+    int: _scalar(int, "a number", exclude_bool=True),
+    float: _scalar(int | float, "a number", exclude_bool=True),  # type: ignore[arg-type]
+    bool: _scalar(bool, "true or false"),
+    type(None): _scalar(type(None), "null"),
+}
+
+
 def _checker(hint: Any) -> Check | None:
-    """A fast check for the common scalar hints; :func:`_mismatch` for the rest."""
+    """The scalar hints' own check (fast); :func:`_mismatch` for the rest."""
     if hint is Any:
         return None
-    if hint is str:
-        return lambda value: "" if isinstance(value, str) else f"expected a string, got {value!r:.40}"
-    if hint is int:
-        return lambda value: ("" if isinstance(value, int) and not isinstance(value, bool)
-                              else f"expected a number, got {value!r:.40}")
-    if hint is float:
-        return lambda value: ("" if isinstance(value, int | float) and not isinstance(value, bool)
-                              else f"expected a number, got {value!r:.40}")
-    if hint is bool:
-        return lambda value: "" if isinstance(value, bool) else f"expected true or false, got {value!r:.40}"
-    return lambda value: _mismatch(value, hint)
+    return _SCALAR_CHECKS.get(hint) or (lambda value: _mismatch(value, hint))
 
 
 def _converter(hint: Any) -> Convert | None:
@@ -108,15 +115,9 @@ def _mismatch(value: Any, hint: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         whys = [_mismatch(value, arg) for arg in args]
         return "" if "" in whys else whys[0]
-    if hint is type(None):
-        return "" if value is None else f"expected null, got {value!r:.40}"
-    if hint is bool:
-        return "" if isinstance(value, bool) else f"expected true or false, got {value!r:.40}"
-    if hint in (int, float):
-        ok = isinstance(value, int if hint is int else int | float) and not isinstance(value, bool)
-        return "" if ok else f"expected a number, got {value!r:.40}"
-    if hint is str:
-        return "" if isinstance(value, str) else f"expected a string, got {value!r:.40}"
+    scalar = _SCALAR_CHECKS.get(hint)
+    if scalar is not None:
+        return scalar(value)
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return "" if isinstance(value, dict | hint) else f"expected an object, got {value!r:.40}"
     if origin in (list, tuple):
