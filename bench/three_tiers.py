@@ -187,7 +187,8 @@ def main() -> None:
     asyncio.run(submit_to_running(args.rounds))
     if args.failovers:
         asyncio.run(worker_death(args.failovers))
-    asyncio.run(idle_footprint(args.idle_seconds))
+    if args.idle_seconds > 0:
+        asyncio.run(idle_footprint(args.idle_seconds))
 
 
 if __name__ == "__main__":
