@@ -46,6 +46,24 @@ def _children(pid: int) -> list[int]:
         return []
 
 
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _runs_command(pid: int) -> bool:
+    """Whether unshare *pid* (or nsenter become unshare) has an init shell whose child has exec'd the
+    command. A TERM to the child between its fork and its exec is lost: it still holds the init's trap,
+    which it drops at the exec (and the init does not know the child's PID yet)."""
+    for init in _children(pid):
+        shell = _cmdline(init)
+        if any(_cmdline(command) not in (shell, b"") for command in _children(init)):
+            return True
+    return False
+
+
 class ProcessRuntime(SupervisedRuntime):
     """Runs instances as sandboxed OS processes."""
 
@@ -77,8 +95,7 @@ class ProcessRuntime(SupervisedRuntime):
             return
         with contextlib.suppress(TimeoutError, psutil.Error):
             async with asyncio.timeout(READY_TIMEOUT):
-                # unshare (or nsenter become unshare) -> the init shell -> the command
-                while child.returncode is None and not any(_children(init) for init in _children(child.pid)):
+                while child.returncode is None and not _runs_command(child.pid):
                     await asyncio.sleep(0.001)
 
     def environment(self, spec: LaunchSpec) -> dict[str, str]:
