@@ -23,7 +23,7 @@ from services.common import channels
 from services.root.api import Api
 from tests.conftest import Stack, connect, need_binary
 from tests.fakes import FakeSession, deliver_on
-from tests.stack import REPO, end
+from tests.stack import REPO, end, eventually
 
 BURST = 1000
 
@@ -171,3 +171,39 @@ async def test_a_request_nested_too_deeply_is_answered_bad_request() -> None:
     await ask(api, session, "oak/api/alice/request/services/list", deep)
     ((_, answer),) = session.published
     assert json.loads(answer)["error"] == {"code": "bad_request", "message": "the request is nested too deeply"}
+
+
+async def test_one_users_slow_request_holds_up_only_her_own_later_ones() -> None:
+    """Requests are served each user's in order and different users' side by side (issue 15): while
+    alice's deploy waits, bob's list is answered; alice's next request is answered after her first."""
+    api = Api(None, _Orchestrator(), None, None)  # type: ignore[arg-type]
+    release = asyncio.Event()
+    order: list[str] = []
+
+    async def slow(user: str, body: Any) -> Any:
+        await release.wait()
+        order.append(f"{user} deploy")
+        return "deployed"
+
+    async def quick(user: str, body: Any) -> Any:
+        order.append(f"{user} list")
+        return []
+
+    api.routes[("services", "deploy")] = slow
+    api.routes[("services", "list")] = quick
+    session = FakeSession()
+    serving = asyncio.create_task(api.run())
+    for topic in ("oak/api/alice/request/services/deploy", "oak/api/alice/request/services/list",
+                  "oak/api/bob/request/services/list"):
+        await deliver_on(channels.API_REQUEST, lambda request: api.take(session, request), session, topic,  # type: ignore[arg-type]
+                         b"{}")
+    await eventually(lambda: order == ["bob list"], 5, what="bob answered while alice's deploy waits")
+    assert [t for t, _ in session.published] == ["oak/api/bob/response/services/list"]
+    release.set()
+    await eventually(lambda: len(session.published) == 3, 5, what="alice's two answers")
+    assert order == ["bob list", "alice deploy", "alice list"]
+    assert [t for t, _ in session.published][1:] == ["oak/api/alice/response/services/deploy",
+                                                     "oak/api/alice/response/services/list"]
+    serving.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await serving

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from typing import Any
 
@@ -187,3 +188,32 @@ def test_tracked_changes_make_the_same_deltas_as_a_diff() -> None:
             receiver.delta(by_change.data())
     assert told.seq == 2, "the last step changed nothing"
     assert receiver.docs == whole
+
+
+def test_the_whole_document_as_json_reads_as_the_whole_and_reencodes_only_what_changed() -> None:
+    """The retained form is built from each entry's kept JSON text: it must read back exactly as
+    :meth:`DeltaSender.whole`, with keys and values that need escaping, after puts and drops."""
+    sender = DeltaSender(SECTIONS, epoch="e\"1")
+    sender.change({"instances": {"a": {"status": "RUNNING"}, 'q"\\é': {"status": "x\ny"}}})
+    assert json.loads(sender.whole_json()) == sender.whole()
+    kept = sender._texts["instances"]["a"][1]
+    sender.change({"instances": {"b": {"status": "CREATING"}}}, {"instances": ['q"\\é']})
+    assert json.loads(sender.whole_json()) == sender.whole() == {
+        "nodes": {}, "instances": {"a": {"status": "RUNNING"}, "b": {"status": "CREATING"}}, "epoch": "e\"1", "seq": 2}
+    assert sender._texts["instances"]["a"][1] is kept, "an unchanged entry is not encoded again"
+    assert set(sender._texts["instances"]) == {"a", "b"}, "a dropped entry's text is let go"
+    assert json.loads(DeltaSender(SECTIONS, epoch="e").whole_json()) == {"nodes": {}, "instances": {},
+                                                                        "epoch": "e", "seq": 0}
+
+
+def test_a_delta_as_json_reads_as_its_data_and_keeps_its_entries_texts_for_the_whole() -> None:
+    sender = DeltaSender(SECTIONS, epoch="e")
+    first = sender.change({"instances": {"a": {"status": "RUNNING"}, "b\\": {"status": "é"}}})
+    assert first is not None
+    assert json.loads(sender.delta_json(first)) == first.data()
+    second = sender.change({"nodes": {"w1": {"cpu": 1}}}, {"instances": ["b\\"]})
+    assert second is not None
+    assert json.loads(sender.delta_json(second)) == second.data()
+    kept = sender._texts["instances"]["a"][1]
+    assert json.loads(sender.whole_json()) == sender.whole()
+    assert sender._texts["instances"]["a"][1] is kept, "the whole reuses the text the delta made"

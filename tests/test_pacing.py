@@ -4,8 +4,9 @@ spaces it; a Trigger runs once for the asks made before it starts and once more 
 from __future__ import annotations
 
 import asyncio
+import time
 
-from services.common.throttle import ReportThrottle, Trigger
+from services.common.throttle import ReportThrottle, TimeSlices, Trigger
 
 
 def test_an_idle_tier_waits_only_for_the_cost_spacing() -> None:
@@ -54,3 +55,23 @@ async def test_a_failing_run_is_logged_and_the_trigger_goes_on() -> None:
     trigger.pull()
     await trigger.settled()
     assert len(calls) == 2
+
+
+async def test_a_long_pass_lets_the_loop_turn_once_its_slice_is_used_up() -> None:
+    """A pass that calls ``turn`` between steps lets a waiting task run within about one slice; a pass
+    still inside its slice does not yield (no cost while it is short)."""
+    ran: list[float] = []
+
+    async def other() -> None:
+        ran.append(time.perf_counter())
+
+    slices = TimeSlices(budget=0.01)
+    waiting = asyncio.get_running_loop().create_task(other())
+    await slices.turn()
+    assert not ran, "inside its slice the pass keeps the loop"
+    began = time.perf_counter()
+    while not ran:
+        time.sleep(0.001)  # one step of busy work
+        await slices.turn()
+    assert ran[0] - began < 0.05, "the waiting task ran once the slice was used up"
+    await waiting

@@ -140,7 +140,7 @@ async def test_a_service_state_is_published_with_its_rows_json_reused(tmp_path: 
     changed = next(iter(catalog.instances))
     orchestrator.clusters["c1"].statuses[changed] = InstanceStatus("RUNNING", node="c1-w0", cluster="c1")
     orchestrator.mark(service)
-    orchestrator.flush_states()
+    await orchestrator.flush_states()
     second = json.loads([p for t, p in session.published if t == topic][-1])["data"]
     assert second == orchestrator.service_state(service)
     assert [r["status"] for r in second["instances"] if r["iid"] == changed] == ["RUNNING"]
@@ -195,3 +195,22 @@ async def test_desired_maps_follow_placements_moves_and_removals(tmp_path: Path)
     await orchestrator.forget(removed)
     assert {c: set(m) for c, m in _desired_maps(session).items()} == expected()
     assert sum(len(m) for m in expected().values()) == 4
+
+
+async def test_two_users_creating_apps_at_once_get_different_service_ips(tmp_path: Path) -> None:
+    """Users' requests run side by side, and creating an app waits for its write: the catalog makes one
+    change at a time, so two apps created together never share a round-robin or closest IP."""
+    catalog = Catalog(Store(tmp_path / "root.json"))
+
+    def sla(name: str) -> str:
+        micro = [{"microserviceID": "", "microservice_name": f"s{i}", "microservice_namespace": "t",
+                  "virtualization": "process", "code": "", "cmd": ["true"], "memory": 1, "vcpus": 0.1}
+                 for i in range(3)]
+        return json.dumps({"sla_version": "v2.0", "customerID": name, "applications": [{
+            "applicationID": "", "application_name": name, "application_namespace": "t",
+            "application_desc": "", "microservices": micro}]})
+
+    await asyncio.gather(*(catalog.create_app(user, parse_sla(sla(user))[0]) for user in ("ann", "bob", "cy")))
+    ips = [ip for s in catalog.services.values() for ip in (s.rr_ip, s.closest_ip)]
+    assert len(catalog.services) == 9
+    assert len(set(ips)) == len(ips) == 18

@@ -64,6 +64,12 @@ def test_each_plugin_is_at_the_extension_points_it_implements(plugin: object, fi
         == (filters, scores, normalizes)
     profile = Profile((Weighted(plugin),))  # type: ignore[arg-type]
     assert (plugin in profile.filters, plugin in [p for p, _ in profile.scorers]) == (filters, scores)
+    assert (id(plugin) in profile.normalizers) == normalizes
+    smaller = profile.sampling(10)
+    assert smaller.sample == 10
+    assert smaller.plugins == profile.plugins
+    assert profile.sampling(10) is smaller, "made once per size, not per decision"
+    assert profile.sampling(profile.sample) is profile
 
 
 def test_a_plugin_with_neither_filter_nor_score_is_refused() -> None:

@@ -89,8 +89,8 @@ def parser() -> argparse.ArgumentParser:
     root.add_argument("--advertise", default="127.0.0.1", help="address written into credentials.json")
     for parser in (up, root):
         parser.add_argument("--busy-backlog", type=int, default=BUSY_BACKLOG,
-                            help=f"requests waiting for the root beyond which they are answered `busy` with "
-                                 f"a retry hint (default {BUSY_BACKLOG})")
+                            help=f"a user's requests waiting for the root beyond which they are answered `busy` "
+                                 f"with a retry hint (default {BUSY_BACKLOG})")
 
     cluster = sub.add_parser("cluster", help="run a cluster orchestrator, or `oak cluster list`")
     cluster.add_argument("action", nargs="?", choices=["list", "revoke"],

@@ -8,8 +8,9 @@ change itself, so the owner of such a topic publishes:
 * every change at once as a small **delta**, not retained, on ``<channel>/delta`` (the channel's ``delta``):
   ``{"epoch": e, "seq": n, "put": {section: {key: doc}}, "drop": {section: [key, ...]}}``;
 * the **whole document**, retained, on the channel itself, with ``"epoch"`` and ``"seq"`` added beside
-  the sections: first at once, then once changes have settled (``quiet`` seconds without one) and at
-  least every ``full_every`` seconds while they go on. Late subscribers (and ``mosquitto_sub``) read it.
+  the sections: first at once, then once changes have settled (``quiet`` seconds without one, up to half
+  again at random) and at least every ``full_every`` seconds while they go on. Late subscribers (and
+  ``mosquitto_sub``) read it.
 
 ``epoch`` is new for every sender (a restarted one starts another), ``seq`` counts its changes. A
 receiver applies a delta only on top of the one before it (``seq + 1``, same epoch); a later one is held
@@ -23,6 +24,8 @@ whole document, which replaces what the receiver has (a document older than what
 from __future__ import annotations
 
 import asyncio
+import json
+import random
 import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -85,6 +88,7 @@ class DeltaSender:
         self.epoch = epoch or secrets.token_hex(4)
         self.seq = 0
         self.last: Sections = {s: {} for s in sections}
+        self._texts: dict[str, dict[str, tuple[Doc, str]]] = {s: {} for s in sections}
 
     def diff(self, doc: Mapping[str, Mapping[str, Doc]]) -> Delta | None:
         """The delta from the last document to *doc* (which becomes the last), or None if nothing changed."""
@@ -129,6 +133,38 @@ class DeltaSender:
     def whole(self) -> Doc:
         """The last document, with its epoch and seq (the retained form)."""
         return {**self.last, "epoch": self.epoch, "seq": self.seq}
+
+    def whole_json(self) -> str:
+        """:meth:`whole` as JSON text, made of each entry's kept text (:meth:`text`): the whole document
+        of thousands of entries is resent every few seconds in a burst, and encoding it again held the
+        event loop for a tenth of a second."""
+        parts = []
+        for section in self.sections:
+            parts.append(self._section_json(section, self.last[section]))
+            kept = self._texts[section]
+            if len(kept) > len(self.last[section]):  # let go of the texts of entries no longer there
+                self._texts[section] = {k: kept[k] for k in self.last[section]}
+        parts.append(f'"epoch":{json.dumps(self.epoch)},"seq":{self.seq}')
+        return "{" + ",".join(parts) + "}"
+
+    def delta_json(self, delta: Delta) -> str:
+        """:meth:`Delta.data` of one of this sender's deltas as JSON text, its entries' texts kept for
+        :meth:`whole_json` (so each entry is encoded once, when it changes)."""
+        put = ",".join(self._section_json(section, docs) for section, docs in delta.change.put.items() if docs)
+        drop = ",".join(f"{json.dumps(section)}:{json.dumps(list(keys))}"
+                        for section, keys in delta.change.drop.items() if keys)
+        return f'{{"epoch":{json.dumps(delta.epoch)},"seq":{delta.seq},"put":{{{put}}},"drop":{{{drop}}}}}'
+
+    def _section_json(self, section: str, docs: Mapping[str, Doc]) -> str:
+        entries = ",".join(f"{json.dumps(key)}:{self.text(section, key, doc)}" for key, doc in docs.items())
+        return f"{json.dumps(section)}:{{{entries}}}"
+
+    def text(self, section: str, key: str, doc: Doc) -> str:
+        """The JSON text of entry *doc*, kept while *key* holds that same object."""
+        made = self._texts[section].get(key)
+        if made is None or made[0] is not doc:
+            made = self._texts[section][key] = (doc, json.dumps(doc, separators=(",", ":")))
+        return made[1]
 
 
 class DeltaReceiver:
@@ -259,7 +295,8 @@ class DeltaPublisher:
             return True
         if delta is None:
             return False
-        self.session.publish(self.delta_topic, envelope.encode(self.delta_kind, delta.data(), self.src))
+        self.session.publish(self.delta_topic,
+                             envelope.encode_json(self.delta_kind, self.sender.delta_json(delta), self.src))
         if self.clock() - self._whole_at >= self.full_every:
             self.publish_whole()
         else:
@@ -270,7 +307,8 @@ class DeltaPublisher:
         """Publish the whole document now, retained."""
         self._cancel()
         self._whole_seq, self._whole_at = self.sender.seq, self.clock()
-        self.session.publish(self.topic, envelope.encode(self.kind, self.sender.whole(), self.src), retain=True)
+        self.session.publish(self.topic, envelope.encode_json(self.kind, self.sender.whole_json(), self.src),
+                             retain=True)
 
     def close(self) -> None:
         """Stop the timer (the whole document may be behind the last delta)."""
@@ -282,7 +320,9 @@ class DeltaPublisher:
         if with_loop is None:
             self.publish_whole()  # no loop to wait on (plain calls, tests): be exact now
             return
-        self._timer = with_loop.call_later(self.quiet, self._settled)
+        # Up to half as long again, at random: the documents of ten clusters that settle together would
+        # otherwise all be sent in one turn of the event loop.
+        self._timer = with_loop.call_later(self.quiet * (1 + random.random() / 2), self._settled)
 
     def _settled(self) -> None:
         self._timer = None

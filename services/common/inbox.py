@@ -17,6 +17,7 @@ from typing import Any, Generic, TypeVar
 
 from services.common.channels import CLUSTER, NODE, Channel
 from services.common.mqtt import Message, MqttSession
+from services.common.throttle import TimeSlices
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -110,10 +111,14 @@ class Inbox:
             log.exception("failed to handle a message on %s", message.topic)
 
     async def run(self, session: MqttSession) -> None:
-        """Subscribe, then deliver every incoming message, one at a time, forever."""
+        """Subscribe, then deliver every incoming message, one at a time, forever. A backlog of messages
+        is taken in slices (:class:`TimeSlices`): waiting messages do not suspend the loop, so a burst of
+        a thousand would otherwise hold it until the last one was handled."""
         await self.subscribe(session)
+        slices = TimeSlices()
         async for message in session.messages():
             await self.deliver(session, message)
+            await slices.turn()
 
 
 async def serve(session: MqttSession, inbox: Inbox, *loops: Coroutine[Any, Any, None]) -> None:

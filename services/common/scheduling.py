@@ -74,6 +74,25 @@ class Profile:
         """The plugins at the score extension point, with their weights."""
         return tuple((w.plugin, w.weight) for w in self.plugins if isinstance(w.plugin, ScorePlugin))
 
+    @functools.cached_property
+    def normalizers(self) -> dict[int, Normalizer]:
+        """The scorers that normalise their own scores, by ``id`` (asked once, not per decision)."""
+        return {id(plugin): plugin for plugin, _ in self.scorers if isinstance(plugin, Normalizer)}
+
+    def sampling(self, sample: int) -> Profile:
+        """This profile looking at *sample* candidates; made once per size, as a burst asks for the same
+        one at every decision."""
+        if sample == self.sample:
+            return self
+        made = self._samplings.get(sample)
+        if made is None:
+            made = self._samplings[sample] = replace(self, sample=sample)
+        return made
+
+    @functools.cached_property
+    def _samplings(self) -> dict[int, Profile]:
+        return {}
+
 
 # Constraint types the framework's fit handles itself, and Oakling's plugins for the others (for the hint
 # a refused deploy gives).
@@ -132,8 +151,9 @@ def fit(demand: Demand, candidate: Candidate, level: str) -> str | None:
     return None
 
 
-def _normalized(plugin: ScorePlugin, raw: dict[str, float]) -> dict[str, float]:
-    scores = plugin.normalize(raw) if isinstance(plugin, Normalizer) else raw
+def _normalized(plugin: ScorePlugin, raw: dict[str, float], profile: Profile) -> dict[str, float]:
+    normalizer = profile.normalizers.get(id(plugin))
+    scores = normalizer.normalize(raw) if normalizer is not None else raw
     if all(MIN_SCORE <= score <= MAX_SCORE for score in scores.values()):
         return scores
     return {cid: max(MIN_SCORE, min(MAX_SCORE, score)) for cid, score in scores.items()}
@@ -175,7 +195,7 @@ def place(demand: Demand, candidates: Sequence[Candidate], profile: Profile, lev
     totals = dict.fromkeys((c.id for c in survivors), 0.0)
     for plugin, weight in profile.scorers:
         raw = {c.id: plugin.score(demand, c) for c in survivors}
-        for cid, value in _normalized(plugin, raw).items():
+        for cid, value in _normalized(plugin, raw, profile).items():
             totals[cid] += weight * value
     best = max(survivors, key=lambda c: (totals[c.id], c.id))
     return Decision(best, reasons, totals)

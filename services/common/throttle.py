@@ -3,6 +3,8 @@
 :class:`ReportThrottle` says how long to wait before the next run; :class:`Trigger` runs a piece of work
 soon after it is asked for, once for all the asks made before it starts, paced by a throttle. The root's
 reconcile pass, the cluster's placement pass and the state reports all go through these.
+:class:`TimeSlices` keeps one long pass from holding the event loop the tier shares with its broker and
+its users' requests.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
+SLICE = 0.002  # seconds a long pass runs before it lets the rest of the event loop have a turn
 
 
 @dataclass
@@ -91,3 +94,22 @@ class Trigger:
             except Exception:
                 log.exception("%s failed", self.what)
             self.pacing.ran(started, time.monotonic())
+
+
+class TimeSlices:
+    """Cuts a long pass into slices of about *budget* seconds: :meth:`turn`, called between two steps,
+    lets every other ready task of the event loop run once the slice is used up.
+
+    Counting steps instead does not bound the wait of a request that arrives meanwhile: a step's cost
+    varies a hundredfold between an idle fleet and a burst, and a request needs several turns of the
+    loop (broker in, handler, broker out) before its answer leaves."""
+
+    def __init__(self, budget: float = SLICE) -> None:
+        self.budget = budget
+        self._since = time.perf_counter()
+
+    async def turn(self) -> None:
+        """Yield to the event loop if this slice is used up."""
+        if time.perf_counter() - self._since >= self.budget:
+            await asyncio.sleep(0)
+            self._since = time.perf_counter()

@@ -80,7 +80,7 @@ def _scalar(kind: type, word: str, exclude_bool: bool = False) -> Check:
     return check
 
 
-# The scalar hints' checks, shared by the per-class plans and :func:`_mismatch`.
+# The scalar hints' checks, shared by the per-class plans and :func:`_compile`.
 _SCALAR_CHECKS: dict[Any, Check] = {
     str: _scalar(str, "a string"),
     int: _scalar(int, "a number", exclude_bool=True),
@@ -91,10 +91,8 @@ _SCALAR_CHECKS: dict[Any, Check] = {
 
 
 def _checker(hint: Any) -> Check | None:
-    """The scalar hints' own check (fast); :func:`_mismatch` for the rest."""
-    if hint is Any:
-        return None
-    return _SCALAR_CHECKS.get(hint) or (lambda value: _mismatch(value, hint))
+    """The check of a field of type *hint* (None: anything goes)."""
+    return None if hint is Any else _compiled(hint)
 
 
 def _converter(hint: Any) -> Convert | None:
@@ -107,30 +105,56 @@ def _converter(hint: Any) -> Convert | None:
     return None
 
 
-def _mismatch(value: Any, hint: Any) -> str:
-    """Why *value* (decoded JSON) is not of type *hint* ("" when it is)."""
+_COMPILED: dict[Any, Check] = {}
+
+
+def _compiled(hint: Any) -> Check:
+    """The check of *hint*, worked out once per hint: the typing introspection is done here, not per value."""
+    made = _COMPILED.get(hint)
+    if made is None:
+        made = _COMPILED[hint] = _compile(hint)
+    return made
+
+
+def _compile(hint: Any) -> Check:
     if hint is Any:
-        return ""
+        return lambda value: ""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        whys = [_mismatch(value, arg) for arg in args]
-        return "" if "" in whys else whys[0]
+        options = [_compiled(arg) for arg in args]
+
+        def either(value: Any) -> str:
+            whys = [option(value) for option in options]
+            return "" if "" in whys else whys[0]
+        return either
     scalar = _SCALAR_CHECKS.get(hint)
     if scalar is not None:
-        return scalar(value)
+        return scalar
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
-        return "" if isinstance(value, dict | hint) else f"expected an object, got {value!r:.40}"
+        nested = hint
+        return lambda value: "" if isinstance(value, dict | nested) else f"expected an object, got {value!r:.40}"
     if origin in (list, tuple):
-        if not isinstance(value, list | tuple):
-            return f"expected a list, got {value!r:.40}"
-        inner = args[0] if args else Any
-        return next((f"[{i}]: {why}" for i, item in enumerate(value) if (why := _mismatch(item, inner))), "")
+        item = _compiled(args[0] if args else Any)
+
+        def each(value: Any) -> str:
+            if not isinstance(value, list | tuple):
+                return f"expected a list, got {value!r:.40}"
+            return next((f"[{i}]: {why}" for i, x in enumerate(value) if (why := item(x))), "")
+        return each
     if origin is dict:
-        if not isinstance(value, dict):
-            return f"expected an object, got {value!r:.40}"
-        inner = args[1] if len(args) == 2 else Any
-        return next((f"[{k!r}]: {why}" for k, item in value.items() if (why := _mismatch(item, inner))), "")
-    return ""
+        entry = _compiled(args[1] if len(args) == 2 else Any)
+
+        def every(value: Any) -> str:
+            if not isinstance(value, dict):
+                return f"expected an object, got {value!r:.40}"
+            return next((f"[{k!r}]: {why}" for k, x in value.items() if (why := entry(x))), "")
+        return every
+    return lambda value: ""
+
+
+def _mismatch(value: Any, hint: Any) -> str:
+    """Why *value* (decoded JSON) is not of type *hint* ("" when it is)."""
+    return _compiled(hint)(value)
 
 
 def check(value: Any, hint: Any, what: str) -> None:

@@ -5,18 +5,25 @@ A request is published on ``oak/api/<user>/request/<resource>/<action>``; the an
 ``{"ok": false, "error": {"code": ..., "message": ...}}``. The broker has already checked that the
 publisher is ``<user>``. A bad request changes nothing.
 
+Each user's requests are served in the order they came, and different users' side by side: one user's
+deploy of a thousand replicas (or a flood of requests) never holds up another's ``services/list``.
+
 Every request is answered exactly once: a request that fails in an unforeseen way is answered
-``internal`` (and logged), and while more than *busy_backlog* requests wait for the root (they come on
-a connection of their own, apart from the clusters' traffic), requests are answered ``busy`` at once,
-with ``retry_after`` seconds (the backlog at the recent cost per request), instead of waiting behind the
-backlog until their sender gives up.
+``internal`` (and logged), and while more than *busy_backlog* requests wait for the root (those of
+the same user, and any the root has not read yet: they come on a connection of their own, apart from
+the clusters' traffic), requests are answered ``busy`` at once, with ``retry_after`` seconds (the
+backlog at the recent cost per request), instead of waiting behind the backlog until their sender
+gives up.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -83,7 +90,9 @@ class Api:
         self.credentials = credentials
         self.streams = streams
         self.joining = joining
-        self._transaction: str | None = None
+        self._taken: asyncio.Queue[tuple[MqttSession, Received[bytes]]] = asyncio.Queue()
+        self._last: dict[str, asyncio.Task[None]] = {}  # each user's latest request being served or waiting
+        self._waiting: Counter[str] = Counter()  # each user's requests taken and not yet begun
         self.routes: dict[tuple[str, str], Handler] = {
             ("apps", "create"): self.apps_create,
             ("apps", "list"): self.apps_list,
@@ -103,6 +112,35 @@ class Api:
             ("nodes", "revoke"): self.nodes_revoke,
         }
 
+    async def take(self, session: MqttSession, request: Received[bytes]) -> None:
+        """Queue a request message for :meth:`run` (the inbox's handler: it returns at once)."""
+        self._waiting[request.names["user"]] += 1
+        self._taken.put_nowait((session, request))
+
+    async def run(self) -> None:
+        """Serve the requests :meth:`take` queued, each user's after the one before it, until cancelled."""
+        async with asyncio.TaskGroup() as tasks:
+            while True:
+                session, request = await self._taken.get()
+                user = request.names["user"]
+                task = tasks.create_task(self._after(self._last.get(user), session, request))
+                self._last[user] = task
+                task.add_done_callback(functools.partial(self._served, user))
+
+    def _served(self, user: str, task: asyncio.Task[None]) -> None:
+        if self._last.get(user) is task:
+            del self._last[user]
+
+    async def _after(self, previous: asyncio.Task[None] | None, session: MqttSession,
+                     request: Received[bytes]) -> None:
+        if previous is not None:
+            await asyncio.wait((previous,))
+        user = request.names["user"]
+        self._waiting[user] -= 1
+        if not self._waiting[user]:
+            del self._waiting[user]
+        await self.handle(session, request)
+
     async def handle(self, session: MqttSession, request: Received[bytes]) -> None:
         """Answer one request message."""
         parsed = Request(**request.names)
@@ -111,9 +149,9 @@ class Api:
             body = self._body(request.message.payload)
             if isinstance(body, dict) and isinstance(body.get("transaction"), str):
                 transaction = body["transaction"]
-            self._transaction = transaction
-            if session.backlog > self.busy_backlog:
-                raise Busy(round(max(1.0, session.backlog * self._cost), 1), session.backlog)
+            backlog = session.backlog + self._waiting[parsed.user]
+            if backlog > self.busy_backlog:
+                raise Busy(round(max(1.0, backlog * self._cost), 1), backlog)
             handler = self.routes.get((parsed.resource, parsed.action))
             if handler is None:
                 known = ", ".join(f"{r}/{a}" for r, a in self.routes)
@@ -141,7 +179,6 @@ class Api:
         if not answer["ok"] and not busy:
             log.info("%s %s/%s refused: %s", parsed.user, parsed.resource, parsed.action, answer["error"]["message"])
         session.send(channels.API_RESPONSE, answer, user=parsed.user, resource=parsed.resource, action=parsed.action)
-        self.orchestrator.flush_states()
 
     def _note_overload(self, busy: bool, answer: dict[str, Any]) -> None:
         """Log an overload once, when it begins (after OVERLOAD_QUIET seconds without a busy answer)."""
@@ -304,7 +341,8 @@ class Api:
         placed = {i.iid: (i.number, i.cluster) for i in chosen if i.cluster}
         if not placed:
             raise ApiError("not_running", f"{service.job_name} has no instance on a cluster")
-        stream = self.streams.open(user, self._transaction, placed, 100 if tail is None else tail, float(follow))
+        transaction = body.get("transaction") if isinstance(body.get("transaction"), str) else None
+        stream = self.streams.open(user, transaction, placed, 100 if tail is None else tail, float(follow))
         return {"stream": stream, "instances": sorted(n for n, _ in placed.values())}
 
     # ---- infrastructure ----------------------------------------------------------------------

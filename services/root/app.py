@@ -49,7 +49,7 @@ class RootConfig:
     plain_port: int = 0
     open_join: bool = False  # clusters may join without a token
     cert_days: float = ca.CERT_DAYS  # how long the clusters' certificates last
-    busy_backlog: int = BUSY_BACKLOG  # messages waiting beyond which requests are answered "busy"
+    busy_backlog: int = BUSY_BACKLOG  # a user's requests waiting beyond which they are answered "busy"
 
 
 async def ensure_admin(cfg: RootConfig, credentials: Credentials, url: BrokerUrl, cafile: Path | None) -> None:
@@ -116,7 +116,7 @@ async def run_root(cfg: RootConfig, ready: asyncio.Event | None = None) -> None:
                         joining.publish(joined)
 
                 users = Inbox()
-                users.on(channels.API_REQUEST, lambda m: api.handle(requests, m))
+                users.on(channels.API_REQUEST, lambda m: api.take(requests, m))
                 await users.subscribe(requests)
                 inbox = Inbox()
                 orchestrator.listen(inbox)
@@ -133,6 +133,6 @@ async def run_root(cfg: RootConfig, ready: asyncio.Event | None = None) -> None:
                     log.info("the fleet's CA: %s, fingerprint %s", tier.cafile, tier.fingerprint)
                 if ready:
                     ready.set()
-                await serve(session, inbox, orchestrator.run(), users.run(requests))
+                await serve(session, inbox, orchestrator.run(), users.run(requests), api.run())
     finally:
         store.close()

@@ -1,6 +1,7 @@
 """The root's durable records: applications, services and their instances, per user.
 
-Everything here is in memory and written through to TinyDB before a change is acknowledged.
+Everything here is in memory and written through to TinyDB before a change is acknowledged; changes
+are made one at a time (each sees what the one before it wrote), whichever user or pass asks.
 Service ids and instance ids are short random hex strings, unique across users; a service's job name
 (``app.appns.svc.svcns``) is unique per user only, so two users may use the same names. Each service
 gets its round-robin and closest IPs when created; they are free again once it is deleted.
@@ -8,6 +9,7 @@ gets its round-robin and closest IPs when created; they are free again once it i
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import secrets
 from dataclasses import dataclass, replace
@@ -100,6 +102,7 @@ class Catalog:
         self.services: dict[str, Service] = {}
         self.instances: dict[str, Instance] = {}
         self.known_clusters: set[str] = set()
+        self._changing = asyncio.Lock()
 
     async def load(self) -> None:
         """Read every record from the store."""
@@ -141,6 +144,10 @@ class Catalog:
 
     async def create_app(self, owner: str, spec: AppSpec) -> App:
         """Create an application and its services (not deployed yet)."""
+        async with self._changing:
+            return await self._create_app(owner, spec)
+
+    async def _create_app(self, owner: str, spec: AppSpec) -> App:
         if any(a.name == spec.name and a.namespace == spec.namespace for a in self.apps_of(owner)):
             raise Conflict(f"application {spec.name}.{spec.namespace} exists already")
         app_id = new_id()
@@ -162,6 +169,10 @@ class Catalog:
 
     async def delete_app(self, app: App) -> list[Service]:
         """Delete an application, its services and their instances; return the services deleted."""
+        async with self._changing:
+            return await self._delete_app(app)
+
+    async def _delete_app(self, app: App) -> list[Service]:
         gone = [self.services[sid] for sid in app.services if sid in self.services]
         iids = tuple(i.iid for s in gone for i in self.instances_of(s.sid))
         await self.store.put_many(INSTANCES, {}, iids)
@@ -176,6 +187,10 @@ class Catalog:
 
     async def set_replicas(self, service: Service, replicas: int) -> tuple[list[Instance], list[Instance]]:
         """Add or remove (highest numbers first) instances to reach *replicas*; return (added, removed)."""
+        async with self._changing:
+            return await self._set_replicas(self.services.get(service.sid, service), replicas)
+
+    async def _set_replicas(self, service: Service, replicas: int) -> tuple[list[Instance], list[Instance]]:
         current = self.instances_of(service.sid)
         added = [
             Instance(new_id(), service.sid, service.next_number + k)
@@ -187,10 +202,12 @@ class Catalog:
 
     async def remove_instance(self, service: Service, number: int) -> Instance:
         """Remove the instance *number* of *service*."""
-        for instance in self.instances_of(service.sid):
-            if instance.number == number:
-                await self._commit(service, service.replicas - 1, [], [instance])
-                return instance
+        async with self._changing:
+            service = self.services.get(service.sid, service)
+            for instance in self.instances_of(service.sid):
+                if instance.number == number:
+                    await self._commit(service, service.replicas - 1, [], [instance])
+                    return instance
         raise NotFound(f"service {service.job_name} has no instance {number}")
 
     async def _commit(self, service: Service, replicas: int, added: list[Instance], removed: list[Instance]) -> None:
@@ -208,6 +225,10 @@ class Catalog:
         """Record the cluster of each instance in *changes* (``''`` = unplaced)."""
         if not changes:
             return
+        async with self._changing:
+            await self._assign(changes)
+
+    async def _assign(self, changes: dict[str, str]) -> None:
         updated = {iid: replace(self.instances[iid], cluster=c) for iid, c in changes.items() if iid in self.instances}
         await self.store.put_many(INSTANCES, {iid: models.dump(i) for iid, i in updated.items()})
         self.instances.update({iid: i for iid, i in updated.items() if iid in self.instances})

@@ -122,7 +122,7 @@ def choose(demand: Demand, clusters: list[ClusterView], reserved: dict[str, dict
     pools = {} if pools is None else pools
     # Each cluster's best worker is sought among a share of the profile's sample, so one decision looks
     # at about as many workers with 10 clusters as with one.
-    inner_profile = replace(profile, sample=max(MIN_CLUSTER_SAMPLE, profile.sample // max(1, len(clusters))))
+    inner_profile = profile.sampling(max(MIN_CLUSTER_SAMPLE, profile.sample // max(1, len(clusters))))
     reasons: dict[str, str] = {}
     stand_ins: dict[str, tuple[Candidate, str]] = {}
     for view in clusters:

@@ -27,7 +27,7 @@ from services.common.models import ClusterInfo, InstanceSpec, InstanceStatus, No
 from services.common.mqtt import MqttSession
 from services.common.retained import LastSent
 from services.common.scheduling import Profile
-from services.common.throttle import ReportThrottle, Trigger
+from services.common.throttle import ReportThrottle, TimeSlices, Trigger
 from services.root.catalog import Catalog, Instance, Service
 from services.root.clusters import STARTUP_GRACE, ClusterView
 from services.root.network import RootNetwork, overlay_routes
@@ -37,10 +37,10 @@ from services.root.views import ServiceStates, cluster_rows, node_rows
 log = logging.getLogger(__name__)
 TICK = 0.5
 INFRASTRUCTURE_EVERY = 4  # ticks: the users' infrastructure view is refreshed at most every 2 s
-YIELD_EVERY = 200  # placement decisions between two turns of the event loop during a pass
 # The whole desired map (megabytes with 10,000 instances, decoded by the cluster) follows the deltas
 # once placements pause this long, and at least this often while they go on.
 DESIRED_QUIET, DESIRED_FULL_EVERY = 2.0, 30.0
+PASS_SHARE = 3.0  # a kicked pass starts at least this many times its last one's cost after that one began
 
 
 class RootOrchestrator:
@@ -63,8 +63,9 @@ class RootOrchestrator:
         self._published_state = LastSent()  # each service's state, by service id
         self._dirty: set[str] = set()
         self._reconciling = asyncio.Lock()
-        # at once (after the request that asked is answered): placing is the root's cheap, rare work
-        self._kicks = Trigger(lambda: self.reconcile(), ReportThrottle(0.0, factor=0.0, coalesce=0.0),
+        # At once on an idle root (after the request that asked is answered); in a burst, where a pass
+        # costs tens of milliseconds, at most a third of the event loop, which the users' requests share.
+        self._kicks = Trigger(lambda: self.reconcile(), ReportThrottle(0.0, factor=PASS_SHARE, coalesce=0.0),
                               "a reconcile pass")
 
     def listen(self, inbox: Inbox) -> None:
@@ -184,7 +185,8 @@ class RootOrchestrator:
         changes = {iid: "" for moving in moves.values() for iid in moving}
         decisions = self.placement.decisions(self.catalog.instances, self.catalog.services, self.clusters,
                                              set(changes))
-        for count, decided in enumerate(decisions, 1):
+        slices = TimeSlices()  # the root keeps answering during a big burst
+        for decided in decisions:
             instance = self.catalog.instances[decided.iid]
             service = self.catalog.services[instance.sid]
             if decided.cluster and decided.cluster != changes.get(decided.iid, instance.cluster):
@@ -194,14 +196,17 @@ class RootOrchestrator:
             elif decided.news:
                 log.warning("cannot place %s (%s): %s", instance.iid, service.job_name, decided.reason)
                 self._dirty.add(instance.sid)
-            if count % YIELD_EVERY == 0:
-                await asyncio.sleep(0)  # the root keeps answering during a big burst
+            await slices.turn()
+        await self._commit(changes)
+        await self.flush_states()
+
+    async def _commit(self, changes: dict[str, str]) -> None:
+        """Record *changes* (instance -> cluster) on disk, then tell the clusters concerned."""
         changes = {iid: c for iid, c in changes.items() if iid in self.catalog.instances}
         if changes:
             before = {iid: self.catalog.instances[iid].cluster for iid in changes}
             await self.catalog.assign(changes)
             self._tell_clusters(before, changes)
-        self.flush_states()
 
     def _tell_clusters(self, before: dict[str, str], after: dict[str, str]) -> None:
         """Send each cluster the change of its desired map: the instances it lost and got, nothing else
@@ -260,8 +265,9 @@ class RootOrchestrator:
         """A service as its owner sees it: spec summary, overall status, every instance."""
         return self.views.state(service, self.catalog.instances_of(service.sid))
 
-    def flush_states(self) -> None:
-        """Republish the retained state of every service that changed."""
+    async def flush_states(self) -> None:
+        """Republish the retained state of every service that changed (a thousand rows each, at most: the
+        event loop gets a turn between services)."""
         dirty, self._dirty = self._dirty, set()
         if self.network and (self._net_dirty or dirty):
             self._net_dirty = False
@@ -273,7 +279,9 @@ class RootOrchestrator:
             mine = by_service.get(instance.sid)
             if mine is not None:
                 mine.append(instance)
+        slices = TimeSlices()
         for sid in dirty:
+            await slices.turn()
             service = self.catalog.services.get(sid)
             if service is None:
                 continue
@@ -283,18 +291,22 @@ class RootOrchestrator:
                                   job=service.job_name)
 
     def mark(self, service: Service) -> None:
-        """Note that *service* changed, so its state is republished."""
+        """Note that *service* changed, so its state is republished (by the pass this kicks, after the
+        request that changed it is answered)."""
         self._dirty.add(service.sid)
+        self.kick()
 
     def clear_state(self, service: Service) -> None:
         """Remove a deleted service's retained state."""
         self._published_state.forget(service.sid)
         self.session.send(channels.API_SERVICE_STATE, b"", user=service.owner, job=service.job_name)
 
-    def publish_infrastructure(self) -> None:
+    async def publish_infrastructure(self) -> None:
         """Republish, for every user, the retained clusters-and-workers view when it changed."""
         clusters = cluster_rows(self.clusters.values())
+        slices = TimeSlices()
         for user in self.users():
+            await slices.turn()
             data = {"clusters": clusters, "nodes": node_rows(self.clusters.values(), user)}
             if self._infrastructure.fresh(user, json.dumps(data, sort_keys=True)):
                 self.session.send(channels.API_INFRASTRUCTURE, data, "root", user=user)
@@ -308,7 +320,7 @@ class RootOrchestrator:
                 await self.reconcile()
                 ticks += 1
                 if ticks % INFRASTRUCTURE_EVERY == 0:
-                    self.publish_infrastructure()
+                    await self.publish_infrastructure()
         finally:
             self._kicks.cancel()
             for out in self._desired_out.values():
