@@ -9,6 +9,7 @@ are online (a rollout): a thousand workers joining in the same second overwhelm 
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ class Fleet:
     victims: int
     report_interval: float = 5.0
     broker: str = "embedded"  # the root's and clusters' --broker
+    root_cpus: frozenset[int] = frozenset()  # CPUs for the root alone (the rest for everything else); none: shared
     stack: Stack = field(init=False)
     sims: list[Proc] = field(default_factory=list)
     victim_sims: list[Proc] = field(default_factory=list)
@@ -51,10 +53,20 @@ class Fleet:
         return [f"c{i + 1:02d}" for i in range(self.clusters)]
 
     def start(self) -> None:
-        """Start the root and the clusters."""
-        self.stack.root("--broker", self.broker)
+        """Start the root and the clusters (and with *root_cpus*, give the root those CPUs and this process,
+        whose children the clusters and workers are, the others)."""
+        root = self.stack.root("--broker", self.broker)
+        if self.root_cpus:
+            assert root.popen is not None
+            self.pin_to_root_cpus(root.popen.pid)
+            os.sched_setaffinity(0, os.sched_getaffinity(0) - self.root_cpus)
         for name in self.cluster_names:
             self.stack.cluster(name, "--broker", self.broker)
+
+    def pin_to_root_cpus(self, pid: int) -> None:
+        """Run process *pid* (started before it made threads) on the root's CPUs, if it has its own."""
+        if self.root_cpus:
+            os.sched_setaffinity(pid, self.root_cpus)
 
     def plan(self) -> list[tuple[str, str, int]]:
         """The ``oak sim`` processes to start: (cluster, worker-name prefix, workers), victims first."""

@@ -7,13 +7,16 @@ For each size, in order:
 * place: 10,000 instances (10 services x 1,000 replicas) deployed at once; per instance the time from
   the deploy request until the root's retained state shows it on a worker (placed) and RUNNING, with
   CPU and peak RSS over the whole burst; meanwhile another user (``lane``, with one small service of
-  her own) asks ``services/list`` every 50 ms, and the time to each answer is the *user lane* (issue
-  15: user requests never queue behind cluster traffic; under 100 ms at p99);
+  her own) asks ``services/list`` every 50 ms from a process of her own (bench/lane.py), and the time to
+  each answer is the *user lane* (issue 15: user requests never queue behind cluster traffic; under
+  100 ms at p99);
 * loaded idle: the same window with every instance running;
 * failure: ``kill -9`` of up to 100 workers at once (half the fleet when it is smaller); time until
   every instance they held is placed elsewhere (detected and rescheduled) and RUNNING again.
 
-Only the workloads are simulated; root, clusters, brokers, bridges and worker agents are real.
+Only the workloads are simulated; root, clusters, brokers, bridges and worker agents are real. They all
+share this machine's CPUs, which a burst keeps busy; ``--root-cpus 0`` gives the root (and the user
+lane) a CPU of its own, as when the root runs on its own machine, to time the root alone.
 Run: ``.venv/bin/python -m bench.scale [--workers 10,100,1000] [--clusters 1,10] [--instances 10000]``
 """
 
@@ -36,7 +39,7 @@ from bench.common import percentile, record
 from bench.fleet import Fleet, sample, window
 from services.cli.client import CliError, OakClient, Profile, decode_state
 from services.common import channels
-from tests.stack import eventually
+from tests.stack import REPO, eventually
 
 REPLICAS = 1000  # the most one service may have
 LIVE: list[Fleet] = []  # stopped by main() whatever happens
@@ -122,21 +125,29 @@ async def lane_user(client: OakClient, admin: Profile) -> Profile:
     return profile
 
 
-async def user_lane(profile: Profile, answered: list[float], busy: list[int], stop: asyncio.Event) -> None:
-    """Ask ``services/list`` every 50 ms on a session of its own until *stop*; note each answer's time
-    (seconds) in *answered*, and count ``busy`` answers in *busy*."""
-    async with OakClient(profile) as other:
-        while not stop.is_set():
-            began = time.perf_counter()
-            try:
-                await other.request("services", "list")
-            except CliError as exc:
-                if "busy" in str(exc):
-                    busy.append(1)
-            else:
-                answered.append(time.perf_counter() - began)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 0.05)
+async def user_lane(profile: Profile, fleet: Fleet) -> asyncio.subprocess.Process:
+    """Start the user lane (bench/lane.py) in a process of its own, beside the root when it has CPUs of
+    its own (a user's client is not on the fleet's machines either); return once it has connected."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.lane", str(profile.root), profile.username, profile.password,
+        *([str(profile.ca)] if profile.ca else []), cwd=REPO,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    fleet.pin_to_root_cpus(proc.pid)
+    assert proc.stderr is not None
+    ready = await asyncio.wait_for(proc.stderr.readline(), 30)
+    if ready.strip() != b"ready":
+        raise CliError(f"the user lane did not start: {ready.decode(errors='replace')}")
+    return proc
+
+
+async def lane_answers(proc: asyncio.subprocess.Process) -> dict[str, Any]:
+    """Stop the user lane; its answers' times (seconds) and how many were busy."""
+    assert proc.stdin is not None
+    proc.stdin.close()
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    if proc.returncode:
+        raise CliError(f"the user lane failed: {err.decode(errors='replace')[-500:]}")
+    return dict(json.loads(out))
 
 
 async def place(fleet: Fleet, client: OakClient, tracker: Tracker, instances: int, timeout: float) -> dict[str, Any]:
@@ -147,10 +158,7 @@ async def place(fleet: Fleet, client: OakClient, tracker: Tracker, instances: in
     await client.session.subscribe_confirmed(
         *(channels.API_SERVICE_STATE.topic(user=client.profile.username, job=job(i)) for i in range(services)))
     tracker.reset()
-    answered: list[float] = []
-    busy: list[int] = []
-    stop = asyncio.Event()
-    lane = asyncio.create_task(user_lane(await lane_user(client, fleet.stack.profile()), answered, busy, stop))
+    lane = await user_lane(await lane_user(client, fleet.stack.profile()), fleet)
     before, peak = sample(fleet), dict[str, float]()
     t0 = time.monotonic()
     late = 0
@@ -166,8 +174,8 @@ async def place(fleet: Fleet, client: OakClient, tracker: Tracker, instances: in
         now = sample(fleet)
         peak = {n: max(peak.get(n, 0.0), r) for n, r in now.rss_mb.items()}
     done = time.monotonic() - t0
-    stop.set()
-    await lane
+    asked = await lane_answers(lane)
+    answered = asked["answered"]
     usage = window(before, sample(fleet))
     for name, row in usage.items():
         row["peak_rss_mb"] = round(peak.get(name, row["rss_mb"]), 1)
@@ -179,7 +187,7 @@ async def place(fleet: Fleet, client: OakClient, tracker: Tracker, instances: in
             "state_updates": tracker.updates, "usage": usage,
             "user_lane_ms": {k: round(percentile(answered, q) * 1000, 1)
                              for k, q in (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))}
-            | {"answers": len(answered), "busy": len(busy)}}
+            | {"answers": len(answered), "busy": asked["busy"]}}
 
 
 async def offline_times(fleet: Fleet, client: OakClient, t0: float, timeout: float) -> list[float]:
@@ -222,7 +230,8 @@ async def run_case(workers: int, clusters: int, args: argparse.Namespace) -> dic
     result: dict[str, Any] = {"workers": workers, "clusters": clusters}
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp) if not args.keep else Path(args.keep) / f"{args.name}-{workers}x{clusters}"
-        fleet = Fleet(base, workers, clusters, min(args.fail, workers // 2), args.report_interval, args.broker)
+        fleet = Fleet(base, workers, clusters, min(args.fail, workers // 2), args.report_interval, args.broker,
+                      frozenset(int(c) for c in args.root_cpus.split(",") if c))
         LIVE.append(fleet)
         try:
             t0 = time.monotonic()
@@ -271,6 +280,9 @@ def main() -> None:
     p.add_argument("--name", default="scale", help="results file bench/results/NAME.json")
     p.add_argument("--keep", default="", metavar="DIR", help="keep the processes' logs and data under DIR")
     p.add_argument("--broker", default="embedded", help="the control plane's broker: embedded or mosquitto")
+    p.add_argument("--root-cpus", default="", metavar="N,...",
+                   help="CPUs for the root (and the user lane) alone, as on a machine of its own; the clusters, "
+                        "the simulated workers and the benchmark share the others (default: all share all)")
     args = p.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     cases = []

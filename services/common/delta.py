@@ -289,6 +289,11 @@ class DeltaPublisher:
         was published."""
         return self._send(self.sender.change(put, drop))
 
+    def encode(self, section: str, key: str, doc: Doc) -> None:
+        """Encode an entry about to be put (:meth:`change`) ahead of it, so that a caller putting thousands
+        can spread the cost between turns of the event loop."""
+        self.sender.text(section, key, doc)
+
     def _send(self, delta: Delta | None) -> bool:
         if self._whole_seq is None:
             self.publish_whole()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 from dataclasses import dataclass
@@ -131,6 +132,9 @@ async def run_root(cfg: RootConfig, ready: asyncio.Event | None = None) -> None:
                 log.info("root serving on %s (scheduling: %s)", public, ", ".join(scheduling.names))
                 if tier:
                     log.info("the fleet's CA: %s, fingerprint %s", tier.cafile, tier.fingerprint)
+                # What start-up loaded (modules, the catalog) lives as long as the root: the collector no
+                # longer walks it in every full collection (a tenth of a second at 10,000 instances).
+                gc.freeze()
                 if ready:
                     ready.set()
                 await serve(session, inbox, orchestrator.run(), users.run(requests), api.run())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import secrets
 from dataclasses import dataclass, replace
 from typing import Any
@@ -20,8 +21,10 @@ from services.common.models import InstanceSpec
 from services.common.plugin_api import Demand
 from services.common.sla import AppSpec, ServiceSpec
 from services.common.store import Store
+from services.common.throttle import TimeSlices
 
 APPS, SERVICES, INSTANCES, CLUSTERS = "apps", "services", "instances", "clusters"
+WRITE_CHUNK = 250  # instance records handed to the store at a time when thousands change at once
 
 
 class NotFound(LookupError):
@@ -229,8 +232,17 @@ class Catalog:
             await self._assign(changes)
 
     async def _assign(self, changes: dict[str, str]) -> None:
-        updated = {iid: replace(self.instances[iid], cluster=c) for iid, c in changes.items() if iid in self.instances}
-        await self.store.put_many(INSTANCES, {iid: models.dump(i) for iid, i in updated.items()})
+        updated: dict[str, Instance] = {}
+        slices = TimeSlices()  # a pass may place thousands: their records are made between turns of the loop
+        for iid, cluster in changes.items():
+            if iid in self.instances:
+                updated[iid] = replace(self.instances[iid], cluster=cluster)
+                await slices.turn()
+        records = iter(updated.items())
+        while chunk := dict(itertools.islice(records, WRITE_CHUNK)):
+            self.store.apply(INSTANCES, {iid: models.dump(i) for iid, i in chunk.items()})
+            await slices.turn()
+        await self.store.sync()
         self.instances.update({iid: i for iid, i in updated.items() if iid in self.instances})
         new_clusters = {c for c in changes.values() if c and c not in self.known_clusters}
         if new_clusters:
