@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
-SLICE = 0.002  # seconds a long pass runs before it lets the rest of the event loop have a turn
+SLICE = 0.001  # seconds a long pass runs before it lets the rest of the event loop have a turn
 
 
 @dataclass

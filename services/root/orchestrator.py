@@ -120,20 +120,26 @@ class RootOrchestrator:
         change = take(receiver)
         if not change:
             return
-        self._take_state(view, receiver, change)
+        await self._take_state(view, receiver, change)
         if self.network:
             await self.network.grant([view])
         self.kick()
 
-    def _take_state(self, view: ClusterView, receiver: DeltaReceiver, change: Change) -> None:
-        """Update *view* with what changed in its cluster's state (only the changed documents are read)."""
+    async def _take_state(self, view: ClusterView, receiver: DeltaReceiver, change: Change) -> None:
+        """Update *view* with what changed in its cluster's state (only the changed documents are read).
+        The statuses are typed between turns of the event loop (a cluster's whole state holds thousands),
+        then taken in at once."""
         nodes, statuses = change.put.get("nodes", {}), change.put.get("instances", {})
+        fresh: dict[str, InstanceStatus] = {}
+        slices = TimeSlices()
+        for iid, status in statuses.items():
+            fresh[iid] = models.load(InstanceStatus, status)
+            await slices.turn()
         for name in change.drop.get("nodes", ()):
             view.nodes.pop(name, None)
         view.nodes.update({n: models.load(NodeSummary, s) for n, s in nodes.items()})
         for iid in change.drop.get("instances", ()):
             view.statuses.pop(iid, None)
-        fresh = models.load_statuses(statuses)
         view.statuses.update(fresh)
         if "overlay" in change.put or "overlay" in change.drop:
             view.overlay = overlay_routes(view.name, receiver.docs["overlay"])
