@@ -1,4 +1,5 @@
-"""The amqtt plugins that make an embedded broker Oakling's: authentication and topic rules."""
+"""What makes an embedded amqtt broker Oakling's: the authentication plugin, and the topic rule the broker
+asks directly for every publish, subscribe and delivery (:func:`permitted`, see :mod:`broker.server`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from amqtt.contexts import Action
-from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
+from amqtt.plugins.base import BaseAuthPlugin
 from amqtt.session import Session
 
 from broker import acl
@@ -101,22 +102,6 @@ class OakAuthPlugin(BaseAuthPlugin):
             return WRONG_PASSWORD, None
         guard.succeeded(source, name)
         return "", identity
-
-
-class OakTopicPlugin(BaseTopicPlugin):
-    """Applies :mod:`broker.acl` to every publish, subscribe and delivery."""
-
-    @dataclass
-    class Config:
-        """No options: the rules follow from the identity in the username."""
-
-    async def topic_filtering(
-        self, *, session: Session | None = None, topic: str | None = None, action: Action | None = None
-    ) -> bool | None:
-        """Allow or deny *action* on *topic* for the session's identity."""
-        if session is None or topic is None or action is None:
-            return False
-        return permitted(session, topic, ACTIONS[action])
 
 
 def permitted(session: Session, topic: str, action: str) -> bool:

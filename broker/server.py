@@ -187,11 +187,11 @@ class _Broker(IndexedRouting, BrokerStats, Broker):
         return bool(getattr(session, "oak_admitted", False))
 
     def may_receive(self, session: Any, topic: str) -> bool | None:
-        """Oak's topic plugin is the only one: its rule, asked directly (no task per delivery)."""
+        """Oak's topic rule, asked directly (no task per delivery)."""
         return permitted(session, topic, acl.RECEIVE)
 
     async def _topic_filtering(self, session: Any, topic: str, action: Action) -> bool:
-        """Oak's topic plugin's rule, asked directly: amqtt runs every plugin as a task and waits for them,
+        """Oak's topic rule, asked directly: amqtt runs every topic plugin as a task and waits for them,
         several turns of the event loop for every message published, which a loop busy with a burst made
         tens of milliseconds before a user's request even reached its subscriber."""
         return permitted(session, topic, ACTIONS[action])
@@ -274,7 +274,6 @@ class EmbeddedBroker:
             "timeout_disconnect_delay": self.keepalive_grace,
             "plugins": {
                 "broker.plugins.OakAuthPlugin": {"credentials": self.credentials, "plain_admits": lst.plain_admits},
-                "broker.plugins.OakTopicPlugin": {},
             },
         }
 
