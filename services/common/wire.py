@@ -152,14 +152,9 @@ def _compile(hint: Any) -> Check:
     return lambda value: ""
 
 
-def _mismatch(value: Any, hint: Any) -> str:
-    """Why *value* (decoded JSON) is not of type *hint* ("" when it is)."""
-    return _compiled(hint)(value)
-
-
 def check(value: Any, hint: Any, what: str) -> None:
     """Raise ValueError naming *what* when *value* is not of type *hint*."""
-    why = _mismatch(value, hint)
+    why = _compiled(hint)(value)
     if why:
         raise ValueError(f"{what}: {why}")
 

@@ -147,8 +147,7 @@ class Api:
         transaction, body = None, None
         try:
             body = self._body(request.message.payload)
-            if isinstance(body, dict) and isinstance(body.get("transaction"), str):
-                transaction = body["transaction"]
+            transaction = _transaction_of(body)
             backlog = session.backlog + self._waiting[parsed.user]
             if backlog > self.busy_backlog:
                 raise Busy(round(max(1.0, backlog * self._cost), 1), backlog)
@@ -341,8 +340,7 @@ class Api:
         placed = {i.iid: (i.number, i.cluster) for i in chosen if i.cluster}
         if not placed:
             raise ApiError("not_running", f"{service.job_name} has no instance on a cluster")
-        transaction = body.get("transaction") if isinstance(body.get("transaction"), str) else None
-        stream = self.streams.open(user, transaction, placed, 100 if tail is None else tail, float(follow))
+        stream = self.streams.open(user, _transaction_of(body), placed, 100 if tail is None else tail, float(follow))
         return {"stream": stream, "instances": sorted(n for n, _ in placed.values())}
 
     # ---- infrastructure ----------------------------------------------------------------------
@@ -431,3 +429,9 @@ class Api:
             {"username": name, "admin": self.credentials.is_admin(name)}
             for name in self.credentials.users()
         ]
+
+
+def _transaction_of(body: Any) -> str | None:
+    """The ``transaction`` a request carries, to be echoed in its answers (None without one)."""
+    transaction = body.get("transaction") if isinstance(body, dict) else None
+    return transaction if isinstance(transaction, str) else None
