@@ -19,6 +19,7 @@ import pytest
 
 from plugins.runtimes.cgroups import instances_cgroup2
 from services.cli.client import OakClient
+from services.cli.commands import service_text
 from services.common.nettable import NodeRoute
 from services.worker import socklb
 from services.worker.kernel import Kernel
@@ -229,6 +230,68 @@ async def test_service_ips_across_workers_and_clusters(stack: Stack, api: Any, l
         assert {"oak0", "oakvx"}.isdisjoint(links(lab.hosts[host]))
         assert "oakling" not in nft_ruleset(lab.hosts[host])
         assert "10.18." not in sh("ip", "-n", lab.hosts[host], "route").stdout, "no overlay route left"
+
+
+CHECKED = '''
+import os, socketserver, sys
+NAME, READY = os.environ["HOSTNAME"], sys.argv[1]
+class Web(socketserver.StreamRequestHandler):
+    def handle(self):
+        asked = self.rfile.readline()
+        ok = b"/healthz" not in asked or NAME == "instance-0" or os.path.exists(READY)
+        self.wfile.write(b"HTTP/1.0 %s\\r\\nContent-Length: %d\\r\\n\\r\\n%s"
+                         % (b"200 OK" if ok else b"503 Not ready", len(NAME), NAME.encode()))
+socketserver.ThreadingTCPServer.allow_reuse_address = True
+socketserver.ThreadingTCPServer(("0.0.0.0", 80), Web).serve_forever()
+'''
+
+
+@pytest.mark.timeout(180)
+async def test_only_healthy_instances_take_traffic(stack: Stack, api: Any, lab: Lab, tmp_path: Path) -> None:
+    """Readiness: an instance whose http check has not passed is in no worker's table, so the service IP
+    reaches only the healthy one; once its check passes it takes its share. The check runs inside the
+    instance's namespace; the states and ``oak service inspect`` show each instance's health."""
+    stack.root()
+    stack.cluster("c1")
+    start_workers(stack, lab, {"w1": "c1", "w2": "c1"})
+    client = await api()
+    await eventually(lambda: _overlay_nodes(client, 2), 30, what="two workers online")
+    script, ready = tmp_path / "checked.py", tmp_path / "all-ready"
+    script.write_text(CHECKED)
+    web = {"microservice_name": "web", "cmd": [sys.executable, str(script), str(ready)],
+           "health": {"type": "http", "port": 80, "path": "/healthz", "interval": 0.3, "start_period": 300}}
+    await client.request("apps", "create", raw=dumps(sla(web, app="ready")))
+    await client.request("services", "deploy", {"service": "ready.test.web.test", "replicas": 2})
+    await settled(client, "ready.test.web.test", 2)
+
+    async def health() -> dict[str, str]:
+        rows = (await service(client, "ready.test.web.test"))["instances"]
+        return {f"instance-{i['number']}": i["health"] for i in rows}
+
+    await eventually(lambda: _is(health(), {"instance-0": "healthy", "instance-1": "starting"}), 20,
+                     what="instance-0 healthy, instance-1 starting")
+    state = await service(client, "ready.test.web.test")
+    shown = service_text(state)
+    assert "health check: http :80/healthz every 0.3s" in shown
+    assert "HEALTH" in shown
+    assert "starting" in shown
+    starting = next(i for i in state["instances"] if i["number"] == 1)
+    assert "GET /healthz answered 503" in starting["reason"]
+    rr = state["rr_ip"]
+
+    def only(names: set[str]) -> bool:
+        return all(set(ask(lab.hosts[h], "tcp", rr, 80, 6)) == names for h in ("h1", "h2"))
+
+    await eventually(lambda: only({"instance-0"}), 15, interval=0.3, what="every worker sending to instance-0 alone")
+    ready.touch()
+    await eventually(lambda: _is(health(), {"instance-0": "healthy", "instance-1": "healthy"}), 20,
+                     what="both healthy")
+    await eventually(lambda: only({"instance-0", "instance-1"}), 15, interval=0.3, what="both taking traffic")
+    await client.request("apps", "delete", {"app": "ready"})
+
+
+async def _is(value: Any, expected: Any) -> bool:
+    return bool(await value == expected)
 
 
 async def _overlay_nodes(client: OakClient, count: int) -> bool:

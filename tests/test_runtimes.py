@@ -18,7 +18,7 @@ from plugins.runtimes.cgroups import Cgroup, instances_cgroup2
 from plugins.runtimes.container import ContainerRuntime, split_ref
 from plugins.runtimes.process import ProcessRuntime
 from plugins.runtimes.supervised import SupervisedRuntime, describe
-from services.common.plugin_api import LaunchSpec
+from services.common.plugin_api import Exit, Handle, LaunchSpec
 
 pytestmark = pytest.mark.timeout(60)
 counter = iter(range(10_000))
@@ -130,6 +130,36 @@ async def test_own_pid_namespace(runtime: tuple[SupervisedRuntime, str], tmp_pat
     end = await rt.wait(await rt.start(spec))
     assert end.code == 0
     assert int(Path(spec.log_path).read_text().strip()) <= 4
+
+
+async def test_exec_inside_the_instance(runtime: tuple[SupervisedRuntime, str], tmp_path: Path) -> None:
+    """A command exec'd into a running instance (an exec health check) sees the instance's processes and
+    files, comes back with its exit code and output, and is killed at its timeout."""
+    rt, code = runtime
+    spec = launch(tmp_path, kind_of(rt), code, ["sh", "-c", "echo here > /tmp/oak-mark-$HOSTNAME; sleep 300"])
+    handle = await rt.start(spec)
+    try:
+        look = "cat /tmp/oak-mark-instance-3; ls /proc | grep -c '^[0-9]'"
+        end = await eventually_exec(rt, handle, ("sh", "-c", look))
+        here, processes = end.reason.split(": ", 1)[1].split()
+        assert (end.code, here) == (0, "here")
+        assert int(processes) <= 6, "only the instance's processes (and the command's own)"
+        assert (await rt.exec(handle, ("sh", "-c", "echo no; exit 4"), 5)) == Exit(4, "exited with code 4: no")
+        late = await rt.exec(handle, ("sleep", "30"), 0.3)
+        assert (late.code, late.reason) == (None, "did not end within 0.3 s")
+    finally:
+        await rt.stop(handle, 0.5)
+        Path("/tmp/oak-mark-instance-3").unlink(missing_ok=True)  # the process runtime shares the host's /tmp
+
+
+async def eventually_exec(rt: SupervisedRuntime, handle: Handle, argv: tuple[str, ...]) -> Exit:
+    """*argv* exec'd once the instance has written its mark (it may not have yet)."""
+    for _ in range(50):
+        end = await rt.exec(handle, argv, 5)
+        if end.code == 0:
+            return end
+        await asyncio.sleep(0.1)
+    return end
 
 
 async def test_instance_joins_the_cgroup2_tree(runtime: tuple[SupervisedRuntime, str], tmp_path: Path) -> None:

@@ -49,6 +49,25 @@ def test_round_trips() -> None:
     assert all(ServiceSpec.from_dict(s.to_dict()) == s for s in app.services)
 
 
+def test_health_check() -> None:
+    """``health`` becomes a typed check with Docker's defaults; a VM cannot run an exec check."""
+    doc = copy.deepcopy(GOOD)
+    doc["applications"][0]["microservices"][1]["health"] = {"type": "http", "port": 80, "path": "/ready",
+                                                            "interval": 0.5}
+    (app,) = parse_sla(doc)
+    check = app.services[1].health
+    assert check is not None
+    assert (check.type, check.port, check.path, check.interval) == ("http", 80, "/ready", 0.5)
+    assert (check.timeout, check.failures, check.start_period) == (2.0, 3, 0.0)
+    assert app.services[0].health is None
+    assert ServiceSpec.from_dict(json.loads(json.dumps(app.services[1].to_dict()))) == app.services[1]
+    doc["applications"][0]["microservices"][1].update(virtualization="unikernel", code="/k",
+                                                      health={"type": "exec", "cmd": ["true"]})
+    with pytest.raises(SlaError, match="cannot run a command") as err:
+        parse_sla(doc)
+    assert err.value.field == f"{M1}.health.type"
+
+
 def test_process_service() -> None:
     """A process service needs no code, only its argv."""
     doc = copy.deepcopy(GOOD)
@@ -112,6 +131,20 @@ BAD = [
     ("empty direct", bad(f"{M1}.constraints[0]", {"type": "direct"}), f"{M1}.constraints[0]"),
     ("constraints not a list", bad(f"{M1}.constraints", {"type": "direct"}), f"{M1}.constraints"),
     ("duplicate service", bad(f"{M1}.microservice_name", "curl"), M1),
+    ("health not an object", bad(f"{M0}.health", "http"), f"{M0}.health"),
+    ("health without type", bad(f"{M0}.health", {"port": 80}), f"{M0}.health.type"),
+    ("health of no known type", bad(f"{M0}.health", {"type": "grpc", "port": 80}), f"{M0}.health.type"),
+    ("health field misspelt", bad(f"{M0}.health", {"type": "tcp", "port": 80, "intervall": 1}),
+     f"{M0}.health.intervall"),
+    ("exec check without cmd", bad(f"{M0}.health", {"type": "exec"}), f"{M0}.health.cmd"),
+    ("tcp check without port", bad(f"{M0}.health", {"type": "tcp"}), f"{M0}.health.port"),
+    ("http check port too big", bad(f"{M0}.health", {"type": "http", "port": 70000}), f"{M0}.health.port"),
+    ("http path not a path", bad(f"{M0}.health", {"type": "http", "port": 80, "path": "x y"}), f"{M0}.health.path"),
+    ("check interval zero", bad(f"{M0}.health", {"type": "tcp", "port": 80, "interval": 0}), f"{M0}.health.interval"),
+    ("check timeout text", bad(f"{M0}.health", {"type": "tcp", "port": 80, "timeout": "2s"}), f"{M0}.health.timeout"),
+    ("no failures allowed", bad(f"{M0}.health", {"type": "tcp", "port": 80, "failures": 0}), f"{M0}.health.failures"),
+    ("negative start period", bad(f"{M0}.health", {"type": "tcp", "port": 80, "start_period": -1}),
+     f"{M0}.health.start_period"),
 ]
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from plugins.runtimes.cgroups import cgroup2_mount
 from services.worker import socklb
-from services.worker.kernel import _entered
+from services.worker.kernel import entered
 from services.worker.socklb import SocketBalancer, netns_cookie
 from tests.netlab import Lab, conntrack, in_netns, need_network_lab, sh
 
@@ -76,7 +76,7 @@ def ask(ns: str, count: int, group: Path | None) -> list[str]:
 
 
 def cookie_of(ns: str) -> int:
-    with _entered(ns):
+    with entered(ns):
         return netns_cookie()
 
 

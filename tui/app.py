@@ -93,10 +93,11 @@ class OakApp(App[None]):
             before = {i["iid"]: i for i in (old or {}).get("instances", [])}
             for inst in message.state["instances"]:
                 prev = before.get(inst["iid"])
-                if prev is None or prev["status"] != inst["status"] or prev["node"] != inst["node"]:
+                if prev is None or any(prev.get(k) != inst.get(k) for k in ("status", "node", "health")):
                     where = f" on {inst['cluster']}/{inst['node']}" if inst["node"] else ""
+                    health = f" ({inst['health']})" if inst.get("health") else ""
                     why = f": {inst['reason']}" if inst["reason"] else ""
-                    self.event(f"{message.job_name} #{inst['number']} {inst['status']}{where}{why}")
+                    self.event(f"{message.job_name} #{inst['number']} {inst['status']}{health}{where}{why}")
         elif old is not None:
             self.event(f"{message.job_name} deleted")
         self.query_one("#services", ServicesTable).show(self.services)
@@ -147,7 +148,9 @@ class OakApp(App[None]):
 
         def describe() -> str:
             current = next((i for i in self.services.get(job, {}).get("instances", []) if i["iid"] == iid), inst)
-            return (f"{job} #{number}  {current['status']}  on {current['cluster'] or '-'}/{current['node'] or '-'}"
+            health = f" ({current['health']})" if current.get("health") else ""
+            where = f"{current['cluster'] or '-'}/{current['node'] or '-'}"
+            return (f"{job} #{number}  {current['status']}{health}  on {where}"
                     f"  ip {current.get('ip') or '-'}  cpu {current['cpu_percent']:.0f}%  "
                     f"{current['memory_mb']:.0f} MB  disk I/O {current.get('io_mb', 0):.0f} MB  "
                     f"restarts {current['restarts']}  {current['reason']}")

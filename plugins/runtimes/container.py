@@ -301,6 +301,14 @@ class ContainerRuntime(SupervisedRuntime):
         return ["runc", "--root", str(self.state), "run", "--keep", "--bundle", str(self.bundles / spec.iid),
                 self._cid(spec.iid)]
 
+    def exec_command(self, handle: Handle, argv: tuple[str, ...]) -> list[str]:
+        """``runc exec`` (``ctr task exec``) of *argv* in the container."""
+        cid = self._cid(handle.iid)
+        if self._on_containerd(handle):
+            self.containerd.ensure()
+            return self.containerd.argv("task", "exec", "--exec-id", f"health-{uuid.uuid4().hex[:12]}", cid, *argv)
+        return ["runc", "--root", str(self.state), "exec", cid, *argv]
+
     async def terminate(self, handle: Handle) -> None:
         """``runc kill TERM`` (``ctr task kill -s SIGTERM``)."""
         await asyncio.to_thread(self._kill_container, handle, "TERM")

@@ -78,10 +78,14 @@ class Containerd:
 
     # ---- ctr ----------------------------------------------------------------------------------
 
+    def argv(self, *args: str, address: str = "") -> list[str]:
+        """The ``ctr`` command line for *args*, against this containerd and in the ``oak`` namespace."""
+        return ["ctr", "-a", address or self.address, "-n", NAMESPACE, *args]
+
     def ctr(self, *args: str, stdin: int | None = None, timeout: float = TOOL_TIMEOUT,
             address: str = "") -> subprocess.CompletedProcess[str]:
         """Run ``ctr`` against this containerd, in the ``oak`` namespace."""
-        argv = ["ctr", "-a", address or self.address, "-n", NAMESPACE, *args]
+        argv = self.argv(*args, address=address)
         try:
             return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False,
                                   stdin=stdin if stdin is not None else subprocess.DEVNULL)

@@ -13,13 +13,14 @@ import asyncio
 import contextlib
 import logging
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 import psutil
 
 from plugins.runtimes.supervised import READY_TIMEOUT, SupervisedRuntime
-from services.common.plugin_api import LaunchSpec, hookimpl
+from services.common.plugin_api import Handle, LaunchSpec, hookimpl
 
 log = logging.getLogger(__name__)
 NAME = "process"
@@ -97,6 +98,17 @@ class ProcessRuntime(SupervisedRuntime):
             async with asyncio.timeout(READY_TIMEOUT):
                 while child.returncode is None and not _runs_command(child.pid):
                     await asyncio.sleep(0.001)
+
+    def exec_command(self, handle: Handle, argv: tuple[str, ...]) -> list[str]:
+        """*argv* entered into the namespaces of the instance's init (sandboxed), else as it is."""
+        if not self.sandboxed or shutil.which("unshare") is None:
+            return list(argv)
+        deadline = time.monotonic() + READY_TIMEOUT  # unshare forks the init right after start
+        while not (init := next(iter(_children(handle.pid)), 0)) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if not init:
+            raise RuntimeError("the instance has no init process")
+        return ["nsenter", f"--target={init}", "--pid", "--mount", "--uts", "--ipc", "--net", "--", *argv]
 
     def environment(self, spec: LaunchSpec) -> dict[str, str]:
         """A minimal environment plus the SLA's, with HOSTNAME=instance-<n>."""

@@ -112,6 +112,10 @@ class SupervisedRuntime:
     def cleanup(self, handle: Handle) -> None:
         """Remove what the instance left behind (bundles, state)."""
 
+    def exec_command(self, handle: Handle, argv: tuple[str, ...]) -> list[str]:
+        """The command that runs *argv* inside the instance behind *handle* (may block: it runs in a thread)."""
+        return list(argv)
+
     # ---- the Runtime protocol ---------------------------------------------------------------------
 
     async def start(self, spec: LaunchSpec) -> Handle:
@@ -234,6 +238,29 @@ class SupervisedRuntime:
             while self._same(handle) is not None:
                 await asyncio.sleep(0.05)
         await asyncio.to_thread(self._release, handle)
+
+    async def exec(self, handle: Handle, argv: tuple[str, ...], timeout: float) -> Exit:
+        """Run *argv* inside the instance (see :meth:`exec_command`); kill it after *timeout* seconds."""
+        command = await asyncio.to_thread(self.exec_command, handle, argv)
+        try:
+            child = await asyncio.create_subprocess_exec(
+                *command, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT, start_new_session=True, env={"PATH": os.environ.get("PATH", "")})
+        except OSError as exc:
+            return Exit(None, f"cannot run: {exc.strerror or exc}")
+        try:
+            async with asyncio.timeout(timeout):
+                output, _ = await child.communicate()
+        except TimeoutError:
+            self._signal_group(child.pid, signal.SIGKILL)
+            await child.wait()
+            return Exit(None, f"did not end within {timeout:g} s")
+        except asyncio.CancelledError:
+            self._signal_group(child.pid, signal.SIGKILL)
+            raise
+        said = output.decode(errors="replace").strip()[-200:]
+        code = child.returncode
+        return Exit(code, describe(code if code is not None else -9) + (f": {said}" if said else ""))
 
     async def ready(self, child: asyncio.subprocess.Process) -> None:
         """Return once the instance can be stopped as :meth:`terminate` stops it (a wrapper of the command

@@ -207,12 +207,27 @@ def _services(data: Any) -> str:
     return table(data, SERVICE_COLUMNS) if data else "no services"
 
 
-def _service(data: Any) -> str:
+def _health_check(check: dict[str, Any] | None) -> str:
+    """The service's health check in one line ("" without one)."""
+    if not check:
+        return ""
+    what = " ".join(check["cmd"]) if check["type"] == "exec" else f":{check['port']}"
+    what += check["path"] if check["type"] == "http" else ""
+    return (f"health check: {check['type']} {what} every {check['interval']:g}s (timeout {check['timeout']:g}s, "
+            f"unhealthy after {check['failures']} failures, start period {check['start_period']:g}s)\n")
+
+
+def service_text(data: Any) -> str:
+    """A service state as `oak service inspect` prints it: its spec, its IPs and health check, and its instances."""
     head = (f"{data['job_name']}  ({data['service_id']})  {data['status']}\n"
             f"{data['virtualization']} {data['code'] or ' '.join(data['cmd'])}  "
             f"vcpus={data['vcpus']} memory={data['memory']}MB replicas={data['replicas']}\n"
-            f"service IPs: round-robin {data.get('rr_ip') or '-'}, closest {data.get('closest_ip') or '-'}\n")
-    return head + (table(data["instances"], INSTANCE_COLUMNS) if data["instances"] else "no instances")
+            f"service IPs: round-robin {data.get('rr_ip') or '-'}, closest {data.get('closest_ip') or '-'}\n"
+            + _health_check(data.get("health")))
+    columns = INSTANCE_COLUMNS
+    if any(i.get("health") for i in data["instances"]):
+        columns = [*INSTANCE_COLUMNS[:2], ("HEALTH", "health"), *INSTANCE_COLUMNS[2:]]
+    return head + (table(data["instances"], columns) if data["instances"] else "no instances")
 
 
 def _apps(data: Any) -> str:
@@ -321,14 +336,15 @@ async def _service_command(oak: OakClient, args: argparse.Namespace) -> tuple[An
     if action == "list":
         return await oak.request("services", "list", {"app": args.app} if args.app else {}), _services
     if action == "inspect":
-        return await oak.request("services", "inspect", {"service": args.service}), _service
+        return await oak.request("services", "inspect", {"service": args.service}), service_text
     if action == "scale":
-        return await oak.request("services", "scale", {"service": args.service, "replicas": args.replicas}), _service
+        scale = {"service": args.service, "replicas": args.replicas}
+        return await oak.request("services", "scale", scale), service_text
     if action == "undeploy":
         body: dict[str, Any] = {"service": args.service}
         if args.instance is not None:
             body["instance"] = args.instance
-        return await oak.request("services", "undeploy", body), _service
+        return await oak.request("services", "undeploy", body), service_text
     data = await oak.request("services", "deploy", {"service": args.service, "replicas": args.replicas})
     if args.wait:
         seen: list[str] = []
@@ -340,4 +356,4 @@ async def _service_command(oak: OakClient, args: argparse.Namespace) -> tuple[An
                 print(f"{state['job_name']}: {line}", file=sys.stderr, flush=True)
 
         data = await oak.wait_until_running(data["job_name"], args.timeout, progress)
-    return data, _service
+    return data, service_text

@@ -15,7 +15,7 @@ import time
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from services.common import addressing, channels, models
+from services.common import addressing, channels
 from services.common.models import InstanceSpec, InstanceStatus, NodeInfo
 from services.common.mqtt import MqttSession
 from services.common.nettable import Backend, NetTable, NodeRoute, ServiceRoute, TableSender
@@ -111,7 +111,7 @@ class ClusterNetwork:
         for iid, node in assigned.items():
             status = workers[node].statuses.get(iid) if node in workers else None
             spec = desired.get(iid)
-            if spec and spec.sid and status and status.status == models.RUNNING and status.ip:
+            if spec and spec.sid and status and status.serves:
                 backends.setdefault(spec.sid, []).append(Backend(status.ip, node, self.cluster))
         services = {s.sid: ServiceRoute(s.job_name, s.rr_ip, s.closest_ip) for s in desired.values() if s.rr_ip}
         return self.root_table.with_cluster(self.cluster, self.routes(workers), backends, services)

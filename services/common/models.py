@@ -30,6 +30,8 @@ COMPLETED = "COMPLETED"
 NO_CLUSTER_CAPACITY = "NoActiveClusterWithCapacity"
 NO_WORKER_CAPACITY = "NO_WORKER_CAPACITY"
 UNSCHEDULED = (REQUESTED, NO_CLUSTER_CAPACITY)
+# An instance's health, when its service has a health check ("" when it has none).
+STARTING, HEALTHY, UNHEALTHY = "starting", "healthy", "unhealthy"
 
 
 def demand_of(service: ServiceSpec, key: str) -> Demand:
@@ -103,6 +105,13 @@ class InstanceStatus:
     since: float = 0.0
     ip: str = ""
     io_mb: float = 0.0  # disk: MB read and written by the instance (its cgroup's block I/O)
+    health: str = ""  # starting, healthy or unhealthy when the service has a health check
+
+    @property
+    def serves(self) -> bool:
+        """Whether the instance is a backend of its service's IPs: RUNNING at an address, and healthy
+        when it has a health check (readiness)."""
+        return self.status == RUNNING and bool(self.ip) and self.health in ("", HEALTHY)
 
 
 def load_statuses(data: Any) -> dict[str, InstanceStatus]:

@@ -86,7 +86,8 @@ class Runtime(Protocol):
     ``virtualizations`` are the SLA ``virtualization`` values this runtime serves; the worker advertises
     them in its node info, and the schedulers never place a service on a worker lacking its value.
 
-    Optional abilities are Protocols of their own: :class:`HasFacts` and :class:`Closeable`.
+    Optional abilities are Protocols of their own: :class:`HasFacts`, :class:`Closeable` and
+    :class:`Executes`.
     """
 
     name: str
@@ -130,6 +131,17 @@ class Closeable(Protocol):
     async def close(self) -> None:
         """Awaited when the worker stops gracefully, after its instances were stopped (the container
         runtime stops the containerd it started)."""
+        ...
+
+
+@runtime_checkable
+class Executes(Protocol):
+    """An optional ability of a :class:`Runtime`: run a command inside a running instance (its
+    namespaces and filesystem), as an ``exec`` health check does. Without it such checks fail, saying so."""
+
+    async def exec(self, handle: Handle, argv: tuple[str, ...], timeout: float) -> Exit:
+        """Run *argv* inside the instance behind *handle* and return how it ended (``reason`` ends with
+        what it printed); after *timeout* seconds kill it and return code None."""
         ...
 
 

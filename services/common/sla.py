@@ -32,7 +32,9 @@ RR_NET = ipaddress.ip_network("10.30.0.0/16")
 #: Microservice keys that become :class:`ServiceSpec` fields (``addresses`` is handled apart: only ``rr_ip`` is taken).
 MICRO_KEYS = frozenset({"microserviceID", "microservice_name", "microservice_namespace", "virtualization", "code",
                         "cmd", "environment", "memory", "vcpus", "vcpu", "vgpus", "storage", "port", "one_shot",
-                        "privileged", "constraints"})
+                        "privileged", "constraints", "health"})
+HEALTH_TYPES = ("exec", "tcp", "http")
+HEALTH_KEYS = ("type", "cmd", "port", "path", "interval", "timeout", "failures", "start_period")
 
 
 class SlaError(ValueError):
@@ -45,6 +47,32 @@ class SlaError(ValueError):
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    """The SLA's ``health``: how the worker tells whether an instance works (Docker's and Nomad's fields).
+
+    ``exec`` runs ``cmd`` inside the instance (healthy when it exits 0); ``tcp`` connects to ``port``;
+    ``http`` asks ``GET path`` on ``port`` (healthy on a 2xx or 3xx answer). Every ``interval`` seconds,
+    each try given ``timeout`` seconds; ``failures`` failed tries in a row make the instance unhealthy,
+    except during the first ``start_period`` seconds, while it may still be starting.
+    """
+
+    type: str
+    cmd: tuple[str, ...] = ()
+    port: int = 0
+    path: str = "/"
+    interval: float = 5.0
+    timeout: float = 2.0
+    failures: int = 3
+    start_period: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form (the SLA's own)."""
+        return {"type": self.type, "cmd": list(self.cmd), "port": self.port, "path": self.path,
+                "interval": self.interval, "timeout": self.timeout, "failures": self.failures,
+                "start_period": self.start_period}
 
 
 @dataclass(frozen=True)
@@ -71,6 +99,7 @@ class ServiceSpec:
     nodes: tuple[str, ...] = ()
     constraints: tuple[dict[str, Any], ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
+    health: HealthCheck | None = None
 
     @functools.cached_property
     def needs(self) -> tuple[str, ...]:
@@ -112,6 +141,7 @@ class ServiceSpec:
             "one_shot": self.one_shot, "privileged": self.privileged, "rr_ip": self.rr_ip,
             "clusters": list(self.clusters), "nodes": list(self.nodes),
             "constraints": copy.deepcopy(list(self.constraints)), "extra": copy.deepcopy(self.extra),
+            "health": self.health.to_dict() if self.health else None,
         }
 
     @classmethod
@@ -184,8 +214,8 @@ def _is_number(value: Any) -> TypeGuard[int | float]:
     return not isinstance(value, float) or math.isfinite(value)
 
 
-def _number(obj: dict[str, Any], key: str, path: str, integer: bool) -> float:
-    value = obj.get(key, 0)
+def _number(obj: dict[str, Any], key: str, path: str, integer: bool, default: float = 0) -> float:
+    value = obj.get(key, default)
     if not _is_number(value):
         raise SlaError(f"{path}.{key}", f"expected a number, got {_kind(value)} {value!r}")
     if value < 0:
@@ -321,6 +351,41 @@ def _geo(constraint: dict[str, Any], where: str) -> None:
     _positive(constraint, "threshold", where, "the distance in km")
 
 
+def _health(micro: dict[str, Any], path: str, virtualization: str) -> HealthCheck | None:
+    """The ``health`` object, every field checked (unknown ones too: a typo would silently not check)."""
+    if micro.get("health") is None:
+        return None
+    where = f"{path}.health"
+    raw = _obj(micro["health"], where)
+    unknown = sorted(set(raw) - set(HEALTH_KEYS))
+    if unknown:
+        raise SlaError(f"{where}.{unknown[0]}", f"unknown field (expected {', '.join(HEALTH_KEYS)})")
+    kind = _str(raw, "type", where, required=True)
+    if kind not in HEALTH_TYPES:
+        raise SlaError(f"{where}.type", f"{kind!r} is not one of {', '.join(HEALTH_TYPES)}")
+    cmd = _strings(raw, "cmd", where)
+    if kind == "exec" and not (cmd and cmd[0]):
+        raise SlaError(f"{where}.cmd", "an exec check needs the command to run, e.g. [\"cat\", \"/tmp/ready\"]")
+    if kind == "exec" and virtualization in VM_VIRTUALIZATIONS:
+        raise SlaError(f"{where}.type", f"a {virtualization} cannot run a command for a check; use tcp or http")
+    port = int(_number(raw, "port", where, integer=True))
+    if kind != "exec" and not 1 <= port <= 65535:
+        raise SlaError(f"{where}.port", f"a {kind} check needs the port to try, 1-65535 (got {port})")
+    check_path = _str(raw, "path", where, default="/")
+    if not check_path.startswith("/") or any(c.isspace() or not c.isprintable() for c in check_path):
+        raise SlaError(f"{where}.path", f"{check_path!r} is not a URL path such as /healthz")
+    times = {key: float(_number(raw, key, where, integer=False, default=default))
+             for key, default in (("interval", 5.0), ("timeout", 2.0), ("start_period", 0.0))}
+    for key in ("interval", "timeout"):
+        if times[key] <= 0:
+            raise SlaError(f"{where}.{key}", "must be more than 0 seconds")
+    failures = int(_number(raw, "failures", where, integer=True, default=3))
+    if failures < 1:
+        raise SlaError(f"{where}.failures", "must be at least 1")
+    return HealthCheck(kind, cmd, port, check_path, times["interval"], times["timeout"], failures,
+                       times["start_period"])
+
+
 def _service(micro: Any, path: str, app: str, app_ns: str) -> ServiceSpec:
     micro = _obj(micro, path)
     _empty_id(micro, "microserviceID", path)
@@ -351,6 +416,7 @@ def _service(micro: Any, path: str, app: str, app_ns: str) -> ServiceSpec:
     one_shot, privileged = _bool(micro, "one_shot", path), _bool(micro, "privileged", path)
     rr_ip, other_addresses = _rr_ip(micro, path)
     constraints, clusters, nodes = _constraints(micro, path)
+    health = _health(micro, path, virtualization)
     extra = {k: copy.deepcopy(v) for k, v in micro.items() if k not in MICRO_KEYS and k != "addresses"}
     if other_addresses:
         extra["addresses"] = other_addresses
@@ -358,7 +424,7 @@ def _service(micro: Any, path: str, app: str, app_ns: str) -> ServiceSpec:
         app_name=app, app_namespace=app_ns, name=name, namespace=namespace, virtualization=virtualization,
         code=code, cmd=cmd, environment=environment, memory=memory, vcpus=vcpus, vgpus=vgpus, storage=storage,
         port=port, one_shot=one_shot, privileged=privileged, rr_ip=rr_ip, clusters=clusters, nodes=nodes,
-        constraints=constraints, extra=extra,
+        constraints=constraints, extra=extra, health=health,
     )
 
 

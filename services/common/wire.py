@@ -100,6 +100,10 @@ def _converter(hint: Any) -> Convert | None:
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         nested = hint
         return lambda value: value if isinstance(value, nested) else load(nested, value)
+    optional = [a for a in typing.get_args(hint) if isinstance(a, type) and dataclasses.is_dataclass(a)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(optional) == 1:  # ``Nested | None``
+        nested_or_none = optional[0]
+        return lambda value: load(nested_or_none, value) if isinstance(value, dict) else value
     if typing.get_origin(hint) is tuple:
         return lambda value: tuple(value) if isinstance(value, list) else value
     return None

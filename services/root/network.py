@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
-from services.common import addressing, channels, models
+from services.common import addressing, channels
 from services.common.mqtt import MqttSession
 from services.common.nettable import Backend, NetTable, NodeRoute, ServiceRoute, TableSender
 from services.common.store import Store
@@ -30,7 +30,7 @@ def build_table(catalog: Catalog, clusters: Iterable[ClusterView]) -> NetTable:
     for view in views:
         for iid, status in view.statuses.items():
             instance = catalog.instances.get(iid)
-            if instance and instance.cluster == view.name and status.status == models.RUNNING and status.ip:
+            if instance and instance.cluster == view.name and status.serves:
                 backends.setdefault(instance.sid, []).append(Backend(status.ip, status.node, view.name))
     services = {
         sid: ServiceRoute(s.job_name, s.rr_ip, s.closest_ip, tuple(sorted(backends.get(sid, []), key=lambda b: b.ip)))

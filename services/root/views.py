@@ -40,6 +40,7 @@ class ServiceStates:
             "replicas": service.replicas,
             "rr_ip": service.rr_ip,
             "closest_ip": service.closest_ip,
+            "health": spec.health.to_dict() if spec.health else None,
             "status": overall_status(service.replicas, [r["status"] for r in rows]),
             "instances": rows,
         }

@@ -19,7 +19,9 @@ from pathlib import Path
 from services.common import models
 from services.common.models import InstanceSpec, InstanceStatus
 from services.common.plugin_api import Exit, Handle, LaunchSpec, Runtime
+from services.common.sla import VM_VIRTUALIZATIONS, HealthCheck
 from services.common.store import Store
+from services.worker.health import Health, Target, probe
 from services.worker.overlay import Attachment, Network
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,7 @@ class Slot:
     task: asyncio.Task[None] | None = None
     stats: dict[str, float] = field(default_factory=dict)
     ip: str = ""
+    netns: str = ""  # the path of its network namespace on the overlay
 
 
 class Engine:
@@ -186,12 +189,13 @@ class Engine:
                     await self._record(slot, InstanceStatus(models.FAILED, str(exc), restarts=restarts))
                     await asyncio.sleep(backoff(restarts))
                     continue
-                await self._record(slot, InstanceStatus(models.RUNNING, restarts=restarts))
+                health = models.STARTING if spec.service.health else ""
+                await self._record(slot, InstanceStatus(models.RUNNING, restarts=restarts, health=health))
                 log.info("started %s (%s)", spec.iid, spec.job_name)
             adopted = False
             assert slot.handle is not None
             try:
-                end = await runtime.wait(slot.handle)
+                end = await self._watch(slot, runtime, slot.handle)
             except Exception as exc:  # keep supervising: report it and start again
                 log.exception("runtime %s lost %s", runtime.name, spec.iid)
                 end = Exit(None, f"lost track of the instance: {exc}")
@@ -203,6 +207,44 @@ class Engine:
                 return
             restarts += 1
             await asyncio.sleep(backoff(restarts))
+
+    async def _watch(self, slot: Slot, runtime: Runtime, handle: Handle) -> Exit:
+        """Wait for the instance to end; with a health check, check it meanwhile and end it once it is
+        unhealthy (the supervisor then restarts it, as after any other end)."""
+        check = slot.spec.service.health
+        if check is None:
+            return await runtime.wait(handle)
+        waiting = asyncio.ensure_future(runtime.wait(handle))
+        checking = asyncio.ensure_future(self._check(slot, check, runtime, handle))
+        try:
+            await asyncio.wait((waiting, checking), return_when=asyncio.FIRST_COMPLETED)
+            if waiting.done():
+                return waiting.result()
+            reason = checking.result()
+            log.warning("%s %s: restarting it", slot.spec.iid, reason)
+            await runtime.stop(handle, self.stop_grace)
+            end = await waiting
+            return Exit(end.code, f"{reason}; stopped to start again")
+        finally:
+            for task in (waiting, checking):
+                task.cancel()
+
+    async def _check(self, slot: Slot, check: HealthCheck, runtime: Runtime, handle: Handle) -> str:
+        """Try *check* now and every ``interval`` seconds, showing the verdict in the instance's status;
+        return the reason once the instance is unhealthy."""
+        vm = slot.spec.service.virtualization in VM_VIRTUALIZATIONS  # its namespace passes all to the guest
+        target = Target(runtime, handle, slot.ip, "" if vm else slot.netns)
+        started = time.monotonic()
+        verdict = Health(slot.status.health or models.STARTING)
+        while True:
+            verdict = verdict.after(check, await probe(check, target), time.monotonic() - started)
+            reason = verdict.describe(check)
+            if (verdict.state, reason) != (slot.status.health, slot.status.reason):
+                slot.status = replace(slot.status, health=verdict.state, reason=reason)
+                self.on_change()
+            if verdict.state == models.UNHEALTHY:
+                return reason
+            await asyncio.sleep(check.interval)
 
     def _progress(self, slot: Slot) -> Callable[[str], None]:
         """A callback for the runtime (from any thread): CREATING with *reason*, e.g. an image pull."""
@@ -222,7 +264,7 @@ class Engine:
         if self.network is None:
             return None
         place = await self.network.attach(slot.spec.iid, slot.spec.service.port)
-        slot.ip = place.ip
+        slot.ip, slot.netns = place.ip, place.netns
         return place
 
     async def _reattach(self, slot: Slot) -> None:

@@ -93,8 +93,9 @@ def namespaces() -> set[str]:
 
 
 @contextlib.contextmanager
-def _entered(name: str | None) -> Iterator[None]:
-    """Move this thread alone into namespace *name* (None: stay), and back afterwards."""
+def entered(name: str | None) -> Iterator[None]:
+    """Move this thread alone into namespace *name* (in /run/netns, or a path; None: stay), and back
+    afterwards."""
     if not name:
         yield
         return
@@ -116,13 +117,13 @@ def _entered(name: str | None) -> Iterator[None]:
 @contextlib.contextmanager
 def _inside(name: str | None) -> Iterator[Any]:
     """A netlink socket in namespace *name* (None: the current one); only this thread moves, and back."""
-    with _entered(name), IPRoute() as ipr:
+    with entered(name), IPRoute() as ipr:
         yield ipr
 
 
 def _run(argv: list[str], stdin: str = "", netns: str | None = None) -> None:
     """Run a tool (born inside *netns* when given); raise KernelError with its message when it fails."""
-    with _entered(netns):
+    with entered(netns):
         done = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=30, check=False)
     if done.returncode != 0:
         raise KernelError(f"{' '.join(argv[:3])} failed: {done.stderr.strip()[:400]}")
@@ -355,7 +356,7 @@ class Kernel:
         """Replace the nftables table inside instance *iid*'s namespace with *ruleset*; conntrack there
         starts TCP entries only from a SYN (see :func:`nftrules._untracked_tcp`)."""
         _run(["nft", "-f", "-"], ruleset, namespace_of(iid))
-        with _entered(namespace_of(iid)), contextlib.suppress(FileNotFoundError):  # no conntrack loaded yet
+        with entered(namespace_of(iid)), contextlib.suppress(FileNotFoundError):  # no conntrack loaded yet
             _sysctl("netfilter/nf_conntrack_tcp_loose", "0")
 
     def teardown(self) -> None:
@@ -402,7 +403,7 @@ class Kernel:
     @staticmethod
     def cookie(iid: str) -> int:
         """The netns cookie of instance *iid*'s namespace (how the socket balancer knows it)."""
-        with _entered(namespace_of(iid)):
+        with entered(namespace_of(iid)):
             return netns_cookie()
 
     def direct_subnets(self) -> set[str]:

@@ -7,7 +7,8 @@ from typing import Any
 from textual.widgets import DataTable
 
 STATUS_STYLE = {"RUNNING": "green", "COMPLETED": "blue", "DEAD": "red", "FAILED": "red",
-                "NoActiveClusterWithCapacity": "yellow", "NO_WORKER_CAPACITY": "yellow"}
+                "NoActiveClusterWithCapacity": "yellow", "NO_WORKER_CAPACITY": "yellow",
+                "healthy": "green", "starting": "yellow", "unhealthy": "red"}
 
 
 def styled(status: str) -> str:
@@ -48,7 +49,7 @@ class InstancesTable(DataTable[str]):
     def on_mount(self) -> None:
         """Set up the columns."""
         self.cursor_type = "row"
-        self.add_columns("#", "status", "cluster", "node", "ip", "cpu%", "MB", "restarts", "reason")
+        self.add_columns("#", "status", "health", "cluster", "node", "ip", "cpu%", "MB", "restarts", "reason")
 
     def show(self, state: dict[str, Any] | None) -> None:
         """Redraw for *state* (None: nothing selected); the border shows the service's IPs."""
@@ -56,6 +57,7 @@ class InstancesTable(DataTable[str]):
         rr, closest = (state or {}).get("rr_ip"), (state or {}).get("closest_ip")
         self.border_title = f"service IPs: round-robin {rr}, closest {closest}" if rr else None
         for i in (state or {}).get("instances", []):
-            self.add_row(str(i["number"]), styled(i["status"]), i["cluster"] or "-", i["node"] or "-",
+            self.add_row(str(i["number"]), styled(i["status"]), styled(i.get("health") or "-"),
+                         i["cluster"] or "-", i["node"] or "-",
                          i.get("ip") or "-",
                          f"{i['cpu_percent']:.0f}", f"{i['memory_mb']:.0f}", str(i["restarts"]), i["reason"] or "")
