@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 
-BENCHMARKS = ("store", "three_tiers", "placement", "scale", "load", "tls", "containers", "overlay")
+BENCHMARKS = ("store", "three_tiers", "placement", "scale", "load", "tls", "containers", "overlay", "rollout")
 
 
 def main() -> None:

@@ -232,3 +232,17 @@ async def test_the_dispatch_never_waits_for_the_store_and_nothing_is_told_before
     assert len(states) == 1
     assert sorted(states[0]["instances"]) == sorted(everything)
     out.close()
+
+
+def test_a_change_of_health_is_reported_at_once(tmp_path: Path) -> None:
+    """A worker's report where only an instance's health changed wakes the cluster's report (readiness: the
+    root and every worker's net table wait for it), as a new status does; new metrics alone do not."""
+    orch = ClusterOrchestrator("c1", Store(tmp_path / "c.json"), Profile((Weighted(LeastLoaded()),)), FakeSession())  # type: ignore[arg-type]
+    node = orch.nodes["w1"] = NodeView("w1", online=True)
+    running = {"status": "RUNNING", "ip": "10.18.0.2", "health": "starting"}
+    orch._on_state(node, NodeState.load({"instances": {"i1": running}}))
+    orch._changed.clear()
+    orch._on_state(node, NodeState.load({"instances": {"i1": running}, "cpu_percent": 50.0}))
+    assert not orch._changed.is_set()
+    orch._on_state(node, NodeState.load({"instances": {"i1": {**running, "health": "healthy"}}}))
+    assert orch._changed.is_set()

@@ -71,6 +71,7 @@ def test_verdict_over_tries() -> None:
     late = Health().after(check, "refused", running_for=11)
     assert (late.state, late.failed) == (STARTING, 1)
     assert late.after(check, "refused", 12).state == UNHEALTHY
+    assert first.describe(check) == "health check failed (in its start period, not counted): refused"
     healthy = Health(HEALTHY)
     once = healthy.after(check, "refused", 20)
     assert (once.state, once.describe(check)) == (HEALTHY, "health check failed (1 of 2): refused")

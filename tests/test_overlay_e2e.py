@@ -3,6 +3,7 @@ instances reaching services by service IP over VXLAN, through real brokers and r
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -19,7 +20,7 @@ import pytest
 
 from plugins.runtimes.cgroups import instances_cgroup2
 from services.cli.client import OakClient
-from services.cli.commands import service_text
+from services.cli.views import service_text
 from services.common.nettable import NodeRoute
 from services.worker import socklb
 from services.worker.kernel import Kernel
@@ -106,13 +107,13 @@ async def settled(client: OakClient, job: str, replicas: int) -> dict[str, Any]:
     return dict(await eventually(check, 40, what=f"{job} x{replicas} RUNNING with IPs"))
 
 
-def start_workers(stack: Stack, lab: Lab, names: dict[str, str]) -> None:
-    """One worker per host: *names* maps worker to cluster."""
+def start_workers(stack: Stack, lab: Lab, names: dict[str, str], *extra: str) -> None:
+    """One worker per host: *names* maps worker to cluster (*extra*: more flags for each)."""
     for index, (worker, cluster) in enumerate(names.items()):
         host = f"h{index + 1}"
         address = "auto" if index == 0 else lab.addresses[host]
         stack.worker(worker, cluster, "--overlay", "--host-netns", lab.hosts[host], "--public-address", address,
-                     "--stop-grace", "1")
+                     "--stop-grace", "1", *extra)
 
 
 @pytest.mark.timeout(240)
@@ -270,13 +271,17 @@ async def test_only_healthy_instances_take_traffic(stack: Stack, api: Any, lab: 
 
     await eventually(lambda: _is(health(), {"instance-0": "healthy", "instance-1": "starting"}), 20,
                      what="instance-0 healthy, instance-1 starting")
-    state = await service(client, "ready.test.web.test")
+
+    async def refused() -> dict[str, Any] | None:  # (its first tries may come before it listens)
+        state = await service(client, "ready.test.web.test")
+        starting = next(i for i in state["instances"] if i["number"] == 1)
+        return state if "(in its start period, not counted): GET /healthz answered 503" in starting["reason"] else None
+
+    state = await eventually(refused, 20, what="instance-1's check failing with 503")
     shown = service_text(state)
     assert "health check: http :80/healthz every 0.3s" in shown
     assert "HEALTH" in shown
     assert "starting" in shown
-    starting = next(i for i in state["instances"] if i["number"] == 1)
-    assert "GET /healthz answered 503" in starting["reason"]
     rr = state["rr_ip"]
 
     def only(names: set[str]) -> bool:
@@ -288,6 +293,90 @@ async def test_only_healthy_instances_take_traffic(stack: Stack, api: Any, lab: 
                      what="both healthy")
     await eventually(lambda: only({"instance-0", "instance-1"}), 15, interval=0.3, what="both taking traffic")
     await client.request("apps", "delete", {"app": "ready"})
+
+
+VERSIONED = '''
+import os, socketserver
+NAME = f"{os.environ['HOSTNAME']}-v{os.environ['VERSION']}".encode()
+class Web(socketserver.StreamRequestHandler):
+    def handle(self):
+        while self.rfile.readline().strip():
+            pass
+        self.wfile.write(b"HTTP/1.0 200 OK\\r\\nContent-Length: %d\\r\\n\\r\\n%s" % (len(NAME), NAME))
+socketserver.ThreadingTCPServer.allow_reuse_address = True
+socketserver.ThreadingTCPServer(("0.0.0.0", 80), Web).serve_forever()
+'''
+
+STREAM = '''
+import os, sys, time, urllib.request
+ip, stop = sys.argv[1], sys.argv[2]
+while not os.path.exists(stop):
+    try:
+        print("OK", urllib.request.urlopen(f"http://{ip}/", timeout=3).read().decode().strip(), flush=True)
+    except Exception as exc:
+        print("FAIL", repr(exc), flush=True)
+    time.sleep(0.01)
+'''
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("runtime", ["process", "container"])
+async def test_rolling_update_fails_no_request(stack: Stack, api: Any, lab: Lab, tmp_path: Path,
+                                               runtime: str, request: pytest.FixtureRequest) -> None:
+    """A 3-replica HTTP service on two workers (a Python server as a process, or busybox httpd in a
+    container), asked without pause through its round-robin IP, is updated to a new revision one instance
+    at a time: every request is answered, the answers move from v1 to v2, and each new instance runs on
+    the worker of the one it replaced."""
+    if runtime == "container":
+        image = request.getfixturevalue("busybox_image")
+        web: dict[str, Any] = {"virtualization": "container", "code": str(image), "cmd": [
+            "sh", "-c", "echo $HOSTNAME-v$VERSION > /tmp/index.html && exec httpd -f -p 80 -h /tmp"]}
+    else:
+        script = tmp_path / "versioned.py"
+        script.write_text(VERSIONED)
+        web = {"cmd": [sys.executable, str(script)]}
+    stack.root()
+    stack.cluster("c1")
+    start_workers(stack, lab, {"w1": "c1", "w2": "c1"}, "--runtime", runtime)
+    client = await api()
+    await eventually(lambda: _overlay_nodes(client, 2), 30, what="two workers online")
+    web.update({"microservice_name": "web", "environment": ["VERSION=1"],
+                "health": {"type": "http", "port": 80, "interval": 0.3},
+                "update": {"max_parallel": 1, "min_healthy_time": 1, "healthy_deadline": 30}})
+    await client.request("apps", "create", raw=dumps(sla(web, app="roll")))
+    await client.request("services", "deploy", {"service": "roll.test.web.test", "replicas": 3})
+    before = await settled(client, "roll.test.web.test", 3)
+    await eventually(lambda: len(set(ask(lab.hosts["h1"], "tcp", before["rr_ip"], 80, 9))) == 3, 20, interval=0.3,
+                     what="all three answering")
+    stop = tmp_path / "stop"
+    stream = subprocess.Popen(in_netns(lab.hosts["h1"], [sys.executable, "-c", STREAM, before["rr_ip"], str(stop)]),
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        await client.request("services", "update", {"service": "roll.test.web.test",
+                                                     "microservice": {"environment": ["VERSION=2"]}})
+
+        async def rolled() -> dict[str, Any] | None:
+            data = await service(client, "roll.test.web.test")
+            rows = data["instances"]
+            done = data["rollout"]["state"] == "succeeded" and all(r["health"] == "healthy" for r in rows)
+            return data if done and len(rows) == 3 else None
+
+        after = await eventually(rolled, 90, interval=0.3, what="revision 2 rolled out")
+        await asyncio.sleep(1)
+    finally:
+        stop.touch()
+        output, _ = stream.communicate(timeout=30)
+    answers = output.splitlines()
+    failed = [line for line in answers if not line.startswith("OK")]
+    assert not failed, f"{len(failed)} of {len(answers)} requests failed: {failed[:5]}"
+    versions = [line.rsplit("-", 1)[1] for line in answers]
+    assert "v1" in versions, versions[:3]
+    assert set(versions[-20:]) == {"v2"}, versions[-3:]
+    assert len(answers) > 100, "a steady stream"
+    where = {r["number"]: r["node"] for r in before["instances"]}
+    assert {r["number"]: r["node"] for r in after["instances"]} == where, "each replaced on its own worker"
+    assert {r["revision"] for r in after["instances"]} == {2}
+    await client.request("apps", "delete", {"app": "roll"})
 
 
 async def _is(value: Any, expected: Any) -> bool:

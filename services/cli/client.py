@@ -186,6 +186,12 @@ class OakClient:
         self, job_name: str, timeout: float, on_update: Callable[[dict[str, Any]], None]
     ) -> dict[str, Any]:
         """Follow a service's retained state until every instance is RUNNING (or COMPLETED)."""
+        return await self.follow(job_name, timeout, on_update,
+                                 lambda state: state["status"] in (models.RUNNING, models.COMPLETED), "reach RUNNING")
+
+    async def follow(self, job_name: str, timeout: float, on_update: Callable[[dict[str, Any]], None],
+                     done: Callable[[dict[str, Any]], bool], what: str) -> dict[str, Any]:
+        """Follow a service's retained state until *done* says so; CliError saying it did not *what* in time."""
         topic = channels.API_SERVICE_STATE.topic(user=self.profile.username, job=job_name)
         await self.session.subscribe_confirmed(topic)
         try:
@@ -196,10 +202,10 @@ class OakClient:
                         continue
                     state = decode_state(message.payload)
                     on_update(state)
-                    if state["status"] in (models.RUNNING, models.COMPLETED):
+                    if done(state):
                         return state
         except TimeoutError:
-            raise CliError(f"{job_name} did not reach RUNNING within {timeout:.0f} s") from None
+            raise CliError(f"{job_name} did not {what} within {timeout:.0f} s") from None
 
 
 def decode_state(payload: bytes) -> dict[str, Any]:

@@ -20,7 +20,9 @@ from broker.external import conf_lines, write_initial
 from broker.server import Listeners
 from broker.tier_ca import TierCa
 from services.cli.client import CliError, OakClient, Profile
+from services.cli.revisions import revision_command
 from services.cli.tables import table
+from services.cli.views import service_text, services_text
 from services.cluster.app import ClusterConfig, run_cluster
 from services.common.mqtt import BrokerUrl
 from services.common.private import private_dir, write_private
@@ -164,13 +166,6 @@ async def up(args: argparse.Namespace, home: Path) -> None:
 
 # ---- client commands ---------------------------------------------------------------------------
 
-SERVICE_COLUMNS = [("SERVICE", "job_name"), ("ID", "service_id"), ("STATUS", "status"),
-                   ("REPLICAS", "replicas"), ("VIRT", "virtualization"), ("RR IP", "rr_ip"), ("CODE", "code")]
-INSTANCE_COLUMNS = [("#", "number"), ("STATUS", "status"), ("CLUSTER", "cluster"), ("NODE", "node"),
-                    ("IP", "ip"), ("CPU%", "cpu_percent"), ("MEM MB", "memory_mb"), ("IO MB", "io_mb"),
-                    ("RESTARTS", "restarts"), ("REASON", "reason")]
-
-
 def duration(text: str) -> float:
     """Seconds in ``90``, ``90s``, ``15m``, ``24h`` or ``7d``."""
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -201,33 +196,6 @@ def _token(data: Any) -> str:
     until = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(data["expires"]))
     return (f"token for a {data['kind']}, valid until {until}, {limit}:\n{data['token']}\n"
             f"CA fingerprint: {data['fingerprint']}\n\njoin with:\n{data['command']}")
-
-
-def _services(data: Any) -> str:
-    return table(data, SERVICE_COLUMNS) if data else "no services"
-
-
-def _health_check(check: dict[str, Any] | None) -> str:
-    """The service's health check in one line ("" without one)."""
-    if not check:
-        return ""
-    what = " ".join(check["cmd"]) if check["type"] == "exec" else f":{check['port']}"
-    what += check["path"] if check["type"] == "http" else ""
-    return (f"health check: {check['type']} {what} every {check['interval']:g}s (timeout {check['timeout']:g}s, "
-            f"unhealthy after {check['failures']} failures, start period {check['start_period']:g}s)\n")
-
-
-def service_text(data: Any) -> str:
-    """A service state as `oak service inspect` prints it: its spec, its IPs and health check, and its instances."""
-    head = (f"{data['job_name']}  ({data['service_id']})  {data['status']}\n"
-            f"{data['virtualization']} {data['code'] or ' '.join(data['cmd'])}  "
-            f"vcpus={data['vcpus']} memory={data['memory']}MB replicas={data['replicas']}\n"
-            f"service IPs: round-robin {data.get('rr_ip') or '-'}, closest {data.get('closest_ip') or '-'}\n"
-            + _health_check(data.get("health")))
-    columns = INSTANCE_COLUMNS
-    if any(i.get("health") for i in data["instances"]):
-        columns = [*INSTANCE_COLUMNS[:2], ("HEALTH", "health"), *INSTANCE_COLUMNS[2:]]
-    return head + (table(data["instances"], columns) if data["instances"] else "no instances")
 
 
 def _apps(data: Any) -> str:
@@ -334,7 +302,9 @@ async def _service_command(oak: OakClient, args: argparse.Namespace) -> tuple[An
     if action == "logs":
         return await _logs(oak, args)
     if action == "list":
-        return await oak.request("services", "list", {"app": args.app} if args.app else {}), _services
+        return await oak.request("services", "list", {"app": args.app} if args.app else {}), services_text
+    if action in ("update", "history", "rollback", "promote"):
+        return await revision_command(oak, args)
     if action == "inspect":
         return await oak.request("services", "inspect", {"service": args.service}), service_text
     if action == "scale":

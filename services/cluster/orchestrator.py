@@ -234,8 +234,8 @@ class ClusterOrchestrator:
 
     def _on_state(self, node: NodeView, state: NodeState) -> None:
         statuses = {i: o if (o := node.statuses.get(i)) == s else s for i, s in state.instances.items()}
-        changed = {i: (s.status, s.ip) for i, s in statuses.items()} != {
-            i: (s.status, s.ip) for i, s in node.statuses.items()}
+        changed = {i: (s.status, s.ip, s.health) for i, s in statuses.items()} != {
+            i: (s.status, s.ip, s.health) for i, s in node.statuses.items()}  # readiness too: the net table
         node.statuses = statuses
         node.metrics = state.metrics
         node.coord = state.coord

@@ -76,7 +76,8 @@ class Plan:
 def plan(desired: Mapping[str, InstanceSpec], assigned: Mapping[str, str], candidates: list[Candidate],
          profile: Profile) -> Plan:
     """Place every desired instance without a worker on the online *candidates*, in a stable order (by
-    service and number), each decision seeing the demands of those before it."""
+    service and number), each decision seeing the demands of those before it. An instance that replaces
+    another (a rolling update) goes to the worker it ``prefer``s when that one takes it."""
     pool = {c.id: c for c in candidates}
     coords = {c.id: c.coord for c in candidates if c.coord}
     placed: dict[str, str] = {}
@@ -85,7 +86,10 @@ def plan(desired: Mapping[str, InstanceSpec], assigned: Mapping[str, str], candi
                      key=lambda i: (desired[i].job_name, desired[i].instance_number))
     for iid in pending:
         demand = with_targets(desired[iid].demand, coords)
-        decision = scheduling.place(demand, list(pool.values()), profile, "node")
+        preferred = pool.get(desired[iid].prefer)
+        decision = scheduling.place(demand, [preferred], profile, "node") if preferred else None
+        if decision is None or decision.choice is None:
+            decision = scheduling.place(demand, list(pool.values()), profile, "node")
         if decision.choice is None:
             unplaced[iid] = decision.why_not() if pool else "no worker online"
             continue

@@ -64,6 +64,7 @@ class InstanceSpec:
     sid: str = ""
     rr_ip: str = ""
     closest_ip: str = ""
+    prefer: str = ""  # the worker to place it on when it fits there (where the instance it replaces ran)
 
     @property
     def service_key(self) -> str:
@@ -80,7 +81,7 @@ class InstanceSpec:
         """The JSON form (the service's part is the service's own, shared by its instances)."""
         return {"iid": self.iid, "owner": self.owner, "job_name": self.job_name,
                 "instance_number": self.instance_number, "service": self.service.doc, "sid": self.sid,
-                "rr_ip": self.rr_ip, "closest_ip": self.closest_ip}
+                "rr_ip": self.rr_ip, "closest_ip": self.closest_ip, "prefer": self.prefer}
 
 
 def load_desired(data: Any) -> dict[str, InstanceSpec]:
@@ -111,7 +112,12 @@ class InstanceStatus:
     def serves(self) -> bool:
         """Whether the instance is a backend of its service's IPs: RUNNING at an address, and healthy
         when it has a health check (readiness)."""
-        return self.status == RUNNING and bool(self.ip) and self.health in ("", HEALTHY)
+        return self.ready and bool(self.ip)
+
+    @property
+    def ready(self) -> bool:
+        """Whether the instance works as far as its worker knows: RUNNING, and healthy when it has a check."""
+        return self.status == RUNNING and self.health in ("", HEALTHY)
 
 
 def load_statuses(data: Any) -> dict[str, InstanceStatus]:

@@ -32,9 +32,10 @@ RR_NET = ipaddress.ip_network("10.30.0.0/16")
 #: Microservice keys that become :class:`ServiceSpec` fields (``addresses`` is handled apart: only ``rr_ip`` is taken).
 MICRO_KEYS = frozenset({"microserviceID", "microservice_name", "microservice_namespace", "virtualization", "code",
                         "cmd", "environment", "memory", "vcpus", "vcpu", "vgpus", "storage", "port", "one_shot",
-                        "privileged", "constraints", "health"})
+                        "privileged", "constraints", "health", "update"})
 HEALTH_TYPES = ("exec", "tcp", "http")
 HEALTH_KEYS = ("type", "cmd", "port", "path", "interval", "timeout", "failures", "start_period")
+UPDATE_KEYS = ("max_parallel", "min_healthy_time", "healthy_deadline", "auto_revert", "canary")
 
 
 class SlaError(ValueError):
@@ -76,6 +77,29 @@ class HealthCheck:
 
 
 @dataclass(frozen=True)
+class UpdatePolicy:
+    """The SLA's ``update``: how a new revision replaces the running one (Nomad's ``update`` block).
+
+    At most ``max_parallel`` instances are replaced at a time, so never fewer than ``replicas -
+    max_parallel`` are healthy (or RUNNING, without a health check); a new instance counts once it has
+    been so for ``min_healthy_time`` seconds; one that is not within ``healthy_deadline`` seconds stops
+    the rollout, which goes back to the previous revision when ``auto_revert``. With ``canary`` N, N new
+    instances start beside the old ones and wait for a promote (or a rollback).
+    """
+
+    max_parallel: int = 1
+    min_healthy_time: float = 10.0
+    healthy_deadline: float = 300.0
+    auto_revert: bool = True
+    canary: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form (the SLA's own)."""
+        return {"max_parallel": self.max_parallel, "min_healthy_time": self.min_healthy_time,
+                "healthy_deadline": self.healthy_deadline, "auto_revert": self.auto_revert, "canary": self.canary}
+
+
+@dataclass(frozen=True)
 class ServiceSpec:
     """One validated microservice of an application."""
 
@@ -100,6 +124,12 @@ class ServiceSpec:
     constraints: tuple[dict[str, Any], ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
     health: HealthCheck | None = None
+    update: UpdatePolicy | None = None
+
+    @property
+    def update_policy(self) -> UpdatePolicy:
+        """How updates of this service roll: the SLA's ``update``, or the defaults."""
+        return self.update or UpdatePolicy()
 
     @functools.cached_property
     def needs(self) -> tuple[str, ...]:
@@ -142,7 +172,26 @@ class ServiceSpec:
             "clusters": list(self.clusters), "nodes": list(self.nodes),
             "constraints": copy.deepcopy(list(self.constraints)), "extra": copy.deepcopy(self.extra),
             "health": self.health.to_dict() if self.health else None,
+            "update": self.update.to_dict() if self.update else None,
         }
+
+    def to_sla(self) -> dict[str, Any]:
+        """The SLA microservice this spec was read from (its ``extra`` keys included): what an update
+        changes some fields of."""
+        micro = {
+            **copy.deepcopy(self.extra), "microservice_name": self.name, "microservice_namespace": self.namespace,
+            "virtualization": self.virtualization, "code": self.code, "cmd": list(self.cmd),
+            "environment": list(self.environment), "memory": self.memory, "vcpus": self.vcpus, "vgpus": self.vgpus,
+            "storage": self.storage, "port": self.port, "one_shot": self.one_shot, "privileged": self.privileged,
+            "constraints": copy.deepcopy(list(self.constraints)),
+        }
+        if self.rr_ip:
+            micro["addresses"] = {**micro.get("addresses", {}), "rr_ip": self.rr_ip}
+        if self.health:
+            micro["health"] = self.health.to_dict()
+        if self.update:
+            micro["update"] = self.update.to_dict()
+        return micro
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ServiceSpec:
@@ -225,8 +274,8 @@ def _number(obj: dict[str, Any], key: str, path: str, integer: bool, default: fl
     return int(value) if integer else value
 
 
-def _bool(obj: dict[str, Any], key: str, path: str) -> bool:
-    value = obj.get(key, False)
+def _bool(obj: dict[str, Any], key: str, path: str, default: bool = False) -> bool:
+    value = obj.get(key, default)
     if not isinstance(value, bool):
         raise SlaError(f"{path}.{key}", f"expected true or false, got {_kind(value)}")
     return value
@@ -351,15 +400,22 @@ def _geo(constraint: dict[str, Any], where: str) -> None:
     _positive(constraint, "threshold", where, "the distance in km")
 
 
+def _fields_of(value: Any, path: str, known: tuple[str, ...]) -> dict[str, Any]:
+    """An object of Oakling's own (not Oakestra's) whose every key must be *known*: a misspelt field would
+    otherwise silently keep its default."""
+    raw = _obj(value, path)
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise SlaError(f"{path}.{unknown[0]}", f"unknown field (expected {', '.join(known)})")
+    return raw
+
+
 def _health(micro: dict[str, Any], path: str, virtualization: str) -> HealthCheck | None:
-    """The ``health`` object, every field checked (unknown ones too: a typo would silently not check)."""
+    """The ``health`` object, every field checked."""
     if micro.get("health") is None:
         return None
     where = f"{path}.health"
-    raw = _obj(micro["health"], where)
-    unknown = sorted(set(raw) - set(HEALTH_KEYS))
-    if unknown:
-        raise SlaError(f"{where}.{unknown[0]}", f"unknown field (expected {', '.join(HEALTH_KEYS)})")
+    raw = _fields_of(micro["health"], where, HEALTH_KEYS)
     kind = _str(raw, "type", where, required=True)
     if kind not in HEALTH_TYPES:
         raise SlaError(f"{where}.type", f"{kind!r} is not one of {', '.join(HEALTH_TYPES)}")
@@ -384,6 +440,41 @@ def _health(micro: dict[str, Any], path: str, virtualization: str) -> HealthChec
         raise SlaError(f"{where}.failures", "must be at least 1")
     return HealthCheck(kind, cmd, port, check_path, times["interval"], times["timeout"], failures,
                        times["start_period"])
+
+
+def _update(micro: dict[str, Any], path: str) -> UpdatePolicy | None:
+    """The ``update`` object, every field checked."""
+    if micro.get("update") is None:
+        return None
+    where = f"{path}.update"
+    raw = _fields_of(micro["update"], where, UPDATE_KEYS)
+    defaults = UpdatePolicy()
+    max_parallel = int(_number(raw, "max_parallel", where, integer=True, default=defaults.max_parallel))
+    if max_parallel < 1:
+        raise SlaError(f"{where}.max_parallel", "must be at least 1")
+    min_healthy = float(_number(raw, "min_healthy_time", where, integer=False, default=defaults.min_healthy_time))
+    deadline = float(_number(raw, "healthy_deadline", where, integer=False, default=defaults.healthy_deadline))
+    if deadline <= min_healthy:
+        raise SlaError(f"{where}.healthy_deadline", f"must be longer than min_healthy_time ({min_healthy:g} s)")
+    auto_revert = _bool(raw, "auto_revert", where, default=True)
+    canary = int(_number(raw, "canary", where, integer=True, default=0))
+    return UpdatePolicy(max_parallel, min_healthy, deadline, auto_revert, canary)
+
+
+def updated(current: ServiceSpec, changes: Any, path: str = "microservice") -> tuple[ServiceSpec, list[str]]:
+    """*current* with the SLA microservice fields in *changes* (a whole microservice, or some of its
+    fields) put over it, validated as a new one is; and the fields that differ. The service keeps its
+    name and its service IP (SlaError otherwise, naming the field)."""
+    given = {k: v for k, v in _obj(changes, path).items() if k != "microserviceID"}
+    before = current.to_sla()
+    for key in ("microservice_name", "microservice_namespace"):
+        if key in given and given[key] != before[key]:
+            raise SlaError(f"{path}.{key}", f"an update cannot rename the service (it is {before[key]!r})")
+    spec = _service({**before, **given}, path, current.app_name, current.app_namespace)
+    if spec.rr_ip != current.rr_ip:
+        raise SlaError(f"{path}.addresses.rr_ip", f"a service keeps its round-robin IP ({current.rr_ip or 'none'})")
+    old, new = current.to_dict(), spec.to_dict()
+    return spec, [key for key in new if new[key] != old.get(key)]
 
 
 def _service(micro: Any, path: str, app: str, app_ns: str) -> ServiceSpec:
@@ -416,7 +507,7 @@ def _service(micro: Any, path: str, app: str, app_ns: str) -> ServiceSpec:
     one_shot, privileged = _bool(micro, "one_shot", path), _bool(micro, "privileged", path)
     rr_ip, other_addresses = _rr_ip(micro, path)
     constraints, clusters, nodes = _constraints(micro, path)
-    health = _health(micro, path, virtualization)
+    health, update = _health(micro, path, virtualization), _update(micro, path)
     extra = {k: copy.deepcopy(v) for k, v in micro.items() if k not in MICRO_KEYS and k != "addresses"}
     if other_addresses:
         extra["addresses"] = other_addresses
@@ -424,7 +515,7 @@ def _service(micro: Any, path: str, app: str, app_ns: str) -> ServiceSpec:
         app_name=app, app_namespace=app_ns, name=name, namespace=namespace, virtualization=virtualization,
         code=code, cmd=cmd, environment=environment, memory=memory, vcpus=vcpus, vgpus=vgpus, storage=storage,
         port=port, one_shot=one_shot, privileged=privileged, rr_ip=rr_ip, clusters=clusters, nodes=nodes,
-        constraints=constraints, extra=extra, health=health,
+        constraints=constraints, extra=extra, health=health, update=update,
     )
 
 

@@ -34,10 +34,11 @@ from services.common import channels, topics
 from services.common.inbox import Received
 from services.common.mqtt import MqttSession
 from services.common.scheduling import unevaluated, unevaluated_reason
-from services.common.sla import SlaError, parse_sla
+from services.common.sla import ServiceSpec, SlaError, parse_sla, updated
 from services.root.catalog import App, Catalog, Conflict, NotFound, Service
 from services.root.joining import RootJoining
 from services.root.orchestrator import RootOrchestrator
+from services.root.rollout import PAUSED, RUNNING, Rollout
 from services.root.streams import LogStreams
 from services.root.views import cluster_rows, node_rows
 
@@ -103,6 +104,10 @@ class Api:
             ("services", "scale"): self.services_scale,
             ("services", "undeploy"): self.services_undeploy,
             ("services", "logs"): self.services_logs,
+            ("services", "update"): self.services_update,
+            ("services", "history"): self.services_history,
+            ("services", "rollback"): self.services_rollback,
+            ("services", "promote"): self.services_promote,
             ("clusters", "list"): self.clusters_list,
             ("nodes", "list"): self.nodes_list,
             ("users", "create"): self.users_create,
@@ -288,9 +293,10 @@ class Api:
         return {**self.orchestrator.service_state(service), "added": [i.number for i in added],
                 "removed": [i.number for i in removed]}
 
-    def _check_constraints_evaluated(self, service: Service) -> None:
-        """Refuse to run *service* when no scheduler plugin of the root would honour one of its constraints."""
-        kinds = [c["type"] for c in service.spec.constraints]  # checked when the SLA was accepted
+    def _check_constraints_evaluated(self, service: Service, spec: ServiceSpec | None = None) -> None:
+        """Refuse to run *service* (its new *spec*) when no scheduler plugin of the root would honour one of
+        its constraints."""
+        kinds = [c["type"] for c in (spec or service.spec).constraints]  # checked when the SLA was accepted
         missing = unevaluated(self.orchestrator.profile, kinds)
         if missing:
             raise ApiError("missing_plugin", unevaluated_reason(self.orchestrator.profile, missing))
@@ -317,6 +323,55 @@ class Api:
         await self.orchestrator.forget([removed])
         self.orchestrator.mark(self.catalog.services[service.sid])
         return self.orchestrator.service_state(self.catalog.services[service.sid])
+
+    # ---- revisions ---------------------------------------------------------------------------
+
+    async def services_update(self, user: str, body: Any) -> Any:
+        """Make a new revision of a service from ``microservice`` (a whole SLA microservice, or the fields
+        to change) and roll it out as its ``update`` policy says; ``changed`` lists what changed (nothing:
+        no new revision)."""
+        service = self._service(user, body)
+        spec, changed = updated(service.spec, self._arg(body, "microservice", dict))
+        if changed:
+            if service.replicas:
+                self._check_constraints_evaluated(service, spec)
+            service = await self.catalog.update(service, spec, ", ".join(changed))
+            self.orchestrator.mark(service)
+        return {**self.orchestrator.service_state(service), "changed": changed}
+
+    async def services_history(self, user: str, body: Any) -> Any:
+        """A service's revisions, oldest first: when each was made and what it changed."""
+        service = self._service(user, body)
+        return [{"revision": r.number, "at": r.at, "change": r.change, "current": r.number == service.revision,
+                 "spec": r.spec.to_sla()} for r in self.catalog.revisions_of(service.sid)]
+
+    async def services_rollback(self, user: str, body: Any) -> Any:
+        """Roll a service back to ``revision`` (default: the one before its latest rollout), replacing its
+        instances as an update does."""
+        service = self._service(user, body)
+        current = service.revision
+        default = service.rollout.previous if service.rollout and service.rollout.previous else current - 1
+        number = self._arg(body, "revision", int, required=False) or default
+        known = [r.number for r in self.catalog.revisions_of(service.sid)]
+        if number not in known:
+            raise NotFound(f"{service.job_name} has no revision {number} (it has {', '.join(map(str, known))})")
+        if number == current and not (service.rollout and service.rollout.active):
+            raise Conflict(f"{service.job_name} is at revision {number} already")
+        rollout = Rollout(number, RUNNING, f"rollback from revision {current}")
+        service = await self.catalog.set_revision(service, number, rollout)
+        self.orchestrator.mark(service)
+        return self.orchestrator.service_state(service)
+
+    async def services_promote(self, user: str, body: Any) -> Any:
+        """Let a rollout paused for its canaries go on: the canaries stay, the old instances are replaced."""
+        service = self._service(user, body)
+        if not service.rollout or service.rollout.state != PAUSED:
+            state = service.rollout.state if service.rollout else "none"
+            raise Conflict(f"{service.job_name} has no rollout waiting to be promoted (latest: {state})")
+        service = await self.catalog.set_rollout(service, Rollout(service.rollout.revision, RUNNING, "promoted",
+                                                                  previous=service.rollout.previous))
+        self.orchestrator.mark(service)
+        return self.orchestrator.service_state(service)
 
     async def services_logs(self, user: str, body: Any) -> Any:
         """Stream the logs of a service's instances (or of ``instance``): the last ``tail`` lines (default

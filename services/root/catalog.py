@@ -13,6 +13,7 @@ import asyncio
 import functools
 import itertools
 import secrets
+import time
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -22,8 +23,9 @@ from services.common.plugin_api import Demand
 from services.common.sla import AppSpec, ServiceSpec
 from services.common.store import Store
 from services.common.throttle import TimeSlices
+from services.root.rollout import PAUSED, RUNNING, SUCCEEDED, Rollout
 
-APPS, SERVICES, INSTANCES, CLUSTERS = "apps", "services", "instances", "clusters"
+APPS, SERVICES, INSTANCES, CLUSTERS, REVISIONS = "apps", "services", "instances", "clusters", "revisions"
 WRITE_CHUNK = 250  # instance records handed to the store at a time when thousands change at once
 
 
@@ -54,7 +56,7 @@ class App:
 
 @dataclass(frozen=True)
 class Service:
-    """A service: its validated spec and how many instances of it should run."""
+    """A service: the spec of the revision its instances should run, how many, and its latest rollout."""
 
     sid: str
     owner: str
@@ -64,6 +66,8 @@ class Service:
     next_number: int = 0
     rr_ip: str = ""
     closest_ip: str = ""
+    revision: int = 1
+    rollout: Rollout | None = None
 
     @property
     def job_name(self) -> str:
@@ -75,20 +79,39 @@ class Service:
         """What each instance of the service asks of the place it runs on."""
         return models.demand_of(self.spec, f"{self.owner}/{self.job_name}")
 
-    def instance(self, instance: Instance) -> InstanceSpec:
-        """The desired-map entry of one of this service's instances."""
-        return InstanceSpec(instance.iid, self.owner, self.job_name, instance.number, self.spec, self.sid,
-                            self.rr_ip, self.closest_ip)
+    def instance(self, instance: Instance, spec: ServiceSpec) -> InstanceSpec:
+        """The desired-map entry of one of this service's instances, which runs *spec* (its revision's)."""
+        return InstanceSpec(instance.iid, self.owner, self.job_name, instance.number, spec, self.sid,
+                            self.rr_ip, self.closest_ip, instance.prefer)
 
 
 @dataclass(frozen=True)
 class Instance:
-    """One instance of a service and the cluster it is assigned to ('' while unplaced)."""
+    """One instance of a service: the cluster it is assigned to ('' while unplaced), the revision it
+    runs, when it was made, and the worker it should go to when it can (its predecessor's)."""
 
     iid: str
     sid: str
     number: int
     cluster: str = ""
+    revision: int = 1
+    created: float = 0.0
+    prefer: str = ""
+
+
+@dataclass(frozen=True)
+class Revision:
+    """One accepted version of a service's spec, when it was accepted and what it changed."""
+
+    sid: str
+    number: int
+    spec: ServiceSpec
+    at: float
+    change: str
+
+
+def _revision_key(sid: str, number: int) -> str:
+    return f"{sid}.{number}"
 
 
 def _load_table(raw: dict[str, dict[str, Any]], cls: type) -> dict[str, object]:
@@ -104,6 +127,7 @@ class Catalog:
         self.apps: dict[str, App] = {}
         self.services: dict[str, Service] = {}
         self.instances: dict[str, Instance] = {}
+        self.revisions: dict[str, Revision] = {}  # by _revision_key
         self.known_clusters: set[str] = set()
         self._changing = asyncio.Lock()
 
@@ -113,6 +137,10 @@ class Catalog:
         self.services = _load_table(await self.store.load(SERVICES), Service)  # type: ignore[assignment]
         self.instances = _load_table(await self.store.load(INSTANCES), Instance)  # type: ignore[assignment]
         self.known_clusters = set(await self.store.load(CLUSTERS))
+        self.revisions = _load_table(await self.store.load(REVISIONS), Revision)  # type: ignore[assignment]
+        for service in self.services.values():  # a store from before revisions: the spec is revision 1
+            self.revisions.setdefault(_revision_key(service.sid, service.revision),
+                                      Revision(service.sid, service.revision, service.spec, 0.0, "created"))
 
     # ---- look-ups ----------------------------------------------------------------------------
 
@@ -128,6 +156,16 @@ class Catalog:
     def instances_of(self, sid: str) -> list[Instance]:
         """A service's instances, by number."""
         return sorted((i for i in self.instances.values() if i.sid == sid), key=lambda i: i.number)
+
+    def revisions_of(self, sid: str) -> list[Revision]:
+        """A service's revisions, oldest first."""
+        return sorted((r for r in self.revisions.values() if r.sid == sid), key=lambda r: r.number)
+
+    def instance_spec(self, instance: Instance) -> InstanceSpec:
+        """The desired-map entry of *instance*: its service's, with its own revision's spec."""
+        service = self.services[instance.sid]
+        revision = self.revisions.get(_revision_key(instance.sid, instance.revision))
+        return service.instance(instance, revision.spec if revision else service.spec)
 
     def find_app(self, owner: str, ref: object) -> App:
         """The user's application with this id or name (``name`` or ``name.namespace``)."""
@@ -164,10 +202,13 @@ class Catalog:
             used |= {rr_ip, closest_ip}
             services.append(Service(new_id(), owner, app_id, svc, rr_ip=rr_ip, closest_ip=closest_ip))
         app = App(app_id, owner, spec.name, spec.namespace, spec.desc, tuple(s.sid for s in services))
+        revisions = [Revision(s.sid, 1, s.spec, time.time(), "created") for s in services]
+        await self.store.put_many(REVISIONS, {_revision_key(r.sid, 1): _revision_doc(r) for r in revisions})
         await self.store.put_many(SERVICES, {s.sid: models.dump(s) for s in services})
         await self.store.put(APPS, app_id, models.dump(app))
         self.apps[app_id] = app
         self.services.update({s.sid: s for s in services})
+        self.revisions.update({_revision_key(r.sid, 1): r for r in revisions})
         return app
 
     async def delete_app(self, app: App) -> list[Service]:
@@ -180,7 +221,11 @@ class Catalog:
         iids = tuple(i.iid for s in gone for i in self.instances_of(s.sid))
         await self.store.put_many(INSTANCES, {}, iids)
         await self.store.put_many(SERVICES, {}, tuple(s.sid for s in gone))
+        revisions = tuple(key for key, r in self.revisions.items() if r.sid in app.services)
+        await self.store.put_many(REVISIONS, {}, revisions)
         await self.store.delete(APPS, app.app_id)
+        for key in revisions:
+            del self.revisions[key]
         for iid in iids:
             del self.instances[iid]
         for service in gone:
@@ -195,8 +240,9 @@ class Catalog:
 
     async def _set_replicas(self, service: Service, replicas: int) -> tuple[list[Instance], list[Instance]]:
         current = self.instances_of(service.sid)
+        now = time.time()
         added = [
-            Instance(new_id(), service.sid, service.next_number + k)
+            Instance(new_id(), service.sid, service.next_number + k, revision=service.revision, created=now)
             for k in range(max(0, replicas - len(current)))
         ]
         removed = current[replicas:] if replicas < len(current) else []
@@ -213,8 +259,12 @@ class Catalog:
                     return instance
         raise NotFound(f"service {service.job_name} has no instance {number}")
 
-    async def _commit(self, service: Service, replicas: int, added: list[Instance], removed: list[Instance]) -> None:
-        updated = replace(service, replicas=replicas, next_number=service.next_number + len(added))
+    async def _commit(self, service: Service, replicas: int, added: list[Instance], removed: list[Instance],
+                      numbered: int | None = None) -> None:
+        """Store *service* with *replicas*, *added* instances (*numbered* of them took new numbers: all, by
+        default) and without *removed* ones, then take it all in."""
+        numbered = len(added) if numbered is None else numbered
+        updated = replace(service, replicas=replicas, next_number=service.next_number + numbered)
         await self.store.put_many(
             INSTANCES, {i.iid: models.dump(i) for i in added}, tuple(i.iid for i in removed)
         )
@@ -248,3 +298,62 @@ class Catalog:
         if new_clusters:
             await self.store.put_many(CLUSTERS, {c: {} for c in new_clusters})
             self.known_clusters |= new_clusters
+
+    # ---- revisions and rollouts -----------------------------------------------------------------
+
+    async def update(self, service: Service, spec: ServiceSpec, change: str) -> Service:
+        """Make *spec* the service's next revision and start rolling it out (paused for its canaries
+        first, when the policy has some and instances run; at once done when none run)."""
+        async with self._changing:
+            service = self.services[service.sid]
+            number = max((r.number for r in self.revisions_of(service.sid)), default=0) + 1
+            revision = Revision(service.sid, number, spec, time.time(), change)
+            running = bool(self.instances_of(service.sid))
+            state = (PAUSED if spec.update_policy.canary else RUNNING) if running else SUCCEEDED
+            updated = replace(service, spec=spec, revision=number,
+                              rollout=Rollout(number, state, "" if running else "no instance to replace",
+                                              previous=service.revision))
+            key = _revision_key(service.sid, number)
+            await self.store.put(REVISIONS, key, _revision_doc(revision))
+            await self.store.put(SERVICES, service.sid, models.dump(updated))
+            self.revisions[key] = revision
+            self.services[service.sid] = updated
+            return updated
+
+    async def set_revision(self, service: Service, number: int, rollout: Rollout) -> Service:
+        """Make revision *number* the one the service's instances should run again (a rollback)."""
+        async with self._changing:
+            spec = self.revisions[_revision_key(service.sid, number)].spec
+            return await self._store_service(replace(self.services[service.sid], spec=spec, revision=number,
+                                                     rollout=rollout))
+
+    async def set_rollout(self, service: Service, rollout: Rollout) -> Service:
+        """Record the state of the service's rollout."""
+        async with self._changing:
+            return await self._store_service(replace(self.services[service.sid], rollout=rollout))
+
+    async def _store_service(self, service: Service) -> Service:
+        await self.store.put(SERVICES, service.sid, models.dump(service))
+        self.services[service.sid] = service
+        return service
+
+    async def roll(self, service: Service, replaced: tuple[Instance, ...], removed: tuple[Instance, ...],
+                   canaries: int, nodes: dict[str, str]) -> tuple[list[Instance], list[Instance]]:
+        """One step of a rollout, stored at once: each of *replaced* gives way to an instance of the
+        service's revision with its number, on its cluster and (*nodes*: iid -> worker) its worker when
+        it fits; *removed* go; *canaries* new instances start beside. Return (added, removed)."""
+        async with self._changing:
+            service = self.services[service.sid]
+            now = time.time()
+            added = [Instance(new_id(), service.sid, old.number, old.cluster, service.revision, now,
+                              nodes.get(old.iid, "")) for old in replaced]
+            added += [Instance(new_id(), service.sid, service.next_number + k, revision=service.revision,
+                               created=now) for k in range(canaries)]
+            gone = [*replaced, *removed]
+            await self._commit(service, service.replicas, added, gone, numbered=canaries)
+            return added, gone
+
+
+def _revision_doc(revision: Revision) -> dict[str, Any]:
+    return {"sid": revision.sid, "number": revision.number, "spec": revision.spec.to_dict(), "at": revision.at,
+            "change": revision.change}

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +29,7 @@ from services.common.mqtt import MqttSession
 from services.common.retained import LastSent
 from services.common.scheduling import Profile
 from services.common.throttle import ReportThrottle, TimeSlices, Trigger
+from services.root import rollout
 from services.root.catalog import Catalog, Instance, Service
 from services.root.clusters import STARTUP_GRACE, ClusterView
 from services.root.network import RootNetwork, overlay_routes
@@ -63,6 +65,8 @@ class RootOrchestrator:
         self._published_state = LastSent()  # each service's state, by service id
         self._dirty: set[str] = set()
         self._reconciling = asyncio.Lock()
+        self._ready_since: dict[str, float] = {}  # instances of services rolling out, ready since (monotonic)
+        self._roll_due: asyncio.TimerHandle | None = None  # a pass when a min_healthy_time ends
         # At once on an idle root (after the request that asked is answered); in a burst, where a pass
         # costs tens of milliseconds, at most a third of the event loop, which the users' requests share.
         self._kicks = Trigger(lambda: self.reconcile(), ReportThrottle(0.0, factor=PASS_SHARE, coalesce=0.0),
@@ -164,7 +168,7 @@ class RootOrchestrator:
 
     def spec_of(self, instance: Instance) -> InstanceSpec:
         """The desired-map entry of an instance."""
-        return self.catalog.services[instance.sid].instance(instance)
+        return self.catalog.instance_spec(instance)
 
     async def reconcile(self) -> None:
         """Move instances off failed clusters, place unplaced ones, publish what changed.
@@ -184,6 +188,7 @@ class RootOrchestrator:
         await self._kicks.settled()
 
     async def _reconcile(self) -> None:
+        await self._roll()
         moves = self.placement.moves(self.clusters, self.catalog.instances)
         for cluster, moving in moves.items():
             if moving:
@@ -205,6 +210,58 @@ class RootOrchestrator:
             await slices.turn()
         await self._commit(changes)
         await self.flush_states()
+
+    # ---- rollouts ----------------------------------------------------------------------------------
+
+    async def _roll(self) -> None:
+        """Take every rollout under way one step further (services/root/rollout.py decides); when an
+        instance's min_healthy_time is still running, have a pass run as it ends."""
+        due: list[float] = []
+        for service in [s for s in self.catalog.services.values() if s.rollout and s.rollout.active]:
+            assert service.rollout is not None
+            instances = self.catalog.instances_of(service.sid)
+            policy = service.spec.update_policy
+            decided = rollout.step(service.rollout, policy, service.replicas, instances,
+                                   self._ok(policy.min_healthy_time, due), time.time())
+            if decided:
+                await self._take_step(service, decided)
+        if self._roll_due:
+            self._roll_due.cancel()
+        self._roll_due = asyncio.get_running_loop().call_later(min(due), self.kick) if due else None
+
+    def _ok(self, min_healthy_time: float, due: list[float]) -> Callable[[Instance], bool]:
+        """Whether an instance has been ready (healthy, or RUNNING without a check) for *min_healthy_time*
+        (the seconds left for one that has not yet go to *due*)."""
+        now = time.monotonic()
+
+        def ok(instance: Instance) -> bool:
+            if not self.instance_status(instance).ready:
+                self._ready_since.pop(instance.iid, None)
+                return False
+            left = min_healthy_time - (now - self._ready_since.setdefault(instance.iid, now))
+            if left > 0:
+                due.append(left)
+            return left <= 0
+        return ok
+
+    async def _take_step(self, service: Service, decided: rollout.Step[Instance]) -> None:
+        """Record a rollout's step, then make it: the replaced and removed instances leave their clusters'
+        desired maps as their successors and canaries enter them."""
+        if decided.revert_to and decided.rollout:
+            log.warning("%s: %s", service.job_name, decided.rollout.reason)
+            service = await self.catalog.set_revision(service, decided.revert_to, decided.rollout)
+        elif decided.rollout:
+            log.info("%s: rollout of revision %d %s %s", service.job_name, decided.rollout.revision,
+                     decided.rollout.state, decided.rollout.reason)
+            service = await self.catalog.set_rollout(service, decided.rollout)
+        if decided.replace or decided.remove or decided.canaries:
+            nodes = {i.iid: self.instance_status(i).node for i in decided.replace}
+            added, removed = await self.catalog.roll(service, decided.replace, decided.remove, decided.canaries,
+                                                     nodes)
+            log.info("%s: replacing #%s with revision %d", service.job_name,
+                     ", #".join(str(i.number) for i in removed), service.revision)
+            await self.forget(removed, added)
+        self._dirty.add(service.sid)
 
     async def _commit(self, changes: dict[str, str]) -> None:
         """Record *changes* (instance -> cluster) on disk, then tell the clusters concerned."""
@@ -249,12 +306,16 @@ class RootOrchestrator:
                 quiet=DESIRED_QUIET, full_every=DESIRED_FULL_EVERY)
         return out
 
-    async def forget(self, removed: list[Instance]) -> None:
-        """Drop removed instances from their clusters' desired maps."""
+    async def forget(self, removed: list[Instance], added: list[Instance] | None = None) -> None:
+        """Drop removed instances from their clusters' desired maps (and put in the *added* ones that
+        already have a cluster: a rollout's successors)."""
         for instance in removed:
             self.views.forget(instance.iid)
             self.placement.forget(instance.iid)
-        await self._tell_clusters({i.iid: i.cluster for i in removed}, {i.iid: "" for i in removed})
+            self._ready_since.pop(instance.iid, None)
+        added = added or []
+        await self._tell_clusters({**{i.iid: i.cluster for i in removed}, **{i.iid: "" for i in added}},
+                                  {**{i.iid: "" for i in removed}, **{i.iid: i.cluster for i in added}})
 
     # ---- what users see ----------------------------------------------------------------------
 
@@ -333,5 +394,7 @@ class RootOrchestrator:
                     await self.publish_infrastructure()
         finally:
             self._kicks.cancel()
+            if self._roll_due:
+                self._roll_due.cancel()
             for out in self._desired_out.values():
                 out.close()

@@ -12,6 +12,7 @@ from services.common import envelope, models
 from services.common.models import InstanceStatus
 from services.root.catalog import Instance, Service
 from services.root.clusters import ClusterView
+from services.root.rollout import Rollout
 
 
 class ServiceStates:
@@ -41,6 +42,8 @@ class ServiceStates:
             "rr_ip": service.rr_ip,
             "closest_ip": service.closest_ip,
             "health": spec.health.to_dict() if spec.health else None,
+            "revision": service.revision,
+            "rollout": _rollout(service.rollout, rows),
             "status": overall_status(service.replicas, [r["status"] for r in rows]),
             "instances": rows,
         }
@@ -49,7 +52,8 @@ class ServiceStates:
         inputs = (instance.number, instance.cluster, self.status_of(instance))
         made = self._rows.get(instance.iid)
         if made is None or made[0] != inputs:
-            row = {"number": instance.number, "iid": instance.iid, "cluster": instance.cluster,
+            row = {"number": instance.number, "iid": instance.iid, "revision": instance.revision,
+                   "cluster": instance.cluster,
                    **{k: v for k, v in models.dump(inputs[2]).items() if k != "cluster"}}
             made = self._rows[instance.iid] = (inputs, row, json.dumps(row, separators=(",", ":")))
         return made[1]
@@ -67,6 +71,15 @@ class ServiceStates:
     def forget(self, iid: str) -> None:
         """*iid* was removed."""
         self._rows.pop(iid, None)
+
+
+def _rollout(rollout: Rollout | None, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The latest rollout as users see it: revision, state, reason, and how many instances run it."""
+    if rollout is None:
+        return None
+    updated = sum(1 for row in rows if row["revision"] == rollout.revision)
+    return {"revision": rollout.revision, "state": rollout.state, "reason": rollout.reason,
+            "previous": rollout.previous, "updated": updated, "active": rollout.active}
 
 
 def overall_status(replicas: int, statuses: list[str]) -> str:

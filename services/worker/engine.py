@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 
 TABLE = "instances"
 STOP_GRACE = 5.0
+# An instance behind a service IP keeps running this long after it is no longer wanted: the cluster
+# took it out of every worker's net table in the same pass, so no new connection reaches it once it
+# stops (an update replacing it fails no request).
+DRAIN = 1.0
 BACKOFF_FIRST, BACKOFF_MAX = 1.0, 30.0
 
 
@@ -68,8 +72,10 @@ class Engine:
         on_change: Callable[[], None] = lambda: None,
         stop_grace: float = STOP_GRACE,
         network: Network | None = None,
+        drain: float = DRAIN,
     ) -> None:
         self.node = node
+        self.drain = drain
         self.network = network
         self.stop_grace = stop_grace
         self.runtimes = runtimes
@@ -153,6 +159,8 @@ class Engine:
         self.on_change()
 
     async def _remove(self, slot: Slot) -> None:
+        if slot.spec.rr_ip and slot.handle and self.network:
+            await asyncio.sleep(self.drain)
         if slot.task:
             slot.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -53,6 +53,8 @@ class Health:
             return ""
         if self.state == UNHEALTHY:
             return f"unhealthy: {self.reason} ({self.failed} failed checks in a row)"
+        if not self.failed:
+            return f"health check failed (in its start period, not counted): {self.reason}"
         return f"health check failed ({self.failed} of {check.failures}): {self.reason}"
 
 

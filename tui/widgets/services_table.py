@@ -55,7 +55,11 @@ class InstancesTable(DataTable[str]):
         """Redraw for *state* (None: nothing selected); the border shows the service's IPs."""
         self.clear()
         rr, closest = (state or {}).get("rr_ip"), (state or {}).get("closest_ip")
-        self.border_title = f"service IPs: round-robin {rr}, closest {closest}" if rr else None
+        rollout = (state or {}).get("rollout")
+        titles = [f"service IPs: round-robin {rr}, closest {closest}" if rr else ""]
+        if rollout:
+            titles.append(f"revision {rollout['revision']} {rollout['state']} ({rollout['updated']} updated)")
+        self.border_title = "  ".join(t for t in titles if t) or None
         for i in (state or {}).get("instances", []):
             self.add_row(str(i["number"]), styled(i["status"]), styled(i.get("health") or "-"),
                          i["cluster"] or "-", i["node"] or "-",
