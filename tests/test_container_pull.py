@@ -4,6 +4,7 @@ status reason, the image cache, readable failures; and the container engine choi
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 from pathlib import Path
@@ -23,13 +24,15 @@ from tests.conftest import eventually
 # it copies; FAKE_SKOPEO_GATE makes it wait for a file first, FAKE_SKOPEO_FAIL makes it fail.
 FAKE_SKOPEO = """#!/bin/sh
 echo "Getting image source signatures"
+if [ "$2" = "--src-authfile" ]; then cat "$3" > "$FAKE_SKOPEO_CALLS.auth"; fi
 if [ -n "$FAKE_SKOPEO_GATE" ]; then while [ ! -e "$FAKE_SKOPEO_GATE" ]; do sleep 0.05; done; fi
 if [ -n "$FAKE_SKOPEO_FAIL" ]; then echo "FATA[0000] pinging container registry: no such host" >&2; exit 1; fi
 echo "Copying blob sha256:a2abf6c4d29d done"
 echo "Copying config sha256:605c77e624dd done"
 echo "Writing manifest to image destination"
 echo "$@" >> "$FAKE_SKOPEO_CALLS"
-dest=${3#oci:}; dir=${dest%:*}; tag=${dest##*:}
+for last; do :; done
+dest=${last#oci:}; dir=${dest%:*}; tag=${dest##*:}
 mkdir -p "$dir/blobs/sha256"
 echo '{"imageLayoutVersion": "1.0.0"}' > "$dir/oci-layout"
 printf '{"schemaVersion":2,"manifests":[{"annotations":{"org.opencontainers.image.ref.name":"%s"}}]}' "$tag" \
@@ -113,6 +116,56 @@ async def test_pulling_shows_in_the_instance_status(tmp_path: Path, skopeo: Path
         await eng.apply({})
         await eventually(lambda: not eng.slots, what="removed")
         await asyncio.sleep(0.1)
+
+
+async def test_registry_secret_logs_the_pull_in(tmp_path: Path, skopeo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A service with a registry_secret: its value (user:password, fetched as the instance starts) reaches
+    skopeo as an auth file for the image's registry, on the instance's private directory only, gone with
+    the instance; an image pulled with a credential is not served from the cache to a pull without it."""
+    monkeypatch.setenv("FAKE_SKOPEO_FAIL", "1")  # after the login is seen: no runc needed
+    monkeypatch.setattr(ContainerRuntime, "available", staticmethod(lambda: None))
+    rt = ContainerRuntime(str(tmp_path / "w"), engine="runc")
+    service = ServiceSpec(app_name="a", app_namespace="n", name="s", namespace="n", virtualization="container",
+                          code="registry.example:5000/team/app:v1", registry_secret="reg")
+    asked: list[str] = []
+
+    async def fetch(iid: str) -> dict[str, bytes]:
+        asked.append(iid)
+        return {"reg": b"bob:pa55"}
+
+    eng = Engine("w1", {"container": rt}, Store(tmp_path / "w.json"), tmp_path / "w", secrets=fetch)
+    await eng.apply({"i1": InstanceSpec("i1", "admin", service.job_name, 0, service)})
+    try:
+        await eventually(lambda: eng.statuses()["i1"].status == models.FAILED, what="the pull failed")
+        assert asked[0] == "i1"
+        auth = json.loads(Path(f"{skopeo}.auth").read_text())
+        assert auth == {"auths": {"registry.example:5000": {"auth": base64.b64encode(b"bob:pa55").decode()}}}
+        assert "pa55" not in (tmp_path / "w" / "logs" / "i1.log").read_text()
+    finally:
+        await eng.apply({})
+        await eventually(lambda: not eng.slots, what="removed")
+        await asyncio.sleep(0.2)
+    assert not (tmp_path / "w" / "secrets" / "i1").exists(), "the credential went with the instance"
+    monkeypatch.delenv("FAKE_SKOPEO_FAIL")
+    authfile = tmp_path / "auth.json"
+    authfile.write_text("{}")
+    with_login = rt.image_layout("registry.example/app:v2", tmp_path / "l.log", authfile=str(authfile))
+    assert rt.image_layout("registry.example/app:v2", tmp_path / "l.log") != with_login
+
+
+@pytest.mark.skipif(not os.environ.get("OAK_TEST_REGISTRY"), reason="no private registry to pull from: set "
+                    "OAK_TEST_REGISTRY='<reference> <user>:<password>' (e.g. a registry:2 with htpasswd) to run")
+def test_pull_from_a_private_registry(tmp_path: Path) -> None:
+    """With a real private registry: the credential a registry_secret holds lets skopeo pull the image."""
+    from services.worker.secrets import lay_out
+
+    reference, login = os.environ["OAK_TEST_REGISTRY"].split()
+    service = ServiceSpec(app_name="a", app_namespace="n", name="s", namespace="n", virtualization="container",
+                          code=reference, registry_secret="reg")
+    laid = lay_out(service, {"reg": login.encode()}, tmp_path / "secrets")
+    rt = ContainerRuntime(str(tmp_path / "w"), engine="runc")
+    layout, _ = rt.image_layout(reference, tmp_path / "i.log", authfile=laid.registry_auth)
+    assert json.loads((layout / "index.json").read_text())["manifests"]
 
 
 def test_engine_choice(monkeypatch: pytest.MonkeyPatch) -> None:

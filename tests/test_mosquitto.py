@@ -72,7 +72,7 @@ def test_acl_file_says_what_broker_acl_says() -> None:
     assert acl_block("alice") == ["user alice", "topic deny oak/join/#", "topic write oak/api/alice/request/+/+",
                                   "topic read oak/api/alice/#", "topic read oak/root/avail"]
     assert acl_block("node.w1")[2:] == [*(f"topic write oak/nodes/w1/up/{c}" for c in
-                                          ("avail", "info", "state", "res/+", "csr")),
+                                          ("avail", "info", "state", "res/+", "csr", "secrets")),
                                         "topic read oak/nodes/w1/down/#", "topic read oak/cluster/avail"]
     assert acl_block("svc.root") == ["user svc.root", "topic readwrite #"]
     assert acl_block("node:w1") == acl_block("bad name") == []

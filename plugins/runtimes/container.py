@@ -100,15 +100,18 @@ def choose_engine(wanted: str = "") -> str:
     return choice
 
 
-def pull(reference: str, destination: Path, log_file: Path, progress: Callable[[str], None] | None) -> None:
-    """``skopeo copy`` *reference* into an OCI layout, its progress lines in the log and the status."""
+def pull(reference: str, destination: Path, log_file: Path, progress: Callable[[str], None] | None,
+         authfile: str = "") -> None:
+    """``skopeo copy`` *reference* into an OCI layout (logging in with *authfile*, a registry credential),
+    its progress lines in the log and the status."""
     say = progress or (lambda _reason: None)
     say(f"pulling {reference}")
     with open(log_file, "a", opener=private_opener) as out:
         out.write(f"pulling {reference}\n")
         out.flush()
         try:
-            child = subprocess.Popen(["skopeo", "copy", f"docker://{reference}", f"oci:{destination}:"
+            login = ["--src-authfile", authfile] if authfile else []
+            child = subprocess.Popen(["skopeo", "copy", *login, f"docker://{reference}", f"oci:{destination}:"
                                       f"{reference.rpartition(':')[2]}"], stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         except OSError as exc:
@@ -188,15 +191,18 @@ class ContainerRuntime(SupervisedRuntime):
 
     # ---- images ------------------------------------------------------------------------------
 
-    def image_layout(self, code: str, log_file: Path,
-                     progress: Callable[[str], None] | None = None) -> tuple[Path, str]:
-        """A local OCI layout holding the image of *code*, pulling or extracting it if needed."""
+    def image_layout(self, code: str, log_file: Path, progress: Callable[[str], None] | None = None,
+                     authfile: str = "") -> tuple[Path, str]:
+        """A local OCI layout holding the image of *code*, pulling (with the credential in *authfile*) or
+        extracting it if needed. An image pulled with a credential is cached apart, for that credential:
+        nobody without it gets it from the cache."""
         kind, where, tag = split_ref(code)
         if kind == "layout":
             if not (Path(where) / "index.json").exists():
                 raise RuntimeError(f"{where} is not an OCI image layout (no index.json)")
             return Path(where), tag
-        cache = self.images / hashlib.sha256(f"{kind}:{where}".encode()).hexdigest()[:16]
+        login = hashlib.sha256(Path(authfile).read_bytes()).hexdigest() if authfile and kind == "registry" else ""
+        cache = self.images / hashlib.sha256(f"{kind}:{where}:{login}".encode()).hexdigest()[:16]
         if (cache / "index.json").exists():
             return cache, tag
         tmp = cache.with_name(f"{cache.name}.{uuid.uuid4().hex[:8]}.tmp")  # instances may start together
@@ -212,7 +218,7 @@ class ContainerRuntime(SupervisedRuntime):
                 except (OSError, tarfile.TarError) as exc:
                     raise RuntimeError(f"cannot read the OCI archive {where}: {exc}") from None
             else:
-                pull(f"{where}:{tag}", tmp, log_file, progress)
+                pull(f"{where}:{tag}", tmp, log_file, progress, authfile)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -235,10 +241,18 @@ class ContainerRuntime(SupervisedRuntime):
         shutil.rmtree(bundle, ignore_errors=True)
         self.bundles.mkdir(parents=True, exist_ok=True)
         Path(spec.log_path).parent.mkdir(parents=True, exist_ok=True)
-        layout, tag = self.image_layout(spec.code, Path(spec.log_path), spec.on_progress)
+        layout, tag = self.image_layout(spec.code, Path(spec.log_path), spec.on_progress, spec.registry_auth)
         _run("umoci", "unpack", "--image", f"{layout}:{tag}", str(bundle))
         config_path = bundle / "config.json"
         config = json.loads(config_path.read_text())
+        if spec.secret_env:  # the config holds them: it lives on the instance's tmpfs, the bundle links to it
+            kept = Path(spec.secret_dir) / "config.json"
+            fd = os.open(kept, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(json.dumps(self.configure(config, spec)))
+            config_path.unlink()
+            config_path.symlink_to(kept)
+            return
         config_path.write_text(json.dumps(self.configure(config, spec)))
 
     def configure(self, config: dict[str, Any], spec: LaunchSpec) -> dict[str, Any]:
@@ -250,7 +264,7 @@ class ContainerRuntime(SupervisedRuntime):
         if not process.get("args"):
             raise RuntimeError("the image has no command and the SLA gives no cmd")
         env = [e for e in process.get("env", []) if not e.startswith("HOSTNAME=")]
-        process["env"] = [*env, f"HOSTNAME=instance-{spec.instance_number}", *spec.environment]
+        process["env"] = [*env, f"HOSTNAME=instance-{spec.instance_number}", *spec.environment, *spec.secret_env]
         config["hostname"] = f"instance-{spec.instance_number}"
         linux = config.setdefault("linux", {})
         linux["namespaces"] = [ns for ns in linux.get("namespaces", []) if ns.get("type") != "network"]
@@ -270,10 +284,8 @@ class ContainerRuntime(SupervisedRuntime):
             linux["maskedPaths"], linux["readonlyPaths"] = [], []
         # Share the worker's /etc/resolv.conf and hosts so names resolve as on the worker.
         mounts = config.setdefault("mounts", [])
-        for name in ("resolv.conf", "hosts"):
-            if Path(f"/etc/{name}").exists():
-                mounts.append({"destination": f"/etc/{name}", "type": "bind", "source": f"/etc/{name}",
-                               "options": ["rbind", "ro"]})
+        for source, target in _read_only(spec):
+            mounts.append({"destination": target, "type": "bind", "source": source, "options": ["rbind", "ro"]})
         return config
 
     async def start(self, spec: LaunchSpec) -> Handle:
@@ -367,18 +379,23 @@ class ContainerRuntime(SupervisedRuntime):
         # The instance's own network namespace from the overlay; without it, the worker's (not
         # --net-host, which would also replace HOSTNAME with the worker's name).
         args += ["--with-ns", f"network:{spec.netns or f'/proc/{os.getpid()}/ns/net'}"]
-        for name in ("resolv.conf", "hosts"):
-            if Path(f"/etc/{name}").exists():
-                args += ["--mount", f"type=bind,src=/etc/{name},dst=/etc/{name},options=rbind:ro"]
+        for source, target in _read_only(spec):
+            args += ["--mount", f"type=bind,src={source},dst={target},options=rbind:ro"]
         env = [e for e in (*image_env, *spec.environment) if not e.startswith("HOSTNAME=")]
         if not any(e.startswith("PATH=") for e in env):
             args += ["--env", containerd.DEFAULT_PATH]
         for item in (f"HOSTNAME=instance-{spec.instance_number}", *spec.environment):
             args += ["--env", item]
+        if spec.secret_env:  # in a file on the instance's tmpfs: a command line is readable by anyone
+            env_file = Path(spec.secret_dir) / ".env"
+            fd = os.open(env_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o400)
+            with os.fdopen(fd, "w") as handle:
+                handle.write("".join(f"{item}\n" for item in spec.secret_env))
+            args += ["--env-file", str(env_file)]
         return [*args, image, self._cid(spec.iid), *spec.cmd]
 
     def _prepare_containerd(self, spec: LaunchSpec) -> list[str]:
-        layout, tag = self.image_layout(spec.code, Path(spec.log_path), spec.on_progress)
+        layout, tag = self.image_layout(spec.code, Path(spec.log_path), spec.on_progress, spec.registry_auth)
         self.containerd.ensure()
         image, image_env = self.containerd.image(layout, tag)
         return self._ctr_run_args(spec, image, image_env)
@@ -451,6 +468,13 @@ class ContainerRuntime(SupervisedRuntime):
         finally:
             if fd >= 0:
                 os.close(fd)
+
+
+def _read_only(spec: LaunchSpec) -> list[tuple[str, str]]:
+    """What a container gets bind-mounted read-only: the worker's resolv.conf and hosts (names resolve as on
+    the worker), and the instance's secret files."""
+    shared = [(f"/etc/{name}", f"/etc/{name}") for name in ("resolv.conf", "hosts") if Path(f"/etc/{name}").exists()]
+    return [*shared, *spec.secret_files]
 
 
 @hookimpl

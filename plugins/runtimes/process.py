@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shlex
 import shutil
 import time
 from pathlib import Path
@@ -65,6 +66,18 @@ def _runs_command(pid: int) -> bool:
     return False
 
 
+def _mounts(files: tuple[tuple[str, str], ...]) -> str:
+    """Shell lines for the namespace's init: each secret file bind-mounted read-only where the SLA says,
+    inside the instance's own mount namespace (its mount point, made on the worker when missing, is an
+    empty file; the mount itself is the instance's alone)."""
+    lines = []
+    for source, target in files:
+        src, dst = shlex.quote(source), shlex.quote(target)
+        lines.append(f'mkdir -p "$(dirname {dst})" && {{ [ -e {dst} ] || : > {dst}; }} && '
+                     f"mount --bind {src} {dst} && mount -o remount,bind,ro {dst} || exit 126; ")
+    return "".join(lines)
+
+
 class ProcessRuntime(SupervisedRuntime):
     """Runs instances as sandboxed OS processes."""
 
@@ -87,7 +100,7 @@ class ProcessRuntime(SupervisedRuntime):
             return list(spec.cmd)
         enter = ["nsenter", f"--net={spec.netns}"] if spec.netns else []
         return [*enter, "unshare", "--pid", "--mount", "--uts", "--ipc", "--fork", "--mount-proc", "--",
-                "/bin/sh", "-c", INIT, "oak-init", *spec.cmd]
+                "/bin/sh", "-c", _mounts(spec.secret_files) + INIT, "oak-init", *spec.cmd]
 
     async def ready(self, child: asyncio.subprocess.Process) -> None:
         """Return once the namespace's init runs the command, and so has its TERM handler: a PID 1 without
@@ -114,7 +127,8 @@ class ProcessRuntime(SupervisedRuntime):
         """A minimal environment plus the SLA's, with HOSTNAME=instance-<n>."""
         env = {"PATH": BASE_PATH, "LANG": "C.UTF-8", "HOME": spec.work_dir,
                "HOSTNAME": f"instance-{spec.instance_number}"}
-        env.update(entry.split("=", 1) for entry in spec.environment if "=" in entry)  # type: ignore[misc]
+        env.update(entry.split("=", 1) for entry in (*spec.environment, *spec.secret_env)  # type: ignore[misc]
+                   if "=" in entry)
         return env
 
     def prepare(self, spec: LaunchSpec) -> None:
@@ -123,6 +137,9 @@ class ProcessRuntime(SupervisedRuntime):
             raise RuntimeError("no cmd to run")
         if shutil.which(spec.cmd[0], path=BASE_PATH) is None:  # inside the sandbox it would only exit 127
             raise RuntimeError(f"cannot start: [Errno 2] No such file or directory: {spec.cmd[0]!r}")
+        if spec.secret_files and (not self.sandboxed or shutil.which("unshare") is None):
+            raise RuntimeError("secret files need the sandbox (root and unshare): they are mounted in the "
+                               "instance's own mount namespace")
 
 
 @hookimpl

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import dataclasses
 import getpass
 import os
@@ -204,7 +205,7 @@ def _apps(data: Any) -> str:
                         ("SERVICES", "services")]) if rows else "no applications"
 
 
-def _read_sla(path: str) -> bytes:
+def _read_bytes(path: str) -> bytes:
     try:
         return sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
     except OSError as exc:
@@ -220,7 +221,7 @@ async def client_command(args: argparse.Namespace) -> tuple[Any, Render]:
     async with OakClient(profile) as oak:
         group, action = args.command, getattr(args, "action", None)
         if group == "app" and action == "create":
-            return await oak.request("apps", "create", raw=_read_sla(args.sla)), _apps
+            return await oak.request("apps", "create", raw=_read_bytes(args.sla)), _apps
         if group == "app" and action == "list":
             return await oak.request("apps", "list"), _apps
         if group == "app" and action == "delete":
@@ -261,6 +262,8 @@ async def client_command(args: argparse.Namespace) -> tuple[Any, Render]:
                                     f"and no password{port}")
         if group == "user" and action == "list":
             return await oak.request("users", "list"), lambda d: table(d, [("USER", "username"), ("ADMIN", "admin")])
+        if group == "secret":
+            return await _secret_command(oak, args)
         if group == "token" and action == "create":
             body = {"cluster": args.cluster, "ttl": duration(args.ttl), "uses": args.uses}
             return await oak.request("tokens", "create", body), _token
@@ -268,6 +271,25 @@ async def client_command(args: argparse.Namespace) -> tuple[Any, Render]:
 
 
 FOLLOW_SECONDS = 3600
+
+
+async def _secret_command(oak: OakClient, args: argparse.Namespace) -> tuple[Any, Render]:
+    """``oak secret set | list | delete``: what is printed never holds a value."""
+    if args.action == "list":
+        rows = [{**s, "at": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["at"])),
+                 "used_by": ", ".join(s["used_by"]) or "-"} for s in await oak.request("secrets", "list")]
+        return rows, lambda d: table(d, [("SECRET", "name"), ("VERSION", "version"), ("SET", "at"),
+                                         ("BYTES", "size"), ("USED BY", "used_by")]) if d else "no secrets"
+    if args.action == "delete":
+        return await oak.request("secrets", "delete", {"name": args.name}), lambda d: f"deleted secret {d['name']}"
+    body: dict[str, Any] = {"name": args.name}
+    if args.from_file is not None:
+        body["value_b64"] = base64.b64encode(_read_bytes(args.from_file)).decode()
+    else:
+        body["value"] = args.value
+    data = await oak.request("secrets", "set", body)
+    return data, lambda d: (f"secret {d['name']} is at version {d['version']} ({d['size']} bytes)"
+                            + (f"; rolling {', '.join(d['rolled'])}" if d["rolled"] else ""))
 
 
 async def _logs(oak: OakClient, args: argparse.Namespace) -> tuple[Any, Render]:

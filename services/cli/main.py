@@ -231,6 +231,19 @@ def parser() -> argparse.ArgumentParser:
     tui.add_argument("--data-dir")
     tui.add_argument("--root", help="the root broker, HOST:PORT (default: from credentials.json)")
 
+    secret = sub.add_parser("secret", help="your secrets (given to services by their SLA's secrets)").add_subparsers(
+        dest="action", required=True)
+    p = secret.add_parser("set", help="set a secret (a new value rolls the services using it)")
+    p.add_argument("name")
+    given = p.add_mutually_exclusive_group(required=True)
+    given.add_argument("--value", help="the value (visible in your shell's history: --from-file is safer)")
+    given.add_argument("--from-file", metavar="FILE", help="the value is this file's bytes ('-': stdin)")
+    _add_common(p)
+    _add_common(secret.add_parser("list", help="your secrets: names, versions, sizes, users (never values)"))
+    p = secret.add_parser("delete", help="delete a secret no service uses")
+    p.add_argument("name")
+    _add_common(p)
+
     token = sub.add_parser("token", help="join tokens (administrators only)").add_subparsers(dest="action",
                                                                                               required=True)
     p = token.add_parser("create", help="make a join token and print the join command, with the CA's fingerprint")

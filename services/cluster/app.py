@@ -22,6 +22,7 @@ from broker.tier_ca import TierCa
 from broker.tokens import JoinPolicy, JoinTokens
 from services.cluster.orchestrator import ClusterOrchestrator
 from services.cluster.relay import Relay
+from services.cluster.secrets import SecretRelay
 from services.common import channels, models, plugins, profile, topics
 from services.common.inbox import Inbox, Received, serve
 from services.common.models import ClusterInfo
@@ -109,6 +110,9 @@ async def run_cluster(cfg: ClusterConfig, ready: asyncio.Event | None = None) ->
                          verb="revoke")
                 inbox.on(channels.downstream(channels.CLUSTER_COMMAND), relay.command, verb="logs")
                 inbox.on(channels.NODE_ANSWER, relay.answer)
+                secrets = SecretRelay(session, orchestrator.assigned)
+                inbox.on(channels.NODE_SECRETS_ASK, secrets.ask)
+                inbox.on(channels.downstream(channels.CLUSTER_SECRETS), secrets.answer)
                 if renewer:
                     inbox.on(renewer.requests, lambda m: renewer.answer(session, m))
                 if renewal:

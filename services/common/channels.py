@@ -177,6 +177,9 @@ CLUSTER_TOKEN_USED: Channel[dict[str, Any]] = Channel(
 CLUSTER_CSR: Channel[dict[str, Any]] = Channel(
     f"{BASE}/clusters/{{cluster}}/up/csr", "`{\"csr\": <PEM for the cluster's key>}`: renewal "
     "(docs/security.md)", _object, CLUSTER)
+CLUSTER_SECRETS_ASK: Channel[dict[str, Any]] = Channel(
+    f"{BASE}/clusters/{{cluster}}/up/secrets", "`{\"id\", \"iid\", \"node\"}`: a worker of the cluster starts "
+    "that instance and needs its secrets (passed up only for an instance placed on that worker)", _object, CLUSTER)
 CLUSTER_DESIRED, CLUSTER_DESIRED_DELTA = _whole_and_delta(
     f"{BASE}/clusters/{{cluster}}/down/desired",
     "`desired`, once changes settle (at least every 30 s while they go on): `{\"instances\": {iid: "
@@ -196,6 +199,9 @@ CLUSTER_TOKENS: Channel[dict[str, Any]] = Channel(
     f"{BASE}/clusters/{{cluster}}/down/tokens",
     "`{\"tokens\": {id: {\"kind\": \"node\", \"digest\", \"expires\", \"uses\"}}}`: the workers' join tokens, "
     "hashed", _object, SERVICE, (CLUSTER,), retained=True)
+CLUSTER_SECRETS: Channel[dict[str, Any]] = Channel(
+    f"{BASE}/clusters/{{cluster}}/down/secrets", "`{\"id\", \"iid\", \"node\", \"values\": {name: base64}}` "
+    "or `{..., \"error\"}`: the answer, for that worker alone (never retained)", _object, SERVICE, (CLUSTER,))
 CLUSTER_CERT: Channel[dict[str, Any]] = Channel(
     f"{BASE}/clusters/{{cluster}}/down/cert", "`{\"cert\": <PEM>}`: the renewed certificate", _object, SERVICE,
     (CLUSTER,))
@@ -249,6 +255,9 @@ NODE_ANSWER: Channel[dict[str, Any]] = Channel(
     _object, NODE)
 NODE_CSR: Channel[dict[str, Any]] = Channel(
     f"{BASE}/nodes/{{node}}/up/csr", "`{\"csr\": <PEM>}`: renewal of the worker's certificate", _object, NODE)
+NODE_SECRETS_ASK: Channel[dict[str, Any]] = Channel(
+    f"{BASE}/nodes/{{node}}/up/secrets", "`{\"id\", \"iid\"}`: the secrets of an instance the worker starts",
+    _object, NODE)
 NODE_DESIRED: Channel[dict[str, InstanceSpec]] = Channel(
     f"{BASE}/nodes/{{node}}/down/desired", "`desired`: every instance placed on this worker",
     _envelope("desired", _load_desired), SERVICE, (NODE,), kind="desired", retained=True)
@@ -261,12 +270,16 @@ NODE_NET: Channel[dict[str, Any]] = Channel(
 NODE_COMMAND: Channel[dict[str, Any]] = Channel(
     f"{BASE}/nodes/{{node}}/down/cmd/{{verb}}", "the root's one-shot command for an instance on this worker",
     _object, SERVICE, (NODE,))
+NODE_SECRETS: Channel[dict[str, Any]] = Channel(
+    f"{BASE}/nodes/{{node}}/down/secrets", "`{\"id\", \"iid\", \"values\"}` or `{..., \"error\"}`: the "
+    "answer (never retained)", _object, SERVICE, (NODE,))
 NODE_CERT: Channel[dict[str, Any]] = Channel(
     f"{BASE}/nodes/{{node}}/down/cert", "`{\"cert\": <PEM>}`: the renewed certificate", _object, SERVICE, (NODE,))
 
 CLUSTER_UP: tuple[Channel[Any], ...] = (
-    CLUSTER_AVAIL, CLUSTER_INFO, CLUSTER_STATE, CLUSTER_ANSWER, CLUSTER_TOKEN_USED, CLUSTER_CSR)
-CLUSTER_DOWN: tuple[Channel[Any], ...] = (CLUSTER_DESIRED, CLUSTER_NET, CLUSTER_COMMAND, CLUSTER_TOKENS, CLUSTER_CERT)
+    CLUSTER_AVAIL, CLUSTER_INFO, CLUSTER_STATE, CLUSTER_ANSWER, CLUSTER_TOKEN_USED, CLUSTER_CSR, CLUSTER_SECRETS_ASK)
+CLUSTER_DOWN: tuple[Channel[Any], ...] = (CLUSTER_DESIRED, CLUSTER_NET, CLUSTER_COMMAND, CLUSTER_TOKENS, CLUSTER_CERT,
+                                          CLUSTER_SECRETS)
 UPSTREAM_BASE, DOWNSTREAM_BASE = f"{BASE}/upstream", f"{BASE}/downstream"
 
 
@@ -300,8 +313,8 @@ ROOT_BROKER = _with_deltas((
     ROOT_AVAIL, *CLUSTER_UP, *CLUSTER_DOWN, JOIN_CA, JOIN_REQUEST, JOIN_RESPONSE,
     API_REQUEST, API_RESPONSE, API_SERVICE_STATE, API_INFRASTRUCTURE))
 CLUSTER_BROKER = tuple(dict.fromkeys(_with_deltas((
-    CLUSTER_SELF_AVAIL, NODE_AVAIL, NODE_INFO, NODE_STATE, NODE_ANSWER, NODE_CSR,
-    NODE_DESIRED, NODE_PEERS, NODE_NET, NODE_COMMAND, NODE_CERT,
+    CLUSTER_SELF_AVAIL, NODE_AVAIL, NODE_INFO, NODE_STATE, NODE_ANSWER, NODE_CSR, NODE_SECRETS_ASK,
+    NODE_DESIRED, NODE_PEERS, NODE_NET, NODE_COMMAND, NODE_CERT, NODE_SECRETS,
     *_UP.values(), *_DOWN.values(), JOIN_CA, JOIN_REQUEST, JOIN_RESPONSE))))
 ALL = tuple(dict.fromkeys(ROOT_BROKER + CLUSTER_BROKER))
 

@@ -46,6 +46,17 @@ class LaunchSpec:
     ip: str = ""  # the instance IP inside *netns* ("" without the overlay)
     gateway: str = ""  # the instance's default gateway inside *netns*
     arch: tuple[str, ...] = ()  # the SLA's ``arch`` list, paired by position with comma-separated ``code`` entries
+    #: The SLA's secrets given as variables, ``KEY=value`` (never log them; kept out of ``repr``).
+    secret_env: tuple[str, ...] = field(default=(), repr=False)
+    #: The SLA's secrets given as files: (the file on the worker's tmpfs, the path the instance sees it
+    #: at, read-only).
+    secret_files: tuple[tuple[str, str], ...] = ()
+    #: The instance's private directory (a tmpfs when the worker is root) holding those files, where a
+    #: runtime may write what else carries secrets (the container runtime's env file); "" without secrets.
+    secret_dir: str = ""
+    #: A registry credential for pulling ``code`` (the SLA's ``registry_secret``): the path of a skopeo
+    #: auth file in *secret_dir*; "" without one.
+    registry_auth: str = ""
     #: Called, from any thread, with a short status reason while the runtime prepares the instance
     #: (e.g. ``"pulling docker.io/library/nginx:latest"``); the worker shows it with CREATING.
     on_progress: Callable[[str], None] | None = field(default=None, compare=False, repr=False)

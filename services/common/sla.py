@@ -32,7 +32,9 @@ RR_NET = ipaddress.ip_network("10.30.0.0/16")
 #: Microservice keys that become :class:`ServiceSpec` fields (``addresses`` is handled apart: only ``rr_ip`` is taken).
 MICRO_KEYS = frozenset({"microserviceID", "microservice_name", "microservice_namespace", "virtualization", "code",
                         "cmd", "environment", "memory", "vcpus", "vcpu", "vgpus", "storage", "port", "one_shot",
-                        "privileged", "constraints", "health", "update"})
+                        "privileged", "constraints", "health", "update", "secrets", "registry_secret"})
+SECRET_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+SECRET_KEYS = ("name", "env", "file")
 HEALTH_TYPES = ("exec", "tcp", "http")
 HEALTH_KEYS = ("type", "cmd", "port", "path", "interval", "timeout", "failures", "start_period")
 UPDATE_KEYS = ("max_parallel", "min_healthy_time", "healthy_deadline", "auto_revert", "canary")
@@ -74,6 +76,20 @@ class HealthCheck:
         return {"type": self.type, "cmd": list(self.cmd), "port": self.port, "path": self.path,
                 "interval": self.interval, "timeout": self.timeout, "failures": self.failures,
                 "start_period": self.start_period}
+
+
+@dataclass(frozen=True)
+class SecretRef:
+    """One of the SLA's ``secrets``: the user's secret *name*, given to the instance as the environment
+    variable *env* or as the read-only file *file* (exactly one of them)."""
+
+    name: str
+    env: str = ""
+    file: str = ""
+
+    def to_dict(self) -> dict[str, str]:
+        """JSON form (the SLA's own)."""
+        return {"name": self.name, "env": self.env} if self.env else {"name": self.name, "file": self.file}
 
 
 @dataclass(frozen=True)
@@ -125,6 +141,14 @@ class ServiceSpec:
     extra: dict[str, Any] = field(default_factory=dict)
     health: HealthCheck | None = None
     update: UpdatePolicy | None = None
+    secrets: tuple[SecretRef, ...] = ()
+    registry_secret: str = ""  # the secret holding ``user:password`` for pulling ``code`` from its registry
+
+    @property
+    def secret_names(self) -> tuple[str, ...]:
+        """Every secret the service needs (its ``secrets`` and its ``registry_secret``)."""
+        return tuple(dict.fromkeys([*(s.name for s in self.secrets), *([self.registry_secret] if
+                                                                        self.registry_secret else [])]))
 
     @property
     def update_policy(self) -> UpdatePolicy:
@@ -173,6 +197,7 @@ class ServiceSpec:
             "constraints": copy.deepcopy(list(self.constraints)), "extra": copy.deepcopy(self.extra),
             "health": self.health.to_dict() if self.health else None,
             "update": self.update.to_dict() if self.update else None,
+            "secrets": [ref.to_dict() for ref in self.secrets], "registry_secret": self.registry_secret,
         }
 
     def to_sla(self) -> dict[str, Any]:
@@ -191,6 +216,10 @@ class ServiceSpec:
             micro["health"] = self.health.to_dict()
         if self.update:
             micro["update"] = self.update.to_dict()
+        if self.secrets:
+            micro["secrets"] = [ref.to_dict() for ref in self.secrets]
+        if self.registry_secret:
+            micro["registry_secret"] = self.registry_secret
         return micro
 
     @classmethod
@@ -442,6 +471,39 @@ def _health(micro: dict[str, Any], path: str, virtualization: str) -> HealthChec
                        times["start_period"])
 
 
+def _secret_name(value: Any, path: str) -> str:
+    if not isinstance(value, str) or not SECRET_NAME_RE.fullmatch(value):
+        raise SlaError(path, f"{value!r:.40} is not a secret name (1-63 of a-z, 0-9, '.', '_', '-')")
+    return value
+
+
+def _secrets(micro: dict[str, Any], path: str, virtualization: str) -> tuple[tuple[SecretRef, ...], str]:
+    """The ``secrets`` list and the ``registry_secret``, every field checked."""
+    raw = micro.get("secrets") or []
+    if not isinstance(raw, list):
+        raise SlaError(f"{path}.secrets", f"expected a list, got {_kind(raw)}")
+    refs: list[SecretRef] = []
+    for i, item in enumerate(raw):
+        where = f"{path}.secrets[{i}]"
+        ref = _fields_of(item, where, SECRET_KEYS)
+        name = _secret_name(ref.get("name"), f"{where}.name")
+        env, file = _str(ref, "env", where), _str(ref, "file", where)
+        if bool(env) == bool(file):
+            raise SlaError(where, "give the secret as 'env' (a variable name) or as 'file' (a path), one of them")
+        if env and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", env):
+            raise SlaError(f"{where}.env", f"{env!r} is not an environment variable name")
+        if file and (not file.startswith("/") or ".." in file.split("/") or file.endswith("/") or "\0" in file):
+            raise SlaError(f"{where}.file", f"{file!r} is not an absolute path to a file")
+        refs.append(SecretRef(name, env, file))
+    if refs and virtualization in VM_VIRTUALIZATIONS:
+        raise SlaError(f"{path}.secrets", f"secrets reach containers and processes; a {virtualization} cannot "
+                                          "take them yet")
+    registry = micro.get("registry_secret") or ""
+    if registry:
+        registry = _secret_name(registry, f"{path}.registry_secret")
+    return tuple(refs), registry
+
+
 def _update(micro: dict[str, Any], path: str) -> UpdatePolicy | None:
     """The ``update`` object, every field checked."""
     if micro.get("update") is None:
@@ -508,6 +570,7 @@ def _service(micro: Any, path: str, app: str, app_ns: str) -> ServiceSpec:
     rr_ip, other_addresses = _rr_ip(micro, path)
     constraints, clusters, nodes = _constraints(micro, path)
     health, update = _health(micro, path, virtualization), _update(micro, path)
+    secrets, registry_secret = _secrets(micro, path, virtualization)
     extra = {k: copy.deepcopy(v) for k, v in micro.items() if k not in MICRO_KEYS and k != "addresses"}
     if other_addresses:
         extra["addresses"] = other_addresses
@@ -515,7 +578,8 @@ def _service(micro: Any, path: str, app: str, app_ns: str) -> ServiceSpec:
         app_name=app, app_namespace=app_ns, name=name, namespace=namespace, virtualization=virtualization,
         code=code, cmd=cmd, environment=environment, memory=memory, vcpus=vcpus, vgpus=vgpus, storage=storage,
         port=port, one_shot=one_shot, privileged=privileged, rr_ip=rr_ip, clusters=clusters, nodes=nodes,
-        constraints=constraints, extra=extra, health=health, update=update,
+        constraints=constraints, extra=extra, health=health, update=update, secrets=secrets,
+        registry_secret=registry_secret,
     )
 
 
@@ -536,6 +600,13 @@ def _application(raw: Any, path: str) -> AppSpec:
             raise SlaError(f"{path}.microservices[{i}]", f"service {service.name}.{service.namespace} appears twice")
         services.append(service)
     return AppSpec(name, namespace, desc, tuple(services))
+
+
+def registry_of(reference: str) -> str:
+    """The registry an image reference (a container's ``code``) is pulled from: ``docker.io`` when its first
+    part names none."""
+    first, _, rest = reference.partition("/")
+    return first if rest and ("." in first or ":" in first or first == "localhost") else "docker.io"
 
 
 def parse_sla(payload: bytes | str | dict[str, Any]) -> tuple[AppSpec, ...]:

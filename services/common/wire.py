@@ -105,6 +105,10 @@ def _converter(hint: Any) -> Convert | None:
         nested_or_none = optional[0]
         return lambda value: load(nested_or_none, value) if isinstance(value, dict) else value
     if typing.get_origin(hint) is tuple:
+        args = typing.get_args(hint)
+        if args and isinstance(args[0], type) and dataclasses.is_dataclass(args[0]):  # ``tuple[Nested, ...]``
+            item = args[0]
+            return lambda value: tuple(v if isinstance(v, item) else load(item, v) for v in value)
         return lambda value: tuple(value) if isinstance(value, list) else value
     return None
 

@@ -19,6 +19,7 @@ gives up.
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 import json
 import logging
@@ -34,11 +35,12 @@ from services.common import channels, topics
 from services.common.inbox import Received
 from services.common.mqtt import MqttSession
 from services.common.scheduling import unevaluated, unevaluated_reason
-from services.common.sla import ServiceSpec, SlaError, parse_sla, updated
+from services.common.sla import SECRET_NAME_RE, ServiceSpec, SlaError, parse_sla, updated
 from services.root.catalog import App, Catalog, Conflict, NotFound, Service
 from services.root.joining import RootJoining
 from services.root.orchestrator import RootOrchestrator
 from services.root.rollout import PAUSED, RUNNING, Rollout
+from services.root.secrets import Secrets
 from services.root.streams import LogStreams
 from services.root.views import cluster_rows, node_rows
 
@@ -82,8 +84,10 @@ class Api:
     """Serves the requests of every user."""
 
     def __init__(self, catalog: Catalog, orchestrator: RootOrchestrator, credentials: Credentials,
-                 streams: LogStreams, joining: RootJoining | None = None, busy_backlog: int = BUSY_BACKLOG) -> None:
+                 streams: LogStreams, joining: RootJoining | None = None, busy_backlog: int = BUSY_BACKLOG,
+                 secrets: Secrets | None = None) -> None:
         self.catalog = catalog
+        self.secrets = secrets
         self.busy_backlog = busy_backlog
         self._cost = 0.001  # seconds per request, a moving average (for the busy answer's retry_after)
         self._last_busy = float("-inf")
@@ -108,6 +112,9 @@ class Api:
             ("services", "history"): self.services_history,
             ("services", "rollback"): self.services_rollback,
             ("services", "promote"): self.services_promote,
+            ("secrets", "set"): self.secrets_set,
+            ("secrets", "list"): self.secrets_list,
+            ("secrets", "delete"): self.secrets_delete,
             ("clusters", "list"): self.clusters_list,
             ("nodes", "list"): self.nodes_list,
             ("users", "create"): self.users_create,
@@ -285,6 +292,7 @@ class Api:
     async def _scale(self, service: Service, replicas: int) -> Any:
         if replicas > 0:
             self._check_constraints_evaluated(service)
+            self._check_secrets(service.owner, service.spec)
         added, removed = await self.catalog.set_replicas(service, replicas)
         await self.orchestrator.forget(removed)
         service = self.catalog.services[service.sid]
@@ -335,6 +343,7 @@ class Api:
         if changed:
             if service.replicas:
                 self._check_constraints_evaluated(service, spec)
+                self._check_secrets(user, spec)
             service = await self.catalog.update(service, spec, ", ".join(changed))
             self.orchestrator.mark(service)
         return {**self.orchestrator.service_state(service), "changed": changed}
@@ -372,6 +381,70 @@ class Api:
                                                                   previous=service.rollout.previous))
         self.orchestrator.mark(service)
         return self.orchestrator.service_state(service)
+
+    # ---- secrets -----------------------------------------------------------------------------
+
+    def _secret_store(self) -> Secrets:
+        if self.secrets is None:
+            raise ApiError("unavailable", "this root keeps no secrets")
+        return self.secrets
+
+    def _secret_name(self, body: Any) -> str:
+        name = self._arg(body, "name", str)
+        if not SECRET_NAME_RE.fullmatch(name):
+            raise ApiError("bad_request", f"{name[:40]!r} is not a secret name (1-63 of a-z, 0-9, '.', '_', '-')")
+        return str(name)
+
+    def _check_secrets(self, user: str, spec: ServiceSpec) -> None:
+        """Refuse to run *spec* while a secret it needs does not exist."""
+        missing = [n for n in spec.secret_names if not self._secret_store().exists(user, n)] if spec.secret_names \
+            else []
+        if missing:
+            raise ApiError("missing_secret", f"{spec.job_name} needs the secret(s) {', '.join(missing)}: "
+                                             f"oak secret set {missing[0]} --value ... (or --from-file)")
+
+    def _users_of(self, user: str, name: str) -> list[Service]:
+        return [s for s in self.catalog.services_of(user) if name in s.spec.secret_names]
+
+    async def secrets_set(self, user: str, body: Any) -> Any:
+        """Set the user's secret ``name`` to ``value`` (text) or ``value_b64``; the running services that
+        use it roll to a new revision (their instances start again with the new value). The answer never
+        holds the value."""
+        name = self._secret_name(body)
+        text, b64 = self._arg(body, "value", str, required=False), self._arg(body, "value_b64", str, required=False)
+        if (text is None) == (b64 is None):
+            raise ApiError("bad_request", "give the secret's 'value' or its 'value_b64', one of them")
+        try:
+            value = text.encode() if text is not None else base64.b64decode(b64, validate=True)
+        except ValueError:
+            raise ApiError("bad_request", "'value_b64' is not base64") from None
+        try:
+            secret = await self._secret_store().set(user, name, value)
+        except ValueError as exc:
+            raise ApiError("bad_request", str(exc)) from None
+        rolled = []
+        for service in self._users_of(user, name) if secret.version > 1 else []:
+            if service.replicas:
+                service = await self.catalog.update(service, service.spec, f"secret {name}")
+                self.orchestrator.mark(service)
+                rolled.append(service.job_name)
+        return {"name": name, "version": secret.version, "size": secret.size, "rolled": rolled}
+
+    async def secrets_list(self, user: str, body: Any) -> Any:
+        """The user's secrets: name, version, when set, size and the services using each (never values)."""
+        return [{"name": s.name, "version": s.version, "at": s.at, "size": s.size,
+                 "used_by": [u.job_name for u in self._users_of(user, s.name)]}
+                for s in self._secret_store().of(user)]
+
+    async def secrets_delete(self, user: str, body: Any) -> Any:
+        """Delete the user's secret ``name``; refused while a service uses it."""
+        name = self._secret_name(body)
+        used = self._users_of(user, name)
+        if used:
+            raise Conflict(f"secret {name} is used by {', '.join(s.job_name for s in used)}: update or delete "
+                           "those first")
+        await self._secret_store().delete(user, name)
+        return {"name": name, "deleted": True}
 
     async def services_logs(self, user: str, body: Any) -> Any:
         """Stream the logs of a service's instances (or of ``instance``): the last ``tail`` lines (default

@@ -28,6 +28,7 @@ from services.root.catalog import Catalog
 from services.root.joining import RootJoining
 from services.root.network import RootNetwork
 from services.root.orchestrator import RootOrchestrator
+from services.root.secrets import SecretDesk, Secrets, key_at
 from services.root.streams import LogStreams
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,8 @@ async def run_root(cfg: RootConfig, ready: asyncio.Event | None = None) -> None:
     await tokens.load()
     catalog = Catalog(store)
     await catalog.load()
+    secrets = Secrets(store, key_at(cfg.data_dir))
+    await secrets.load()
     tier = TierCa.root(cfg.data_dir) if cfg.broker.runs_listeners else None
     listen = (tier.listeners(cfg.listen, await credentials.revoked(), cfg.plain_loopback, cfg.plain_port)
               if tier else cfg.listen)
@@ -101,7 +104,7 @@ async def run_root(cfg: RootConfig, ready: asyncio.Event | None = None) -> None:
                 joining = RootJoining(tokens, session, credentials.usernames, public,
                                       tier.fingerprint if tier else None, lambda name: broker.revoke(name, tier),
                                       issuer)
-                api = Api(catalog, orchestrator, credentials, streams, joining, cfg.busy_backlog)
+                api = Api(catalog, orchestrator, credentials, streams, joining, cfg.busy_backlog, secrets)
                 renewer = Renewer(credentials, tier.authority, CLUSTER, cfg.cert_days) if tier else None
                 desk = JoinDesk(credentials, "cluster", issuer, JoinPolicy(tokens, cfg.join_token, cfg.open_join))
                 if cfg.open_join:
@@ -124,6 +127,7 @@ async def run_root(cfg: RootConfig, ready: asyncio.Event | None = None) -> None:
                 inbox.on(channels.CLUSTER_ANSWER, streams.answer)
                 inbox.on(channels.JOIN_REQUEST, join)
                 inbox.on(channels.CLUSTER_TOKEN_USED, joining.used)
+                inbox.on(channels.CLUSTER_SECRETS_ASK, SecretDesk(secrets, catalog, session).ask)
                 if renewer:
                     inbox.on(renewer.requests, lambda m: renewer.answer(session, m))
                 await inbox.subscribe(session)

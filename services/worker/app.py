@@ -29,6 +29,7 @@ from services.worker.netmanager import RemoteNetwork
 from services.worker.overlay import Network, Overlay
 from services.worker.prober import Prober
 from services.worker.reporter import Reporter
+from services.worker.secrets import SecretFetcher
 from services.worker.socklb import open_balancer
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,8 @@ async def run_worker(cfg: WorkerConfig) -> None:
         tls=tls,
     )
     renewal = Renewal(session, tls, cfg.data_dir / TLS_DIR, channels.NODE_CSR.topic(node=cfg.name)) if tls else None
+    fetcher = SecretFetcher(session, cfg.name)
+    engine.secrets = fetcher.fetch
     try:
         await engine.restore()  # inside the try: a stop from here on also stops the adopted instances
         async with session:
@@ -148,6 +151,7 @@ async def run_worker(cfg: WorkerConfig) -> None:
             inbox.on(channels.NODE_DESIRED, lambda m: _apply_desired(engine, m), node=cfg.name)
             inbox.on(channels.NODE_COMMAND, logs.handle, node=cfg.name, verb="logs")
             inbox.on(channels.NODE_NET, lambda m: _apply_net(network, m), node=cfg.name)
+            inbox.on(channels.NODE_SECRETS, fetcher.answer, node=cfg.name)
             if renewal:
                 inbox.on(channels.NODE_CERT, renewal.take, node=cfg.name)
             log.info("worker %s connected to its cluster at %s; runtimes: %s", cfg.name, cfg.cluster,

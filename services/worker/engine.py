@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from services.common.models import InstanceSpec, InstanceStatus
 from services.common.plugin_api import Exit, Handle, LaunchSpec, Runtime
 from services.common.sla import VM_VIRTUALIZATIONS, HealthCheck
 from services.common.store import Store
+from services.worker import secrets as secret_files
 from services.worker.health import Health, Target, probe
 from services.worker.overlay import Attachment, Network
 
@@ -73,9 +75,11 @@ class Engine:
         stop_grace: float = STOP_GRACE,
         network: Network | None = None,
         drain: float = DRAIN,
+        secrets: Callable[[str], Awaitable[dict[str, bytes]]] | None = None,
     ) -> None:
         self.node = node
         self.drain = drain
+        self.secrets = secrets  # fetches an instance's secrets (services/worker/secrets.py)
         self.network = network
         self.stop_grace = stop_grace
         self.runtimes = runtimes
@@ -170,6 +174,8 @@ class Engine:
             await runtime.stop(slot.handle, self.stop_grace)
         if self.network:
             await self.network.detach(slot.spec.iid)
+        if slot.spec.service.secret_names:
+            await asyncio.to_thread(secret_files.clear, self._secrets_dir(slot.spec))
         await self.store.delete(TABLE, slot.spec.iid)
         log.info("removed %s", slot.spec.iid)
 
@@ -187,8 +193,10 @@ class Engine:
             else:
                 try:
                     place = await self._attach(slot)
-                    slot.handle = await runtime.start(replace(self._launch_spec(spec, place),
-                                                              on_progress=self._progress(slot)))
+                    launch = replace(self._launch_spec(spec, place), on_progress=self._progress(slot))
+                    if spec.service.secret_names:
+                        launch = await self._with_secrets(launch, spec)
+                    slot.handle = await runtime.start(launch)
                 except Exception as exc:  # a runtime's failure is the instance's, never the worker's
                     if not isinstance(exc, RuntimeError):
                         log.exception("runtime %s failed to start %s", runtime.name, spec.iid)
@@ -253,6 +261,17 @@ class Engine:
             if verdict.state == models.UNHEALTHY:
                 return reason
             await asyncio.sleep(check.interval)
+
+    def _secrets_dir(self, spec: InstanceSpec) -> Path:
+        return self.data_dir / "secrets" / spec.iid
+
+    async def _with_secrets(self, launch: LaunchSpec, spec: InstanceSpec) -> LaunchSpec:
+        """*launch* with the instance's secrets, fetched now (never stored: each start asks again)."""
+        if self.secrets is None:
+            raise RuntimeError("this worker cannot fetch secrets")
+        values = await self.secrets(spec.iid)
+        laid = await asyncio.to_thread(secret_files.lay_out, spec.service, values, self._secrets_dir(spec))
+        return replace(launch, **dataclasses.asdict(laid))
 
     def _progress(self, slot: Slot) -> Callable[[str], None]:
         """A callback for the runtime (from any thread): CREATING with *reason*, e.g. an image pull."""
@@ -334,3 +353,6 @@ class Engine:
             if slot.handle and (runtime := self.runtimes.get(slot.spec.service.virtualization))
         ]
         await asyncio.gather(*stops, *self._stopping, return_exceptions=True)
+        for slot in self.slots.values():  # stopped: their next start fetches the secrets again
+            if slot.spec.service.secret_names:
+                await asyncio.to_thread(secret_files.clear, self._secrets_dir(slot.spec))
