@@ -95,9 +95,10 @@ async def test_canary_promote_history_and_rollback_from_the_cli(stack: Stack, ap
     assert "no rollout waiting to be promoted" in refused.stderr
 
 
-async def test_a_root_killed_mid_rollout_resumes_it(stack: Stack, api: Any) -> None:
-    """kill -9 of the root after the first instance was replaced: the restarted root goes on from its records,
-    and the service ends with three instances of revision 2, no more."""
+@pytest.mark.parametrize("killed", ["root", "c1", "w1"])
+async def test_a_tier_killed_mid_rollout_resumes_it(stack: Stack, api: Any, killed: str) -> None:
+    """kill -9 of the root, the cluster or the worker after the first instance was replaced: once it is back
+    the rollout goes on from the records, and the service ends with three instances of revision 2, no more."""
     client = await started(stack, api, web(min_healthy_time=2))
     await client.request("services", "update", {"service": JOB, "microservice": {"environment": ["V=2"]}})
 
@@ -106,8 +107,8 @@ async def test_a_root_killed_mid_rollout_resumes_it(stack: Stack, api: Any) -> N
         return bool(data["rollout"]["active"] and data["rollout"]["updated"] >= 1)
 
     await eventually(begun, 20, interval=0.1, what="the first replacement")
-    stack.procs["root"].kill9()
-    stack.procs["root"].start()
-    client = await api()
+    stack.procs[killed].kill9()
+    stack.procs[killed].start()
+    client = await api() if killed == "root" else client
     data = await eventually(lambda: rolled(client, 2, 3, "succeeded"), 60, what="the rollout went on after the restart")
     assert sorted(r["number"] for r in data["instances"]) == [0, 1, 2]
