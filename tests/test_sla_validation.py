@@ -68,6 +68,19 @@ def test_health_check() -> None:
     assert err.value.field == f"{M1}.health.type"
 
 
+def test_volumes_in_both_forms() -> None:
+    """Oakling's volumes ({name, path}) become typed; Oakestra's CSI form stays in extra, as it was."""
+    doc = copy.deepcopy(GOOD)
+    doc["applications"][0]["microservices"][0]["volumes"] = [{"name": "data", "path": "/var/lib/app/"}]
+    (app,) = parse_sla(doc)
+    curl, nginx = app.services
+    assert [(v.name, v.path) for v in curl.volumes] == [("data", "/var/lib/app")]
+    assert "volumes" not in curl.extra
+    assert nginx.volumes == ()
+    assert nginx.extra["volumes"][0]["csi_driver"] == "csi.oakestra.io/hostpath"
+    assert ServiceSpec.from_dict(json.loads(json.dumps(curl.to_dict()))) == curl
+
+
 def test_process_service() -> None:
     """A process service needs no code, only its argv."""
     doc = copy.deepcopy(GOOD)
@@ -152,6 +165,13 @@ BAD = [
     ("secret file climbs", bad(f"{M0}.secrets", [{"name": "a", "file": "/run/../etc/x"}]), f"{M0}.secrets[0].file"),
     ("secret field misspelt", bad(f"{M0}.secrets", [{"name": "a", "env": "X", "envv": "Y"}]),
      f"{M0}.secrets[0].envv"),
+    ("volumes not a list", bad(f"{M0}.volumes", {"name": "a"}), f"{M0}.volumes"),
+    ("volume without path", bad(f"{M0}.volumes", [{"name": "data"}]), f"{M0}.volumes[0].path"),
+    ("volume path relative", bad(f"{M0}.volumes", [{"name": "data", "path": "var/x"}]), f"{M0}.volumes[0].path"),
+    ("volume at the root", bad(f"{M0}.volumes", [{"name": "data", "path": "/"}]), f"{M0}.volumes[0].path"),
+    ("volume name bad", bad(f"{M0}.volumes", [{"name": "Data!", "path": "/x"}]), f"{M0}.volumes[0].name"),
+    ("volume twice", bad(f"{M0}.volumes", [{"name": "d", "path": "/x"}, {"name": "d", "path": "/y"}]),
+     f"{M0}.volumes[1].name"),
     ("registry secret name bad", bad(f"{M0}.registry_secret", "Bad Name"), f"{M0}.registry_secret"),
     ("negative start period", bad(f"{M0}.health", {"type": "tcp", "port": 80, "start_period": -1}),
      f"{M0}.health.start_period"),

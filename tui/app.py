@@ -265,8 +265,18 @@ class OakApp(App[None]):
         if not job:
             return
         app = ".".join(job.split(".")[:2])
-        if await self.push_screen_wait(Confirm(f"Delete application {app} and all its services?")):
+        volumes = [f"{s}: {', '.join(v['volume'] for v in s_vols)}" for s, s_vols in self._volumes_of(app).items()]
+        also = f" Their volumes go too ({'; '.join(volumes)})." if volumes else ""
+        if await self.push_screen_wait(Confirm(f"Delete application {app} and all its services?{also}")):
             await self.call("apps", "delete", {"app": app}, f"deleting {app}")
+
+    def _volumes_of(self, app: str) -> dict[str, list[dict[str, Any]]]:
+        """The volumes each service of *app* declares, by job name (from the services' states)."""
+        out: dict[str, list[dict[str, Any]]] = {}
+        for job, state in self.services.items():
+            if job.startswith(f"{app}.") and state.get("volumes"):
+                out[job] = list(state["volumes"])
+        return out
 
     @work(exclusive=True, group="refresh")
     async def action_refresh(self) -> None:

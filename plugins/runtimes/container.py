@@ -286,6 +286,8 @@ class ContainerRuntime(SupervisedRuntime):
         mounts = config.setdefault("mounts", [])
         for source, target in _read_only(spec):
             mounts.append({"destination": target, "type": "bind", "source": source, "options": ["rbind", "ro"]})
+        for source, target in spec.volumes:
+            mounts.append({"destination": target, "type": "bind", "source": source, "options": ["rbind", "rw"]})
         return config
 
     async def start(self, spec: LaunchSpec) -> Handle:
@@ -381,6 +383,8 @@ class ContainerRuntime(SupervisedRuntime):
         args += ["--with-ns", f"network:{spec.netns or f'/proc/{os.getpid()}/ns/net'}"]
         for source, target in _read_only(spec):
             args += ["--mount", f"type=bind,src={source},dst={target},options=rbind:ro"]
+        for source, target in spec.volumes:
+            args += ["--mount", f"type=bind,src={source},dst={target},options=rbind:rw"]
         env = [e for e in (*image_env, *spec.environment) if not e.startswith("HOSTNAME=")]
         if not any(e.startswith("PATH=") for e in env):
             args += ["--env", containerd.DEFAULT_PATH]

@@ -66,12 +66,15 @@ def _runs_command(pid: int) -> bool:
     return False
 
 
-def _mounts(files: tuple[tuple[str, str], ...]) -> str:
-    """Shell lines for the namespace's init: each secret file bind-mounted read-only where the SLA says,
-    inside the instance's own mount namespace (its mount point, made on the worker when missing, is an
-    empty file; the mount itself is the instance's alone)."""
+def _mounts(spec: LaunchSpec) -> str:
+    """Shell lines for the namespace's init: each volume bind-mounted where the SLA says, and each secret
+    file read-only, inside the instance's own mount namespace (the mount point, made on the worker when
+    missing, is an empty directory or file; the mount itself is the instance's alone)."""
     lines = []
-    for source, target in files:
+    for source, target in spec.volumes:
+        src, dst = shlex.quote(source), shlex.quote(target)
+        lines.append(f"mkdir -p {dst} && mount --bind {src} {dst} || exit 126; ")
+    for source, target in spec.secret_files:
         src, dst = shlex.quote(source), shlex.quote(target)
         lines.append(f'mkdir -p "$(dirname {dst})" && {{ [ -e {dst} ] || : > {dst}; }} && '
                      f"mount --bind {src} {dst} && mount -o remount,bind,ro {dst} || exit 126; ")
@@ -100,7 +103,7 @@ class ProcessRuntime(SupervisedRuntime):
             return list(spec.cmd)
         enter = ["nsenter", f"--net={spec.netns}"] if spec.netns else []
         return [*enter, "unshare", "--pid", "--mount", "--uts", "--ipc", "--fork", "--mount-proc", "--",
-                "/bin/sh", "-c", _mounts(spec.secret_files) + INIT, "oak-init", *spec.cmd]
+                "/bin/sh", "-c", _mounts(spec) + INIT, "oak-init", *spec.cmd]
 
     async def ready(self, child: asyncio.subprocess.Process) -> None:
         """Return once the namespace's init runs the command, and so has its TERM handler: a PID 1 without
@@ -137,9 +140,9 @@ class ProcessRuntime(SupervisedRuntime):
             raise RuntimeError("no cmd to run")
         if shutil.which(spec.cmd[0], path=BASE_PATH) is None:  # inside the sandbox it would only exit 127
             raise RuntimeError(f"cannot start: [Errno 2] No such file or directory: {spec.cmd[0]!r}")
-        if spec.secret_files and (not self.sandboxed or shutil.which("unshare") is None):
-            raise RuntimeError("secret files need the sandbox (root and unshare): they are mounted in the "
-                               "instance's own mount namespace")
+        if (spec.secret_files or spec.volumes) and (not self.sandboxed or shutil.which("unshare") is None):
+            raise RuntimeError("secret files and volumes need the sandbox (root and unshare): they are mounted "
+                               "in the instance's own mount namespace")
 
 
 @hookimpl

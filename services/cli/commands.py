@@ -226,7 +226,9 @@ async def client_command(args: argparse.Namespace) -> tuple[Any, Render]:
             return await oak.request("apps", "list"), _apps
         if group == "app" and action == "delete":
             data = await oak.request("apps", "delete", {"app": args.app})
-            return data, lambda d: f"deleted {d['app_id']} ({', '.join(d['deleted_services']) or 'no services'})"
+            return data, lambda d: (f"deleted {d['app_id']} ({', '.join(d['deleted_services']) or 'no services'})"
+                                    + (f" and its volumes {', '.join(d['deleted_volumes'])}"
+                                       if d.get("deleted_volumes") else ""))
         if group == "service":
             return await _service_command(oak, args)
         if action == "revoke":
@@ -262,6 +264,13 @@ async def client_command(args: argparse.Namespace) -> tuple[Any, Render]:
                                     f"and no password{port}")
         if group == "user" and action == "list":
             return await oak.request("users", "list"), lambda d: table(d, [("USER", "username"), ("ADMIN", "admin")])
+        if group == "volume" and action == "list":
+            return await oak.request("volumes", "list"), lambda d: table(d, [
+                ("SERVICE", "service"), ("VOLUME", "volume"), ("CLUSTER", "cluster"), ("NODE", "node"),
+                ("BYTES", "bytes"), ("ONLINE", "online")]) if d else "no volumes"
+        if group == "volume" and action == "delete":
+            body = {"service": args.service, **({"volume": args.volume} if args.volume else {})}
+            return await oak.request("volumes", "delete", body), lambda d: f"deleting {', '.join(d['deleted'])}"
         if group == "secret":
             return await _secret_command(oak, args)
         if group == "token" and action == "create":

@@ -231,6 +231,14 @@ def parser() -> argparse.ArgumentParser:
     tui.add_argument("--data-dir")
     tui.add_argument("--root", help="the root broker, HOST:PORT (default: from credentials.json)")
 
+    volume = sub.add_parser("volume", help="your services' volumes on the workers").add_subparsers(
+        dest="action", required=True)
+    _add_common(volume.add_parser("list", help="every volume: service, worker, size"))
+    p = volume.add_parser("delete", help="delete a service's volumes (or one) from every worker")
+    p.add_argument("service")
+    p.add_argument("volume", nargs="?")
+    _add_common(p)
+
     secret = sub.add_parser("secret", help="your secrets (given to services by their SLA's secrets)").add_subparsers(
         dest="action", required=True)
     p = secret.add_parser("set", help="set a secret (a new value rolls the services using it)")

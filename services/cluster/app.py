@@ -101,7 +101,8 @@ async def run_cluster(cfg: ClusterConfig, ready: asyncio.Event | None = None) ->
                 orchestrator = ClusterOrchestrator(cfg.name, store, scheduling, session, cfg.location,
                                                    lambda node: _expiry(credentials, Identity(NODE, node).username))
                 await orchestrator.restore()
-                relay = Relay(orchestrator.assigned, session)
+                relay = Relay(orchestrator.assigned, session,
+                              lambda: {name: view.volumes for name, view in orchestrator.nodes.items()})
                 inbox = Inbox()
                 orchestrator.listen(inbox)
                 inbox.on(channels.JOIN_REQUEST, lambda m: desk.handle(session, m))
@@ -109,6 +110,7 @@ async def run_cluster(cfg: ClusterConfig, ready: asyncio.Event | None = None) ->
                 inbox.on(channels.downstream(channels.CLUSTER_COMMAND), lambda m: _revoke(broker, tier, m),
                          verb="revoke")
                 inbox.on(channels.downstream(channels.CLUSTER_COMMAND), relay.command, verb="logs")
+                inbox.on(channels.downstream(channels.CLUSTER_COMMAND), relay.delete_volumes, verb="volumes")
                 inbox.on(channels.NODE_ANSWER, relay.answer)
                 secrets = SecretRelay(session, orchestrator.assigned)
                 inbox.on(channels.NODE_SECRETS_ASK, secrets.ask)

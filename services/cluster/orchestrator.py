@@ -13,6 +13,7 @@ document (reporting.py), the workers' latency peers (peers.py) and the overlay (
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -21,7 +22,7 @@ from typing import Any
 
 from services.cluster.network import ClusterNetwork
 from services.cluster.peers import rings
-from services.cluster.placement import NodeView, plan, summaries
+from services.cluster.placement import NodeView, plan, summaries, volume_note
 from services.cluster.reporting import StateReport, status_of
 from services.common import channels, models
 from services.common.delta import Change, DeltaPublisher, DeltaReceiver
@@ -66,6 +67,8 @@ class ClusterOrchestrator:
         self.desired: dict[str, InstanceSpec] = {}
         self.assigned: dict[str, str] = {}
         self.unplaced: dict[str, str] = {}
+        self.notes: dict[str, str] = {}  # what the status of a placed instance adds (its volumes start empty)
+        self._reasons = collections.ChainMap(self.unplaced, self.notes)
         self._published = LastSent()  # each worker's desired map (its instance ids)
         self._peers_published = LastSent()  # each worker's latency peers
         self._peers_dirty = False
@@ -162,6 +165,7 @@ class ClusterOrchestrator:
         touched |= {self._left_on.pop(iid) for iid in gone if iid in self._left_on}
         for iid in gone:
             self.unplaced.pop(iid, None)
+            self.notes.pop(iid, None)
         # In memory now, on disk with the placement pass's one write (place_soon): the message dispatch (the
         # states of 1,000 workers among what waits behind it) never waits for the store, and deltas arriving
         # meanwhile share one pass. What others hear of it (workers' maps, the state report) waits for that write.
@@ -238,6 +242,7 @@ class ClusterOrchestrator:
             i: (s.status, s.ip, s.health) for i, s in node.statuses.items()}  # readiness too: the net table
         node.statuses = statuses
         node.metrics = state.metrics
+        node.volumes = state.volumes
         node.coord = state.coord
         if changed:
             self._changed.set()
@@ -268,6 +273,11 @@ class ClusterOrchestrator:
         for iid, node in result.placed.items():
             self.assigned[iid] = node
             self.unplaced.pop(iid, None)
+            note = volume_note(self.desired[iid], node, self.nodes)
+            if note:
+                self.notes[iid] = note
+            else:
+                self.notes.pop(iid, None)
             left_on = self._left_on.pop(iid, None)
             if left_on is not None and left_on != node:
                 self._maps_due.add(left_on)  # it runs elsewhere now: the worker it was on stops its copy
@@ -324,13 +334,13 @@ class ClusterOrchestrator:
         for iid in self.desired:
             node = self.assigned.get(iid)
             seen = self.nodes[node].statuses.get(iid) if node in self.nodes else None
-            out[iid] = status_of(self.name, node, seen, self.unplaced.get(iid, ""))
+            out[iid] = status_of(self.name, node, seen, self._reasons.get(iid, ""))
         return out
 
     def state(self) -> dict[str, Any]:
         """The cluster's retained ``state`` for the root (reporting.py: only what changed is converted)."""
         return {"nodes": self._documents.nodes(self.summaries()),
-                "instances": self._documents.instances(self.desired, self.assigned, self.nodes, self.unplaced),
+                "instances": self._documents.instances(self.desired, self.assigned, self.nodes, self._reasons),
                 "overlay": self.network.state(self.nodes)}
 
     async def run(self) -> None:

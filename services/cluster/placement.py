@@ -29,6 +29,7 @@ class NodeView:
     metrics: dict[str, float] = field(default_factory=dict)
     statuses: dict[str, InstanceStatus] = field(default_factory=dict)
     coord: list[float] = field(default_factory=list)
+    volumes: dict[str, int] = field(default_factory=dict)  # the services' volumes it holds, with their bytes
 
 
 def summaries(nodes: Mapping[str, NodeView], desired: Mapping[str, InstanceSpec], assigned: Mapping[str, str],
@@ -60,7 +61,7 @@ def summaries(nodes: Mapping[str, NodeView], desired: Mapping[str, InstanceSpec]
             instances=int(count), arch=info.arch, labels=list(info.labels),
             location=info.location or location, gpus_free=info.gpus - gpus,
             services=services.get(view.name, {}), coord=list(view.coord),
-            cert_expires=cert_expiry(view.name),
+            cert_expires=cert_expiry(view.name), volumes=dict(view.volumes),
         )
     return out
 
@@ -77,7 +78,8 @@ def plan(desired: Mapping[str, InstanceSpec], assigned: Mapping[str, str], candi
          profile: Profile) -> Plan:
     """Place every desired instance without a worker on the online *candidates*, in a stable order (by
     service and number), each decision seeing the demands of those before it. An instance that replaces
-    another (a rolling update) goes to the worker it ``prefer``s when that one takes it."""
+    another (a rolling update) goes to the worker it ``prefer``s when that one takes it; one with volumes,
+    to a worker holding them when one takes it."""
     pool = {c.id: c for c in candidates}
     coords = {c.id: c.coord for c in candidates if c.coord}
     placed: dict[str, str] = {}
@@ -86,8 +88,11 @@ def plan(desired: Mapping[str, InstanceSpec], assigned: Mapping[str, str], candi
                      key=lambda i: (desired[i].job_name, desired[i].instance_number))
     for iid in pending:
         demand = with_targets(desired[iid].demand, coords)
-        preferred = pool.get(desired[iid].prefer)
-        decision = scheduling.place(demand, [preferred], profile, "node") if preferred else None
+        decision = None
+        for first in _preferred(desired[iid], pool):
+            decision = scheduling.place(demand, first, profile, "node")
+            if decision.choice is not None:
+                break
         if decision is None or decision.choice is None:
             decision = scheduling.place(demand, list(pool.values()), profile, "node")
         if decision.choice is None:
@@ -96,3 +101,24 @@ def plan(desired: Mapping[str, InstanceSpec], assigned: Mapping[str, str], candi
         pool[decision.choice.id] = reserve(decision.choice, demand)
         placed[iid] = decision.choice.id
     return Plan(placed, unplaced)
+
+
+def _preferred(spec: InstanceSpec, pool: Mapping[str, Candidate]) -> list[list[Candidate]]:
+    """The candidates to try before the others, best first: the worker *spec* prefers, then those holding
+    its volumes."""
+    out = [[pool[spec.prefer]]] if spec.prefer in pool else []
+    keys = set(spec.volume_keys)
+    holders = [c for c in pool.values() if keys & set(c.volumes)]
+    return [*out, holders] if holders else out
+
+
+def volume_note(spec: InstanceSpec, node: str, nodes: Mapping[str, NodeView]) -> str:
+    """What the status of *spec*, placed on *node*, should say of its volumes: that they start empty there
+    while their data is on another worker ("" when it holds them, or nobody does)."""
+    keys = set(spec.volume_keys)
+    if not keys or keys & set(nodes[node].volumes if node in nodes else ()):
+        return ""
+    holders = sorted(n for n, view in nodes.items() if keys & set(view.volumes))
+    if not holders:
+        return ""
+    return f"its volumes start empty here: their data is on {', '.join(holders)}, which cannot take it now"

@@ -4,7 +4,7 @@ and the workers' answers (``res/<verb>``) back up. Payloads pass through untouch
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from services.common import channels
@@ -17,9 +17,23 @@ log = logging.getLogger(__name__)
 class Relay:
     """Commands down to workers, answers up to the root."""
 
-    def __init__(self, assigned: Mapping[str, str], session: MqttSession) -> None:
+    def __init__(self, assigned: Mapping[str, str], session: MqttSession,
+                 volumes: Callable[[], Mapping[str, Iterable[str]]] = dict) -> None:
         self.assigned = assigned  # which worker holds each instance (the orchestrator's, kept current)
         self.session = session
+        self.volumes = volumes  # which volumes each worker holds (the orchestrator's nodes)
+
+    async def delete_volumes(self, command: Received[dict[str, Any]]) -> None:
+        """``oak/downstream/cmd/volumes`` with ``{"delete": [owner/job/volume...]}``: to every worker
+        holding one of them."""
+        keys = (command.body or {}).get("delete")
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            log.warning("ignoring a volumes command without a list of volumes")
+            return
+        for node, held in self.volumes().items():
+            mine = sorted(set(keys) & set(held))
+            if mine:
+                self.session.send(channels.NODE_COMMAND, {"delete": mine}, node=node, verb="volumes")
 
     async def command(self, command: Received[dict[str, Any]]) -> None:
         """``oak/downstream/cmd/<verb>`` with ``{"id", "iid", ...}``: to the instance's worker."""

@@ -15,14 +15,15 @@ from services.common import models
 from services.common.models import InstanceSpec, InstanceStatus, NodeSummary
 
 
-def status_of(cluster: str, node: str | None, seen: InstanceStatus | None, unplaced: str) -> InstanceStatus:
-    """An instance's status as the root should see it: where it was placed and what its worker says."""
+def status_of(cluster: str, node: str | None, seen: InstanceStatus | None, why: str) -> InstanceStatus:
+    """An instance's status as the root should see it: where it was placed and what its worker says; *why*
+    is why it waits for a worker, or, placed, what its reason says while its worker says nothing (its
+    volumes starting empty)."""
     if node is None:
-        return InstanceStatus(models.NO_WORKER_CAPACITY if unplaced else models.REQUESTED, unplaced,
-                              cluster=cluster)
+        return InstanceStatus(models.NO_WORKER_CAPACITY if why else models.REQUESTED, why, cluster=cluster)
     if seen is None:
-        return InstanceStatus(models.NODE_SCHEDULED, node=node, cluster=cluster)
-    return InstanceStatus(**{**seen.__dict__, "node": node, "cluster": cluster})
+        return InstanceStatus(models.NODE_SCHEDULED, why, node=node, cluster=cluster)
+    return InstanceStatus(**{**seen.__dict__, "node": node, "cluster": cluster, "reason": seen.reason or why})
 
 
 class StateReport:

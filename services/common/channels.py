@@ -163,7 +163,7 @@ CLUSTER_INFO: Channel[ClusterInfo] = Channel(
 CLUSTER_STATE, CLUSTER_STATE_DELTA = _whole_and_delta(
     f"{BASE}/clusters/{{cluster}}/up/state",
     "`cluster.state`, once changes settle (at least every 10 s while they go on): `nodes` (each worker's "
-    "capacity, free capacity after placed demands, load, runtimes), `instances` (`{iid: status}`) and "
+    "capacity, free capacity after placed demands, load, runtimes, volumes), `instances` (`{iid: status}`) and "
     "`overlay`, with `epoch` and `seq`", "cluster.state", CLUSTER, (),
     "`cluster.state.delta`, on change (at once when idle; spaced by its cost while messages wait for the "
     "cluster): what changed since `seq - 1`", ("nodes", "instances", "overlay"))
@@ -193,7 +193,8 @@ CLUSTER_NET: Channel[dict[str, Any]] = Channel(
 CLUSTER_COMMAND: Channel[dict[str, Any]] = Channel(
     f"{BASE}/clusters/{{cluster}}/down/cmd/{{verb}}",
     "a one-shot command: `logs` `{\"id\", \"iid\", \"tail\", \"follow\"}` (or `\"stop\": true`), passed to the "
-    "worker holding the instance; `revoke` `{\"node\": name}`: refuse that worker from now on",
+    "worker holding the instance; `revoke` `{\"node\": name}`: refuse that worker from now on; `volumes` "
+    "`{\"delete\": [owner/job/volume...]}`: passed to the workers holding them",
     _object, SERVICE, (CLUSTER,))
 CLUSTER_TOKENS: Channel[dict[str, Any]] = Channel(
     f"{BASE}/clusters/{{cluster}}/down/tokens",
@@ -268,7 +269,8 @@ NODE_NET: Channel[dict[str, Any]] = Channel(
     f"{BASE}/nodes/{{node}}/down/net", "`net`, when it changed: the worker's overlay `subnet`, its `cluster`, "
     "and the net `table`", _envelope("net"), SERVICE, (NODE,), kind="net", retained=True)
 NODE_COMMAND: Channel[dict[str, Any]] = Channel(
-    f"{BASE}/nodes/{{node}}/down/cmd/{{verb}}", "the root's one-shot command for an instance on this worker",
+    f"{BASE}/nodes/{{node}}/down/cmd/{{verb}}", "the root's one-shot command for an instance on this worker "
+    "(`logs`), or for its volumes (`volumes` `{\"delete\": [...]}`)",
     _object, SERVICE, (NODE,))
 NODE_SECRETS: Channel[dict[str, Any]] = Channel(
     f"{BASE}/nodes/{{node}}/down/secrets", "`{\"id\", \"iid\", \"values\"}` or `{..., \"error\"}`: the "

@@ -76,6 +76,11 @@ class InstanceSpec:
         """What the instance asks of the place it runs on."""
         return demand_of(self.service, self.service_key)
 
+    @property
+    def volume_keys(self) -> tuple[str, ...]:
+        """Its service's volumes as workers name them: ``owner/job_name/volume``."""
+        return tuple(f"{self.service_key}/{v.name}" for v in self.service.volumes)
+
     @functools.cached_property
     def doc(self) -> dict[str, Any]:
         """The JSON form (the service's part is the service's own, shared by its instances)."""
@@ -135,15 +140,18 @@ class NodeState:
     instances: dict[str, InstanceStatus]
     metrics: dict[str, float]
     coord: list[float]
+    volumes: dict[str, int] = dataclasses.field(default_factory=dict)  # owner/job/name -> bytes
 
     @classmethod
     def load(cls, data: dict[str, Any]) -> NodeState:
-        """Read the published form: ``{"instances": {...}, "coord": [...], <metric>: <number>...}``."""
-        coord = data.get("coord", [])
+        """Read the published form: ``{"instances": {...}, "coord": [...], "volumes": {...}, <metric>:
+        <number>...}``."""
+        coord, volumes = data.get("coord", []), data.get("volumes", {})
         check(coord, list[float], "NodeState.coord")
+        check(volumes, dict[str, int], "NodeState.volumes")
         metrics = {k: float(v) for k, v in data.items()
                    if isinstance(v, int | float) and not isinstance(v, bool)}
-        return cls(load_statuses(data.get("instances", {})), metrics, [float(x) for x in coord])
+        return cls(load_statuses(data.get("instances", {})), metrics, [float(x) for x in coord], volumes)
 
 
 @dataclass(frozen=True)
@@ -185,6 +193,7 @@ class NodeSummary:
     services: dict[str, int] = dataclasses.field(default_factory=dict)
     coord: list[float] = dataclasses.field(default_factory=list)
     cert_expires: float = 0.0  # when the worker's certificate ends (epoch seconds; 0: it has none)
+    volumes: dict[str, int] = dataclasses.field(default_factory=dict)  # the services' volumes on it: bytes
 
     def candidate(self) -> Candidate:
         """This worker as a scheduling candidate."""
@@ -192,7 +201,7 @@ class NodeSummary:
             id=self.name, cpu_free=self.cpu_free, memory_free_mb=self.memory_free_mb, cpu_total=self.cpu_cores,
             memory_total_mb=self.memory_mb, virtualizations=tuple(self.runtimes), cpu_percent=self.cpu_percent,
             location=self.location, gpus_free=self.gpus_free, arch=self.arch, labels=tuple(self.labels),
-            services=dict(self.services), coord=tuple(self.coord),
+            services=dict(self.services), coord=tuple(self.coord), volumes=tuple(self.volumes),
         )
 
 

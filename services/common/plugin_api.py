@@ -57,6 +57,9 @@ class LaunchSpec:
     #: A registry credential for pulling ``code`` (the SLA's ``registry_secret``): the path of a skopeo
     #: auth file in *secret_dir*; "" without one.
     registry_auth: str = ""
+    #: The SLA's volumes: (the service's directory on the worker, the path the instance sees it at),
+    #: mounted read-write; the directory outlives the instance.
+    volumes: tuple[tuple[str, str], ...] = ()
     #: Called, from any thread, with a short status reason while the runtime prepares the instance
     #: (e.g. ``"pulling docker.io/library/nginx:latest"``); the worker shows it with CREATING.
     on_progress: Callable[[str], None] | None = field(default=None, compare=False, repr=False)
@@ -229,6 +232,7 @@ class Candidate:
     labels: tuple[str, ...] = ()
     services: dict[str, int] = field(default_factory=dict)
     coord: tuple[float, ...] = ()
+    volumes: tuple[str, ...] = ()  # the services' volumes it holds (``owner/job_name/volume``)
 
 
 @runtime_checkable

@@ -35,6 +35,7 @@ MICRO_KEYS = frozenset({"microserviceID", "microservice_name", "microservice_nam
                         "privileged", "constraints", "health", "update", "secrets", "registry_secret"})
 SECRET_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 SECRET_KEYS = ("name", "env", "file")
+VOLUME_KEYS = ("name", "path")
 HEALTH_TYPES = ("exec", "tcp", "http")
 HEALTH_KEYS = ("type", "cmd", "port", "path", "interval", "timeout", "failures", "start_period")
 UPDATE_KEYS = ("max_parallel", "min_healthy_time", "healthy_deadline", "auto_revert", "canary")
@@ -93,6 +94,18 @@ class SecretRef:
 
 
 @dataclass(frozen=True)
+class VolumeRef:
+    """One of the SLA's ``volumes`` (Oakling's form): the service's named volume *name*, mounted at *path*."""
+
+    name: str
+    path: str
+
+    def to_dict(self) -> dict[str, str]:
+        """JSON form (the SLA's own)."""
+        return {"name": self.name, "path": self.path}
+
+
+@dataclass(frozen=True)
 class UpdatePolicy:
     """The SLA's ``update``: how a new revision replaces the running one (Nomad's ``update`` block).
 
@@ -143,6 +156,7 @@ class ServiceSpec:
     update: UpdatePolicy | None = None
     secrets: tuple[SecretRef, ...] = ()
     registry_secret: str = ""  # the secret holding ``user:password`` for pulling ``code`` from its registry
+    volumes: tuple[VolumeRef, ...] = ()
 
     @property
     def secret_names(self) -> tuple[str, ...]:
@@ -198,6 +212,7 @@ class ServiceSpec:
             "health": self.health.to_dict() if self.health else None,
             "update": self.update.to_dict() if self.update else None,
             "secrets": [ref.to_dict() for ref in self.secrets], "registry_secret": self.registry_secret,
+            "volumes": [ref.to_dict() for ref in self.volumes],
         }
 
     def to_sla(self) -> dict[str, Any]:
@@ -220,6 +235,8 @@ class ServiceSpec:
             micro["secrets"] = [ref.to_dict() for ref in self.secrets]
         if self.registry_secret:
             micro["registry_secret"] = self.registry_secret
+        if self.volumes:
+            micro["volumes"] = [ref.to_dict() for ref in self.volumes]
         return micro
 
     @classmethod
@@ -471,22 +488,30 @@ def _health(micro: dict[str, Any], path: str, virtualization: str) -> HealthChec
                        times["start_period"])
 
 
-def _secret_name(value: Any, path: str) -> str:
+def _ref_name(value: Any, path: str, what: str = "secret") -> str:
+    """The name of a secret or volume: 1-63 of a-z, 0-9, '.', '_', '-'."""
     if not isinstance(value, str) or not SECRET_NAME_RE.fullmatch(value):
-        raise SlaError(path, f"{value!r:.40} is not a secret name (1-63 of a-z, 0-9, '.', '_', '-')")
+        raise SlaError(path, f"{value!r:.40} is not a {what} name (1-63 of a-z, 0-9, '.', '_', '-')")
     return value
+
+
+def _listed(micro: dict[str, Any], key: str, path: str, known: tuple[str, ...],
+            virtualization: str) -> list[tuple[str, dict[str, Any]]]:
+    """Each object of the list *key* (its path and its fields, every one *known*); refused for a VM."""
+    raw = micro.get(key) or []
+    if not isinstance(raw, list):
+        raise SlaError(f"{path}.{key}", f"expected a list, got {_kind(raw)}")
+    if raw and virtualization in VM_VIRTUALIZATIONS:
+        raise SlaError(f"{path}.{key}", f"{key} reach containers and processes; a {virtualization} cannot "
+                                        "take them yet")
+    return [(f"{path}.{key}[{i}]", _fields_of(item, f"{path}.{key}[{i}]", known)) for i, item in enumerate(raw)]
 
 
 def _secrets(micro: dict[str, Any], path: str, virtualization: str) -> tuple[tuple[SecretRef, ...], str]:
     """The ``secrets`` list and the ``registry_secret``, every field checked."""
-    raw = micro.get("secrets") or []
-    if not isinstance(raw, list):
-        raise SlaError(f"{path}.secrets", f"expected a list, got {_kind(raw)}")
     refs: list[SecretRef] = []
-    for i, item in enumerate(raw):
-        where = f"{path}.secrets[{i}]"
-        ref = _fields_of(item, where, SECRET_KEYS)
-        name = _secret_name(ref.get("name"), f"{where}.name")
+    for where, ref in _listed(micro, "secrets", path, SECRET_KEYS, virtualization):
+        name = _ref_name(ref.get("name"), f"{where}.name")
         env, file = _str(ref, "env", where), _str(ref, "file", where)
         if bool(env) == bool(file):
             raise SlaError(where, "give the secret as 'env' (a variable name) or as 'file' (a path), one of them")
@@ -495,13 +520,32 @@ def _secrets(micro: dict[str, Any], path: str, virtualization: str) -> tuple[tup
         if file and (not file.startswith("/") or ".." in file.split("/") or file.endswith("/") or "\0" in file):
             raise SlaError(f"{where}.file", f"{file!r} is not an absolute path to a file")
         refs.append(SecretRef(name, env, file))
-    if refs and virtualization in VM_VIRTUALIZATIONS:
-        raise SlaError(f"{path}.secrets", f"secrets reach containers and processes; a {virtualization} cannot "
-                                          "take them yet")
     registry = micro.get("registry_secret") or ""
     if registry:
-        registry = _secret_name(registry, f"{path}.registry_secret")
+        registry = _ref_name(registry, f"{path}.registry_secret")
     return tuple(refs), registry
+
+
+def _is_oakestra_volumes(raw: Any) -> bool:
+    """Oakestra's CSI form of ``volumes`` (``volume_id``, ``csi_driver``): kept in ``extra`` as it is."""
+    return isinstance(raw, list) and any(isinstance(v, dict) and ("volume_id" in v or "csi_driver" in v)
+                                         for v in raw)
+
+
+def _volumes(micro: dict[str, Any], path: str, virtualization: str) -> tuple[VolumeRef, ...]:
+    """Oakling's ``volumes`` (``[{"name", "path"}]``), every field checked."""
+    if _is_oakestra_volumes(micro.get("volumes")):
+        return ()
+    refs: list[VolumeRef] = []
+    for where, ref in _listed(micro, "volumes", path, VOLUME_KEYS, virtualization):
+        name = _ref_name(ref.get("name"), f"{where}.name", "volume")
+        target = _str(ref, "path", where, required=True)
+        if not target.startswith("/") or ".." in target.split("/") or target == "/" or "\0" in target:
+            raise SlaError(f"{where}.path", f"{target!r} is not an absolute path to a directory")
+        if any(r.name == name for r in refs):
+            raise SlaError(f"{where}.name", f"volume {name!r} appears twice")
+        refs.append(VolumeRef(name, target.rstrip("/")))
+    return tuple(refs)
 
 
 def _update(micro: dict[str, Any], path: str) -> UpdatePolicy | None:
@@ -571,7 +615,9 @@ def _service(micro: Any, path: str, app: str, app_ns: str) -> ServiceSpec:
     constraints, clusters, nodes = _constraints(micro, path)
     health, update = _health(micro, path, virtualization), _update(micro, path)
     secrets, registry_secret = _secrets(micro, path, virtualization)
-    extra = {k: copy.deepcopy(v) for k, v in micro.items() if k not in MICRO_KEYS and k != "addresses"}
+    volumes = _volumes(micro, path, virtualization)
+    extra = {k: copy.deepcopy(v) for k, v in micro.items() if k not in MICRO_KEYS and k != "addresses"
+             and not (k == "volumes" and not _is_oakestra_volumes(v))}
     if other_addresses:
         extra["addresses"] = other_addresses
     return ServiceSpec(
@@ -579,7 +625,7 @@ def _service(micro: Any, path: str, app: str, app_ns: str) -> ServiceSpec:
         code=code, cmd=cmd, environment=environment, memory=memory, vcpus=vcpus, vgpus=vgpus, storage=storage,
         port=port, one_shot=one_shot, privileged=privileged, rr_ip=rr_ip, clusters=clusters, nodes=nodes,
         constraints=constraints, extra=extra, health=health, update=update, secrets=secrets,
-        registry_secret=registry_secret,
+        registry_secret=registry_secret, volumes=volumes,
     )
 
 

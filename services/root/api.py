@@ -112,6 +112,8 @@ class Api:
             ("services", "history"): self.services_history,
             ("services", "rollback"): self.services_rollback,
             ("services", "promote"): self.services_promote,
+            ("volumes", "list"): self.volumes_list,
+            ("volumes", "delete"): self.volumes_delete,
             ("secrets", "set"): self.secrets_set,
             ("secrets", "list"): self.secrets_list,
             ("secrets", "delete"): self.secrets_delete,
@@ -275,7 +277,10 @@ class Api:
         await self.orchestrator.forget(removed)
         for service in services:
             self.orchestrator.clear_state(service)
-        return {"app_id": app.app_id, "deleted_services": [s.job_name for s in services]}
+        volumes = self._volume_keys(user, [s.job_name for s in services])
+        if volumes:
+            self.orchestrator.delete_volumes(volumes)
+        return {"app_id": app.app_id, "deleted_services": [s.job_name for s in services], "deleted_volumes": volumes}
 
     # ---- services ----------------------------------------------------------------------------
 
@@ -381,6 +386,29 @@ class Api:
                                                                   previous=service.rollout.previous))
         self.orchestrator.mark(service)
         return self.orchestrator.service_state(service)
+
+    # ---- volumes -----------------------------------------------------------------------------
+
+    def _volume_keys(self, user: str, jobs: list[str], name: str | None = None) -> list[str]:
+        """The volumes (``owner/job/volume``) of *jobs* that workers report, or only those called *name*."""
+        return sorted({f"{user}/{r['service']}/{r['volume']}" for r in self.orchestrator.volumes_of(user)
+                       if r["service"] in jobs and name in (None, r["volume"])})
+
+    async def volumes_list(self, user: str, body: Any) -> Any:
+        """The user's volumes: service, volume, the worker holding it, its bytes."""
+        return self.orchestrator.volumes_of(user)
+
+    async def volumes_delete(self, user: str, body: Any) -> Any:
+        """Delete a service's volumes (or only ``volume``) from every worker; refused while it runs."""
+        service = self._service(user, body)
+        name = self._arg(body, "volume", str, required=False)
+        if self.catalog.instances_of(service.sid):
+            raise Conflict(f"{service.job_name} runs: undeploy it before deleting its volumes")
+        keys = self._volume_keys(user, [service.job_name], name)
+        if not keys:
+            raise NotFound(f"no volume{f' {name!r}' if name else ''} of {service.job_name} on any worker")
+        self.orchestrator.delete_volumes(keys)
+        return {"deleted": keys}
 
     # ---- secrets -----------------------------------------------------------------------------
 

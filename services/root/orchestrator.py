@@ -367,6 +367,20 @@ class RootOrchestrator:
         self._dirty.add(service.sid)
         self.kick()
 
+    def volumes_of(self, owner: str) -> list[dict[str, Any]]:
+        """The volumes of *owner*'s services on every worker, with their bytes, by service and volume."""
+        mine = owner + "/"
+        rows = [{"service": key.split("/")[1], "volume": key.split("/")[2], "cluster": view.name, "node": node.name,
+                 "bytes": size, "online": node.online and view.online}
+                for view in self.clusters.values() for node in view.nodes.values()
+                for key, size in node.volumes.items() if key.startswith(mine) and key.count("/") == 2]
+        return sorted(rows, key=lambda r: (r["service"], r["volume"], r["cluster"], r["node"]))
+
+    def delete_volumes(self, keys: list[str]) -> None:
+        """Ask every cluster to delete the volumes *keys* (``owner/job/volume``) from its workers."""
+        for cluster in self.clusters:
+            self.session.send(channels.CLUSTER_COMMAND, {"delete": keys}, cluster=cluster, verb="volumes")
+
     def clear_state(self, service: Service) -> None:
         """Remove a deleted service's retained state."""
         self._published_state.forget(service.sid)

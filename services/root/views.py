@@ -43,6 +43,7 @@ class ServiceStates:
             "closest_ip": service.closest_ip,
             "health": spec.health.to_dict() if spec.health else None,
             "revision": service.revision,
+            "volumes": [v.to_dict() for v in spec.volumes],
             "rollout": _rollout(service.rollout, rows),
             "status": overall_status(service.replicas, [r["status"] for r in rows]),
             "instances": rows,

@@ -152,6 +152,7 @@ async def run_worker(cfg: WorkerConfig) -> None:
             inbox.on(channels.NODE_COMMAND, logs.handle, node=cfg.name, verb="logs")
             inbox.on(channels.NODE_NET, lambda m: _apply_net(network, m), node=cfg.name)
             inbox.on(channels.NODE_SECRETS, fetcher.answer, node=cfg.name)
+            inbox.on(channels.NODE_COMMAND, lambda m: _delete_volumes(engine, m), node=cfg.name, verb="volumes")
             if renewal:
                 inbox.on(channels.NODE_CERT, renewal.take, node=cfg.name)
             log.info("worker %s connected to its cluster at %s; runtimes: %s", cfg.name, cfg.cluster,
@@ -181,6 +182,13 @@ async def _apply_net(network: Network | None, net: Received[dict[str, Any]]) -> 
         await network.update(str(data["subnet"]), str(data["cluster"]), dict(data["table"]))
     except (ValueError, KeyError, TypeError, RuntimeError) as exc:
         log.warning("cannot apply the net table: %s", exc)
+
+
+async def _delete_volumes(engine: Engine, command: Received[dict[str, Any]]) -> None:
+    """The root's ``{"delete": [owner/job/volume...]}``: delete those no instance here uses."""
+    keys = (command.body or {}).get("delete")
+    if isinstance(keys, list) and all(isinstance(k, str) for k in keys):
+        await engine.delete_volumes(keys)
 
 
 async def _apply_peers(prober: Prober, peers: Received[dict[str, Any]]) -> None:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import shutil
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -34,6 +35,8 @@ STOP_GRACE = 5.0
 # took it out of every worker's net table in the same pass, so no new connection reaches it once it
 # stops (an update replacing it fails no request).
 DRAIN = 1.0
+VOLUMES = "volumes"  # <data dir>/volumes/<owner>/<job name>/<volume>: kept until deleted
+VOLUME_SIZES_EVERY = 10.0  # seconds between two measures of the volumes' sizes
 BACKOFF_FIRST, BACKOFF_MAX = 1.0, 30.0
 
 
@@ -88,6 +91,9 @@ class Engine:
         self.on_change = on_change
         self.slots: dict[str, Slot] = {}
         self._stopping: set[asyncio.Task[None]] = set()
+        self.volume_sizes: dict[str, int] = {}  # owner/job/volume -> bytes, as last measured
+        self._doomed: set[str] = set()  # volumes to delete once no instance here uses them
+        self._sized_at = float("-inf")
 
     # ---- state -------------------------------------------------------------------------------
 
@@ -145,6 +151,7 @@ class Engine:
                 log.info("adopted %s (pid %s), still running", iid, handle.pid if handle else "?")
             if status.status != models.COMPLETED:
                 slot.task = asyncio.create_task(self._supervise(slot, adopted=adopted))
+        await self.measure_volumes()
 
     async def apply(self, desired: dict[str, InstanceSpec]) -> None:
         """Start what is newly desired and stop what no longer is."""
@@ -155,6 +162,7 @@ class Engine:
             task.add_done_callback(self._stopping.discard)
         new = {iid: Slot(spec, InstanceStatus(models.CREATING))
                for iid, spec in desired.items() if iid not in self.slots}
+        self._doomed -= {key for slot in new.values() for key in slot.spec.volume_keys}  # wanted again
         self.slots.update(new)
         if new:
             await self.store.put_many(TABLE, {iid: self._doc(slot) for iid, slot in new.items()})  # one write
@@ -178,6 +186,8 @@ class Engine:
             await asyncio.to_thread(secret_files.clear, self._secrets_dir(slot.spec))
         await self.store.delete(TABLE, slot.spec.iid)
         log.info("removed %s", slot.spec.iid)
+        if self._doomed & set(slot.spec.volume_keys):
+            await self._delete_doomed()
 
     async def _supervise(self, slot: Slot, *, adopted: bool) -> None:
         """Run one instance until it completes or is removed."""
@@ -194,6 +204,7 @@ class Engine:
                 try:
                     place = await self._attach(slot)
                     launch = replace(self._launch_spec(spec, place), on_progress=self._progress(slot))
+                    await asyncio.to_thread(self._make_volumes, launch)
                     if spec.service.secret_names:
                         launch = await self._with_secrets(launch, spec)
                     slot.handle = await runtime.start(launch)
@@ -323,10 +334,54 @@ class Engine:
             ip=place.ip if place else "",
             gateway=place.gateway if place else "",
             arch=tuple(svc.extra.get("arch", ())),  # a list of strings (checked with the SLA)
+            volumes=tuple((str(self.data_dir / VOLUMES / key), ref.path)
+                          for key, ref in zip(spec.volume_keys, svc.volumes, strict=True)),
         )
 
+    def _make_volumes(self, launch: LaunchSpec) -> None:
+        """Create the instance's volumes that do not exist yet (then measured and reported soon)."""
+        for source, _ in launch.volumes:
+            if not Path(source).is_dir():
+                Path(source).mkdir(parents=True)
+                self._sized_at = float("-inf")
+
+    # ---- volumes -------------------------------------------------------------------------------
+
+    async def measure_volumes(self) -> None:
+        """Refresh :attr:`volume_sizes` (at most every VOLUME_SIZES_EVERY seconds: it walks the files)."""
+        now = time.monotonic()
+        if now - self._sized_at >= VOLUME_SIZES_EVERY:
+            self._sized_at = now
+            self.volume_sizes = await asyncio.to_thread(_volume_sizes, self.data_dir / VOLUMES)
+
+    async def delete_volumes(self, keys: list[str]) -> list[str]:
+        """Delete the volumes *keys* (``owner/job/volume``) once no instance here uses them (the instances
+        of a deleted application may still be on their way out: their volumes go after them, unless the
+        service is wanted here again meanwhile); return those deleted now."""
+        self._doomed |= {k for k in keys if len(k.split("/")) == 3 and ".." not in k.split("/")}
+        await asyncio.gather(*self._stopping, return_exceptions=True)
+        return await self._delete_doomed()
+
+    async def _delete_doomed(self) -> list[str]:
+        used = {key for slot in self.slots.values() for key in slot.spec.volume_keys}
+        deleted = []
+        for key in sorted(self._doomed - used):
+            self._doomed.discard(key)
+            where = self.data_dir / VOLUMES / key
+            if not where.is_dir():
+                continue
+            await asyncio.to_thread(shutil.rmtree, where, True)
+            deleted.append(key)
+            log.info("deleted volume %s", key)
+        if deleted:
+            self._sized_at = float("-inf")
+            await self.measure_volumes()
+            self.on_change()
+        return deleted
+
     async def sample(self) -> None:
-        """Refresh the resource use of every running instance."""
+        """Refresh the resource use of every running instance (and the volumes' sizes, now and then)."""
+        await self.measure_volumes()
         for slot in self.slots.values():
             runtime = self.runtimes.get(slot.spec.service.virtualization)
             stats = await runtime.stats(slot.handle) if runtime and slot.handle else None
@@ -356,3 +411,17 @@ class Engine:
         for slot in self.slots.values():  # stopped: their next start fetches the secrets again
             if slot.spec.service.secret_names:
                 await asyncio.to_thread(secret_files.clear, self._secrets_dir(slot.spec))
+
+
+def _volume_sizes(root: Path) -> dict[str, int]:
+    """The bytes in each ``<owner>/<job>/<volume>`` directory under *root*."""
+    sizes: dict[str, int] = {}
+    for volume in root.glob("*/*/*"):
+        if volume.is_dir():
+            total = 0
+            for path in volume.rglob("*"):
+                with contextlib.suppress(OSError):
+                    if path.is_file() and not path.is_symlink():
+                        total += path.stat().st_size
+            sizes["/".join(volume.relative_to(root).parts)] = total
+    return sizes

@@ -41,6 +41,7 @@ class Reporter:
             **self.collector.sample(),
             "instances": {iid: models.dump(status) for iid, status in statuses.items()},
             "coord": self.prober.coord.to_list() if self.prober and self.prober.samples else [],
+            "volumes": dict(self.engine.volume_sizes) if self.engine else {},
         }
 
     async def run(self, session: MqttSession, interval: float) -> None:
