@@ -91,6 +91,28 @@ async def test_data_survives_updates_and_worker_restarts(stack: Stack, api: Any,
     await eventually(lambda: _volumes_on(client, set()), 20, what="no volume listed")
 
 
+async def test_a_container_keeps_its_volume_across_an_update(stack: Stack, api: Any, busybox_image: Path) -> None:
+    """A busybox container writes to its volume; the instance of the next revision, on the same worker, reads
+    what the first wrote and adds its own line."""
+    stack.root()
+    stack.cluster("c1")
+    stack.worker("w2", "c1", "--runtime", "container", "--stop-grace", "1")
+    client = await api()
+    await eventually(lambda: online_nodes(client, 1), 30, what="w2 online")
+    keeper = {"microservice_name": "keeper", "virtualization": "container", "code": str(busybox_image),
+              "cmd": ["sh", "-c", "echo run >> /srv/data/runs; sleep 600"], "environment": ["V=1"],
+              "volumes": [{"name": "store", "path": "/srv/data"}],
+              "update": {"min_healthy_time": 0.5, "healthy_deadline": 60}}
+    await client.request("apps", "create", raw=dumps(sla(keeper, app="vol")))
+    await client.request("services", "deploy", {"service": JOB})
+    await eventually(lambda: runs(stack, "w2") == 1, 60, what="the container's first line")
+    await client.request("services", "update", {"service": JOB, "microservice": {"environment": ["V=2"]}})
+    await eventually(lambda: runs(stack, "w2") == 2, 60, what="revision 2's line beside the first")
+    await client.request("apps", "delete", {"app": "vol"})
+    gone = stack.base / "w2" / "volumes" / "admin" / JOB / "store"
+    await eventually(lambda: not gone.exists(), 30, what="the volume gone with the application")
+
+
 async def _no_instance(client: OakClient) -> bool:
     return not (await client.request("services", "inspect", {"service": JOB}))["instances"]
 

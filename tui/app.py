@@ -265,7 +265,7 @@ class OakApp(App[None]):
         if not job:
             return
         app = ".".join(job.split(".")[:2])
-        volumes = [f"{s}: {', '.join(v['volume'] for v in s_vols)}" for s, s_vols in self._volumes_of(app).items()]
+        volumes = [f"{s}: {', '.join(v['name'] for v in s_vols)}" for s, s_vols in self._volumes_of(app).items()]
         also = f" Their volumes go too ({'; '.join(volumes)})." if volumes else ""
         if await self.push_screen_wait(Confirm(f"Delete application {app} and all its services?{also}")):
             await self.call("apps", "delete", {"app": app}, f"deleting {app}")

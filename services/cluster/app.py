@@ -101,8 +101,7 @@ async def run_cluster(cfg: ClusterConfig, ready: asyncio.Event | None = None) ->
                 orchestrator = ClusterOrchestrator(cfg.name, store, scheduling, session, cfg.location,
                                                    lambda node: _expiry(credentials, Identity(NODE, node).username))
                 await orchestrator.restore()
-                relay = Relay(orchestrator.assigned, session,
-                              lambda: {name: view.volumes for name, view in orchestrator.nodes.items()})
+                relay = Relay(orchestrator.assigned, session, lambda: list(orchestrator.nodes))
                 inbox = Inbox()
                 orchestrator.listen(inbox)
                 inbox.on(channels.JOIN_REQUEST, lambda m: desk.handle(session, m))

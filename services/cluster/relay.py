@@ -18,22 +18,20 @@ class Relay:
     """Commands down to workers, answers up to the root."""
 
     def __init__(self, assigned: Mapping[str, str], session: MqttSession,
-                 volumes: Callable[[], Mapping[str, Iterable[str]]] = dict) -> None:
+                 nodes: Callable[[], Iterable[str]] = tuple) -> None:
         self.assigned = assigned  # which worker holds each instance (the orchestrator's, kept current)
         self.session = session
-        self.volumes = volumes  # which volumes each worker holds (the orchestrator's nodes)
+        self.nodes = nodes  # the workers of the cluster
 
     async def delete_volumes(self, command: Received[dict[str, Any]]) -> None:
-        """``oak/downstream/cmd/volumes`` with ``{"delete": [owner/job/volume...]}``: to every worker
-        holding one of them."""
+        """``oak/downstream/cmd/volumes`` with ``{"delete": [owner/job/volume...]}``: to every worker (one
+        may hold a volume it has not reported yet; the others have nothing to delete)."""
         keys = (command.body or {}).get("delete")
         if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
             log.warning("ignoring a volumes command without a list of volumes")
             return
-        for node, held in self.volumes().items():
-            mine = sorted(set(keys) & set(held))
-            if mine:
-                self.session.send(channels.NODE_COMMAND, {"delete": mine}, node=node, verb="volumes")
+        for node in self.nodes():
+            self.session.send(channels.NODE_COMMAND, {"delete": keys}, node=node, verb="volumes")
 
     async def command(self, command: Received[dict[str, Any]]) -> None:
         """``oak/downstream/cmd/<verb>`` with ``{"id", "iid", ...}``: to the instance's worker."""

@@ -194,7 +194,7 @@ CLUSTER_COMMAND: Channel[dict[str, Any]] = Channel(
     f"{BASE}/clusters/{{cluster}}/down/cmd/{{verb}}",
     "a one-shot command: `logs` `{\"id\", \"iid\", \"tail\", \"follow\"}` (or `\"stop\": true`), passed to the "
     "worker holding the instance; `revoke` `{\"node\": name}`: refuse that worker from now on; `volumes` "
-    "`{\"delete\": [owner/job/volume...]}`: passed to the workers holding them",
+    "`{\"delete\": [owner/job/volume...]}`: passed to every worker",
     _object, SERVICE, (CLUSTER,))
 CLUSTER_TOKENS: Channel[dict[str, Any]] = Channel(
     f"{BASE}/clusters/{{cluster}}/down/tokens",

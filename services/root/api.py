@@ -273,11 +273,12 @@ class Api:
         """Undeploy and delete an application and all its services."""
         app = self.catalog.find_app(user, self._arg(body, "app", str))
         removed = [i for sid in app.services for i in self.catalog.instances_of(sid)]
+        volumes = self._volume_keys(user, [self.catalog.services[sid] for sid in app.services
+                                           if sid in self.catalog.services])
         services = await self.catalog.delete_app(app)
         await self.orchestrator.forget(removed)
         for service in services:
             self.orchestrator.clear_state(service)
-        volumes = self._volume_keys(user, [s.job_name for s in services])
         if volumes:
             self.orchestrator.delete_volumes(volumes)
         return {"app_id": app.app_id, "deleted_services": [s.job_name for s in services], "deleted_volumes": volumes}
@@ -389,10 +390,15 @@ class Api:
 
     # ---- volumes -----------------------------------------------------------------------------
 
-    def _volume_keys(self, user: str, jobs: list[str], name: str | None = None) -> list[str]:
-        """The volumes (``owner/job/volume``) of *jobs* that workers report, or only those called *name*."""
-        return sorted({f"{user}/{r['service']}/{r['volume']}" for r in self.orchestrator.volumes_of(user)
-                       if r["service"] in jobs and name in (None, r["volume"])})
+    def _volume_keys(self, user: str, services: list[Service], name: str | None = None) -> list[str]:
+        """The volumes (``owner/job/volume``) of *services*, or only those called *name*: those any of their
+        revisions declares, and those workers report."""
+        jobs = {s.job_name for s in services}
+        declared = {f"{user}/{s.job_name}/{v.name}" for s in services for r in self.catalog.revisions_of(s.sid)
+                    for v in r.spec.volumes if name in (None, v.name)}
+        reported = {f"{user}/{r['service']}/{r['volume']}" for r in self.orchestrator.volumes_of(user)
+                    if r["service"] in jobs and name in (None, r["volume"])}
+        return sorted(declared | reported)
 
     async def volumes_list(self, user: str, body: Any) -> Any:
         """The user's volumes: service, volume, the worker holding it, its bytes."""
@@ -404,7 +410,7 @@ class Api:
         name = self._arg(body, "volume", str, required=False)
         if self.catalog.instances_of(service.sid):
             raise Conflict(f"{service.job_name} runs: undeploy it before deleting its volumes")
-        keys = self._volume_keys(user, [service.job_name], name)
+        keys = self._volume_keys(user, [service], name)
         if not keys:
             raise NotFound(f"no volume{f' {name!r}' if name else ''} of {service.job_name} on any worker")
         self.orchestrator.delete_volumes(keys)

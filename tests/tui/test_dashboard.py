@@ -165,6 +165,22 @@ async def test_scale_and_delete() -> None:
                              ("apps", "delete", {"app": "shop.test"})]
 
 
+async def test_deleting_an_application_says_its_volumes_go_too() -> None:
+    """x on a service with volumes: the confirmation names them before anything is sent."""
+    feed = FakeFeed()
+    app = OakApp(feed)
+    async with app.run_test(size=(120, 30)) as pilot:
+        await loaded(pilot)
+        app.post_message(ServiceChanged(WEB["job_name"], {**WEB, "volumes": [{"name": "data", "path": "/d"}]}))
+        await pilot.pause()
+        await pilot.press("down", "x")
+        await pilot.pause()
+        assert "Their volumes go too (shop.test.web.test: data)" in shown(app)
+        await pilot.press("n")
+        await pilot.pause()
+    assert feed.requests == []
+
+
 async def test_create_shows_the_validation_error_in_place(tmp_path: Path) -> None:
     """c with a file the root refuses keeps the dialog open with the root's message."""
     bad = tmp_path / "bad.json"
