@@ -13,7 +13,6 @@ document (reporting.py), the workers' latency peers (peers.py) and the overlay (
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import time
@@ -68,7 +67,6 @@ class ClusterOrchestrator:
         self.assigned: dict[str, str] = {}
         self.unplaced: dict[str, str] = {}
         self.notes: dict[str, str] = {}  # what the status of a placed instance adds (its volumes start empty)
-        self._reasons = collections.ChainMap(self.unplaced, self.notes)
         self._published = LastSent()  # each worker's desired map (its instance ids)
         self._peers_published = LastSent()  # each worker's latency peers
         self._peers_dirty = False
@@ -334,13 +332,14 @@ class ClusterOrchestrator:
         for iid in self.desired:
             node = self.assigned.get(iid)
             seen = self.nodes[node].statuses.get(iid) if node in self.nodes else None
-            out[iid] = status_of(self.name, node, seen, self._reasons.get(iid, ""))
+            out[iid] = status_of(self.name, node, seen, self.unplaced.get(iid) or self.notes.get(iid, ""))
         return out
 
     def state(self) -> dict[str, Any]:
         """The cluster's retained ``state`` for the root (reporting.py: only what changed is converted)."""
         return {"nodes": self._documents.nodes(self.summaries()),
-                "instances": self._documents.instances(self.desired, self.assigned, self.nodes, self._reasons),
+                "instances": self._documents.instances(self.desired, self.assigned, self.nodes, self.unplaced,
+                                                       self.notes),
                 "overlay": self.network.state(self.nodes)}
 
     async def run(self) -> None:

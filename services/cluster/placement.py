@@ -107,6 +107,8 @@ def _preferred(spec: InstanceSpec, pool: Mapping[str, Candidate]) -> list[list[C
     """The candidates to try before the others, best first: the worker *spec* prefers, then those holding
     its volumes."""
     out = [[pool[spec.prefer]]] if spec.prefer in pool else []
+    if not spec.service.volumes:  # most instances: no look at the thousand candidates
+        return out
     keys = set(spec.volume_keys)
     holders = [c for c in pool.values() if keys & set(c.volumes)]
     return [*out, holders] if holders else out

@@ -48,13 +48,16 @@ class StateReport:
         return out
 
     def instances(self, desired: Mapping[str, InstanceSpec], assigned: Mapping[str, str],
-                  nodes: Mapping[str, NodeView], unplaced: Mapping[str, str]) -> dict[str, dict[str, Any]]:
-        """The ``instances`` section: the status of every desired instance."""
+                  nodes: Mapping[str, NodeView], unplaced: Mapping[str, str],
+                  notes: Mapping[str, str] | None = None) -> dict[str, dict[str, Any]]:
+        """The ``instances`` section: the status of every desired instance (*unplaced*: why one waits for a
+        worker; *notes*: what a placed one's reason says while its worker's says nothing)."""
         out = {}
+        notes = notes or {}
         for iid in desired:
             node = assigned.get(iid)
             seen = nodes[node].statuses.get(iid) if node is not None and node in nodes else None
-            inputs = (node, seen, unplaced.get(iid, ""))
+            inputs = (node, seen, unplaced.get(iid) or notes.get(iid, ""))
             made = self._instances.get(iid)
             if made is None or made[0] != inputs:
                 made = self._instances[iid] = (inputs, models.dump(status_of(self.cluster, *inputs)))

@@ -204,7 +204,8 @@ class Engine:
                 try:
                     place = await self._attach(slot)
                     launch = replace(self._launch_spec(spec, place), on_progress=self._progress(slot))
-                    await asyncio.to_thread(self._make_volumes, launch)
+                    if launch.volumes:
+                        await asyncio.to_thread(self._make_volumes, launch)
                     if spec.service.secret_names:
                         launch = await self._with_secrets(launch, spec)
                     slot.handle = await runtime.start(launch)
