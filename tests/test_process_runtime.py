@@ -198,7 +198,10 @@ async def test_reused_pid_is_not_adopted_nor_signalled(started: Started) -> None
 
 async def test_stop_kills_what_ignores_sigterm(started: Started) -> None:
     handle = await started.start(started.spec(["sh", "-c", "trap '' TERM; sleep 30"]))
-    await eventually(lambda: psutil.Process(handle.pid).children(), 5, 0.02, what="the trap set (sleep started)")
+    def sleeping() -> bool:  # the trap comes before the sleep (in a sandbox the first child is the namespace's init)
+        return any(p.name() == "sleep" for p in psutil.Process(handle.pid).children(recursive=True))
+
+    await eventually(sleeping, 5, 0.02, what="the trap set (sleep started)")
     loop = asyncio.get_running_loop()
     began = loop.time()
     await started.rt.stop(handle, 0.5)
