@@ -164,3 +164,44 @@ async def test_liveness_through_the_tiers(stack: Stack, api: Any) -> None:
     (plain,) = (await client.request("services", "inspect", {"service": "live.test.plain.test"}))["instances"]
     assert (plain["status"], plain["health"], plain["restarts"]) == (models.RUNNING, "", 0)
     await client.request("apps", "delete", {"app": "live"})
+
+
+class _Overlay:
+    """A stand-in for the overlay (unit test): every instance gets a namespace and an IP; the worker's side
+    of the overlay is the namespace ``host-ns``."""
+
+    async def attach(self, iid: str, ports: str) -> Any:
+        from services.worker.overlay import Attachment
+
+        return Attachment(f"/run/netns/oak-{iid}", "10.18.0.9", "10.18.0.1", "host-ns")
+
+    async def detach(self, iid: str) -> None:
+        return None
+
+
+@pytest.mark.parametrize(("virtualization", "where"), [("process", "/run/netns/oak-i1"), ("unikernel", "host-ns")])
+async def test_where_a_check_connects_from(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, virtualization: str,
+                                           where: str) -> None:
+    """A tcp or http check connects to the instance's IP from inside its namespace, but a VM's from the
+    worker's side of the overlay (a VM's namespace hands every frame to the guest: a connection made in
+    it never reaches the guest)."""
+    from plugins.runtimes.sim import SimRuntime
+
+    targets: list[Any] = []
+
+    async def recorded(check: HealthCheck, target: Any) -> str:
+        targets.append(target)
+        return ""
+
+    monkeypatch.setattr(engine_module, "probe", recorded)
+    runtime = SimRuntime()
+    runtime.virtualizations = (virtualization,)
+    service = ServiceSpec(app_name="a", app_namespace="n", name="s", namespace="n", virtualization=virtualization,
+                          code="k", cmd=("sleep", "600"), health=HealthCheck("tcp", port=80, interval=0.2))
+    eng = Engine("w1", {virtualization: runtime}, Store(tmp_path / "w.json"), tmp_path,
+                 network=_Overlay(), drain=0)  # type: ignore[arg-type]
+    await eng.apply({"i1": InstanceSpec("i1", "admin", service.job_name, 0, service)})
+    await eventually(lambda: status(eng).health == HEALTHY, what="checked")
+    assert (targets[0].ip, targets[0].netns) == ("10.18.0.9", where)
+    await eng.apply({})
+    await eng.close()

@@ -40,6 +40,11 @@ def vm(name: str, code: Path, cmd: list[str], **extra: Any) -> dict[str, Any]:
             "memory": 128, "vcpus": 1, **extra}
 
 
+async def _healthy(client: Any) -> dict[str, Any] | None:
+    state = await inspect(client, WEB)
+    return state if state["instances"] and state["instances"][0]["health"] == "healthy" else None
+
+
 def qemus(iid: str = "") -> set[int]:
     """PIDs of the QEMU processes running Oakling instances (only instance *iid*'s, when given)."""
     out = set()
@@ -57,7 +62,8 @@ async def inspect(client: Any, job: str) -> dict[str, Any]:
 @pytest.mark.timeout(240)
 async def test_a_vm_service_end_to_end(stack: Stack, api: Any, lab: Lab, tmp_path: Path) -> None:
     """RUNNING on a worker advertising unikernel (and its acceleration), reachable by service IP from another
-    instance, console in the logs, one_shot power-off COMPLETED, undeploy leaves no QEMU, tap or namespace."""
+    instance (and healthy by a tcp check), console in the logs, one_shot power-off COMPLETED, undeploy leaves
+    no QEMU, tap or namespace."""
     images = vmimages.prepare(tmp_path / "images")
     before_qemus = qemus()
     stack.root()
@@ -73,7 +79,8 @@ async def test_a_vm_service_end_to_end(stack: Stack, api: Any, lab: Lab, tmp_pat
     assert {"process", "unikernel", "microvm"} <= set(node["runtimes"])
     assert any(label.startswith("vm.accel=") for label in node["labels"]), node
 
-    doc = sla(vm("web", images.bundle, ["oak.serve=80", "oak.say=web-console-up"]),
+    check = {"type": "tcp", "port": 80, "interval": 1, "start_period": 300}  # from the worker's side of the overlay
+    doc = sla(vm("web", images.bundle, ["oak.serve=80", "oak.say=web-console-up"], health=check),
               vm("once", images.bundle, ["oak.say=once-done", "oak.then=poweroff"], one_shot=True, vcpus=0.5),
               sleeper("client", 3600), app=APP)
     await client.request("apps", "create", raw=dumps(doc))
@@ -101,6 +108,8 @@ async def test_a_vm_service_end_to_end(stack: Stack, api: Any, lab: Lab, tmp_pat
         return done.stdout.strip() == "hello from the vm"
 
     await eventually(serves, 120, interval=1, what="the VM answering on its service IP")
+    healthy = await eventually(lambda: _healthy(client), 30, what="the VM's tcp check passing")
+    assert healthy["instances"][0]["reason"] == ""
 
     # kill -9 of the worker's PID alone, a restart 2 s later: the same QEMU runs on, adopted (issue 21)
     vm_qemus = qemus(vm_iid)  # its own: other tests' VMs may come and go meanwhile

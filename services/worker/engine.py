@@ -63,6 +63,7 @@ class Slot:
     stats: dict[str, float] = field(default_factory=dict)
     ip: str = ""
     netns: str = ""  # the path of its network namespace on the overlay
+    host: str = ""  # where its IP is reached from (the worker's side of the overlay; "": the worker's own)
 
 
 class Engine:
@@ -261,7 +262,7 @@ class Engine:
         """Try *check* now and every ``interval`` seconds, showing the verdict in the instance's status;
         return the reason once the instance is unhealthy."""
         vm = slot.spec.service.virtualization in VM_VIRTUALIZATIONS  # its namespace passes all to the guest
-        target = Target(runtime, handle, slot.ip, "" if vm else slot.netns)
+        target = Target(runtime, handle, slot.ip, slot.host if vm else slot.netns)
         started = time.monotonic()
         verdict = Health(slot.status.health or models.STARTING)
         while True:
@@ -303,7 +304,7 @@ class Engine:
         if self.network is None:
             return None
         place = await self.network.attach(slot.spec.iid, slot.spec.service.port)
-        slot.ip, slot.netns = place.ip, place.netns
+        slot.ip, slot.netns, slot.host = place.ip, place.netns, place.host
         return place
 
     async def _reattach(self, slot: Slot) -> None:

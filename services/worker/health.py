@@ -5,7 +5,8 @@ the pure verdict over the tries so far; :func:`probe` makes one try. An ``exec``
 instance through its runtime (:class:`~services.common.plugin_api.Executes`); ``tcp`` and ``http``
 connect to the instance's IP from inside its network namespace (the socket is made in the namespace
 by a thread that enters it alone), or to 127.0.0.1 on the worker without the overlay. A VM's
-namespace passes every frame to the guest, so its checks connect from the worker's namespace instead.
+namespace passes every frame to the guest, so its checks connect from the worker's side of the overlay
+instead, as a client on the worker would.
 """
 
 from __future__ import annotations

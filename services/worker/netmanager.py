@@ -31,7 +31,7 @@ async def _answer(overlay: Overlay, request: dict[str, Any]) -> dict[str, Any]:
         return {"ok": True}
     if op == "attach":
         place = await overlay.attach(str(request["iid"]), str(request.get("ports", "")))
-        return {"ok": True, "netns": place.netns, "ip": place.ip, "gateway": place.gateway}
+        return {"ok": True, "netns": place.netns, "ip": place.ip, "gateway": place.gateway, "host": place.host}
     if op == "detach":
         await overlay.detach(str(request["iid"]))
         return {"ok": True}
@@ -115,7 +115,7 @@ class RemoteNetwork:
     async def attach(self, iid: str, ports: str) -> Attachment:
         """Ask for instance *iid*'s namespace and IP."""
         reply = await self._ask("attach", iid=iid, ports=ports)
-        return Attachment(str(reply["netns"]), str(reply["ip"]), str(reply["gateway"]))
+        return Attachment(str(reply["netns"]), str(reply["ip"]), str(reply["gateway"]), str(reply.get("host", "")))
 
     async def detach(self, iid: str) -> None:
         """Release instance *iid*'s namespace and IP."""

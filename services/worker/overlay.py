@@ -38,6 +38,7 @@ class Attachment:
     netns: str
     ip: str
     gateway: str
+    host: str = ""  # the namespace of the worker's side of the overlay, where *ip* is reached from ("": its own)
 
 
 class Network(Protocol):
@@ -218,7 +219,7 @@ class Overlay:
                 await self._program_instance(iid, self._instance_ruleset())
         except (KernelError, OSError) as exc:
             raise RuntimeError(f"cannot attach to the overlay: {exc}") from None
-        return Attachment(path, doc["ip"], addressing.gateway(self.subnet))
+        return Attachment(path, doc["ip"], addressing.gateway(self.subnet), self.kernel.host_netns or "")
 
     def _drop_balancer(self, exc: OSError) -> None:
         """Leave service IPs to nftables alone from now on (the balancer failed: a full map, an old kernel)."""
