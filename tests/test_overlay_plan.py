@@ -153,6 +153,7 @@ class Recording:
     failing on demand, as a full map would."""
 
     def __init__(self) -> None:
+        self.host_netns: str | None = None  # as Kernel: the worker's own namespace
         self.services: dict[str, tuple[str, ...]] = {}
         self.namespaces: set[int] = set()
         self.rules: dict[str, str] = {}
