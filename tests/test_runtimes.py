@@ -136,7 +136,8 @@ async def test_exec_inside_the_instance(runtime: tuple[SupervisedRuntime, str], 
     """A command exec'd into a running instance (an exec health check) sees the instance's processes and
     files, comes back with its exit code and output, and is killed at its timeout."""
     rt, code = runtime
-    spec = launch(tmp_path, kind_of(rt), code, ["sh", "-c", "echo here > /tmp/oak-mark-$HOSTNAME; sleep 300"])
+    mark = "echo here > /tmp/oak-mark.$$ && mv /tmp/oak-mark.$$ /tmp/oak-mark-$HOSTNAME; sleep 300"
+    spec = launch(tmp_path, kind_of(rt), code, ["sh", "-c", mark])
     handle = await rt.start(spec)
     try:
         look = "cat /tmp/oak-mark-instance-3; ls /proc | grep -c '^[0-9]'"
@@ -153,7 +154,8 @@ async def test_exec_inside_the_instance(runtime: tuple[SupervisedRuntime, str], 
 
 
 async def eventually_exec(rt: SupervisedRuntime, handle: Handle, argv: tuple[str, ...]) -> Exit:
-    """*argv* exec'd once the instance has written its mark (it may not have yet)."""
+    """*argv* exec'd once the instance has written its mark (it may not have yet; it appears whole, by a
+    rename, so a command never reads it half written)."""
     for _ in range(50):
         end = await rt.exec(handle, argv, 5)
         if end.code == 0:
