@@ -56,7 +56,7 @@ from plugins.runtimes import containerd
 from plugins.runtimes.cgroups import CPU_PERIOD_US, Cgroup, absolute_path, relative_path
 from plugins.runtimes.supervised import SupervisedRuntime, describe, open_log
 from services.common.plugin_api import Exit, Handle, LaunchSpec, hookimpl
-from services.common.private import private_opener
+from services.common.private import private_opener, write_mode
 
 log = logging.getLogger(__name__)
 NAME = "container"
@@ -247,9 +247,7 @@ class ContainerRuntime(SupervisedRuntime):
         config = json.loads(config_path.read_text())
         if spec.secret_env:  # the config holds them: it lives on the instance's tmpfs, the bundle links to it
             kept = Path(spec.secret_dir) / "config.json"
-            fd = os.open(kept, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as handle:
-                handle.write(json.dumps(self.configure(config, spec)))
+            write_mode(kept, json.dumps(self.configure(config, spec)), 0o600)
             config_path.unlink()
             config_path.symlink_to(kept)
             return
@@ -392,9 +390,7 @@ class ContainerRuntime(SupervisedRuntime):
             args += ["--env", item]
         if spec.secret_env:  # in a file on the instance's tmpfs: a command line is readable by anyone
             env_file = Path(spec.secret_dir) / ".env"
-            fd = os.open(env_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o400)
-            with os.fdopen(fd, "w") as handle:
-                handle.write("".join(f"{item}\n" for item in spec.secret_env))
+            write_mode(env_file, "".join(f"{item}\n" for item in spec.secret_env), 0o400)
             args += ["--env-file", str(env_file)]
         return [*args, image, self._cid(spec.iid), *spec.cmd]
 

@@ -95,11 +95,16 @@ class ProcessRuntime(SupervisedRuntime):
         elif shutil.which("unshare") is None:
             log.warning("process runtime: unshare (util-linux) is missing; instances get no namespaces")
 
+    @property
+    def namespaced(self) -> bool:
+        """Whether instances get their own namespaces (root, and unshare installed)."""
+        return self.sandboxed and shutil.which("unshare") is not None
+
     def command(self, spec: LaunchSpec) -> list[str]:
         """The command, inside new namespaces behind the shell init when sandboxed."""
         if not spec.cmd:
             raise RuntimeError("no cmd to run")
-        if not self.sandboxed or shutil.which("unshare") is None:
+        if not self.namespaced:
             return list(spec.cmd)
         enter = ["nsenter", f"--net={spec.netns}"] if spec.netns else []
         return [*enter, "unshare", "--pid", "--mount", "--uts", "--ipc", "--fork", "--mount-proc", "--",
@@ -108,7 +113,7 @@ class ProcessRuntime(SupervisedRuntime):
     async def ready(self, child: asyncio.subprocess.Process) -> None:
         """Return once the namespace's init runs the command, and so has its TERM handler: a PID 1 without
         one ignores TERM, so a stop right after start would otherwise wait for the SIGKILL."""
-        if not self.sandboxed or shutil.which("unshare") is None:
+        if not self.namespaced:
             return
         with contextlib.suppress(TimeoutError, psutil.Error):
             async with asyncio.timeout(READY_TIMEOUT):
@@ -117,7 +122,7 @@ class ProcessRuntime(SupervisedRuntime):
 
     def exec_command(self, handle: Handle, argv: tuple[str, ...]) -> list[str]:
         """*argv* entered into the namespaces of the instance's init (sandboxed), else as it is."""
-        if not self.sandboxed or shutil.which("unshare") is None:
+        if not self.namespaced:
             return list(argv)
         deadline = time.monotonic() + READY_TIMEOUT  # unshare forks the init right after start
         while not (init := next(iter(_children(handle.pid)), 0)) and time.monotonic() < deadline:
@@ -140,7 +145,7 @@ class ProcessRuntime(SupervisedRuntime):
             raise RuntimeError("no cmd to run")
         if shutil.which(spec.cmd[0], path=BASE_PATH) is None:  # inside the sandbox it would only exit 127
             raise RuntimeError(f"cannot start: [Errno 2] No such file or directory: {spec.cmd[0]!r}")
-        if (spec.secret_files or spec.volumes) and (not self.sandboxed or shutil.which("unshare") is None):
+        if (spec.secret_files or spec.volumes) and not self.namespaced:
             raise RuntimeError("secret files and volumes need the sandbox (root and unshare): they are mounted "
                                "in the instance's own mount namespace")
 

@@ -76,7 +76,7 @@ class InstanceSpec:
         """What the instance asks of the place it runs on."""
         return demand_of(self.service, self.service_key)
 
-    @property
+    @functools.cached_property
     def volume_keys(self) -> tuple[str, ...]:
         """Its service's volumes as workers name them: ``owner/job_name/volume``."""
         return tuple(f"{self.service_key}/{v.name}" for v in self.service.volumes)

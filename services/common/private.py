@@ -53,3 +53,10 @@ def write_secret(path: Path, data: Any) -> None:
     private_dir(path.parent)
     write_private(path, json.dumps(data))
     os.chmod(path, FILE_MODE)
+
+
+def write_mode(path: Path, data: bytes | str, mode: int) -> None:
+    """Write *data* to *path*, a file made with *mode* (a secret's file: nobody else reads it, even briefly)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data.encode() if isinstance(data, str) else data)

@@ -158,7 +158,7 @@ class ServiceSpec:
     registry_secret: str = ""  # the secret holding ``user:password`` for pulling ``code`` from its registry
     volumes: tuple[VolumeRef, ...] = ()
 
-    @property
+    @functools.cached_property
     def secret_names(self) -> tuple[str, ...]:
         """Every secret the service needs (its ``secrets`` and its ``registry_secret``)."""
         return tuple(dict.fromkeys([*(s.name for s in self.secrets), *([self.registry_secret] if

@@ -431,8 +431,9 @@ class Api:
 
     def _check_secrets(self, user: str, spec: ServiceSpec) -> None:
         """Refuse to run *spec* while a secret it needs does not exist."""
-        missing = [n for n in spec.secret_names if not self._secret_store().exists(user, n)] if spec.secret_names \
-            else []
+        if not spec.secret_names:
+            return
+        missing = [n for n in spec.secret_names if not self._secret_store().exists(user, n)]
         if missing:
             raise ApiError("missing_secret", f"{spec.job_name} needs the secret(s) {', '.join(missing)}: "
                                              f"oak secret set {missing[0]} --value ... (or --from-file)")

@@ -183,8 +183,7 @@ class Engine:
             await runtime.stop(slot.handle, self.stop_grace)
         if self.network:
             await self.network.detach(slot.spec.iid)
-        if slot.spec.service.secret_names:
-            await asyncio.to_thread(secret_files.clear, self._secrets_dir(slot.spec))
+        await self._clear_secrets(slot.spec)
         await self.store.delete(TABLE, slot.spec.iid)
         log.info("removed %s", slot.spec.iid)
         if self._doomed & set(slot.spec.volume_keys):
@@ -277,6 +276,11 @@ class Engine:
 
     def _secrets_dir(self, spec: InstanceSpec) -> Path:
         return self.data_dir / "secrets" / spec.iid
+
+    async def _clear_secrets(self, spec: InstanceSpec) -> None:
+        """Remove the instance's secret files (and their tmpfs), if it has secrets."""
+        if spec.service.secret_names:
+            await asyncio.to_thread(secret_files.clear, self._secrets_dir(spec))
 
     async def _with_secrets(self, launch: LaunchSpec, spec: InstanceSpec) -> LaunchSpec:
         """*launch* with the instance's secrets, fetched now (never stored: each start asks again)."""
@@ -411,8 +415,7 @@ class Engine:
         ]
         await asyncio.gather(*stops, *self._stopping, return_exceptions=True)
         for slot in self.slots.values():  # stopped: their next start fetches the secrets again
-            if slot.spec.service.secret_names:
-                await asyncio.to_thread(secret_files.clear, self._secrets_dir(slot.spec))
+            await self._clear_secrets(slot.spec)
 
 
 def _volume_sizes(root: Path) -> dict[str, int]:

@@ -25,7 +25,7 @@ from typing import Any
 from services.common import channels
 from services.common.inbox import Received
 from services.common.mqtt import MqttSession
-from services.common.private import private_dir
+from services.common.private import private_dir, write_mode
 from services.common.sla import ServiceSpec, registry_of
 
 log = logging.getLogger(__name__)
@@ -102,9 +102,7 @@ def lay_out(spec: ServiceSpec, values: dict[str, bytes], where: Path) -> Laid:
             env.append(f"{ref.env}={text}")
             continue
         path = where / ref.name
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o444)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(value)
+        write_mode(path, value, 0o444)
         files.append((str(path), ref.file))
     return Laid(tuple(env), tuple(files), str(where), auth)
 
@@ -116,9 +114,7 @@ def _registry_auth(spec: ServiceSpec, values: dict[str, bytes], where: Path) -> 
         raise RuntimeError(f"secret {spec.registry_secret!r} (the registry_secret) must be user:password")
     doc = {"auths": {registry_of(spec.code): {"auth": base64.b64encode(value.strip()).decode()}}}
     path = where / ".registry-auth.json"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o400)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(doc, handle)
+    write_mode(path, json.dumps(doc), 0o400)
     return str(path)
 
 
