@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -23,6 +24,10 @@ class FakeSession:
 
     def subscribe(self, *filters: str) -> None:
         pass
+
+    def horizon(self) -> float:
+        """Nothing waits: every message received has been read."""
+        return time.monotonic()
 
     send = MqttSession.send
 

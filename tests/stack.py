@@ -66,9 +66,20 @@ class Proc:
         self.popen.send_signal(signal.SIGKILL)
         self.popen.wait(10)
 
+    def freeze(self) -> None:
+        """Stop it dead without closing anything (SIGSTOP): a hung device, or a link gone silent."""
+        assert self.popen is not None
+        self.popen.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """Let a frozen process go on (SIGCONT)."""
+        if self.popen is not None and self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
         """Stop it gracefully (SIGTERM), then kill it if it lingers."""
         if self.popen is not None:
+            self.thaw()  # a frozen process would not see the SIGTERM
             end(self.popen, 15)
 
     def tail(self, lines: int = 30) -> str:

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-import time
 
 from plugins.schedulers.least_loaded import LeastLoaded
 from services.common import models
 from services.common.models import InstanceStatus, NodeSummary
 from services.common.plugin_api import Demand
 from services.common.scheduling import Profile, Weighted
-from services.common.sla import ServiceSpec
+from services.common.sla import DisconnectPolicy, ServiceSpec
 from services.root.catalog import Instance, Service
-from services.root.clusters import FAILOVER_GRACE, STARTUP_GRACE, ClusterView, choose
+from services.root.clusters import ClusterView, choose
 from services.root.placement import Placement
 
 PROFILE = Profile((Weighted(LeastLoaded()),))
@@ -63,19 +62,6 @@ def test_direct_constraints_pick_the_cluster_and_worker() -> None:
     assert decision.reasons == {"c2": "not in direct cluster list c1"}
 
 
-def test_an_offline_report_keeps_the_startup_grace() -> None:
-    """A restarted root reads a cluster's retained "offline" first; its instances wait the startup grace."""
-    view = ClusterView("c1")
-    view.set_online(False, grace=STARTUP_GRACE)
-    view.set_online(False)
-    assert view.move_after is not None
-    assert view.move_after - time.monotonic() > FAILOVER_GRACE + 1, "the short failover grace did not replace it"
-    view.set_online(True)
-    view.set_online(False)
-    assert view.move_after is not None
-    assert view.move_after - time.monotonic() <= FAILOVER_GRACE, "once it was back, a new outage waits the short one"
-
-
 def test_placement_decides_one_instance_at_a_time_without_a_broker() -> None:
     """The root's placement as plain logic: decisions come one by one (the orchestrator turns the loop
     between them), each sees the reservations of those before it, a refused instance goes elsewhere, and
@@ -98,8 +84,21 @@ def test_placement_decides_one_instance_at_a_time_without_a_broker() -> None:
     placement.absorb("c1", refused, InstanceStatus(models.NO_WORKER_CAPACITY, "full"))
     again = [d for d in placement.decisions(instances, {"s1": service}, clusters, set()) if d.iid == refused]
     assert [d.cluster for d in again] in (["c2"], [""]), "never c1 again"
-    clusters["c1"].set_online(False, grace=0.0)
-    time.sleep(0.01)
-    moved = placement.moves(clusters, instances)
+    moved, due = placement.moves({"c1": 10.0}, instances, {"s1": service}, 10.0)
     assert sorted(moved["c1"]) == sorted(iid for iid, i in instances.items() if i.cluster == "c1")
-    assert placement.moves(clusters, instances) == {}, "reported once"
+    assert due is None
+
+
+def test_moves_follow_each_services_disconnect_policy() -> None:
+    """Off a gone cluster, an instance moves once its service's lost_after is over, never when it says not
+    to replace it; the next due time is given so the root can come back for it."""
+    def service(sid: str, policy: DisconnectPolicy) -> Service:
+        spec = ServiceSpec("a", "t", sid, "t", "process", "", memory=10, vcpus=0.1, disconnect=policy)
+        return Service(sid, "u", "app", spec, replicas=1)
+    services = {"fast": service("fast", DisconnectPolicy()), "slow": service("slow", DisconnectPolicy(lost_after=30)),
+                "kept": service("kept", DisconnectPolicy(replace=False))}
+    instances = {sid: Instance(sid, sid, 0, cluster="c1") for sid in services}
+    assert Placement.moves({}, instances, services, 100.0) == ({}, None), "nothing gone"
+    assert Placement.moves({"c1": 100.0}, instances, services, 100.0) == ({"c1": ["fast"]}, 130.0)
+    assert Placement.moves({"c1": 100.0}, instances, services, 130.0) == ({"c1": ["fast", "slow"]}, None)
+    assert Placement.moves({"c2": 100.0}, instances, services, 500.0) == ({}, None), "another cluster"

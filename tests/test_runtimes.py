@@ -142,7 +142,9 @@ async def test_exec_inside_the_instance(runtime: tuple[SupervisedRuntime, str], 
     try:
         look = "cat /tmp/oak-mark-instance-3; ls /proc | grep -c '^[0-9]'"
         end = await eventually_exec(rt, handle, ("sh", "-c", look))
-        here, processes = end.reason.split(": ", 1)[1].split()
+        words = end.reason.split(": ", 1)[1].split()
+        assert len(words) == 2, f"expected the mark and a count: {end.reason!r}"
+        here, processes = words
         assert (end.code, here) == (0, "here")
         assert int(processes) <= 6, "only the instance's processes (and the command's own)"
         assert (await rt.exec(handle, ("sh", "-c", "echo no; exit 4"), 5)) == Exit(4, "exited with code 4: no")

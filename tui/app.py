@@ -54,7 +54,7 @@ class OakApp(App[None]):
         self.services: dict[str, dict[str, Any]] = {}
         self.nodes: dict[str, dict[str, Any]] = {}
         self.clusters: dict[str, dict[str, Any]] = {}
-        self.online: dict[str, bool] = {}
+        self.states: dict[str, str] = {}  # each cluster's and worker's state word, as last shown
         self.history: dict[str, deque[float]] = defaultdict(lambda: deque([0.0], maxlen=HISTORY))
 
     def compose(self) -> ComposeResult:
@@ -114,12 +114,12 @@ class OakApp(App[None]):
         for cluster in message.clusters:
             self.history[f"cluster:{cluster['name']}"].append(cluster["cpu_percent"])
         self.refresh_details()
-        now = {f"cluster {c['name']}": c["online"] for c in message.clusters}
-        now.update({f"worker {n['cluster']}/{n['name']}": n["online"] for n in message.nodes})
-        for name, online in now.items():
-            if self.online.get(name) != online:
-                self.event(f"{name} {'online' if online else '[red]offline[/]'}")
-        self.online = now
+        now = {f"cluster {c['name']}": _state(c) for c in message.clusters}
+        now.update({f"worker {n['cluster']}/{n['name']}": _state(n) for n in message.nodes})
+        for name, state in now.items():
+            if self.states.get(name) != state:
+                self.event(f"{name} {state if state == 'online' else f'[red]{state}[/]'}")
+        self.states = now
 
     def on_feed_status(self, message: FeedStatus) -> None:
         """Show the connection on the status line."""
@@ -170,7 +170,7 @@ class OakApp(App[None]):
 
         def describe() -> str:
             node = self.nodes.get(name or "", {})
-            state = "online" if node.get("online") else "OFFLINE"
+            state = node.get("state") or ("online" if node.get("online") else "OFFLINE")
             return (f"{name} in {node.get('cluster')}  {state}  {node.get('cpu_percent', 0):.0f}% cpu  "
                     f"{node.get('cpu_free', 0):.1f}/{node.get('cpu_cores', 0):.0f} vcpu free  "
                     f"{node.get('memory_free_mb', 0):.0f} MB free  {','.join(node.get('runtimes', []))}")
@@ -186,7 +186,8 @@ class OakApp(App[None]):
 
         def describe() -> str:
             c = self.clusters.get(name, {})
-            return (f"{name}  {'online' if c.get('online') else 'OFFLINE'}  {c.get('location') or 'no location'}  "
+            state = c.get("state") or ("online" if c.get("online") else "OFFLINE")
+            return (f"{name}  {state}  {c.get('location') or 'no location'}  "
                     f"{c.get('nodes', 0)} workers  {c.get('cpu_cores', 0):.0f} vcpus  {c.get('memory_mb', 0):.0f} MB  "
                     f"{c.get('instances', 0)} instances")
 
@@ -298,3 +299,8 @@ class OakApp(App[None]):
     def action_toggle_dark(self) -> None:
         """Switch between the light and the dark theme."""
         self.theme = "textual-light" if self.theme == "textual-dark" else "textual-dark"
+
+
+def _state(row: dict[str, Any]) -> str:
+    """A cluster's or worker's state word (online, offline, LOST, SUSPECT), also from an older root's rows."""
+    return str(row.get("state") or ("online" if row.get("online") else "offline"))

@@ -71,7 +71,7 @@ async def cluster(args: argparse.Namespace, home: Path, root_url: BrokerUrl) -> 
         home, args.name, root_url, args.location, listeners(args), args.scheduler, args.scheduler_profile,
         args.join_token, args.root_join_token, broker_spec(args), args.mosquitto_bridge,
         root_ca_fingerprint=args.ca_fingerprint, cert_days=args.cert_days, plain_loopback=args.plain_loopback,
-        plain_port=_plain_port(args), open_join=args.open_join))
+        plain_port=_plain_port(args), open_join=args.open_join, stuck_after=args.stuck_after))
 
 
 async def worker(args: argparse.Namespace, home: Path, cluster_url: BrokerUrl) -> None:
@@ -187,9 +187,16 @@ def _keep_user_certificate(home: Path, username: str, key: ca.PrivateKey, data: 
 
 
 def _dated(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """*rows* with ``cert_expires`` as a date (or nothing, for an identity without a certificate)."""
+    """*rows* with ``cert_expires`` as a date (or nothing, for an identity without a certificate), and a
+    LOST one's state saying since when it is silent."""
     return [{**row, "cert_expires": time.strftime("%Y-%m-%d %H:%M", time.localtime(row["cert_expires"]))
-             if row.get("cert_expires") else None} for row in rows]
+             if row.get("cert_expires") else None, "state": _since(row)} for row in rows]
+
+
+def _since(row: dict[str, Any]) -> str:
+    lost = row.get("silent_since") or row.get("lost_since")
+    state = str(row.get("state", ""))
+    return f"{state} since {time.strftime('%H:%M:%S', time.localtime(lost))}" if state == "LOST" and lost else state
 
 
 def _token(data: Any) -> str:
@@ -239,12 +246,12 @@ async def client_command(args: argparse.Namespace) -> tuple[Any, Render]:
             return data, lambda d: f"revoked {kind} {args.target}: disconnected, refused from now on"
         if group == "cluster":
             return await oak.request("clusters", "list"), lambda d: table(
-                _dated(d), [("CLUSTER", "name"), ("ONLINE", "online"), ("LOCATION", "location"), ("NODES", "nodes"),
+                _dated(d), [("CLUSTER", "name"), ("STATE", "state"), ("LOCATION", "location"), ("NODES", "nodes"),
                     ("CPUS", "cpu_cores"), ("MEM MB", "memory_mb"), ("CPU%", "cpu_percent"),
                     ("INSTANCES", "instances"), ("CERT EXPIRES", "cert_expires")]) if d else "no clusters"
         if group == "node":
             return await oak.request("nodes", "list"), lambda d: table(
-                _dated(d), [("NODE", "name"), ("CLUSTER", "cluster"), ("ONLINE", "online"), ("CPUS", "cpu_cores"),
+                _dated(d), [("NODE", "name"), ("CLUSTER", "cluster"), ("STATE", "state"), ("CPUS", "cpu_cores"),
                     ("CPU FREE", "cpu_free"), ("MEM MB", "memory_mb"), ("MEM FREE", "memory_free_mb"),
                     ("CPU%", "cpu_percent"), ("RUNTIMES", "runtimes"), ("INSTANCES", "instances"),
                     ("CERT EXPIRES", "cert_expires")]) if d else "no nodes"

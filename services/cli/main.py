@@ -107,6 +107,9 @@ def parser() -> argparse.ArgumentParser:
                          help="sha256:... of the root's CA, checked before joining (from `oak token create`)")
     cluster.add_argument("--mosquitto-bridge", action="store_true",
                          help="with --broker mosquitto: let mosquitto's own bridge link to the root")
+    cluster.add_argument("--stuck-after", type=float, default=20.0, metavar="SECONDS",
+                         help="move an instance a worker accepted and shows no progress on for this long, "
+                              "and mark that worker SUSPECT (default 20)")
     cluster.add_argument("--json", action="store_true", help="with list: print JSON")
 
     worker = sub.add_parser("worker", help="run a worker (NodeEngine)")

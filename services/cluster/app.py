@@ -20,7 +20,7 @@ from broker.renewal import Renewal, Renewer
 from broker.server import Listeners
 from broker.tier_ca import TierCa
 from broker.tokens import JoinPolicy, JoinTokens
-from services.cluster.orchestrator import ClusterOrchestrator
+from services.cluster.orchestrator import STUCK_AFTER, ClusterOrchestrator
 from services.cluster.relay import Relay
 from services.cluster.secrets import SecretRelay
 from services.common import channels, models, plugins, profile, topics
@@ -55,6 +55,7 @@ class ClusterConfig:
     plain_loopback: bool = False
     plain_port: int = 0
     open_join: bool = False  # workers may join without a token
+    stuck_after: float = STUCK_AFTER  # an instance accepted and not progressing this long moves (its worker: SUSPECT)
 
 
 async def run_cluster(cfg: ClusterConfig, ready: asyncio.Event | None = None) -> None:
@@ -99,7 +100,8 @@ async def run_cluster(cfg: ClusterConfig, ready: asyncio.Event | None = None) ->
                 log.warning("OPEN JOIN: any worker that reaches port %d may join (--open-join)", broker.port)
             async with session:
                 orchestrator = ClusterOrchestrator(cfg.name, store, scheduling, session, cfg.location,
-                                                   lambda node: _expiry(credentials, Identity(NODE, node).username))
+                                                   lambda node: _expiry(credentials, Identity(NODE, node).username),
+                                                   stuck_after=cfg.stuck_after)
                 await orchestrator.restore()
                 relay = Relay(orchestrator.assigned, session, lambda: list(orchestrator.nodes))
                 inbox = Inbox()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -23,9 +24,11 @@ from services.cluster.network import ClusterNetwork
 from services.cluster.peers import rings
 from services.cluster.placement import NodeView, plan, summaries, volume_note
 from services.cluster.reporting import StateReport, status_of
-from services.common import channels, models
+from services.common import channels, models, scheduling
 from services.common.delta import Change, DeltaPublisher, DeltaReceiver
+from services.common.fencing import Fencing
 from services.common.inbox import Inbox, Received
+from services.common.liveness import Liveness
 from services.common.models import InstanceSpec, InstanceStatus, NodeInfo, NodeState, NodeSummary
 from services.common.mqtt import MqttSession
 from services.common.plugin_api import Candidate
@@ -45,6 +48,15 @@ RETRY_INTERVAL = 1.0
 PLACE_COALESCE = 0.002
 PLACE_SPACING = 0.05
 STARTUP_GRACE = 10.0
+# A worker that has sent nothing for MISSED_REPORTS of its report intervals plus SILENCE_SLACK seconds has
+# gone silent (5 s with the default 2 s reports): one report may be lost or late without a false alarm.
+MISSED_REPORTS, SILENCE_SLACK = 2, 1.0
+DEFAULT_REPORT_EVERY = 2.0
+WATCH_TICK = 0.25  # seconds between two looks for silent workers and instances due to be replaced
+BEAT_EVERY = 1.0  # seconds between two of this cluster's heartbeats to the root
+# An instance a worker accepted and shows no progress on (no status, or CREATING with the same reason) for
+# STUCK_AFTER is moved, and the worker marked suspect: it gets no new instances until it makes progress.
+STUCK_AFTER = 20.0
 # The state report is throttled by its own cost (ReportThrottle): the next one waits REPORT_COST_FACTOR
 # times what the last one took, and while messages wait for the cluster, at least REPORT_MIN_INTERVAL.
 REPORT_MIN_INTERVAL = 0.2
@@ -55,8 +67,10 @@ class ClusterOrchestrator:
     """Desired instances from the root, placed on workers; observed statuses, reported upward."""
 
     def __init__(self, name: str, store: Store, profile: Profile, session: MqttSession, location: str = "",
-                 cert_expiry: Callable[[str], float] = lambda _node: 0.0) -> None:
+                 cert_expiry: Callable[[str], float] = lambda _node: 0.0, stuck_after: float = STUCK_AFTER) -> None:
         self.name = name
+        self.stuck_after = stuck_after
+        self._progress: dict[str, float] = {}  # when each placed instance was placed or last changed (monotonic)
         self.cert_expiry = cert_expiry  # when a worker's certificate ends (0: it has none)
         self.location = location
         self.store = store
@@ -71,7 +85,7 @@ class ClusterOrchestrator:
         self._peers_published = LastSent()  # each worker's latency peers
         self._peers_dirty = False
         self._changed = asyncio.Event()
-        self._silent_after: float | None = None
+        self.liveness = Liveness()  # which workers are heard, which are gone since when
         self._held_until = 0.0  # while this cluster restarts its own broker (hold_offline)
         self._documents = StateReport(name)
         pacing = ReportThrottle(PLACE_SPACING, factor=0.0, coalesce=PLACE_COALESCE, idle_coalesce=PLACE_COALESCE)
@@ -81,6 +95,14 @@ class ClusterOrchestrator:
         # them until they run elsewhere, so a worker that comes back (kill -9 and restart) keeps and adopts
         # them when they could not be placed elsewhere, and stops them when they were.
         self._left_on: dict[str, str] = {}
+        # Instances replaced elsewhere whose service may keep the original (disconnect.reconcile), by the
+        # worker they were on: its map keeps listing them until it is back and one copy is chosen.
+        self._held: dict[str, str] = {}
+        # Instances taken out of their workers' maps while the root is silent (their stop_after), and when
+        # the root was last heard (its heartbeat).
+        self.fenced: frozenset[str] = frozenset()
+        self._fencing = Fencing()
+        self._root_heard = time.monotonic()
         self._placing_lock = asyncio.Lock()
         self._desired_in = DeltaReceiver(channels.CLUSTER_DESIRED.sections)
         self.network = ClusterNetwork(name, store, session)
@@ -96,10 +118,12 @@ class ClusterOrchestrator:
             iid: doc["node"] for iid, doc in (await self.store.load(ASSIGNED)).items() if iid in self.desired
         }
         self._desired_in.docs["instances"] = {iid: spec.doc for iid, spec in self.desired.items()}
+        until = time.monotonic() + STARTUP_GRACE
         for node, mine in self._maps(set(self.assigned.values())).items():  # as stored
             self.nodes.setdefault(node, NodeView(node))
             self._publish_map(node, mine)
-        self._silent_after = time.monotonic() + STARTUP_GRACE if self.assigned else None
+            # its last will went to the broker that died with this cluster: it has until then to come back
+            self.liveness.expect(node, until, self._silent_after(self.nodes[node]))
         await self.network.load()
 
     def listen(self, inbox: Inbox) -> None:
@@ -107,6 +131,7 @@ class ClusterOrchestrator:
         inbox.on(channels.downstream(channels.CLUSTER_DESIRED), self.take_desired)
         inbox.on(channels.downstream(channels.CLUSTER_DESIRED_DELTA), self.take_desired_delta)
         inbox.on(channels.downstream(channels.CLUSTER_NET), self.take_net)
+        inbox.on(channels.downstream(channels.CLUSTER_ROOT_BEAT), self.take_root_beat)
         inbox.on(channels.NODE_AVAIL, self.take_avail)
         inbox.on(channels.NODE_INFO, self.take_info)
         inbox.on(channels.NODE_STATE, self.take_state)
@@ -130,24 +155,53 @@ class ClusterOrchestrator:
             await self.network.on_root(net.body)
             self._changed.set()
 
+    async def take_root_beat(self, beat: Received[dict[str, Any]]) -> None:
+        """The root's heartbeat: the link to the root works."""
+        self._root_heard = max(self._root_heard, beat.message.received or time.monotonic())
+
     async def take_avail(self, avail: Received[bool]) -> None:
         """A worker came online or went offline (its last will)."""
-        await self._on_avail(self._node(avail.sender), bool(avail.body))
+        node = self._node(avail.sender)
+        if avail.message.retain:  # what a worker said before this cluster started: not news of it now
+            node.online = bool(avail.body) and self.liveness.since(node.name) is None
+            return
+        if avail.body:
+            self._hear(node, avail)
+        await self._on_avail(node, bool(avail.body))
 
     async def take_info(self, info: Received[NodeInfo]) -> None:
         """A worker's static facts."""
         if info.body is not None:
-            self._node(info.sender).info = info.body
+            node = self._node(info.sender)
+            node.info = info.body
+            self._hear(node, info)
             self._peers_dirty = True
             self._changed.set()
 
     async def take_state(self, state: Received[NodeState]) -> None:
-        """A worker's live facts."""
+        """A worker's live facts (every few seconds: its heartbeat)."""
         if state.body is not None:
-            self._on_state(self._node(state.sender), state.body)
+            node = self._node(state.sender)
+            self._hear(node, state)
+            self._on_state(node, state.body)
 
     def _node(self, name: str) -> NodeView:
         return self.nodes.setdefault(name, NodeView(name))
+
+    def _silent_after(self, node: NodeView) -> float:
+        """How long *node* may send nothing before it counts as gone: two of its report intervals and a second."""
+        every = node.info.report_every if node.info and node.info.report_every > 0 else DEFAULT_REPORT_EVERY
+        return MISSED_REPORTS * every + SILENCE_SLACK
+
+    def _hear(self, node: NodeView, message: Received[Any]) -> None:
+        """*node* sent a live message (a retained one, delivered at subscription, says nothing of now)."""
+        if message.message.retain:
+            return
+        if self.liveness.hear(node.name, message.message.received or time.monotonic(), self._silent_after(node)):
+            log.warning("worker %s is back, after %.1f s gone", node.name, time.time() - node.lost_since)
+            node.online, node.lost_since = True, 0.0
+            self._peers_dirty = True
+            self._changed.set()
 
     async def _take_desired(self, change: Change) -> None:
         """Apply what changed in the root's desired map: only the changed specs are read and stored."""
@@ -161,9 +215,11 @@ class ClusterOrchestrator:
             del self.desired[iid]
         touched = {self.assigned.pop(iid) for iid in gone if iid in self.assigned}
         touched |= {self._left_on.pop(iid) for iid in gone if iid in self._left_on}
+        touched |= {self._held.pop(iid) for iid in gone if iid in self._held}
         for iid in gone:
             self.unplaced.pop(iid, None)
             self.notes.pop(iid, None)
+            self._progress.pop(iid, None)
         # In memory now, on disk with the placement pass's one write (place_soon): the message dispatch (the
         # states of 1,000 workers among what waits behind it) never waits for the store, and deltas arriving
         # meanwhile share one pass. What others hear of it (workers' maps, the state report) waits for that write.
@@ -177,29 +233,60 @@ class ClusterOrchestrator:
         node.online = online
         if online and not was:
             log.info("worker %s is online", node.name)
+            node.suspect = ""  # a worker that reconnects is given another chance
             self._peers_dirty = True
         if not online and was:
-            if time.monotonic() < self._held_until:
+            now = time.monotonic()
+            if now < self._held_until:
                 log.info("worker %s went offline while its broker restarts: it has until then to come back",
                          node.name)
-                self._silent_after = self._held_until  # then _give_up_on_silent_workers moves what is left
-            else:
-                await self._move_off(node, "went offline")
+                self.liveness.expect(node.name, self._held_until, self._silent_after(node))
+            elif self.liveness.closed(node.name, now):
+                self._gone(node, "went offline")
         self._changed.set()
 
-    async def _move_off(self, node: NodeView, why: str) -> None:
-        """Take every instance off *node* and place it elsewhere."""
-        lost = [iid for iid, n in self.assigned.items() if n == node.name]
-        log.warning("worker %s %s; moving its %d instance(s)", node.name, why, len(lost))
+    def _gone(self, node: NodeView, why: str) -> None:
+        """*node* is gone (its connection closed, or it fell silent): its instances are LOST from now on,
+        and replaced as their services' ``disconnect`` policies say (:meth:`_replace_due`)."""
+        node.online = False
+        heard = self.liveness.heard.get(node.name, time.monotonic())
+        node.lost_since = round(time.time() - (time.monotonic() - heard), 3)
+        held = sum(1 for n in self.assigned.values() if n == node.name)
+        log.warning("worker %s %s; %d instance(s) on it are lost", node.name, why, held)
+        self._peers_dirty = True
+        self._replace_due()
+        self._changed.set()
+
+    def _replace_due(self) -> float | None:
+        """Move every instance whose worker is gone and whose policy's wait is over; return when the next
+        one is due (None: none waits)."""
+        now, soonest = time.monotonic(), None
+        due: dict[str, list[str]] = {}
+        for iid, name in self.assigned.items():
+            gone_at = self.liveness.since(name)
+            if gone_at is None:
+                continue
+            at = self.desired[iid].service.on_disconnect.replace_at(gone_at)
+            if at is not None and at <= now:
+                due.setdefault(name, []).append(iid)
+            elif at is not None:
+                soonest = at if soonest is None else min(soonest, at)
+        for name, lost in due.items():
+            self._move_off(self._node(name), lost)
+        return soonest
+
+    def _move_off(self, node: NodeView, lost: list[str]) -> None:
+        """Take the instances *lost* off *node* and place them elsewhere."""
+        log.warning("replacing %d instance(s) of worker %s elsewhere", len(lost), node.name)
         for iid in lost:
             del self.assigned[iid]
             self._left_on[iid] = node.name
+            self._progress.pop(iid, None)
+            node.statuses.pop(iid, None)
         # In memory now, on disk with the next write (the new placements' one); a restart before that
         # finds the worker silent and moves them then. Not waiting here lets the avails of many workers
         # lost at once be handled one after the other quickly, and placed together.
         self.store.apply(ASSIGNED, {}, tuple(lost))
-        node.statuses = {}
-        self._peers_dirty = True
         self.place_soon()
         self._changed.set()
 
@@ -224,17 +311,55 @@ class ClusterOrchestrator:
         broker (which sends every worker's last will) on purpose."""
         self._held_until = time.monotonic() + seconds
 
-    async def _give_up_on_silent_workers(self) -> None:
-        """After a restart, a worker that held instances and has not come back within STARTUP_GRACE is
-        treated as gone (its last will went to the broker that died with this cluster)."""
-        if self._silent_after is None or time.monotonic() < self._silent_after:
-            return
-        self._silent_after = None
-        for node in list(self.nodes.values()):
-            if not node.online and node.name in set(self.assigned.values()):
-                await self._move_off(node, f"has not come back within {STARTUP_GRACE:.0f} s of this restart")
+    def watch(self) -> None:
+        """Find the workers gone silent, replace what is due, and fence what the root's silence calls for
+        (every WATCH_TICK)."""
+        now = time.monotonic()
+        for name in self.liveness.check(now, self.session.horizon()):
+            self._gone(self._node(name), f"has sent nothing for {self.liveness.limits[name]:.1f} s")
+        self._replace_due()
+        self._move_stuck(now)
+        placed = {iid: self.desired[iid] for iid in self.assigned}
+        fenced = self._fencing.wanted(placed, self.fenced, self.session.horizon() - self._root_heard, now)
+        if fenced != self.fenced:
+            for iid in sorted(fenced - self.fenced):
+                log.warning("fencing %s: cut off from the root for longer than its stop_after", iid)
+            self._maps_due |= {self.assigned[iid] for iid in fenced ^ self.fenced if iid in self.assigned}
+            self.fenced = fenced
+            self.place_soon()
+
+    def _move_stuck(self, now: float) -> None:
+        """Move the instances online workers accepted and show no progress on for ``stuck_after``; mark those
+        workers suspect (a worker that claims room and runs nothing would otherwise attract every placement)."""
+        stuck: dict[str, list[str]] = {}
+        for iid, name in self.assigned.items():
+            node = self.nodes.get(name)
+            if node is None or not node.online or iid in self.fenced:
+                continue
+            seen = node.statuses.get(iid)
+            waiting = seen is None or seen.status == models.CREATING
+            if waiting and now - self._progress.get(iid, now) > self.stuck_after:
+                stuck.setdefault(name, []).append(iid)
+        for name, iids in stuck.items():
+            node = self.nodes[name]
+            node.suspect = (f"accepted {len(iids)} instance(s) and showed no progress on them for "
+                            f"{self.stuck_after:.0f} s")
+            log.warning("worker %s %s: moving them, and giving it no new instances until it makes progress",
+                        name, node.suspect)
+            self._move_off(node, iids)
 
     def _on_state(self, node: NodeView, state: NodeState) -> None:
+        if self._held and node.online:
+            self._reconcile_held(node, state)
+        now = time.monotonic()
+        for iid, seen in state.instances.items():
+            before = node.statuses.get(iid)
+            if before is None or (before.status, before.reason) != (seen.status, seen.reason):
+                if iid in self._progress:
+                    self._progress[iid] = now
+                if node.suspect and self.assigned.get(iid) == node.name:
+                    log.info("worker %s makes progress again: it may take new instances", node.name)
+                    node.suspect = ""
         statuses = {i: o if (o := node.statuses.get(i)) == s else s for i, s in state.instances.items()}
         changed = {i: (s.status, s.ip, s.health) for i, s in statuses.items()} != {
             i: (s.status, s.ip, s.health) for i, s in node.statuses.items()}  # readiness too: the net table
@@ -245,6 +370,41 @@ class ClusterOrchestrator:
         if changed:
             self._changed.set()
 
+    def _reconcile_held(self, node: NodeView, state: NodeState) -> None:
+        """*node* is back and reports: of each instance replaced while it was away and held for it, keep
+        its copy (when it still runs it and the policy prefers it) or the replacement."""
+        for iid in [i for i, n in self._held.items() if n == node.name]:
+            del self._held[iid]
+            spec, replacement = self.desired.get(iid), self.assigned.get(iid)
+            seen = state.instances.get(iid)
+            if spec is None or replacement is None or seen is None or seen.status != models.RUNNING:
+                self._maps_due.add(node.name)  # not running there any more: the replacement stays
+                continue
+            policy = spec.service.on_disconnect
+            if policy.keeps_original(self._scores_higher(spec, node.name, replacement)):
+                log.info("%s: keeping the original on %s, stopping its replacement on %s", iid, node.name,
+                         replacement)
+                self.assigned[iid] = node.name
+                self.store.apply(ASSIGNED, {iid: {"node": node.name}})
+                self._maps_due |= {node.name, replacement}
+            else:
+                log.info("%s: keeping the replacement on %s, stopping the original on %s", iid, replacement,
+                         node.name)
+                self._maps_due.add(node.name)
+        self.place_soon()  # publishes the maps once the choice is on disk
+
+    def _scores_higher(self, spec: InstanceSpec, original: str, replacement: str) -> bool:
+        """Whether the scheduler, choosing now between the two workers for *spec*, picks *original*."""
+        summaries = self.summaries()
+        if original not in summaries or replacement not in summaries:
+            return False
+        demand = spec.demand
+        there = summaries[replacement].candidate()
+        freed = dataclasses.replace(there, cpu_free=there.cpu_free + demand.vcpus,
+                                    memory_free_mb=there.memory_free_mb + demand.memory_mb)  # as if not placed
+        decision = scheduling.place(demand, [summaries[original].candidate(), freed], self.profile, "node")
+        return decision.choice is not None and decision.choice.id == original
+
     # ---- placement ---------------------------------------------------------------------------
 
     def summaries(self) -> dict[str, NodeSummary]:
@@ -252,8 +412,8 @@ class ClusterOrchestrator:
         return summaries(self.nodes, self.desired, self.assigned, self.location, self.cert_expiry)
 
     def candidates(self) -> list[Candidate]:
-        """Every online worker as a scheduling candidate."""
-        return [summary.candidate() for summary in self.summaries().values() if summary.online]
+        """Every online worker that is not suspect, as a scheduling candidate."""
+        return [summary.candidate() for summary in self.summaries().values() if summary.online and not summary.suspect]
 
     async def place_pending(self) -> None:
         """Place every desired instance that has no worker; once that and every change applied before it
@@ -268,8 +428,10 @@ class ClusterOrchestrator:
             if self.unplaced.get(iid) != reason:
                 log.warning("cannot place %s: %s", iid, reason)
             self.unplaced[iid] = reason
+        now = time.monotonic()
         for iid, node in result.placed.items():
             self.assigned[iid] = node
+            self._progress[iid] = now
             self.unplaced.pop(iid, None)
             note = volume_note(self.desired[iid], node, self.nodes)
             if note:
@@ -278,7 +440,10 @@ class ClusterOrchestrator:
                 self.notes.pop(iid, None)
             left_on = self._left_on.pop(iid, None)
             if left_on is not None and left_on != node:
-                self._maps_due.add(left_on)  # it runs elsewhere now: the worker it was on stops its copy
+                if self.desired[iid].service.on_disconnect.holds_original:
+                    self._held[iid] = left_on  # its map keeps it: the copy there may be the one kept
+                else:
+                    self._maps_due.add(left_on)  # it runs elsewhere now: the worker it was on stops its copy
             log.info("placed %s on %s", iid, node)
         if result.placed:
             self.store.apply(ASSIGNED, {iid: {"node": node} for iid, node in result.placed.items()})
@@ -315,7 +480,10 @@ class ClusterOrchestrator:
         """The desired maps of *nodes* (one pass over the assignments for all)."""
         maps: dict[str, dict[str, Any]] = {node: {} for node in nodes}
         for iid, node in self.assigned.items():
-            if node in maps:
+            if node in maps and iid not in self.fenced:
+                maps[node][iid] = self.desired[iid].doc
+        for iid, node in self._held.items():
+            if node in maps and iid in self.desired:
                 maps[node][iid] = self.desired[iid].doc
         return maps
 
@@ -332,7 +500,8 @@ class ClusterOrchestrator:
         for iid in self.desired:
             node = self.assigned.get(iid)
             seen = self.nodes[node].statuses.get(iid) if node in self.nodes else None
-            out[iid] = status_of(self.name, node, seen, self.unplaced.get(iid) or self.notes.get(iid, ""))
+            out[iid] = status_of(self.name, node, seen, self.unplaced.get(iid) or self.notes.get(iid, ""),
+                                 self.nodes[node].lost_since if node in self.nodes else 0.0)
         return out
 
     def state(self) -> dict[str, Any]:
@@ -348,14 +517,28 @@ class ClusterOrchestrator:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self._report())
                 tasks.create_task(self._retry())
+                tasks.create_task(self._watch())
+                tasks.create_task(self._beat())
         finally:
             self._placements.cancel()
 
     async def _retry(self) -> None:
         while True:
             await asyncio.sleep(RETRY_INTERVAL)
-            await self._give_up_on_silent_workers()
             await self.place_pending()
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(WATCH_TICK)
+            self.watch()
+
+    async def _beat(self) -> None:
+        """Tell the root this cluster lives, every BEAT_EVERY (its state is sent only on change)."""
+        count = 0
+        while True:
+            count += 1
+            self.session.send(channels.upstream(channels.CLUSTER_BEAT), {"n": count})
+            await asyncio.sleep(BEAT_EVERY)
 
     async def _report(self) -> None:
         """Whenever something changed (or every STATE_INTERVAL), after the throttle's delay: the peers, the

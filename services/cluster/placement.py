@@ -30,6 +30,8 @@ class NodeView:
     statuses: dict[str, InstanceStatus] = field(default_factory=dict)
     coord: list[float] = field(default_factory=list)
     volumes: dict[str, int] = field(default_factory=dict)  # the services' volumes it holds, with their bytes
+    lost_since: float = 0.0  # when it was last heard, while it is gone (epoch seconds; 0: it is not)
+    suspect: str = ""  # why it gets no new instances ("": it does)
 
 
 def summaries(nodes: Mapping[str, NodeView], desired: Mapping[str, InstanceSpec], assigned: Mapping[str, str],
@@ -61,7 +63,8 @@ def summaries(nodes: Mapping[str, NodeView], desired: Mapping[str, InstanceSpec]
             instances=int(count), arch=info.arch, labels=list(info.labels),
             location=info.location or location, gpus_free=info.gpus - gpus,
             services=services.get(view.name, {}), coord=list(view.coord),
-            cert_expires=cert_expiry(view.name), volumes=dict(view.volumes),
+            cert_expires=cert_expiry(view.name), volumes=dict(view.volumes), silent_since=view.lost_since,
+            suspect=view.suspect,
         )
     return out
 

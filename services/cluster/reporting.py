@@ -15,12 +15,15 @@ from services.common import models
 from services.common.models import InstanceSpec, InstanceStatus, NodeSummary
 
 
-def status_of(cluster: str, node: str | None, seen: InstanceStatus | None, why: str) -> InstanceStatus:
+def status_of(cluster: str, node: str | None, seen: InstanceStatus | None, why: str,
+              lost_since: float = 0.0) -> InstanceStatus:
     """An instance's status as the root should see it: where it was placed and what its worker says; *why*
     is why it waits for a worker, or, placed, what its reason says while its worker says nothing (its
-    volumes starting empty)."""
+    volumes starting empty). On a worker gone since *lost_since* it is LOST."""
     if node is None:
         return InstanceStatus(models.NO_WORKER_CAPACITY if why else models.REQUESTED, why, cluster=cluster)
+    if lost_since:
+        return models.lost(seen, f"worker {node}", lost_since, node=node, cluster=cluster)
     if seen is None:
         return InstanceStatus(models.NODE_SCHEDULED, why, node=node, cluster=cluster)
     return InstanceStatus(**{**seen.__dict__, "node": node, "cluster": cluster, "reason": seen.reason or why})
@@ -56,8 +59,9 @@ class StateReport:
         notes = notes or {}
         for iid in desired:
             node = assigned.get(iid)
-            seen = nodes[node].statuses.get(iid) if node is not None and node in nodes else None
-            inputs = (node, seen, unplaced.get(iid) or notes.get(iid, ""))
+            view = nodes.get(node) if node is not None else None
+            seen = view.statuses.get(iid) if view is not None else None
+            inputs = (node, seen, unplaced.get(iid) or notes.get(iid, ""), view.lost_since if view else 0.0)
             made = self._instances.get(iid)
             if made is None or made[0] != inputs:
                 made = self._instances[iid] = (inputs, models.dump(status_of(self.cluster, *inputs)))

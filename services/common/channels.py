@@ -154,8 +154,12 @@ ROOT_AVAIL: Channel[bool] = Channel(
 
 CLUSTER_AVAIL: Channel[bool] = Channel(
     f"{BASE}/clusters/{{cluster}}/up/avail",
-    "online / offline, from the cluster's bridge (its last will): the root moves the cluster's instances "
-    "2 s after it goes offline", _avail, CLUSTER, retained=True)
+    "online / offline, from the cluster's bridge (its last will): a cluster that is not heard again within "
+    "2 s is gone, and its instances are replaced as their `disconnect` policies say", _avail, CLUSTER,
+    retained=True)
+CLUSTER_BEAT: Channel[dict[str, Any]] = Channel(
+    f"{BASE}/clusters/{{cluster}}/up/beat", "`{\"n\": count}` every second: the cluster's heartbeat (one "
+    "not heard from for 4 s is gone, docs/partitions.md)", _object, CLUSTER, qos=0)
 CLUSTER_INFO: Channel[ClusterInfo] = Channel(
     f"{BASE}/clusters/{{cluster}}/up/info", "`cluster.info`: name, location, version, scheduler",
     _envelope("cluster.info", lambda data: models.load(ClusterInfo, data)), CLUSTER, kind="cluster.info",
@@ -203,6 +207,10 @@ CLUSTER_TOKENS: Channel[dict[str, Any]] = Channel(
 CLUSTER_SECRETS: Channel[dict[str, Any]] = Channel(
     f"{BASE}/clusters/{{cluster}}/down/secrets", "`{\"id\", \"iid\", \"node\", \"values\": {name: base64}}` "
     "or `{..., \"error\"}`: the answer, for that worker alone (never retained)", _object, SERVICE, (CLUSTER,))
+CLUSTER_ROOT_BEAT: Channel[dict[str, Any]] = Channel(
+    f"{BASE}/clusters/{{cluster}}/down/beat", "`{\"n\": count}` every second: the root's heartbeat (a cluster "
+    "that has not heard it for a service's `stop_after` fences that service's instances)", _object, SERVICE,
+    (CLUSTER,), qos=0)
 CLUSTER_CERT: Channel[dict[str, Any]] = Channel(
     f"{BASE}/clusters/{{cluster}}/down/cert", "`{\"cert\": <PEM>}`: the renewed certificate", _object, SERVICE,
     (CLUSTER,))
@@ -241,14 +249,15 @@ CLUSTER_SELF_AVAIL: Channel[bool] = Channel(
     f"{BASE}/cluster/avail", "online / offline (the cluster orchestrator's last will)", _avail, SERVICE, (NODE,),
     retained=True)
 NODE_AVAIL: Channel[bool] = Channel(
-    f"{BASE}/nodes/{{node}}/up/avail", "online / offline (the worker's last will): the cluster moves the "
-    "worker's instances at once", _avail, NODE, retained=True)
+    f"{BASE}/nodes/{{node}}/up/avail", "online / offline (the worker's last will): the worker is gone at once, "
+    "and its instances are replaced as their `disconnect` policies say", _avail, NODE, retained=True)
 NODE_INFO: Channel[NodeInfo] = Channel(
     f"{BASE}/nodes/{{node}}/up/info", "`node.info`: cpu cores, memory, arch, runtimes (the virtualizations "
     "it can run), location", _envelope("node.info", lambda data: models.load(NodeInfo, data)), NODE,
     kind="node.info", retained=True)
 NODE_STATE: Channel[NodeState] = Channel(
-    f"{BASE}/nodes/{{node}}/up/state", "`node.state`, on change and every 2 s: cpu/memory/disk use and "
+    f"{BASE}/nodes/{{node}}/up/state", "`node.state`, on change and every 2 s (`--report-interval`; its "
+    "heartbeat: a worker silent for two intervals and a second is gone): cpu/memory/disk use and "
     "`instances` (`{iid: status}`)", _envelope("node.state", NodeState.load), NODE, kind="node.state",
     retained=True)
 NODE_ANSWER: Channel[dict[str, Any]] = Channel(
@@ -279,9 +288,10 @@ NODE_CERT: Channel[dict[str, Any]] = Channel(
     f"{BASE}/nodes/{{node}}/down/cert", "`{\"cert\": <PEM>}`: the renewed certificate", _object, SERVICE, (NODE,))
 
 CLUSTER_UP: tuple[Channel[Any], ...] = (
-    CLUSTER_AVAIL, CLUSTER_INFO, CLUSTER_STATE, CLUSTER_ANSWER, CLUSTER_TOKEN_USED, CLUSTER_CSR, CLUSTER_SECRETS_ASK)
+    CLUSTER_AVAIL, CLUSTER_INFO, CLUSTER_STATE, CLUSTER_ANSWER, CLUSTER_TOKEN_USED, CLUSTER_CSR, CLUSTER_SECRETS_ASK,
+    CLUSTER_BEAT)
 CLUSTER_DOWN: tuple[Channel[Any], ...] = (CLUSTER_DESIRED, CLUSTER_NET, CLUSTER_COMMAND, CLUSTER_TOKENS, CLUSTER_CERT,
-                                          CLUSTER_SECRETS)
+                                          CLUSTER_SECRETS, CLUSTER_ROOT_BEAT)
 UPSTREAM_BASE, DOWNSTREAM_BASE = f"{BASE}/upstream", f"{BASE}/downstream"
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,7 @@ RUNNING = "RUNNING"
 FAILED = "FAILED"
 DEAD = "DEAD"
 COMPLETED = "COMPLETED"
+LOST = "LOST"  # its worker (or cluster) has gone silent: it may still run there, nobody can tell
 NO_CLUSTER_CAPACITY = "NoActiveClusterWithCapacity"
 NO_WORKER_CAPACITY = "NO_WORKER_CAPACITY"
 UNSCHEDULED = (REQUESTED, NO_CLUSTER_CAPACITY)
@@ -125,6 +127,16 @@ class InstanceStatus:
         return self.status == RUNNING and self.health in ("", HEALTHY)
 
 
+def lost(seen: InstanceStatus | None, where: str, since: float, **at: str) -> InstanceStatus:
+    """The status of an instance whose *where* (``worker w1``, ``cluster c1``) has been silent since *since*
+    (epoch seconds): LOST, with what was last seen of it."""
+    last = f"; last seen {seen.status}" if seen else ""
+    clock = time.strftime("%H:%M:%S", time.localtime(since))
+    kept = {k: v for k, v in (seen.__dict__ if seen else {}).items() if k in ("node", "cluster", "restarts", "ip")}
+    return InstanceStatus(**{**kept, **at, "status": LOST, "reason": f"{where} silent since {clock}{last}",
+                             "since": since})
+
+
 def load_statuses(data: Any) -> dict[str, InstanceStatus]:
     """Decode an ``{iid: status}`` map."""
     if not isinstance(data, dict):
@@ -171,6 +183,7 @@ class NodeInfo:
     gpus: int = 0
     probe: str = ""
     overlay: str = ""  # the VXLAN endpoint ``ip:port`` when the worker has the overlay network
+    report_every: float = 0.0  # seconds between its state reports (its heartbeat; 0: the default)
 
 
 @dataclass(frozen=True)
@@ -194,6 +207,8 @@ class NodeSummary:
     coord: list[float] = dataclasses.field(default_factory=list)
     cert_expires: float = 0.0  # when the worker's certificate ends (epoch seconds; 0: it has none)
     volumes: dict[str, int] = dataclasses.field(default_factory=dict)  # the services' volumes on it: bytes
+    silent_since: float = 0.0  # when it was last heard, once it is found silent (epoch seconds; 0: it is not)
+    suspect: str = ""  # why it is not trusted with new instances ("": it is)
 
     def candidate(self) -> Candidate:
         """This worker as a scheduling candidate."""

@@ -16,6 +16,8 @@ import asyncio
 import contextlib
 import logging
 import ssl
+import time
+from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,6 +102,7 @@ class Message:
     payload: bytes
     retain: bool
     qos: int
+    received: float = 0.0  # when it arrived (monotonic seconds)
 
 
 class MqttSession:
@@ -137,6 +140,8 @@ class MqttSession:
         self._filters: dict[str, int] = {}
         self._retained: dict[str, bytes] = {}
         self._queue: asyncio.Queue[Message] = asyncio.Queue()
+        self._arrivals: deque[float] = deque()  # when each message in the queue arrived
+        self._heard = time.monotonic()  # when the broker last sent anything, as of the last look
         self._tasks: set[asyncio.Task[None]] = set()
         self.connected = asyncio.Event()
         self.reconnects = 0
@@ -212,13 +217,17 @@ class MqttSession:
             self._client.publish(self._avail_topic, ONLINE, qos=1, retain=True)
 
     def _on_disconnect(self, client: gmqtt.Client, packet: Any, exc: Any = None) -> None:
+        self.quiet_for()  # remember the last time the lost connection heard the broker
         if self.connected.is_set() and not self._closing:
             log.warning("%s lost the broker at %s; reconnecting", self.client_id, self.url)
         self.connected.clear()
 
     def _on_message(self, client: gmqtt.Client, topic: str, payload: bytes, qos: int, properties: Any) -> int:
         retain = bool(properties.get("retain", 0)) if isinstance(properties, dict) else False
-        self._queue.put_nowait(Message(topic, payload or b"", retain, qos))
+        now = time.monotonic()
+        self._heard = now
+        self._arrivals.append(now)
+        self._queue.put_nowait(Message(topic, payload or b"", retain, qos, now))
         return 0
 
     # ---- traffic -----------------------------------------------------------------------------
@@ -273,11 +282,29 @@ class MqttSession:
         """Messages received and not yet taken: how far behind the service reading them is."""
         return self._queue.qsize()
 
+    def horizon(self) -> float:
+        """The moment up to which every message received has been taken (monotonic): when the oldest one
+        still waiting arrived, or now. A reader judging its peers' silence looks no further."""
+        return self._arrivals[0] if self._arrivals else time.monotonic()
+
+    def quiet_for(self) -> float:
+        """Seconds since the broker last sent this session anything (a message, an acknowledgement, a
+        ping's answer), connected or not: how long this side has been cut off, if it is."""
+        connection = getattr(self._client, "_connection", None)
+        if self._client.is_connected and connection is not None:  # gmqtt notes every packet's arrival
+            self._heard = max(self._heard, float(getattr(connection, "_last_data_in", 0.0)))
+        return time.monotonic() - self._heard
+
+    async def _take(self) -> Message:
+        message = await self._queue.get()
+        self._arrivals.popleft()
+        return message
+
     async def messages(self) -> AsyncIterator[Message]:
         """Yield incoming messages forever."""
         while True:
-            yield await self._queue.get()
+            yield await self._take()
 
     async def get(self, timeout: float) -> Message:
         """Return the next incoming message, or raise TimeoutError."""
-        return await asyncio.wait_for(self._queue.get(), timeout)
+        return await asyncio.wait_for(self._take(), timeout)

@@ -32,13 +32,18 @@ RR_NET = ipaddress.ip_network("10.30.0.0/16")
 #: Microservice keys that become :class:`ServiceSpec` fields (``addresses`` is handled apart: only ``rr_ip`` is taken).
 MICRO_KEYS = frozenset({"microserviceID", "microservice_name", "microservice_namespace", "virtualization", "code",
                         "cmd", "environment", "memory", "vcpus", "vcpu", "vgpus", "storage", "port", "one_shot",
-                        "privileged", "constraints", "health", "update", "secrets", "registry_secret"})
+                        "privileged", "constraints", "health", "update", "secrets", "registry_secret",
+                        "disconnect"})
 SECRET_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 SECRET_KEYS = ("name", "env", "file")
 VOLUME_KEYS = ("name", "path")
 HEALTH_TYPES = ("exec", "tcp", "http")
 HEALTH_KEYS = ("type", "cmd", "port", "path", "interval", "timeout", "failures", "start_period")
 UPDATE_KEYS = ("max_parallel", "min_healthy_time", "healthy_deadline", "auto_revert", "canary")
+DISCONNECT_KEYS = ("lost_after", "replace", "stop_after", "reconcile")
+KEEP_REPLACEMENT, KEEP_ORIGINAL, BEST_SCORE = "keep_replacement", "keep_original", "best_score"
+RECONCILE_CHOICES = (KEEP_REPLACEMENT, KEEP_ORIGINAL, BEST_SCORE)
+MAX_DISCONNECT_WAIT = 7 * 86400.0  # a week: longer waits are a typo more often than a plan
 
 
 class SlaError(ValueError):
@@ -129,6 +134,47 @@ class UpdatePolicy:
 
 
 @dataclass(frozen=True)
+class DisconnectPolicy:
+    """The SLA's ``disconnect``: what becomes of an instance whose worker (or whose cluster) has gone
+    silent, Nomad's ``disconnect`` block. docs/partitions.md gives the defaults' reasons.
+
+    The instance counts as lost ``lost_after`` seconds after its worker was found gone (its connection
+    closed, or its reports stopped); then it is started elsewhere when ``replace``, or waits for its
+    worker when not (a singleton that keeps its identity and volume). ``stop_after`` makes a worker cut
+    off from its cluster (a cluster cut off from the root) stop the instance by itself after so many
+    seconds: with ``stop_after <= lost_after`` a replacement never runs beside the original. When the
+    original comes back beside its replacement, ``reconcile`` says which one stays.
+    """
+
+    lost_after: float = 0.0
+    replace: bool = True
+    stop_after: float | None = None
+    reconcile: str = KEEP_REPLACEMENT
+
+    def replace_at(self, gone_at: float) -> float | None:
+        """When an instance on a child gone at *gone_at* is to be replaced (None: never, it waits)."""
+        return gone_at + self.lost_after if self.replace else None
+
+    @property
+    def holds_original(self) -> bool:
+        """Whether an original that comes back beside its replacement may be the one kept: then its parent
+        keeps it in its desired map while it is away, so it is not stopped the moment it reconnects."""
+        return self.reconcile != KEEP_REPLACEMENT
+
+    def keeps_original(self, original_scores_higher: bool) -> bool:
+        """Which copy stays once the original is back and running beside its replacement."""
+        return self.reconcile == KEEP_ORIGINAL or (self.reconcile == BEST_SCORE and original_scores_higher)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form (the SLA's own)."""
+        return {"lost_after": self.lost_after, "replace": self.replace, "stop_after": self.stop_after,
+                "reconcile": self.reconcile}
+
+
+DEFAULT_DISCONNECT = DisconnectPolicy()
+
+
+@dataclass(frozen=True)
 class ServiceSpec:
     """One validated microservice of an application."""
 
@@ -157,6 +203,12 @@ class ServiceSpec:
     secrets: tuple[SecretRef, ...] = ()
     registry_secret: str = ""  # the secret holding ``user:password`` for pulling ``code`` from its registry
     volumes: tuple[VolumeRef, ...] = ()
+    disconnect: DisconnectPolicy | None = None
+
+    @property
+    def on_disconnect(self) -> DisconnectPolicy:
+        """What happens to this service's instances on a silent worker: the SLA's ``disconnect``, or the defaults."""
+        return self.disconnect or DEFAULT_DISCONNECT
 
     @functools.cached_property
     def secret_names(self) -> tuple[str, ...]:
@@ -213,6 +265,7 @@ class ServiceSpec:
             "update": self.update.to_dict() if self.update else None,
             "secrets": [ref.to_dict() for ref in self.secrets], "registry_secret": self.registry_secret,
             "volumes": [ref.to_dict() for ref in self.volumes],
+            "disconnect": self.disconnect.to_dict() if self.disconnect else None,
         }
 
     def to_sla(self) -> dict[str, Any]:
@@ -237,6 +290,8 @@ class ServiceSpec:
             micro["registry_secret"] = self.registry_secret
         if self.volumes:
             micro["volumes"] = [ref.to_dict() for ref in self.volumes]
+        if self.disconnect:
+            micro["disconnect"] = self.disconnect.to_dict()
         return micro
 
     @classmethod
@@ -567,6 +622,23 @@ def _update(micro: dict[str, Any], path: str) -> UpdatePolicy | None:
     return UpdatePolicy(max_parallel, min_healthy, deadline, auto_revert, canary)
 
 
+def _disconnect(micro: dict[str, Any], path: str) -> DisconnectPolicy | None:
+    """The ``disconnect`` object, every field checked."""
+    if micro.get("disconnect") is None:
+        return None
+    where = f"{path}.disconnect"
+    raw = _fields_of(micro["disconnect"], where, DISCONNECT_KEYS)
+    lost_after = float(_number(raw, "lost_after", where, integer=False))
+    stop_after = None if raw.get("stop_after") is None else float(_number(raw, "stop_after", where, integer=False))
+    for key, value in (("lost_after", lost_after), ("stop_after", stop_after)):
+        if value is not None and value > MAX_DISCONNECT_WAIT:
+            raise SlaError(f"{where}.{key}", f"at most {MAX_DISCONNECT_WAIT:.0f} seconds (a week)")
+    reconcile = _str(raw, "reconcile", where, default=KEEP_REPLACEMENT)
+    if reconcile not in RECONCILE_CHOICES:
+        raise SlaError(f"{where}.reconcile", f"{reconcile!r} is not one of {', '.join(RECONCILE_CHOICES)}")
+    return DisconnectPolicy(lost_after, _bool(raw, "replace", where, default=True), stop_after, reconcile)
+
+
 def updated(current: ServiceSpec, changes: Any, path: str = "microservice") -> tuple[ServiceSpec, list[str]]:
     """*current* with the SLA microservice fields in *changes* (a whole microservice, or some of its
     fields) put over it, validated as a new one is; and the fields that differ. The service keeps its
@@ -616,6 +688,7 @@ def _service(micro: Any, path: str, app: str, app_ns: str) -> ServiceSpec:
     health, update = _health(micro, path, virtualization), _update(micro, path)
     secrets, registry_secret = _secrets(micro, path, virtualization)
     volumes = _volumes(micro, path, virtualization)
+    disconnect = _disconnect(micro, path)
     extra = {k: copy.deepcopy(v) for k, v in micro.items() if k not in MICRO_KEYS and k != "addresses"
              and not (k == "volumes" and not _is_oakestra_volumes(v))}
     if other_addresses:
@@ -625,7 +698,7 @@ def _service(micro: Any, path: str, app: str, app_ns: str) -> ServiceSpec:
         code=code, cmd=cmd, environment=environment, memory=memory, vcpus=vcpus, vgpus=vgpus, storage=storage,
         port=port, one_shot=one_shot, privileged=privileged, rr_ip=rr_ip, clusters=clusters, nodes=nodes,
         constraints=constraints, extra=extra, health=health, update=update, secrets=secrets,
-        registry_secret=registry_secret, volumes=volumes,
+        registry_secret=registry_secret, volumes=volumes, disconnect=disconnect,
     )
 
 

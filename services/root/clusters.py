@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field, replace
 
 from services.common.models import ClusterInfo, InstanceStatus, NodeSummary
@@ -10,8 +9,13 @@ from services.common.nettable import NodeRoute
 from services.common.plugin_api import Candidate, Demand
 from services.common.scheduling import Decision, Profile, place, reserve
 
+# A cluster whose bridge went offline has FAILOVER_GRACE to be heard again (a reconnecting bridge is not a lost
+# cluster); one the root has not heard since it started, STARTUP_GRACE. One that sends nothing (its heartbeat
+# comes every second) for SILENT_AFTER is gone.
 FAILOVER_GRACE = 2.0
 STARTUP_GRACE = 10.0
+SILENT_AFTER = 4.0
+STUCK_AFTER = 20.0  # an instance a cluster accepted and has not reported for this long goes to another one
 MIN_CLUSTER_SAMPLE = 10  # workers of one cluster that pass the filters before the root stops looking
 
 
@@ -19,8 +23,8 @@ MIN_CLUSTER_SAMPLE = 10  # workers of one cluster that pass the filters before t
 class ClusterView:
     """One cluster: online or not, its workers, and the statuses of the instances it runs.
 
-    ``move_after`` is when its instances should move elsewhere (None while it is online): shortly
-    after it goes offline, or a while after the root starts if it has not been heard from.
+    ``online`` while its bridge is connected and it is heard; ``lost_since`` is when it was last heard,
+    once it is found gone (epoch seconds; 0 while it is not): its instances are LOST from then on.
     """
 
     name: str
@@ -28,27 +32,18 @@ class ClusterView:
     info: ClusterInfo | None = None
     nodes: dict[str, NodeSummary] = field(default_factory=dict)
     statuses: dict[str, InstanceStatus] = field(default_factory=dict)
-    move_after: float | None = None
+    lost_since: float = 0.0
+    suspect: str = ""  # why it is passed over for an instance it accepted and never reported
     overlay: dict[str, NodeRoute] = field(default_factory=dict)
 
-    def set_online(self, online: bool, grace: float = FAILOVER_GRACE) -> None:
-        """Record a change of availability. An offline report never cuts a longer wait short: the
-        retained "offline" a restarted root reads first must not turn its startup grace into two
-        seconds while the cluster is still reconnecting."""
-        deadline = time.monotonic() + grace
-        if not online and not self.online and self.move_after is not None:
-            deadline = max(deadline, self.move_after)
+    def set_online(self, online: bool) -> None:
+        """Record whether the cluster can take instances now."""
         self.online = online
-        self.move_after = None if online else deadline
-
-    def should_move(self) -> bool:
-        """True when this cluster's instances should be placed elsewhere."""
-        return not self.online and self.move_after is not None and time.monotonic() >= self.move_after
 
     def worker_candidates(self, reserved: dict[str, Demand]) -> list[Candidate]:
         """The cluster's online workers as candidates, after the root's *reserved* demands per worker
         (placed by the root, not reported by the cluster yet)."""
-        if not self.online:
+        if not self.online or self.suspect:
             return []
         location = self.info.location if self.info else ""
         out = []
@@ -134,7 +129,7 @@ def choose(demand: Demand, clusters: list[ClusterView], reserved: dict[str, dict
             pool = pools[view.name] = Pool.of(view, reserved.get(view.name, {}))
         workers = pool.workers
         if not workers:
-            reasons[view.name] = "offline" if not view.online else "no worker online"
+            reasons[view.name] = "offline" if not view.online else view.suspect or "no worker online"
             continue
         inner, stand_in = pool.best(demand, inner_profile, view.name)
         if inner.choice is None or stand_in is None:

@@ -24,6 +24,7 @@ from typing import Any
 from services.common import channels, models
 from services.common.delta import Change, DeltaPublisher, DeltaReceiver
 from services.common.inbox import Inbox, Received
+from services.common.liveness import Liveness
 from services.common.models import ClusterInfo, InstanceSpec, InstanceStatus, NodeSummary
 from services.common.mqtt import MqttSession
 from services.common.retained import LastSent
@@ -31,7 +32,7 @@ from services.common.scheduling import Profile
 from services.common.throttle import ReportThrottle, TimeSlices, Trigger
 from services.root import rollout
 from services.root.catalog import Catalog, Instance, Service
-from services.root.clusters import STARTUP_GRACE, ClusterView
+from services.root.clusters import FAILOVER_GRACE, SILENT_AFTER, STARTUP_GRACE, STUCK_AFTER, ClusterView
 from services.root.network import RootNetwork, overlay_routes
 from services.root.placement import Placement
 from services.root.views import ServiceStates, cluster_rows, node_rows
@@ -39,6 +40,7 @@ from services.root.views import ServiceStates, cluster_rows, node_rows
 log = logging.getLogger(__name__)
 TICK = 0.5
 INFRASTRUCTURE_EVERY = 4  # ticks: the users' infrastructure view is refreshed at most every 2 s
+BEAT_EVERY = 2  # ticks: the root's heartbeat to every cluster, every second
 # The whole desired map (megabytes with 10,000 instances, decoded by the cluster) follows the deltas
 # once placements pause this long, and at least this often while they go on.
 DESIRED_QUIET, DESIRED_FULL_EVERY = 2.0, 30.0
@@ -58,6 +60,9 @@ class RootOrchestrator:
         self.profile = profile
         self.session = session
         self.clusters: dict[str, ClusterView] = {}
+        self.liveness = Liveness()  # which clusters are heard, which are gone since when
+        self._replace_due: asyncio.TimerHandle | None = None  # a pass when a lost_after ends
+        self._sent_at: dict[str, float] = {}  # instances sent to a cluster that has not reported them yet: when
         self.placement = Placement(profile)
         self._desired_out: dict[str, DeltaPublisher] = {}
         self._states_in: dict[str, DeltaReceiver] = {}
@@ -78,12 +83,14 @@ class RootOrchestrator:
         inbox.on(channels.CLUSTER_INFO, self.take_info)
         inbox.on(channels.CLUSTER_STATE, self.take_state)
         inbox.on(channels.CLUSTER_STATE_DELTA, self.take_state_delta)
+        inbox.on(channels.CLUSTER_BEAT, self.take_beat)
 
     def start(self) -> None:
         """Republish every cluster's desired map and every service's state."""
+        until = time.monotonic() + STARTUP_GRACE
         for name in self.catalog.known_clusters:
-            view = self.clusters.setdefault(name, ClusterView(name))
-            view.set_online(False, grace=STARTUP_GRACE)
+            self.clusters.setdefault(name, ClusterView(name))
+            self.liveness.expect(name, until, SILENT_AFTER)  # its bridge has that long to reconnect
         for name in self.catalog.known_clusters:
             self.publish_desired(name)
         self._dirty |= set(self.catalog.services)
@@ -94,14 +101,65 @@ class RootOrchestrator:
         return self.clusters.setdefault(name, ClusterView(name))
 
     async def take_avail(self, avail: Received[bool]) -> None:
-        """A cluster's bridge came online or went offline (its last will)."""
+        """A cluster's bridge came online or went offline (its last will): one that is not heard again
+        within FAILOVER_GRACE is gone (a bridge that reconnects is not a lost cluster)."""
         view, online = self._view(avail.sender), bool(avail.body)
         if online != view.online:
             log.info("cluster %s is %s", view.name, "online" if online else "offline")
-        view.set_online(online)
-        if online:
-            self.placement.cluster_online(view.name)
+        if avail.message.retain:  # said before this root started: its startup grace applies
+            view.set_online(online and not view.lost_since)
+        elif online:
+            self._hear(view, avail)
+        else:
+            view.set_online(False)
+            self.liveness.expect(view.name, time.monotonic() + FAILOVER_GRACE, SILENT_AFTER)
         self.kick()  # placing never holds up the messages behind this one (API requests among them)
+
+    def _unanswered(self, upto: float) -> None:
+        """Send to another cluster every instance its online cluster has not reported within STUCK_AFTER
+        (up to *upto*: what this root has read), and mark that cluster suspect."""
+        for iid, at in list(self._sent_at.items()):
+            instance = self.catalog.instances.get(iid)
+            view = self.clusters.get(instance.cluster) if instance else None
+            if instance is None or view is None or iid in view.statuses:
+                del self._sent_at[iid]
+            elif view.online and upto - at > STUCK_AFTER:
+                del self._sent_at[iid]
+                view.suspect = f"accepted instances and reported none of them for {STUCK_AFTER:.0f} s"
+                log.warning("cluster %s %s: %s goes to another cluster", view.name, view.suspect, iid)
+                self.placement.excluded.setdefault(iid, set()).add(view.name)
+                self.kick()
+
+    async def take_beat(self, beat: Received[dict[str, Any]]) -> None:
+        """A cluster's heartbeat."""
+        self._hear(self._view(beat.sender), beat)
+
+    def _hear(self, view: ClusterView, message: Received[Any]) -> None:
+        """*view*'s cluster sent a live message: it is online (and back, if it was gone)."""
+        if message.message.retain:
+            return
+        if self.liveness.hear(view.name, message.message.received or time.monotonic(), SILENT_AFTER):
+            log.warning("cluster %s is back, after %.1f s gone", view.name, time.time() - view.lost_since)
+            view.lost_since = 0.0
+            self._dirty |= {i.sid for i in self.catalog.instances.values() if i.cluster == view.name}
+        if not view.online:
+            view.set_online(True)
+            self.placement.cluster_online(view.name)
+            self.kick()
+
+    def watch(self) -> None:
+        """Find the clusters gone silent (every TICK; their instances are LOST from now on), and the
+        instances a cluster accepted and never reported."""
+        self._unanswered(min(time.monotonic(), self.session.horizon()))
+        for name in self.liveness.check(time.monotonic(), self.session.horizon()):
+            view = self._view(name)
+            view.set_online(False)
+            view.lost_since = round(time.time() - (time.monotonic() - self.liveness.heard[name]), 3)
+            held = [i for i in self.catalog.instances.values() if i.cluster == name]
+            log.warning("cluster %s has sent nothing for %.0f s: it is gone, %d instance(s) on it are lost",
+                        name, SILENT_AFTER, len(held))
+            self._dirty |= {i.sid for i in held}
+            self.kick()
 
     async def take_info(self, info: Received[ClusterInfo]) -> None:
         """A cluster's static facts."""
@@ -111,11 +169,13 @@ class RootOrchestrator:
     async def take_state(self, state: Received[dict[str, Any]]) -> None:
         """A cluster's whole state document."""
         if state.body is not None:
+            self._hear(self._view(state.sender), state)
             await self._changed_state(state.sender, lambda receiver: receiver.whole(state.body or {}))
 
     async def take_state_delta(self, delta: Received[dict[str, Any]]) -> None:
         """A change of a cluster's state document."""
         if delta.body is not None:
+            self._hear(self._view(delta.sender), delta)
             await self._changed_state(delta.sender, lambda receiver: receiver.delta(delta.body or {}))
 
     async def _changed_state(self, cluster: str, take: Callable[[DeltaReceiver], Change]) -> None:
@@ -153,6 +213,9 @@ class RootOrchestrator:
     def _absorb(self, view: ClusterView, changed: dict[str, InstanceStatus], gone: tuple[str, ...] = ()) -> None:
         """Take in a cluster's changed statuses (and the instances it no longer reports, *gone*): drop
         reservations it has accounted for, note what it cannot place, mark the services concerned."""
+        if changed and view.suspect:
+            log.info("cluster %s reports again: no longer suspect", view.name)
+            view.suspect = ""
         for iid, status in changed.items():
             instance = self.catalog.instances.get(iid)
             if instance is None or instance.cluster != view.name:
@@ -189,11 +252,13 @@ class RootOrchestrator:
 
     async def _reconcile(self) -> None:
         await self._roll()
-        moves = self.placement.moves(self.clusters, self.catalog.instances)
-        for cluster, moving in moves.items():
-            if moving:
-                log.warning("cluster %s is gone; moving its %d instance(s)", cluster, len(moving))
-        changes = {iid: "" for moving in moves.values() for iid in moving}
+        gone = {name: at for name in self.clusters if (at := self.liveness.since(name)) is not None}
+        moves, due = self.placement.moves(gone, self.catalog.instances, self.catalog.services, time.monotonic())
+        if self._replace_due:
+            self._replace_due.cancel()
+        self._replace_due = (asyncio.get_running_loop().call_at(due, self.kick) if due is not None else None)
+        moving_ids = {iid for moving in moves.values() for iid in moving}
+        changes = dict.fromkeys(moving_ids, "")
         decisions = self.placement.decisions(self.catalog.instances, self.catalog.services, self.clusters,
                                              set(changes))
         slices = TimeSlices()  # the root keeps answering during a big burst
@@ -208,6 +273,12 @@ class RootOrchestrator:
                 log.warning("cannot place %s (%s): %s", instance.iid, service.job_name, decided.reason)
                 self._dirty.add(instance.sid)
             await slices.turn()
+        # one with nowhere else to go stays where it is, LOST, rather than leave its cluster's map: when the
+        # cluster comes back it still runs there (and a later pass moves it once another cluster can take it)
+        changes = {iid: cluster for iid, cluster in changes.items() if cluster or iid not in moving_ids}
+        for cluster, moving in moves.items():
+            if moved := sum(1 for iid in moving if iid in changes):
+                log.warning("cluster %s is gone; %d of its instance(s) replaced elsewhere", cluster, moved)
         await self._commit(changes)
         await self.flush_states()
 
@@ -284,6 +355,7 @@ class RootOrchestrator:
         for iid, cluster in after.items():
             instance = self.catalog.instances.get(iid)
             if cluster and instance is not None and before.get(iid) != cluster:
+                self._sent_at[iid] = time.monotonic()
                 doc = puts.setdefault(cluster, {})[iid] = self.spec_of(instance).doc
                 self._desired(cluster).encode("instances", iid, doc)
                 await slices.turn()
@@ -326,6 +398,8 @@ class RootOrchestrator:
             return InstanceStatus(models.NO_CLUSTER_CAPACITY if reason else models.REQUESTED, reason)
         view = self.clusters.get(instance.cluster)
         seen = view.statuses.get(instance.iid) if view else None
+        if view is not None and view.lost_since:
+            return models.lost(seen, f"cluster {view.name}", view.lost_since, cluster=view.name)
         if seen is None:
             return InstanceStatus(models.CLUSTER_SCHEDULED, cluster=instance.cluster)
         if view is not None and not view.online:
@@ -402,13 +476,18 @@ class RootOrchestrator:
         try:
             while True:
                 await asyncio.sleep(TICK)
+                self.watch()
                 await self.reconcile()
                 ticks += 1
+                if ticks % BEAT_EVERY == 0:
+                    for name in self.clusters:
+                        self.session.send(channels.CLUSTER_ROOT_BEAT, {"n": ticks}, cluster=name)
                 if ticks % INFRASTRUCTURE_EVERY == 0:
                     await self.publish_infrastructure()
         finally:
             self._kicks.cancel()
-            if self._roll_due:
-                self._roll_due.cancel()
+            for timer in (self._roll_due, self._replace_due):
+                if timer:
+                    timer.cancel()
             for out in self._desired_out.values():
                 out.close()

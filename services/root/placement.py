@@ -75,15 +75,24 @@ class Placement:
     # ---- deciding ------------------------------------------------------------------------------
 
     @staticmethod
-    def moves(clusters: Mapping[str, ClusterView], instances: Mapping[str, Instance]) -> dict[str, list[str]]:
-        """The instances of every cluster whose failover time has come, by cluster (each cluster's move
-        is then done: it is not reported again)."""
+    def moves(gone: Mapping[str, float], instances: Mapping[str, Instance], services: Mapping[str, Service],
+              now: float) -> tuple[dict[str, list[str]], float | None]:
+        """The instances on clusters *gone* (name -> when it was found gone) whose services' ``disconnect``
+        policies say to replace them by *now*, by cluster; and when the next one is due (None: none waits)."""
         out: dict[str, list[str]] = {}
-        for view in clusters.values():
-            if view.should_move():
-                out[view.name] = [i.iid for i in instances.values() if i.cluster == view.name]
-                view.move_after = None
-        return out
+        soonest: float | None = None
+        if not gone:
+            return out, soonest
+        for instance in instances.values():
+            gone_at = gone.get(instance.cluster)
+            if gone_at is None:
+                continue
+            at = services[instance.sid].spec.on_disconnect.replace_at(gone_at)
+            if at is not None and at <= now:
+                out.setdefault(instance.cluster, []).append(instance.iid)
+            elif at is not None:
+                soonest = at if soonest is None else min(soonest, at)
+        return out, soonest
 
     def decisions(self, instances: Mapping[str, Instance], services: Mapping[str, Service],
                   clusters: Mapping[str, ClusterView], moving: set[str]) -> Iterator[Decided]:

@@ -97,6 +97,16 @@ def overall_status(replicas: int, statuses: list[str]) -> str:
     return next((s for s in statuses if s != models.RUNNING), models.REQUESTED)
 
 
+def condition(online: bool, lost_since: float = 0.0, suspect: str = "") -> str:
+    """One word for a cluster or worker in a listing: ``LOST`` (silent; since when is beside it),
+    ``SUSPECT`` (it accepted instances and ran none of them), ``online`` or ``offline``."""
+    if lost_since:
+        return "LOST"
+    if suspect:
+        return "SUSPECT"
+    return "online" if online else "offline"
+
+
 def cluster_rows(clusters: Iterable[ClusterView]) -> list[dict[str, Any]]:
     """Every cluster: online, location, workers and their aggregate capacity."""
     out = []
@@ -105,6 +115,9 @@ def cluster_rows(clusters: Iterable[ClusterView]) -> list[dict[str, Any]]:
         out.append({
             "name": view.name,
             "online": view.online,
+            "state": condition(view.online, view.lost_since, view.suspect),
+            "reason": view.suspect,
+            "lost_since": view.lost_since,
             "location": view.info.location if view.info else "",
             "nodes": len(nodes),
             "cpu_cores": sum(n.cpu_cores for n in nodes),
@@ -121,6 +134,7 @@ def node_rows(clusters: Iterable[ClusterView], viewer: str) -> list[dict[str, An
     mine = viewer + "/"
     return [
         {"cluster": view.name, **models.dump(node), "online": node.online and view.online,
+         "state": condition(node.online and view.online, node.silent_since or view.lost_since, node.suspect),
          "services": {key[len(mine):]: n for key, n in node.services.items() if key.startswith(mine)}}
         for view in sorted(clusters, key=lambda v: v.name)
         for node in sorted(view.nodes.values(), key=lambda n: n.name)

@@ -22,6 +22,7 @@ from services.common.private import private_dir
 from services.common.store import Store
 from services.common.version import VERSION
 from services.worker.engine import Engine
+from services.worker.fence import fence
 from services.worker.kernel import Kernel
 from services.worker.logs import LogServer
 from services.worker.netcfg import DirectRouting
@@ -143,6 +144,7 @@ async def run_worker(cfg: WorkerConfig) -> None:
                 labels=list(cfg.labels) + plugins.runtime_labels(runtimes.values()),
                 probe=prober.address,
                 overlay=await network.endpoint() if network else "",
+                report_every=cfg.report_interval,
             )
             session.send(channels.NODE_INFO, models.dump(info), f"node/{cfg.name}", node=cfg.name)
             logs = LogServer(cfg.name, cfg.data_dir, session)
@@ -158,7 +160,7 @@ async def run_worker(cfg: WorkerConfig) -> None:
             log.info("worker %s connected to its cluster at %s; runtimes: %s", cfg.name, cfg.cluster,
                      ", ".join(sorted(runtimes)))
             await serve(session, inbox, reporter.run(session, cfg.report_interval), prober.run(),
-                        *([renewal.run()] if renewal else []))
+                        fence(engine, session.quiet_for), *([renewal.run()] if renewal else []))
     finally:
         prober.close()
         await engine.close()

@@ -91,6 +91,8 @@ class Engine:
         self.data_dir = data_dir
         self.on_change = on_change
         self.slots: dict[str, Slot] = {}
+        self.desired: dict[str, InstanceSpec] | None = None  # the cluster's last map (None: none yet)
+        self.fenced: frozenset[str] = frozenset()  # desired, but stopped while cut off (services/worker/fence.py)
         self._stopping: set[asyncio.Task[None]] = set()
         self.volume_sizes: dict[str, int] = {}  # owner/job/volume -> bytes, as last measured
         self._doomed: set[str] = set()  # volumes to delete once no instance here uses them
@@ -155,7 +157,23 @@ class Engine:
         await self.measure_volumes()
 
     async def apply(self, desired: dict[str, InstanceSpec]) -> None:
-        """Start what is newly desired and stop what no longer is."""
+        """Start what is newly desired and stop what no longer is (or is fenced)."""
+        self.desired = desired
+        await self._reconcile()
+
+    async def fence(self, fenced: frozenset[str]) -> None:
+        """Stop the instances *fenced* (they stay desired) and start again those no longer fenced."""
+        if self.desired is None or fenced == self.fenced:
+            return  # no map yet: nothing is known to stop or start
+        for iid in sorted(fenced - self.fenced):
+            log.warning("fencing %s: cut off from the cluster for longer than its stop_after", iid)
+        for iid in sorted(self.fenced - fenced):
+            log.info("%s is no longer fenced: starting it again", iid)
+        self.fenced = fenced
+        await self._reconcile()
+
+    async def _reconcile(self) -> None:
+        desired = {iid: spec for iid, spec in (self.desired or {}).items() if iid not in self.fenced}
         for iid in [iid for iid in self.slots if iid not in desired]:
             slot = self.slots.pop(iid)
             task = asyncio.create_task(self._remove(slot))

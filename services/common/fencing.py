@@ -1,0 +1,54 @@
+"""Fencing: a tier cut off from its parent stops, by itself, the instances whose service asks for it (the
+SLA's ``disconnect.stop_after``), so a replacement started elsewhere never runs beside them for longer than
+the operator allowed. A worker fences what it runs; a cluster cut off from the root takes those instances
+out of its workers' maps. Once the link has been back for REJOIN_WAIT (long enough for the parent's
+current map to arrive), the ones still wanted start again.
+
+Plain logic on the caller's clock: :class:`Fencing` says what should be fenced now; the tier applies it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from services.common.liveness import STALL
+from services.common.models import InstanceSpec
+
+FENCE_TICK = 0.25  # seconds between two looks at the link
+REJOIN_WAIT = 1.0  # seconds the link must be back before fenced instances start again
+
+
+def to_fence(desired: Mapping[str, InstanceSpec], quiet: float) -> frozenset[str]:
+    """The desired instances to stop after *quiet* seconds without a word from the parent."""
+    return frozenset(iid for iid, spec in desired.items()
+                     if (after := spec.service.on_disconnect.stop_after) is not None and quiet >= after)
+
+
+class Fencing:
+    """What should be fenced, from how long the link has been quiet; fenced instances stay fenced until the
+    link has been back for REJOIN_WAIT. A look that comes late (this process was stalled, or frozen and
+    thawed: what its parent sent meanwhile is not read yet) changes nothing."""
+
+    def __init__(self, stall: float = STALL) -> None:
+        self.stall = stall
+        self._back_since: float | None = None
+        self._looked: float | None = None
+
+    def wanted(self, desired: Mapping[str, InstanceSpec], fenced: frozenset[str], quiet: float,
+               now: float) -> frozenset[str]:
+        """The instances of *desired* to keep stopped, given those *fenced* now and *quiet* seconds of silence."""
+        late = self._looked is not None and now - self._looked > self.stall
+        self._looked = now
+        if late:
+            return fenced
+        fence = to_fence(desired, quiet)
+        still = (fenced - fence) & desired.keys()
+        if not still:
+            self._back_since = None
+            return fence
+        if self._back_since is None:
+            self._back_since = now
+        if now - self._back_since < REJOIN_WAIT:
+            return fence | still
+        self._back_since = None
+        return fence

@@ -1,0 +1,22 @@
+"""Fences this worker's instances while it is cut off from its cluster (services/common/fencing.py).
+
+"Cut off" is measured on the link: seconds since the cluster's broker last sent this worker anything. Its
+state reports are acknowledged every couple of seconds, so the measure is that fine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from services.common.fencing import FENCE_TICK, Fencing
+from services.worker.engine import Engine
+
+
+async def fence(engine: Engine, quiet_for: Callable[[], float]) -> None:
+    """Keep the engine's fenced instances in step with how long the link has been quiet, until cancelled."""
+    fencing = Fencing()
+    while True:
+        await asyncio.sleep(FENCE_TICK)
+        await engine.fence(fencing.wanted(engine.desired or {}, engine.fenced, quiet_for(), time.monotonic()))
