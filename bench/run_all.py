@@ -13,7 +13,8 @@ import subprocess
 import sys
 import time
 
-BENCHMARKS = ("store", "three_tiers", "placement", "scale", "load", "tls", "containers", "overlay", "rollout")
+BENCHMARKS = ("store", "three_tiers", "placement", "scale", "load", "tls", "containers", "overlay", "rollout",
+              "partition")
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from plugins.runtimes import containerd
-from plugins.runtimes.cgroups import ROOT, Cgroup
+from plugins.runtimes.cgroups import ROOT, Cgroup, group_name
 from tests.conftest import dumps, eventually, sla
 from tests.stack import REPO, Stack, oak
 from tests.test_three_tiers import _online_nodes, state
@@ -133,7 +133,7 @@ async def test_containers_run_log_die_and_leave_nothing(stack: Stack, api: Any, 
     def nothing_left() -> bool:
         listed = subprocess.run(["runc", "--root", str(state_dir), "list", "-q"], capture_output=True, text=True)
         bundles = list((stack.base / "ctr" / "bundles").glob("*"))
-        groups = [i["iid"] for i in web + [hog] if Cgroup(i["iid"]).exists()]
+        groups = [i["iid"] for i in web + [hog] if Cgroup(group_name(i["iid"], i["node"])).exists()]
         tasks = ctr_ls(home, "task") + ctr_ls(home, "container") if engine == "containerd" else []
         return listed.stdout.strip() == "" and not bundles and not groups and not tasks
 

@@ -84,6 +84,9 @@ async def test_a_frozen_worker_is_found_gone_by_its_silence(stack: Stack, api: A
     finally:
         stack.procs["w1"].thaw()
     await eventually(lambda: len(sleeps(tokens[WEB], stack.base)) == 1, 15, what="the stale copy of web stopped")
+    await eventually(lambda: f"removed {moved['iid']}" in stack.procs["w1"].log.read_text(), 15, what="w1 done")
+    survivors = sleeps(tokens[WEB], stack.base)
+    assert [p.cwd().split("/")[-3] for p in survivors] == ["w2"], "the replacement survives the original's stop"
     await eventually(lambda: _on(client, DB, "w1", "RUNNING"), 15, what="db RUNNING on w1 again")
     assert len(sleeps(tokens[DB], stack.base)) == 1, "db never ran twice"
     assert (await _instance(client, WEB))["node"] == "w2", "the replacement stays (keep_replacement)"

@@ -56,6 +56,12 @@ def instances_cgroup2() -> Path | None:
     return mount / _own_path("") / PARENT if mount else None
 
 
+def group_name(iid: str, owner: str = "") -> str:
+    """The group of instance *iid* on worker *owner*: ``<owner>.<iid>``, so two workers on one host (tests,
+    simulations, or an instance replaced while its original still runs) never share, or empty, one group."""
+    return f"{owner}.{iid}" if owner else iid
+
+
 def relative_path(name: str) -> str:
     """The group of *name* relative to the worker's own cgroup (runc's ``cgroupsPath``)."""
     return f"{PARENT}/{name}"

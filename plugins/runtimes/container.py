@@ -53,7 +53,7 @@ from typing import Any
 import psutil
 
 from plugins.runtimes import containerd
-from plugins.runtimes.cgroups import CPU_PERIOD_US, Cgroup, absolute_path, relative_path
+from plugins.runtimes.cgroups import CPU_PERIOD_US, absolute_path, relative_path
 from plugins.runtimes.supervised import SupervisedRuntime, describe, open_log
 from services.common.plugin_api import Exit, Handle, LaunchSpec, hookimpl
 from services.common.private import private_opener, write_mode
@@ -159,8 +159,8 @@ class ContainerRuntime(SupervisedRuntime):
     virtualizations = ("container",)
     makes_cgroup = False  # runc (directly or under containerd) creates the container's cgroup
 
-    def __init__(self, data_dir: str, engine: str = "") -> None:
-        super().__init__(data_dir)
+    def __init__(self, data_dir: str, engine: str = "", owner: str = "") -> None:
+        super().__init__(data_dir, owner)
         self.engine = choose_engine(engine)
         self.state = self.data_dir / "runc"
         self.images = self.data_dir / "images"
@@ -268,7 +268,7 @@ class ContainerRuntime(SupervisedRuntime):
         linux["namespaces"] = [ns for ns in linux.get("namespaces", []) if ns.get("type") != "network"]
         if spec.netns:  # the instance's own namespace from the overlay; without it, the worker's
             linux["namespaces"].append({"type": "network", "path": spec.netns})
-        linux["cgroupsPath"] = relative_path(spec.iid)
+        linux["cgroupsPath"] = relative_path(self.group(spec.iid))
         resources = linux.setdefault("resources", {})
         if spec.memory_mb:
             resources["memory"] = {"limit": spec.memory_mb * 2**20, "swap": spec.memory_mb * 2**20}
@@ -369,7 +369,7 @@ class ContainerRuntime(SupervisedRuntime):
     def _ctr_run_args(self, spec: LaunchSpec, image: str, image_env: list[str]) -> list[str]:
         """``ctr run -d`` of *image* as the SLA says."""
         args = ["run", "-d", "--log-uri", f"file://{Path(spec.log_path).resolve()}",
-                "--cgroup", absolute_path(spec.iid) or relative_path(spec.iid)]
+                "--cgroup", absolute_path(self.group(spec.iid)) or relative_path(self.group(spec.iid))]
         if spec.memory_mb:
             args += ["--memory-limit", str(spec.memory_mb * 2**20)]
         if spec.vcpus:
@@ -425,7 +425,8 @@ class ContainerRuntime(SupervisedRuntime):
         except psutil.Error:
             started = 0.0  # already ended: wait() finds its exit code
         return Handle(spec.iid, self.name, pid, started,
-                      {"memory_mb": spec.memory_mb, "engine": "containerd", "log": spec.log_path})
+                      {"memory_mb": spec.memory_mb, "engine": "containerd", "log": spec.log_path,
+                       "cgroup": self.group(spec.iid)})
 
     async def wait(self, handle: Handle) -> Exit:
         """As the base for runc; with containerd, wait for the task's init process, then read the OOM
@@ -434,7 +435,7 @@ class ContainerRuntime(SupervisedRuntime):
             return await super().wait(handle)
         await self._gone(handle)
         self._probes.pop(handle.iid, None)
-        usage = Cgroup(handle.iid).usage()
+        usage = self.cgroup(handle).usage()
         await log_settled(handle.data.get("log"))
 
         def delete() -> int | None:
@@ -482,7 +483,8 @@ def oak_make_runtime(name: str, config: dict[str, Any]) -> ContainerRuntime | No
     """Build the container runtime when asked for it by name."""
     if name != NAME:
         return None
-    runtime = ContainerRuntime(data_dir=config["data_dir"], engine=str(config.get("engine", "")))
+    runtime = ContainerRuntime(data_dir=config["data_dir"], engine=str(config.get("engine", "")),
+                               owner=str(config.get("node", "")))
     reason = runtime.unavailable()
     if reason:
         raise ValueError(reason)

@@ -87,8 +87,8 @@ class ProcessRuntime(SupervisedRuntime):
     name = NAME
     virtualizations = ("process",)
 
-    def __init__(self, data_dir: str) -> None:
-        super().__init__(data_dir)
+    def __init__(self, data_dir: str, owner: str = "") -> None:
+        super().__init__(data_dir, owner)
         if not self.sandboxed:
             log.warning("process runtime: not running as root, so instances get no namespaces and no "
                         "memory/CPU limits")
@@ -153,4 +153,4 @@ class ProcessRuntime(SupervisedRuntime):
 @hookimpl
 def oak_make_runtime(name: str, config: dict[str, Any]) -> ProcessRuntime | None:
     """Build the process runtime when asked for it by name."""
-    return ProcessRuntime(data_dir=config["data_dir"]) if name == NAME else None
+    return ProcessRuntime(data_dir=config["data_dir"], owner=str(config.get("node", ""))) if name == NAME else None

@@ -19,7 +19,7 @@ from typing import BinaryIO
 
 import psutil
 
-from plugins.runtimes.cgroups import ENTERING, Cgroup
+from plugins.runtimes.cgroups import ENTERING, Cgroup, group_name
 from services.common.plugin_api import Exit, Handle, InstanceStats, LaunchSpec
 from services.common.private import private_dir, private_opener
 
@@ -77,8 +77,9 @@ class SupervisedRuntime:
     #: True when this runtime creates the instance's cgroup itself (runc creates its own).
     makes_cgroup = True
 
-    def __init__(self, data_dir: str) -> None:
+    def __init__(self, data_dir: str, owner: str = "") -> None:
         self.data_dir = Path(data_dir)
+        self.owner = owner  # the worker's name, in its instances' cgroup names (cgroups.group_name)
         self._children: dict[int, asyncio.subprocess.Process] = {}
         self._settling: dict[int, asyncio.Task[None]] = {}  # started instances not yet ready (see start)
         self._probes: dict[str, psutil.Process] = {}
@@ -121,7 +122,7 @@ class SupervisedRuntime:
     async def start(self, spec: LaunchSpec) -> Handle:
         """Start the instance's child process."""
         await asyncio.to_thread(self.prepare, spec)
-        cgroup = Cgroup(spec.iid) if self.makes_cgroup and self.sandboxed else None
+        cgroup = Cgroup(self.group(spec.iid)) if self.makes_cgroup and self.sandboxed else None
         memory_mb, vcpus = self.limits(spec)
         if cgroup is not None:
             try:
@@ -161,7 +162,18 @@ class SupervisedRuntime:
             started = psutil.Process(child.pid).create_time()
         except psutil.Error:
             started = 0.0
-        return Handle(spec.iid, self.name, child.pid, started, {"memory_mb": spec.memory_mb, "vcpus": vcpus})
+        return Handle(spec.iid, self.name, child.pid, started,
+                      {"memory_mb": spec.memory_mb, "vcpus": vcpus, "cgroup": self.group(spec.iid)})
+
+    def group(self, iid: str) -> str:
+        """The cgroup name of instance *iid* on this worker."""
+        return group_name(iid, self.owner)
+
+    @staticmethod
+    def cgroup(handle: Handle) -> Cgroup:
+        """The cgroup of the instance behind *handle* (named by its instance id alone before groups had
+        their worker's name)."""
+        return Cgroup(str(handle.data.get("cgroup") or handle.iid))
 
     async def _settle(self, child: asyncio.subprocess.Process, cgroup: Cgroup | None, vcpus: float) -> None:
         """Wait until the instance is :meth:`ready`, then set its CPU quota."""
@@ -208,7 +220,7 @@ class SupervisedRuntime:
                 await asyncio.sleep(POLL)
             code, reason = None, "exited while the worker was away (exit code unknown)"
         self._probes.pop(handle.iid, None)
-        usage = Cgroup(handle.iid).usage()
+        usage = self.cgroup(handle).usage()
         if usage is not None and usage.oom_kills:
             reason = f"out of memory: killed at its {handle.data.get('memory_mb', '?')} MB limit ({reason})"
         await asyncio.to_thread(self._release, handle)
@@ -216,7 +228,7 @@ class SupervisedRuntime:
 
     def _release(self, handle: Handle) -> None:
         self.cleanup(handle)
-        cgroup = Cgroup(handle.iid)
+        cgroup = self.cgroup(handle)
         if cgroup.exists():
             cgroup.remove()
 
@@ -280,13 +292,13 @@ class SupervisedRuntime:
         vcpus = handle.data.get("vcpus")
         if running and vcpus and handle.pid not in self._children and self.makes_cgroup and self.sandboxed:
             with contextlib.suppress(OSError, ValueError, TypeError):
-                Cgroup(handle.iid).limit_cpu(float(vcpus))
+                self.cgroup(handle).limit_cpu(float(vcpus))
         return running
 
     async def stats(self, handle: Handle) -> InstanceStats | None:
         """CPU, memory and disk I/O of the instance: from its cgroup when it has one, else (CPU and memory
         only) from its processes."""
-        usage = Cgroup(handle.iid).usage()
+        usage = self.cgroup(handle).usage()
         if usage is not None:
             previous = self._last.get(handle.iid)
             self._last[handle.iid] = (usage.cpu_seconds, usage.at)

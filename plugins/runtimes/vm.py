@@ -89,8 +89,8 @@ class VmRuntime(SupervisedRuntime):
 
     name = NAME
 
-    def __init__(self, data_dir: str) -> None:
-        super().__init__(data_dir)
+    def __init__(self, data_dir: str, owner: str = "") -> None:
+        super().__init__(data_dir, owner)
         self.arch = vmimage.host_arch()
         binary, self.machine, self.console = MACHINES.get(self.arch, ("", "", ""))
         self.qemu = shutil.which(binary) if binary else None
@@ -190,4 +190,4 @@ class VmRuntime(SupervisedRuntime):
 @hookimpl
 def oak_make_runtime(name: str, config: dict[str, Any]) -> VmRuntime | None:
     """Build the vm runtime when asked for it by name (it advertises nothing when QEMU is missing)."""
-    return VmRuntime(data_dir=config["data_dir"]) if name == NAME else None
+    return VmRuntime(data_dir=config["data_dir"], owner=str(config.get("node", ""))) if name == NAME else None

@@ -100,7 +100,7 @@ async def run_worker(cfg: WorkerConfig) -> None:
     pm = plugins.make_manager()
     runtimes = {}
     for name in cfg.runtimes:
-        runtime = plugins.load_runtime(pm, name, {"data_dir": str(cfg.data_dir)})
+        runtime = plugins.load_runtime(pm, name, {"data_dir": str(cfg.data_dir), "node": cfg.name})
         for virtualization in runtime.virtualizations:
             runtimes[virtualization] = runtime
     collector = plugins.load_collector(pm, cfg.collector)
