@@ -76,18 +76,21 @@ def _spec(iid: str, policy: DisconnectPolicy | None = None) -> InstanceSpec:
 
 
 def test_fencing_stops_what_asks_for_it_and_starts_it_once_the_link_is_steady() -> None:
+    """Cut off once the link has been quiet as long as the parent waits before calling this tier gone (5 s
+    here), an instance stops stop_after seconds later: on the parent's lost_after clock."""
     desired = {"edge": _spec("edge", DisconnectPolicy(stop_after=2)), "web": _spec("web")}
     assert to_fence(desired, 1.9) == frozenset()
     assert to_fence(desired, 2.0) == {"edge"}, "only the service with stop_after"
-    fencing = Fencing()
-    fenced = fencing.wanted(desired, frozenset(), 2.5, 10.0)
+    fencing = Fencing(cut_after=5.0)
+    assert fencing.wanted(desired, frozenset(), 6.9, 9.75) == frozenset(), "cut off for 1.9 s only"
+    fenced = fencing.wanted(desired, frozenset(), 7.0, 10.0)
     assert fenced == {"edge"}
     fenced = fencing.wanted(desired, fenced, 0.1, 10.25)
     assert fenced == {"edge"}, "the link is back, but not for long enough to have the parent's map"
     fenced = fencing.wanted(desired, fenced, 0.1, 10.25 + REJOIN_WAIT * 0.9)
     assert fenced == {"edge"}
     assert fencing.wanted(desired, fenced, 0.1, 10.25 + REJOIN_WAIT) == frozenset()
-    late = Fencing()
+    late = Fencing(cut_after=5.0)
     late.wanted(desired, frozenset(), 0.0, 20.0)
     assert late.wanted(desired, frozenset(), 9.0, 40.0) == frozenset(), "a late look (a stall) changes nothing"
     assert late.wanted({}, frozenset({"gone"}), 0.0, 40.25) == frozenset(), "no longer desired: not fenced"
@@ -180,7 +183,10 @@ async def test_an_original_that_no_longer_runs_leaves_the_replacement_in_place(t
 async def test_a_cluster_cut_off_from_the_root_fences_by_policy(tmp_path: Path) -> None:
     orch = await _cluster(tmp_path, {"edge": {"stop_after": 2}, "web": None})
     orch.watch()
-    orch._root_heard -= 3  # the root's heartbeat stopped 3 s ago
+    orch._root_heard -= 5.5  # the root's heartbeat stopped 5.5 s ago: cut off (4 s) for 1.5 s
+    orch.watch()
+    assert orch.fenced == frozenset(), "stop_after 2 is not over"
+    orch._root_heard -= 0.5
     orch.watch()
     await orch.placed()
     assert orch.fenced == {"edge"}

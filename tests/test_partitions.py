@@ -119,7 +119,7 @@ async def test_stop_after_fences_what_is_cut_off(stack: Stack, api: Any, frozen:
     client, tokens = await _deployed(stack, api, {EDGE: {"disconnect": {"stop_after": 2}}, WEB: {}}, 7101)
     stack.procs[frozen].freeze()
     try:
-        await eventually(lambda: not sleeps(tokens[EDGE], stack.base), 10, what=f"{fencer} fenced edge by itself")
+        await eventually(lambda: not sleeps(tokens[EDGE], stack.base), 15, what=f"{fencer} fenced edge by itself")
         assert len(sleeps(tokens[WEB], stack.base)) == 1, "a service without stop_after keeps running, cut off or not"
     finally:
         stack.procs[frozen].thaw()

@@ -28,7 +28,7 @@ from services.common import channels, models, scheduling
 from services.common.delta import Change, DeltaPublisher, DeltaReceiver
 from services.common.fencing import Fencing
 from services.common.inbox import Inbox, Received
-from services.common.liveness import Liveness
+from services.common.liveness import CLUSTER_BEAT_EVERY, CLUSTER_SILENT_AFTER, Liveness, worker_silent_after
 from services.common.models import InstanceSpec, InstanceStatus, NodeInfo, NodeState, NodeSummary
 from services.common.mqtt import MqttSession
 from services.common.plugin_api import Candidate
@@ -48,12 +48,7 @@ RETRY_INTERVAL = 1.0
 PLACE_COALESCE = 0.002
 PLACE_SPACING = 0.05
 STARTUP_GRACE = 10.0
-# A worker that has sent nothing for MISSED_REPORTS of its report intervals plus SILENCE_SLACK seconds has
-# gone silent (5 s with the default 2 s reports): one report may be lost or late without a false alarm.
-MISSED_REPORTS, SILENCE_SLACK = 2, 1.0
-DEFAULT_REPORT_EVERY = 2.0
 WATCH_TICK = 0.25  # seconds between two looks for silent workers and instances due to be replaced
-BEAT_EVERY = 1.0  # seconds between two of this cluster's heartbeats to the root
 # An instance a worker accepted and shows no progress on (no status, or CREATING with the same reason) for
 # STUCK_AFTER is moved, and the worker marked suspect: it gets no new instances until it makes progress.
 STUCK_AFTER = 20.0
@@ -101,7 +96,7 @@ class ClusterOrchestrator:
         # Instances taken out of their workers' maps while the root is silent (their stop_after), and when
         # the root was last heard (its heartbeat).
         self.fenced: frozenset[str] = frozenset()
-        self._fencing = Fencing()
+        self._fencing = Fencing(CLUSTER_SILENT_AFTER)  # cut off from the root after the silence it waits for
         self._root_heard = time.monotonic()
         self._placing_lock = asyncio.Lock()
         self._desired_in = DeltaReceiver(channels.CLUSTER_DESIRED.sections)
@@ -190,8 +185,7 @@ class ClusterOrchestrator:
 
     def _silent_after(self, node: NodeView) -> float:
         """How long *node* may send nothing before it counts as gone: two of its report intervals and a second."""
-        every = node.info.report_every if node.info and node.info.report_every > 0 else DEFAULT_REPORT_EVERY
-        return MISSED_REPORTS * every + SILENCE_SLACK
+        return worker_silent_after(node.info.report_every if node.info else 0.0)
 
     def _hear(self, node: NodeView, message: Received[Any]) -> None:
         """*node* sent a live message (a retained one, delivered at subscription, says nothing of now)."""
@@ -325,6 +319,9 @@ class ClusterOrchestrator:
             for iid in sorted(fenced - self.fenced):
                 log.warning("fencing %s: cut off from the root for longer than its stop_after", iid)
             self._maps_due |= {self.assigned[iid] for iid in fenced ^ self.fenced if iid in self.assigned}
+            for iid in self.fenced - fenced:  # sent to its worker again: its deadline to make progress starts now
+                if iid in self._progress:
+                    self._progress[iid] = now
             self.fenced = fenced
             self.place_soon()
 
@@ -533,12 +530,12 @@ class ClusterOrchestrator:
             self.watch()
 
     async def _beat(self) -> None:
-        """Tell the root this cluster lives, every BEAT_EVERY (its state is sent only on change)."""
+        """Tell the root this cluster lives, every CLUSTER_BEAT_EVERY (its state is sent only on change)."""
         count = 0
         while True:
             count += 1
             self.session.send(channels.upstream(channels.CLUSTER_BEAT), {"n": count})
-            await asyncio.sleep(BEAT_EVERY)
+            await asyncio.sleep(CLUSTER_BEAT_EVERY)
 
     async def _report(self) -> None:
         """Whenever something changed (or every STATE_INTERVAL), after the throttle's delay: the peers, the

@@ -4,6 +4,10 @@ the operator allowed. A worker fences what it runs; a cluster cut off from the r
 out of its workers' maps. Once the link has been back for REJOIN_WAIT (long enough for the parent's
 current map to arrive), the ones still wanted start again.
 
+A tier counts itself cut off after the silence its parent waits before calling it gone (*cut_after*,
+services/common/liveness.py), and stops an instance ``stop_after`` seconds later: the same clock as the
+parent's ``lost_after``, so ``stop_after < lost_after`` stops the original before the replacement starts.
+
 Plain logic on the caller's clock: :class:`Fencing` says what should be fenced now; the tier applies it.
 """
 
@@ -18,10 +22,10 @@ FENCE_TICK = 0.25  # seconds between two looks at the link
 REJOIN_WAIT = 1.0  # seconds the link must be back before fenced instances start again
 
 
-def to_fence(desired: Mapping[str, InstanceSpec], quiet: float) -> frozenset[str]:
-    """The desired instances to stop after *quiet* seconds without a word from the parent."""
+def to_fence(desired: Mapping[str, InstanceSpec], cut_off: float) -> frozenset[str]:
+    """The desired instances to stop *cut_off* seconds after the tier counted itself cut off."""
     return frozenset(iid for iid, spec in desired.items()
-                     if (after := spec.service.on_disconnect.stop_after) is not None and quiet >= after)
+                     if (after := spec.service.on_disconnect.stop_after) is not None and cut_off >= after)
 
 
 class Fencing:
@@ -29,7 +33,8 @@ class Fencing:
     link has been back for REJOIN_WAIT. A look that comes late (this process was stalled, or frozen and
     thawed: what its parent sent meanwhile is not read yet) changes nothing."""
 
-    def __init__(self, stall: float = STALL) -> None:
+    def __init__(self, cut_after: float, stall: float = STALL) -> None:
+        self.cut_after = cut_after  # seconds of silence after which this tier counts itself cut off
         self.stall = stall
         self._back_since: float | None = None
         self._looked: float | None = None
@@ -41,7 +46,7 @@ class Fencing:
         self._looked = now
         if late:
             return fenced
-        fence = to_fence(desired, quiet)
+        fence = to_fence(desired, quiet - self.cut_after) if quiet >= self.cut_after else frozenset()
         still = (fenced - fence) & desired.keys()
         if not still:
             self._back_since = None

@@ -21,6 +21,19 @@ from dataclasses import dataclass, field
 
 STALL = 1.0  # a check this much later than the previous one decides nothing
 
+# How long a child may go unheard before it is gone. The parent calls it gone after this silence, and the
+# child, measuring the same silence from its side, counts itself cut off after it too: so a service with
+# stop_after < lost_after is stopped by the cut-off child before its parent replaces it.
+MISSED_REPORTS, SILENCE_SLACK = 2, 1.0  # a worker: two of its report intervals and a second
+DEFAULT_REPORT_EVERY = 2.0
+CLUSTER_BEAT_EVERY = 1.0  # a cluster's heartbeat to the root, and the root's to each cluster
+CLUSTER_SILENT_AFTER = 4.0
+
+
+def worker_silent_after(report_every: float) -> float:
+    """How long a worker that reports every *report_every* seconds (0: the default) may send nothing."""
+    return MISSED_REPORTS * (report_every if report_every > 0 else DEFAULT_REPORT_EVERY) + SILENCE_SLACK
+
 
 @dataclass
 class Liveness:

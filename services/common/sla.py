@@ -141,8 +141,9 @@ class DisconnectPolicy:
     The instance counts as lost ``lost_after`` seconds after its worker was found gone (its connection
     closed, or its reports stopped); then it is started elsewhere when ``replace``, or waits for its
     worker when not (a singleton that keeps its identity and volume). ``stop_after`` makes a worker cut
-    off from its cluster (a cluster cut off from the root) stop the instance by itself after so many
-    seconds: with ``stop_after <= lost_after`` a replacement never runs beside the original. When the
+    off from its cluster (a cluster cut off from the root) stop the instance by itself so many seconds
+    after it finds itself cut off (on the same clock as ``lost_after``): with ``stop_after < lost_after``
+    a replacement never runs beside the original. When the
     original comes back beside its replacement, ``reconcile`` says which one stays.
     """
 

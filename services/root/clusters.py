@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from services.common.liveness import CLUSTER_SILENT_AFTER
 from services.common.models import ClusterInfo, InstanceStatus, NodeSummary
 from services.common.nettable import NodeRoute
 from services.common.plugin_api import Candidate, Demand
@@ -14,7 +15,7 @@ from services.common.scheduling import Decision, Profile, place, reserve
 # comes every second) for SILENT_AFTER is gone.
 FAILOVER_GRACE = 2.0
 STARTUP_GRACE = 10.0
-SILENT_AFTER = 4.0
+SILENT_AFTER = CLUSTER_SILENT_AFTER
 STUCK_AFTER = 20.0  # an instance a cluster accepted and has not reported for this long goes to another one
 MIN_CLUSTER_SAMPLE = 10  # workers of one cluster that pass the filters before the root stops looking
 

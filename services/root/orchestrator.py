@@ -24,7 +24,7 @@ from typing import Any
 from services.common import channels, models
 from services.common.delta import Change, DeltaPublisher, DeltaReceiver
 from services.common.inbox import Inbox, Received
-from services.common.liveness import Liveness
+from services.common.liveness import CLUSTER_BEAT_EVERY, Liveness
 from services.common.models import ClusterInfo, InstanceSpec, InstanceStatus, NodeSummary
 from services.common.mqtt import MqttSession
 from services.common.retained import LastSent
@@ -40,7 +40,7 @@ from services.root.views import ServiceStates, cluster_rows, node_rows
 log = logging.getLogger(__name__)
 TICK = 0.5
 INFRASTRUCTURE_EVERY = 4  # ticks: the users' infrastructure view is refreshed at most every 2 s
-BEAT_EVERY = 2  # ticks: the root's heartbeat to every cluster, every second
+BEAT_EVERY = round(CLUSTER_BEAT_EVERY / TICK)  # ticks between two of the root's heartbeats to every cluster
 # The whole desired map (megabytes with 10,000 instances, decoded by the cluster) follows the deltas
 # once placements pause this long, and at least this often while they go on.
 DESIRED_QUIET, DESIRED_FULL_EVERY = 2.0, 30.0

@@ -160,7 +160,7 @@ async def run_worker(cfg: WorkerConfig) -> None:
             log.info("worker %s connected to its cluster at %s; runtimes: %s", cfg.name, cfg.cluster,
                      ", ".join(sorted(runtimes)))
             await serve(session, inbox, reporter.run(session, cfg.report_interval), prober.run(),
-                        fence(engine, session.quiet_for), *([renewal.run()] if renewal else []))
+                        fence(engine, session.quiet_for, cfg.report_interval), *([renewal.run()] if renewal else []))
     finally:
         prober.close()
         await engine.close()

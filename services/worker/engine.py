@@ -167,7 +167,7 @@ class Engine:
             return  # no map yet: nothing is known to stop or start
         for iid in sorted(fenced - self.fenced):
             log.warning("fencing %s: cut off from the cluster for longer than its stop_after", iid)
-        for iid in sorted(self.fenced - fenced):
+        for iid in sorted((self.fenced - fenced) & self.desired.keys()):
             log.info("%s is no longer fenced: starting it again", iid)
         self.fenced = fenced
         await self._reconcile()

@@ -1,7 +1,8 @@
 """Fences this worker's instances while it is cut off from its cluster (services/common/fencing.py).
 
 "Cut off" is measured on the link: seconds since the cluster's broker last sent this worker anything. Its
-state reports are acknowledged every couple of seconds, so the measure is that fine.
+state reports are acknowledged every couple of seconds, so the measure is that fine; the worker counts
+itself cut off after the silence its cluster waits before calling it gone.
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ import time
 from collections.abc import Callable
 
 from services.common.fencing import FENCE_TICK, Fencing
+from services.common.liveness import worker_silent_after
 from services.worker.engine import Engine
 
 
-async def fence(engine: Engine, quiet_for: Callable[[], float]) -> None:
-    """Keep the engine's fenced instances in step with how long the link has been quiet, until cancelled."""
-    fencing = Fencing()
+async def fence(engine: Engine, quiet_for: Callable[[], float], report_every: float) -> None:
+    """Keep the engine's fenced instances in step with how long the link has been quiet (the worker reports
+    every *report_every* seconds), until cancelled."""
+    fencing = Fencing(worker_silent_after(report_every))
     while True:
         await asyncio.sleep(FENCE_TICK)
         await engine.fence(fencing.wanted(engine.desired or {}, engine.fenced, quiet_for(), time.monotonic()))
