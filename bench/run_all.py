@@ -14,7 +14,7 @@ import sys
 import time
 
 BENCHMARKS = ("store", "three_tiers", "placement", "scale", "load", "tls", "containers", "overlay", "rollout",
-              "partition")
+              "partition", "chaos")
 
 
 def main() -> None:
