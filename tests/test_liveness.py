@@ -82,18 +82,18 @@ def test_fencing_stops_what_asks_for_it_and_starts_it_once_the_link_is_steady() 
     assert to_fence(desired, 1.9) == frozenset()
     assert to_fence(desired, 2.0) == {"edge"}, "only the service with stop_after"
     fencing = Fencing(cut_after=5.0)
-    assert fencing.wanted(desired, frozenset(), 6.9, 9.75) == frozenset(), "cut off for 1.9 s only"
-    fenced = fencing.wanted(desired, frozenset(), 7.0, 10.0)
+    assert fencing.wanted(lambda: desired, frozenset(), 6.9, 9.75) == frozenset(), "cut off for 1.9 s only"
+    fenced = fencing.wanted(lambda: desired, frozenset(), 7.0, 10.0)
     assert fenced == {"edge"}
-    fenced = fencing.wanted(desired, fenced, 0.1, 10.25)
+    fenced = fencing.wanted(lambda: desired, fenced, 0.1, 10.25)
     assert fenced == {"edge"}, "the link is back, but not for long enough to have the parent's map"
-    fenced = fencing.wanted(desired, fenced, 0.1, 10.25 + REJOIN_WAIT * 0.9)
+    fenced = fencing.wanted(lambda: desired, fenced, 0.1, 10.25 + REJOIN_WAIT * 0.9)
     assert fenced == {"edge"}
-    assert fencing.wanted(desired, fenced, 0.1, 10.25 + REJOIN_WAIT) == frozenset()
+    assert fencing.wanted(lambda: desired, fenced, 0.1, 10.25 + REJOIN_WAIT) == frozenset()
     late = Fencing(cut_after=5.0)
-    late.wanted(desired, frozenset(), 0.0, 20.0)
-    assert late.wanted(desired, frozenset(), 9.0, 40.0) == frozenset(), "a late look (a stall) changes nothing"
-    assert late.wanted({}, frozenset({"gone"}), 0.0, 40.25) == frozenset(), "no longer desired: not fenced"
+    late.wanted(lambda: desired, frozenset(), 0.0, 20.0)
+    assert late.wanted(lambda: desired, frozenset(), 9.0, 40.0) == frozenset(), "a late look (a stall) changes nothing"
+    assert late.wanted(lambda: {}, frozenset({"gone"}), 0.0, 40.25) == frozenset(), "no longer desired: not fenced"
 
 
 # ---- the SLA --------------------------------------------------------------------------------------
@@ -124,7 +124,8 @@ async def _cluster(tmp_path: Path, policies: dict[str, dict[str, Any] | None]) -
     orch.nodes["w1"] = NodeView("w1", online=True, info=NodeInfo("w1", 8, 8192, ["process"]))
     desired = {}
     for name, policy in policies.items():
-        service = parse_sla(sla(sleeper(name, **({"disconnect": policy} if policy else {}))))[0].services[0]
+        extra: dict[str, Any] = {"disconnect": policy} if policy else {}
+        service = parse_sla(sla(sleeper(name, **extra)))[0].services[0]
         desired[name] = InstanceSpec(name, "u", service.job_name, 0, service).doc
     await deliver(orch, orch.session, downstream(CLUSTER_DESIRED).topic(),
                   envelope.encode("desired", {"instances": desired}, "root"), True)

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from plugins.runtimes.cgroups import instances_cgroup2
+from plugins.runtimes.cgroups import group_name, instances_cgroup2
 from services.cli.client import OakClient
 from services.cli.views import service_text
 from services.common.nettable import NodeRoute
@@ -82,12 +82,13 @@ def lab(stack: Stack) -> Iterator[Lab]:
         lab.remove()
 
 
-def ask(netns: str, kind: str, ip: str, port: int, count: int, iid: str = "") -> list[str]:
-    """Answers to *count* TCP or UDP requests to ip:port made from namespace *netns* (and, given *iid*,
-    from that instance's cgroup, joined before ``ip netns exec`` hides the cgroup mounts)."""
+def ask(netns: str, kind: str, ip: str, port: int, count: int, instance: dict[str, Any] | None = None) -> list[str]:
+    """Answers to *count* TCP or UDP requests to ip:port made from namespace *netns* (and, given *instance*
+    (a row of the service state), from its cgroup, joined before ``ip netns exec`` hides the cgroup mounts)."""
     group = instances_cgroup2()
     argv = [sys.executable, "-c", ASK, kind, ip, str(port), str(count)]
-    done = sh(*in_netns(netns, argv, group / iid if iid and group else None), timeout=60)
+    joined = group / group_name(instance["iid"], instance["node"]) if instance and group else None
+    done = sh(*in_netns(netns, argv, joined), timeout=60)
     return done.stdout.split()
 
 
@@ -145,7 +146,7 @@ async def test_service_ips_across_workers_and_clusters(stack: Stack, api: Any, l
     socket_lb = not socklb.unavailable() and instances_cgroup2() is not None
 
     async def round_robin() -> bool:  # the net table reaches every worker within a moment
-        return Counter(ask(caller_ns, "tcp", rr, 80, 6, caller["iid"])) == Counter({n: 2 for n in names.values()})
+        return Counter(ask(caller_ns, "tcp", rr, 80, 6, caller)) == Counter({n: 2 for n in names.values()})
 
     await eventually(round_robin, 10, interval=0.3, what="round robin over all three replicas")
 
@@ -183,7 +184,7 @@ async def test_service_ips_across_workers_and_clusters(stack: Stack, api: Any, l
         assert any(f"dst={rr} " in line for line in conntrack(caller_ns, "tcp")), "the client's DNAT is tracked"
 
     stack.procs["c1"].kill9()  # the data plane does not need the control plane
-    assert Counter(ask(caller_ns, "tcp", rr, 80, 6, caller["iid"])) == Counter({n: 2 for n in names.values()}), (
+    assert Counter(ask(caller_ns, "tcp", rr, 80, 6, caller)) == Counter({n: 2 for n in names.values()}), (
         "cluster away")
     stack.procs["c1"].start()
     await eventually(lambda: _overlay_nodes(client, 3), 30, what="c1 and its workers back")
@@ -200,7 +201,7 @@ async def test_service_ips_across_workers_and_clusters(stack: Stack, api: Any, l
     await eventually(moved, 40, interval=0.5, what="the replica of w2 RUNNING elsewhere")
 
     async def answers() -> bool:
-        return len(ask(caller_ns, "tcp", rr, 80, 6, caller["iid"])) == 6
+        return len(ask(caller_ns, "tcp", rr, 80, 6, caller)) == 6
 
     await eventually(answers, 10, interval=0.3, what="the service IP answering after the move")
     assert "ve-" not in " ".join(links(lab.hosts["h2"])), "a stopped worker leaves no instance link"

@@ -65,7 +65,8 @@ class ClusterOrchestrator:
                  cert_expiry: Callable[[str], float] = lambda _node: 0.0, stuck_after: float = STUCK_AFTER) -> None:
         self.name = name
         self.stuck_after = stuck_after
-        self._progress: dict[str, float] = {}  # when each placed instance was placed or last changed (monotonic)
+        # Placed instances not yet RUNNING (or failed) on their worker: when placed or last seen changing (monotonic)
+        self._progress: dict[str, float] = {}
         self.cert_expiry = cert_expiry  # when a worker's certificate ends (0: it has none)
         self.location = location
         self.store = store
@@ -254,6 +255,8 @@ class ClusterOrchestrator:
     def _replace_due(self) -> float | None:
         """Move every instance whose worker is gone and whose policy's wait is over; return when the next
         one is due (None: none waits)."""
+        if not self.liveness.gone:
+            return None
         now, soonest = time.monotonic(), None
         due: dict[str, list[str]] = {}
         for iid, name in self.assigned.items():
@@ -313,15 +316,14 @@ class ClusterOrchestrator:
             self._gone(self._node(name), f"has sent nothing for {self.liveness.limits[name]:.1f} s")
         self._replace_due()
         self._move_stuck(now)
-        placed = {iid: self.desired[iid] for iid in self.assigned}
-        fenced = self._fencing.wanted(placed, self.fenced, self.session.horizon() - self._root_heard, now)
+        fenced = self._fencing.wanted(lambda: {iid: self.desired[iid] for iid in self.assigned}, self.fenced,
+                                      self.session.horizon() - self._root_heard, now)
         if fenced != self.fenced:
             for iid in sorted(fenced - self.fenced):
                 log.warning("fencing %s: cut off from the root for longer than its stop_after", iid)
             self._maps_due |= {self.assigned[iid] for iid in fenced ^ self.fenced if iid in self.assigned}
             for iid in self.fenced - fenced:  # sent to its worker again: its deadline to make progress starts now
-                if iid in self._progress:
-                    self._progress[iid] = now
+                self._progress[iid] = now
             self.fenced = fenced
             self.place_soon()
 
@@ -329,13 +331,12 @@ class ClusterOrchestrator:
         """Move the instances online workers accepted and show no progress on for ``stuck_after``; mark those
         workers suspect (a worker that claims room and runs nothing would otherwise attract every placement)."""
         stuck: dict[str, list[str]] = {}
-        for iid, name in self.assigned.items():
-            node = self.nodes.get(name)
-            if node is None or not node.online or iid in self.fenced:
+        for iid, since in self._progress.items():
+            name = self.assigned.get(iid)
+            node = self.nodes.get(name) if name else None
+            if name is None or node is None or not node.online or iid in self.fenced:
                 continue
-            seen = node.statuses.get(iid)
-            waiting = seen is None or seen.status == models.CREATING
-            if waiting and now - self._progress.get(iid, now) > self.stuck_after:
+            if now - since > self.stuck_after:
                 stuck.setdefault(name, []).append(iid)
         for name, iids in stuck.items():
             node = self.nodes[name]
@@ -351,12 +352,17 @@ class ClusterOrchestrator:
         now = time.monotonic()
         for iid, seen in state.instances.items():
             before = node.statuses.get(iid)
-            if before is None or (before.status, before.reason) != (seen.status, seen.reason):
-                if iid in self._progress:
-                    self._progress[iid] = now
-                if node.suspect and self.assigned.get(iid) == node.name:
-                    log.info("worker %s makes progress again: it may take new instances", node.name)
-                    node.suspect = ""
+            if before is not None and (before.status, before.reason) == (seen.status, seen.reason):
+                continue
+            if self.assigned.get(iid) != node.name:
+                continue
+            if seen.status == models.CREATING:
+                self._progress[iid] = now  # on its way (an image pull says how far)
+            else:
+                self._progress.pop(iid, None)
+            if node.suspect:
+                log.info("worker %s makes progress again: it may take new instances", node.name)
+                node.suspect = ""
         statuses = {i: o if (o := node.statuses.get(i)) == s else s for i, s in state.instances.items()}
         changed = {i: (s.status, s.ip, s.health) for i, s in statuses.items()} != {
             i: (s.status, s.ip, s.health) for i, s in node.statuses.items()}  # readiness too: the net table

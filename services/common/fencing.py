@@ -13,7 +13,7 @@ Plain logic on the caller's clock: :class:`Fencing` says what should be fenced n
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from services.common.liveness import STALL
 from services.common.models import InstanceSpec
@@ -39,13 +39,15 @@ class Fencing:
         self._back_since: float | None = None
         self._looked: float | None = None
 
-    def wanted(self, desired: Mapping[str, InstanceSpec], fenced: frozenset[str], quiet: float,
+    def wanted(self, placed: Callable[[], Mapping[str, InstanceSpec]], fenced: frozenset[str], quiet: float,
                now: float) -> frozenset[str]:
-        """The instances of *desired* to keep stopped, given those *fenced* now and *quiet* seconds of silence."""
+        """The instances to keep stopped among those *placed* here (asked for only when some may be), given
+        those *fenced* now and *quiet* seconds of silence."""
         late = self._looked is not None and now - self._looked > self.stall
         self._looked = now
-        if late:
+        if late or (quiet < self.cut_after and not fenced):
             return fenced
+        desired = placed()
         fence = to_fence(desired, quiet - self.cut_after) if quiet >= self.cut_after else frozenset()
         still = (fenced - fence) & desired.keys()
         if not still:

@@ -22,4 +22,4 @@ async def fence(engine: Engine, quiet_for: Callable[[], float], report_every: fl
     fencing = Fencing(worker_silent_after(report_every))
     while True:
         await asyncio.sleep(FENCE_TICK)
-        await engine.fence(fencing.wanted(engine.desired or {}, engine.fenced, quiet_for(), time.monotonic()))
+        await engine.fence(fencing.wanted(lambda: engine.desired or {}, engine.fenced, quiet_for(), time.monotonic()))
