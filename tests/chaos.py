@@ -30,6 +30,7 @@ SERVICES = {"plain": {}, "original": {"reconcile": "keep_original"}, "stay": {"r
 REPLICAS = 3
 SCALED = "plain"  # the service scaled between faults (what was acknowledged must hold at the end)
 CONVERGE_TIMEOUT = 90.0
+ASK_TIMEOUT = 2.0  # a request lost while the root was down is asked again after this, not after the CLI's 15 s
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,9 @@ class Chaos:
         """Every service has its replicas RUNNING in the root's state, each process running exactly once."""
         for name, replicas in self.replicas.items():
             try:
-                rows = (await self.client.request("services", "inspect", {"service": job(name)}))["instances"]
+                answer = await asyncio.wait_for(self.client.request("services", "inspect", {"service": job(name)}),
+                                                ASK_TIMEOUT)
+                rows = answer["instances"]
             except (CliError, OSError, TimeoutError):
                 return False
             self.iids |= {row["iid"] for row in rows}
@@ -125,13 +128,15 @@ class Chaos:
         return took
 
     async def scale_again(self) -> None:
-        """Scale one service between 3 and 4 replicas, retrying until the root acknowledges it: the last
+        """Scale one service between 3 and 4 replicas, asking the same again until the root acknowledges it
+        (one that went unanswered may have been done: asking the same twice is harmless): the last
         acknowledged count must be what runs in the end."""
         wanted = REPLICAS + 1 if self.replicas[SCALED] == REPLICAS else REPLICAS
         deadline = time.monotonic() + CONVERGE_TIMEOUT
         while True:
             with contextlib.suppress(CliError, OSError, TimeoutError):
-                await self.client.request("services", "scale", {"service": job(SCALED), "replicas": wanted})
+                await asyncio.wait_for(self.client.request(
+                    "services", "scale", {"service": job(SCALED), "replicas": wanted}), ASK_TIMEOUT)
                 self.replicas[SCALED] = wanted
                 return
             if time.monotonic() > deadline:

@@ -48,6 +48,58 @@ def test_silence_is_counted_only_up_to_the_oldest_message_not_yet_read() -> None
     assert live.check(110.2, horizon=110.2) == ["w1"]
 
 
+def test_with_many_children_silence_is_counted_against_the_freshest() -> None:
+    """A parent whose input stalls where it cannot see (a broker's queues) hears all its children fall
+    silent at once: that is its own lag, and nobody is called silent; one child that stops while the others
+    report still is."""
+    live = Liveness()
+    for k in range(20):
+        live.hear(f"w{k}", 100.0 + k * 0.05, 5.0)  # the last reports, 100.0-100.95
+    assert live.upto(108.0) == 100.0 + 19 * 0.05 + 1.0, "a second after the freshest message"
+    assert [live.check(t) for t in (107.5, 108.0)] == [[], []], "everybody late together: nobody silent"
+    for k in range(1, 20):
+        live.hear(f"w{k}", 108.1, 5.0)  # the input flows again; w0 alone stays quiet
+    assert live.check(108.25) == ["w0"]
+    few = Liveness()
+    few.hear("a", 100.0, 5.0)
+    few.hear("b", 100.0, 5.0)
+    assert few.upto(110.0) == 110.0, "with a few children each one is judged alone"
+
+
+def test_silence_is_counted_only_up_to_as_long_ago_as_messages_take_to_arrive() -> None:
+    """Reports that arrive 20 s after they were sent (an overloaded broker): nobody is silent until it
+    has been quiet for that long on top; the children's clocks may be off (only the lag beyond each one's
+    fastest counts)."""
+    live = Liveness()
+    live.hear("w1", 100.0, 5.0, lag=3600.0)  # its clock is an hour behind, its messages were quick
+    live.hear("w2", 100.0, 5.0, lag=0.01)
+    live.hear("w1", 105.0, 5.0, lag=3620.0)  # then 20 s late, like the others
+    live.hear("w2", 105.0, 5.0, lag=20.01)
+    assert live.delay(105.5) == 20.0
+    assert live.check(110.5) == [], "5.5 s since the last, but messages take 20 s: nobody is silent"
+    assert envelope.sent_at(envelope.encode("node.state", {"x": 1}, "node/w1")) is not None
+    assert envelope.sent_at(b'{"n": 3, "ts": 1796587787.533}') == 1796587787.533
+    assert envelope.sent_at(b"{}") is None
+
+
+def test_many_children_silent_at_once_are_held_back() -> None:
+    """More than a quarter of the children (and more than ten) silent within one silence: the parent's own
+    pause, not theirs; nobody is called gone until they are heard or the mass is over."""
+    live = Liveness()
+    for k in range(40):
+        live.hear(f"w{k}", 99.0 if k < 15 else 104.0, 5.0)
+    assert live.check(105.5) == [], "15 of 40 at once: held"
+    assert live.held == 15
+    for k in range(15, 40):
+        live.hear(f"w{k}", 105.6, 5.0)
+    assert live.check(105.75) == [], "still held: looked at again each check"
+    assert live.held == 15
+    alone = Liveness()
+    for k in range(40):
+        alone.hear(f"w{k}", 99.0 if k == 0 else 104.0, 5.0)
+    assert alone.check(105.5) == ["w0"], "one of forty"
+
+
 def test_a_late_check_decides_nothing() -> None:
     """After a stall (this process was frozen or starved) nothing that arrived meanwhile has been read."""
     live = Liveness()

@@ -52,6 +52,7 @@ WATCH_TICK = 0.25  # seconds between two looks for silent workers and instances 
 # An instance a worker accepted and shows no progress on (no status, or CREATING with the same reason) for
 # STUCK_AFTER is moved, and the worker marked suspect: it gets no new instances until it makes progress.
 STUCK_AFTER = 20.0
+PLAN_IN_THREAD_FROM = 100  # pending instances from which a placement pass runs in a thread
 # The state report is throttled by its own cost (ReportThrottle): the next one waits REPORT_COST_FACTOR
 # times what the last one took, and while messages wait for the cluster, at least REPORT_MIN_INTERVAL.
 REPORT_MIN_INTERVAL = 0.2
@@ -67,6 +68,7 @@ class ClusterOrchestrator:
         self.stuck_after = stuck_after
         # Placed instances not yet RUNNING (or failed) on their worker: when placed or last seen changing (monotonic)
         self._progress: dict[str, float] = {}
+        self._stuck_checked = float("-inf")
         self.cert_expiry = cert_expiry  # when a worker's certificate ends (0: it has none)
         self.location = location
         self.store = store
@@ -192,7 +194,8 @@ class ClusterOrchestrator:
         """*node* sent a live message (a retained one, delivered at subscription, says nothing of now)."""
         if message.message.retain:
             return
-        if self.liveness.hear(node.name, message.message.received or time.monotonic(), self._silent_after(node)):
+        received = message.message.received or time.monotonic()
+        if self.liveness.hear(node.name, received, self._silent_after(node), message.message.lag):
             log.warning("worker %s is back, after %.1f s gone", node.name, time.time() - node.lost_since)
             node.online, node.lost_since = True, 0.0
             self._peers_dirty = True
@@ -312,10 +315,16 @@ class ClusterOrchestrator:
         """Find the workers gone silent, replace what is due, and fence what the root's silence calls for
         (every WATCH_TICK)."""
         now = time.monotonic()
+        held = self.liveness.held
         for name in self.liveness.check(now, self.session.horizon()):
             self._gone(self._node(name), f"has sent nothing for {self.liveness.limits[name]:.1f} s")
+        if self.liveness.held and not held:
+            log.warning("%d workers fell silent at once: taking it for this cluster falling behind, not for them; "
+                        "waiting until they are heard", self.liveness.held)
         self._replace_due()
-        self._move_stuck(now)
+        if now - self._stuck_checked >= 1.0:  # a second is fine enough for a 20 s deadline
+            self._stuck_checked = now
+            self._move_stuck(self.liveness.upto(now, self.session.horizon()))
         fenced = self._fencing.wanted(lambda: {iid: self.desired[iid] for iid in self.assigned}, self.fenced,
                                       self.session.horizon() - self._root_heard, now)
         if fenced != self.fenced:
@@ -328,8 +337,9 @@ class ClusterOrchestrator:
             self.place_soon()
 
     def _move_stuck(self, now: float) -> None:
-        """Move the instances online workers accepted and show no progress on for ``stuck_after``; mark those
-        workers suspect (a worker that claims room and runs nothing would otherwise attract every placement)."""
+        """Move the instances online workers accepted and show no progress on for ``stuck_after`` up to *now*
+        (what this cluster has heard up to); mark those workers suspect (a worker that claims room and runs
+        nothing would otherwise attract every placement)."""
         stuck: dict[str, list[str]] = {}
         for iid, since in self._progress.items():
             name = self.assigned.get(iid)
@@ -426,13 +436,23 @@ class ClusterOrchestrator:
             await self._place_pending()
 
     async def _place_pending(self) -> None:
-        result = plan(self.desired, self.assigned, self.candidates(), self.profile)
+        """One placement pass. A big one (a burst of thousands) is worked out in a thread on copies, so this
+        cluster keeps reading its workers and sending its heartbeat meanwhile (a pass of 10,000 instances on
+        1,000 workers held the event loop for seconds, and the root took the cluster for gone); what changed
+        meanwhile is checked before the result is taken."""
+        inputs = (dict(self.desired), dict(self.assigned), self.candidates(), self.profile)
+        big = len(inputs[0]) - len(inputs[1]) >= PLAN_IN_THREAD_FROM
+        result = await asyncio.to_thread(plan, *inputs) if big else plan(*inputs)
         for iid, reason in result.unplaced.items():
+            if iid not in self.desired or iid in self.assigned:
+                continue
             if self.unplaced.get(iid) != reason:
                 log.warning("cannot place %s: %s", iid, reason)
             self.unplaced[iid] = reason
         now = time.monotonic()
-        for iid, node in result.placed.items():
+        placed = {iid: node for iid, node in result.placed.items() if iid in self.desired and iid not in self.assigned
+                  and node in self.nodes and self.nodes[node].online}
+        for iid, node in placed.items():
             self.assigned[iid] = node
             self._progress[iid] = now
             self.unplaced.pop(iid, None)
@@ -448,10 +468,10 @@ class ClusterOrchestrator:
                 else:
                     self._maps_due.add(left_on)  # it runs elsewhere now: the worker it was on stops its copy
             log.info("placed %s on %s", iid, node)
-        if result.placed:
-            self.store.apply(ASSIGNED, {iid: {"node": node} for iid, node in result.placed.items()})
-        await self._publish_when_durable(set(result.placed.values()))
-        if result.placed or result.unplaced:
+        if placed:
+            self.store.apply(ASSIGNED, {iid: {"node": node} for iid, node in placed.items()})
+        await self._publish_when_durable(set(placed.values()))
+        if placed or result.unplaced:
             self._changed.set()
 
     async def _publish_when_durable(self, nodes: set[str]) -> None:
@@ -540,7 +560,7 @@ class ClusterOrchestrator:
         count = 0
         while True:
             count += 1
-            self.session.send(channels.upstream(channels.CLUSTER_BEAT), {"n": count})
+            self.session.send(channels.upstream(channels.CLUSTER_BEAT), {"n": count, "ts": round(time.time(), 3)})
             await asyncio.sleep(CLUSTER_BEAT_EVERY)
 
     async def _report(self) -> None:

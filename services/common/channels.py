@@ -158,8 +158,8 @@ CLUSTER_AVAIL: Channel[bool] = Channel(
     "2 s is gone, and its instances are replaced as their `disconnect` policies say", _avail, CLUSTER,
     retained=True)
 CLUSTER_BEAT: Channel[dict[str, Any]] = Channel(
-    f"{BASE}/clusters/{{cluster}}/up/beat", "`{\"n\": count}` every second: the cluster's heartbeat (one "
-    "not heard from for 4 s is gone, docs/partitions.md)", _object, CLUSTER, qos=0)
+    f"{BASE}/clusters/{{cluster}}/up/beat", "`{\"n\": count, \"ts\": sent}` every second: the cluster's "
+    "heartbeat (one not heard from for 4 s is gone, docs/partitions.md)", _object, CLUSTER, qos=0)
 CLUSTER_INFO: Channel[ClusterInfo] = Channel(
     f"{BASE}/clusters/{{cluster}}/up/info", "`cluster.info`: name, location, version, scheduler",
     _envelope("cluster.info", lambda data: models.load(ClusterInfo, data)), CLUSTER, kind="cluster.info",

@@ -10,6 +10,7 @@ refused with :class:`EnvelopeError` rather than misread.
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +45,17 @@ def encode_json(kind: str, data: str, src: str) -> bytes:
     """:func:`encode` for *data* already in JSON text (the caller keeps parts of it): the same bytes."""
     head = json.dumps({"v": VERSION, "kind": kind, "ts": round(time.time(), 3), "src": src}, separators=(",", ":"))
     return f'{head[:-1]},"data":{data}}}'.encode()
+
+
+_SENT = re.compile(rb'"ts":\s*([0-9]+(?:\.[0-9]+)?)')
+HEAD = 96  # the encoders write ``ts`` within the first bytes: v, kind, ts
+
+
+def sent_at(payload: bytes) -> float | None:
+    """When the sender says it sent the envelope *payload* (its ``ts``, on the sender's clock), read from the
+    head without decoding the rest: a reader may want it for every message, the rest only once."""
+    match = _SENT.search(payload, 0, HEAD)
+    return float(match.group(1)) if match else None
 
 
 def json_object(payload: bytes | str) -> dict[str, Any]:

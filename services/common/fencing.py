@@ -37,14 +37,14 @@ class Fencing:
         self.cut_after = cut_after  # seconds of silence after which this tier counts itself cut off
         self.stall = stall
         self._back_since: float | None = None
-        self._looked: float | None = None
+        self._expected: float | None = None  # when the next look should come (the last one's time, or later)
 
     def wanted(self, placed: Callable[[], Mapping[str, InstanceSpec]], fenced: frozenset[str], quiet: float,
                now: float) -> frozenset[str]:
         """The instances to keep stopped among those *placed* here (asked for only when some may be), given
         those *fenced* now and *quiet* seconds of silence."""
-        late = self._looked is not None and now - self._looked > self.stall
-        self._looked = now
+        late = self._expected is not None and now - self._expected > self.stall
+        self._expected = now
         if late or (quiet < self.cut_after and not fenced):
             return fenced
         desired = placed()
@@ -59,3 +59,8 @@ class Fencing:
             return fence | still
         self._back_since = None
         return fence
+
+    def pace(self, seconds: float) -> None:
+        """The next look comes *seconds* after this one on purpose (not a stall)."""
+        if self._expected is not None:
+            self._expected += seconds

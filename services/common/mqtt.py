@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 import gmqtt
 from gmqtt.mqtt.constants import MQTTv311
 
+from services.common import envelope
 from services.common.channels import Channel
 from services.common.envelope import OFFLINE, ONLINE
 
@@ -103,6 +104,13 @@ class Message:
     retain: bool
     qos: int
     received: float = 0.0  # when it arrived (monotonic seconds)
+
+    @property
+    def lag(self) -> float | None:
+        """Seconds from when its sender says it sent it (an envelope's or a heartbeat's ``ts``, on the
+        sender's clock) to its arrival here; None when it does not say."""
+        sent = envelope.sent_at(self.payload)
+        return None if sent is None or not self.received else time.time() - (time.monotonic() - self.received) - sent
 
 
 class MqttSession:

@@ -138,7 +138,8 @@ class RootOrchestrator:
         """*view*'s cluster sent a live message: it is online (and back, if it was gone)."""
         if message.message.retain:
             return
-        if self.liveness.hear(view.name, message.message.received or time.monotonic(), SILENT_AFTER):
+        if self.liveness.hear(view.name, message.message.received or time.monotonic(), SILENT_AFTER,
+                              message.message.lag):
             log.warning("cluster %s is back, after %.1f s gone", view.name, time.time() - view.lost_since)
             view.lost_since = 0.0
             self._dirty |= {i.sid for i in self.catalog.instances.values() if i.cluster == view.name}

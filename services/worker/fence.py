@@ -21,5 +21,10 @@ async def fence(engine: Engine, quiet_for: Callable[[], float], report_every: fl
     every *report_every* seconds), until cancelled."""
     fencing = Fencing(worker_silent_after(report_every))
     while True:
-        await asyncio.sleep(FENCE_TICK)
-        await engine.fence(fencing.wanted(lambda: engine.desired or {}, engine.fenced, quiet_for(), time.monotonic()))
+        quiet = quiet_for()
+        await engine.fence(fencing.wanted(lambda: engine.desired or {}, engine.fenced, quiet, time.monotonic()))
+        # While the link is fine nothing can be due before it has been quiet for cut_after: a thousand
+        # simulated workers in one process look a few times a minute, not four times a second.
+        pause = FENCE_TICK if engine.fenced else max(FENCE_TICK, fencing.cut_after - quiet - FENCE_TICK)
+        fencing.pace(pause - FENCE_TICK)
+        await asyncio.sleep(pause)
