@@ -28,7 +28,7 @@ from services.common import channels, models, scheduling
 from services.common.delta import Change, DeltaPublisher, DeltaReceiver
 from services.common.fencing import Fencing
 from services.common.inbox import Inbox, Received
-from services.common.liveness import CLUSTER_BEAT_EVERY, CLUSTER_SILENT_AFTER, Liveness, worker_silent_after
+from services.common.liveness import CLUSTER_BEAT_EVERY, CLUSTER_SILENT_AFTER, Liveness, epoch, worker_silent_after
 from services.common.models import InstanceSpec, InstanceStatus, NodeInfo, NodeState, NodeSummary
 from services.common.mqtt import MqttSession
 from services.common.plugin_api import Candidate
@@ -247,33 +247,27 @@ class ClusterOrchestrator:
         """*node* is gone (its connection closed, or it fell silent): its instances are LOST from now on,
         and replaced as their services' ``disconnect`` policies say (:meth:`_replace_due`)."""
         node.online = False
-        heard = self.liveness.heard.get(node.name, time.monotonic())
-        node.lost_since = round(time.time() - (time.monotonic() - heard), 3)
+        node.lost_since = round(epoch(self.liveness.heard.get(node.name, time.monotonic())), 3)
         held = sum(1 for n in self.assigned.values() if n == node.name)
         log.warning("worker %s %s; %d instance(s) on it are lost", node.name, why, held)
         self._peers_dirty = True
         self._replace_due()
         self._changed.set()
 
-    def _replace_due(self) -> float | None:
-        """Move every instance whose worker is gone and whose policy's wait is over; return when the next
-        one is due (None: none waits)."""
+    def _replace_due(self) -> None:
+        """Move every instance whose worker is gone and whose policy's wait is over (looked at every
+        WATCH_TICK)."""
         if not self.liveness.gone:
-            return None
-        now, soonest = time.monotonic(), None
+            return
+        now = time.monotonic()
         due: dict[str, list[str]] = {}
         for iid, name in self.assigned.items():
             gone_at = self.liveness.since(name)
-            if gone_at is None:
-                continue
-            at = self.desired[iid].service.on_disconnect.replace_at(gone_at)
+            at = None if gone_at is None else self.desired[iid].service.on_disconnect.replace_at(gone_at)
             if at is not None and at <= now:
                 due.setdefault(name, []).append(iid)
-            elif at is not None:
-                soonest = at if soonest is None else min(soonest, at)
         for name, lost in due.items():
             self._move_off(self._node(name), lost)
-        return soonest
 
     def _move_off(self, node: NodeView, lost: list[str]) -> None:
         """Take the instances *lost* off *node* and place them elsewhere."""

@@ -27,6 +27,7 @@ Plain logic on the caller's clock (monotonic seconds), tested by calling it (tes
 from __future__ import annotations
 
 import heapq
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -43,6 +44,12 @@ MISSED_REPORTS, SILENCE_SLACK = 2, 1.0  # a worker: two of its report intervals 
 DEFAULT_REPORT_EVERY = 2.0
 CLUSTER_BEAT_EVERY = 1.0  # a cluster's heartbeat to the root, and the root's to each cluster
 CLUSTER_SILENT_AFTER = 4.0
+
+
+def epoch(moment: float) -> float:
+    """The wall-clock time (epoch seconds) of the monotonic *moment*: what a message's arrival or a child's
+    last word is shown and compared as."""
+    return time.time() - (time.monotonic() - moment)
 
 
 def worker_silent_after(report_every: float) -> float:

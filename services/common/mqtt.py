@@ -31,6 +31,7 @@ from gmqtt.mqtt.constants import MQTTv311
 from services.common import envelope
 from services.common.channels import Channel
 from services.common.envelope import OFFLINE, ONLINE
+from services.common.liveness import epoch
 
 log = logging.getLogger(__name__)
 logging.getLogger("gmqtt").setLevel(logging.WARNING)
@@ -110,7 +111,7 @@ class Message:
         """Seconds from when its sender says it sent it (an envelope's or a heartbeat's ``ts``, on the
         sender's clock) to its arrival here; None when it does not say."""
         sent = envelope.sent_at(self.payload)
-        return None if sent is None or not self.received else time.time() - (time.monotonic() - self.received) - sent
+        return None if sent is None or not self.received else epoch(self.received) - sent
 
 
 class MqttSession:

@@ -24,7 +24,7 @@ from typing import Any
 from services.common import channels, models
 from services.common.delta import Change, DeltaPublisher, DeltaReceiver
 from services.common.inbox import Inbox, Received
-from services.common.liveness import CLUSTER_BEAT_EVERY, Liveness
+from services.common.liveness import CLUSTER_BEAT_EVERY, Liveness, epoch
 from services.common.models import ClusterInfo, InstanceSpec, InstanceStatus, NodeSummary
 from services.common.mqtt import MqttSession
 from services.common.retained import LastSent
@@ -155,7 +155,7 @@ class RootOrchestrator:
         for name in self.liveness.check(time.monotonic(), self.session.horizon()):
             view = self._view(name)
             view.set_online(False)
-            view.lost_since = round(time.time() - (time.monotonic() - self.liveness.heard[name]), 3)
+            view.lost_since = round(epoch(self.liveness.heard[name]), 3)
             held = [i for i in self.catalog.instances.values() if i.cluster == name]
             log.warning("cluster %s has sent nothing for %.0f s: it is gone, %d instance(s) on it are lost",
                         name, SILENT_AFTER, len(held))
