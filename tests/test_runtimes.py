@@ -13,9 +13,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from plugins.runtimes import containerd
+from plugins.runtimes import containerd, oci
 from plugins.runtimes.cgroups import Cgroup, instances_cgroup2
 from plugins.runtimes.container import ContainerRuntime, split_ref
+from plugins.runtimes.oci import OciRuntime
 from plugins.runtimes.process import ProcessRuntime
 from plugins.runtimes.supervised import SupervisedRuntime, describe
 from services.common.plugin_api import Exit, Handle, LaunchSpec
@@ -42,13 +43,22 @@ def ctr_lists(rt: ContainerRuntime, what: str) -> list[str]:
     return rt.containerd.run(what, "ls", "-q").split()
 
 
-@pytest.fixture(params=["process", "container-runc", "container-containerd"])
+@pytest.fixture(params=["process", "container-runc", "container-containerd", "oci-crun", "oci-runsc"])
 def runtime(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[SupervisedRuntime, str]]:
-    """Each runtime (containers with each engine) with the code its instances run (the busybox image
-    for containers); a private containerd is stopped at the end, leaving no process or mount."""
+    """Each runtime (containers with each engine, and on crun and gVisor's runsc by name) with the code its
+    instances run (the busybox image for containers); a private containerd is stopped at the end, leaving
+    no process or mount."""
     root_or_skip()
     if request.param == "process":
         yield ProcessRuntime(str(tmp_path / "w")), ""
+        return
+    if request.param.startswith("oci-"):
+        name = request.param.removeprefix("oci-")
+        path = shutil.which(name)
+        if path is None:
+            pytest.skip(f"{name} is not installed (make test installs it when run as root)")
+        yield ContainerRuntime(str(tmp_path / "w"), "runc", oci={name: OciRuntime(name, path)}), \
+            str(request.getfixturevalue("busybox_image"))
         return
     engine = request.param.removeprefix("container-")
     if engine == "containerd":
@@ -74,7 +84,8 @@ def launch(tmp_path: Path, kind: str, code: str, cmd: list[str], memory: int = 0
 
 
 def kind_of(rt: SupervisedRuntime) -> str:
-    return rt.virtualizations[0]
+    """The virtualization the runtime under test serves (an OCI runtime's name, offered last)."""
+    return rt.virtualizations[-1]
 
 
 async def test_exit_codes_and_logs(runtime: tuple[SupervisedRuntime, str], tmp_path: Path) -> None:
@@ -190,15 +201,16 @@ async def test_stop_adopt_and_leave_nothing(runtime: tuple[SupervisedRuntime, st
     handle = await rt.start(spec)
     await asyncio.sleep(0.3)
     # the worker after a restart (a container runtime finds its private containerd again)
-    again = ContainerRuntime(str(rt.data_dir), rt.engine) if isinstance(rt, ContainerRuntime) else type(rt)(
-        str(rt.data_dir))
+    again = ContainerRuntime(str(rt.data_dir), rt.engine, oci=rt.oci) if isinstance(rt, ContainerRuntime) \
+        else type(rt)(str(rt.data_dir))
     assert await again.adopt(handle)
     await again.stop(handle, 0.5)
     assert not await again.adopt(handle)
     assert not Cgroup(spec.iid).exists()
     if isinstance(again, ContainerRuntime) and again.engine == "runc":
-        listed = subprocess.run(["runc", "--root", str(rt.state), "list", "-q"], capture_output=True, text=True)
-        assert listed.stdout.strip() == ""
+        listed = subprocess.run(again.oci_argv(kind_of(rt), "list"), capture_output=True, text=True)
+        assert listed.returncode == 0, listed.stderr
+        assert f"oak-{spec.iid}" not in listed.stdout, listed.stdout
         assert not (rt.bundles / spec.iid).exists()
     if isinstance(again, ContainerRuntime) and again.engine == "containerd":
         assert again.containerd.address == rt.containerd.address, "the same containerd, found again"
@@ -268,3 +280,66 @@ def test_describe() -> None:
     assert describe(0) == "exited with code 0"
     assert describe(-9) == "killed by signal SIGKILL"
     assert describe(143) == "exited with code 143 (SIGTERM)"
+
+
+@pytest.mark.parametrize("name", ["runsc", "crun"])
+async def test_the_named_oci_runtime_runs_it(name: str, tmp_path: Path, busybox_image: Path) -> None:
+    """``"virtualization": "runsc"`` runs under gVisor (its own kernel answers ``dmesg``), ``crun`` under crun
+    (its state lists the container), from one container runtime that offers both beside ``container``."""
+    root_or_skip()
+    found = {n: OciRuntime(n, p) for n in ("runsc", "crun") if (p := shutil.which(n))}
+    if name not in found:
+        pytest.skip(f"{name} is not installed (make test installs it when run as root)")
+    rt = ContainerRuntime(str(tmp_path / "w"), "runc", oci=found)
+    assert set(rt.virtualizations) == {"container", *found}
+    spec = launch(tmp_path, name, str(busybox_image), ["sh", "-c", "dmesg | head -3; echo up; sleep 300"])
+    handle = await rt.start(spec)
+    try:
+        assert handle.data["oci"] == name
+        listed = await asyncio.to_thread(subprocess.run, rt.oci_argv(name, "list"), capture_output=True, text=True)
+        assert f"oak-{spec.iid}" in listed.stdout, "the container is the named runtime's"
+        for _ in range(100):
+            if "up" in Path(spec.log_path).read_text().split():
+                break
+            await asyncio.sleep(0.1)
+        said = Path(spec.log_path).read_text()
+        assert ("gVisor" in said) == (name == "runsc"), said
+    finally:
+        await rt.stop(handle, 0.5)
+
+
+def test_oci_runtimes_are_discovered_and_given(tmp_path: Path) -> None:
+    """On PATH, in containerd's config (a BinaryName, gVisor's shim type; Kata's shim is no OCI command), and
+    ``--oci-runtime NAME=PATH [FLAGS]``, which wins; bad options say what is wrong."""
+    config = tmp_path / "config.toml"
+    config.write_text('''
+version = 2
+[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.fast]
+  runtime_type = "io.containerd.runc.v2"
+  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.fast.options]
+    BinaryName = "/bin/sh"
+[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.gvisor]
+  runtime_type = "io.containerd.runsc.v1"
+[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.kata]
+  runtime_type = "io.containerd.kata.v2"
+[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.nowhere.options]
+  BinaryName = "/no/such/runtime"
+''')
+    found = oci.discover(["kvm=/bin/sh --platform=kvm"], config)
+    assert found["fast"] == OciRuntime("fast", "/bin/sh")
+    assert found["kvm"] == OciRuntime("kvm", "/bin/sh", ("--platform=kvm",))
+    assert "kata" not in found
+    assert "nowhere" not in found
+    assert ("gvisor" in found) == (shutil.which("runsc") is not None)
+    for name in ("runc", "crun", "runsc"):
+        assert (name in found) == (shutil.which(name) is not None)
+    for bad, says in [("runsc", "write NAME=PATH"), ("container=/bin/sh", "cannot name"),
+                      ("Big=/bin/sh", "cannot name"), ("x=/no/such/binary", "not an executable")]:
+        with pytest.raises(ValueError, match=says):
+            oci.discover([bad], config)
+    (tmp_path / "broken.toml").write_text("version = [")
+    assert oci.from_containerd(tmp_path / "broken.toml") == []
+    assert oci.from_containerd(tmp_path / "missing.toml") == []
+    gvisor = OciRuntime("runsc", "/usr/bin/runsc")
+    assert gvisor.argv(tmp_path, shares_host_network=True)[-2:] == ["--ignore-cgroups", "--network=host"]
+    assert "--network=host" not in gvisor.argv(tmp_path)

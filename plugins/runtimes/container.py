@@ -22,6 +22,10 @@ tell an out-of-memory kill. Stopping is ``runc kill TERM``, then ``KILL`` after 
 ``runc delete`` and removing the bundle leave nothing behind. With the overlay the container joins
 the instance's network namespace; without it, it shares the worker's.
 
+Other OCI runtimes (:mod:`plugins.runtimes.oci`): a service whose virtualization names one (``runsc``,
+``crun``) runs as with runc, by that runtime's ``run`` (whatever the engine), in a cgroup this runtime
+makes itself and removes after reading the exit (they lack runc's ``--keep``).
+
 With containerd: the layout is imported once per manifest digest, and ``ctr run -d`` starts the
 container with its output appended to the instance's log by containerd's shim (``--log-uri
 file://``), the same cgroup (``oakling/<iid>``, ``--cgroup``) with ``--memory-limit`` and
@@ -52,8 +56,9 @@ from typing import Any
 
 import psutil
 
-from plugins.runtimes import containerd
+from plugins.runtimes import containerd, oci
 from plugins.runtimes.cgroups import CPU_PERIOD_US, absolute_path, relative_path
+from plugins.runtimes.oci import OciRuntime
 from plugins.runtimes.supervised import SupervisedRuntime, describe, open_log
 from services.common.plugin_api import Exit, Handle, LaunchSpec, hookimpl
 from services.common.private import private_opener, write_mode
@@ -153,15 +158,16 @@ def split_ref(code: str) -> tuple[str, str, str]:
 
 
 class ContainerRuntime(SupervisedRuntime):
-    """Runs OCI containers with containerd or runc."""
+    """Runs OCI containers with containerd or runc, and with every other OCI runtime in *oci*, by name."""
 
     name = NAME
-    virtualizations = ("container",)
-    makes_cgroup = False  # runc (directly or under containerd) creates the container's cgroup
 
-    def __init__(self, data_dir: str, engine: str = "", owner: str = "") -> None:
+    def __init__(self, data_dir: str, engine: str = "", owner: str = "",
+                 oci: dict[str, OciRuntime] | None = None) -> None:
         super().__init__(data_dir, owner)
         self.engine = choose_engine(engine)
+        self.oci = dict(oci or {})
+        self.virtualizations = (NAME, *sorted(self.oci))
         self.state = self.data_dir / "runc"
         self.images = self.data_dir / "images"
         self.bundles = self.data_dir / "bundles"
@@ -174,13 +180,48 @@ class ContainerRuntime(SupervisedRuntime):
             return "the container runtime needs runc and umoci (apt-get install runc umoci)"
         return None
 
+    def tool(self, virtualization: str) -> tuple[OciRuntime, Path]:
+        """The OCI runtime running *virtualization*'s instances, and its state directory (``container`` and a
+        handle without one: runc)."""
+        chosen = self.oci.get(virtualization)
+        if chosen is None:
+            return OciRuntime("runc", shutil.which("runc") or "runc"), self.state
+        return chosen, self.data_dir / "oci" / chosen.name
+
+    def oci_argv(self, virtualization: str, *args: str, shares_host_network: bool = False) -> list[str]:
+        """``<runtime> --root <state> [flags] args...`` for *virtualization*'s OCI runtime."""
+        chosen, state = self.tool(virtualization)
+        return [*chosen.argv(state, shares_host_network), *args]
+
+    def makes_cgroup(self, virtualization: str) -> bool:
+        """runc makes the container's group (directly or under containerd); for the others the worker does
+        (see :data:`plugins.runtimes.oci.LEAVE_CGROUPS`)."""
+        return not self.tool(virtualization)[0].is_runc
+
+    def limits(self, spec: LaunchSpec) -> tuple[int, float]:
+        """The SLA's limits, with room for the sandbox of a runtime that keeps one in the group (gVisor)."""
+        room = self.tool(spec.virtualization)[0].sandbox_memory_mb if spec.memory_mb else 0
+        return spec.memory_mb + room, spec.vcpus
+
+    def remembered(self, spec: LaunchSpec) -> dict[str, Any]:
+        """The OCI runtime the instance runs on, when it is not the default."""
+        return {"oci": spec.virtualization} if spec.virtualization in self.oci else {}
+
+    @staticmethod
+    def _oci(handle: Handle) -> str:
+        return str(handle.data.get("oci", ""))
+
     def unavailable(self) -> str | None:
         """None when this runtime's engine is usable here, else why not."""
         return containerd.missing() if self.engine == "containerd" else self.available()
 
     def facts(self) -> dict[str, str]:
-        """The engine, as a node label (``container.engine=containerd``)."""
-        return {"container.engine": self.engine}
+        """The engine, as a node label (``container.engine=containerd``), each OCI runtime's binary
+        (``oci.runsc=/usr/bin/runsc``), and ``oci.runsc.network=kernel`` where gVisor cannot use its own
+        network stack (:func:`plugins.runtimes.oci.netstack_refused`)."""
+        facts = {"container.engine": self.engine, **{f"oci.{n}": r.path for n, r in sorted(self.oci.items())}}
+        facts |= {f"oci.{n}.network": "kernel" for n, r in self.oci.items() if r.kernel_network}
+        return facts
 
     def _cid(self, iid: str) -> str:
         return f"oak-{iid}"
@@ -232,11 +273,11 @@ class ContainerRuntime(SupervisedRuntime):
 
     def prepare(self, spec: LaunchSpec) -> None:
         """Unpack the image into a fresh bundle and write its runc config."""
-        reason = self.available()
+        reason = self.available() if spec.virtualization == NAME else self._unusable(spec.virtualization)
         if reason:
             raise RuntimeError(reason)
         cid = self._cid(spec.iid)
-        self._forget(cid)
+        self._forget(cid, spec.virtualization)
         bundle = self.bundles / spec.iid
         shutil.rmtree(bundle, ignore_errors=True)
         self.bundles.mkdir(parents=True, exist_ok=True)
@@ -268,12 +309,13 @@ class ContainerRuntime(SupervisedRuntime):
         linux["namespaces"] = [ns for ns in linux.get("namespaces", []) if ns.get("type") != "network"]
         if spec.netns:  # the instance's own namespace from the overlay; without it, the worker's
             linux["namespaces"].append({"type": "network", "path": spec.netns})
-        linux["cgroupsPath"] = relative_path(self.group(spec.iid))
-        resources = linux.setdefault("resources", {})
-        if spec.memory_mb:
-            resources["memory"] = {"limit": spec.memory_mb * 2**20, "swap": spec.memory_mb * 2**20}
-        if spec.vcpus:
-            resources["cpu"] = {"quota": max(1000, int(spec.vcpus * CPU_PERIOD_US)), "period": CPU_PERIOD_US}
+        if not self.makes_cgroup(spec.virtualization):  # else the worker's group holds the limits
+            linux["cgroupsPath"] = relative_path(self.group(spec.iid))
+            resources = linux.setdefault("resources", {})
+            if spec.memory_mb:
+                resources["memory"] = {"limit": spec.memory_mb * 2**20, "swap": spec.memory_mb * 2**20}
+            if spec.vcpus:
+                resources["cpu"] = {"quota": max(1000, int(spec.vcpus * CPU_PERIOD_US)), "period": CPU_PERIOD_US}
         if spec.privileged:
             caps = process.setdefault("capabilities", {})
             for kind in ("bounding", "effective", "permitted", "inheritable", "ambient"):
@@ -290,28 +332,37 @@ class ContainerRuntime(SupervisedRuntime):
 
     async def start(self, spec: LaunchSpec) -> Handle:
         """Start ``runc run`` and return once the container has really started (or already ended)."""
-        if self.engine == "containerd":
+        if self.engine == "containerd" and spec.virtualization == NAME:
             return await self._start_containerd(spec)
         handle = await super().start(spec)
         child = self._children.get(handle.pid)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + START_TIMEOUT
         while loop.time() < deadline and child is not None and child.returncode is None:
-            if await asyncio.to_thread(self._status, spec.iid) in ("running", "stopped"):
+            if await asyncio.to_thread(self._status, spec.iid, spec.virtualization) in ("running", "stopped"):
                 break
             await asyncio.sleep(0.005)
         return handle
 
-    def _status(self, iid: str) -> str:
+    def _unusable(self, virtualization: str) -> str | None:
+        """Why *virtualization*'s OCI runtime cannot run an image here, or None."""
+        if not shutil.which("umoci"):
+            return f"the {virtualization} runtime needs umoci to unpack images (apt-get install umoci)"
+        chosen, _ = self.tool(virtualization)
+        return None if shutil.which(chosen.path) else f"{chosen.path} ({virtualization}) is not installed any more"
+
+    def _status(self, iid: str, virtualization: str) -> str:
         try:
-            return str(json.loads(_run("runc", "--root", str(self.state), "state", self._cid(iid)))["status"])
+            return str(json.loads(_run(*self.oci_argv(virtualization, "state", self._cid(iid))))["status"])
         except (RuntimeError, ValueError, KeyError):
             return ""
 
     def command(self, spec: LaunchSpec) -> list[str]:
-        """``runc run --keep``: the container in the foreground, keeping its state for the exit report."""
-        return ["runc", "--root", str(self.state), "run", "--keep", "--bundle", str(self.bundles / spec.iid),
-                self._cid(spec.iid)]
+        """``runc run --keep``: the container in the foreground, keeping its state for the exit report (the
+        other OCI runtimes lack ``--keep``; the worker's cgroup keeps what they would lose)."""
+        keep = ["--keep"] if not self.makes_cgroup(spec.virtualization) else []
+        return self.oci_argv(spec.virtualization, "run", *keep, "--bundle", str(self.bundles / spec.iid),
+                             self._cid(spec.iid), shares_host_network=not spec.netns)
 
     def exec_command(self, handle: Handle, argv: tuple[str, ...]) -> list[str]:
         """``runc exec`` (``ctr task exec``) of *argv* in the container."""
@@ -319,7 +370,7 @@ class ContainerRuntime(SupervisedRuntime):
         if self._on_containerd(handle):
             self.containerd.ensure()
             return self.containerd.argv("task", "exec", "--exec-id", f"health-{uuid.uuid4().hex[:12]}", cid, *argv)
-        return ["runc", "--root", str(self.state), "exec", cid, *argv]
+        return self.oci_argv(self._oci(handle), "exec", cid, *argv)
 
     async def terminate(self, handle: Handle) -> None:
         """``runc kill TERM`` (``ctr task kill -s SIGTERM``)."""
@@ -335,11 +386,11 @@ class ContainerRuntime(SupervisedRuntime):
                 self.containerd.ensure()
                 self.containerd.ctr("task", "kill", "--signal", f"SIG{sig}", self._cid(handle.iid))
             else:
-                _run("runc", "--root", str(self.state), "kill", self._cid(handle.iid), sig)
+                _run(*self.oci_argv(self._oci(handle), "kill", self._cid(handle.iid), sig))
 
-    def _forget(self, cid: str) -> None:
+    def _forget(self, cid: str, virtualization: str) -> None:
         with contextlib.suppress(RuntimeError):
-            _run("runc", "--root", str(self.state), "delete", "--force", cid)
+            _run(*self.oci_argv(virtualization, "delete", "--force", cid))
 
     def cleanup(self, handle: Handle) -> None:
         """``runc delete`` (which removes the cgroup) and remove the bundle; with containerd, delete the
@@ -349,7 +400,7 @@ class ContainerRuntime(SupervisedRuntime):
                 self.containerd.ensure()
                 self.containerd.forget(self._cid(handle.iid))
             return
-        self._forget(self._cid(handle.iid))
+        self._forget(self._cid(handle.iid), self._oci(handle))
         shutil.rmtree(self.bundles / handle.iid, ignore_errors=True)
 
     async def adopt(self, handle: Handle) -> bool:
@@ -484,7 +535,7 @@ def oak_make_runtime(name: str, config: dict[str, Any]) -> ContainerRuntime | No
     if name != NAME:
         return None
     runtime = ContainerRuntime(data_dir=config["data_dir"], engine=str(config.get("engine", "")),
-                               owner=str(config.get("node", "")))
+                               owner=str(config.get("node", "")), oci=oci.discover(config.get("oci_runtimes", ())))
     reason = runtime.unavailable()
     if reason:
         raise ValueError(reason)

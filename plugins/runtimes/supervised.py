@@ -15,7 +15,7 @@ import logging
 import os
 import signal
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import psutil
 
@@ -74,8 +74,6 @@ class SupervisedRuntime:
 
     name = "supervised"
     virtualizations: tuple[str, ...] = ()
-    #: True when this runtime creates the instance's cgroup itself (runc creates its own).
-    makes_cgroup = True
 
     def __init__(self, data_dir: str, owner: str = "") -> None:
         self.data_dir = Path(data_dir)
@@ -98,6 +96,11 @@ class SupervisedRuntime:
     def limits(self, spec: LaunchSpec) -> tuple[int, float]:
         """The cgroup's memory limit (MB) and CPU quota (vCPUs): the SLA's, unless the runtime needs room."""
         return spec.memory_mb, spec.vcpus
+
+    def makes_cgroup(self, virtualization: str) -> bool:
+        """True when this runtime creates the cgroup of an instance of *virtualization* itself (and enters its
+        child into it); False where the child makes its own (runc)."""
+        return True
 
     def prepare(self, spec: LaunchSpec) -> None:
         """Get ready to start (e.g. unpack an image); raise RuntimeError with a readable reason."""
@@ -122,7 +125,7 @@ class SupervisedRuntime:
     async def start(self, spec: LaunchSpec) -> Handle:
         """Start the instance's child process."""
         await asyncio.to_thread(self.prepare, spec)
-        cgroup = Cgroup(self.group(spec.iid)) if self.makes_cgroup and self.sandboxed else None
+        cgroup = Cgroup(self.group(spec.iid)) if self.makes_cgroup(spec.virtualization) and self.sandboxed else None
         memory_mb, vcpus = self.limits(spec)
         if cgroup is not None:
             try:
@@ -163,7 +166,12 @@ class SupervisedRuntime:
         except psutil.Error:
             started = 0.0
         return Handle(spec.iid, self.name, child.pid, started,
-                      {"memory_mb": spec.memory_mb, "vcpus": vcpus, "cgroup": self.group(spec.iid)})
+                      {"memory_mb": spec.memory_mb, "vcpus": vcpus, "cgroup": self.group(spec.iid),
+                       "own_cgroup": cgroup is not None, **self.remembered(spec)})
+
+    def remembered(self, spec: LaunchSpec) -> dict[str, Any]:
+        """What else the handle of *spec*'s instance keeps (for a restarted worker)."""
+        return {}
 
     def group(self, iid: str) -> str:
         """The cgroup name of instance *iid* on this worker."""
@@ -290,7 +298,8 @@ class SupervisedRuntime:
         run ended before it was)."""
         running = self._same(handle) is not None
         vcpus = handle.data.get("vcpus")
-        if running and vcpus and handle.pid not in self._children and self.makes_cgroup and self.sandboxed:
+        owned = handle.data.get("own_cgroup", self.makes_cgroup(""))  # handles of older workers lack it
+        if running and vcpus and handle.pid not in self._children and owned and self.sandboxed:
             with contextlib.suppress(OSError, ValueError, TypeError):
                 self.cgroup(handle).limit_cpu(float(vcpus))
         return running

@@ -78,13 +78,15 @@ async def worker(args: argparse.Namespace, home: Path, cluster_url: BrokerUrl) -
     """``oak worker``."""
     runtimes = tuple(args.runtime or ("process",))
     runtimes += ("vm",) if args.unikernel and "vm" not in runtimes else ()
+    runtimes += ("container",) if args.oci_runtime and "container" not in runtimes else ()
     await run_worker(WorkerConfig(home, cluster_url, args.name, runtimes,
                                   args.collector, args.join_token, args.location, tuple(args.label),
                                   stop_grace=args.stop_grace, probe_host=args.probe.rpartition(":")[0] or "127.0.0.1",
                                   probe_port=int(args.probe.rpartition(":")[2] or 0), overlay=args.overlay,
                                   netmanager_port=args.netmanager, public_address=args.public_address,
                                   vxlan_port=args.vxlan_port, direct_routing=args.direct_routing,
-                                  host_netns=args.host_netns, ca_fingerprint=args.ca_fingerprint))
+                                  host_netns=args.host_netns, ca_fingerprint=args.ca_fingerprint,
+                                  oci_runtimes=tuple(args.oci_runtime)))
 
 
 async def sim(args: argparse.Namespace, home: Path, cluster_url: BrokerUrl) -> None:

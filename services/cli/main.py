@@ -119,6 +119,10 @@ def parser() -> argparse.ArgumentParser:
     worker.add_argument("--runtime", action="append", help="runtime plugin(s) to enable (default: process)")
     worker.add_argument("--unikernel", action="store_true",
                         help="also enable the vm runtime: unikernels and microVMs in QEMU (as NodeEngine -u)")
+    worker.add_argument("--oci-runtime", action="append", default=[], metavar="NAME=PATH",
+                        help="offer another OCI runtime as virtualization NAME, e.g. runsc-kvm='/usr/bin/runsc "
+                             "--platform=kvm' (repeatable; runc, crun and runsc on PATH are found without it; "
+                             "enables the container runtime)")
     worker.add_argument("--collector", default="psutil")
     worker.add_argument("--join-token", default=os.environ.get("OAK_JOIN_TOKEN"))
     worker.add_argument("--ca-fingerprint", default=os.environ.get("OAK_CA_FINGERPRINT"),

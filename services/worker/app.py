@@ -59,6 +59,7 @@ class WorkerConfig:
     vxlan_port: int = 50103  # NodePublicPort
     direct_routing: DirectRouting = "auto"  # DirectRouting: workers on the same link reached without VXLAN
     host_netns: str = ""  # the namespace playing this worker's host ("" = its own; tests use one per worker)
+    oci_runtimes: tuple[str, ...] = ()  # --oci-runtime NAME=PATH [FLAGS]: more OCI runtimes for the container runtime
 
 
 async def make_network(cfg: WorkerConfig, store: Store) -> tuple[Network | None, Overlay | None]:
@@ -100,7 +101,8 @@ async def run_worker(cfg: WorkerConfig) -> None:
     pm = plugins.make_manager()
     runtimes = {}
     for name in cfg.runtimes:
-        runtime = plugins.load_runtime(pm, name, {"data_dir": str(cfg.data_dir), "node": cfg.name})
+        runtime = plugins.load_runtime(pm, name, {"data_dir": str(cfg.data_dir), "node": cfg.name,
+                                                  "oci_runtimes": list(cfg.oci_runtimes)})
         for virtualization in runtime.virtualizations:
             runtimes[virtualization] = runtime
     collector = plugins.load_collector(pm, cfg.collector)
