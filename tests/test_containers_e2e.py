@@ -41,6 +41,18 @@ def ctr_ls(home: Path, what: str) -> list[str]:
     return done.stdout.split()
 
 
+async def plain_and(stack: Stack, api: Any, name: str, runtime: str) -> Any:
+    """A root, cluster c1, a worker "plain" with the process runtime and a worker *name* with *runtime* too,
+    both online; a client of the root."""
+    stack.root()
+    stack.cluster("c1")
+    stack.worker("plain", "c1", "--stop-grace", "1")
+    stack.worker(name, "c1", "--runtime", "process", "--runtime", runtime, "--stop-grace", "1")
+    client = await api()
+    await eventually(lambda: _online_nodes(client, 2), what="two workers")
+    return client
+
+
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("engine", ["runc", "containerd"])
 async def test_containers_run_log_die_and_leave_nothing(stack: Stack, api: Any, busybox_image: Path, engine: str,
@@ -52,12 +64,7 @@ async def test_containers_run_log_die_and_leave_nothing(stack: Stack, api: Any, 
     if engine == "containerd" and containerd.missing():
         pytest.skip(containerd.missing() or "")
     monkeypatch.setenv("OAK_CONTAINER_ENGINE", engine)
-    stack.root()
-    stack.cluster("c1")
-    stack.worker("plain", "c1", "--stop-grace", "1")
-    stack.worker("ctr", "c1", "--runtime", "process", "--runtime", "container", "--stop-grace", "1")
-    client = await api()
-    await eventually(lambda: _online_nodes(client, 2), what="two workers")
+    client = await plain_and(stack, api, "ctr", "container")
     doc = sla(
         container("web", busybox_image, ["sh", "-c", TICKER]),
         container("hog", busybox_image, ["dd", "if=/dev/zero", "of=/dev/null", "bs=200M", "count=1"], memory=40),

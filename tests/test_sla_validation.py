@@ -66,6 +66,15 @@ def test_health_check() -> None:
     with pytest.raises(SlaError, match="cannot run a command") as err:
         parse_sla(doc)
     assert err.value.field == f"{M1}.health.type"
+    doc["applications"][0]["microservices"][1].update(virtualization="wasm", code="/m.wasm")
+    with pytest.raises(SlaError, match="a wasm cannot run a command") as err:
+        parse_sla(doc)
+    doc["applications"][0]["microservices"][1].update(health=None, secrets=[{"name": "key", "file": "/run/key"}])
+    with pytest.raises(SlaError, match="opens directories, not single files") as err:
+        parse_sla(doc)
+    assert err.value.field == f"{M1}.secrets[0].file"
+    doc["applications"][0]["microservices"][1].update(secrets=[{"name": "key", "env": "KEY"}])
+    assert parse_sla(doc)[0].services[1].virtualization == "wasm"
 
 
 def test_volumes_in_both_forms() -> None:

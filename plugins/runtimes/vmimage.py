@@ -9,20 +9,18 @@ optionally, ``initrd``. Unpacked archives are cached by content, so instances sh
 
 from __future__ import annotations
 
-import hashlib
 import os
 import platform
 import shutil
 import tarfile
 import tempfile
-import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from plugins.runtimes.download import digest, fetch
+
 #: Go-style architecture names (as the SLA and the node info use them) of ``platform.machine()``.
 ARCH = {"x86_64": "amd64", "aarch64": "arm64"}
-FETCH_TIMEOUT = 120
 MEMBERS = ("kernel", "initrd")
 
 
@@ -54,34 +52,6 @@ def pick(code: str, arch: tuple[str, ...], host: str) -> str:
     return entries[arch.index(host)]
 
 
-def _digest(*parts: str) -> str:
-    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
-
-
-def fetch(entry: str, cache: Path) -> Path:
-    """The local file behind *entry*: a path, a ``file://`` URL, or an ``http(s)://`` URL downloaded once."""
-    url = urllib.parse.urlparse(entry)
-    if url.scheme in ("", "file"):
-        path = Path(urllib.parse.unquote(url.path) if url.scheme else entry)
-        if not path.is_file():
-            raise RuntimeError(f"code {entry!r}: no such file")
-        return path
-    if url.scheme not in ("http", "https"):
-        raise RuntimeError(f"code {entry!r}: use a path, or a file, http or https URL")
-    target = cache / "downloads" / _digest(entry)
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as part:
-            try:
-                with urllib.request.urlopen(entry, timeout=FETCH_TIMEOUT) as answer:  # noqa: S310 - checked above
-                    shutil.copyfileobj(answer, part)
-            except OSError as exc:
-                os.unlink(part.name)
-                raise RuntimeError(f"cannot download {entry}: {exc}") from None
-        os.replace(part.name, target)
-    return target
-
-
 def _unpack(archive: Path, into: Path) -> Boot:
     """Extract ``kernel`` and ``initrd`` (nothing else, regular files only) from *archive* into *into*."""
     found: dict[str, Path] = {}
@@ -109,7 +79,7 @@ def resolve(code: str, arch: tuple[str, ...], cache: Path) -> Boot:
     if not is_archive:
         return Boot(path)
     info = path.stat()
-    unpacked = cache / "unpacked" / _digest(str(path.resolve()), str(info.st_size), str(info.st_mtime_ns))
+    unpacked = cache / "unpacked" / digest(str(path.resolve()), str(info.st_size), str(info.st_mtime_ns))
     if not (unpacked / "kernel").exists():
         unpacked.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(dir=unpacked.parent))

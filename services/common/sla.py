@@ -524,7 +524,7 @@ def _health(micro: dict[str, Any], path: str, virtualization: str) -> HealthChec
     cmd = _strings(raw, "cmd", where)
     if kind == "exec" and not (cmd and cmd[0]):
         raise SlaError(f"{where}.cmd", "an exec check needs the command to run, e.g. [\"cat\", \"/tmp/ready\"]")
-    if kind == "exec" and virtualization in VM_VIRTUALIZATIONS:
+    if kind == "exec" and virtualization in (*VM_VIRTUALIZATIONS, "wasm"):
         raise SlaError(f"{where}.type", f"a {virtualization} cannot run a command for a check; use tcp or http")
     port = int(_number(raw, "port", where, integer=True))
     if kind != "exec" and not 1 <= port <= 65535:
@@ -575,6 +575,8 @@ def _secrets(micro: dict[str, Any], path: str, virtualization: str) -> tuple[tup
             raise SlaError(f"{where}.env", f"{env!r} is not an environment variable name")
         if file and (not file.startswith("/") or ".." in file.split("/") or file.endswith("/") or "\0" in file):
             raise SlaError(f"{where}.file", f"{file!r} is not an absolute path to a file")
+        if file and virtualization == "wasm":
+            raise SlaError(f"{where}.file", "a wasm module opens directories, not single files: give it as 'env'")
         refs.append(SecretRef(name, env, file))
     registry = micro.get("registry_secret") or ""
     if registry:
