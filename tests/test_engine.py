@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from services.common.models import InstanceSpec
 from services.common.sla import ServiceSpec
 from services.common.store import Store
 from services.worker import engine as engine_module
+from services.worker import gpus
 from services.worker.engine import Engine, backoff
 from services.worker.reporter import Reporter
 from tests.conftest import eventually
@@ -117,3 +119,39 @@ async def test_costly_reports_are_spaced_by_their_cost() -> None:
         await task
     assert reporter.throttle.gap >= 0.2
     assert 2 <= len(sent.published) <= 8, f"{len(sent.published)} reports in a second of changes"
+
+
+async def test_gpus_are_held_across_restarts_and_freed_on_removal(tmp_path: Path) -> None:
+    """Each instance asking for a GPU gets one nobody else holds, as ``CUDA_VISIBLE_DEVICES``; a restarted
+    engine knows who holds which; one asking for more than is free waits, saying so, and starts once an
+    instance is removed."""
+    found = gpus.parse("0, GPU-aaaa, NVIDIA T4, 15360\n1, GPU-bbbb, NVIDIA T4, 15360\n")
+
+    def cuda(iid: str, count: int = 1) -> InstanceSpec:
+        job = spec(iid, ["sh", "-c", "echo $CUDA_VISIBLE_DEVICES; sleep 7003"])
+        return dataclasses.replace(job, service=dataclasses.replace(job.service, vgpus=count))
+
+    def engine() -> Engine:
+        return Engine("w1", {"process": ProcessRuntime(data_dir=str(tmp_path))}, Store(tmp_path / "w.json"), tmp_path,
+                      gpus=found)
+
+    first = engine()
+    await first.apply({"a": cuda("a"), "b": cuda("b")})
+    await eventually(lambda: all(s.status == models.RUNNING for s in first.statuses().values()), what="RUNNING")
+    assert {first.slots["a"].gpus, first.slots["b"].gpus} == {("GPU-aaaa",), ("GPU-bbbb",)}
+    for slot in first.slots.values():  # the worker killed: its instances run on
+        slot.task.cancel()  # type: ignore[union-attr]
+    second = engine()
+    await second.restore()
+    assert second.gpu_holders == {"GPU-aaaa": first.gpu_holders["GPU-aaaa"], "GPU-bbbb": first.gpu_holders["GPU-bbbb"]}
+    log = tmp_path / "logs" / "a.log"
+    assert log.read_text().split() == list(second.slots["a"].gpus)
+    await second.apply({"a": cuda("a"), "b": cuda("b"), "c": cuda("c", 2)})
+    await eventually(lambda: second.statuses()["c"].status == models.FAILED, what="c waiting")
+    assert "needs 2 GPU(s); this worker has 2, 0 free" in second.statuses()["c"].reason
+    await second.apply({"c": cuda("c", 2)})
+    await eventually(lambda: second.statuses()["c"].status == models.RUNNING, 10, what="c RUNNING once freed")
+    assert second.slots["c"].gpus == ("GPU-aaaa", "GPU-bbbb")
+    await second.apply({})
+    await eventually(lambda: not second.slots and not second.gpu_holders, what="all removed, GPUs free")
+    await second.close()

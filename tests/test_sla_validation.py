@@ -75,6 +75,10 @@ def test_health_check() -> None:
     assert err.value.field == f"{M1}.secrets[0].file"
     doc["applications"][0]["microservices"][1].update(secrets=[{"name": "key", "env": "KEY"}])
     assert parse_sla(doc)[0].services[1].virtualization == "wasm"
+    doc["applications"][0]["microservices"][1].update(vgpus=1)
+    with pytest.raises(SlaError, match="a wasm cannot be given GPUs") as err:
+        parse_sla(doc)
+    assert err.value.field == f"{M1}.vgpus"
 
 
 def test_volumes_in_both_forms() -> None:

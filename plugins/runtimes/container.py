@@ -56,7 +56,7 @@ from typing import Any
 
 import psutil
 
-from plugins.runtimes import containerd, oci
+from plugins.runtimes import containerd, nvidia, oci
 from plugins.runtimes.cgroups import CPU_PERIOD_US, absolute_path, relative_path
 from plugins.runtimes.oci import OciRuntime
 from plugins.runtimes.supervised import SupervisedRuntime, describe, open_log
@@ -328,6 +328,10 @@ class ContainerRuntime(SupervisedRuntime):
             mounts.append({"destination": target, "type": "bind", "source": source, "options": ["rbind", "ro"]})
         for source, target in spec.volumes:
             mounts.append({"destination": target, "type": "bind", "source": source, "options": ["rbind", "rw"]})
+        if spec.gpus:
+            method, edits = nvidia.edits_for(spec.gpus)
+            nvidia.apply(config, edits)
+            log.info("%s gets GPU(s) %s by %s", spec.iid, ",".join(str(d.index) for d in spec.gpus), method)
         return config
 
     async def start(self, spec: LaunchSpec) -> Handle:
@@ -439,6 +443,10 @@ class ContainerRuntime(SupervisedRuntime):
             args += ["--env", containerd.DEFAULT_PATH]
         for item in (f"HOSTNAME=instance-{spec.instance_number}", *spec.environment):
             args += ["--env", item]
+        if spec.gpus:
+            method, edits = nvidia.edits_for(spec.gpus)
+            args += [arg for d in spec.gpus for arg in ("--gpus", str(d.index))] if method == "toolkit" \
+                else nvidia.ctr_args(edits)
         if spec.secret_env:  # in a file on the instance's tmpfs: a command line is readable by anyone
             env_file = Path(spec.secret_dir) / ".env"
             write_mode(env_file, "".join(f"{item}\n" for item in spec.secret_env), 0o400)

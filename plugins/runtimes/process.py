@@ -20,6 +20,7 @@ from typing import Any
 
 import psutil
 
+from plugins.runtimes import nvidia
 from plugins.runtimes.supervised import READY_TIMEOUT, SupervisedRuntime
 from services.common.plugin_api import Handle, LaunchSpec, hookimpl
 
@@ -137,7 +138,7 @@ class ProcessRuntime(SupervisedRuntime):
                "HOSTNAME": f"instance-{spec.instance_number}"}
         env.update(entry.split("=", 1) for entry in (*spec.environment, *spec.secret_env)  # type: ignore[misc]
                    if "=" in entry)
-        return env
+        return env | nvidia.environment(spec.gpus)
 
     def prepare(self, spec: LaunchSpec) -> None:
         """Refuse an empty command before anything is created."""

@@ -86,7 +86,7 @@ async def worker(args: argparse.Namespace, home: Path, cluster_url: BrokerUrl) -
                                   netmanager_port=args.netmanager, public_address=args.public_address,
                                   vxlan_port=args.vxlan_port, direct_routing=args.direct_routing,
                                   host_netns=args.host_netns, ca_fingerprint=args.ca_fingerprint,
-                                  oci_runtimes=tuple(args.oci_runtime)))
+                                  oci_runtimes=tuple(args.oci_runtime), gpus=not args.no_gpus))
 
 
 async def sim(args: argparse.Namespace, home: Path, cluster_url: BrokerUrl) -> None:
@@ -99,7 +99,8 @@ async def sim(args: argparse.Namespace, home: Path, cluster_url: BrokerUrl) -> N
             name = f"{args.prefix}-{i + 1:04d}"
             tasks.create_task(run_worker_retrying(WorkerConfig(  # one failing worker is retried, alone
                 home / name, cluster_url, name, ("sim",), "sim", args.join_token,
-                report_interval=args.report_interval, stop_grace=0.0, ca_fingerprint=args.ca_fingerprint)))
+                report_interval=args.report_interval, stop_grace=0.0, ca_fingerprint=args.ca_fingerprint,
+                gpus=False)))
             if i % 50 == 49:
                 await asyncio.sleep(0.2)  # let joins through in waves
         print(f"oak sim: {args.workers} simulated workers started against {cluster_url}", file=sys.stderr,
@@ -255,7 +256,7 @@ async def client_command(args: argparse.Namespace) -> tuple[Any, Render]:
             return await oak.request("nodes", "list"), lambda d: table(
                 _dated(d), [("NODE", "name"), ("CLUSTER", "cluster"), ("STATE", "state"), ("CPUS", "cpu_cores"),
                     ("CPU FREE", "cpu_free"), ("MEM MB", "memory_mb"), ("MEM FREE", "memory_free_mb"),
-                    ("CPU%", "cpu_percent"), ("RUNTIMES", "runtimes"), ("INSTANCES", "instances"),
+                    ("CPU%", "cpu_percent"), ("GPUS", "gpus"), ("RUNTIMES", "runtimes"), ("INSTANCES", "instances"),
                     ("CERT EXPIRES", "cert_expires")]) if d else "no nodes"
         if group == "user" and action == "create":
             password = args.password or os.environ.get("OAK_NEW_PASSWORD") or getpass.getpass("password: ")

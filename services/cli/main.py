@@ -123,6 +123,8 @@ def parser() -> argparse.ArgumentParser:
                         help="offer another OCI runtime as virtualization NAME, e.g. runsc-kvm='/usr/bin/runsc "
                              "--platform=kvm' (repeatable; runc, crun and runsc on PATH are found without it; "
                              "enables the container runtime)")
+    worker.add_argument("--no-gpus", action="store_true",
+                        help="offer no NVIDIA GPUs even where nvidia-smi finds some")
     worker.add_argument("--collector", default="psutil")
     worker.add_argument("--join-token", default=os.environ.get("OAK_JOIN_TOKEN"))
     worker.add_argument("--ca-fingerprint", default=os.environ.get("OAK_CA_FINGERPRINT"),

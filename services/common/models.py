@@ -180,7 +180,9 @@ class NodeInfo:
     location: str = ""
     version: str = ""
     labels: list[str] = dataclasses.field(default_factory=list)
-    gpus: int = 0
+    gpus: int = 0  # whole NVIDIA GPUs (services/worker/gpus.py)
+    gpu_model: str = ""  # their model (models joined with " + " when they differ)
+    gpu_memory_mb: float = 0.0  # the memory of each (the smallest, when they differ)
     probe: str = ""
     overlay: str = ""  # the VXLAN endpoint ``ip:port`` when the worker has the overlay network
     report_every: float = 0.0  # seconds between its state reports (its heartbeat; 0: the default)
@@ -203,6 +205,8 @@ class NodeSummary:
     labels: list[str] = dataclasses.field(default_factory=list)
     location: str = ""
     gpus_free: float = 0.0
+    gpus: int = 0
+    gpu_model: str = ""
     services: dict[str, int] = dataclasses.field(default_factory=dict)
     coord: list[float] = dataclasses.field(default_factory=list)
     cert_expires: float = 0.0  # when the worker's certificate ends (epoch seconds; 0: it has none)

@@ -25,6 +25,14 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 @dataclass(frozen=True)
+class GpuDevice:
+    """One NVIDIA GPU the worker gave an instance: its index (``/dev/nvidia<index>``) and UUID (``GPU-...``)."""
+
+    index: int
+    uuid: str
+
+
+@dataclass(frozen=True)
 class LaunchSpec:
     """Everything a runtime needs to start one instance of a service."""
 
@@ -60,6 +68,8 @@ class LaunchSpec:
     #: The SLA's volumes: (the service's directory on the worker, the path the instance sees it at),
     #: mounted read-write; the directory outlives the instance.
     volumes: tuple[tuple[str, str], ...] = ()
+    #: The whole GPUs the worker gave the instance for the SLA's ``vgpus`` (none without).
+    gpus: tuple[GpuDevice, ...] = ()
     #: Called, from any thread, with a short status reason while the runtime prepares the instance
     #: (e.g. ``"pulling docker.io/library/nginx:latest"``); the worker shows it with CREATING.
     on_progress: Callable[[str], None] | None = field(default=None, compare=False, repr=False)

@@ -683,6 +683,8 @@ def _service(micro: Any, path: str, app: str, app_ns: str) -> ServiceSpec:
     vcpu = _number(micro, "vcpu", path, integer=False)  # Oakestra's docs spell it so; 'vcpus' wins if both
     vcpus = _number(micro, "vcpus", path, integer=False) if "vcpus" in micro else vcpu
     vgpus = int(_number(micro, "vgpus", path, integer=True))
+    if vgpus and virtualization in (*VM_VIRTUALIZATIONS, "wasm"):
+        raise SlaError(f"{path}.vgpus", f"a {virtualization} cannot be given GPUs; run it as a container or process")
     storage = int(_number(micro, "storage", path, integer=True))
     port = _port(_str(micro, "port", path), f"{path}.port")
     one_shot, privileged = _bool(micro, "one_shot", path), _bool(micro, "privileged", path)

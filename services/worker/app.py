@@ -21,6 +21,7 @@ from services.common.plugin_api import Closeable
 from services.common.private import private_dir
 from services.common.store import Store
 from services.common.version import VERSION
+from services.worker import gpus
 from services.worker.engine import Engine
 from services.worker.fence import fence
 from services.worker.kernel import Kernel
@@ -60,6 +61,7 @@ class WorkerConfig:
     direct_routing: DirectRouting = "auto"  # DirectRouting: workers on the same link reached without VXLAN
     host_netns: str = ""  # the namespace playing this worker's host ("" = its own; tests use one per worker)
     oci_runtimes: tuple[str, ...] = ()  # --oci-runtime NAME=PATH [FLAGS]: more OCI runtimes for the container runtime
+    gpus: bool = True  # look for NVIDIA GPUs (--no-gpus: offer none; `oak sim` workers never look)
 
 
 async def make_network(cfg: WorkerConfig, store: Store) -> tuple[Network | None, Overlay | None]:
@@ -106,13 +108,14 @@ async def run_worker(cfg: WorkerConfig) -> None:
         for virtualization in runtime.virtualizations:
             runtimes[virtualization] = runtime
     collector = plugins.load_collector(pm, cfg.collector)
+    devices = await asyncio.to_thread(gpus.discover) if cfg.gpus else []
     login = await obtain_login(cfg.data_dir, cfg.cluster, "node", cfg.name, cfg.join_token,
                                fingerprint=cfg.ca_fingerprint)
     store = Store(cfg.data_dir / "worker.db.json")
     network, owned = await make_network(cfg, store)
     reporter = Reporter(cfg.name, collector)
     engine = Engine(cfg.name, runtimes, store, cfg.data_dir, on_change=reporter.poke, stop_grace=cfg.stop_grace,
-                    network=network)
+                    network=network, gpus=devices)
     reporter.engine = engine
     prober = reporter.prober = Prober(cfg.probe_host, cfg.probe_port)
     await prober.start()
@@ -133,6 +136,7 @@ async def run_worker(cfg: WorkerConfig) -> None:
         await engine.restore()  # inside the try: a stop from here on also stops the adopted instances
         async with session:
             facts = collector.info()
+            gpu_count, gpu_model, gpu_memory = gpus.summary(devices)
             info = NodeInfo(
                 name=cfg.name,
                 cpu_cores=float(facts["cpu_cores"]),
@@ -147,6 +151,9 @@ async def run_worker(cfg: WorkerConfig) -> None:
                 probe=prober.address,
                 overlay=await network.endpoint() if network else "",
                 report_every=cfg.report_interval,
+                gpus=gpu_count,
+                gpu_model=gpu_model,
+                gpu_memory_mb=gpu_memory,
             )
             session.send(channels.NODE_INFO, models.dump(info), f"node/{cfg.name}", node=cfg.name)
             logs = LogServer(cfg.name, cfg.data_dir, session)

@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import shutil
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -23,7 +23,9 @@ from services.common.models import InstanceSpec, InstanceStatus
 from services.common.plugin_api import Exit, Handle, LaunchSpec, Runtime
 from services.common.sla import VM_VIRTUALIZATIONS, HealthCheck
 from services.common.store import Store
+from services.worker import gpus
 from services.worker import secrets as secret_files
+from services.worker.gpus import Gpu
 from services.worker.health import Health, Target, probe
 from services.worker.overlay import Attachment, Network
 
@@ -64,6 +66,7 @@ class Slot:
     ip: str = ""
     netns: str = ""  # the path of its network namespace on the overlay
     host: str = ""  # where its IP is reached from (the worker's side of the overlay; "": the worker's own)
+    gpus: tuple[str, ...] = ()  # the UUIDs of the GPUs it holds (services/worker/gpus.py), kept across restarts
 
 
 class Engine:
@@ -80,11 +83,14 @@ class Engine:
         network: Network | None = None,
         drain: float = DRAIN,
         secrets: Callable[[str], Awaitable[dict[str, bytes]]] | None = None,
+        gpus: Sequence[Gpu] = (),
     ) -> None:
         self.node = node
         self.drain = drain
         self.secrets = secrets  # fetches an instance's secrets (services/worker/secrets.py)
         self.network = network
+        self.gpus = list(gpus)  # this node's GPUs
+        self.gpu_holders: dict[str, str] = {}  # GPU UUID -> the instance holding it (until it has stopped)
         self.stop_grace = stop_grace
         self.runtimes = runtimes
         self.store = store
@@ -117,7 +123,7 @@ class Engine:
     @staticmethod
     def _doc(slot: Slot) -> dict[str, object]:
         handle = models.dump(slot.handle) if slot.handle else None
-        return {"spec": slot.spec.doc, "handle": handle, "status": models.dump(slot.status)}
+        return {"spec": slot.spec.doc, "handle": handle, "status": models.dump(slot.status), "gpus": list(slot.gpus)}
 
     async def _save(self, slot: Slot) -> None:
         await self.store.put(TABLE, slot.spec.iid, self._doc(slot))
@@ -142,13 +148,17 @@ class Engine:
                 spec = models.load(InstanceSpec, doc["spec"])
                 status = models.load(InstanceStatus, doc["status"])
                 handle = models.load(Handle, doc["handle"]) if doc.get("handle") else None
+                held = tuple(doc.get("gpus") or ())
+                if not all(isinstance(uuid, str) for uuid in held):
+                    raise ValueError(f"bad GPU list {held!r:.80}")
             except (ValueError, KeyError) as exc:
                 log.warning("dropping unreadable stored instance %s: %s", iid, exc)
                 await self.store.delete(TABLE, iid)
                 continue
             runtime = self.runtimes.get(spec.service.virtualization)
             adopted = bool(handle and runtime and await runtime.adopt(handle))
-            slot = Slot(spec, status, handle if adopted else None)
+            slot = Slot(spec, status, handle if adopted else None, gpus=held)
+            self.gpu_holders |= dict.fromkeys(held, iid)
             self.slots[iid] = slot
             if adopted:
                 log.info("adopted %s (pid %s), still running", iid, handle.pid if handle else "?")
@@ -202,6 +212,8 @@ class Engine:
         if self.network:
             await self.network.detach(slot.spec.iid)
         await self._clear_secrets(slot.spec)
+        for uuid in slot.gpus:
+            self.gpu_holders.pop(uuid, None)
         await self.store.delete(TABLE, slot.spec.iid)
         log.info("removed %s", slot.spec.iid)
         if self._doomed & set(slot.spec.volume_keys):
@@ -226,6 +238,8 @@ class Engine:
                         await asyncio.to_thread(self._make_volumes, launch)
                     if spec.service.secret_names:
                         launch = await self._with_secrets(launch, spec)
+                    if spec.service.vgpus:
+                        launch = self._with_gpus(slot, launch)
                     slot.handle = await runtime.start(launch)
                 except Exception as exc:  # a runtime's failure is the instance's, never the worker's
                     if not isinstance(exc, RuntimeError):
@@ -307,6 +321,18 @@ class Engine:
         values = await self.secrets(spec.iid)
         laid = await asyncio.to_thread(secret_files.lay_out, spec.service, values, self._secrets_dir(spec))
         return replace(launch, **dataclasses.asdict(laid))
+
+    def _with_gpus(self, slot: Slot, launch: LaunchSpec) -> LaunchSpec:
+        """*launch* with the GPUs the instance holds, given now if it holds none yet (RuntimeError when too
+        few are free: the instance waits and tries again)."""
+        wanted = slot.spec.service.vgpus
+        if len(slot.gpus) != wanted or not set(slot.gpus) <= {g.uuid for g in self.gpus}:
+            for uuid in slot.gpus:  # (a GPU that is gone since the instance was given it)
+                self.gpu_holders.pop(uuid, None)
+            slot.gpus = ()
+            slot.gpus = tuple(g.uuid for g in gpus.assign(self.gpus, self.gpu_holders, wanted))
+            self.gpu_holders |= dict.fromkeys(slot.gpus, slot.spec.iid)
+        return replace(launch, gpus=tuple(g.device for g in self.gpus if g.uuid in slot.gpus))
 
     def _progress(self, slot: Slot) -> Callable[[str], None]:
         """A callback for the runtime (from any thread): CREATING with *reason*, e.g. an image pull."""
