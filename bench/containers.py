@@ -21,18 +21,22 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from bench.common import record, summary
 from bench.three_tiers import _online, client_for, wait_status
 from plugins.runtimes import containerd
+from plugins.runtimes.oci import OciRuntime
 from services.common import channels
 from tests.images import build_busybox, missing
 from tests.stack import Stack, eventually
 
 
-def direct_runc(image: Path, work: Path, rounds: int) -> list[float]:
-    """Milliseconds for umoci unpack + runc run -d until running."""
+def direct_oci(runtime: OciRuntime, image: Path, work: Path, rounds: int) -> list[float]:
+    """Milliseconds for umoci unpack + ``<runtime> run -d`` (sharing this network) until its state says running."""
+    state = work / "state"
     layout = work / "layout"
     layout.mkdir()
     subprocess.run(["tar", "-C", str(layout), "-xf", str(image)], check=True)
@@ -47,14 +51,15 @@ def direct_runc(image: Path, work: Path, rounds: int) -> list[float]:
         config["process"]["args"] = ["sleep", "60"]
         config["linux"]["namespaces"] = [n for n in config["linux"]["namespaces"] if n["type"] != "network"]
         (bundle / "config.json").write_text(json.dumps(config))
-        # -d hands runc's stdio to the container: no pipes, or this would wait for the container to end
-        subprocess.run(["runc", "--root", str(work / "state"), "run", "-d", "--bundle", str(bundle), cid],
-                       check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        while json.loads(subprocess.run(["runc", "--root", str(work / "state"), "state", cid], capture_output=True,
-                                        text=True).stdout)["status"] != "running":
+        # --detach hands the runtime's stdio to the container: no pipes, or this would wait for the container to end
+        start = [*runtime.argv(state, shares_host_network=True), "run", "--detach", "--bundle", str(bundle), cid]
+        quiet = subprocess.DEVNULL
+        subprocess.run(start, check=True, stdin=quiet, stdout=quiet, stderr=quiet)
+        while json.loads(subprocess.run([*runtime.argv(state), "state", cid], capture_output=True,
+                                        text=True).stdout or "{}").get("status") != "running":
             time.sleep(0.001)
         out.append((time.monotonic() - t0) * 1000)
-        subprocess.run(["runc", "--root", str(work / "state"), "delete", "-f", cid], capture_output=True)
+        subprocess.run([*runtime.argv(state), "delete", "--force", cid], capture_output=True)
         shutil.rmtree(bundle)
     return out
 
@@ -94,36 +99,55 @@ def direct_ctr(image: Path, work: Path, rounds: int) -> list[float]:
         daemon.stop()
 
 
-async def orchestrated(image: Path, base: Path, rounds: int, engine: str) -> list[float]:
-    os.environ["OAK_CONTAINER_ENGINE"] = engine  # the worker inherits it
+async def orchestrated(micro: dict[str, Any], worker_args: tuple[str, ...], base: Path, rounds: int,
+                       then: Callable[[Stack], float | None] | None = None) -> tuple[list[float], list[float]]:
+    """Milliseconds from ``services/deploy`` of one replica of *micro* to RUNNING at the root, over *rounds*
+    rounds after a first (which fills the worker's caches); and, with *then*, to the moment *then* (polled
+    after RUNNING) returns a monotonic time."""
     stack = Stack(base)
     try:
         stack.root()
         stack.cluster("c1")
-        stack.worker("w1", "c1", "--runtime", "container", "--stop-grace", "0.2")
+        stack.worker("w1", "c1", *worker_args, "--stop-grace", "0.2")
         client = await client_for(stack)
         await eventually(lambda: _online(client, 1), 30, what="worker online")
         doc = {"sla_version": "v2.0", "customerID": "bench", "applications": [{
-            "applicationID": "", "application_name": "ctr", "application_namespace": "bench", "application_desc": "",
-            "microservices": [{"microserviceID": "", "microservice_name": "box", "microservice_namespace": "bench",
-                               "virtualization": "container", "code": str(image), "cmd": ["sleep", "60"],
-                               "memory": 32, "vcpus": 0.1}]}]}
+            "applicationID": "", "application_name": "rt", "application_namespace": "bench", "application_desc": "",
+            "microservices": [{"microserviceID": "", "microservice_name": "one", "microservice_namespace": "bench",
+                               "memory": 32, "vcpus": 0.5, **micro}]}]}
         await client.request("apps", "create", raw=json.dumps(doc).encode())
-        job = "ctr.bench.box.bench"
+        job = "rt.bench.one.bench"
         await client.session.subscribe_confirmed(
             channels.API_SERVICE_STATE.topic(user=client.profile.username, job=job))
-        latencies = []
-        for _ in range(rounds + 1):  # the first round also extracts the image into the cache
+        running, ready = [], []
+        for _ in range(rounds + 1):
             t0 = time.monotonic()
             await client.request("services", "deploy", {"service": job, "replicas": 1})
-            latencies.append((await wait_status(client, job, "RUNNING") - t0) * 1000)
+            running.append((await wait_status(client, job, "RUNNING") - t0) * 1000)
+            if then is not None:
+                ready.append((await eventually(lambda: then(stack), 30, interval=0.001) - t0) * 1000)
             await client.request("services", "undeploy", {"service": job})
             await wait_status(client, job, "UNDEPLOYED")
             await asyncio.sleep(0.5)
         await client.__aexit__(None, None, None)
-        return latencies[1:]
+        return running[1:], ready[1:]
     finally:
         stack.stop()
+
+
+async def with_engine(image: Path, base: Path, rounds: int, engine: str) -> list[float]:
+    """Milliseconds from deploy to RUNNING at the root of a busybox container, with *engine*."""
+    os.environ["OAK_CONTAINER_ENGINE"] = engine  # the worker inherits it
+    micro = {"virtualization": "container", "code": str(image), "cmd": ["sleep", "60"], "vcpus": 0.1}
+    running, _ = await orchestrated(micro, ("--runtime", "container"), base, rounds)
+    return running
+
+
+def compared(ours: list[float], name: str, baseline: list[float]) -> dict[str, Any]:
+    """The orchestrated and *name*d baseline summaries of one run, their ratio and the milliseconds added."""
+    mine, theirs = summary(ours), summary(baseline)
+    return {"orchestrated": mine, name: theirs, "ratio_median": mine["median"] / theirs["median"],
+            "added_median_ms": mine["median"] - theirs["median"]}
 
 
 def main() -> None:
@@ -144,13 +168,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         image = build_busybox(Path(tmp) / "img")
         for engine in engines:
-            ours = summary(asyncio.run(orchestrated(image, Path(tmp) / f"stack-{engine}", args.rounds, engine)))
+            ours = asyncio.run(with_engine(image, Path(tmp) / f"stack-{engine}", args.rounds, engine))
             direct = Path(tmp) / f"direct-{engine}"
             direct.mkdir()
-            name, base = (("direct_umoci_runc", direct_runc) if engine == "runc" else ("direct_ctr_run", direct_ctr))
-            baseline = summary(base(image, direct, args.rounds))
-            result[engine] = {"orchestrated": ours, name: baseline, "ratio_median": ours["median"] / baseline["median"],
-                              "added_median_ms": ours["median"] - baseline["median"]}
+            if engine == "runc":
+                name, baseline = "direct_umoci_runc", direct_oci(OciRuntime("runc", "runc"), image, direct, args.rounds)
+            else:
+                name, baseline = "direct_ctr_run", direct_ctr(image, direct, args.rounds)
+            result[engine] = compared(ours, name, baseline)
     record("container_submit_to_running", result)
 
 

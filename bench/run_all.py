@@ -13,8 +13,8 @@ import subprocess
 import sys
 import time
 
-BENCHMARKS = ("store", "three_tiers", "placement", "scale", "load", "tls", "containers", "overlay", "rollout",
-              "partition", "chaos")
+BENCHMARKS = ("store", "three_tiers", "placement", "scale", "load", "tls", "containers", "runtimes", "overlay",
+              "rollout", "partition", "chaos")
 
 
 def main() -> None:

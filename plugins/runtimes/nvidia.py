@@ -24,8 +24,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from services.common.plugin_api import GpuDevice
 
 log = logging.getLogger(__name__)
@@ -54,6 +52,8 @@ def cdi_specs(dirs: Iterable[Path] = CDI_DIRS) -> list[dict[str, Any]]:
         for path in sorted(directory.glob("*")) if directory.is_dir() else []:
             if path.suffix not in (".json", ".yaml", ".yml"):
                 continue
+            import yaml  # only where there is a spec to read: workers without GPUs never load it
+
             try:
                 text = path.read_text()
                 spec = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
