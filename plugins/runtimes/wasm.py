@@ -10,9 +10,10 @@ Each instance is a child process (:mod:`plugins.runtimes.wasm_host`) in the inst
 is a CPU quota and the host's memory is limited, and in its network namespace. ``memory`` is the module's
 own limit, enforced by wasmtime's store limits: a ``memory.grow`` past it is refused, and a module that
 then traps is DEAD with ``out of memory: at 15.1 of its 16 MB limit (memory.grow is refused past it)``.
-The cgroup holds that plus room for the Python host and wasmtime. wasmtime's Python API gives WASI
-preview 1 without sockets, so a module cannot listen or connect (its service IP and port mappings have
-nothing to reach); volumes are preopened at their paths and the instance's work directory at ``/tmp``.
+The cgroup holds that plus room for the Python host and wasmtime. Modules are WASI preview 1, which opens
+no sockets (and wasmtime's Python API preopens none), so a module cannot listen or connect (its service IP
+and port mappings have nothing to reach; docs/runtimes.md); volumes are preopened at their paths and the
+instance's work directory at ``/tmp``.
 """
 
 from __future__ import annotations
