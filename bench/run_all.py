@@ -14,7 +14,7 @@ import sys
 import time
 
 BENCHMARKS = ("store", "three_tiers", "placement", "scale", "load", "tls", "containers", "runtimes", "overlay",
-              "rollout", "partition", "chaos")
+              "rollout", "partition", "chaos", "metrics")
 
 
 def main() -> None:

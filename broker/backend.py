@@ -89,6 +89,7 @@ class RunningBroker:
     cert_port: int | None = None  # where machines log in with certificates, when not on tls_port (mosquitto)
     cut_off: Callable[[str], Awaitable[int]] = _nobody  # disconnect a revoked identity at once
     restart: Callable[[], Awaitable[None]] | None = None  # the mosquitto oak runs, started again
+    clients: Callable[[], int] | None = None  # how many clients are connected (the embedded broker knows)
 
     @property
     def port(self) -> int:
@@ -147,4 +148,4 @@ async def open_broker(
     else:
         async with EmbeddedBroker(listeners, credentials) as embedded:
             yield RunningBroker(BrokerUrl("127.0.0.1", embedded.port), credentials, spec, embedded.tls_port,
-                                cut_off=embedded.cut_off)
+                                cut_off=embedded.cut_off, clients=embedded.connected)

@@ -294,6 +294,12 @@ class EmbeddedBroker:
             await _close(handler)
         return len(connected)
 
+    def connected(self) -> int:
+        """How many clients are connected now."""
+        if self._broker is None:
+            return 0
+        return sum(1 for session, _ in list(self._broker._sessions.values()) if session.transitions.is_connected())
+
     def _bound(self, listener: str) -> int:
         assert self._broker is not None
         return int(self._broker._servers[listener].instance.sockets[0].getsockname()[1])

@@ -104,6 +104,11 @@ def oak(*args: str) -> list[str]:
     return [sys.executable, "-m", "services.cli.main", *args]
 
 
+#: Every tier of a stack serves no metrics unless a test asks (``--metrics-port N`` in its flags wins): the
+#: default ports are one per machine, and tests run side by side.
+QUIET = ("--metrics-port", "0")
+
+
 class Stack:
     """Root, clusters and workers as separate processes on loopback ports, each with its own data dir."""
 
@@ -128,8 +133,8 @@ class Stack:
     def root(self, *extra: str) -> Proc:
         """Start the root."""
         return self._start("root", oak("root", "--data-dir", str(self.base / "root"), "--host", "127.0.0.1",
-                                       "--port", str(self.root_port), f"--join-token={self.token}", *self.root_args,
-                                       *extra))
+                                       "--port", str(self.root_port), f"--join-token={self.token}", *QUIET,
+                                       *self.root_args, *extra))
 
     def pin(self) -> list[str]:
         """``--ca-fingerprint`` of the root's CA, once the root has made it (none without TLS)."""
@@ -148,13 +153,13 @@ class Stack:
                                      "--host", "127.0.0.1", "--port", str(port),
                                      "--root", f"{self.scheme}127.0.0.1:{self.root_port}",
                                      f"--root-join-token={self.token}", f"--join-token={self.token}", *self.pin(),
-                                     *self.cluster_args, *extra))
+                                     *QUIET, *self.cluster_args, *extra))
 
     def worker(self, name: str, cluster: str, *extra: str) -> Proc:
         """Start a worker called *name* under *cluster*."""
         return self._start(name, oak("worker", "--name", name, "--data-dir", str(self.base / name),
                                      "--cluster", f"{self.scheme}127.0.0.1:{self.cluster_ports[cluster]}",
-                                     f"--join-token={self.token}", *self.pin(), *extra))
+                                     f"--join-token={self.token}", *self.pin(), *QUIET, *extra))
 
     def profile(self) -> Profile:
         """The admin's profile, once the root has written it."""

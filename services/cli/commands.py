@@ -25,6 +25,8 @@ from services.cli.revisions import revision_command
 from services.cli.tables import table
 from services.cli.views import service_text, services_text
 from services.cluster.app import ClusterConfig, run_cluster
+from services.common import metrics
+from services.common.metrics import Endpoint
 from services.common.mqtt import BrokerUrl
 from services.common.private import private_dir, write_private
 from services.root.app import RootConfig, run_root
@@ -52,7 +54,15 @@ def broker_spec(args: argparse.Namespace) -> BrokerSpec:
 def _root_config(args: argparse.Namespace, home: Path) -> RootConfig:
     return RootConfig(home, listeners(args), args.scheduler, args.scheduler_profile, args.join_token,
                       getattr(args, "advertise", "127.0.0.1"), broker_spec(args), args.plain_loopback,
-                      _plain_port(args), args.open_join, args.cert_days, args.busy_backlog)
+                      _plain_port(args), args.open_join, args.cert_days, args.busy_backlog, endpoint(args, "root"))
+
+
+def endpoint(args: argparse.Namespace, tier: str) -> Endpoint:
+    """Where *tier* serves its metrics: ``--metrics-host``/``--metrics-port``; for ``oak up``, each tier's
+    default port unless ``--no-metrics``."""
+    if getattr(args, "no_metrics", None) is not None:
+        return Endpoint(args.metrics_host, 0 if args.no_metrics else metrics.PORTS[tier])
+    return Endpoint(args.metrics_host, args.metrics_port)
 
 
 def _plain_port(args: argparse.Namespace) -> int:
@@ -71,7 +81,8 @@ async def cluster(args: argparse.Namespace, home: Path, root_url: BrokerUrl) -> 
         home, args.name, root_url, args.location, listeners(args), args.scheduler, args.scheduler_profile,
         args.join_token, args.root_join_token, broker_spec(args), args.mosquitto_bridge,
         root_ca_fingerprint=args.ca_fingerprint, cert_days=args.cert_days, plain_loopback=args.plain_loopback,
-        plain_port=_plain_port(args), open_join=args.open_join, stuck_after=args.stuck_after))
+        plain_port=_plain_port(args), open_join=args.open_join, stuck_after=args.stuck_after,
+        metrics=endpoint(args, "cluster")))
 
 
 async def worker(args: argparse.Namespace, home: Path, cluster_url: BrokerUrl) -> None:
@@ -86,7 +97,8 @@ async def worker(args: argparse.Namespace, home: Path, cluster_url: BrokerUrl) -
                                   netmanager_port=args.netmanager, public_address=args.public_address,
                                   vxlan_port=args.vxlan_port, direct_routing=args.direct_routing,
                                   host_netns=args.host_netns, ca_fingerprint=args.ca_fingerprint,
-                                  oci_runtimes=tuple(args.oci_runtime), gpus=not args.no_gpus))
+                                  oci_runtimes=tuple(args.oci_runtime), gpus=not args.no_gpus,
+                                  metrics=endpoint(args, "worker")))
 
 
 async def sim(args: argparse.Namespace, home: Path, cluster_url: BrokerUrl) -> None:
@@ -135,7 +147,8 @@ async def up(args: argparse.Namespace, home: Path) -> None:
                           scheduler_profile=args.scheduler_profile,
                           join_token=token, root_join_token=token, broker=cfg.broker,
                           root_ca_fingerprint=fingerprint(), plain_loopback=cfg.plain_loopback,
-                          plain_port=args.cluster_port + 1 if args.cluster_port else 0, open_join=args.open_join),
+                          plain_port=args.cluster_port + 1 if args.cluster_port else 0, open_join=args.open_join,
+                          metrics=endpoint(args, "cluster")),
             cluster_ready,
         )
 
@@ -143,7 +156,7 @@ async def up(args: argparse.Namespace, home: Path) -> None:
         await cluster_ready.wait()
         await run_worker(WorkerConfig(home / "worker", BrokerUrl("127.0.0.1", args.cluster_port, tls=True),
                                       args.name, join_token=token, overlay=args.overlay,
-                                      ca_fingerprint=fingerprint()))
+                                      ca_fingerprint=fingerprint(), metrics=endpoint(args, "worker")))
 
     async def announce() -> None:
         await cluster_ready.wait()

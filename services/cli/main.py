@@ -16,6 +16,7 @@ from typing import Any
 from services.cli import commands
 from services.cli.client import CliError, oak_home
 from services.cli.tables import table
+from services.common import metrics
 from services.common.lifecycle import run_until_signalled, setup_logging
 from services.common.mqtt import BrokerUrl, MqttError
 from services.common.plugins import PluginError, installed
@@ -70,6 +71,14 @@ def _add_service_flags(p: argparse.ArgumentParser, port: int) -> None:
     p.add_argument("-v", "--verbose", action="store_true")
 
 
+def _add_metrics_flags(p: argparse.ArgumentParser, tier: str) -> None:
+    """``--metrics-port`` and ``--metrics-host`` of a tier (docs/metrics.md)."""
+    p.add_argument("--metrics-port", type=int, default=metrics.PORTS[tier],
+                   help=f"serve Prometheus metrics on this port (default {metrics.PORTS[tier]}; 0: off)")
+    p.add_argument("--metrics-host", default="127.0.0.1",
+                   help="address the metrics are served on (default 127.0.0.1; 0.0.0.0 for a remote Prometheus)")
+
+
 def parser() -> argparse.ArgumentParser:
     """The whole command line."""
     top = argparse.ArgumentParser(prog="oak", description="Oakling: a hierarchical edge orchestrator.")
@@ -83,10 +92,15 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--name", default=socket.gethostname(), help="worker name (default: hostname)")
     up.add_argument("--overlay", action="store_true",
                     help="give instances their own IPs and service IPs (root; builds oak0/oakvx on this host)")
+    up.add_argument("--no-metrics", action="store_true",
+                    help=f"serve no Prometheus metrics (else root, cluster and worker on ports "
+                         f"{', '.join(str(p) for p in metrics.PORTS.values())})")
+    up.add_argument("--metrics-host", default="127.0.0.1", help="address the metrics are served on")
 
     root = sub.add_parser("root", help="run the root orchestrator")
     _add_service_flags(root, 10000)
     root.add_argument("--advertise", default="127.0.0.1", help="address written into credentials.json")
+    _add_metrics_flags(root, "root")
     for parser in (up, root):
         parser.add_argument("--busy-backlog", type=int, default=BUSY_BACKLOG,
                             help=f"a user's requests waiting for the root beyond which they are answered `busy` "
@@ -97,6 +111,7 @@ def parser() -> argparse.ArgumentParser:
                          help="list the clusters, or revoke one (refuse it from now on), instead of running one")
     cluster.add_argument("target", nargs="?", help="with revoke: the cluster")
     _add_service_flags(cluster, 10003)
+    _add_metrics_flags(cluster, "cluster")
     cluster.add_argument("--root", help="root broker HOST:PORT (default $OAK_ROOT or "
                          "$SYSTEM_MANAGER_URL:$SYSTEM_MANAGER_PORT, else 127.0.0.1:10000)")
     cluster.add_argument("--name", default=os.environ.get("CLUSTER_NAME"), help="default $CLUSTER_NAME")
@@ -123,6 +138,7 @@ def parser() -> argparse.ArgumentParser:
                         help="offer another OCI runtime as virtualization NAME, e.g. runsc-kvm='/usr/bin/runsc "
                              "--platform=kvm' (repeatable; runc, crun and runsc on PATH are found without it; "
                              "enables the container runtime)")
+    _add_metrics_flags(worker, "worker")
     worker.add_argument("--no-gpus", action="store_true",
                         help="offer no NVIDIA GPUs even where nvidia-smi finds some")
     worker.add_argument("--collector", default="psutil")

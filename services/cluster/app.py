@@ -20,11 +20,13 @@ from broker.renewal import Renewal, Renewer
 from broker.server import Listeners
 from broker.tier_ca import TierCa
 from broker.tokens import JoinPolicy, JoinTokens
+from services.cluster import metrics as cluster_metrics
 from services.cluster.orchestrator import STUCK_AFTER, ClusterOrchestrator
 from services.cluster.relay import Relay
 from services.cluster.secrets import SecretRelay
-from services.common import channels, models, plugins, profile, topics
+from services.common import channels, metrics, models, plugins, profile, topics
 from services.common.inbox import Inbox, Received, serve
+from services.common.metrics import Endpoint, TierMetrics
 from services.common.models import ClusterInfo
 from services.common.mqtt import BrokerUrl, MqttSession
 from services.common.private import private_dir
@@ -56,6 +58,7 @@ class ClusterConfig:
     plain_port: int = 0
     open_join: bool = False  # workers may join without a token
     stuck_after: float = STUCK_AFTER  # an instance accepted and not progressing this long moves (its worker: SUSPECT)
+    metrics: Endpoint = Endpoint()  # where Prometheus scrapes this cluster (port 0: nowhere)
 
 
 async def run_cluster(cfg: ClusterConfig, ready: asyncio.Event | None = None) -> None:
@@ -103,6 +106,10 @@ async def run_cluster(cfg: ClusterConfig, ready: asyncio.Event | None = None) ->
                                                    lambda node: _expiry(credentials, Identity(NODE, node).username),
                                                    stuck_after=cfg.stuck_after)
                 await orchestrator.restore()
+                measured = orchestrator.metrics = TierMetrics("cluster")
+                measured.watch_session("workers", session)
+                measured.watch_store("cluster", store)
+                measured.read(cluster_metrics.reader(orchestrator, broker.clients))
                 relay = Relay(orchestrator.assigned, session, lambda: list(orchestrator.nodes))
                 inbox = Inbox()
                 orchestrator.listen(inbox)
@@ -128,7 +135,8 @@ async def run_cluster(cfg: ClusterConfig, ready: asyncio.Event | None = None) ->
                 log.info("cluster %s serving workers on port %d", cfg.name, broker.port)
                 if ready:
                     ready.set()
-                await serve(session, inbox, orchestrator.run(), *([renewal.run()] if renewal else []),
+                await serve(session, inbox, orchestrator.run(), metrics.serve(measured, cfg.metrics),
+                            *([renewal.run()] if renewal else []),
                     *([] if native else [_bridge(cfg, login, bridge_tls, broker.url, broker.login("bridge"))]))
     finally:
         store.close()

@@ -29,6 +29,7 @@ from services.common.delta import Change, DeltaPublisher, DeltaReceiver
 from services.common.fencing import Fencing
 from services.common.inbox import Inbox, Received
 from services.common.liveness import CLUSTER_BEAT_EVERY, CLUSTER_SILENT_AFTER, Liveness, epoch, worker_silent_after
+from services.common.metrics import TierMetrics
 from services.common.models import InstanceSpec, InstanceStatus, NodeInfo, NodeState, NodeSummary
 from services.common.mqtt import MqttSession
 from services.common.plugin_api import Candidate
@@ -79,6 +80,7 @@ class ClusterOrchestrator:
         self.assigned: dict[str, str] = {}
         self.unplaced: dict[str, str] = {}
         self.notes: dict[str, str] = {}  # what the status of a placed instance adds (its volumes start empty)
+        self.metrics: TierMetrics | None = None  # what it counts as it works, when the cluster serves metrics
         self._published = LastSent()  # each worker's desired map (its instance ids)
         self._peers_published = LastSent()  # each worker's latency peers
         self._peers_dirty = False
@@ -436,12 +438,17 @@ class ClusterOrchestrator:
         meanwhile is checked before the result is taken."""
         inputs = (dict(self.desired), dict(self.assigned), self.candidates(), self.profile)
         big = len(inputs[0]) - len(inputs[1]) >= PLAN_IN_THREAD_FROM
+        began = time.perf_counter()
         result = await asyncio.to_thread(plan, *inputs) if big else plan(*inputs)
+        if self.metrics and (result.placed or result.unplaced):
+            self.metrics.placed(len(result.placed), time.perf_counter() - began)
         for iid, reason in result.unplaced.items():
             if iid not in self.desired or iid in self.assigned:
                 continue
             if self.unplaced.get(iid) != reason:
                 log.warning("cannot place %s: %s", iid, reason)
+                if self.metrics:
+                    self.metrics.refused(reason)
             self.unplaced[iid] = reason
         now = time.monotonic()
         placed = {iid: node for iid, node in result.placed.items() if iid in self.desired and iid not in self.assigned

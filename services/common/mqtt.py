@@ -154,6 +154,8 @@ class MqttSession:
         self._tasks: set[asyncio.Task[None]] = set()
         self.connected = asyncio.Event()
         self.reconnects = 0
+        self.received_count = 0  # messages received, and published (the metrics read them)
+        self.sent_count = 0
         self._closing = False
         self._announce = announce
 
@@ -235,6 +237,7 @@ class MqttSession:
         retain = bool(properties.get("retain", 0)) if isinstance(properties, dict) else False
         now = time.monotonic()
         self._heard = now
+        self.received_count += 1
         self._arrivals.append(now)
         self._queue.put_nowait(Message(topic, payload or b"", retain, qos, now))
         return 0
@@ -278,6 +281,7 @@ class MqttSession:
                 self._retained[topic] = payload
             else:
                 self._retained.pop(topic, None)
+        self.sent_count += 1
         self._client.publish(topic, payload, qos=qos, retain=retain)
 
     def send(self, channel: Channel[Any], data: Mapping[str, Any] | bytes, src: str = "", **names: str) -> None:
@@ -285,6 +289,13 @@ class MqttSession:
         retained and at the QoS the channel table gives."""
         payload = data if isinstance(data, bytes) else channel.encode(data, src)
         self.publish(channel.topic(**names), payload, retain=channel.retained, qos=channel.qos)
+
+    @property
+    def unacknowledged(self) -> int:
+        """QoS 1 messages published and not yet acknowledged by the broker (gmqtt keeps them to resend)."""
+        with contextlib.suppress(AttributeError, TypeError):
+            return len(self._client._persistent_storage._messages)
+        return 0
 
     @property
     def backlog(self) -> int:

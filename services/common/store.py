@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -201,7 +202,7 @@ class Store:
 
     Reads are served from memory. Every change returns once it is on disk; concurrent changes share
     appends (see the module's docstring). ``file_writes`` counts journal appends and snapshot rewrites,
-    ``bytes_written`` the bytes they wrote.
+    ``bytes_written`` the bytes they wrote, ``write_seconds`` the time they took (mostly fsync).
     """
 
     def __init__(self, path: Path, *, journal_min: int = JOURNAL_MIN) -> None:
@@ -225,6 +226,7 @@ class Store:
         self._round: asyncio.Future[None] | None = None  # completed by the next append
         self.file_writes = 0
         self.bytes_written = 0
+        self.write_seconds = 0.0
 
     # ---- in memory ---------------------------------------------------------------------------
 
@@ -314,7 +316,9 @@ class Store:
             if version <= self._snapshot_version:
                 return
             keep, self._torn = (self._journal_size if self._torn else None), True
+            began = time.perf_counter()
             append_line(self.journal, line, keep)
+            self.write_seconds += time.perf_counter() - began
             self._torn = False
             self._journal_size += len(line)
             self.file_writes += 1
@@ -325,7 +329,9 @@ class Store:
         with self._io:
             if version <= self._snapshot_version:
                 return
+            began = time.perf_counter()
             compact(self.path, text)
+            self.write_seconds += time.perf_counter() - began
             self._snapshot_version, self._snapshot_size = version, len(text.encode())
             self._journal_size, self._torn = 0, False
             self.file_writes += 1

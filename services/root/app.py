@@ -18,11 +18,13 @@ from broker.renewal import Renewer
 from broker.server import Listeners
 from broker.tier_ca import TierCa
 from broker.tokens import JoinPolicy, JoinTokens
-from services.common import channels, plugins, profile
+from services.common import channels, metrics, plugins, profile
 from services.common.inbox import Inbox, Received, serve
+from services.common.metrics import Endpoint, TierMetrics
 from services.common.mqtt import BrokerUrl, MqttSession
 from services.common.private import private_dir, write_secret
 from services.common.store import Store
+from services.root import metrics as root_metrics
 from services.root.api import BUSY_BACKLOG, Api
 from services.root.catalog import Catalog
 from services.root.joining import RootJoining
@@ -52,6 +54,7 @@ class RootConfig:
     open_join: bool = False  # clusters may join without a token
     cert_days: float = ca.CERT_DAYS  # how long the clusters' certificates last
     busy_backlog: int = BUSY_BACKLOG  # a user's requests waiting beyond which they are answered "busy"
+    metrics: Endpoint = Endpoint()  # where Prometheus scrapes this root (port 0: nowhere)
 
 
 async def ensure_admin(cfg: RootConfig, credentials: Credentials, url: BrokerUrl, cafile: Path | None) -> None:
@@ -98,6 +101,11 @@ async def run_root(cfg: RootConfig, ready: asyncio.Event | None = None) -> None:
                 network = RootNetwork(store, session)
                 await network.load()
                 orchestrator = RootOrchestrator(catalog, scheduling, session, credentials.users, network)
+                measured = orchestrator.metrics = TierMetrics("root")
+                measured.watch_session("clusters", session)
+                measured.watch_session("users", requests)
+                measured.watch_store("root", store)
+                measured.read(root_metrics.reader(orchestrator, broker.clients))
                 streams = LogStreams(session)
                 public = BrokerUrl(cfg.advertise, broker.port, tls=tier is not None)
                 issuer = Issuer(tier.authority, tier.fleet_ca, broker.cert_port, cfg.cert_days) if tier else None
@@ -141,6 +149,7 @@ async def run_root(cfg: RootConfig, ready: asyncio.Event | None = None) -> None:
                 gc.freeze()
                 if ready:
                     ready.set()
-                await serve(session, inbox, orchestrator.run(), users.run(requests), api.run())
+                await serve(session, inbox, orchestrator.run(), users.run(requests), api.run(),
+                            metrics.serve(measured, cfg.metrics))
     finally:
         store.close()

@@ -25,6 +25,7 @@ from services.common import channels, models
 from services.common.delta import Change, DeltaPublisher, DeltaReceiver
 from services.common.inbox import Inbox, Received
 from services.common.liveness import CLUSTER_BEAT_EVERY, Liveness, epoch
+from services.common.metrics import PassTiming, TierMetrics
 from services.common.models import ClusterInfo, InstanceSpec, InstanceStatus, NodeSummary
 from services.common.mqtt import MqttSession
 from services.common.retained import LastSent
@@ -76,6 +77,9 @@ class RootOrchestrator:
         # costs tens of milliseconds, at most a third of the event loop, which the users' requests share.
         self._kicks = Trigger(lambda: self.reconcile(), ReportThrottle(0.0, factor=PASS_SHARE, coalesce=0.0),
                               "a reconcile pass")
+        self.metrics: TierMetrics | None = None  # what it counts as it works, when the root serves metrics
+        self._born = time.time()  # instances created since then are timed to their first RUNNING
+        self._ran: set[str] = set()  # instances already timed
 
     def listen(self, inbox: Inbox) -> None:
         """Register the channels this orchestrator reads: every cluster's own."""
@@ -223,6 +227,10 @@ class RootOrchestrator:
                 continue
             self.placement.absorb(view.name, iid, status)
             self._dirty.add(instance.sid)
+            if status.status == models.RUNNING and instance.created >= self._born and iid not in self._ran:
+                self._ran.add(iid)
+                if self.metrics:
+                    self.metrics.submit_to_running.observe(time.time() - instance.created)
         for iid in gone:
             instance = self.catalog.instances.get(iid)
             if instance is not None:
@@ -263,17 +271,25 @@ class RootOrchestrator:
         decisions = self.placement.decisions(self.catalog.instances, self.catalog.services, self.clusters,
                                              set(changes))
         slices = TimeSlices()  # the root keeps answering during a big burst
+        timing = PassTiming()
         for decided in decisions:
+            timing.decided()
             instance = self.catalog.instances[decided.iid]
             service = self.catalog.services[instance.sid]
             if decided.cluster and decided.cluster != changes.get(decided.iid, instance.cluster):
                 changes[decided.iid] = decided.cluster
+                timing.placed += 1
                 log.info("placed %s (%s #%d) on cluster %s", instance.iid, service.job_name, instance.number,
                          decided.cluster)
             elif decided.news:
                 log.warning("cannot place %s (%s): %s", instance.iid, service.job_name, decided.reason)
                 self._dirty.add(instance.sid)
+                if self.metrics:
+                    self.metrics.refused(decided.reason)
             await slices.turn()
+            timing.resume()
+        if self.metrics and timing.decisions:
+            self.metrics.placed(timing.placed, timing.seconds)
         # one with nowhere else to go stays where it is, LOST, rather than leave its cluster's map: when the
         # cluster comes back it still runs there (and a later pass moves it once another cluster can take it)
         changes = {iid: cluster for iid, cluster in changes.items() if cluster or iid not in moving_ids}
@@ -386,6 +402,7 @@ class RootOrchestrator:
             self.views.forget(instance.iid)
             self.placement.forget(instance.iid)
             self._ready_since.pop(instance.iid, None)
+            self._ran.discard(instance.iid)
         added = added or []
         await self._tell_clusters({**{i.iid: i.cluster for i in removed}, **{i.iid: "" for i in added}},
                                   {**{i.iid: "" for i in removed}, **{i.iid: i.cluster for i in added}})

@@ -13,8 +13,9 @@ from typing import Any
 from broker.join import TLS_DIR, obtain_login
 from broker.renewal import Renewal
 from plugins.runtimes.cgroups import instances_cgroup2
-from services.common import channels, models, plugins, topics
+from services.common import channels, metrics, models, plugins, topics
 from services.common.inbox import Inbox, Received, serve
+from services.common.metrics import Endpoint, TierMetrics
 from services.common.models import InstanceSpec, NodeInfo
 from services.common.mqtt import BrokerUrl, MqttSession
 from services.common.plugin_api import Closeable
@@ -22,6 +23,7 @@ from services.common.private import private_dir
 from services.common.store import Store
 from services.common.version import VERSION
 from services.worker import gpus
+from services.worker import metrics as worker_metrics
 from services.worker.engine import Engine
 from services.worker.fence import fence
 from services.worker.kernel import Kernel
@@ -62,6 +64,7 @@ class WorkerConfig:
     host_netns: str = ""  # the namespace playing this worker's host ("" = its own; tests use one per worker)
     oci_runtimes: tuple[str, ...] = ()  # --oci-runtime NAME=PATH [FLAGS]: more OCI runtimes for the container runtime
     gpus: bool = True  # look for NVIDIA GPUs (--no-gpus: offer none; `oak sim` workers never look)
+    metrics: Endpoint = Endpoint()  # where Prometheus scrapes this worker (port 0: nowhere)
 
 
 async def make_network(cfg: WorkerConfig, store: Store) -> tuple[Network | None, Overlay | None]:
@@ -117,6 +120,9 @@ async def run_worker(cfg: WorkerConfig) -> None:
     engine = Engine(cfg.name, runtimes, store, cfg.data_dir, on_change=reporter.poke, stop_grace=cfg.stop_grace,
                     network=network, gpus=devices)
     reporter.engine = engine
+    measured = engine.metrics = TierMetrics("worker")
+    measured.watch_store("worker", store)
+    measured.read(worker_metrics.reader(engine))
     prober = reporter.prober = Prober(cfg.probe_host, cfg.probe_port)
     await prober.start()
     tls = login.tls()
@@ -130,6 +136,7 @@ async def run_worker(cfg: WorkerConfig) -> None:
         tls=tls,
     )
     renewal = Renewal(session, tls, cfg.data_dir / TLS_DIR, channels.NODE_CSR.topic(node=cfg.name)) if tls else None
+    measured.watch_session("cluster", session)
     fetcher = SecretFetcher(session, cfg.name)
     engine.secrets = fetcher.fetch
     try:
@@ -169,7 +176,8 @@ async def run_worker(cfg: WorkerConfig) -> None:
             log.info("worker %s connected to its cluster at %s; runtimes: %s", cfg.name, cfg.cluster,
                      ", ".join(sorted(runtimes)))
             await serve(session, inbox, reporter.run(session, cfg.report_interval), prober.run(),
-                        fence(engine, session.quiet_for, cfg.report_interval), *([renewal.run()] if renewal else []))
+                        fence(engine, session.quiet_for, cfg.report_interval), metrics.serve(measured, cfg.metrics),
+                        *([renewal.run()] if renewal else []))
     finally:
         prober.close()
         await engine.close()

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from services.common import models
+from services.common.metrics import TierMetrics
 from services.common.models import InstanceSpec, InstanceStatus
 from services.common.plugin_api import Exit, Handle, LaunchSpec, Runtime
 from services.common.sla import VM_VIRTUALIZATIONS, HealthCheck
@@ -91,6 +92,7 @@ class Engine:
         self.network = network
         self.gpus = list(gpus)  # this node's GPUs
         self.gpu_holders: dict[str, str] = {}  # GPU UUID -> the instance holding it (until it has stopped)
+        self.metrics: TierMetrics | None = None  # what it counts as it works, when the worker serves metrics
         self.stop_grace = stop_grace
         self.runtimes = runtimes
         self.store = store
@@ -183,6 +185,7 @@ class Engine:
         await self._reconcile()
 
     async def _reconcile(self) -> None:
+        began = time.perf_counter()
         desired = {iid: spec for iid, spec in (self.desired or {}).items() if iid not in self.fenced}
         for iid in [iid for iid in self.slots if iid not in desired]:
             slot = self.slots.pop(iid)
@@ -198,6 +201,8 @@ class Engine:
         for slot in new.values():
             slot.task = asyncio.create_task(self._supervise(slot, adopted=False))
         self.on_change()
+        if self.metrics:
+            self.metrics.reconcile_seconds.observe(time.perf_counter() - began)
 
     async def _remove(self, slot: Slot) -> None:
         if slot.spec.rr_ip and slot.handle and self.network:
