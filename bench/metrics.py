@@ -19,15 +19,13 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from bench.common import record
 from bench.fleet import Fleet
 from bench.scale import Tracker, measure, online, place
-from bench.three_tiers import _online
-from services.cli.client import OakClient, Profile
+from bench.three_tiers import idle_up
+from services.cli.client import OakClient
 from services.common.metrics import PORTS
-from tests.stack import Proc, eventually, free_port, oak
+from tests.stack import eventually, free_port
 
 SCRAPE_EVERY = 5.0
 
@@ -47,29 +45,11 @@ def _scrape(port: int) -> int:
 
 
 async def idle_1doc(with_metrics: bool, seconds: float) -> dict[str, float]:
-    """% of a core and RSS of an idle ``oak up`` over *seconds*."""
-    with tempfile.TemporaryDirectory() as tmp:
-        flags = [] if with_metrics else ["--no-metrics"]
-        proc = Proc("up", oak("up", "--data-dir", tmp, "--host", "127.0.0.1", "--port", str(free_port()),
-                              "--cluster-port", str(free_port()), "--name", "bench-worker", *flags), Path(tmp)).start()
-        scraper = None
-        try:
-            await eventually(lambda: (Path(tmp) / "credentials.json").exists(), 30, what="up")
-            client = await OakClient(Profile.load(Path(tmp))).__aenter__()
-            await eventually(lambda: _online(client, 1), 30, what="worker online")
-            await client.__aexit__(None, None, None)
-            if with_metrics:
-                scraper = asyncio.create_task(scraping(list(PORTS.values())))
-            await asyncio.sleep(5)
-            ps = psutil.Process(proc.popen.pid)  # type: ignore[union-attr]
-            cpu0 = sum(ps.cpu_times()[:2])
-            await asyncio.sleep(seconds)
-            cpu = (sum(ps.cpu_times()[:2]) - cpu0) / seconds * 100
-            rss = ps.memory_info().rss / 2**20
-        finally:
-            if scraper:
-                scraper.cancel()
-            proc.stop()
+    """% of a core and RSS of an idle ``oak up`` over *seconds* (scraped meanwhile, with its endpoints)."""
+    if with_metrics:
+        cpu, rss = await idle_up(seconds, during=lambda: scraping(list(PORTS.values())))
+    else:
+        cpu, rss = await idle_up(seconds, "--no-metrics")
     return {"cpu_percent_of_one_core": round(cpu, 2), "rss_mb": round(rss, 1)}
 
 

@@ -16,6 +16,7 @@ import functools
 import json
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import psutil
@@ -153,16 +154,21 @@ async def _moved(client: OakClient, job: str, iids: set[str], victim: str) -> bo
     return all(i["status"] == "RUNNING" and i["node"] != victim for i in state["instances"] if i["iid"] in iids)
 
 
-async def idle_footprint(seconds: float) -> None:
+async def idle_up(seconds: float, *flags: str, during: Callable[[], Awaitable[None]] | None = None
+                  ) -> tuple[float, float]:
+    """% of one core and RSS (MB) of an idle ``oak up FLAGS`` over *seconds*, once its worker is online, with
+    *during* running meanwhile (e.g. a scraper)."""
     with tempfile.TemporaryDirectory() as tmp:
         port, cport = free_port(), free_port()
         proc = Proc("up", oak("up", "--data-dir", tmp, "--host", "127.0.0.1", "--port", str(port),
-                              "--cluster-port", str(cport), "--name", "bench-worker"), Path(tmp)).start()
+                              "--cluster-port", str(cport), "--name", "bench-worker", *flags), Path(tmp)).start()
+        side = None
         try:
             await eventually(lambda: (Path(tmp) / "credentials.json").exists(), 30, what="up")
             client = await OakClient(Profile.load(Path(tmp))).__aenter__()
             await eventually(lambda: _online(client, 1), 30, what="worker online")
             await client.__aexit__(None, None, None)
+            side = asyncio.ensure_future(during()) if during else None
             await asyncio.sleep(5)  # settle
             ps = psutil.Process(proc.popen.pid)  # type: ignore[union-attr]
             cpu0 = sum(ps.cpu_times()[:2])
@@ -170,7 +176,14 @@ async def idle_footprint(seconds: float) -> None:
             cpu = (sum(ps.cpu_times()[:2]) - cpu0) / seconds * 100
             rss = ps.memory_info().rss / 2**20
         finally:
+            if side:
+                side.cancel()
             proc.stop()
+    return cpu, rss
+
+
+async def idle_footprint(seconds: float) -> None:
+    cpu, rss = await idle_up(seconds)
     record("idle_footprint_1doc", {
         "command": "python -m bench.three_tiers", "rss_mb": round(rss, 1), "cpu_percent_of_one_core": round(cpu, 2),
         "window_s": seconds, "processes": 1, "baseline": "Oakestra's control plane: 0.5-1 GB RSS (paper)",
