@@ -12,6 +12,7 @@ command -v runc >/dev/null || need+=(runc)
 command -v ctr >/dev/null || need+=(containerd)
 command -v crun >/dev/null || need+=(crun)  # OCI runtimes by name (tests/test_runtimes.py)
 command -v runsc >/dev/null || need+=(runsc)  # gVisor
+command -v zsh >/dev/null || need+=(zsh)  # oak's completion script is loaded in bash and zsh (tests/test_completion.py)
 command -v nft >/dev/null || [ -x /usr/sbin/nft ] || need+=(nftables)
 [ -x /bin/busybox ] || need+=(busybox-static)
 command -v umoci >/dev/null || need+=(umoci)

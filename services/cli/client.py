@@ -79,6 +79,7 @@ class OakClient:
         self.updates: asyncio.Queue[Message] = asyncio.Queue()
         self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._reader: asyncio.Task[None] | None = None
+        self.last_lag: float | None = None  # how late the last answer looked on arrival, by the root's clock
 
     async def __aenter__(self) -> OakClient:
         try:
@@ -119,6 +120,7 @@ class OakClient:
             except (ValueError, AttributeError, TypeError):
                 waiter = None
             if waiter and not waiter.done():
+                self.last_lag = message.lag
                 waiter.set_result(answer)
             else:  # not ours to match (another client of this user, or a request sent without a transaction)
                 self.updates.put_nowait(message)

@@ -9,6 +9,7 @@ import dataclasses
 import getpass
 import os
 import secrets
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from services.common.mqtt import BrokerUrl
 from services.common.private import private_dir, write_private
 from services.root.app import RootConfig, run_root
 from services.worker.app import WorkerConfig, run_worker, run_worker_retrying
+from services.worker.netcfg import DEFAULT_PATH as DEFAULT_NETCFG
 
 Render = Callable[[Any], str]
 
@@ -233,6 +235,47 @@ def _read_bytes(path: str) -> bytes:
         return sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
     except OSError as exc:
         raise CliError(f"cannot read {path}: {exc.strerror}") from None
+
+
+async def doctor(args: argparse.Namespace) -> int:
+    """``oak doctor [TIER]``: check one tier, or the three of ``oak up`` kept in --data-dir, then what the root
+    sees of them; print one line per finding; 1 when something blocks operation."""
+    from services.cli import doctor as checks
+    from services.cli.client import oak_home
+
+    home = oak_home(args.data_dir)
+    tiers = [args.tier] if args.tier else ["root", "cluster", "worker"]
+    admin_dir = Path(args.admin_dir) if args.admin_dir else (home if args.tier in (None, "root") else oak_home(None))
+    try:
+        admin: Profile | None = Profile.load(admin_dir)
+    except CliError:
+        admin = None
+    root = BrokerUrl.parse(args.root or os.environ.get("OAK_ROOT") or "127.0.0.1:10000", 10000, tls=True)
+    cluster = BrokerUrl.parse(args.cluster or "127.0.0.1:10003", 10003, tls=True)
+    host = not args.no_host_checks
+    sections: list[tuple[str, list[checks.Finding]]] = []
+    for tier in tiers:
+        data_dir = home if args.tier or tier == "root" else home / tier
+        if tier == "root":
+            found = await checks.diagnose("root", data_dir, host=host,
+                                          ports=(("broker", root.port), ("metrics", metrics.PORTS["root"])))
+        elif tier == "cluster":
+            found = await checks.diagnose("cluster", data_dir, parent=root, token=args.join_token, host=host,
+                                          ports=(("broker", cluster.port), ("metrics", metrics.PORTS["cluster"])))
+        else:
+            netcfg = Path(args.netcfg) if args.netcfg else (DEFAULT_NETCFG if DEFAULT_NETCFG.exists() else None)
+            found = await checks.diagnose("worker", data_dir, parent=cluster, token=args.join_token, netcfg=netcfg,
+                                          netmanager=args.netmanager, host=host,
+                                          ports=(("metrics", metrics.PORTS["worker"]),))
+        sections.append((f"{tier} ({data_dir})", found))
+    seen = await checks.root_view(admin, worker=(args.name or socket.gethostname()) if "worker" in tiers else "",
+                                  cluster=(args.cluster_name if "cluster" in tiers else ""))
+    sections.append(("as the root sees it", seen))
+    for title, found in sections:
+        if len(sections) > 2:
+            print(f"== {title}")
+        print(checks.render(found))
+    return max(checks.exit_code(found) for _, found in sections)
 
 
 async def client_command(args: argparse.Namespace) -> tuple[Any, Render]:

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from services.cli import commands
+from services.cli import commands, completion
 from services.cli.client import CliError, oak_home
 from services.cli.tables import table
 from services.common import metrics
@@ -23,6 +23,7 @@ from services.common.plugins import PluginError, installed
 from services.common.profile import DEFAULT as DEFAULT_PROFILE
 from services.common.version import VERSION
 from services.root.api import BUSY_BACKLOG
+from services.worker.netcfg import DEFAULT_PATH as DEFAULT_NETCFG
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -77,6 +78,11 @@ def _add_metrics_flags(p: argparse.ArgumentParser, tier: str) -> None:
                    help=f"serve Prometheus metrics on this port (default {metrics.PORTS[tier]}; 0: off)")
     p.add_argument("--metrics-host", default="127.0.0.1",
                    help="address the metrics are served on (default 127.0.0.1; 0.0.0.0 for a remote Prometheus)")
+
+
+def _completed(action: argparse.Action, completer: Callable[..., list[str]]) -> None:
+    """Have the shell complete *action*'s value with *completer* (services/cli/completion.py)."""
+    action.completer = completer  # type: ignore[attr-defined]  # argcomplete reads it
 
 
 def parser() -> argparse.ArgumentParser:
@@ -174,35 +180,35 @@ def parser() -> argparse.ArgumentParser:
     _add_common(p)
     _add_common(app.add_parser("list", help="list your applications"))
     p = app.add_parser("delete", help="undeploy and delete an application")
-    p.add_argument("app", help="application name or id")
+    _completed(p.add_argument("app", help="application name or id"), completion.APPS)
     _add_common(p)
 
     svc = sub.add_parser("service", help="services").add_subparsers(dest="action", required=True)
     p = svc.add_parser("deploy", help="deploy a service")
-    p.add_argument("service", help="job name (app.appns.svc.svcns) or id")
+    _completed(p.add_argument("service", help="job name (app.appns.svc.svcns) or id"), completion.SERVICES)
     p.add_argument("-n", "--replicas", type=int, default=1)
     p.add_argument("--wait", action="store_true", help="follow its status until it runs")
     p.add_argument("--timeout", type=float, default=60.0)
     _add_common(p)
     p = svc.add_parser("scale", help="set the number of instances")
-    p.add_argument("service")
+    _completed(p.add_argument("service"), completion.SERVICES)
     p.add_argument("replicas", type=int)
     _add_common(p)
     p = svc.add_parser("undeploy", help="stop all instances, or one")
-    p.add_argument("service")
+    _completed(p.add_argument("service"), completion.SERVICES)
     p.add_argument("instance", nargs="?", type=int, help="instance number")
     _add_common(p)
     p = svc.add_parser("list", help="list your services")
     p.add_argument("--app", help="only this application's")
     _add_common(p)
     p = svc.add_parser("logs", help="print (and follow) the logs of a service's instances")
-    p.add_argument("service")
+    _completed(p.add_argument("service"), completion.SERVICES)
     p.add_argument("instance", nargs="?", type=int, help="instance number (default: all)")
     p.add_argument("-n", "--tail", type=int, default=100, help="lines from the end (default 100)")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines (Ctrl-C stops)")
     _add_common(p)
     p = svc.add_parser("update", help="roll out a new revision of a service (as its SLA's update policy says)")
-    p.add_argument("service")
+    _completed(p.add_argument("service"), completion.SERVICES)
     p.add_argument("file", nargs="?", help="an SLA holding the microservice, or a microservice object ('-': stdin)")
     p.add_argument("--code", help="the new image, kernel or code")
     p.add_argument("--cmd", help="the new command, split as a shell would")
@@ -213,17 +219,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=600.0)
     _add_common(p)
     p = svc.add_parser("history", help="a service's revisions")
-    p.add_argument("service")
+    _completed(p.add_argument("service"), completion.SERVICES)
     _add_common(p)
     p = svc.add_parser("rollback", help="roll back to an earlier revision (default: the one before the last update)")
-    p.add_argument("service")
+    _completed(p.add_argument("service"), completion.SERVICES)
     p.add_argument("revision", nargs="?", type=int)
     _add_common(p)
     p = svc.add_parser("promote", help="let a rollout waiting on its canaries go on")
-    p.add_argument("service")
+    _completed(p.add_argument("service"), completion.SERVICES)
     _add_common(p)
     p = svc.add_parser("inspect", help="one service and its instances")
-    p.add_argument("service")
+    _completed(p.add_argument("service"), completion.SERVICES)
     _add_common(p)
 
     node = sub.add_parser("node", help="workers").add_subparsers(dest="action", required=True)
@@ -247,6 +253,24 @@ def parser() -> argparse.ArgumentParser:
     p = plugins.add_parser("list", help="schedulers, runtimes and collectors: version and where each comes from")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
+    doc = sub.add_parser("doctor", help="check a root, cluster or worker (and its machine), one line each with a fix")
+    doc.add_argument("tier", nargs="?", choices=["root", "cluster", "worker"],
+                     help="the tier to check (default: all three of `oak up` in --data-dir)")
+    doc.add_argument("--data-dir", help="the tier's data directory (default: $OAK_HOME, ~/.oak)")
+    doc.add_argument("--root", help="the root a cluster joins (default $OAK_ROOT or 127.0.0.1:10000)")
+    doc.add_argument("--cluster", help="the cluster a worker joins (default 127.0.0.1:10003)")
+    doc.add_argument("--name", help="the worker's name (default: the hostname)")
+    doc.add_argument("--cluster-name", default="cluster1", help="the cluster's name (default: cluster1)")
+    doc.add_argument("--join-token", default=os.environ.get("OAK_JOIN_TOKEN", ""))
+    doc.add_argument("--netcfg", help=f"the worker's netcfg.json (default {DEFAULT_NETCFG} if it exists)")
+    doc.add_argument("--netmanager", type=int, default=0, metavar="PORT", help="a NetManager to reach on 127.0.0.1")
+    doc.add_argument("--admin-dir", help="where the admin's credentials.json is, to ask the root what it sees "
+                                         "(default: the root's data directory, or $OAK_HOME)")
+    doc.add_argument("--no-host-checks", action="store_true",
+                     help="skip the machine's checks (cgroups, runtimes, nftables, VXLAN, disk)")
+    comp = sub.add_parser("completion", help="shell code that completes oak's commands and names")
+    comp.add_argument("shell", choices=["bash", "zsh"])
+
     brk = sub.add_parser("broker", help="an existing broker for oak").add_subparsers(dest="action", required=True)
     p = brk.add_parser("files", help="write starting password and ACL files for your mosquitto into DIR and "
                                      "print the mosquitto.conf lines that use them (see docs/brokers.md)")
@@ -260,7 +284,7 @@ def parser() -> argparse.ArgumentParser:
         dest="action", required=True)
     _add_common(volume.add_parser("list", help="every volume: service, worker, size"))
     p = volume.add_parser("delete", help="delete a service's volumes (or one) from every worker")
-    p.add_argument("service")
+    _completed(p.add_argument("service"), completion.SERVICES)
     p.add_argument("volume", nargs="?")
     _add_common(p)
 
@@ -331,7 +355,14 @@ def _print(data: Any, args: argparse.Namespace, render: Callable[[Any], str]) ->
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``oak``."""
-    args = parser().parse_args(argv)
+    top = parser()
+    completion.activate(top)  # a Tab in the shell: answered here, and the process ends
+    args = top.parse_args(argv)
+    if args.command == "completion":
+        print(completion.script(args.shell))
+        return 0
+    if args.command == "doctor":
+        return asyncio.run(commands.doctor(args))
     if args.command == "broker":
         return commands.broker_files(args.dir)
     if args.command == "plugins":

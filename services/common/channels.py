@@ -230,7 +230,7 @@ API_REQUEST: Channel[bytes] = Channel(
     "a user's request (docs/api.md; the root answers a malformed one itself)", _bytes, USER, (USER,))
 API_RESPONSE: Channel[dict[str, Any]] = Channel(
     f"{BASE}/api/{{user}}/response/{{resource}}/{{action}}",
-    "`{\"ok\": true, \"data\", \"transaction\"}` / `{\"ok\": false, \"error\": {\"code\", \"message\"}}`",
+    "`{\"ok\": true, \"data\", \"transaction\", \"ts\"}` / `{\"ok\": false, \"error\": {\"code\", \"message\"}}`",
     _object, SERVICE, (USER,))
 API_SERVICE_STATE: Channel[dict[str, Any]] = Channel(
     f"{BASE}/api/{{user}}/state/services/{{job}}",

@@ -187,6 +187,7 @@ class Api:
             answer = {"ok": False, "error": {"code": "internal", "message": f"the root failed: {exc!r}"}}
         if transaction is not None:
             answer["transaction"] = transaction
+        answer = {"ts": round(time.time(), 3), **answer}  # first, where a reader finds it: the root's clock
         busy = not answer["ok"] and answer["error"]["code"] == "busy"
         self._note_overload(busy, answer)
         if not answer["ok"] and not busy:
