@@ -7,6 +7,7 @@ import asyncio
 import base64
 import dataclasses
 import getpass
+import json
 import os
 import secrets
 import socket
@@ -26,7 +27,7 @@ from services.cli.revisions import revision_command
 from services.cli.tables import table
 from services.cli.views import service_text, services_text
 from services.cluster.app import ClusterConfig, run_cluster
-from services.common import metrics
+from services.common import channels, metrics
 from services.common.metrics import Endpoint
 from services.common.mqtt import BrokerUrl
 from services.common.private import private_dir, write_private
@@ -286,6 +287,8 @@ async def client_command(args: argparse.Namespace) -> tuple[Any, Render]:
     profile = Profile.load(home, args.root)
     async with OakClient(profile) as oak:
         group, action = args.command, getattr(args, "action", None)
+        if group == "events":
+            return await _events(oak, args)
         if group == "app" and action == "create":
             return await oak.request("apps", "create", raw=_read_bytes(args.sla)), _apps
         if group == "app" and action == "list":
@@ -365,6 +368,53 @@ async def _secret_command(oak: OakClient, args: argparse.Namespace) -> tuple[Any
     data = await oak.request("secrets", "set", body)
     return data, lambda d: (f"secret {d['name']} is at version {d['version']} ({d['size']} bytes)"
                             + (f"; rolling {', '.join(d['rolled'])}" if d["rolled"] else ""))
+
+
+def event_line(event: dict[str, Any]) -> str:
+    """One event as a line: time, kind, what, and why."""
+    at = time.strftime("%H:%M:%S", time.localtime(float(event.get("at", 0))))
+    why = f"  ({event['reason']})" if event.get("reason") else ""
+    return f"{at}  {str(event.get('kind', '')):<9} {event.get('what', '')}{why}"
+
+
+async def _events(oak: OakClient, args: argparse.Namespace) -> tuple[Any, Render]:
+    """``oak events``: the recent events (retained), then, with -f, each new batch as it comes."""
+    me = oak.profile.username
+    recent, live = channels.API_EVENTS_RECENT.topic(user=me), channels.API_EVENTS.topic(user=me)
+    await oak.session.subscribe_confirmed(recent, *([live] if args.follow else []))
+
+    def wanted(channel: channels.Channel[dict[str, Any]], payload: bytes) -> list[dict[str, Any]]:
+        try:
+            events = channel.decode(payload).get("events")
+        except ValueError:  # not an events document: nothing to show from it
+            return []
+        rows = [e for e in events if isinstance(e, dict)] if isinstance(events, list) else []
+        return [e for e in rows if not args.service or e.get("service") == args.service]
+
+    shown: set[str] = set()
+    try:
+        async with asyncio.timeout(2.0):  # the retained recent events come at once, if there are any
+            while True:
+                message = await oak.updates.get()
+                if message.topic == recent:
+                    break
+        events = wanted(channels.API_EVENTS_RECENT, message.payload)
+        events = events[len(events) - args.tail:] if args.tail > 0 else []
+    except TimeoutError:
+        events = []
+    for event in events:
+        shown.add(json.dumps(event, sort_keys=True))
+        print(event_line(event), flush=True)
+    if not events and not args.follow:
+        print("no events yet")
+    while args.follow:
+        message = await oak.updates.get()
+        if message.topic != live:
+            continue
+        for event in wanted(channels.API_EVENTS, message.payload):
+            if json.dumps(event, sort_keys=True) not in shown:
+                print(event_line(event), flush=True)
+    return None, lambda _: ""
 
 
 async def _logs(oak: OakClient, args: argparse.Namespace) -> tuple[Any, Render]:

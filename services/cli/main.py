@@ -253,6 +253,12 @@ def parser() -> argparse.ArgumentParser:
     p = plugins.add_parser("list", help="schedulers, runtimes and collectors: version and where each comes from")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
+    ev = sub.add_parser("events", help="what the root decided and saw: placements, status changes, workers, "
+                                       "clusters, rollouts, refused requests")
+    ev.add_argument("-f", "--follow", action="store_true", help="keep printing new events (Ctrl-C stops)")
+    ev.add_argument("-n", "--tail", type=int, default=50, help="recent events to show first (default 50; at most 200)")
+    _completed(ev.add_argument("--service", help="only this service's events (its job name)"), completion.SERVICES)
+    _add_common(ev)
     doc = sub.add_parser("doctor", help="check a root, cluster or worker (and its machine), one line each with a fix")
     doc.add_argument("tier", nargs="?", choices=["root", "cluster", "worker"],
                      help="the tier to check (default: all three of `oak up` in --data-dir)")

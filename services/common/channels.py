@@ -242,6 +242,15 @@ API_INFRASTRUCTURE: Channel[dict[str, Any]] = Channel(
     "`infrastructure`, at most every 2 s when it changed: `clusters` and `nodes` as `clusters/list` and "
     "`nodes/list` give them", _envelope("infrastructure"), SERVICE, (USER,), kind="infrastructure",
     retained=True)
+API_EVENTS: Channel[dict[str, Any]] = Channel(
+    f"{BASE}/api/{{user}}/events",
+    "`events`: `{\"events\": [{\"at\", \"kind\", \"what\", \"service\"?, \"instance\"?, \"cluster\"?, "
+    "\"node\"?, \"reason\"?}]}`, a batch at most every 0.5 s: placements, refusals, status changes, workers "
+    "and clusters coming and going, rollouts, refused requests (services/root/events.py)",
+    _envelope("events"), SERVICE, (USER,), kind="events")
+API_EVENTS_RECENT: Channel[dict[str, Any]] = Channel(
+    f"{BASE}/api/{{user}}/state/events", "`events`: the user's last 200 events, as `events` sends them",
+    _envelope("events"), SERVICE, (USER,), kind="events", retained=True)
 
 # ---- a cluster broker: its workers, and its own side of the bridge ----------------------------------
 
@@ -323,7 +332,7 @@ def downstream(channel: Channel[T]) -> Channel[T]:
 
 ROOT_BROKER = _with_deltas((
     ROOT_AVAIL, *CLUSTER_UP, *CLUSTER_DOWN, JOIN_CA, JOIN_REQUEST, JOIN_RESPONSE,
-    API_REQUEST, API_RESPONSE, API_SERVICE_STATE, API_INFRASTRUCTURE))
+    API_REQUEST, API_RESPONSE, API_SERVICE_STATE, API_INFRASTRUCTURE, API_EVENTS, API_EVENTS_RECENT))
 CLUSTER_BROKER = tuple(dict.fromkeys(_with_deltas((
     CLUSTER_SELF_AVAIL, NODE_AVAIL, NODE_INFO, NODE_STATE, NODE_ANSWER, NODE_CSR, NODE_SECRETS_ASK,
     NODE_DESIRED, NODE_PEERS, NODE_NET, NODE_COMMAND, NODE_CERT, NODE_SECRETS,

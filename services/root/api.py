@@ -192,6 +192,9 @@ class Api:
         self._note_overload(busy, answer)
         if not answer["ok"] and not busy:
             log.info("%s %s/%s refused: %s", parsed.user, parsed.resource, parsed.action, answer["error"]["message"])
+            if self.orchestrator.events:
+                self.orchestrator.events.to(parsed.user, "refused", f"{parsed.resource}/{parsed.action} refused",
+                                            reason=str(answer["error"]["message"])[:300])
         session.send(channels.API_RESPONSE, answer, user=parsed.user, resource=parsed.resource, action=parsed.action)
 
     def _note_overload(self, busy: bool, answer: dict[str, Any]) -> None:

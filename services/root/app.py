@@ -27,6 +27,7 @@ from services.common.store import Store
 from services.root import metrics as root_metrics
 from services.root.api import BUSY_BACKLOG, Api
 from services.root.catalog import Catalog
+from services.root.events import Feed
 from services.root.joining import RootJoining
 from services.root.network import RootNetwork
 from services.root.orchestrator import RootOrchestrator
@@ -101,6 +102,7 @@ async def run_root(cfg: RootConfig, ready: asyncio.Event | None = None) -> None:
                 network = RootNetwork(store, session)
                 await network.load()
                 orchestrator = RootOrchestrator(catalog, scheduling, session, credentials.users, network)
+                feed = orchestrator.events = Feed(session, credentials.users)
                 measured = orchestrator.metrics = TierMetrics("root")
                 measured.watch_session("clusters", session)
                 measured.watch_session("users", requests)
@@ -150,6 +152,6 @@ async def run_root(cfg: RootConfig, ready: asyncio.Event | None = None) -> None:
                 if ready:
                     ready.set()
                 await serve(session, inbox, orchestrator.run(), users.run(requests), api.run(),
-                            metrics.serve(measured, cfg.metrics))
+                            metrics.serve(measured, cfg.metrics), feed.run())
     finally:
         store.close()

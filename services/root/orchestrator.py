@@ -34,6 +34,7 @@ from services.common.throttle import ReportThrottle, TimeSlices, Trigger
 from services.root import rollout
 from services.root.catalog import Catalog, Instance, Service
 from services.root.clusters import FAILOVER_GRACE, SILENT_AFTER, STARTUP_GRACE, STUCK_AFTER, ClusterView
+from services.root.events import Feed
 from services.root.network import RootNetwork, overlay_routes
 from services.root.placement import Placement
 from services.root.views import ServiceStates, cluster_rows, node_rows
@@ -78,6 +79,7 @@ class RootOrchestrator:
         self._kicks = Trigger(lambda: self.reconcile(), ReportThrottle(0.0, factor=PASS_SHARE, coalesce=0.0),
                               "a reconcile pass")
         self.metrics: TierMetrics | None = None  # what it counts as it works, when the root serves metrics
+        self.events: Feed | None = None  # what its users follow (services/root/events.py)
         self._born = time.time()  # instances created since then are timed to their first RUNNING
         self._ran: set[str] = set()  # instances already timed
 
@@ -110,6 +112,8 @@ class RootOrchestrator:
         view, online = self._view(avail.sender), bool(avail.body)
         if online != view.online:
             log.info("cluster %s is %s", view.name, "online" if online else "offline")
+            self._tell_everyone("cluster", f"cluster {view.name} is {'online' if online else 'offline'}",
+                                cluster=view.name)
         if avail.message.retain:  # said before this root started: its startup grace applies
             view.set_online(online and not view.lost_since)
         elif online:
@@ -145,6 +149,8 @@ class RootOrchestrator:
         if self.liveness.hear(view.name, message.message.received or time.monotonic(), SILENT_AFTER,
                               message.message.lag):
             log.warning("cluster %s is back, after %.1f s gone", view.name, time.time() - view.lost_since)
+            self._tell_everyone("cluster", f"cluster {view.name} is back after {time.time() - view.lost_since:.1f} s "
+                                           "gone", cluster=view.name)
             view.lost_since = 0.0
             self._dirty |= {i.sid for i in self.catalog.instances.values() if i.cluster == view.name}
         if not view.online:
@@ -163,6 +169,8 @@ class RootOrchestrator:
             held = [i for i in self.catalog.instances.values() if i.cluster == name]
             log.warning("cluster %s has sent nothing for %.0f s: it is gone, %d instance(s) on it are lost",
                         name, SILENT_AFTER, len(held))
+            self._tell_everyone("cluster", f"cluster {name} is gone: silent for {SILENT_AFTER:.0f} s, "
+                                           f"{len(held)} instance(s) on it lost", cluster=name)
             self._dirty |= {i.sid for i in held}
             self.kick()
 
@@ -204,20 +212,31 @@ class RootOrchestrator:
         for iid, status in statuses.items():
             fresh[iid] = models.load(InstanceStatus, status)
             await slices.turn()
+        before = {name: node.online for name, node in view.nodes.items()}
         for name in change.drop.get("nodes", ()):
             view.nodes.pop(name, None)
+            self._tell_everyone("node", f"worker {name} left cluster {view.name}", cluster=view.name, node=name)
         view.nodes.update({n: models.load(NodeSummary, s) for n, s in nodes.items()})
+        for name in nodes:
+            node = view.nodes[name]
+            if before.get(name) != node.online:
+                said = "online" if node.online else ("LOST" if node.silent_since else "offline")
+                self._tell_everyone("node", f"worker {name} of cluster {view.name} is {said}", cluster=view.name,
+                                    node=name, reason=node.suspect)
         for iid in change.drop.get("instances", ()):
             view.statuses.pop(iid, None)
+        was = {iid: old.status for iid in fresh if (old := view.statuses.get(iid))} if self.events else {}
         view.statuses.update(fresh)
         if "overlay" in change.put or "overlay" in change.drop:
             view.overlay = overlay_routes(view.name, receiver.docs["overlay"])
-        self._absorb(view, fresh, change.drop.get("instances", ()))
+        self._absorb(view, fresh, change.drop.get("instances", ()), was)
         self._net_dirty = True
 
-    def _absorb(self, view: ClusterView, changed: dict[str, InstanceStatus], gone: tuple[str, ...] = ()) -> None:
+    def _absorb(self, view: ClusterView, changed: dict[str, InstanceStatus], gone: tuple[str, ...] = (),
+                was: dict[str, str] | None = None) -> None:
         """Take in a cluster's changed statuses (and the instances it no longer reports, *gone*): drop
-        reservations it has accounted for, note what it cannot place, mark the services concerned."""
+        reservations it has accounted for, note what it cannot place, mark the services concerned; tell the
+        owners of those whose status is not what it *was*."""
         if changed and view.suspect:
             log.info("cluster %s reports again: no longer suspect", view.name)
             view.suspect = ""
@@ -227,6 +246,10 @@ class RootOrchestrator:
                 continue
             self.placement.absorb(view.name, iid, status)
             self._dirty.add(instance.sid)
+            before = (was or {}).get(iid, "")
+            if self.events and status.status != before:
+                self._tell_owner(instance, "status", f"{before} -> {status.status}" if before else status.status,
+                                 cluster=view.name, node=status.node, reason=status.reason)
             if status.status == models.RUNNING and instance.created >= self._born and iid not in self._ran:
                 self._ran.add(iid)
                 if self.metrics:
@@ -279,11 +302,13 @@ class RootOrchestrator:
             if decided.cluster and decided.cluster != changes.get(decided.iid, instance.cluster):
                 changes[decided.iid] = decided.cluster
                 timing.placed += 1
+                self._tell_owner(instance, "placed", f"placed on cluster {decided.cluster}", cluster=decided.cluster)
                 log.info("placed %s (%s #%d) on cluster %s", instance.iid, service.job_name, instance.number,
                          decided.cluster)
             elif decided.news:
                 log.warning("cannot place %s (%s): %s", instance.iid, service.job_name, decided.reason)
                 self._dirty.add(instance.sid)
+                self._tell_owner(instance, "unplaced", "cannot be placed", reason=decided.reason)
                 if self.metrics:
                     self.metrics.refused(decided.reason)
             await slices.turn()
@@ -341,6 +366,10 @@ class RootOrchestrator:
         elif decided.rollout:
             log.info("%s: rollout of revision %d %s %s", service.job_name, decided.rollout.revision,
                      decided.rollout.state, decided.rollout.reason)
+            if self.events:
+                self.events.to(service.owner, "rollout", f"{service.job_name}: rollout of revision "
+                               f"{decided.rollout.revision} {decided.rollout.state}", service=service.job_name,
+                               reason=decided.rollout.reason)
             service = await self.catalog.set_rollout(service, decided.rollout)
         if decided.replace or decided.remove or decided.canaries:
             nodes = {i.iid: self.instance_status(i).node for i in decided.replace}
@@ -408,6 +437,18 @@ class RootOrchestrator:
                                   {**{i.iid: "" for i in removed}, **{i.iid: i.cluster for i in added}})
 
     # ---- what users see ----------------------------------------------------------------------
+
+    def _tell_owner(self, instance: Instance, kind: str, what: str, **fields: str) -> None:
+        """An event about *instance* for its service's owner."""
+        service = self.catalog.services.get(instance.sid)
+        if self.events and service:
+            self.events.to(service.owner, kind, f"{service.job_name} #{instance.number}: {what}",
+                           service=service.job_name, instance=instance.iid, **fields)
+
+    def _tell_everyone(self, kind: str, what: str, **fields: str) -> None:
+        """An event about the infrastructure, for every user."""
+        if self.events:
+            self.events.to_everyone(kind, what, **fields)
 
     def instance_status(self, instance: Instance) -> InstanceStatus:
         """The best-known status of one instance."""
