@@ -238,6 +238,49 @@ def _read_bytes(path: str) -> bytes:
         raise CliError(f"cannot read {path}: {exc.strerror}") from None
 
 
+def install(args: argparse.Namespace) -> int:
+    """``oak install TIER`` / ``oak uninstall TIER`` (services/cli/install.py)."""
+    import shutil
+    import subprocess
+
+    from services.cli import install as units
+
+    prefix = Path(args.prefix)
+    enable = not args.no_enable and prefix == Path("/") and units.systemd_running()
+    if args.command == "uninstall":
+        written = json.loads((prefix / units.DATA / args.tier / units.MANIFEST).read_text()).get("units", []) \
+            if (prefix / units.DATA / args.tier / units.MANIFEST).exists() else []
+        if enable and written:
+            subprocess.run(["systemctl", "disable", "--now", *written], check=False)
+        _, gone, kept = units.remove(args.tier, prefix)
+        for path in gone:
+            print(f"removed {path}")
+        for path in kept:
+            print(f"kept {path}: changed since it was installed")
+        if enable:
+            subprocess.run(["systemctl", "daemon-reload"], check=False)
+        return 0
+    flags = list(args.flags)
+    beside = Path(sys.executable).parent / "oak"  # the oak of this interpreter's environment first
+    oak_path = str(beside) if beside.exists() else shutil.which("oak")
+    if oak_path is None:
+        raise ValueError("cannot find the oak command to put in the unit: install oak (pip install -e .) first")
+    plan = units.plan(args.tier, flags, oak=oak_path, token=args.join_token, seed=args.seed,
+                      cluster=args.cluster or args.root or "", name=args.name or "")
+    if args.dry_run:
+        print(units.render(plan))
+        return 0
+    for path in units.write(plan, prefix):
+        print(f"wrote {prefix / path}")
+    if enable:
+        subprocess.run(["systemctl", "daemon-reload"], check=True)
+        subprocess.run(["systemctl", "enable", "--now", *plan.units], check=True)
+        print(f"enabled and started {', '.join(plan.units)}")
+    else:
+        print(f"not enabled (no systemd here, --no-enable or --prefix): systemctl enable --now {' '.join(plan.units)}")
+    return 0
+
+
 async def doctor(args: argparse.Namespace) -> int:
     """``oak doctor [TIER]``: check one tier, or the three of ``oak up`` kept in --data-dir, then what the root
     sees of them; print one line per finding; 1 when something blocks operation."""

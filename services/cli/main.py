@@ -274,6 +274,23 @@ def parser() -> argparse.ArgumentParser:
                                          "(default: the root's data directory, or $OAK_HOME)")
     doc.add_argument("--no-host-checks", action="store_true",
                      help="skip the machine's checks (cgroups, runtimes, nftables, VXLAN, disk)")
+    for verb, said in (("install", "write systemd units so a tier starts at boot and restarts on failure"),
+                       ("uninstall", "remove what `oak install` wrote for a tier")):
+        inst = sub.add_parser(verb, help=said)
+        inst.add_argument("tier", choices=["root", "cluster", "worker"])
+        inst.add_argument("--prefix", default="/", help="write under this directory instead of / (default /)")
+        inst.add_argument("--no-enable", action="store_true",
+                          help="only write (remove) the files: no systemctl daemon-reload, enable or disable")
+        if verb == "install":
+            inst.add_argument("--name", help="the cluster's or worker's name (default: the worker's hostname)")
+            inst.add_argument("--root", help="the root a cluster joins, HOST:PORT")
+            inst.add_argument("--cluster", help="the cluster a worker joins, HOST:PORT (with --seed: its address)")
+            inst.add_argument("--join-token", default="", help="kept in /etc/oak/TIER.env (0600), not in the unit")
+            inst.add_argument("--seed", action="store_true",
+                              help="worker: the seed guide's NetManager + NodeEngine pair instead of oak worker")
+            inst.add_argument("--dry-run", action="store_true", help="print the files instead of writing them")
+            inst.epilog = ("Flags for the tier itself go after --, e.g. "
+                           "oak install worker --cluster H:P -- --runtime container")
     comp = sub.add_parser("completion", help="shell code that completes oak's commands and names")
     comp.add_argument("shell", choices=["bash", "zsh"])
 
@@ -363,12 +380,24 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``oak``."""
     top = parser()
     completion.activate(top)  # a Tab in the shell: answered here, and the process ends
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passed: list[str] = []
+    if argv[:1] == ["install"] and "--" in argv:  # the installed tier's own flags, kept as they are
+        cut = argv.index("--")
+        argv, passed = argv[:cut], argv[cut + 1:]
     args = top.parse_args(argv)
+    args.flags = passed
     if args.command == "completion":
         print(completion.script(args.shell))
         return 0
     if args.command == "doctor":
         return asyncio.run(commands.doctor(args))
+    if args.command in ("install", "uninstall"):
+        try:
+            return commands.install(args)
+        except (ValueError, OSError) as exc:
+            print(f"oak: {exc}", file=sys.stderr)
+            return 2
     if args.command == "broker":
         return commands.broker_files(args.dir)
     if args.command == "plugins":
