@@ -435,7 +435,12 @@ class ClusterOrchestrator:
         """One placement pass. A big one (a burst of thousands) is worked out in a thread on copies, so this
         cluster keeps reading its workers and sending its heartbeat meanwhile (a pass of 10,000 instances on
         1,000 workers held the event loop for seconds, and the root took the cluster for gone); what changed
-        meanwhile is checked before the result is taken."""
+        meanwhile is checked before the result is taken. With nothing waiting for a worker it only publishes
+        the maps due (the retry loop calls it every second: at 1,000 workers, building every candidate for
+        nothing took a sixth of the cluster's CPU)."""
+        if all(iid in self.assigned for iid in self.desired):
+            await self._publish_when_durable(set())
+            return
         inputs = (dict(self.desired), dict(self.assigned), self.candidates(), self.profile)
         big = len(inputs[0]) - len(inputs[1]) >= PLAN_IN_THREAD_FROM
         began = time.perf_counter()
