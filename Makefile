@@ -6,9 +6,10 @@ STAMP  := $(VENV)/.installed
 .PHONY: up test deps system-deps lint bench clean
 
 $(STAMP): pyproject.toml
+	@echo "oak: setting up $(VENV): Python packages, a minute or two the first time (each is listed as it comes)"
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[test]'
+	bash -c "$(VENV)/bin/pip install --progress-bar off -e '.[test]' | { grep --line-buffered -E '^(Collecting|Successfully installed)' || true; }; exit \$${PIPESTATUS[0]}"
 	touch $(STAMP)
 
 deps: $(STAMP)
