@@ -114,6 +114,8 @@ async def test_an_overloaded_root_answers_busy_instead_of_dropping(tmp_path: Pat
 
 
 class _Orchestrator:
+    events = None  # no event feed: refused requests are only logged
+
     def flush_states(self) -> None:
         pass
 
