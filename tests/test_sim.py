@@ -28,6 +28,9 @@ async def test_fifty_simulated_workers(stack: Stack, api: Any) -> None:
     stack.procs["sim"] = sim
     client = await api()
     await eventually(lambda: _online_nodes(client, WORKERS), 90, 0.5, what=f"{WORKERS} simulated workers online")
+    said = await eventually(lambda: f"oak sim: all {WORKERS} workers connected" in sim.log.read_text()
+                            and sim.log.read_text(), 10, what="the sim saying all are connected")
+    assert f"of {WORKERS} workers connected" in said, "and how many on the way"
     doc = sla({"microservice_name": "fleet", "cmd": ["sleep", "1"]},
               {"microservice_name": "batch", "cmd": ["exit", "0", "1"], "one_shot": True}, app="sim")
     await client.request("apps", "create", raw=dumps(doc))

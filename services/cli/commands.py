@@ -109,17 +109,30 @@ async def sim(args: argparse.Namespace, home: Path, cluster_url: BrokerUrl) -> N
     and collector (real MQTT sessions, reports and state machines; no workloads executed)."""
     if not 1 <= args.workers <= 10_000:
         raise CliError("--workers must be between 1 and 10000")
+    connected: set[str] = set()
     async with asyncio.TaskGroup() as tasks:
         for i in range(args.workers):
             name = f"{args.prefix}-{i + 1:04d}"
             tasks.create_task(run_worker_retrying(WorkerConfig(  # one failing worker is retried, alone
                 home / name, cluster_url, name, ("sim",), "sim", args.join_token,
                 report_interval=args.report_interval, stop_grace=0.0, ca_fingerprint=args.ca_fingerprint,
-                gpus=False)))
+                gpus=False, on_connected=connected.add)))
             if i % 50 == 49:
                 await asyncio.sleep(0.2)  # let joins through in waves
         print(f"oak sim: {args.workers} simulated workers started against {cluster_url}", file=sys.stderr,
               flush=True)
+        await _joining(connected, args.workers)
+
+
+async def _joining(connected: set[str], total: int, every: float = 2.0) -> None:
+    """Say how many of *total* simulated workers have connected, every *every* seconds until all have."""
+    said = -1
+    while len(connected) < total:
+        if len(connected) != said:
+            said = len(connected)
+            print(f"oak sim: {said} of {total} workers connected", file=sys.stderr, flush=True)
+        await asyncio.sleep(every)
+    print(f"oak sim: all {total} workers connected", file=sys.stderr, flush=True)
 
 
 def broker_files(directory: Path) -> int:

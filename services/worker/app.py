@@ -6,6 +6,7 @@ import asyncio
 import logging
 import random
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,7 @@ class WorkerConfig:
     oci_runtimes: tuple[str, ...] = ()  # --oci-runtime NAME=PATH [FLAGS]: more OCI runtimes for the container runtime
     gpus: bool = True  # look for NVIDIA GPUs (--no-gpus: offer none; `oak sim` workers never look)
     metrics: Endpoint = Endpoint()  # where Prometheus scrapes this worker (port 0: nowhere)
+    on_connected: Callable[[str], None] | None = None  # told this worker's name once it serves (`oak sim` counts)
 
 
 async def make_network(cfg: WorkerConfig, store: Store) -> tuple[Network | None, Overlay | None]:
@@ -175,6 +177,8 @@ async def run_worker(cfg: WorkerConfig) -> None:
                 inbox.on(channels.NODE_CERT, renewal.take, node=cfg.name)
             log.info("worker %s connected to its cluster at %s; runtimes: %s", cfg.name, cfg.cluster,
                      ", ".join(sorted(runtimes)))
+            if cfg.on_connected:
+                cfg.on_connected(cfg.name)
             await serve(session, inbox, reporter.run(session, cfg.report_interval), prober.run(),
                         fence(engine, session.quiet_for, cfg.report_interval), metrics.serve(measured, cfg.metrics),
                         *([renewal.run()] if renewal else []))
