@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
 import tempfile
 import time
 import urllib.request
@@ -21,11 +20,10 @@ from typing import Any
 
 from bench.common import record
 from bench.fleet import Fleet
-from bench.scale import Tracker, measure, online, place
+from bench.scale import Tracker, join, measure, place, started
 from bench.three_tiers import idle_up
-from services.cli.client import OakClient
 from services.common.metrics import PORTS
-from tests.stack import eventually, free_port
+from tests.stack import free_port
 
 SCRAPE_EVERY = 5.0
 
@@ -63,18 +61,11 @@ async def fleet_case(with_metrics: bool, workers: int, instances: int, seconds: 
         fleet.stack.cluster_args = ("--metrics-port", str(ports[1]))
         scraper = None
         try:
-            fleet.start()
-            await eventually(lambda: (fleet.base / "root" / "credentials.json").exists(), 60, what="root up")
-            client = await OakClient(fleet.stack.profile()).__aenter__()
+            client = await started(fleet)
             tracker = Tracker(client)
             follow = asyncio.create_task(tracker.run())
             try:
-                expected = 0
-                for cluster, prefix, count in fleet.plan():
-                    fleet.start_sims(cluster, prefix, count)
-                    expected += count
-                    await eventually(functools.partial(online, client, expected), 180, 0.5,
-                                     what=f"{expected} workers online")
+                await join(fleet, client, 180)
                 placed = await place(fleet, client, tracker, instances, 300)
                 if with_metrics:
                     scraper = asyncio.create_task(scraping(ports))

@@ -109,6 +109,22 @@ async def online(client: OakClient, count: int) -> bool:
     return sum(1 for n in await client.request("nodes", "list") if n["online"]) >= count
 
 
+async def started(fleet: Fleet) -> OakClient:
+    """Start *fleet*'s root and clusters; the admin's client once the root is up."""
+    fleet.start()
+    await eventually(lambda: (fleet.base / "root" / "credentials.json").exists(), 60, what="root up")
+    return await OakClient(fleet.stack.profile()).__aenter__()
+
+
+async def join(fleet: Fleet, client: OakClient, timeout: float) -> None:
+    """Start *fleet*'s ``oak sim`` processes one after the other, each once the workers before are online."""
+    expected = 0
+    for cluster, prefix, count in fleet.plan():
+        fleet.start_sims(cluster, prefix, count)
+        expected += count
+        await eventually(functools.partial(online, client, expected), timeout, 0.5, what=f"{expected} workers online")
+
+
 async def measure(fleet: Fleet, seconds: float) -> dict[str, Any]:
     """CPU, RSS and broker rates of every process over *seconds*."""
     a = sample(fleet)
@@ -235,18 +251,11 @@ async def run_case(workers: int, clusters: int, args: argparse.Namespace) -> dic
         LIVE.append(fleet)
         try:
             t0 = time.monotonic()
-            fleet.start()
-            await eventually(lambda: (fleet.base / "root" / "credentials.json").exists(), 60, what="root up")
-            client = await OakClient(fleet.stack.profile()).__aenter__()
+            client = await started(fleet)
             tracker = Tracker(client)
             follow = asyncio.create_task(tracker.run())
             try:
-                expected = 0
-                for cluster, prefix, count in fleet.plan():
-                    fleet.start_sims(cluster, prefix, count)
-                    expected += count
-                    await eventually(functools.partial(online, client, expected), args.join_timeout, 0.5,
-                                     what=f"{expected} workers online")
+                await join(fleet, client, args.join_timeout)
                 result["join_s"] = round(time.monotonic() - t0, 1)
                 await asyncio.sleep(args.settle)
                 result["idle"] = await measure(fleet, args.idle_seconds)

@@ -168,6 +168,7 @@ class ContainerRuntime(SupervisedRuntime):
         self.engine = choose_engine(engine)
         self.oci = dict(oci or {})
         self.virtualizations = (NAME, *sorted(self.oci))
+        self._runc = OciRuntime("runc", shutil.which("runc") or "runc")  # `container` with the runc engine
         self.state = self.data_dir / "runc"
         self.images = self.data_dir / "images"
         self.bundles = self.data_dir / "bundles"
@@ -185,7 +186,7 @@ class ContainerRuntime(SupervisedRuntime):
         handle without one: runc)."""
         chosen = self.oci.get(virtualization)
         if chosen is None:
-            return OciRuntime("runc", shutil.which("runc") or "runc"), self.state
+            return self._runc, self.state
         return chosen, self.data_dir / "oci" / chosen.name
 
     def oci_argv(self, virtualization: str, *args: str, shares_host_network: bool = False) -> list[str]:

@@ -16,6 +16,7 @@ Kata Containers 2 and later have no runc-compatible command (only a containerd s
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import shlex
@@ -171,6 +172,7 @@ def discover(given: Iterable[str] = (), config: Path = CONTAINERD_CONFIG) -> dic
     return {name: _with_quirks(runtime) for name, runtime in found.items()}
 
 
+@functools.cache
 def _hybrid_with_controllers() -> bool:
     """True on a hybrid cgroup host whose v2 mount holds a controller (crun 1.8 refuses such a host)."""
     try:

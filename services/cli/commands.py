@@ -261,11 +261,10 @@ def install(args: argparse.Namespace) -> int:
     prefix = Path(args.prefix)
     enable = not args.no_enable and prefix == Path("/") and units.systemd_running()
     if args.command == "uninstall":
-        written = json.loads((prefix / units.DATA / args.tier / units.MANIFEST).read_text()).get("units", []) \
-            if (prefix / units.DATA / args.tier / units.MANIFEST).exists() else []
-        if enable and written:
-            subprocess.run(["systemctl", "disable", "--now", *written], check=False)
-        _, gone, kept = units.remove(args.tier, prefix)
+        listed = units.installed(args.tier, prefix)
+        if enable and listed.get("units"):
+            subprocess.run(["systemctl", "disable", "--now", *listed["units"]], check=False)
+        gone, kept = units.remove(args.tier, prefix, listed)
         for path in gone:
             print(f"removed {path}")
         for path in kept:

@@ -23,6 +23,7 @@ import shlex
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 UNITS = Path("etc/systemd/system")
 ENV_DIR = Path("etc/oak")
@@ -130,14 +131,19 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def remove(tier: str, prefix: Path) -> tuple[list[str], list[Path], list[Path]]:
-    """Remove what ``install`` wrote for *tier* under *prefix* (from its manifest): (its units, what went, what
-    was kept). A file changed since (an edited netcfg.json) is kept; the data directory goes only if nothing
-    but the manifest is left in it (the tier's state stays)."""
+def installed(tier: str, prefix: Path) -> dict[str, Any]:
+    """The manifest ``install`` wrote for *tier* under *prefix*; ValueError when there is none."""
     manifest = prefix / DATA / tier / MANIFEST
     if not manifest.exists():
         raise ValueError(f"nothing installed for {tier} under {prefix} (no {manifest})")
-    listed = json.loads(manifest.read_text())
+    return dict(json.loads(manifest.read_text()))
+
+
+def remove(tier: str, prefix: Path, listed: dict[str, Any]) -> tuple[list[Path], list[Path]]:
+    """Remove what ``install`` wrote for *tier* under *prefix*, as its manifest *listed* says: (what went, what
+    was kept). A file changed since (an edited netcfg.json) is kept; the data directory goes only if nothing
+    but the manifest is left in it (the tier's state stays)."""
+    manifest = prefix / DATA / tier / MANIFEST
     gone: list[Path] = []
     kept: list[Path] = []
     for name, digest in dict(listed.get("files", {})).items():
@@ -154,7 +160,7 @@ def remove(tier: str, prefix: Path) -> tuple[list[str], list[Path], list[Path]]:
         if target.exists() and not any(target.iterdir()):
             target.rmdir()
             gone.append(target)
-    return list(listed.get("units", [])), gone, kept
+    return gone, kept
 
 
 def systemd_running() -> bool:

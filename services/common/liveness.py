@@ -5,7 +5,7 @@ are its heartbeat). It is *gone* when its connection closed (its last will, :met
 when nothing came from it for its ``silent_after`` seconds (:meth:`Liveness.check`): a frozen process or
 a link that dropped without a reset says nothing, and MQTT's keepalive would take 15-20 s to notice.
 
-Three guards keep a busy parent from calling a healthy child silent:
+Four guards keep a busy parent from calling a healthy child silent:
 
 * silence is measured up to the *horizon*: when the oldest message still waiting to be read arrived
   (everything a child sent before that has been read), not up to now;
