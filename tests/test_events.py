@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from services.cli.client import ApiFailure
-from services.cli.commands import event_line
+from services.cli.views import event_line
 from tests.conftest import dumps, eventually, sla, sleeper
 from tests.stack import REPO, Stack, oak
 from tests.test_three_tiers import _online_nodes, running

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import defaultdict, deque
 from pathlib import Path
 from typing import Any
 
+from rich.text import Text
 from textual import on, work
 from textual.app import App, ComposeResult
 from textual.widgets import DataTable, Footer, Header, RichLog, Static, TabbedContent, TabPane, Tree
 
 from services.cli.client import CliError
+from services.cli.views import event_line
 from tui.feed import Feed
-from tui.messages import FeedStatus, InfrastructureChanged, ServiceChanged
+from tui.messages import EventsArrived, FeedStatus, InfrastructureChanged, ServiceChanged
 from tui.screens.create import CreateApp
 from tui.screens.details import ClusterScreen, InstanceScreen, WorkerScreen
 from tui.screens.dialogs import Confirm, Prompt
@@ -21,6 +24,8 @@ from tui.widgets.cluster_tree import ClusterTree
 from tui.widgets.services_table import InstancesTable, ServicesTable
 
 HISTORY = 60  # samples kept for sparklines
+EVENTS_REMEMBERED = 1000  # events kept to tell a repeat from a new one (the root's ring holds 200)
+ALARMING = {"refused", "unplaced"}  # event kinds shown in red
 
 
 def read_file(path: str) -> bytes:
@@ -54,7 +59,7 @@ class OakApp(App[None]):
         self.services: dict[str, dict[str, Any]] = {}
         self.nodes: dict[str, dict[str, Any]] = {}
         self.clusters: dict[str, dict[str, Any]] = {}
-        self.states: dict[str, str] = {}  # each cluster's and worker's state word, as last shown
+        self.events_shown: dict[str, None] = {}  # the root's events on screen, oldest first
         self.history: dict[str, deque[float]] = defaultdict(lambda: deque([0.0], maxlen=HISTORY))
 
     def compose(self) -> ComposeResult:
@@ -67,7 +72,7 @@ class OakApp(App[None]):
             with TabPane("Clusters", id="clusters-tab"):
                 yield ClusterTree(id="clusters")
             with TabPane("Events", id="events-tab"):
-                yield RichLog(id="events", markup=True, wrap=True)
+                yield RichLog(id="events", wrap=True)
         yield Static("connecting…", id="status")
         yield Footer(show_command_palette=False)  # ctrl+p still opens it; the room goes to our keys
 
@@ -78,34 +83,24 @@ class OakApp(App[None]):
 
     # ---- what the feed says ----------------------------------------------------------------------
 
-    def event(self, text: str) -> None:
-        """Add a line to the events feed."""
+    def event(self, text: str | Text) -> None:
+        """Add a line to the events screen."""
         self.query_one("#events", RichLog).write(text)
 
     def on_service_changed(self, message: ServiceChanged) -> None:
-        """Update the tables and note every instance whose status changed."""
-        old = self.services.pop(message.job_name, None)
+        """Update the tables and the instances' history."""
+        self.services.pop(message.job_name, None)
         if message.state is not None:
             self.services[message.job_name] = message.state
             for inst in message.state["instances"]:
                 self.history[f"cpu:{inst['iid']}"].append(inst["cpu_percent"])
                 self.history[f"mem:{inst['iid']}"].append(inst["memory_mb"])
-            before = {i["iid"]: i for i in (old or {}).get("instances", [])}
-            for inst in message.state["instances"]:
-                prev = before.get(inst["iid"])
-                if prev is None or any(prev.get(k) != inst.get(k) for k in ("status", "node", "health")):
-                    where = f" on {inst['cluster']}/{inst['node']}" if inst["node"] else ""
-                    health = f" ({inst['health']})" if inst.get("health") else ""
-                    why = f": {inst['reason']}" if inst["reason"] else ""
-                    self.event(f"{message.job_name} #{inst['number']} {inst['status']}{health}{where}{why}")
-        elif old is not None:
-            self.event(f"{message.job_name} deleted")
         self.query_one("#services", ServicesTable).show(self.services)
         self.show_instances()
         self.refresh_details()
 
     def on_infrastructure_changed(self, message: InfrastructureChanged) -> None:
-        """Redraw the cluster tree and note workers and clusters coming and going."""
+        """Redraw the cluster tree and the drill-down screens."""
         self.query_one("#clusters", ClusterTree).show(message.clusters, message.nodes)
         self.nodes = {n["name"]: n for n in message.nodes}
         self.clusters = {c["name"]: c for c in message.clusters}
@@ -114,12 +109,17 @@ class OakApp(App[None]):
         for cluster in message.clusters:
             self.history[f"cluster:{cluster['name']}"].append(cluster["cpu_percent"])
         self.refresh_details()
-        now = {f"cluster {c['name']}": _state(c) for c in message.clusters}
-        now.update({f"worker {n['cluster']}/{n['name']}": _state(n) for n in message.nodes})
-        for name, state in now.items():
-            if self.states.get(name) != state:
-                self.event(f"{name} {state if state == 'online' else f'[red]{state}[/]'}")
-        self.states = now
+
+    def on_events_arrived(self, message: EventsArrived) -> None:
+        """Show the root's events not shown yet (the retained recent ones repeat what the live ones said)."""
+        for event in message.events:
+            key = json.dumps(event, sort_keys=True)
+            if key in self.events_shown:
+                continue
+            self.events_shown[key] = None
+            if len(self.events_shown) > EVENTS_REMEMBERED:
+                del self.events_shown[next(iter(self.events_shown))]
+            self.event(Text(event_line(event), style="red" if event.get("kind") in ALARMING else ""))
 
     def on_feed_status(self, message: FeedStatus) -> None:
         """Show the connection on the status line."""
@@ -200,8 +200,9 @@ class OakApp(App[None]):
 
     def say(self, text: str, ok: bool = True) -> None:
         """Report the outcome of an action on the status line and in the events."""
-        self.query_one("#status", Static).update(text if ok else f"[red]{text}[/]")
-        self.event(text if ok else f"[red]{text}[/]")
+        line = Text(text, style="" if ok else "red")
+        self.query_one("#status", Static).update(line)
+        self.event(line)
 
     @property
     def selected(self) -> str | None:
@@ -299,8 +300,3 @@ class OakApp(App[None]):
     def action_toggle_dark(self) -> None:
         """Switch between the light and the dark theme."""
         self.theme = "textual-light" if self.theme == "textual-dark" else "textual-dark"
-
-
-def _state(row: dict[str, Any]) -> str:
-    """A cluster's or worker's state word (online, offline, LOST, SUSPECT), also from an older root's rows."""
-    return str(row.get("state") or ("online" if row.get("online") else "offline"))

@@ -1,8 +1,8 @@
 """The one place the dashboard touches MQTT: the user's retained state in, requests out.
 
-It subscribes to ``oak/api/<user>/state/#`` (every service's state and the infrastructure view, all
-retained, so the whole picture arrives at once) and turns each message into a Textual message. It
-never polls.
+It subscribes to the user's retained state (every service's state, the infrastructure view and the recent
+events, so the whole picture arrives at once) and to the live events, and turns each message into a
+Textual message. It never polls.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from typing import Any, Protocol
 from textual.message_pump import MessagePump
 
 from services.cli.client import CliError, OakClient, Profile
+from services.cli.views import event_rows
 from services.common import channels
-from tui.messages import FeedStatus, InfrastructureChanged, ServiceChanged
+from tui.messages import EventsArrived, FeedStatus, InfrastructureChanged, ServiceChanged
 
 
 class Feed(Protocol):
@@ -39,7 +40,7 @@ class Feed(Protocol):
         ...
 
 
-def translate(topic: str, payload: bytes) -> ServiceChanged | InfrastructureChanged | None:
+def translate(topic: str, payload: bytes) -> ServiceChanged | InfrastructureChanged | EventsArrived | None:
     """The Textual message for one MQTT message, or None for anything else."""
     service = channels.API_SERVICE_STATE.parse(topic)
     if service is not None:
@@ -47,6 +48,9 @@ def translate(topic: str, payload: bytes) -> ServiceChanged | InfrastructureChan
     if channels.API_INFRASTRUCTURE.parse(topic) is not None and payload:
         data = channels.API_INFRASTRUCTURE.decode(payload)
         return InfrastructureChanged(list(data.get("clusters", [])), list(data.get("nodes", [])))
+    for channel in (channels.API_EVENTS, channels.API_EVENTS_RECENT):
+        if channel.parse(topic) is not None and payload:
+            return EventsArrived(event_rows(channel.decode(payload)))
     return None
 
 
@@ -65,8 +69,10 @@ class MqttFeed:
             target.post_message(FeedStatus(str(exc), ok=False))
             return
         target.post_message(FeedStatus(f"{self.profile.username} @ {self.profile.root}", ok=True))
-        await self.client.session.subscribe_confirmed(channels.API_SERVICE_STATE.filter(user=self.profile.username),
-                                                         channels.API_INFRASTRUCTURE.topic(user=self.profile.username))
+        me = self.profile.username
+        await self.client.session.subscribe_confirmed(
+            channels.API_SERVICE_STATE.filter(user=me), channels.API_INFRASTRUCTURE.topic(user=me),
+            channels.API_EVENTS_RECENT.topic(user=me), channels.API_EVENTS.topic(user=me))
         try:
             while True:
                 message = await self.client.updates.get()

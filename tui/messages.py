@@ -32,3 +32,11 @@ class FeedStatus(Message):
         super().__init__()
         self.text = text
         self.ok = ok
+
+
+class EventsArrived(Message):
+    """Events from the root's feed: the retained recent ones, or a live batch (either may repeat some)."""
+
+    def __init__(self, events: list[dict[str, Any]]) -> None:
+        super().__init__()
+        self.events = events

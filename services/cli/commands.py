@@ -25,7 +25,7 @@ from broker.tier_ca import TierCa
 from services.cli.client import CliError, OakClient, Profile
 from services.cli.revisions import revision_command
 from services.cli.tables import table
-from services.cli.views import service_text, services_text
+from services.cli.views import event_line, event_rows, service_text, services_text
 from services.cluster.app import ClusterConfig, run_cluster
 from services.common import channels, metrics
 from services.common.metrics import Endpoint
@@ -425,13 +425,6 @@ async def _secret_command(oak: OakClient, args: argparse.Namespace) -> tuple[Any
                             + (f"; rolling {', '.join(d['rolled'])}" if d["rolled"] else ""))
 
 
-def event_line(event: dict[str, Any]) -> str:
-    """One event as a line: time, kind, what, and why."""
-    at = time.strftime("%H:%M:%S", time.localtime(float(event.get("at", 0))))
-    why = f"  ({event['reason']})" if event.get("reason") else ""
-    return f"{at}  {str(event.get('kind', '')):<9} {event.get('what', '')}{why}"
-
-
 async def _events(oak: OakClient, args: argparse.Namespace) -> tuple[Any, Render]:
     """``oak events``: the recent events (retained), then, with -f, each new batch as it comes."""
     me = oak.profile.username
@@ -440,10 +433,9 @@ async def _events(oak: OakClient, args: argparse.Namespace) -> tuple[Any, Render
 
     def wanted(channel: channels.Channel[dict[str, Any]], payload: bytes) -> list[dict[str, Any]]:
         try:
-            events = channel.decode(payload).get("events")
+            rows = event_rows(channel.decode(payload))
         except ValueError:  # not an events document: nothing to show from it
             return []
-        rows = [e for e in events if isinstance(e, dict)] if isinstance(events, list) else []
         return [e for e in rows if not args.service or e.get("service") == args.service]
 
     shown: set[str] = set()

@@ -24,6 +24,7 @@ from services.common.profile import DEFAULT as DEFAULT_PROFILE
 from services.common.version import VERSION
 from services.root.api import BUSY_BACKLOG
 from services.worker.netcfg import DEFAULT_PATH as DEFAULT_NETCFG
+from tui import cli as tui_cli
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -299,9 +300,7 @@ def parser() -> argparse.ArgumentParser:
                                      "print the mosquitto.conf lines that use them (see docs/brokers.md)")
     p.add_argument("dir", type=Path, help="the directory oak keeps the files in (--broker-files)")
 
-    tui = sub.add_parser("tui", help="the dashboard")
-    tui.add_argument("--data-dir")
-    tui.add_argument("--root", help="the root broker, HOST:PORT (default: from credentials.json)")
+    tui_cli.add_arguments(sub.add_parser("tui", help="the dashboard, in this terminal or (--web) in a browser"))
 
     volume = sub.add_parser("volume", help="your services' volumes on the workers").add_subparsers(
         dest="action", required=True)
@@ -404,10 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         _print([dataclasses.asdict(p) for p in installed()], args, lambda rows: table(rows, PLUGIN_COLUMNS))
         return 0
     if args.command == "tui":
-        from tui.__main__ import main as tui_main
-
-        return tui_main([*(["--data-dir", args.data_dir] if args.data_dir else []),
-                         *(["--root", args.root] if args.root else [])])
+        return tui_cli.run(args)
     try:
         service = _run_services(args)
         if service is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from services.cli.tables import table
@@ -51,3 +52,16 @@ def rollout_text(rollout: dict[str, Any] | None) -> str:
         return ""
     why = f": {rollout['reason']}" if rollout["reason"] else ""
     return f"rollout of revision {rollout['revision']}: {rollout['state']}, {rollout['updated']} updated{why}\n"
+
+
+def event_line(event: dict[str, Any]) -> str:
+    """One event as a line: time, kind, what, and why."""
+    at = time.strftime("%H:%M:%S", time.localtime(float(event.get("at", 0))))
+    why = f"  ({event['reason']})" if event.get("reason") else ""
+    return f"{at}  {str(event.get('kind', '')):<9} {event.get('what', '')}{why}"
+
+
+def event_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The events of an ``events`` document (live batch or retained ring), skipping whatever is not one."""
+    events = doc.get("events")
+    return [e for e in events if isinstance(e, dict)] if isinstance(events, list) else []

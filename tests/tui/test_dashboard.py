@@ -13,8 +13,9 @@ from textual.message_pump import MessagePump
 from textual.widgets import DataTable, RichLog, TabbedContent
 
 from services.cli.client import CliError
+from services.cli.views import event_line
 from tui.app import OakApp
-from tui.messages import FeedStatus, InfrastructureChanged, ServiceChanged
+from tui.messages import EventsArrived, FeedStatus, InfrastructureChanged, ServiceChanged
 from tui.screens.create import CreateApp, SlaFiles
 from tui.screens.details import ClusterScreen, InstanceScreen, WorkerScreen
 from tui.widgets.cluster_tree import ClusterTree
@@ -32,6 +33,9 @@ def service(job: str, status: str, replicas: int, *instances: tuple[int, str, st
 
 WEB = service("shop.test.web.test", "RUNNING", 2, (0, "RUNNING", "w1"), (1, "RUNNING", "w2"))
 DB = service("shop.test.db.test", "UNDEPLOYED", 0)
+EVENTS = [{"at": 1.0, "kind": "node", "what": "worker w2 of cluster c1 is offline", "cluster": "c1", "node": "w2"},
+          {"at": 2.0, "kind": "unplaced", "what": "shop.test.db.test #0: cannot be placed",
+           "reason": "c1: no worker fits (w1: memory 1000 < 99999)"}]
 CLUSTERS = [{"name": "c1", "online": True, "location": "", "nodes": 2, "cpu_cores": 4, "memory_mb": 2048,
              "cpu_percent": 12.0, "instances": 2}]
 NODES = [{"cluster": "c1", "name": n, "online": n == "w1", "cpu_cores": 2, "memory_mb": 1024, "cpu_free": 1.9,
@@ -52,6 +56,8 @@ class FakeFeed:
         target.post_message(InfrastructureChanged(CLUSTERS, NODES))
         target.post_message(ServiceChanged(DB["job_name"], DB))
         target.post_message(ServiceChanged(WEB["job_name"], WEB))
+        target.post_message(EventsArrived(EVENTS[:1]))  # the live batch, then the retained ring repeating it
+        target.post_message(EventsArrived(EVENTS))
         await asyncio.Event().wait()
 
     async def request(self, resource: str, action: str, body: dict[str, Any] | None = None,
@@ -74,6 +80,11 @@ class FakeFeed:
 
     async def stop_stream(self, stream: str) -> None:
         self.stopped.append(stream)
+
+
+def events_text(app: OakApp) -> str:
+    """The lines of the events screen."""
+    return "\n".join(line.text for line in app.query_one("#events", RichLog).lines)
 
 
 def shown(app: OakApp) -> str:
@@ -111,10 +122,24 @@ async def test_shows_services_instances_and_clusters(size: tuple[int, int]) -> N
         assert [line.split()[:2] for line in lines[1:]] == [["●", "w1"], ["○", "w2"]]
         await pilot.press("3")
         await pilot.pause()
-        assert "worker c1/w2 offline" in "\n".join(line.text for line in app.query_one("#events", RichLog).lines)
+        assert "worker w2 of cluster c1 is offline" in events_text(app)
         await pilot.press("t")
         await pilot.pause()
         assert app.theme == "textual-light"
+
+
+async def test_the_events_screen_shows_the_roots_feed_once() -> None:
+    """The root's events (live and retained) each appear once, as `oak events` prints them; refusals in red."""
+    app = OakApp(FakeFeed())
+    async with app.run_test(size=(140, 45)) as pilot:
+        await loaded(pilot)
+        await pilot.press("3")
+        await pilot.pause()
+        log = app.query_one("#events", RichLog)
+        assert "".join(line.text for line in log.lines) == "".join(event_line(e) for e in EVENTS)  # long ones wrap
+        red = {line.text.split()[1]: any("red" in str(seg.style) for seg in line)
+               for line in log.lines if line.text[:2].isdigit()}
+        assert red == {"node": False, "unplaced": True}
 
 
 async def test_deploy_sends_the_selected_service() -> None:
@@ -276,7 +301,7 @@ async def test_refresh_asks_for_clusters_and_workers() -> None:
         assert "refreshed: 1 clusters, 2 workers" in shown(app)
         await pilot.press("3")
         await pilot.pause()
-        assert "worker c1/w2 online" in "\n".join(line.text for line in app.query_one("#events", RichLog).lines)
+        assert "refreshed: 1 clusters, 2 workers" in events_text(app)
 
 
 async def test_refresh_failure_is_shown() -> None:

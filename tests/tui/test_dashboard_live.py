@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 import pytest
+from textual.widgets import RichLog
 
 from tests.conftest import dumps, eventually, sla, sleeper
 from tests.stack import REPO, Stack, oak
@@ -32,7 +33,8 @@ async def start(stack: Stack, api: Any) -> Any:
 
 
 async def test_pilot_drives_a_real_stack(stack: Stack, api: Any) -> None:
-    """Deploy, scale and undeploy from the dashboard; it follows the retained state without polling."""
+    """Deploy, scale and undeploy from the dashboard; it follows the retained state and the root's events without
+    polling."""
     client = await start(stack, api)
     app = OakApp(MqttFeed(stack.profile()))
     async with app.run_test(size=(100, 30)) as pilot:
@@ -67,6 +69,14 @@ async def test_pilot_drives_a_real_stack(stack: Stack, api: Any) -> None:
 
         (line,) = await eventually(tree, what="w1 in the cluster tree")
         assert "●" in line
+        await pilot.press("3")
+
+        async def root_events() -> bool:  # the root's own feed, as `oak events` shows it
+            await pilot.pause()
+            text = "".join(line.text for line in app.query_one("#events", RichLog).lines)
+            return f"{JOB} #1: placed on cluster c1" in text and "worker w1 of cluster c1 is online" in text
+
+        await eventually(root_events, what="the root's events on the events screen")
     state = await client.request("services", "inspect", {"service": JOB})
     assert state["replicas"] == 0
 
