@@ -1,5 +1,6 @@
-"""Registry pulls (no registry here: a fake ``skopeo`` on PATH): progress in the instance's log and its
-status reason, the image cache, readable failures; and the container engine choice."""
+"""Registry pulls through a fake ``skopeo`` on PATH (to make it slow, fail or record its calls): progress in the
+instance's log and its status reason, the image cache, readable failures; and the container engine choice.
+tests/test_registry.py pulls from a real private registry."""
 
 from __future__ import annotations
 
@@ -151,21 +152,6 @@ async def test_registry_secret_logs_the_pull_in(tmp_path: Path, skopeo: Path, mo
     authfile.write_text("{}")
     with_login = rt.image_layout("registry.example/app:v2", tmp_path / "l.log", authfile=str(authfile))
     assert rt.image_layout("registry.example/app:v2", tmp_path / "l.log") != with_login
-
-
-@pytest.mark.skipif(not os.environ.get("OAK_TEST_REGISTRY"), reason="no private registry to pull from: set "
-                    "OAK_TEST_REGISTRY='<reference> <user>:<password>' (e.g. a registry:2 with htpasswd) to run")
-def test_pull_from_a_private_registry(tmp_path: Path) -> None:
-    """With a real private registry: the credential a registry_secret holds lets skopeo pull the image."""
-    from services.worker.secrets import lay_out
-
-    reference, login = os.environ["OAK_TEST_REGISTRY"].split()
-    service = ServiceSpec(app_name="a", app_namespace="n", name="s", namespace="n", virtualization="container",
-                          code=reference, registry_secret="reg")
-    laid = lay_out(service, {"reg": login.encode()}, tmp_path / "secrets")
-    rt = ContainerRuntime(str(tmp_path / "w"), engine="runc")
-    layout, _ = rt.image_layout(reference, tmp_path / "i.log", authfile=laid.registry_auth)
-    assert json.loads((layout / "index.json").read_text())["manifests"]
 
 
 def test_engine_choice(monkeypatch: pytest.MonkeyPatch) -> None:
