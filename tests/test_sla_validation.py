@@ -216,3 +216,23 @@ def test_duplicate_application() -> None:
     with pytest.raises(SlaError) as err:
         parse_sla(doc)
     assert err.value.field == "applications[1]"
+
+
+def test_what_a_vm_and_a_process_take() -> None:
+    """A VM takes secrets as files (its initramfs), not as variables; a registry_secret is for a container."""
+    def vm(**fields: Any) -> dict[str, Any]:
+        doc = copy.deepcopy(GOOD)
+        doc["applications"][0]["microservices"][1].update(virtualization="microvm", code="/k", **fields)
+        return doc
+
+    (app,) = parse_sla(vm(secrets=[{"name": "key", "file": "/run/secrets/key"}]))
+    assert [(s.name, s.file) for s in app.services[1].secrets] == [("key", "/run/secrets/key")]
+    process = bad(f"{M0}.virtualization", "process")
+    process["applications"][0]["microservices"][0]["registry_secret"] = "reg"
+    refused = ((vm(secrets=[{"name": "key", "env": "KEY"}]), f"{M1}.secrets[0].env", "has no environment"),
+               (vm(registry_secret="reg"), f"{M1}.registry_secret", "a microvm pulls none"),
+               (process, f"{M0}.registry_secret", "a process pulls none"))
+    for doc, field, said in refused:
+        with pytest.raises(SlaError, match=said) as err:
+            parse_sla(doc)
+        assert err.value.field == field

@@ -6,6 +6,8 @@ The initramfs holds busybox, the virtio network drivers (modules in Debian's ker
 whose behaviour the kernel command line chooses, so one image serves every test:
 
 * ``oak.say=WORD``: print ``WORD`` on the console (the instance's log);
+* ``oak.show=PATH``: print ``oak-file PATH <sha256> <mode> <owner uid>`` of a file (a secret's, from the
+  initramfs);
 * ``oak.serve=PORT``: answer TCP connections on PORT with ``hello from the vm``;
 * ``oak.then=poweroff|panic|sleep``: afterwards power off (exit 0), panic (init exits) or idle.
 
@@ -24,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from plugins.runtimes.initramfs import Cpio
 
 KERNEL_CACHE = Path("/var/cache/oakling/vm-kernel")
 BUSYBOX = Path("/bin/busybox")
@@ -46,6 +50,8 @@ EOF
   echo "oak-net $addr via $gw"
 fi
 say=$(arg oak.say); [ -n "$say" ] && echo "$say"
+show=$(arg oak.show)
+[ -n "$show" ] && echo "oak-file $show $(sha256sum < "$show" | cut -d' ' -f1) $(stat -c '%a %u' "$show")"
 port=$(arg oak.serve)
 if [ -n "$port" ]; then
   echo 'echo hello from the vm' > /tmp/answer; chmod +x /tmp/answer
@@ -113,26 +119,6 @@ def _load_order(modules: Path, wanted: tuple[str, ...]) -> list[tuple[str, Path]
     for name in wanted:
         visit(name)
     return order
-
-
-class Cpio:
-    """A ``newc`` cpio archive, the format the kernel unpacks an initramfs from."""
-
-    def __init__(self) -> None:
-        self.parts: list[bytes] = []
-        self.ino = 1
-
-    def add(self, name: str, mode: int, data: bytes = b"") -> None:
-        """Add an entry (a file, a directory or a symlink whose target is *data*)."""
-        fields = (self.ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(name) + 1, 0)
-        header = b"070701" + b"".join(b"%08X" % f for f in fields) + name.encode() + b"\0"
-        self.parts += [header, b"\0" * (-len(header) % 4), data, b"\0" * (-len(data) % 4)]
-        self.ino += 1
-
-    def bytes(self) -> bytes:
-        """The archive, with its trailer."""
-        self.add("TRAILER!!!", 0)
-        return b"".join(self.parts)
 
 
 def build_initramfs(where: Path, modules: Path) -> Path:

@@ -2,7 +2,8 @@
 
 ``code`` names the kernel (or an archive with ``kernel`` and ``initrd``, per architecture: see
 :mod:`plugins.runtimes.vmimage`), ``cmd`` is the kernel command line, ``memory`` (MB, default 256) and
-``vcpus`` (rounded up) size the VM. QEMU runs with KVM when ``/dev/kvm`` works and with software
+``vcpus`` (rounded up) size the VM. The SLA's secret files reach the guest in its initramfs
+(:mod:`plugins.runtimes.initramfs`). QEMU runs with KVM when ``/dev/kvm`` works and with software
 emulation (TCG) otherwise; the worker's node info says which (label ``vm.accel=kvm|tcg``), and
 ``OAK_VM_ACCEL=kvm|tcg`` overrides the choice.
 
@@ -26,7 +27,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from plugins.runtimes import vmimage, vmnet
+from plugins.runtimes import initramfs, vmimage, vmnet
 from plugins.runtimes.supervised import SupervisedRuntime, describe
 from services.common.plugin_api import Exit, Handle, LaunchSpec, hookimpl
 
@@ -118,6 +119,10 @@ class VmRuntime(SupervisedRuntime):
         if not self.qemu:
             raise RuntimeError("QEMU is not installed on this worker")
         boot = vmimage.resolve(spec.code, spec.arch, self.data_dir / "vm-images")
+        if spec.secret_files:  # into its initramfs, on the instance's private tmpfs: never on a disk
+            initrd = initramfs.with_files(boot.initrd, [(Path(s), t) for s, t in spec.secret_files],
+                                          Path(spec.secret_dir) / "initrd")
+            boot = vmimage.Boot(boot.kernel, initrd)
         net = vmnet.plug(spec.netns, spec.ip, spec.gateway) if spec.netns else vmnet.user_net()
         log_path = Path(spec.log_path)
         offset = log_path.stat().st_size if log_path.exists() else 0

@@ -551,22 +551,18 @@ def _ref_name(value: Any, path: str, what: str = "secret") -> str:
     return value
 
 
-def _listed(micro: dict[str, Any], key: str, path: str, known: tuple[str, ...],
-            virtualization: str) -> list[tuple[str, dict[str, Any]]]:
-    """Each object of the list *key* (its path and its fields, every one *known*); refused for a VM."""
+def _listed(micro: dict[str, Any], key: str, path: str, known: tuple[str, ...]) -> list[tuple[str, dict[str, Any]]]:
+    """Each object of the list *key* (its path and its fields, every one *known*)."""
     raw = micro.get(key) or []
     if not isinstance(raw, list):
         raise SlaError(f"{path}.{key}", f"expected a list, got {_kind(raw)}")
-    if raw and virtualization in VM_VIRTUALIZATIONS:
-        raise SlaError(f"{path}.{key}", f"{key} reach containers and processes; a {virtualization} cannot "
-                                        "take them yet")
     return [(f"{path}.{key}[{i}]", _fields_of(item, f"{path}.{key}[{i}]", known)) for i, item in enumerate(raw)]
 
 
 def _secrets(micro: dict[str, Any], path: str, virtualization: str) -> tuple[tuple[SecretRef, ...], str]:
     """The ``secrets`` list and the ``registry_secret``, every field checked."""
     refs: list[SecretRef] = []
-    for where, ref in _listed(micro, "secrets", path, SECRET_KEYS, virtualization):
+    for where, ref in _listed(micro, "secrets", path, SECRET_KEYS):
         name = _ref_name(ref.get("name"), f"{where}.name")
         env, file = _str(ref, "env", where), _str(ref, "file", where)
         if bool(env) == bool(file):
@@ -577,10 +573,16 @@ def _secrets(micro: dict[str, Any], path: str, virtualization: str) -> tuple[tup
             raise SlaError(f"{where}.file", f"{file!r} is not an absolute path to a file")
         if file and virtualization == "wasm":
             raise SlaError(f"{where}.file", "a wasm module opens directories, not single files: give it as 'env'")
+        if env and virtualization in VM_VIRTUALIZATIONS:
+            raise SlaError(f"{where}.env", f"a {virtualization} has no environment the worker could set: give the "
+                                           "secret as 'file' (it reaches the guest in its initramfs)")
         refs.append(SecretRef(name, env, file))
     registry = micro.get("registry_secret") or ""
     if registry:
         registry = _ref_name(registry, f"{path}.registry_secret")
+        if virtualization in (*VM_VIRTUALIZATIONS, "process", "wasm"):
+            raise SlaError(f"{path}.registry_secret", "a registry_secret logs in to pull a container's image; a "
+                                                      f"{virtualization} pulls none")
     return tuple(refs), registry
 
 
@@ -595,7 +597,11 @@ def _volumes(micro: dict[str, Any], path: str, virtualization: str) -> tuple[Vol
     if _is_oakestra_volumes(micro.get("volumes")):
         return ()
     refs: list[VolumeRef] = []
-    for where, ref in _listed(micro, "volumes", path, VOLUME_KEYS, virtualization):
+    listed = _listed(micro, "volumes", path, VOLUME_KEYS)
+    if listed and virtualization in VM_VIRTUALIZATIONS:
+        raise SlaError(f"{path}.volumes", f"volumes reach containers and processes; a {virtualization} cannot "
+                                          "take them yet")
+    for where, ref in listed:
         name = _ref_name(ref.get("name"), f"{where}.name", "volume")
         target = _str(ref, "path", where, required=True)
         if not target.startswith("/") or ".." in target.split("/") or target == "/" or "\0" in target:

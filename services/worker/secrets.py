@@ -4,7 +4,8 @@ Values are asked for over MQTT (``oak/nodes/<node>/up/secrets``, answered on ``.
 services/root/secrets.py) each time the instance starts, kept in memory only, and given to the runtime:
 variables in :attr:`LaunchSpec.secret_env`, files written to ``<data dir>/secrets/<iid>/`` (a tmpfs of
 its own when the worker is root, so they never reach a disk) which the runtime mounts read-only where
-the SLA says. The directory goes with the instance.
+the SLA says (a VM gets them in a copy of its initramfs kept there too). The directory goes with the
+instance.
 """
 
 from __future__ import annotations
@@ -26,10 +27,12 @@ from services.common import channels
 from services.common.inbox import Received
 from services.common.mqtt import MqttSession
 from services.common.private import private_dir, write_mode
-from services.common.sla import ServiceSpec, registry_of
+from services.common.sla import VM_VIRTUALIZATIONS, ServiceSpec, registry_of
 
 log = logging.getLogger(__name__)
 WAIT = 15.0  # seconds for an answer (it goes up to the root and back)
+ROOM = "4m"  # an instance's secrets tmpfs holds at most this (only what is written takes memory)
+VM_ROOM = "512m"  # a VM's holds its image's initramfs too, copied with the secret files appended
 
 
 class SecretFetcher:
@@ -85,7 +88,7 @@ def lay_out(spec: ServiceSpec, values: dict[str, bytes], where: Path) -> Laid:
     *where* (a private tmpfs)."""
     env: list[str] = []
     files: list[tuple[str, str]] = []
-    _private_tmpfs(where)
+    _private_tmpfs(where, VM_ROOM if spec.virtualization in VM_VIRTUALIZATIONS else ROOM)
     auth = _registry_auth(spec, values, where) if spec.registry_secret else ""
     for ref in spec.secrets:
         value = values.get(ref.name)
@@ -118,12 +121,12 @@ def _registry_auth(spec: ServiceSpec, values: dict[str, bytes], where: Path) -> 
     return str(path)
 
 
-def _private_tmpfs(where: Path) -> Path:
-    """*where*, a directory only we may read: a tmpfs of its own when we are root."""
+def _private_tmpfs(where: Path, room: str) -> Path:
+    """*where*, a directory only we may read: a tmpfs of its own (at most *room*) when we are root."""
     private_dir(where)
     if os.geteuid() == 0 and not os.path.ismount(where) and shutil.which("mount"):
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700,nosuid,nodev,noexec", "oak-secrets",
-                               str(where)], capture_output=True, text=True, check=False)
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={room},mode=0700,nosuid,nodev,noexec",
+                               "oak-secrets", str(where)], capture_output=True, text=True, check=False)
         if done.returncode != 0:
             log.warning("secrets of %s are on disk: cannot mount a tmpfs (%s)", where.name, done.stderr.strip())
     return where
