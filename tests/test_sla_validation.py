@@ -219,7 +219,8 @@ def test_duplicate_application() -> None:
 
 
 def test_what_a_vm_and_a_process_take() -> None:
-    """A VM takes secrets as files (its initramfs), not as variables; a registry_secret is for a container."""
+    """A VM takes secrets as files (its initramfs), not as variables, and sized volumes (disks) at plain paths;
+    a registry_secret is for a container."""
     def vm(**fields: Any) -> dict[str, Any]:
         doc = copy.deepcopy(GOOD)
         doc["applications"][0]["microservices"][1].update(virtualization="microvm", code="/k", **fields)
@@ -227,11 +228,17 @@ def test_what_a_vm_and_a_process_take() -> None:
 
     (app,) = parse_sla(vm(secrets=[{"name": "key", "file": "/run/secrets/key"}]))
     assert [(s.name, s.file) for s in app.services[1].secrets] == [("key", "/run/secrets/key")]
+    (app,) = parse_sla(vm(volumes=[{"name": "data", "path": "/data", "size_mb": 64}]))
+    assert app.services[1].volumes[0].size_mb == 64
     process = bad(f"{M0}.virtualization", "process")
     process["applications"][0]["microservices"][0]["registry_secret"] = "reg"
+    sized = bad(f"{M0}.volumes", [{"name": "data", "path": "/data", "size_mb": 64}])
     refused = ((vm(secrets=[{"name": "key", "env": "KEY"}]), f"{M1}.secrets[0].env", "has no environment"),
                (vm(registry_secret="reg"), f"{M1}.registry_secret", "a microvm pulls none"),
-               (process, f"{M0}.registry_secret", "a process pulls none"))
+               (process, f"{M0}.registry_secret", "a process pulls none"),
+               (vm(volumes=[{"name": "d", "path": "/a:b"}]), f"{M1}.volumes[0].path", "no spaces, ',' or ':'"),
+               (vm(volumes=[{"name": "d", "path": "/d", "size_mb": 1 << 21}]), f"{M1}.volumes[0].size_mb", "at most"),
+               (sized, f"{M0}.volumes[0].size_mb", "grows as it is written"))
     for doc, field, said in refused:
         with pytest.raises(SlaError, match=said) as err:
             parse_sla(doc)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import json
 import os
 import subprocess
 from collections.abc import Iterator
@@ -198,3 +199,46 @@ async def _online(client: Any) -> bool:
 async def _line(text: Any, start: str) -> str:
     """The first line of ``await text()`` that starts with *start* ("" while there is none)."""
     return next((line.strip() for line in (await text()).splitlines() if line.startswith(start)), "")
+
+
+@pytest.mark.timeout(300)
+async def test_a_vms_volume_keeps_its_data(stack: Stack, api: Any, tmp_path: Path) -> None:
+    """A VM's volume is an ext4 disk in the volume's directory, mounted by the guest where the SLA says: what
+    the guest writes there survives an update (the new revision on the same worker) and a crash of QEMU;
+    `oak volume list` shows it; deleting the application deletes it."""
+    images = vmimages.prepare(tmp_path / "images")
+    stack.root()
+    stack.cluster("c1")
+    stack.worker("w1", "c1", "--unikernel", "--stop-grace", "1")
+    client = await api()
+    await eventually(lambda: _online(client), 30, what="the worker online")
+    keep = vm("keep", images.bundle, ["oak.count=/data/boots"], volumes=[{"name": "data", "path": "/data",
+                                                                         "size_mb": 64}],
+              update={"max_parallel": 1, "min_healthy_time": 0})
+    await client.request("apps", "create", raw=dumps(sla(keep, app="vmvol")))
+    job = "vmvol.test.keep.test"
+    await client.request("services", "deploy", {"service": job})
+
+    async def boots(n: int) -> str:
+        rows = [r for r in (await inspect(client, job))["instances"] if r["status"] == "RUNNING"]
+        logs = [stack.base / "w1" / "logs" / f"{r['iid']}.log" for r in rows]
+        return next((r["iid"] for r, log in zip(rows, logs, strict=True)
+                     if log.exists() and f"oak-boots {n}\n" in log.read_text(errors="replace")), "")
+
+    first = await eventually(lambda: boots(1), 120, interval=0.5, what="the first boot counted on the volume")
+    disk = stack.base / "w1" / "volumes" / "admin" / job / "data" / "disk.img"
+    assert disk.stat().st_size == 64 << 20
+    await client.request("services", "update", {"service": job, "microservice": {"cmd": [
+        "quiet", "oak.count=/data/boots", "oak.say=revision-2"]}})
+    second = await eventually(lambda: boots(2), 120, interval=0.5, what="the new revision counting on the same disk")
+    assert second != first
+    (qemu,) = qemus(second)
+    psutil.Process(qemu).kill()
+    await eventually(lambda: boots(3), 120, interval=0.5, what="the VM started again after QEMU's crash, same disk")
+    listing = subprocess.run(oak("volume", "list", "--json", "--data-dir", str(stack.base / "root")),
+                             capture_output=True, text=True, cwd=REPO, timeout=30)
+    assert listing.returncode == 0, listing.stderr
+    rows = [(v["service"], v["volume"], v["node"], v["bytes"]) for v in json.loads(listing.stdout)]
+    assert rows == [(job, "data", "w1", 64 << 20)]  # the disk's size
+    await client.request("apps", "delete", {"app": "vmvol"})
+    await eventually(lambda: not disk.parent.exists(), 60, what="the volume deleted with its application")

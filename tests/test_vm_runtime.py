@@ -4,6 +4,7 @@ busybox initramfs built by the test (console as log, power-off, panic, the insta
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import http.server
 import logging
@@ -151,22 +152,29 @@ def test_without_qemu_it_says_so_and_advertises_nothing(tmp_path: Path, monkeypa
 
 
 def test_the_qemu_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """memory and vcpus size the VM, cmd follows the runtime's console and panic settings, and it never reboots."""
+    """memory and vcpus size the VM, cmd follows the runtime's console and panic settings (and where the volumes
+    go), its volumes are virtio disks, and it never reboots."""
     monkeypatch.setattr(vm_module.shutil, "which", lambda name: f"/usr/bin/{name}")
     monkeypatch.setenv("OAK_VM_ACCEL", "kvm")
     runtime = VmRuntime(str(tmp_path))
     spec = launch(tmp_path, "/k", ["app=1"], memory=300, vcpus=1.5, netns="/run/netns/oak-x",
                   ip="10.18.0.2", gateway="10.18.0.1")
     net = vmnet.GuestNet("10.18.0.2", "10.18.0.1", "255.255.255.192", "aa:bb:cc:dd:ee:ff")
-    runtime._plans[spec.iid] = (vmimage.Boot(Path("/k/kernel"), Path("/k/initrd")), net, 0)
+    spec = dataclasses.replace(spec, volumes=(("/v/data", "/data"),))
+    runtime._plans[spec.iid] = vm_module.Plan(vmimage.Boot(Path("/k/kernel"), Path("/k/initrd")), net, 0,
+                                              [Path("/v/data/disk.img")])
     argv = runtime.command(spec)
     assert argv[:2] == ["nsenter", "--net=/run/netns/oak-x"]
     pairs = dict(zip(argv[2:], argv[3:], strict=False))
     assert (pairs["-m"], pairs["-smp"], pairs["-accel"], pairs["-cpu"]) == ("300", "2", "kvm", "host")
     assert (pairs["-kernel"], pairs["-initrd"]) == ("/k/kernel", "/k/initrd")
-    assert pairs["-append"] == "console=ttyS0 panic=-1 ip=10.18.0.2::10.18.0.1:255.255.255.192::eth0:off quiet app=1"
+    assert pairs["-append"] == ("console=ttyS0 panic=-1 ip=10.18.0.2::10.18.0.1:255.255.255.192::eth0:off "
+                                "oak.volumes=vol0:/data quiet app=1")
+    assert pairs["-drive"] == "file=/v/data/disk.img,if=none,id=vol0,format=raw,discard=unmap"
+    devices = [argv[i + 1] for i, a in enumerate(argv) if a == "-device"]
+    assert devices[1:] == ["virtio-blk-pci,drive=vol0,serial=vol0"]
     assert pairs["-netdev"].startswith(f"tap,id=net0,ifname={vmnet.TAP},")
-    assert "mac=aa:bb:cc:dd:ee:ff" in pairs["-device"]
+    assert "mac=aa:bb:cc:dd:ee:ff" in devices[0]
     assert {"-no-reboot", "-nodefaults"} <= set(argv)
     assert runtime.limits(spec) == (300 + vm_module.QEMU_OVERHEAD_MB, 1.5)
 

@@ -2,10 +2,12 @@
 
 ``.ci/system-deps.sh`` unpacks Debian's ``linux-image-*-cloud-amd64`` into :data:`KERNEL_CACHE` (installing
 the package would pull in systemd); a kernel in ``/boot`` with its modules in ``/lib/modules`` does too.
-The initramfs holds busybox, the virtio network drivers (modules in Debian's kernel) and an ``/init``
+The initramfs holds busybox, the virtio network and disk drivers (modules in Debian's kernel) and an ``/init``
 whose behaviour the kernel command line chooses, so one image serves every test:
 
 * ``oak.say=WORD``: print ``WORD`` on the console (the instance's log);
+* ``oak.volumes=vol0:PATH,...``: mount each virtio disk (found by its serial) at PATH, as the vm runtime
+  asks; ``oak.count=FILE``: add one to the number in FILE (a volume's) and print ``oak-boots N``;
 * ``oak.show=PATH``: print ``oak-file PATH <sha256> <mode> <owner uid>`` of a file (a secret's, from the
   initramfs);
 * ``oak.serve=PORT``: answer TCP connections on PORT with ``hello from the vm``;
@@ -31,7 +33,7 @@ from plugins.runtimes.initramfs import Cpio
 
 KERNEL_CACHE = Path("/var/cache/oakling/vm-kernel")
 BUSYBOX = Path("/bin/busybox")
-NET_MODULES = ("virtio_pci", "virtio_net")
+MODULES = ("virtio_pci", "virtio_net", "virtio_blk")
 INIT = r"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mkdir -p /proc /sys /dev /tmp
@@ -48,6 +50,17 @@ EOF
   ifconfig "$dev" "$addr" netmask "$mask" up
   [ -n "$gw" ] && route add default gw "$gw"
   echo "oak-net $addr via $gw"
+fi
+for v in $(arg oak.volumes | tr , ' '); do
+  serial=${v%%:*}; where=${v#*:}
+  for i in 1 2 3 4 5 6 7 8 9 10; do
+    dev=$(grep -l "^$serial\$" /sys/block/vd*/serial 2>/dev/null | cut -d/ -f4); [ -n "$dev" ] && break; sleep 0.2
+  done
+  mkdir -p "$where" && mount -t ext4 "/dev/$dev" "$where" && echo "oak-volume $serial /dev/$dev $where"
+done
+count=$(arg oak.count)
+if [ -n "$count" ]; then
+  n=$(( $(cat "$count" 2>/dev/null || echo 0) + 1 )); echo "$n" > "$count"; sync; echo "oak-boots $n"
 fi
 say=$(arg oak.say); [ -n "$say" ] && echo "$say"
 show=$(arg oak.show)
@@ -129,7 +142,7 @@ def build_initramfs(where: Path, modules: Path) -> Path:
     archive.add("bin/busybox", stat.S_IFREG | 0o755, BUSYBOX.read_bytes())
     archive.add("bin/sh", stat.S_IFLNK | 0o777, b"busybox")
     archive.add("init", stat.S_IFREG | 0o755, INIT.encode())
-    order = _load_order(modules, NET_MODULES)
+    order = _load_order(modules, MODULES)
     for name, path in order:
         archive.add(f"modules/{name}.ko", stat.S_IFREG | 0o644, path.read_bytes())
     archive.add("modules/order", stat.S_IFREG | 0o644, "\n".join(n for n, _ in order).encode() + b"\n")

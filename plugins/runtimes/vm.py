@@ -3,9 +3,9 @@
 ``code`` names the kernel (or an archive with ``kernel`` and ``initrd``, per architecture: see
 :mod:`plugins.runtimes.vmimage`), ``cmd`` is the kernel command line, ``memory`` (MB, default 256) and
 ``vcpus`` (rounded up) size the VM. The SLA's secret files reach the guest in its initramfs
-(:mod:`plugins.runtimes.initramfs`). QEMU runs with KVM when ``/dev/kvm`` works and with software
-emulation (TCG) otherwise; the worker's node info says which (label ``vm.accel=kvm|tcg``), and
-``OAK_VM_ACCEL=kvm|tcg`` overrides the choice.
+(:mod:`plugins.runtimes.initramfs`), its volumes as virtio disks (:mod:`plugins.runtimes.vmdisk`).
+QEMU runs with KVM when ``/dev/kvm`` works and with software emulation (TCG) otherwise; the worker's
+node info says which (label ``vm.accel=kvm|tcg``), and ``OAK_VM_ACCEL=kvm|tcg`` overrides the choice.
 
 QEMU is the supervised child (in the instance's cgroup, whose memory limit leaves room for QEMU
 itself); the serial console is the instance's log. The guest gets ``console=... panic=-1`` before
@@ -27,7 +27,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from plugins.runtimes import initramfs, vmimage, vmnet
+from plugins.runtimes import initramfs, vmdisk, vmimage, vmnet
 from plugins.runtimes.supervised import SupervisedRuntime, describe
 from services.common.plugin_api import Exit, Handle, LaunchSpec, hookimpl
 
@@ -85,6 +85,16 @@ def ending(console: str, code: int | None) -> Exit:
     return Exit(code, f"{reason}: {last[:200]}" if last else reason)
 
 
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What :meth:`VmRuntime.prepare` got ready for QEMU's command line."""
+
+    boot: vmimage.Boot
+    net: vmnet.GuestNet
+    offset: int  # where this start's console begins in the instance's log
+    disks: list[Path]  # the volumes' disk images, in the SLA's order
+
+
 class VmRuntime(SupervisedRuntime):
     """Boots instances as QEMU virtual machines."""
 
@@ -104,7 +114,7 @@ class VmRuntime(SupervisedRuntime):
             log.info("vm runtime: %s with KVM (%s)", self.qemu, why)
         else:
             log.warning("vm runtime: %s with software emulation (TCG), slower than KVM: %s", self.qemu, why)
-        self._plans: dict[str, tuple[vmimage.Boot, vmnet.GuestNet, int]] = {}
+        self._plans: dict[str, Plan] = {}
 
     def facts(self) -> dict[str, str]:
         """What the node info says about this runtime: the acceleration its VMs get."""
@@ -123,14 +133,17 @@ class VmRuntime(SupervisedRuntime):
             initrd = initramfs.with_files(boot.initrd, [(Path(s), t) for s, t in spec.secret_files],
                                           Path(spec.secret_dir) / "initrd")
             boot = vmimage.Boot(boot.kernel, initrd)
+        sizes = spec.volume_sizes_mb or (0,) * len(spec.volumes)
+        disks = [vmdisk.disk(Path(source), size) for (source, _), size in zip(spec.volumes, sizes, strict=True)]
         net = vmnet.plug(spec.netns, spec.ip, spec.gateway) if spec.netns else vmnet.user_net()
         log_path = Path(spec.log_path)
         offset = log_path.stat().st_size if log_path.exists() else 0
-        self._plans[spec.iid] = (boot, net, offset)
+        self._plans[spec.iid] = Plan(boot, net, offset, disks)
 
     def command(self, spec: LaunchSpec) -> list[str]:
         """``qemu-system-*`` (inside the instance's namespace when it has one)."""
-        boot, net, _ = self._plans[spec.iid]
+        plan = self._plans[spec.iid]
+        boot, net = plan.boot, plan.net
         assert self.qemu is not None
         argv = ["nsenter", f"--net={spec.netns}"] if spec.netns else []
         accel = "kvm" if self.accel == "kvm" else "tcg,tb-size=64"
@@ -147,8 +160,10 @@ class VmRuntime(SupervisedRuntime):
         else:
             netdev = "user,id=net0" + vmnet.user_forwards(spec.port)
         device = "virtio-net-pci,netdev=net0,romfile=" + (f",mac={net.mac}" if net.mac else "")
-        cmdline = " ".join([f"console={self.console}", "panic=-1", net.kernel_arg(), *spec.cmd])
-        return [*argv, "-netdev", netdev, "-device", device, "-append", cmdline]
+        volumes = vmdisk.kernel_arg([target for _, target in spec.volumes])
+        said = [f"console={self.console}", "panic=-1", net.kernel_arg(), volumes, *spec.cmd]
+        cmdline = " ".join(arg for arg in said if arg)
+        return [*argv, "-netdev", netdev, "-device", device, *vmdisk.qemu_args(plan.disks), "-append", cmdline]
 
     async def start(self, spec: LaunchSpec) -> Handle:
         """Boot the VM; its handle remembers the namespace and the console's start for later."""
@@ -157,7 +172,7 @@ class VmRuntime(SupervisedRuntime):
         except BaseException:
             self._forget(spec.iid, spec.netns)
             raise
-        _, _, offset = self._plans.pop(spec.iid)
+        offset = self._plans.pop(spec.iid).offset
         data = {**handle.data, "netns": spec.netns, "log": spec.log_path, "offset": offset}
         return dataclasses.replace(handle, data=data)
 

@@ -68,6 +68,8 @@ class LaunchSpec:
     #: The SLA's volumes: (the service's directory on the worker, the path the instance sees it at),
     #: mounted read-write; the directory outlives the instance.
     volumes: tuple[tuple[str, str], ...] = ()
+    #: For a VM, the size of each volume's disk in MB, in the order of *volumes* (0: the runtime's default).
+    volume_sizes_mb: tuple[int, ...] = ()
     #: The whole GPUs the worker gave the instance for the SLA's ``vgpus`` (none without).
     gpus: tuple[GpuDevice, ...] = ()
     #: Called, from any thread, with a short status reason while the runtime prepares the instance

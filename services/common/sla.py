@@ -36,7 +36,8 @@ MICRO_KEYS = frozenset({"microserviceID", "microservice_name", "microservice_nam
                         "disconnect"})
 SECRET_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 SECRET_KEYS = ("name", "env", "file")
-VOLUME_KEYS = ("name", "path")
+VOLUME_KEYS = ("name", "path", "size_mb")
+MAX_VOLUME_MB = 1 << 20  # a VM volume's disk: at most 1 TB (it is sparse: only what is written takes room)
 HEALTH_TYPES = ("exec", "tcp", "http")
 HEALTH_KEYS = ("type", "cmd", "port", "path", "interval", "timeout", "failures", "start_period")
 UPDATE_KEYS = ("max_parallel", "min_healthy_time", "healthy_deadline", "auto_revert", "canary")
@@ -100,14 +101,16 @@ class SecretRef:
 
 @dataclass(frozen=True)
 class VolumeRef:
-    """One of the SLA's ``volumes`` (Oakling's form): the service's named volume *name*, mounted at *path*."""
+    """One of the SLA's ``volumes`` (Oakling's form): the service's named volume *name*, mounted at *path*;
+    for a VM, a disk of *size_mb* (0: the vm runtime's default)."""
 
     name: str
     path: str
+    size_mb: int = 0
 
-    def to_dict(self) -> dict[str, str]:
+    def to_dict(self) -> dict[str, str | int]:
         """JSON form (the SLA's own)."""
-        return {"name": self.name, "path": self.path}
+        return {"name": self.name, "path": self.path, **({"size_mb": self.size_mb} if self.size_mb else {})}
 
 
 @dataclass(frozen=True)
@@ -597,18 +600,22 @@ def _volumes(micro: dict[str, Any], path: str, virtualization: str) -> tuple[Vol
     if _is_oakestra_volumes(micro.get("volumes")):
         return ()
     refs: list[VolumeRef] = []
-    listed = _listed(micro, "volumes", path, VOLUME_KEYS)
-    if listed and virtualization in VM_VIRTUALIZATIONS:
-        raise SlaError(f"{path}.volumes", f"volumes reach containers and processes; a {virtualization} cannot "
-                                          "take them yet")
-    for where, ref in listed:
+    vm = virtualization in VM_VIRTUALIZATIONS
+    for where, ref in _listed(micro, "volumes", path, VOLUME_KEYS):
         name = _ref_name(ref.get("name"), f"{where}.name", "volume")
         target = _str(ref, "path", where, required=True)
         if not target.startswith("/") or ".." in target.split("/") or target == "/" or "\0" in target:
             raise SlaError(f"{where}.path", f"{target!r} is not an absolute path to a directory")
+        if vm and re.search(r"[\s,:]", target):  # it goes on the kernel command line as name:path,...
+            raise SlaError(f"{where}.path", f"{target!r}: a VM's volume path has no spaces, ',' or ':'")
         if any(r.name == name for r in refs):
             raise SlaError(f"{where}.name", f"volume {name!r} appears twice")
-        refs.append(VolumeRef(name, target.rstrip("/")))
+        size = int(_number(ref, "size_mb", where, integer=True, default=0))
+        if size and not vm:
+            raise SlaError(f"{where}.size_mb", "a directory volume grows as it is written; size_mb sizes a VM's disk")
+        if size > MAX_VOLUME_MB:
+            raise SlaError(f"{where}.size_mb", f"at most {MAX_VOLUME_MB} (MB)")
+        refs.append(VolumeRef(name, target.rstrip("/"), size))
     return tuple(refs)
 
 

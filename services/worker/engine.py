@@ -391,6 +391,7 @@ class Engine:
             arch=tuple(svc.extra.get("arch", ())),  # a list of strings (checked with the SLA)
             volumes=tuple((str(self.data_dir / VOLUMES / key), ref.path)
                           for key, ref in zip(spec.volume_keys, svc.volumes, strict=True)),
+            volume_sizes_mb=tuple(ref.size_mb for ref in svc.volumes),
         )
 
     def _make_volumes(self, launch: LaunchSpec) -> None:
