@@ -67,7 +67,7 @@ async def inspect(client: Any, job: str) -> dict[str, Any]:
 @pytest.mark.timeout(240)
 async def test_a_vm_service_end_to_end(stack: Stack, api: Any, lab: Lab, tmp_path: Path) -> None:
     """RUNNING on a worker advertising unikernel (and its acceleration), reachable by service IP from another
-    instance (and healthy by a tcp check), console in the logs, one_shot power-off COMPLETED, undeploy leaves
+    instance (and healthy by an http check), console in the logs, one_shot power-off COMPLETED, undeploy leaves
     no QEMU, tap or namespace."""
     images = vmimages.prepare(tmp_path / "images")
     before_qemus = qemus()
@@ -84,8 +84,10 @@ async def test_a_vm_service_end_to_end(stack: Stack, api: Any, lab: Lab, tmp_pat
     assert {"process", "unikernel", "microvm"} <= set(node["runtimes"])
     assert any(label.startswith("vm.accel=") for label in node["labels"]), node
 
-    check = {"type": "tcp", "port": 80, "interval": 1, "start_period": 300}  # from the worker's side of the overlay
-    doc = sla(vm("web", images.bundle, ["oak.serve=80", "oak.say=web-console-up"], health=check),
+    # From the worker's side of the overlay; http, not tcp: the default route's proxy on some machines accepts
+    # any TCP connection, but answers no /ready with a 200.
+    check = {"type": "http", "port": 8080, "path": "/ready", "interval": 1, "start_period": 300}
+    doc = sla(vm("web", images.bundle, ["oak.serve=80", "oak.http=8080", "oak.say=web-console-up"], health=check),
               vm("once", images.bundle, ["oak.say=once-done", "oak.then=poweroff"], one_shot=True, vcpus=0.5),
               sleeper("client", 3600), app=APP)
     await client.request("apps", "create", raw=dumps(doc))
@@ -113,7 +115,7 @@ async def test_a_vm_service_end_to_end(stack: Stack, api: Any, lab: Lab, tmp_pat
         return done.stdout.strip() == "hello from the vm"
 
     await eventually(serves, 120, interval=1, what="the VM answering on its service IP")
-    healthy = await eventually(lambda: _healthy(client), 30, what="the VM's tcp check passing")
+    healthy = await eventually(lambda: _healthy(client), 30, what="the VM's http check passing")
     assert healthy["instances"][0]["reason"] == ""
 
     # kill -9 of the worker's PID alone, a restart 2 s later: the same QEMU runs on, adopted (issue 21)

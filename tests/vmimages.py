@@ -11,6 +11,7 @@ whose behaviour the kernel command line chooses, so one image serves every test:
 * ``oak.show=PATH``: print ``oak-file PATH <sha256> <mode> <owner uid>`` of a file (a secret's, from the
   initramfs);
 * ``oak.serve=PORT``: answer TCP connections on PORT with ``hello from the vm``;
+* ``oak.http=PORT``: serve HTTP on PORT (busybox httpd), ``/ready`` answering 200;
 * ``oak.then=poweroff|panic|sleep``: afterwards power off (exit 0), panic (init exits) or idle.
 
 The network is configured from Debian's ``ip=<ip>::<gateway>:<netmask>::eth0:off`` parameter, as
@@ -70,6 +71,10 @@ if [ -n "$port" ]; then
   echo 'echo hello from the vm' > /tmp/answer; chmod +x /tmp/answer
   nc -ll -p "$port" -e /tmp/answer &
   echo "oak-serving $port"
+fi
+http=$(arg oak.http)
+if [ -n "$http" ]; then
+  mkdir -p /www && echo ready > /www/ready && httpd -p "$http" -h /www && echo "oak-http $http"
 fi
 case "$(arg oak.then)" in
   poweroff) poweroff -f ;;
