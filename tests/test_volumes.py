@@ -83,11 +83,16 @@ async def test_data_survives_updates_and_worker_restarts(stack: Stack, api: Any,
     stack.procs["w2"].start()
     await eventually(lambda: _volumes_on(client, {"w1", "w2"}), 30, what="both volumes listed")
 
+    stack.procs["w2"].stop()  # offline while the application is deleted: it misses the order
     deleted = await client.request("apps", "delete", {"app": "vol"})
     assert deleted["deleted_volumes"] == [f"admin/{JOB}/store"]
-    for worker in ("w1", "w2"):
-        gone = stack.base / worker / "volumes" / "admin" / JOB / "store"
-        await eventually(lambda gone=gone: not gone.exists(), 20, what=f"the volume gone from {worker}")
+    volume = {worker: stack.base / worker / "volumes" / "admin" / JOB / "store" for worker in ("w1", "w2")}
+    await eventually(lambda: not volume["w1"].exists(), 20, what="the volume gone from w1")
+    assert volume["w2"].exists()
+    stack.procs["c1"].stop()  # and the order its cluster's broker kept for it is lost
+    stack.procs["c1"].start()
+    stack.procs["w2"].start()  # it reports a volume of no service: the root asks again
+    await eventually(lambda: not volume["w2"].exists(), 30, what="the volume gone from w2 once it is back")
     await eventually(lambda: _volumes_on(client, set()), 20, what="no volume listed")
 
 
