@@ -124,3 +124,27 @@ async def _no_instance(client: OakClient) -> bool:
 
 async def _volumes_on(client: OakClient, nodes: set[str]) -> bool:
     return {v["node"] for v in await client.request("volumes", "list")} == nodes
+
+
+async def test_the_root_remembers_volumes_deleted_with_their_application(tmp_path: Path) -> None:
+    """Deleted volumes are remembered across a restart of the root (so a worker away then is asked again), and
+    forgotten when a service of that name is created again (its volumes are its own then)."""
+    from services.common.sla import parse_sla
+    from services.common.store import Store
+    from services.root.catalog import Catalog
+    from tests.conftest import sleeper
+
+    store = Store(tmp_path / "root.json")
+    catalog = Catalog(store)
+    app = await catalog.create_app("u", parse_sla(sla(sleeper("a"), sleeper("b"), app="one"))[0])
+    await catalog.delete_app(app, ["u/one.test.a.test/data", "u/one.test.b.test/logs"])
+    store.close()
+    store = Store(tmp_path / "root.json")
+    catalog = Catalog(store)
+    await catalog.load()
+    assert catalog.deleted_volumes == {"u/one.test.a.test/data", "u/one.test.b.test/logs"}
+    await catalog.create_app("u", parse_sla(sla(sleeper("a"), app="one"))[0])
+    assert catalog.deleted_volumes == {"u/one.test.b.test/logs"}
+    await catalog.create_app("v", parse_sla(sla(sleeper("b"), app="one"))[0])
+    assert catalog.deleted_volumes == {"u/one.test.b.test/logs"}, "another user's service of that name"
+    store.close()

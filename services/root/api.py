@@ -279,7 +279,7 @@ class Api:
         removed = [i for sid in app.services for i in self.catalog.instances_of(sid)]
         volumes = self._volume_keys(user, [self.catalog.services[sid] for sid in app.services
                                            if sid in self.catalog.services])
-        services = await self.catalog.delete_app(app)
+        services = await self.catalog.delete_app(app, volumes)
         await self.orchestrator.forget(removed)
         for service in services:
             self.orchestrator.clear_state(service)

@@ -14,6 +14,7 @@ import functools
 import itertools
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -26,6 +27,7 @@ from services.common.throttle import TimeSlices
 from services.root.rollout import PAUSED, RUNNING, SUCCEEDED, Rollout
 
 APPS, SERVICES, INSTANCES, CLUSTERS, REVISIONS = "apps", "services", "instances", "clusters", "revisions"
+DELETED_VOLUMES = "deleted_volumes"  # owner/job/volume -> {"at"}: deleted with their application
 WRITE_CHUNK = 250  # instance records handed to the store at a time when thousands change at once
 
 
@@ -129,6 +131,9 @@ class Catalog:
         self.instances: dict[str, Instance] = {}
         self.revisions: dict[str, Revision] = {}  # by _revision_key
         self.known_clusters: set[str] = set()
+        #: Volumes (``owner/job/volume``) deleted with their application, until a service of that name is
+        #: created again: a worker that was away then still holds them and is asked again (orchestrator).
+        self.deleted_volumes: set[str] = set()
         self._changing = asyncio.Lock()
 
     async def load(self) -> None:
@@ -138,6 +143,7 @@ class Catalog:
         self.instances = _load_table(await self.store.load(INSTANCES), Instance)  # type: ignore[assignment]
         self.known_clusters = set(await self.store.load(CLUSTERS))
         self.revisions = _load_table(await self.store.load(REVISIONS), Revision)  # type: ignore[assignment]
+        self.deleted_volumes = set(await self.store.load(DELETED_VOLUMES))
         for service in self.services.values():  # a store from before revisions: the spec is revision 1
             self.revisions.setdefault(_revision_key(service.sid, service.revision),
                                       Revision(service.sid, service.revision, service.spec, 0.0, "created"))
@@ -203,6 +209,11 @@ class Catalog:
             services.append(Service(new_id(), owner, app_id, svc, rr_ip=rr_ip, closest_ip=closest_ip))
         app = App(app_id, owner, spec.name, spec.namespace, spec.desc, tuple(s.sid for s in services))
         revisions = [Revision(s.sid, 1, s.spec, time.time(), "created") for s in services]
+        names = {f"{owner}/{s.job_name}/" for s in services}
+        revived = tuple(key for key in self.deleted_volumes if key[:key.rindex("/") + 1] in names)
+        if revived:  # a service of that name again: its volumes, where a worker still holds them, are its own
+            await self.store.put_many(DELETED_VOLUMES, {}, revived)
+            self.deleted_volumes.difference_update(revived)
         await self.store.put_many(REVISIONS, {_revision_key(r.sid, 1): _revision_doc(r) for r in revisions})
         await self.store.put_many(SERVICES, {s.sid: models.dump(s) for s in services})
         await self.store.put(APPS, app_id, models.dump(app))
@@ -211,12 +222,16 @@ class Catalog:
         self.revisions.update({_revision_key(r.sid, 1): r for r in revisions})
         return app
 
-    async def delete_app(self, app: App) -> list[Service]:
-        """Delete an application, its services and their instances; return the services deleted."""
+    async def delete_app(self, app: App, volumes: Sequence[str] = ()) -> list[Service]:
+        """Delete an application, its services and their instances, and remember its *volumes* as deleted;
+        return the services deleted."""
         async with self._changing:
-            return await self._delete_app(app)
+            return await self._delete_app(app, volumes)
 
-    async def _delete_app(self, app: App) -> list[Service]:
+    async def _delete_app(self, app: App, volumes: Sequence[str]) -> list[Service]:
+        if volumes:
+            await self.store.put_many(DELETED_VOLUMES, {key: {"at": time.time()} for key in volumes})
+            self.deleted_volumes.update(volumes)
         gone = [self.services[sid] for sid in app.services if sid in self.services]
         iids = tuple(i.iid for s in gone for i in self.instances_of(s.sid))
         await self.store.put_many(INSTANCES, {}, iids)

@@ -46,7 +46,7 @@ BEAT_EVERY = round(CLUSTER_BEAT_EVERY / TICK)  # ticks between two of the root's
 # The whole desired map (megabytes with 10,000 instances, decoded by the cluster) follows the deltas
 # once placements pause this long, and at least this often while they go on.
 DESIRED_QUIET, DESIRED_FULL_EVERY = 2.0, 30.0
-ORPHAN_RETRY = 30.0  # seconds before a volume of no service, still reported, is asked deleted again
+ORPHAN_RETRY = 30.0  # seconds before a deleted volume a worker still reports is asked deleted again
 PASS_SHARE = 3.0  # a kicked pass starts at least this many times its last one's cost after that one began
 
 
@@ -82,7 +82,7 @@ class RootOrchestrator:
         self.metrics: TierMetrics | None = None  # what it counts as it works, when the root serves metrics
         self.events: Feed | None = None  # what its users follow (services/root/events.py)
         self._born = time.time()  # instances created since then are timed to their first RUNNING
-        self._orphans_asked: dict[str, float] = {}  # cluster/worker/volume of no service: asked deleted when
+        self._orphans_asked: dict[str, float] = {}  # cluster/worker/volume still held after its deletion -> asked
         self._ran: set[str] = set()  # instances already timed
 
     def listen(self, inbox: Inbox) -> None:
@@ -513,19 +513,17 @@ class RootOrchestrator:
         return sorted(rows, key=lambda r: (r["service"], r["volume"], r["cluster"], r["node"]))
 
     def _delete_orphan_volumes(self, view: ClusterView, names: list[str]) -> None:
-        """Delete again the volumes the online workers *names* of *view* report for services that no longer
-        exist: a worker offline when the application was deleted may have missed the order (asked at most
-        every ORPHAN_RETRY s per worker and volume)."""
-        reported = [(f"{view.name}/{name}/{key}", key) for name in names if view.nodes[name].online
-                    for key in view.nodes[name].volumes]
-        if not reported:
-            return
-        services = {f"{s.owner}/{s.job_name}" for s in self.catalog.services.values()}
+        """Delete again the volumes the online workers *names* of *view* still report though they were deleted
+        with their application: a worker offline then may have missed the order (asked at most every
+        ORPHAN_RETRY s per worker and volume)."""
+        deleted = self.catalog.deleted_volumes
         now = time.monotonic()
-        orphans = {where: key for where, key in reported if key.rsplit("/", 1)[0] not in services
-                   and now - self._orphans_asked.get(where, -ORPHAN_RETRY) >= ORPHAN_RETRY}
+        orphans = {f"{view.name}/{name}/{key}": key for name in names if view.nodes[name].online
+                   for key in view.nodes[name].volumes if key in deleted}
+        orphans = {where: key for where, key in orphans.items()
+                   if now - self._orphans_asked.get(where, -ORPHAN_RETRY) >= ORPHAN_RETRY}
         if orphans:
-            log.info("deleting volumes of services that are gone: %s", ", ".join(sorted(orphans)))
+            log.info("deleting volumes deleted with their application: %s", ", ".join(sorted(orphans)))
             self._orphans_asked = {w: t for w, t in self._orphans_asked.items() if now - t < ORPHAN_RETRY}
             self._orphans_asked.update(dict.fromkeys(orphans, now))
             self.delete_volumes(sorted(set(orphans.values())))
