@@ -50,6 +50,7 @@ def total(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: s
     ("plain: gpus 0 < 1", "gpus"),
     ("no worker online", "no_worker"),
     ("no cluster has joined", "no_cluster"),
+    ("no cluster can place it: c1 found no worker for it", "no_cluster"),
     ("something new", "other"),
 ])
 def test_reason_codes_are_few_and_stable(reason: str, code: str) -> None:

@@ -84,6 +84,9 @@ def test_placement_decides_one_instance_at_a_time_without_a_broker() -> None:
     placement.absorb("c1", refused, InstanceStatus(models.NO_WORKER_CAPACITY, "full"))
     again = [d for d in placement.decisions(instances, {"s1": service}, clusters, set()) if d.iid == refused]
     assert [d.cluster for d in again] in (["c2"], [""]), "never c1 again"
+    placement.absorb("c2", refused, InstanceStatus(models.NO_WORKER_CAPACITY, "full"))
+    (last,) = [d for d in placement.decisions(instances, {"s1": service}, clusters, set()) if d.iid == refused]
+    assert last.reason == "no cluster can place it: c1, c2 found no worker for it", "not 'no cluster has joined'"
     moved, due = placement.moves({"c1": 10.0}, instances, {"s1": service}, 10.0)
     assert sorted(moved["c1"]) == sorted(iid for iid, i in instances.items() if i.cluster == "c1")
     assert due is None

@@ -126,7 +126,7 @@ class Placement:
         views = [v for name, v in clusters.items() if name not in avoid]
         decision, worker = choose(demand, views, reserved, self.profile, pools)
         if decision.choice is None:
-            reason = decision.why_not() if views else "no cluster has joined"
+            reason = decision.why_not() if views else no_cluster_left(clusters, avoid)
             news = self.unplaced.get(instance.iid) != reason
             self.unplaced[instance.iid] = reason
             return Decided(instance.iid, "", reason, news)
@@ -135,3 +135,10 @@ class Placement:
         pools[cluster].take(worker, demand)
         self.reserved[instance.iid] = (cluster, worker, demand)
         return Decided(instance.iid, cluster)
+
+
+def no_cluster_left(clusters: Mapping[str, ClusterView], refused: set[str]) -> str:
+    """Why an instance has no cluster to go to, when none is left to ask."""
+    if not clusters:
+        return "no cluster has joined"
+    return f"no cluster can place it: {', '.join(sorted(refused & set(clusters)))} found no worker for it"
