@@ -147,11 +147,12 @@ async def test_exec_inside_the_instance(runtime: tuple[SupervisedRuntime, str], 
     """A command exec'd into a running instance (an exec health check) sees the instance's processes and
     files, comes back with its exit code and output, and is killed at its timeout."""
     rt, code = runtime
-    mark = "echo here > /tmp/oak-mark.$$ && mv /tmp/oak-mark.$$ /tmp/oak-mark-$HOSTNAME; sleep 300"
-    spec = launch(tmp_path, kind_of(rt), code, ["sh", "-c", mark])
+    mark = f"/tmp/oak-mark-{os.getpid()}-{tmp_path.name}"  # the process runtime shares the host's /tmp
+    write = f"echo here > {mark}.$$ && mv {mark}.$$ {mark}-$HOSTNAME; sleep 300"
+    spec = launch(tmp_path, kind_of(rt), code, ["sh", "-c", write])
     handle = await rt.start(spec)
     try:
-        look = "cat /tmp/oak-mark-instance-3; ls /proc | grep -c '^[0-9]'"
+        look = f"cat {mark}-instance-3 && ls /proc | grep -c '^[0-9]'"
         end = await eventually_exec(rt, handle, ("sh", "-c", look))
         words = end.reason.split(": ", 1)[1].split()
         assert len(words) == 2, f"expected the mark and a count: {end.reason!r}"
@@ -163,7 +164,7 @@ async def test_exec_inside_the_instance(runtime: tuple[SupervisedRuntime, str], 
         assert (late.code, late.reason) == (None, "did not end within 0.3 s")
     finally:
         await rt.stop(handle, 0.5)
-        Path("/tmp/oak-mark-instance-3").unlink(missing_ok=True)  # the process runtime shares the host's /tmp
+        Path(f"{mark}-instance-3").unlink(missing_ok=True)
 
 
 async def eventually_exec(rt: SupervisedRuntime, handle: Handle, argv: tuple[str, ...]) -> Exit:
