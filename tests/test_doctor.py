@@ -40,6 +40,19 @@ def test_levels_and_fixes() -> None:
     assert doctor.exit_code([*found, doctor.Finding("join", "fail", "no token", "get one")]) == 1
 
 
+def test_oci_runtimes_found_or_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runtimes found are listed, and then no warning says there is none; none found is a warning with its fix."""
+    from plugins.runtimes.oci import OciRuntime
+
+    runc = {"runc": OciRuntime("runc", "/usr/bin/runc")}
+    for found, level in ((runc, "ok"), ({}, "warn")):
+        monkeypatch.setattr(doctor.oci, "discover", lambda found=found: found)
+        (verdict,) = [f for f in doctor.runtime_checks() if f.check == "runtimes"]
+        assert verdict.level == level
+    assert doctor.oci_check(runc).said == "OCI runtimes: runc (/usr/bin/runc)"
+    assert doctor.oci_check({}).fix == "apt-get install runc umoci"
+
+
 def test_a_bad_netcfg_and_a_busy_port(tmp_path: Path) -> None:
     """netcfg.json with a wrong field fails naming it; a port in use is a warning with how to find who holds it."""
     bad = tmp_path / "netcfg.json"

@@ -11,7 +11,6 @@ QEMU locks an image while it runs, so one VM at a time uses a volume on a worker
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -25,8 +24,7 @@ def disk(directory: Path, size_mb: int = 0) -> Path:
     image = directory / IMAGE
     if image.exists():
         return image
-    mkfs = shutil.which("mkfs.ext4") or next((p for p in ("/sbin/mkfs.ext4", "/usr/sbin/mkfs.ext4")
-                                              if os.path.exists(p)), None)
+    mkfs = shutil.which("mkfs.ext4") or shutil.which("mkfs.ext4", path="/usr/sbin:/sbin")  # a user's PATH may lack it
     if mkfs is None:
         raise RuntimeError("a VM's volume is an ext4 disk image, and mkfs.ext4 is not installed on this worker "
                            "(apt-get install e2fsprogs)")

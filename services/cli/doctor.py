@@ -33,6 +33,7 @@ Level = Literal["ok", "info", "warn", "fail"]
 TCP_TIMEOUT = 3.0
 CLOCK_SKEW_MAX = 2.0  # seconds: liveness reads its peers' silence from their clocks' timestamps
 DISK_LOW_MB, DISK_FULL_MB = 1024, 100
+SBIN = "/usr/sbin:/sbin"  # where system tools are when a user's PATH leaves them out
 
 
 @dataclass(frozen=True)
@@ -84,15 +85,11 @@ def runtime_checks() -> list[Finding]:
         found = oci.discover()
     finally:
         quiet.setLevel(level)
-    if found:
-        out.append(Finding("runtimes", "ok", "OCI runtimes: " + ", ".join(f"{n} ({r.path})" for n, r in found.items())))
+    out.append(oci_check(found))
     if any(r.kernel_network for r in found.values()):
         out.append(Finding("runtimes", "info", "this runsc is too old for its own network stack on this kernel "
                                                "(gVisor issue 10704): its instances use the kernel's",
                            "install a gVisor release from August 2024 or later"))
-    else:
-        out.append(Finding("runtimes", "warn", "no OCI runtime (runc, crun, runsc): containers cannot run",
-                           "apt-get install runc umoci"))
     if "runc" in found and not shutil.which("umoci"):
         out.append(Finding("runtimes", "warn", "umoci is missing: images cannot be unpacked for runc",
                            "apt-get install umoci"))
@@ -122,9 +119,17 @@ def runtime_checks() -> list[Finding]:
     return out
 
 
+def oci_check(found: dict[str, oci.OciRuntime]) -> Finding:
+    """The OCI runtimes found, or that there is none."""
+    if not found:
+        return Finding("runtimes", "warn", "no OCI runtime (runc, crun, runsc): containers cannot run",
+                       "apt-get install runc umoci")
+    return Finding("runtimes", "ok", "OCI runtimes: " + ", ".join(f"{n} ({r.path})" for n, r in found.items()))
+
+
 def nftables_check() -> Finding:
     """nftables, which service IPs and port mappings use."""
-    nft = shutil.which("nft") or ("/usr/sbin/nft" if os.path.exists("/usr/sbin/nft") else None)
+    nft = shutil.which("nft") or shutil.which("nft", path=SBIN)
     if nft is None:
         return Finding("nftables", "fail", "nft is missing: no service IPs or port mappings on the overlay",
                        "apt-get install nftables")
