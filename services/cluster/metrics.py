@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
 from services.cluster.orchestrator import ClusterOrchestrator
-from services.common.metrics import broker_clients, instance_families
+from services.common.metrics import broker_clients, by_state, instance_families
 
 
 def reader(orchestrator: ClusterOrchestrator, clients: Callable[[], int] | None) -> Callable[[], Iterator[Metric]]:
@@ -18,12 +17,10 @@ def reader(orchestrator: ClusterOrchestrator, clients: Callable[[], int] | None)
         desired = orchestrator.desired
         yield instance_families((desired[iid].service_key, status.status)
                                 for iid, status in orchestrator.statuses().items() if iid in desired)
-        workers = GaugeMetricFamily("oak_workers", "This cluster's workers by state", labels=["state"])
         views = list(orchestrator.nodes.values())
         online = sum(1 for v in views if v.online)
-        workers.add_metric(["online"], online)
-        workers.add_metric(["offline"], len(views) - online)
-        yield workers
+        yield by_state("oak_workers", "This cluster's workers by state",
+                       {"online": online, "offline": len(views) - online})
         if clients is not None:
             yield broker_clients(clients)
 

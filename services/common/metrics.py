@@ -48,6 +48,14 @@ def broker_clients(clients: Callable[[], int]) -> GaugeMetricFamily:
     return GaugeMetricFamily("oak_broker_clients", "Clients connected to this tier's broker", value=clients())
 
 
+def by_state(name: str, documentation: str, counts: dict[str, int]) -> GaugeMetricFamily:
+    """A gauge with one sample per state (``{"online": 3, "offline": 1}``): clusters, workers, GPUs."""
+    family = GaugeMetricFamily(name, documentation, labels=["state"])
+    for state, count in counts.items():
+        family.add_metric([state], count)
+    return family
+
+
 def instance_families(statuses: Iterable[tuple[str, str]]) -> GaugeMetricFamily:
     """``oak_instances`` by (service, status) from *statuses*, one pair per instance."""
     counts: dict[tuple[str, str], int] = {}

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from services.common.metrics import broker_clients, instance_families
+from services.common.metrics import broker_clients, by_state, instance_families
 from services.root.orchestrator import RootOrchestrator
 
 
@@ -20,17 +19,12 @@ def reader(orchestrator: RootOrchestrator, clients: Callable[[], int] | None) ->
             (f"{catalog.services[i.sid].owner}/{catalog.services[i.sid].job_name}",
              orchestrator.instance_status(i).status)
             for i in list(catalog.instances.values()) if i.sid in catalog.services)
-        clusters = GaugeMetricFamily("oak_clusters", "Clusters by state", labels=["state"])
         views = list(orchestrator.clusters.values())
         online = sum(1 for v in views if v.online)
-        clusters.add_metric(["online"], online)
-        clusters.add_metric(["offline"], len(views) - online)
-        workers = GaugeMetricFamily("oak_workers", "Workers of every cluster by state", labels=["state"])
+        yield by_state("oak_clusters", "Clusters by state", {"online": online, "offline": len(views) - online})
         nodes = [(n, v.online) for v in views for n in list(v.nodes.values())]
         up = sum(1 for n, reachable in nodes if n.online and reachable)
-        workers.add_metric(["online"], up)
-        workers.add_metric(["offline"], len(nodes) - up)
-        yield from (clusters, workers)
+        yield by_state("oak_workers", "Workers of every cluster by state", {"online": up, "offline": len(nodes) - up})
         if clients is not None:
             yield broker_clients(clients)
 

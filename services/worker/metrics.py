@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from services.common.metrics import instance_families
+from services.common.metrics import by_state, instance_families
 from services.worker.engine import Engine
 
 
@@ -31,10 +31,7 @@ def reader(engine: Engine) -> Callable[[], Iterator[Metric]]:
                 memory.add_metric(key, status.memory_mb * 2**20)
                 io.add_metric(key, status.io_mb * 2**20)
         yield from (cpu, memory, io)
-        gpus = GaugeMetricFamily("oak_gpus", "This worker's GPUs by state", labels=["state"])
         held = len(set(engine.gpu_holders) & {g.uuid for g in engine.gpus})
-        gpus.add_metric(["held"], held)
-        gpus.add_metric(["free"], len(engine.gpus) - held)
-        yield gpus
+        yield by_state("oak_gpus", "This worker's GPUs by state", {"held": held, "free": len(engine.gpus) - held})
 
     return read
