@@ -214,7 +214,7 @@ class RootOrchestrator:
         for iid, status in statuses.items():
             fresh[iid] = models.load(InstanceStatus, status)
             await slices.turn()
-        before = {name: node.online for name, node in view.nodes.items()}
+        before = {name: view.nodes[name].online for name in nodes if name in view.nodes}
         for name in change.drop.get("nodes", ()):
             view.nodes.pop(name, None)
             self._tell_everyone("node", f"worker {name} left cluster {view.name}", cluster=view.name, node=name)
