@@ -89,8 +89,9 @@ class OakApp(App[None]):
 
     def on_service_changed(self, message: ServiceChanged) -> None:
         """Update the tables and the instances' history."""
-        self.services.pop(message.job_name, None)
-        if message.state is not None:
+        if message.state is None:
+            self.services.pop(message.job_name, None)
+        else:
             self.services[message.job_name] = message.state
             for inst in message.state["instances"]:
                 self.history[f"cpu:{inst['iid']}"].append(inst["cpu_percent"])
