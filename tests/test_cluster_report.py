@@ -150,6 +150,50 @@ async def test_the_root_desired_map_arrives_as_deltas_and_the_state_leaves_as_de
     out.close()
 
 
+async def test_a_restarted_cluster_ignores_a_retained_desired_map_older_than_its_own(tmp_path: Path) -> None:
+    """The root publishes its whole desired map only once changes settle: a cluster restarted meanwhile reads
+    a retained map that still holds what was dropped since. Its stored copy says which version it is, so the
+    older map is ignored and the next delta still applies."""
+    service = {"app_name": "a", "app_namespace": "t", "name": "s", "namespace": "t", "virtualization": "process",
+               "code": "", "cmd": ["sleep", "1"], "memory": 10, "vcpus": 1}
+    spec = {f"i{k}": InstanceSpec(f"i{k}", "u", "a.t.s.t", k, ServiceSpec.from_dict(service)).doc for k in range(3)}
+    root = DeltaSender(("instances",), epoch="r1")
+    delta = channels.downstream(channels.CLUSTER_DESIRED_DELTA).topic()
+
+    def cluster() -> tuple[ClusterOrchestrator, Store]:
+        store = Store(tmp_path / "c.json")
+        return ClusterOrchestrator("c1", store, Profile((Weighted(LeastLoaded()),)), FakeSession()), store  # type: ignore[arg-type]
+
+    orch, store = cluster()
+    await orch.restore()
+    root.diff({"instances": {"i0": spec["i0"], "i1": spec["i1"]}})
+    retained = root.whole()  # the whole map of i0 and i1, retained; then i1 is dropped by a delta
+    await deliver(orch, orch.session, WHOLE, envelope.encode("desired", retained, "root"), True)
+    change = root.diff({"instances": {"i0": spec["i0"]}})
+    assert change is not None
+    await deliver(orch, orch.session, delta, envelope.encode("desired.delta", change.data(), "root"))
+    await orch.placed()
+    store.close()
+
+    orch, store = cluster()  # restarted: it reads the retained map first
+    await orch.restore()
+    assert sorted(orch.desired) == ["i0"]
+    await deliver(orch, orch.session, WHOLE, envelope.encode("desired", retained, "root"), True)
+    await orch.placed()
+    assert sorted(orch.desired) == ["i0"], "the older retained map brought back a dropped instance"
+    change = root.diff({"instances": {"i0": spec["i0"], "i2": spec["i2"]}})
+    assert change is not None
+    await deliver(orch, orch.session, delta, envelope.encode("desired.delta", change.data(), "root"))
+    await orch.placed()
+    assert sorted(orch.desired) == ["i0", "i2"]
+    other = DeltaSender(("instances",), epoch="r2")  # a restarted root: its map is followed as it is
+    other.diff({"instances": {"i2": spec["i2"]}})
+    await deliver(orch, orch.session, WHOLE, envelope.encode("desired", other.whole(), "root"), True)
+    await orch.placed()
+    assert sorted(orch.desired) == ["i2"]
+    store.close()
+
+
 class GatedStore(Store):
     """A store whose writes wait until the test opens the gate (a slow disk, or a big file)."""
 

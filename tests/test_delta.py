@@ -154,6 +154,23 @@ async def test_the_publisher_sends_deltas_at_once_and_the_whole_once_settled() -
     out.close()
 
 
+async def test_the_publisher_sends_the_whole_document_at_once_when_asked_and_it_lags() -> None:
+    session = FakeSession()
+    topic = channels.CLUSTER_DESIRED.topic(cluster="c1")
+    out = DeltaPublisher(session, channels.CLUSTER_DESIRED, "root", {"cluster": "c1"}, quiet=60)
+    out.update({"instances": {"a": {"n": 1}}})
+    out.publish_if_behind()
+    assert len(session.published) == 1  # the retained one is current: nothing sent
+    out.update({"instances": {}})
+    out.publish_if_behind()
+    assert session.published[-1][0] == topic
+    assert envelope.decode(session.published[-1][1], "desired").data == {
+        "instances": {}, "epoch": out.sender.epoch, "seq": 2}
+    out.publish_if_behind()
+    assert len(session.published) == 3
+    out.close()
+
+
 async def test_the_publisher_sends_the_whole_document_at_least_every_full_every() -> None:
     now = [0.0]
     session = FakeSession()

@@ -43,6 +43,18 @@ def sleeps(token: str, under: Path) -> list[psutil.Process]:
     return found
 
 
+async def two_on_one_worker(stack: Stack, api: Any, app: str, port: int) -> tuple[OakClient, dict[str, Any]]:
+    """A root, cluster c1 and worker w1 running two instances of ``<app>.test.job.test`` (``sleep <port>``)."""
+    stack.root()
+    stack.cluster("c1")
+    stack.worker("w1", "c1")
+    client = await api()
+    await eventually(lambda: _online_nodes(client, 1), what="w1 online")
+    await client.request("apps", "create", raw=dumps(sla(sleeper("job", port), app=app)))
+    await client.request("services", "deploy", {"service": f"{app}.test.job.test", "replicas": 2})
+    return client, await running(client, f"{app}.test.job.test", 2)
+
+
 TWO_SERVICES = sla(sleeper("web", 6001), sleeper("cache", 6002), app="shop")
 WEB, CACHE = "shop.test.web.test", "shop.test.cache.test"
 
@@ -91,14 +103,7 @@ async def test_mdoc_deploy_scale_undeploy(stack: Stack, api: Any) -> None:
 @pytest.mark.timeout(120)
 async def test_worker_killed_moves_its_instances(stack: Stack, api: Any) -> None:
     """kill -9 of a worker: its instances run on the other worker within seconds (last will, no poll)."""
-    stack.root()
-    stack.cluster("c1")
-    stack.worker("w1", "c1")
-    client = await api()
-    await eventually(lambda: _online_nodes(client, 1), what="w1 online")
-    await client.request("apps", "create", raw=dumps(sla(sleeper("job", 6011), app="move")))
-    await client.request("services", "deploy", {"service": "move.test.job.test", "replicas": 2})
-    first = await running(client, "move.test.job.test", 2)
+    client, first = await two_on_one_worker(stack, api, "move", 6011)
     assert {i["node"] for i in first["instances"]} == {"w1"}
     stack.worker("w2", "c1")
     await eventually(lambda: _online_nodes(client, 2), what="w2 online")
@@ -175,14 +180,7 @@ async def test_root_killed_and_restarted_loses_nothing(stack: Stack, api: Any) -
 @pytest.mark.timeout(120)
 async def test_cluster_and_worker_restart_resume(stack: Stack, api: Any) -> None:
     """kill -9 of a cluster and of a worker, then restart: same instances, adopted, not duplicated."""
-    stack.root()
-    stack.cluster("c1")
-    stack.worker("w1", "c1")
-    client = await api()
-    await eventually(lambda: _online_nodes(client, 1), what="w1 online")
-    await client.request("apps", "create", raw=dumps(sla(sleeper("job", 6021), app="resume")))
-    await client.request("services", "deploy", {"service": "resume.test.job.test", "replicas": 2})
-    before = await running(client, "resume.test.job.test", 2)
+    client, before = await two_on_one_worker(stack, api, "resume", 6021)
     pids = {p.pid for p in sleeps("6021", stack.base)}
 
     stack.procs["c1"].kill9()  # the cluster first: else it may see the worker die and rightly move its instances
@@ -195,6 +193,23 @@ async def test_cluster_and_worker_restart_resume(stack: Stack, api: Any) -> None
     after = await running(client, "resume.test.job.test", 2, what="RUNNING after restarts")
     assert [i["iid"] for i in after["instances"]] == [i["iid"] for i in before["instances"]]
     await eventually(lambda: {p.pid for p in sleeps("6021", stack.base)} == pids, what="the same processes, adopted")
+
+
+async def test_a_cluster_restarted_after_a_delete_does_not_bring_it_back(stack: Stack, api: Any) -> None:
+    """An application deleted just before its cluster restarts stays deleted: the retained desired map the
+    restarted cluster reads is older than its own copy (the root sends the whole map once changes settle),
+    and it must not place the deleted instances again."""
+    client, _ = await two_on_one_worker(stack, api, "gone", 6031)
+    await client.request("apps", "delete", {"app": "gone"})
+    await eventually(lambda: not sleeps("6031", stack.base), what="the instances stopped")
+    stack.procs["c1"].stop()  # before the root's whole map, without them, replaced the retained one
+    stack.procs["c1"].start()
+    await eventually(lambda: "worker w1 is online" in stack.procs["c1"].log.read_text().split("serving workers")[-1],
+                     what="w1 back with its restarted cluster")
+    for _ in range(40):  # past the moment the root's whole map, without them, settles
+        assert not sleeps("6031", stack.base), "a deleted instance was started again"
+        await asyncio.sleep(0.1)
+    assert "placed" not in stack.procs["c1"].log.read_text().split("serving workers")[-1]
 
 
 @pytest.mark.timeout(90)

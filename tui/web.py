@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hmac
 import secrets
 import shlex
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import psutil
 from aiohttp import web
 from textual_serve.server import Server
 
@@ -34,6 +36,7 @@ COOKIE = "oak_session"
 SESSION_SECONDS = 12 * 3600  # a browser logs in again after this
 FAILED_LOGIN_DELAY = 1.0  # seconds before a wrong password is answered (guessing gets slow; others are not held)
 REALM = 'Basic realm="oak dashboard", charset="UTF-8"'
+QUIT_WAIT = 5.0  # seconds a dashboard process has to quit once told, before it is terminated
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -111,10 +114,12 @@ class WebDashboard(Server):
         return app
 
     async def on_shutdown(self, app: web.Application) -> None:
-        """End every browser's session, and with it its dashboard process (aiohttp would wait a minute)."""
+        """End every browser's session (aiohttp would wait a minute), and with it its dashboard process:
+        textual-serve tells each to quit but does not wait for it to exit, so this does."""
         for task in list(self.browsers):
             task.cancel()
         await asyncio.gather(*self.browsers, return_exceptions=True)
+        await asyncio.to_thread(end_children, QUIT_WAIT)
 
     async def on_startup(self, app: web.Application) -> None:
         """Nothing (textual-serve prints a banner here, before it listens): :func:`serve` speaks once it does."""
@@ -150,8 +155,22 @@ class WebDashboard(Server):
 
 
 def session_command(data_dir: Path, root: str | None) -> str:
-    """The shell command each browser session runs: this user's terminal dashboard."""
-    return shlex.join([sys.executable, "-m", "tui", "--data-dir", str(data_dir), *(["--root", root] if root else [])])
+    """The shell command each browser session runs: this user's terminal dashboard (in the shell's place)."""
+    return "exec " + shlex.join([sys.executable, "-m", "tui", "--data-dir", str(data_dir),
+                                 *(["--root", root] if root else [])])
+
+
+def end_children(grace: float) -> None:
+    """Wait up to *grace* seconds for this process's children (the dashboards told to quit) to exit, then
+    terminate the rest, then kill what still stays."""
+    _, alive = psutil.wait_procs(psutil.Process().children(recursive=True), timeout=grace)
+    for child in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.terminate()
+    _, alive = psutil.wait_procs(alive, timeout=2)
+    for child in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
 
 
 def tls_context(options: WebOptions) -> ssl.SSLContext | None:

@@ -41,6 +41,7 @@ from services.common.throttle import ReportThrottle, Trigger
 log = logging.getLogger(__name__)
 
 DESIRED, ASSIGNED = "desired", "assigned"
+RECEIVED = "received"  # "desired" -> the epoch and seq of the root's desired map the stored one is (as of)
 STATE_INTERVAL = 2.0
 RETRY_INTERVAL = 1.0
 # A placement pass runs PLACE_COALESCE after it is asked for (changes arriving together share it) while the
@@ -105,6 +106,7 @@ class ClusterOrchestrator:
         self._root_heard = time.monotonic()
         self._placing_lock = asyncio.Lock()
         self._desired_in = DeltaReceiver(channels.CLUSTER_DESIRED.sections)
+        self._desired_mark: tuple[str | None, int] = (None, 0)  # the receiver's epoch and seq, as stored
         self.network = ClusterNetwork(name, store, session)
 
     # ---- start-up ----------------------------------------------------------------------------
@@ -118,6 +120,12 @@ class ClusterOrchestrator:
             iid: doc["node"] for iid, doc in (await self.store.load(ASSIGNED)).items() if iid in self.desired
         }
         self._desired_in.docs["instances"] = {iid: spec.doc for iid, spec in self.desired.items()}
+        # A retained whole map older than the stored one (the root sends it only once changes settle) must
+        # not bring back what was dropped since: it is recognised by its seq.
+        mark = (await self.store.load(RECEIVED)).get(DESIRED, {})
+        if isinstance(mark.get("epoch"), str) and isinstance(mark.get("seq"), int):
+            self._desired_in.epoch, self._desired_in.seq = mark["epoch"], mark["seq"]
+            self._desired_mark = (mark["epoch"], mark["seq"])
         until = time.monotonic() + STARTUP_GRACE
         for node, mine in self._maps(set(self.assigned.values())).items():  # as stored
             self.nodes.setdefault(node, NodeView(node))
@@ -204,8 +212,10 @@ class ClusterOrchestrator:
             self._changed.set()
 
     async def _take_desired(self, change: Change) -> None:
-        """Apply what changed in the root's desired map: only the changed specs are read and stored."""
+        """Apply what changed in the root's desired map: only the changed specs are read and stored (with
+        the map's epoch and seq, in the same write)."""
         if not change:
+            self._mark_received()
             return
         put = models.load_desired({"instances": change.put.get("instances", {})})
         put = {iid: spec for iid, spec in put.items() if self.desired.get(iid) != spec}  # unchanged: not stored again
@@ -225,8 +235,16 @@ class ClusterOrchestrator:
         # meanwhile share one pass. What others hear of it (workers' maps, the state report) waits for that write.
         self.store.apply(DESIRED, {i: spec.doc for i, spec in put.items()}, tuple(gone))
         self.store.apply(ASSIGNED, {}, tuple(gone))
+        self._mark_received()
         self._maps_due |= touched
         self.place_soon()
+
+    def _mark_received(self) -> None:
+        """Store which version of the root's desired map this cluster's copy is, when that changed."""
+        mark = (self._desired_in.epoch, self._desired_in.seq)
+        if mark != self._desired_mark:
+            self._desired_mark = mark
+            self.store.apply(RECEIVED, {DESIRED: {"epoch": mark[0], "seq": mark[1]}})
 
     async def _on_avail(self, node: NodeView, online: bool) -> None:
         was = node.online

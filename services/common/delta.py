@@ -315,6 +315,12 @@ class DeltaPublisher:
         self.session.publish(self.topic, envelope.encode_json(self.kind, self.sender.whole_json(), self.src),
                              retain=True)
 
+    def publish_if_behind(self) -> None:
+        """Publish the whole document now if a delta came after the retained one (for a subscriber that has
+        just come back: the retained one it reads would otherwise lag until changes settle)."""
+        if self._whole_seq is not None and self._whole_seq != self.sender.seq:
+            self.publish_whole()
+
     def close(self) -> None:
         """Stop the timer (the whole document may be behind the last delta)."""
         self._cancel()

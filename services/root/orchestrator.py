@@ -46,7 +46,7 @@ BEAT_EVERY = round(CLUSTER_BEAT_EVERY / TICK)  # ticks between two of the root's
 # The whole desired map (megabytes with 10,000 instances, decoded by the cluster) follows the deltas
 # once placements pause this long, and at least this often while they go on.
 DESIRED_QUIET, DESIRED_FULL_EVERY = 2.0, 30.0
-ORPHAN_RETRY = 30.0  # seconds before a deleted volume a worker still reports is asked deleted again
+ORPHAN_RETRY = 10.0  # seconds before a deleted volume a worker still reports is asked deleted again
 PASS_SHARE = 3.0  # a kicked pass starts at least this many times its last one's cost after that one began
 
 
@@ -120,6 +120,8 @@ class RootOrchestrator:
             view.set_online(online and not view.lost_since)
         elif online:
             self._hear(view, avail)
+            if out := self._desired_out.get(view.name):
+                out.publish_if_behind()  # what it subscribed to may lag behind the deltas it missed
         else:
             view.set_online(False)
             self.liveness.expect(view.name, time.monotonic() + FAILOVER_GRACE, SILENT_AFTER)
