@@ -148,13 +148,16 @@ async def test_topic_rules_hold_on_mosquitto(stack: Stack, api: Any) -> None:
     assert [a["name"] for a in await admin.request("apps", "list")] == ["acl"]
     assert [c["online"] for c in await admin.request("clusters", "list")] == [True]
 
-    # w1 logs in with its certificate on mosquitto's certificate listener (which displaces the real w1 for
-    # a moment: the client id is the certificate's name).
+    # w1's certificate logs in on mosquitto's certificate listener, the real w1 stopped meanwhile: the client
+    # id is the certificate's name, so the two would displace each other (and mosquitto_sub, reconnecting
+    # each time, would restart its -W timer and never end).
     w1, w1_port = stack.base / "w1", json.loads((stack.base / "w1" / "identity.json").read_text())["port"]
+    stack.procs["w1"].stop()
     assert "oak/nodes/w1/down/desired" in _read(w1_port, w1, "oak/nodes/w1/down/#", ca=ca)
     assert _read(w1_port, w1, "oak/nodes/w2/down/#", ca=ca) == "", "w1 reads w2's desired instances"
     _publish(w1_port, w1, "oak/nodes/w2/up/avail", '{"state":"offline"}', "-r", ca=ca)
     _publish(w1_port, w1, "oak/join/request/x", '{"kind": "node", "name": "w9"}', ca=ca)
+    stack.procs["w1"].start()
     await eventually(lambda: _online_nodes(admin, 2), what="w2 still online")
     assert sorted(n["name"] for n in await admin.request("nodes", "list")) == ["w1", "w2"]
 
