@@ -10,7 +10,6 @@ its users' requests.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -18,16 +17,13 @@ from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 SLICE = 0.001  # seconds a long pass runs before it lets the rest of the event loop have a turn
-# The seconds the run of a Trigger has given the rest of the event loop in its TimeSlices' turns so far.
-_GIVEN: contextvars.ContextVar[list[float] | None] = contextvars.ContextVar("oak_given", default=None)
 
 
 @dataclass
 class ReportThrottle:
     """Spaces runs by their own cost, and while the tier is busy (messages wait in its inbox) by a
     minimum too: the next one starts at least ``factor`` × the last one's cost after the last one started
-    (so the work uses at most ~1/factor of the loop; its cost is its own time, without the turns its
-    :class:`TimeSlices` gave the rest of the loop), and while busy, at least *minimum* after it and
+    (so the work uses at most ~1/factor of the loop), and while busy, at least *minimum* after it and
     never sooner than *coalesce* after it was asked for.
 
     This is what makes the batching adaptive: an idle tier runs the next one at once (a deploy on a quiet
@@ -92,16 +88,12 @@ class Trigger:
         while self._wanted:
             await asyncio.sleep(self.pacing.delay(time.monotonic(), self.busy()))
             self._wanted = False
-            given = [0.0]
-            token = _GIVEN.set(given)
             started = time.monotonic()
             try:
                 await self.action()
             except Exception:
                 log.exception("%s failed", self.what)
-            finally:
-                _GIVEN.reset(token)
-            self.pacing.ran(started, time.monotonic() - given[0])
+            self.pacing.ran(started, time.monotonic())
 
 
 class TimeSlices:
@@ -119,8 +111,5 @@ class TimeSlices:
     async def turn(self) -> None:
         """Yield to the event loop if this slice is used up."""
         if time.perf_counter() - self._since >= self.budget:
-            yielded = time.perf_counter()
             await asyncio.sleep(0)
             self._since = time.perf_counter()
-            if (given := _GIVEN.get()) is not None:  # not the cost of the Trigger's run making this pass
-                given[0] += self._since - yielded
