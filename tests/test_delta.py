@@ -154,46 +154,6 @@ async def test_the_publisher_sends_deltas_at_once_and_the_whole_once_settled() -
     out.close()
 
 
-def test_a_big_change_goes_as_several_deltas_numbered_on() -> None:
-    """1,234 entries changed at once go as three deltas of at most 500 (drops first); a receiver applying
-    them in order, or healed by the whole document, ends with the sender's document; numbering goes on."""
-    sender, receiver = DeltaSender(("a", "b"), epoch="e"), DeltaReceiver(("a", "b"))
-    receiver.whole(sender.whole())
-    first = sender.diff({"a": {f"k{i}": {"n": i} for i in range(300)}, "b": {}})
-    assert first is not None
-    assert sender.split(first, 500) == [first]
-    receiver.delta(first.data())
-    change = sender.diff({"a": {f"k{i}": {"n": i} for i in range(100)},
-                          "b": {f"j{i}": {"n": i} for i in range(1034)}})  # 200 dropped, 1,034 put
-    assert change is not None
-    parts = sender.split(change, 500)
-    assert [p.seq for p in parts] == [2, 3, 4]
-    assert sender.seq == sender.whole()["seq"] == 4
-    assert [sum(map(len, p.change.drop.values())) + sum(map(len, p.change.put.values())) for p in parts] == \
-        [500, 500, 234]
-    assert parts[0].change.drop == {"a": tuple(f"k{i}" for i in range(100, 300))}
-    late = DeltaReceiver(("a", "b"))
-    late.whole(sender.whole())
-    for part in reversed(parts):  # out of order: held until the missing ones come
-        receiver.delta(json.loads(json.dumps(part.data())))
-    assert receiver.docs == sender.last == late.docs
-    assert receiver.seq == 4
-    after = sender.diff({"a": {}, "b": {}})
-    assert after is not None
-    assert after.seq == 5
-
-
-async def test_the_publisher_sends_a_big_change_in_parts() -> None:
-    session = FakeSession()
-    out = DeltaPublisher(session, channels.CLUSTER_DESIRED, "root", {"cluster": "c1"}, quiet=60, most=2)
-    out.update({"instances": {}})
-    out.update({"instances": {f"i{k}": {"n": k} for k in range(5)}})
-    deltas = [envelope.decode(p, "desired.delta").data for t, p in session.published if t.endswith("/delta")]
-    assert [d["seq"] for d in deltas] == [1, 2, 3]
-    assert [len(d["put"]["instances"]) for d in deltas] == [2, 2, 1]
-    out.close()
-
-
 async def test_the_publisher_sends_the_whole_document_at_once_when_asked_and_it_lags() -> None:
     session = FakeSession()
     topic = channels.CLUSTER_DESIRED.topic(cluster="c1")

@@ -16,8 +16,6 @@ change itself, so the owner of such a topic publishes:
 receiver applies a delta only on top of the one before it (``seq + 1``, same epoch); a later one is held
 until the missing one arrives, an older one is dropped. A gap that does not close is healed by the next
 whole document, which replaces what the receiver has (a document older than what it has is ignored).
-A change of more than MOST_ENTRIES entries is published as several deltas, numbered on, drops first: a
-receiver takes in each between turns of its event loop.
 
 :class:`DeltaSender` and :class:`DeltaReceiver` are plain logic (no broker, no clock of their own);
 :class:`DeltaPublisher` puts a sender on an MQTT session.
@@ -40,7 +38,6 @@ from services.common.channels import Channel
 Doc = dict[str, Any]
 Sections = dict[str, dict[str, Doc]]
 MAX_HELD = 256  # out-of-order deltas kept while waiting for a missing one; beyond, wait for the whole document
-MOST_ENTRIES = 500  # entries (put or dropped) in one published delta: a bigger change goes as several, in order
 
 
 @dataclass(frozen=True)
@@ -132,31 +129,6 @@ class DeltaSender:
             return None
         self.seq += 1
         return Delta(self.epoch, self.seq, Change(puts, drops))
-
-    def split(self, delta: Delta, most: int) -> list[Delta]:
-        """*delta*, this sender's latest, as deltas of at most *most* entries each (drops before puts),
-        numbered on from it: a receiver decodes and applies each in one go, and a change of thousands of
-        entries in one message held its event loop for a tenth of a second."""
-        entries: list[tuple[str, str, Doc | None]] = [
-            (section, key, None) for section, keys in delta.change.drop.items() for key in keys]
-        entries += [(section, key, doc) for section, docs in delta.change.put.items() for key, doc in docs.items()]
-        if len(entries) <= most:
-            return [delta]
-        if (delta.epoch, delta.seq) != (self.epoch, self.seq):
-            raise ValueError("only this sender's latest delta can be split")
-        parts: list[Delta] = []
-        for first in range(0, len(entries), most):
-            put: dict[str, dict[str, Doc]] = {}
-            drop: dict[str, list[str]] = {}
-            for section, key, doc in entries[first:first + most]:
-                if doc is None:
-                    drop.setdefault(section, []).append(key)
-                else:
-                    put.setdefault(section, {})[key] = doc
-            parts.append(Delta(self.epoch, delta.seq + len(parts),
-                               Change(put, {s: tuple(keys) for s, keys in drop.items()})))
-        self.seq = parts[-1].seq
-        return parts
 
     def whole(self) -> Doc:
         """The last document, with its epoch and seq (the retained form)."""
@@ -291,8 +263,7 @@ class DeltaPublisher:
     document follows by itself once changes settle (a timer on the running loop)."""
 
     def __init__(self, session: Publisher, channel: Channel[Any], src: str, names: Mapping[str, str] | None = None,
-                 quiet: float = 1.0, full_every: float = 10.0, clock: Callable[[], float] = time.monotonic,
-                 most: int = MOST_ENTRIES) -> None:
+                 quiet: float = 1.0, full_every: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
         if channel.delta is None:
             raise ValueError(f"{channel.pattern} has no delta channel")
         self.session = session
@@ -303,7 +274,6 @@ class DeltaPublisher:
         self.quiet = quiet
         self.full_every = full_every
         self.clock = clock
-        self.most = most  # entries in one delta message
         self._whole_seq: int | None = None  # seq of the last whole document published
         self._whole_at = 0.0
         self._timer: asyncio.TimerHandle | None = None
@@ -330,9 +300,8 @@ class DeltaPublisher:
             return True
         if delta is None:
             return False
-        for part in self.sender.split(delta, self.most):
-            self.session.publish(self.delta_topic,
-                                 envelope.encode_json(self.delta_kind, self.sender.delta_json(part), self.src))
+        self.session.publish(self.delta_topic,
+                             envelope.encode_json(self.delta_kind, self.sender.delta_json(delta), self.src))
         if self.clock() - self._whole_at >= self.full_every:
             self.publish_whole()
         else:
