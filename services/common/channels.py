@@ -128,10 +128,6 @@ class Channel(Generic[T]):
             return envelope.encode(self.kind, dict(data), src)
         return json.dumps(data, separators=(",", ":")).encode()
 
-    def encode_json(self, text: str, src: str) -> bytes:
-        """:meth:`encode` for data already in JSON text (the caller also compared it with what it sent)."""
-        return envelope.encode_json(self.kind, text, src) if self.kind else text.encode()
-
 
 def _shown(pattern: str) -> str:
     return pattern.replace("{", "<").replace("}", ">")

@@ -42,7 +42,7 @@ from services.root.orchestrator import RootOrchestrator
 from services.root.rollout import PAUSED, RUNNING, Rollout
 from services.root.secrets import Secrets
 from services.root.streams import LogStreams
-from services.root.views import cluster_rows
+from services.root.views import cluster_rows, node_rows
 
 log = logging.getLogger(__name__)
 
@@ -522,7 +522,7 @@ class Api:
 
     async def nodes_list(self, user: str, body: Any) -> Any:
         """Every worker of every cluster."""
-        return self.orchestrator.node_rows.rows(self.orchestrator.clusters.values(), user)
+        return node_rows(self.orchestrator.clusters.values(), user)
 
     # ---- users -------------------------------------------------------------------------------
 

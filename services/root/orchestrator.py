@@ -37,7 +37,7 @@ from services.root.clusters import FAILOVER_GRACE, SILENT_AFTER, STARTUP_GRACE, 
 from services.root.events import Feed
 from services.root.network import RootNetwork, overlay_routes
 from services.root.placement import Placement
-from services.root.views import NodeRows, ServiceStates, cluster_rows
+from services.root.views import ServiceStates, cluster_rows, node_rows
 
 log = logging.getLogger(__name__)
 TICK = 0.5
@@ -60,7 +60,6 @@ class RootOrchestrator:
         self._net_dirty = True
         self.users = users
         self._infrastructure = LastSent()  # the clusters-and-workers view of each user
-        self.node_rows = NodeRows()  # the workers' rows, made once per report for every viewer
         self.profile = profile
         self.session = session
         self.clusters: dict[str, ClusterView] = {}
@@ -130,20 +129,13 @@ class RootOrchestrator:
 
     def _unanswered(self, upto: float) -> None:
         """Send to another cluster every instance its online cluster has not reported within STUCK_AFTER
-        (up to *upto*: what this root has read), and mark that cluster suspect. Only the instances sent
-        longer ago than that are looked at (``_sent_at`` is in the order they were sent; a burst keeps
-        thousands in it)."""
-        due = []
-        for iid, at in self._sent_at.items():
-            if upto - at <= STUCK_AFTER:
-                break
-            due.append(iid)
-        for iid in due:
+        (up to *upto*: what this root has read), and mark that cluster suspect."""
+        for iid, at in list(self._sent_at.items()):
             instance = self.catalog.instances.get(iid)
             view = self.clusters.get(instance.cluster) if instance else None
             if instance is None or view is None or iid in view.statuses:
                 del self._sent_at[iid]
-            elif view.online:
+            elif view.online and upto - at > STUCK_AFTER:
                 del self._sent_at[iid]
                 view.suspect = f"accepted instances and reported none of them for {STUCK_AFTER:.0f} s"
                 log.warning("cluster %s %s: %s goes to another cluster", view.name, view.suspect, iid)
@@ -216,23 +208,19 @@ class RootOrchestrator:
 
     async def _take_state(self, view: ClusterView, receiver: DeltaReceiver, change: Change) -> None:
         """Update *view* with what changed in its cluster's state (only the changed documents are read).
-        The statuses and workers are typed between turns of the event loop (a cluster's whole state holds
-        thousands), then taken in at once, and absorbed between turns again."""
+        The statuses are typed between turns of the event loop (a cluster's whole state holds thousands),
+        then taken in at once."""
         nodes, statuses = change.put.get("nodes", {}), change.put.get("instances", {})
         fresh: dict[str, InstanceStatus] = {}
         slices = TimeSlices()
         for iid, status in statuses.items():
             fresh[iid] = models.load(InstanceStatus, status)
             await slices.turn()
-        workers: dict[str, NodeSummary] = {}
-        for name, summary in nodes.items():
-            workers[name] = models.load(NodeSummary, summary)
-            await slices.turn()
         before = {name: view.nodes[name].online for name in nodes if name in view.nodes}
         for name in change.drop.get("nodes", ()):
             view.nodes.pop(name, None)
             self._tell_everyone("node", f"worker {name} left cluster {view.name}", cluster=view.name, node=name)
-        view.nodes.update(workers)
+        view.nodes.update({n: models.load(NodeSummary, s) for n, s in nodes.items()})
         self._delete_orphan_volumes(view, list(nodes))
         for name in nodes:
             node = view.nodes[name]
@@ -246,11 +234,11 @@ class RootOrchestrator:
         view.statuses.update(fresh)
         if "overlay" in change.put or "overlay" in change.drop:
             view.overlay = overlay_routes(view.name, receiver.docs["overlay"])
+        self._absorb(view, fresh, change.drop.get("instances", ()), was)
         self._net_dirty = True
-        await self._absorb(view, fresh, change.drop.get("instances", ()), was, slices)
 
-    async def _absorb(self, view: ClusterView, changed: dict[str, InstanceStatus], gone: tuple[str, ...],
-                      was: dict[str, str], slices: TimeSlices) -> None:
+    def _absorb(self, view: ClusterView, changed: dict[str, InstanceStatus], gone: tuple[str, ...] = (),
+                was: dict[str, str] | None = None) -> None:
         """Take in a cluster's changed statuses (and the instances it no longer reports, *gone*): drop
         reservations it has accounted for, note what it cannot place, mark the services concerned; tell the
         owners of those whose status is not what it *was*."""
@@ -262,9 +250,8 @@ class RootOrchestrator:
             if instance is None or instance.cluster != view.name:
                 continue
             self.placement.absorb(view.name, iid, status)
-            self._sent_at.pop(iid, None)  # reported
             self._dirty.add(instance.sid)
-            before = was.get(iid, "")
+            before = (was or {}).get(iid, "")
             if self.events and status.status != before:
                 self._tell_owner(instance, "status", f"{before} -> {status.status}" if before else status.status,
                                  cluster=view.name, node=status.node, reason=status.reason)
@@ -272,7 +259,6 @@ class RootOrchestrator:
                 self._ran.add(iid)
                 if self.metrics:
                     self.metrics.submit_to_running.observe(time.time() - instance.created)
-            await slices.turn()
         for iid in gone:
             instance = self.catalog.instances.get(iid)
             if instance is not None:
@@ -420,7 +406,6 @@ class RootOrchestrator:
         for iid, cluster in after.items():
             instance = self.catalog.instances.get(iid)
             if cluster and instance is not None and before.get(iid) != cluster:
-                self._sent_at.pop(iid, None)  # to the end: the dict stays in the order of sending
                 self._sent_at[iid] = time.monotonic()
                 doc = puts.setdefault(cluster, {})[iid] = self.spec_of(instance).doc
                 self._desired(cluster).encode("instances", iid, doc)
@@ -509,9 +494,6 @@ class RootOrchestrator:
             service = self.catalog.services.get(sid)
             if service is None:
                 continue
-            for instance in by_service[sid]:  # the rows that changed are made here, between turns
-                self.views.row(instance)
-                await slices.turn()
             state = self.views.state(service, sorted(by_service[sid], key=lambda i: i.number))
             if self._published_state.fresh(sid, state):
                 self.session.send(channels.API_SERVICE_STATE, self.views.body(state), user=service.owner,
@@ -564,11 +546,9 @@ class RootOrchestrator:
         slices = TimeSlices()
         for user in self.users():
             await slices.turn()
-            text = json.dumps({"clusters": clusters, "nodes": self.node_rows.rows(self.clusters.values(), user)},
-                              sort_keys=True, separators=(",", ":"))
-            if self._infrastructure.fresh(user, text):
-                self.session.send(channels.API_INFRASTRUCTURE, channels.API_INFRASTRUCTURE.encode_json(text, "root"),
-                                  user=user)
+            data = {"clusters": clusters, "nodes": node_rows(self.clusters.values(), user)}
+            if self._infrastructure.fresh(user, json.dumps(data, sort_keys=True)):
+                self.session.send(channels.API_INFRASTRUCTURE, data, "root", user=user)
 
     async def run(self) -> None:
         """Reconcile periodically (failover deadlines, retries) until cancelled."""

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from services.common import envelope, models
-from services.common.models import InstanceStatus, NodeSummary
+from services.common.models import InstanceStatus
 from services.root.catalog import Instance, Service
 from services.root.clusters import ClusterView
 from services.root.rollout import Rollout
@@ -28,7 +28,7 @@ class ServiceStates:
     def state(self, service: Service, instances: list[Instance]) -> dict[str, Any]:
         """*service* as its owner sees it, with its *instances* (by number)."""
         spec = service.spec
-        rows = [self.row(instance) for instance in instances]
+        rows = [self._row(instance) for instance in instances]
         return {
             "service_id": service.sid,
             "job_name": service.job_name,
@@ -49,9 +49,7 @@ class ServiceStates:
             "instances": rows,
         }
 
-    def row(self, instance: Instance) -> dict[str, Any]:
-        """*instance*'s row, made again only when its number, cluster or status changed (a caller making
-        a thousand rows can make them ahead of :meth:`state`, between turns of the event loop)."""
+    def _row(self, instance: Instance) -> dict[str, Any]:
         inputs = (instance.number, instance.cluster, self.status_of(instance))
         made = self._rows.get(instance.iid)
         if made is None or made[0] != inputs:
@@ -130,34 +128,14 @@ def cluster_rows(clusters: Iterable[ClusterView]) -> list[dict[str, Any]]:
     return out
 
 
-class NodeRows:
-    """Every worker of every cluster, as a viewer may see it (``nodes/list`` and each user's retained
-    infrastructure): of the services on a worker, only the viewer's own (by job name; clusters count them as
-    ``owner/job_name``). The rest of a worker's row is the same for every viewer and changes only with its
-    summary (replaced, never changed, when its cluster reports it), so it is made once per summary: making
-    it is most of the cost, and was paid for a thousand workers, per user, every few seconds."""
-
-    def __init__(self) -> None:
-        self._rows: dict[tuple[str, str], tuple[NodeSummary, bool, float, dict[str, Any]]] = {}
-
-    def rows(self, clusters: Iterable[ClusterView], viewer: str) -> list[dict[str, Any]]:
-        """The rows *viewer* sees, by cluster and worker name."""
-        mine, out = viewer + "/", []
-        kept: dict[tuple[str, str], tuple[NodeSummary, bool, float, dict[str, Any]]] = {}
-        for view in sorted(clusters, key=lambda v: v.name):
-            for node in sorted(view.nodes.values(), key=lambda n: n.name):
-                key = (view.name, node.name)
-                entry = self._rows.get(key)
-                if entry is None or entry[0] is not node or entry[1] != view.online or entry[2] != view.lost_since:
-                    entry = (node, view.online, view.lost_since, self._shared(view, node))
-                kept[key] = entry
-                out.append({**entry[3], "services": {key[len(mine):]: n for key, n in node.services.items()
-                                                     if key.startswith(mine)}})
-        self._rows = kept
-        return out
-
-    @staticmethod
-    def _shared(view: ClusterView, node: NodeSummary) -> dict[str, Any]:
-        online = node.online and view.online
-        return {"cluster": view.name, **models.dump(node), "online": online,
-                "state": condition(online, node.silent_since or view.lost_since, node.suspect)}
+def node_rows(clusters: Iterable[ClusterView], viewer: str) -> list[dict[str, Any]]:
+    """Every worker of every cluster, as *viewer* may see it: of the services on it, only the viewer's own
+    (by job name; clusters count them as ``owner/job_name``)."""
+    mine = viewer + "/"
+    return [
+        {"cluster": view.name, **models.dump(node), "online": node.online and view.online,
+         "state": condition(node.online and view.online, node.silent_since or view.lost_since, node.suspect),
+         "services": {key[len(mine):]: n for key, n in node.services.items() if key.startswith(mine)}}
+        for view in sorted(clusters, key=lambda v: v.name)
+        for node in sorted(view.nodes.values(), key=lambda n: n.name)
+    ]
