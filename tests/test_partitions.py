@@ -196,7 +196,8 @@ async def test_a_worker_that_accepts_and_runs_nothing_is_found_out(stack: Stack,
         assert all(i["status"] == "NODE_SCHEDULED" for i in placed), placed
         served = await running(client, WEB, 2, timeout=30)
         assert {i["node"] for i in served["instances"]} == {"w1"}
-        assert len(sleeps("7401", stack.base)) == 2
+        # RUNNING is reported once the process is spawned; its exec into `sleep` may come a moment later
+        await eventually(lambda: len(sleeps("7401", stack.base)) == 2, 10, what="two `sleep 7401` on w1")
         nodes = {n["name"]: n for n in await client.request("nodes", "list")}
         assert nodes["liar"]["state"] == "SUSPECT", nodes["liar"]
         assert "no progress" in nodes["liar"]["suspect"]
