@@ -6,6 +6,7 @@ need=()
 command -v mosquitto_pub >/dev/null || need+=(mosquitto-clients)
 command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
 [ -f /usr/include/mosquitto_plugin.h ] || need+=(mosquitto-dev)  # oak's login plugin for mosquitto
+[ -f /usr/include/mosquitto.h ] || need+=(libmosquitto-dev)  # the plugin's other header
 [ -f /usr/include/openssl/evp.h ] || need+=(libssl-dev)  # the same plugin checks passwords with OpenSSL
 command -v cc >/dev/null || need+=(gcc)
 command -v runc >/dev/null || need+=(runc)

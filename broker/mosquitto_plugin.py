@@ -3,7 +3,7 @@
 mosquitto has no setting that binds client ids to logins for more than one id per login, none that
 slows down failed logins, and hashes every password on every connection; so oak brings a small plugin
 and compiles it where mosquitto runs, once per version of its source, into the broker's directory.
-Without a C compiler, mosquitto's plugin header (Debian: ``mosquitto-dev``) or OpenSSL's
+Without a C compiler, mosquitto's plugin headers (Debian: ``mosquitto-dev``, ``libmosquitto-dev``) or OpenSSL's
 (``libssl-dev``) the broker still runs on mosquitto's own password check, but any valid login may then
 displace another client's session; oak says so loudly.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("mosquitto_login.c")
-HEADERS = ("mosquitto_plugin.h", "openssl/evp.h")
+HEADERS = ("mosquitto_plugin.h", "mosquitto.h", "openssl/evp.h")
 INCLUDE_DIRS = (Path("/usr/include"), Path("/usr/local/include"))
 
 
@@ -38,8 +38,8 @@ async def build_plugin(directory: Path) -> Path | None:
     missing = [h for h in HEADERS if not any((include / h).exists() for include in INCLUDE_DIRS)]
     if compiler is None or missing:
         log.warning("CLIENT IDS NOT BOUND: building oak's mosquitto plugin needs a C compiler and %s "
-                    "(Debian: apt-get install gcc mosquitto-dev libssl-dev); until then a valid login may "
-                    "take over another client's session on this broker", " and ".join(HEADERS))
+                    "(Debian: apt-get install gcc mosquitto-dev libmosquitto-dev libssl-dev); until then a valid "
+                    "login may take over another client's session on this broker", ", ".join(HEADERS))
         return None
     target = _target(directory)
     if target.exists():

@@ -87,7 +87,8 @@ async def _broker(kind: str, tmp_path: Path) -> AsyncIterator[tuple[int, Credent
             async with MosquittoBroker(Listeners(port=0), credentials, tmp_path / "mosquitto") as mosquitto:
                 plugins = list((tmp_path / "mosquitto").glob("oak_login-*.so"))
                 if not plugins:
-                    pytest.skip("oak's mosquitto plugin could not be built here (needs gcc and mosquitto-dev)")
+                    pytest.skip("oak's mosquitto plugin could not be built here "
+                                "(needs gcc, mosquitto-dev and libmosquitto-dev)")
                 yield mosquitto.port, credentials
         else:
             async with EmbeddedBroker(Listeners(port=0), credentials) as embedded:
