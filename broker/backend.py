@@ -23,6 +23,7 @@ from broker.mosquitto import MosquittoBroker, MosquittoCredentials
 from broker.mosquitto_files import NativeBridge
 from broker.server import EmbeddedBroker, Listeners
 from broker.tier_ca import TierCa
+from services.common.loop_thread import LoopThread
 from services.common.mqtt import BrokerUrl
 from services.common.store import Store
 
@@ -128,8 +129,11 @@ async def open_broker(
     data_dir: Path,
     services: tuple[str, ...],
     bridge: NativeBridge | None = None,
+    own_loop: bool = False,
 ) -> AsyncIterator[RunningBroker]:
-    """Start (or just reach) the tier's broker; *services* are the in-process services that log in."""
+    """Start (or just reach) the tier's broker; *services* are the in-process services that log in. An
+    embedded broker runs on the tier's event loop, or with *own_loop* on one of its own
+    (:mod:`services.common.loop_thread`)."""
     for service in services:
         credentials.service_password(Identity(SERVICE, service).username)
     if spec.kind == EXTERNAL and spec.files is not None:
@@ -146,6 +150,9 @@ async def open_broker(
             yield RunningBroker(BrokerUrl(mosquitto.local_host, mosquitto.port), credentials, spec, mosquitto.tls_port,
                                 mosquitto.cert_port, mosquitto.cut_off, mosquitto.restart)
     else:
-        async with EmbeddedBroker(listeners, credentials) as embedded:
+        embedded = EmbeddedBroker(listeners, credentials)
+        thread = LoopThread("broker", lambda: embedded) if own_loop else None
+        async with thread or embedded:
+            cut_off = (lambda username: thread.run(embedded.cut_off(username))) if thread else embedded.cut_off
             yield RunningBroker(BrokerUrl("127.0.0.1", embedded.port), credentials, spec, embedded.tls_port,
-                                cut_off=embedded.cut_off, clients=embedded.connected)
+                                cut_off=cut_off, clients=embedded.connected)

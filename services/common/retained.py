@@ -22,6 +22,10 @@ class LastSent:
         self._last[topic] = value
         return True
 
+    def last(self, topic: Hashable) -> object | None:
+        """What *topic* last carried (None: nothing yet, or forgotten)."""
+        return self._last.get(topic)
+
     def forget(self, topic: Hashable) -> None:
         """Forget *topic* (its retained message was cleared), so its next value is sent."""
         self._last.pop(topic, None)

@@ -11,7 +11,8 @@ deploy of a thousand replicas (or a flood of requests) never holds up another's 
 Every request is answered exactly once: a request that fails in an unforeseen way is answered
 ``internal`` (and logged), and while more than *busy_backlog* requests wait for the root (those of
 the same user, and any the root has not read yet: they come on a connection of their own, apart from
-the clusters' traffic), requests are answered ``busy`` at once, with ``retry_after`` seconds (the
+the clusters' traffic, through the users' lane, services/root/lane.py, which answers ``services/list``
+itself), requests are answered ``busy`` at once, with ``retry_after`` seconds (the
 backlog at the recent cost per request), instead of waiting behind the backlog until their sender
 gives up.
 """
@@ -25,15 +26,15 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from broker.credentials import Credentials
 from broker.identity import CLUSTER, Identity
 from services.common import channels, topics
+from services.common.channels import Channel
 from services.common.inbox import Received
-from services.common.mqtt import MqttSession
 from services.common.scheduling import unevaluated, unevaluated_reason
 from services.common.sla import SECRET_NAME_RE, ServiceSpec, SlaError, parse_sla, updated
 from services.root.catalog import App, Catalog, Conflict, NotFound, Service
@@ -72,6 +73,17 @@ class ApiError(Exception):
 Handler = Callable[[str, Any], Awaitable[Any]]
 
 
+class Replies(Protocol):
+    """Where the answer to a request goes (the users' connection, :mod:`services.root.lane`)."""
+
+    @property
+    def backlog(self) -> int:
+        """Requests received and not yet begun: past *busy_backlog*, requests are answered busy."""
+
+    def send(self, channel: Channel[Any], data: Mapping[str, Any] | bytes, src: str = "", **names: str) -> None:
+        """Send *data* on *channel*'s topic for *names*."""
+
+
 class Busy(Exception):
     """The root is too far behind to serve a request now: retry in *retry_after* seconds."""
 
@@ -95,7 +107,7 @@ class Api:
         self.credentials = credentials
         self.streams = streams
         self.joining = joining
-        self._taken: asyncio.Queue[tuple[MqttSession, Received[bytes]]] = asyncio.Queue()
+        self._taken: asyncio.Queue[tuple[Replies, Received[bytes]]] = asyncio.Queue()
         self._last: dict[str, asyncio.Task[None]] = {}  # each user's latest request being served or waiting
         self._waiting: Counter[str] = Counter()  # each user's requests taken and not yet begun
         self.routes: dict[tuple[str, str], Handler] = {
@@ -126,7 +138,7 @@ class Api:
             ("nodes", "revoke"): self.nodes_revoke,
         }
 
-    async def take(self, session: MqttSession, request: Received[bytes]) -> None:
+    async def take(self, session: Replies, request: Received[bytes]) -> None:
         """Queue a request message for :meth:`run` (the inbox's handler: it returns at once)."""
         self._waiting[request.names["user"]] += 1
         self._taken.put_nowait((session, request))
@@ -145,7 +157,7 @@ class Api:
         if self._last.get(user) is task:
             del self._last[user]
 
-    async def _after(self, previous: asyncio.Task[None] | None, session: MqttSession,
+    async def _after(self, previous: asyncio.Task[None] | None, session: Replies,
                      request: Received[bytes]) -> None:
         if previous is not None:
             await asyncio.wait((previous,))
@@ -155,13 +167,13 @@ class Api:
             del self._waiting[user]
         await self.handle(session, request)
 
-    async def handle(self, session: MqttSession, request: Received[bytes]) -> None:
+    async def handle(self, session: Replies, request: Received[bytes]) -> None:
         """Answer one request message."""
         parsed = Request(**request.names)
         transaction, body = None, None
         try:
-            body = self._body(request.message.payload)
-            transaction = _transaction_of(body)
+            body = request_body(request.message.payload)
+            transaction = transaction_of(body)
             backlog = session.backlog + self._waiting[parsed.user]
             if backlog > self.busy_backlog:
                 raise Busy(round(max(1.0, backlog * self._cost), 1), backlog)
@@ -185,9 +197,7 @@ class Api:
         except Exception as exc:  # a bug: the request still gets its one answer, and the root serves on
             log.exception("%s %s/%s failed", parsed.user, parsed.resource, parsed.action)
             answer = {"ok": False, "error": {"code": "internal", "message": f"the root failed: {exc!r}"}}
-        if transaction is not None:
-            answer["transaction"] = transaction
-        answer = {"ts": round(time.time(), 3), **answer}  # first, where a reader finds it: the root's clock
+        answer = stamped(answer, transaction)
         busy = not answer["ok"] and answer["error"]["code"] == "busy"
         self._note_overload(busy, answer)
         if not answer["ok"] and not busy:
@@ -205,17 +215,6 @@ class Api:
         if now - self._last_busy > OVERLOAD_QUIET:
             log.warning("%s; answering requests busy until it catches up", answer["error"]["message"])
         self._last_busy = now
-
-    @staticmethod
-    def _body(payload: bytes) -> Any:
-        if not payload.strip():
-            return {}
-        try:
-            return json.loads(payload)
-        except (ValueError, UnicodeDecodeError):
-            raise ApiError("bad_request", "the request is not JSON") from None
-        except RecursionError:
-            raise ApiError("bad_request", "the request is nested too deeply") from None
 
     # ---- argument helpers ---------------------------------------------------------------------
 
@@ -507,7 +506,7 @@ class Api:
         placed = {i.iid: (i.number, i.cluster) for i in chosen if i.cluster}
         if not placed:
             raise ApiError("not_running", f"{service.job_name} has no instance on a cluster")
-        stream = self.streams.open(user, _transaction_of(body), placed, 100 if tail is None else tail, float(follow))
+        stream = self.streams.open(user, transaction_of(body), placed, 100 if tail is None else tail, float(follow))
         return {"stream": stream, "instances": sorted(n for n, _ in placed.values())}
 
     # ---- infrastructure ----------------------------------------------------------------------
@@ -598,7 +597,27 @@ class Api:
         ]
 
 
-def _transaction_of(body: Any) -> str | None:
+def request_body(payload: bytes) -> Any:
+    """A request's JSON body (an empty payload is ``{}``); ApiError ``bad_request`` when it is not JSON."""
+    if not payload.strip():
+        return {}
+    try:
+        return json.loads(payload)
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError("bad_request", "the request is not JSON") from None
+    except RecursionError:
+        raise ApiError("bad_request", "the request is nested too deeply") from None
+
+
+def stamped(answer: dict[str, Any], transaction: str | None) -> dict[str, Any]:
+    """*answer* as it is sent: the root's clock first, where a reader finds it, and the request's
+    transaction echoed when it had one."""
+    if transaction is not None:
+        answer["transaction"] = transaction
+    return {"ts": round(time.time(), 3), **answer}
+
+
+def transaction_of(body: Any) -> str | None:
     """The ``transaction`` a request carries, to be echoed in its answers (None without one)."""
     transaction = body.get("transaction") if isinstance(body, dict) else None
     return transaction if isinstance(transaction, str) else None

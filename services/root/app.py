@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import logging
@@ -29,6 +30,7 @@ from services.root.api import BUSY_BACKLOG, Api
 from services.root.catalog import Catalog
 from services.root.events import Feed
 from services.root.joining import RootJoining
+from services.root.lane import UsersLane
 from services.root.network import RootNetwork
 from services.root.orchestrator import RootOrchestrator
 from services.root.secrets import SecretDesk, Secrets, key_at
@@ -92,20 +94,16 @@ async def run_root(cfg: RootConfig, ready: asyncio.Event | None = None) -> None:
               if tier else cfg.listen)
     credentials.machines_by_certificate = tier is not None
     try:
-        async with open_broker(cfg.broker, listen, credentials, cfg.data_dir, ("root",)) as broker:
+        async with open_broker(cfg.broker, listen, credentials, cfg.data_dir, ("root",), own_loop=True) as broker:
             session = MqttSession(broker.url, "root", *broker.login("root"),
                                   avail_topic=channels.ROOT_AVAIL.topic(), announce=False)
-            # The users' requests come on a connection of their own, so they never queue behind the
-            # clusters' traffic (thousands of messages in one burst, in order on the other connection).
-            requests = MqttSession(broker.url, "root-api", *broker.login("root"))
-            async with session, requests:
+            async with session, contextlib.AsyncExitStack() as stack:
                 network = RootNetwork(store, session)
                 await network.load()
                 orchestrator = RootOrchestrator(catalog, scheduling, session, credentials.users, network)
                 feed = orchestrator.events = Feed(session, credentials.users)
                 measured = orchestrator.metrics = TierMetrics("root")
                 measured.watch_session("clusters", session)
-                measured.watch_session("users", requests)
                 measured.watch_store("root", store)
                 measured.read(root_metrics.reader(orchestrator, broker.clients))
                 streams = LogStreams(session)
@@ -129,9 +127,6 @@ async def run_root(cfg: RootConfig, ready: asyncio.Event | None = None) -> None:
                     if joined:
                         joining.publish(joined)
 
-                users = Inbox()
-                users.on(channels.API_REQUEST, lambda m: api.take(requests, m))
-                await users.subscribe(requests)
                 inbox = Inbox()
                 orchestrator.listen(inbox)
                 inbox.on(channels.CLUSTER_ANSWER, streams.answer)
@@ -141,6 +136,12 @@ async def run_root(cfg: RootConfig, ready: asyncio.Event | None = None) -> None:
                 if renewer:
                     inbox.on(renewer.requests, lambda m: renewer.answer(session, m))
                 await inbox.subscribe(session)
+                # The users' requests come on a connection of their own, on a thread of its own: they never
+                # queue behind the clusters' traffic, nor (services/list) behind the root's work.
+                lane = await stack.enter_async_context(UsersLane(broker.url, *broker.login("root"), api))
+                orchestrator.on_states = lane.publish
+                assert lane.session is not None
+                measured.watch_session("users", lane.session)
                 session.announce()  # oak/root/avail online: clients wait for it before their first request
                 await ensure_admin(cfg, credentials, public, tier.cafile if tier else None)
                 log.info("root serving on %s (scheduling: %s)", public, ", ".join(scheduling.names))
@@ -151,7 +152,7 @@ async def run_root(cfg: RootConfig, ready: asyncio.Event | None = None) -> None:
                 gc.freeze()
                 if ready:
                     ready.set()
-                await serve(session, inbox, orchestrator.run(), users.run(requests), api.run(),
+                await serve(session, inbox, orchestrator.run(), lane.thread.ended(), api.run(),
                             metrics.serve(measured, cfg.metrics), feed.run())
     finally:
         store.close()

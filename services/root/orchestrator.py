@@ -19,6 +19,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from types import MappingProxyType
 from typing import Any
 
 from services.common import channels, models
@@ -37,7 +38,7 @@ from services.root.clusters import FAILOVER_GRACE, SILENT_AFTER, STARTUP_GRACE, 
 from services.root.events import Feed
 from services.root.network import RootNetwork, overlay_routes
 from services.root.placement import Placement
-from services.root.views import ServiceStates, cluster_rows, node_rows
+from services.root.views import PublishedStates, ServiceStates, cluster_rows, node_rows
 
 log = logging.getLogger(__name__)
 TICK = 0.5
@@ -71,6 +72,9 @@ class RootOrchestrator:
         self._states_in: dict[str, DeltaReceiver] = {}
         self.views = ServiceStates(self.instance_status)
         self._published_state = LastSent()  # each service's state, by service id
+        self.on_states: Callable[[PublishedStates], None] | None = None  # takes every user's, after each publication
+        self._listed = PublishedStates(float("-inf"), MappingProxyType({}))
+        self._cleared: set[str] = set()  # owners of services deleted since the last publication
         self._dirty: set[str] = set()
         self._reconciling = asyncio.Lock()
         self._ready_since: dict[str, float] = {}  # instances of services rolling out, ready since (monotonic)
@@ -476,11 +480,16 @@ class RootOrchestrator:
 
     async def flush_states(self) -> None:
         """Republish the retained state of every service that changed (a thousand rows each, at most: the
-        event loop gets a turn between services)."""
+        event loop gets a turn between services), then hand :attr:`on_states` every user's."""
+        taken_at = time.monotonic()
         dirty, self._dirty = self._dirty, set()
         if self.network and (self._net_dirty or dirty):
             self._net_dirty = False
             self.network.publish(self.catalog, self.clusters.values())
+        await self._publish_states(dirty)
+        self._list_states(taken_at, dirty)
+
+    async def _publish_states(self, dirty: set[str]) -> None:
         if not dirty:
             return
         by_service: dict[str, list[Instance]] = {sid: [] for sid in dirty}  # one pass over the catalog for all
@@ -498,6 +507,23 @@ class RootOrchestrator:
             if self._published_state.fresh(sid, state):
                 self.session.send(channels.API_SERVICE_STATE, self.views.body(state), user=service.owner,
                                   job=service.job_name)
+
+    def _list_states(self, taken_at: float, dirty: set[str]) -> None:
+        """Hand :attr:`on_states` every user's services as now published, those of the owners of *dirty*
+        (and of services deleted since) made again, the others' kept."""
+        if self.on_states is None:
+            return
+        owners = self._cleared | {s.owner for sid in dirty if (s := self.catalog.services.get(sid))}
+        self._cleared = set()
+        by_user = self._listed.by_user
+        if owners:
+            listed = dict(by_user)
+            for owner in owners:
+                states = (self._published_state.last(s.sid) for s in self.catalog.services_of(owner))
+                listed[owner] = tuple(state for state in states if isinstance(state, dict))
+            by_user = MappingProxyType(listed)
+        self._listed = PublishedStates(taken_at, by_user)
+        self.on_states(self._listed)
 
     def mark(self, service: Service) -> None:
         """Note that *service* changed, so its state is republished (by the pass this kicks, after the
@@ -538,6 +564,7 @@ class RootOrchestrator:
     def clear_state(self, service: Service) -> None:
         """Remove a deleted service's retained state."""
         self._published_state.forget(service.sid)
+        self._cleared.add(service.owner)
         self.session.send(channels.API_SERVICE_STATE, b"", user=service.owner, job=service.job_name)
 
     async def publish_infrastructure(self) -> None:

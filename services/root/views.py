@@ -5,7 +5,8 @@ infrastructure, clusters and workers, for ``clusters/list``, ``nodes/list`` and 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from services.common import envelope, models
@@ -13,6 +14,16 @@ from services.common.models import InstanceStatus
 from services.root.catalog import Instance, Service
 from services.root.clusters import ClusterView
 from services.root.rollout import Rollout
+
+
+@dataclass(frozen=True)
+class PublishedStates:
+    """Every user's services as the root last published them (what ``services/list`` answers), and when it
+    began that publication (monotonic): a request the root answered before then is in it. Replaced whole,
+    never changed: the users' lane (services/root/lane.py) reads it from its own thread."""
+
+    taken_at: float
+    by_user: Mapping[str, tuple[Mapping[str, Any], ...]]
 
 
 class ServiceStates:
