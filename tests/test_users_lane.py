@@ -8,8 +8,10 @@ is a stand-in that holds its answers, so a test decides when the root's loop ans
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -162,3 +164,22 @@ async def test_a_loop_thread_that_cannot_start_says_why() -> None:
     with pytest.raises(OSError, match="port taken"):
         async with LoopThread("failing", failing):
             pass
+
+
+async def test_a_loop_thread_stops_cleanly_after_its_watcher_was_cancelled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tier cancels what waits for :meth:`LoopThread.ended` before it stops the thread (as at Ctrl-C):
+    the thread still ends without an error."""
+    raised: list[BaseException | None] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: raised.append(args.exc_value))
+
+    @asynccontextmanager
+    async def idle() -> AsyncIterator[None]:
+        yield
+
+    async with LoopThread("idle", idle) as thread:
+        watcher = asyncio.create_task(thread.ended())
+        await asyncio.sleep(0.05)
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+    assert raised == [], "the thread raised as it ended"

@@ -64,9 +64,11 @@ class LoopThread:
                 started.set_exception(exc)
             else:
                 log.exception("%s stopped", self.name)
-            self._ended.set_exception(exc)
+            if not self._ended.cancelled():  # nobody waits for it any more (the tier is stopping)
+                self._ended.set_exception(exc)
         else:
-            self._ended.set_result(None)
+            if not self._ended.cancelled():
+                self._ended.set_result(None)
 
     async def _serve(self, started: concurrent.futures.Future[None]) -> None:
         self.loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
