@@ -102,6 +102,10 @@ async def obtain_login(
     *ca_key*, for the root to sign.
     """
     saved = Login.load(data_dir)
+    username = Identity(kind, name).username
+    if saved is not None and saved.username != username:
+        raise ValueError(f"{data_dir / IDENTITY_FILE} is {saved.username}'s, not {username}'s: each cluster and "
+                         f"worker needs a data directory of its own (for instance --data-dir {data_dir / name})")
     if saved is not None and not saved.expired():
         return saved
     if saved is not None:
@@ -111,7 +115,7 @@ async def obtain_login(
     state = json.loads(pending.read_text()) if pending.exists() else {"nonce": secrets.token_hex(16)}
     key = ca.load_key(state["key"].encode()) if "key" in state else ca.new_key()
     write_secret(pending, {"nonce": state["nonce"], "key": ca.key_pem(key).decode()})
-    nonce, username = state["nonce"], Identity(kind, name).username
+    nonce = state["nonce"]
     body: dict[str, Any] = {"kind": kind, "name": name, **({"token": token} if token else {})}
     trusted: str | None = None
     if url.tls:

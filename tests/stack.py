@@ -155,9 +155,9 @@ class Stack:
                                      f"--root-join-token={self.token}", f"--join-token={self.token}", *self.pin(),
                                      *QUIET, *self.cluster_args, *extra))
 
-    def worker(self, name: str, cluster: str, *extra: str) -> Proc:
-        """Start a worker called *name* under *cluster*."""
-        return self._start(name, oak("worker", "--name", name, "--data-dir", str(self.base / name),
+    def worker(self, name: str, cluster: str, *extra: str, home: str = "") -> Proc:
+        """Start a worker called *name* under *cluster*, in data dir *home* (its own: ``base/name``)."""
+        return self._start(name, oak("worker", "--name", name, "--data-dir", str(self.base / (home or name)),
                                      "--cluster", f"{self.scheme}127.0.0.1:{self.cluster_ports[cluster]}",
                                      f"--join-token={self.token}", *self.pin(), *QUIET, *extra))
 

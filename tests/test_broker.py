@@ -105,7 +105,8 @@ async def test_user_cannot_read_or_touch_another_users_api(broker: EmbeddedBroke
 
 
 async def test_join_gives_own_credentials_once(tmp_path: Path, broker: EmbeddedBroker, creds: Credentials) -> None:
-    """A newcomer gets credentials of its own; a second node with the same name is refused."""
+    """A newcomer gets credentials of its own; a second node with the same name is refused, and so is a data
+    dir that holds another identity (the worker beside its cluster in the same home)."""
     server = MqttSession(url(broker), "desk", "svc:desk", creds.service_password("svc:desk"))
     async with server:
         desk = JoinDesk(creds, "node")
@@ -117,6 +118,10 @@ async def test_join_gives_own_credentials_once(tmp_path: Path, broker: EmbeddedB
         assert login.username == "node.w1"
         assert (tmp_path / "w1" / "identity.json").stat().st_mode & 0o777 == 0o600
         assert await obtain_login(tmp_path / "w1", url(broker), "node", "w1", None) == login
+        with pytest.raises(ValueError, match="node.w1's, not node.w2's: each cluster and worker needs a data"):
+            await obtain_login(tmp_path / "w1", url(broker), "node", "w2", None, timeout=10)  # w1's home
+        with pytest.raises(ValueError, match="node.w1's, not cluster.c1's"):
+            await obtain_login(tmp_path / "w1", url(broker), "cluster", "c1", None, timeout=10)
         with pytest.raises(MqttError, match="already joined"):
             await obtain_login(tmp_path / "other", url(broker), "node", "w1", None, timeout=10)
         with pytest.raises(MqttError, match="only a node"):

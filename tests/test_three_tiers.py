@@ -69,6 +69,10 @@ async def test_mdoc_deploy_scale_undeploy(stack: Stack, api: Any) -> None:
     client = await api()
     await eventually(lambda: client.request("nodes", "list"), what="workers")
     await eventually(lambda: _online_nodes(client, 2), what="two workers online")
+    beside = stack.worker("w3", "c1", home="c1")  # in the cluster's home: it would log in as the cluster
+    assert beside.popen is not None
+    assert await asyncio.to_thread(beside.popen.wait, 30) == 1
+    assert f"oak: {stack.base / 'c1' / 'identity.json'} is cluster.c1's, not node.w3's" in beside.tail()
 
     apps = await client.request("apps", "create", raw=dumps(TWO_SERVICES))
     assert [s["job_name"] for s in apps[0]["services"]] == [WEB, CACHE]
