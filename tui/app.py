@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from collections import defaultdict, deque
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from rich.text import Text
 from textual import on, work
 from textual.app import App, ComposeResult
+from textual.message import Message
 from textual.widgets import DataTable, Footer, Header, RichLog, Static, TabbedContent, TabPane, Tree
 
 from services.cli.client import CliError
@@ -26,6 +29,19 @@ from tui.widgets.services_table import InstancesTable, ServicesTable
 HISTORY = 60  # samples kept for sparklines
 EVENTS_REMEMBERED = 1000  # events kept to tell a repeat from a new one (the root's ring holds 200)
 ALARMING = {"refused", "unplaced"}  # event kinds shown in red
+M = TypeVar("M", bound=Message)
+
+
+def while_running(handler: Callable[[OakApp, M], None]) -> Callable[[OakApp, M], None]:
+    """Drop a feed message handled after the app began to shut down: its widgets are gone by then, and the
+    feed may have posted it just before."""
+
+    @functools.wraps(handler)
+    def guarded(app: OakApp, message: M) -> None:
+        if app.is_running:
+            handler(app, message)
+
+    return guarded
 
 
 def read_file(path: str) -> bytes:
@@ -87,6 +103,7 @@ class OakApp(App[None]):
         """Add a line to the events screen."""
         self.query_one("#events", RichLog).write(text)
 
+    @while_running
     def on_service_changed(self, message: ServiceChanged) -> None:
         """Update the tables and the instances' history."""
         if message.state is None:
@@ -100,6 +117,7 @@ class OakApp(App[None]):
         self.show_instances()
         self.refresh_details()
 
+    @while_running
     def on_infrastructure_changed(self, message: InfrastructureChanged) -> None:
         """Redraw the cluster tree and the drill-down screens."""
         self.query_one("#clusters", ClusterTree).show(message.clusters, message.nodes)
@@ -111,6 +129,7 @@ class OakApp(App[None]):
             self.history[f"cluster:{cluster['name']}"].append(cluster["cpu_percent"])
         self.refresh_details()
 
+    @while_running
     def on_events_arrived(self, message: EventsArrived) -> None:
         """Show the root's events not shown yet (the retained recent ones repeat what the live ones said)."""
         for event in message.events:
@@ -122,6 +141,7 @@ class OakApp(App[None]):
                 del self.events_shown[next(iter(self.events_shown))]
             self.event(Text(event_line(event), style="red" if event.get("kind") in ALARMING else ""))
 
+    @while_running
     def on_feed_status(self, message: FeedStatus) -> None:
         """Show the connection on the status line."""
         self.query_one("#status", Static).update(message.text if message.ok else f"[red]{message.text}[/]")

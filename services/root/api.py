@@ -161,10 +161,7 @@ class Api:
                      request: Received[bytes]) -> None:
         if previous is not None:
             await asyncio.wait((previous,))
-        user = request.names["user"]
-        self._waiting[user] -= 1
-        if not self._waiting[user]:
-            del self._waiting[user]
+        one_less(self._waiting, request.names["user"])
         await self.handle(session, request)
 
     async def handle(self, session: Replies, request: Received[bytes]) -> None:
@@ -615,6 +612,13 @@ def stamped(answer: dict[str, Any], transaction: str | None) -> dict[str, Any]:
     if transaction is not None:
         answer["transaction"] = transaction
     return {"ts": round(time.time(), 3), **answer}
+
+
+def one_less(waiting: Counter[str], user: str) -> None:
+    """Count one of *user*'s waiting requests off *waiting*, which holds only users with some waiting."""
+    waiting[user] -= 1
+    if not waiting[user]:
+        del waiting[user]
 
 
 def transaction_of(body: Any) -> str | None:

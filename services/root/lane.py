@@ -26,7 +26,7 @@ from services.common.channels import Channel
 from services.common.inbox import Inbox, Received
 from services.common.loop_thread import LoopThread
 from services.common.mqtt import BrokerUrl, MqttSession
-from services.root.api import Api, ApiError, request_body, stamped, transaction_of
+from services.root.api import Api, ApiError, one_less, request_body, stamped, transaction_of
 from services.root.views import PublishedStates
 
 ANSWERED_HERE = frozenset({("services", "list")})  # what the lane answers from the published states
@@ -112,9 +112,7 @@ class UsersLane:
 
     def _sent(self, user: str, names: dict[str, str], data: Mapping[str, Any] | bytes) -> None:
         """On the lane's loop: the root answered one of *user*'s requests; send it."""
-        self._waiting[user] -= 1
-        if not self._waiting[user]:
-            del self._waiting[user]
+        one_less(self._waiting, user)
         self._answered[user] = time.monotonic()
         assert self.session is not None
         self.session.send(channels.API_RESPONSE, data, **names)

@@ -313,3 +313,18 @@ async def test_refresh_failure_is_shown() -> None:
         await pilot.pause()
         await pilot.pause()
         assert "refresh failed: the root is busy" in shown(app)
+
+
+async def test_feed_messages_after_shutdown_change_nothing() -> None:
+    """The feed may post just before the dashboard quits; handled once its widgets are gone, the messages
+    are dropped instead of failing the app (NoMatches)."""
+    app = OakApp(FakeFeed())
+    async with app.run_test() as pilot:
+        await loaded(pilot)
+    assert not app.is_running
+    app.on_infrastructure_changed(InfrastructureChanged([], []))
+    app.on_service_changed(ServiceChanged(WEB["job_name"], None))
+    app.on_events_arrived(EventsArrived(EVENTS))
+    app.on_feed_status(FeedStatus("gone", ok=False))
+    assert set(app.services) == {WEB["job_name"], DB["job_name"]}
+    assert set(app.clusters) == {"c1"}
