@@ -39,6 +39,7 @@ class Fleet:
     report_interval: float = 5.0
     broker: str = "embedded"  # the root's and clusters' --broker
     root_cpus: frozenset[int] = frozenset()  # CPUs for the root alone (the rest for everything else); none: shared
+    root_nice: int = 0  # the root's (and the user lane's) niceness: below 0, the CPU scheduler favours them
     stack: Stack = field(init=False)
     sims: list[Proc] = field(default_factory=list)
     victim_sims: list[Proc] = field(default_factory=list)
@@ -56,17 +57,20 @@ class Fleet:
         """Start the root and the clusters (and with *root_cpus*, give the root those CPUs and this process,
         whose children the clusters and workers are, the others)."""
         root = self.stack.root("--broker", self.broker)
+        assert root.popen is not None
+        self.favour(root.popen.pid)
         if self.root_cpus:
-            assert root.popen is not None
-            self.pin_to_root_cpus(root.popen.pid)
             os.sched_setaffinity(0, os.sched_getaffinity(0) - self.root_cpus)
         for name in self.cluster_names:
             self.stack.cluster(name, "--broker", self.broker)
 
-    def pin_to_root_cpus(self, pid: int) -> None:
-        """Run process *pid* (started before it made threads) on the root's CPUs, if it has its own."""
+    def favour(self, pid: int) -> None:
+        """Give process *pid* (started before it made threads, which inherit it) the root's CPUs, if it has
+        its own, and the root's niceness."""
         if self.root_cpus:
             os.sched_setaffinity(pid, self.root_cpus)
+        if self.root_nice:
+            os.setpriority(os.PRIO_PROCESS, pid, self.root_nice)
 
     def plan(self) -> list[tuple[str, str, int]]:
         """The ``oak sim`` processes to start: (cluster, worker-name prefix, workers), victims first."""

@@ -16,7 +16,8 @@ For each size, in order:
 
 Only the workloads are simulated; root, clusters, brokers, bridges and worker agents are real. They all
 share this machine's CPUs, which a burst keeps busy; ``--root-cpus 0`` gives the root (and the user
-lane) a CPU of its own, as when the root runs on its own machine, to time the root alone.
+lane) a CPU of its own, as when the root runs on its own machine, to time the root alone; ``--root-nice
+-10`` keeps the CPUs shared but has the scheduler favour the root and the user lane.
 Run: ``.venv/bin/python -m bench.scale [--workers 10,100,1000] [--clusters 1,10] [--instances 10000]``
 """
 
@@ -142,13 +143,13 @@ async def lane_user(client: OakClient, admin: Profile) -> Profile:
 
 
 async def user_lane(profile: Profile, fleet: Fleet) -> asyncio.subprocess.Process:
-    """Start the user lane (bench/lane.py) in a process of its own, beside the root when it has CPUs of
-    its own (a user's client is not on the fleet's machines either); return once it has connected."""
+    """Start the user lane (bench/lane.py) in a process of its own, favoured as the root is (a user's client
+    is not on the fleet's machines either); return once it has connected."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bench.lane", str(profile.root), profile.username, profile.password,
         *([str(profile.ca)] if profile.ca else []), cwd=REPO,
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    fleet.pin_to_root_cpus(proc.pid)
+    fleet.favour(proc.pid)
     assert proc.stderr is not None
     ready = await asyncio.wait_for(proc.stderr.readline(), 30)
     if ready.strip() != b"ready":
@@ -247,7 +248,7 @@ async def run_case(workers: int, clusters: int, args: argparse.Namespace) -> dic
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp) if not args.keep else Path(args.keep) / f"{args.name}-{workers}x{clusters}"
         fleet = Fleet(base, workers, clusters, min(args.fail, workers // 2), args.report_interval, args.broker,
-                      frozenset(int(c) for c in args.root_cpus.split(",") if c))
+                      frozenset(int(c) for c in args.root_cpus.split(",") if c), args.root_nice)
         LIVE.append(fleet)
         try:
             t0 = time.monotonic()
@@ -292,6 +293,9 @@ def main() -> None:
     p.add_argument("--root-cpus", default="", metavar="N,...",
                    help="CPUs for the root (and the user lane) alone, as on a machine of its own; the clusters, "
                         "the simulated workers and the benchmark share the others (default: all share all)")
+    p.add_argument("--root-nice", type=int, default=0, metavar="N",
+                   help="the root's and the user lane's niceness (below 0 needs root: the CPU scheduler favours "
+                        "them over the fleet, as when the root runs on a machine of its own; default: 0)")
     args = p.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     cases = []
