@@ -4,7 +4,8 @@ The tier's event loop runs its work (placement, the clusters' state, every write
 thousand instances it is busy for seconds on end, and whatever shares it waits that long. What must not wait
 (the embedded broker routing everyone's messages, the users' read requests) runs on a loop of its own. The
 threads share the interpreter, which switches between them every few milliseconds, so each gets its turn
-within milliseconds however busy the other is.
+within milliseconds however busy the other is, as long as the process gets a CPU: where other processes
+keep every CPU busy, a thread descheduled while it holds the interpreter holds the others up with it.
 
 What runs there reads the tier's objects only through values the tier replaces whole (never changes in
 place), and the tier reaches it only through :meth:`LoopThread.call` and :meth:`LoopThread.run`.
