@@ -6,7 +6,7 @@ import asyncio
 import json
 import shutil
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,19 @@ def machine_login(stack: Stack, machine: str, port: int) -> list[str]:
     tls = stack.base / machine / "tls"
     return ["-V", "mqttv311", "-h", "127.0.0.1", "-p", str(saved.get("port", port)), "--cafile", str(tls / "ca.pem"),
             "--cert", str(tls / "cert.pem"), "--key", str(tls / "key.pem"), "-i", saved["username"]]
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
+                              ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A failed test's report carries the end of each of its stacks' process logs: a failure on a CI machine
+    is then explained by what the root, clusters and workers said, not only by the assertion."""
+    report: pytest.TestReport = yield
+    if report.failed:
+        for name, value in getattr(item, "funcargs", {}).items():
+            if isinstance(value, Stack) and value.procs:
+                report.sections.append((f"the logs of stack '{name}' ({report.when})", value.logs()))
+    return report
 
 
 @pytest.fixture

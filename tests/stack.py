@@ -28,17 +28,31 @@ REPO = Path(__file__).resolve().parents[1]
 PORTS = range(20_000, 32_000, 3)
 
 
+def own_ports() -> range:
+    """This process's share of :data:`PORTS`: each of pytest-xdist's workers takes a slice of its own, so
+    tests running side by side never pick the same port (a port is only checked free, and the process
+    that binds it starts a second or more later)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return PORTS[int(worker or 0) % count::count]
+
+
+_handed_out: set[int] = set()  # never handed out twice by one process: a stack's tiers bind theirs later
+
+
 def free_port() -> int:
-    """A TCP port that, with the two after it, nobody uses right now."""
-    for port in random.sample(PORTS, 200):
+    """A TCP port that, with the two after it, nobody uses right now and this process has not handed out."""
+    candidates = [port for port in own_ports() if port not in _handed_out]
+    for port in random.sample(candidates, min(200, len(candidates))):
         try:
             with contextlib.ExitStack() as held:
                 for p in range(port, port + 3):
                     sock = held.enter_context(socket.socket())
                     sock.bind(("127.0.0.1", p))
-            return port
         except OSError:
             continue
+        _handed_out.add(port)
+        return port
     raise RuntimeError("no three free TCP ports in a row below the ephemeral range")
 
 
