@@ -214,6 +214,22 @@ class NodeSummary:
     silent_since: float = 0.0  # when it was last heard, once it is found silent (epoch seconds; 0: it is not)
     suspect: str = ""  # why it is not trusted with new instances ("": it is)
 
+    @functools.cached_property
+    def doc(self) -> dict[str, Any]:
+        """The JSON form, made once: the root shows every worker to every user every few seconds, and a
+        summary holds lists and maps (read it, never change it)."""
+        return dump(self)
+
+    @functools.cached_property
+    def services_by_owner(self) -> dict[str, dict[str, int]]:
+        """:attr:`services` (``owner/job_name``: instances) by owner, keyed by job name: each user is shown
+        only their own."""
+        out: dict[str, dict[str, int]] = {}
+        for key, count in self.services.items():
+            owner, _, job = key.partition("/")
+            out.setdefault(owner, {})[job] = count
+        return out
+
     def candidate(self) -> Candidate:
         """This worker as a scheduling candidate."""
         return Candidate(

@@ -15,7 +15,6 @@ and what users see of their services (views.py).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -574,7 +573,7 @@ class RootOrchestrator:
         for user in self.users():
             await slices.turn()
             data = {"clusters": clusters, "nodes": node_rows(self.clusters.values(), user)}
-            if self._infrastructure.fresh(user, json.dumps(data, sort_keys=True)):
+            if self._infrastructure.fresh(user, data):
                 self.session.send(channels.API_INFRASTRUCTURE, data, "root", user=user)
 
     async def run(self) -> None:

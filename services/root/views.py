@@ -142,11 +142,10 @@ def cluster_rows(clusters: Iterable[ClusterView]) -> list[dict[str, Any]]:
 def node_rows(clusters: Iterable[ClusterView], viewer: str) -> list[dict[str, Any]]:
     """Every worker of every cluster, as *viewer* may see it: of the services on it, only the viewer's own
     (by job name; clusters count them as ``owner/job_name``)."""
-    mine = viewer + "/"
     return [
-        {"cluster": view.name, **models.dump(node), "online": node.online and view.online,
+        {"cluster": view.name, **node.doc, "online": node.online and view.online,
          "state": condition(node.online and view.online, node.silent_since or view.lost_since, node.suspect),
-         "services": {key[len(mine):]: n for key, n in node.services.items() if key.startswith(mine)}}
+         "services": dict(node.services_by_owner.get(viewer, {}))}
         for view in sorted(clusters, key=lambda v: v.name)
         for node in sorted(view.nodes.values(), key=lambda n: n.name)
     ]
