@@ -437,7 +437,11 @@ async def test_container_on_the_overlay(stack: Stack, api: Any, lab: Lab, busybo
 
     await eventually(served, 15, interval=0.3, what="the container answering on its service IP from w2's host")
     assert "dev oakvx" in sh("ip", "-n", lab.hosts["h2"], "route").stdout, "over VXLAN (direct routing off)"
-    assert ask(lab.hosts["h2"], "tcp", lab.addresses["h1"], 8081, 1) == ["boxed"], "published port"
+
+    async def published() -> bool:  # once, under a loaded CI, gVisor's httpd closed one connection unanswered
+        return ask(lab.hosts["h2"], "tcp", lab.addresses["h1"], 8081, 1) == ["boxed"]
+
+    await eventually(published, 15, interval=0.3, what="the container answering on its published port")
     await client.request("services", "deploy", {"service": "ctr.test.pinned.test", "replicas": 1})
 
     async def refused() -> str:
