@@ -7,8 +7,11 @@ checked on mosquitto itself with mosquitto_pub/mosquitto_sub, as a script would 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +21,7 @@ import pytest
 
 from broker.mosquitto_files import acl_block, password_line, render_acl
 from services.cli.client import OakClient
-from tests.conftest import Stack, dumps, eventually, sla, sleeper
+from tests.conftest import Stack, connect, dumps, eventually, sla, sleeper
 from tests.test_privacy import test_tenants_see_only_their_own_and_files_are_private  # noqa: F401 - again here
 from tests.test_three_tiers import (  # noqa: F401 - collected here again, on mosquitto
     _online_nodes,
@@ -169,3 +172,66 @@ async def test_topic_rules_hold_on_mosquitto(stack: Stack, api: Any) -> None:
     plain = subprocess.run(_mqtt("mosquitto_pub", root, admin_login, "-t", "oak/x", "-m", "x"),
                            capture_output=True, timeout=10)
     assert plain.returncode != 0, "plain TCP to the TLS listener"
+
+
+# ---- the users' lane beside a root on mosquitto --------------------------------------------------------
+
+
+def _lane_of(root_pid: int) -> int | None:
+    """The pid of the root's users' lane process (services/root/lane_process.py), if it runs."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and _alive(int(entry.name)) and _parent(int(entry.name)) == root_pid:
+            with contextlib.suppress(OSError):
+                if b"services.root.lane_process" in (entry / "cmdline").read_bytes():
+                    return int(entry.name)
+    return None
+
+
+def _stat(pid: int) -> list[str]:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return []
+
+
+def _alive(pid: int) -> bool:
+    return _stat(pid)[:1] not in ([], ["Z"])
+
+
+def _parent(pid: int) -> int:
+    return int(_stat(pid)[1]) if _stat(pid) else 0
+
+
+@pytest.mark.timeout(120)
+async def test_a_root_on_mosquitto_answers_its_users_from_a_lane_process(tmp_path: Path) -> None:
+    """With ``--broker mosquitto`` the users' lane is a child process of the root: a user reads their own
+    writes through it; killed, another takes its place within seconds and answers the same; and when the
+    root is killed -9, the lane ends too."""
+    _need_mosquitto()
+    stack = Stack(tmp_path, root_args=MOSQUITTO)
+    try:
+        root = stack.root()
+        admin = await connect(stack)
+        try:
+            assert root.popen is not None
+            lane = _lane_of(root.popen.pid)
+            assert lane is not None, f"no lane process beside the root\n{stack.logs()}"
+            await admin.request("apps", "create", raw=dumps(sla(sleeper("job", 6043), app="lane")))
+            listed = await admin.request("services", "list")
+            assert [s["job_name"] for s in listed] == ["lane.test.job.test"], "the user's own write, read back"
+
+            os.kill(lane, signal.SIGKILL)
+            pid = root.popen.pid
+            await eventually(lambda: _lane_of(pid) not in (None, lane), 30, what="another lane")
+            await eventually(lambda: root.tail(100).count("the users' lane serves") == 2, 30, what="it serves")
+            assert [s["job_name"] for s in await admin.request("services", "list")] == ["lane.test.job.test"]
+            assert "exited with code -9" in root.tail(20)
+
+            second = _lane_of(pid)
+            assert second is not None
+            root.kill9()
+            await eventually(lambda: not _alive(second), 15, what="the lane ended with its root")
+        finally:
+            await admin.__aexit__(None, None, None)
+    finally:
+        stack.stop()

@@ -1,8 +1,10 @@
-"""The users' lane (services/root/lane.py): ``services/list`` is answered on a thread of its own, never
-behind the root's busy event loop, and a user still reads their own writes (issue 15, point 4).
+"""The users' lane (services/root/lane.py): ``services/list`` is answered on a loop of its own, never
+behind the root's busy event loop, and a user still reads their own writes (issue 15, point 4). Each test
+runs the lane both ways the root runs it: on a thread of its process (:class:`LaneThread`, with the
+embedded broker) and as a process of its own (:class:`LaneProcess`, with mosquitto or a broker you run).
 
-Real parts: the embedded broker on a loop of its own, the lane's thread, mosquitto clients. The root's Api
-is a stand-in that holds its answers, so a test decides when the root's loop answers.
+Real parts: the embedded broker on a loop of its own, the lane's thread or process, mosquitto clients. The
+root's Api is a stand-in that holds its answers, so a test decides when the root's loop answers.
 """
 
 from __future__ import annotations
@@ -10,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import signal
 import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 import pytest
@@ -27,10 +30,11 @@ from broker.server import Listeners
 from services.common import channels
 from services.common.inbox import Received
 from services.common.loop_thread import LoopThread
-from services.common.mqtt import MqttSession
+from services.common.mqtt import BrokerUrl, MqttSession
 from services.common.store import Store
-from services.root.lane import UsersLane
-from services.root.views import PublishedStates
+from services.root.answers import listing, stamped
+from services.root.lane import LaneThread, StatesBook, StatesChange
+from services.root.lane_process import LENGTHS, MAX_HEAD, FrameError, LaneFailed, LaneProcess, frame, read_frame
 from tests.conftest import need_binary
 from tests.stack import end, eventually
 
@@ -57,30 +61,44 @@ class HeldApi:
         self._held.clear()
 
 
+Lane = LaneThread | LaneProcess
+NOTHING = StatesChange(float("-inf"), whole=True)  # what the root has published when it starts
+
+
+@pytest.fixture(params=[LaneThread, LaneProcess], ids=["thread", "process"])
+def lane_kind(request: pytest.FixtureRequest) -> type[Lane]:
+    return request.param  # type: ignore[no-any-return]
+
+
 @asynccontextmanager
-async def lane_on_a_broker(tmp_path: Path) -> AsyncIterator[tuple[UsersLane, HeldApi, int]]:
-    """A broker on its own loop with the user alice, and a lane on it serving a :class:`HeldApi`."""
+async def lane_on_a_broker(tmp_path: Path, kind: type[Lane], published: StatesChange = NOTHING,
+                           ) -> AsyncIterator[tuple[Lane, HeldApi, BrokerUrl]]:
+    """A broker on its own loop with the user alice, and a lane of *kind* on it serving a :class:`HeldApi`."""
     credentials = Credentials(Store(tmp_path / "root.json"))
     await credentials.load()
     await credentials.set_password(*ALICE)
     api = HeldApi()
     async with open_broker(BrokerSpec(), Listeners(), credentials, tmp_path, ("root",), own_loop=True) as broker, \
-            UsersLane(broker.url, *broker.login("root"), api) as lane:  # type: ignore[arg-type]
-        yield lane, api, broker.url.port
+            kind(broker.url, *broker.login("root"), api, lambda: published) as lane:
+        yield lane, api, broker.url
 
 
-def published(*states: dict[str, Any]) -> PublishedStates:
-    return PublishedStates(time.monotonic(), MappingProxyType({"alice": states}))
+async def publish(lane: Lane, *states: dict[str, Any]) -> None:
+    """Have the root publish alice's *states*, and wait until the lane took them in."""
+    change = StatesChange(time.monotonic(), {state["job_name"]: json.dumps(state).encode() for state in states},
+                          {"alice": tuple(state["job_name"] for state in states)})
+    lane.publish(change)
+    await eventually(lambda: lane.applied >= change.taken_at)
 
 
-async def test_services_list_is_answered_while_the_roots_loop_is_busy(tmp_path: Path) -> None:
+async def test_services_list_is_answered_while_the_roots_loop_is_busy(tmp_path: Path, lane_kind: type[Lane]) -> None:
     """mosquitto_pub asks services/list while the root's loop is held for 3 s: the answer, the published
     states, arrives before the hold ends, and the root's Api never sees the request."""
     for binary in ("mosquitto_sub", "mosquitto_pub"):
         need_binary(binary)
-    async with lane_on_a_broker(tmp_path) as (lane, api, port):
-        lane.publish(published(WEB))
-        login = ["-V", "mqttv311", "-h", "127.0.0.1", "-p", str(port), "-u", ALICE[0], "-P", ALICE[1], "-q", "1"]
+    async with lane_on_a_broker(tmp_path, lane_kind) as (lane, api, url):
+        await publish(lane, WEB)
+        login = ["-V", "mqttv311", "-h", "127.0.0.1", "-p", str(url.port), "-u", ALICE[0], "-P", ALICE[1], "-q", "1"]
         answers = subprocess.Popen(["mosquitto_sub", *login, "-i", "alice-sub", "-C", "1", "-W", "30", "-F", "%U %p",
                                     "-t", "oak/api/alice/response/services/list"], stdout=subprocess.PIPE, text=True)
         try:
@@ -101,12 +119,11 @@ async def test_services_list_is_answered_while_the_roots_loop_is_busy(tmp_path: 
     assert api.taken == [], "the root's loop was not asked"
 
 
-async def test_a_user_reads_their_own_writes(tmp_path: Path) -> None:
+async def test_a_user_reads_their_own_writes(tmp_path: Path, lane_kind: type[Lane]) -> None:
     """A services/list behind a user's write waits for the root with it, in order; after the root
     answered, it goes to the root until the root has published its states again, then the lane answers."""
-    async with lane_on_a_broker(tmp_path) as (lane, api, port):
-        lane.publish(published(WEB))
-        url = lane._login[0]
+    async with lane_on_a_broker(tmp_path, lane_kind) as (lane, api, url):
+        await publish(lane, WEB)
         async with MqttSession(url, "alice-test", *ALICE) as alice:
             await alice.subscribe_confirmed("oak/api/alice/response/#")
             got: list[tuple[str, Any]] = []
@@ -132,10 +149,10 @@ async def test_a_user_reads_their_own_writes(tmp_path: Path) -> None:
                 api.answer_all()
                 await eventually(lambda: len(got) == 3)
 
-                lane.publish(published(WEB, {**WEB, "job_name": "db"}))
+                await publish(lane, {**WEB, "job_name": "db"}, WEB)
                 alice.publish("oak/api/alice/request/services/list", b"{}")
                 await eventually(lambda: len(got) == 4)
-                assert got[3] == ("services", [WEB, {**WEB, "job_name": "db"}]), "answered by the lane"
+                assert got[3] == ("services", [{**WEB, "job_name": "db"}, WEB]), "answered by the lane"
                 alice.publish("oak/api/alice/request/services/list", dumps_app("a"))
                 await asyncio.wait_for(_taken(api, 4), 10)
                 assert api.taken[3][0] == "services/list", "a filtered list is the root's to answer"
@@ -183,3 +200,103 @@ async def test_a_loop_thread_stops_cleanly_after_its_watcher_was_cancelled(monke
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
     assert raised == [], "the thread raised as it ended"
+
+
+async def test_a_lane_process_that_dies_is_replaced(tmp_path: Path) -> None:
+    """kill -9 of the lane's process: the root starts another a second later, which begins with the
+    states as the root last published them and answers services/list from them, not from the root."""
+    published = StatesChange(time.monotonic(), {"web": json.dumps(WEB).encode()}, {"alice": ("web",)}, whole=True)
+    async with lane_on_a_broker(tmp_path, LaneProcess, published) as (lane, api, url):
+        assert isinstance(lane, LaneProcess)
+        supervising = asyncio.create_task(lane.run())
+        try:
+            first = lane.pid
+            assert first is not None
+            os.kill(first, signal.SIGKILL)
+            await eventually(lambda: lane.pid not in (None, first) and lane.applied >= published.taken_at, 30)
+            assert await ask_list(url) == [WEB]
+            assert api.taken == [], "answered by the new lane, from the states it began with"
+        finally:
+            supervising.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await supervising
+
+
+async def test_the_lane_process_ends_with_its_root(tmp_path: Path) -> None:
+    """The lane's process outlives nothing: when the root's end of the socket closes (the root stopped, or
+    was killed), it disconnects and exits 0."""
+    async with lane_on_a_broker(tmp_path, LaneProcess) as (lane, api, url):
+        assert isinstance(lane, LaneProcess)
+        assert lane._life is not None
+        life = lane._life
+        life.writer.close()
+        assert await asyncio.wait_for(life.process.wait(), 10) == 0
+
+
+async def ask_list(url: BrokerUrl) -> Any:
+    """alice's services/list, as a client asks it."""
+    async with MqttSession(url, "alice-ask", *ALICE) as alice:
+        await alice.subscribe_confirmed("oak/api/alice/response/services/list")
+        alice.publish("oak/api/alice/request/services/list", b"{}")
+        async for message in alice.messages():
+            return json.loads(message.payload)["data"]
+
+
+def test_a_states_book_keeps_what_each_publication_changed() -> None:
+    """The lane's copy of the published states: a whole publication replaces it, a change puts states and
+    replaces an owner's list (dropping the services no longer in it), and one never published is left out."""
+    book = StatesBook()
+    web, db, api, web2 = b'{"job_name":"web"}', b'{"job_name":"db"}', b'{"job_name":"api"}', b'{"job_name":"web2"}'
+    book.apply(StatesChange(1.0, {"s1": web, "s2": db}, {"alice": ("s2", "s1"), "bob": ("s3",)}, whole=True))
+    assert book.ready
+    assert book.taken_at == 1.0
+    assert book.listed("alice") == [db, web]
+    assert book.listed("bob") == [], "s3 was never published"
+    book.apply(StatesChange(2.0, {"s3": api, "s1": web2}, {"alice": ("s1",), "bob": ("s3",)}))
+    assert book.listed("alice") == [web2], "db was deleted"
+    assert book.listed("bob") == [api]
+    book.apply(StatesChange(3.0, lists={"bob": ()}))
+    assert book.listed("bob") == []
+    assert book.listed("alice") == [web2]
+    book.apply(StatesChange(4.0, {"s9": web}, {"carol": ("s9",)}, whole=True))
+    assert book.listed("alice") == [], "a whole publication replaces all"
+    assert book.listed("carol") == [web]
+
+
+def test_a_listing_is_the_answer_the_root_would_give() -> None:
+    """The lane joins the states' JSON into its answer: it reads as the root's own answer does."""
+    states = [{"job_name": "web", "instances": [{"number": 0}]}, {"job_name": "db", "instances": []}]
+    for transaction in ("t1", None):
+        answer = json.loads(listing([json.dumps(s).encode() for s in states], transaction))
+        expected = stamped({"ok": True, "data": states}, transaction)
+        assert abs(answer.pop("ts") - expected.pop("ts")) < 5
+        assert answer == expected
+    assert json.loads(listing([], None))["data"] == []
+
+
+async def test_frames_are_read_back_and_bad_ones_refused() -> None:
+    """What the root and its lane process say to each other: a frame comes back as written; one over the
+    limits, with a head that is not JSON or has no type, or cut short is a FrameError; a clean end is None."""
+
+    async def read(data: bytes) -> Any:
+        reader = asyncio.StreamReader()
+        reader.feed_data(data)
+        reader.feed_eof()
+        return await read_frame(reader)
+
+    assert await read(frame({"t": "answer", "at": 1.5}, b"\x00payload")) == ({"t": "answer", "at": 1.5}, b"\x00payload")
+    assert await read(b"") is None
+    for bad in (LENGTHS.pack(MAX_HEAD + 1, 0), LENGTHS.pack(2, 0) + b"{x", LENGTHS.pack(2, 0) + b"[]",
+                frame({"t": "ready"})[:-1], LENGTHS.pack(0, 0)[:3]):
+        with pytest.raises(FrameError):
+            await read(bad)
+
+
+async def test_a_lane_process_that_cannot_serve_says_so(tmp_path: Path) -> None:
+    """A lane process the broker refuses ends before it serves: starting it raises, pointing at its log."""
+    credentials = Credentials(Store(tmp_path / "root.json"))
+    await credentials.load()
+    async with open_broker(BrokerSpec(), Listeners(), credentials, tmp_path, ("root",), own_loop=True) as broker:
+        with pytest.raises(LaneFailed, match="did not start serving"):
+            async with LaneProcess(broker.url, "root", "not-the-password", HeldApi(), lambda: NOTHING):
+                pass

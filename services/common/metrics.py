@@ -16,13 +16,13 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from services.common.mqtt import MqttSession
 from services.common.store import Store
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,26 @@ class PassTiming:
         self._began = time.perf_counter()
 
 
+class Traffic(Protocol):
+    """What the metrics read of an MQTT connection (:class:`~services.common.mqtt.MqttSession` has it)."""
+
+    @property
+    def received_count(self) -> int:
+        """Messages received."""
+
+    @property
+    def sent_count(self) -> int:
+        """Messages published."""
+
+    @property
+    def unacknowledged(self) -> int:
+        """QoS 1 messages published and not yet acknowledged."""
+
+    @property
+    def backlog(self) -> int:
+        """Messages received and not yet handled."""
+
+
 class TierMetrics:
     """The metrics of one tier: counters and histograms its code updates, and readers called at scrape time."""
 
@@ -110,7 +130,7 @@ class TierMetrics:
                                            "From an instance's creation to its first RUNNING (root only)",
                                            buckets=LATENCY_BUCKETS, registry=self.registry)
         self._readers: list[Callable[[], Iterable[Metric]]] = []
-        self._sessions: dict[str, MqttSession] = {}
+        self._sessions: dict[str, Traffic] = {}
         self._stores: dict[str, Store] = {}
         self.registry.register(_Reader(self))
 
@@ -118,7 +138,7 @@ class TierMetrics:
         """Have *reader* give metric families at every scrape (what the tier holds, read then)."""
         self._readers.append(reader)
 
-    def watch_session(self, name: str, session: MqttSession) -> None:
+    def watch_session(self, name: str, session: Traffic) -> None:
         """Count *session*'s MQTT traffic as connection *name*."""
         self._sessions[name] = session
 

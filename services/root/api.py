@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
-import json
 import logging
 import time
 from collections import Counter
@@ -37,6 +36,7 @@ from services.common.channels import Channel
 from services.common.inbox import Received
 from services.common.scheduling import unevaluated, unevaluated_reason
 from services.common.sla import SECRET_NAME_RE, ServiceSpec, SlaError, parse_sla, updated
+from services.root.answers import ApiError, one_less, request_body, stamped, transaction_of
 from services.root.catalog import App, Catalog, Conflict, NotFound, Service
 from services.root.joining import RootJoining
 from services.root.orchestrator import RootOrchestrator
@@ -60,14 +60,6 @@ class Request:
     user: str
     resource: str
     action: str
-
-
-class ApiError(Exception):
-    """A request that cannot be served; *code* is machine-readable, the message is for people."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 Handler = Callable[[str, Any], Awaitable[Any]]
@@ -592,36 +584,3 @@ class Api:
             {"username": name, "admin": self.credentials.is_admin(name)}
             for name in self.credentials.users()
         ]
-
-
-def request_body(payload: bytes) -> Any:
-    """A request's JSON body (an empty payload is ``{}``); ApiError ``bad_request`` when it is not JSON."""
-    if not payload.strip():
-        return {}
-    try:
-        return json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
-        raise ApiError("bad_request", "the request is not JSON") from None
-    except RecursionError:
-        raise ApiError("bad_request", "the request is nested too deeply") from None
-
-
-def stamped(answer: dict[str, Any], transaction: str | None) -> dict[str, Any]:
-    """*answer* as it is sent: the root's clock first, where a reader finds it, and the request's
-    transaction echoed when it had one."""
-    if transaction is not None:
-        answer["transaction"] = transaction
-    return {"ts": round(time.time(), 3), **answer}
-
-
-def one_less(waiting: Counter[str], user: str) -> None:
-    """Count one of *user*'s waiting requests off *waiting*, which holds only users with some waiting."""
-    waiting[user] -= 1
-    if not waiting[user]:
-        del waiting[user]
-
-
-def transaction_of(body: Any) -> str | None:
-    """The ``transaction`` a request carries, to be echoed in its answers (None without one)."""
-    transaction = body.get("transaction") if isinstance(body, dict) else None
-    return transaction if isinstance(transaction, str) else None

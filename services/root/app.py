@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from broker import ca
-from broker.backend import BrokerSpec, make_credentials, open_broker
+from broker.backend import EMBEDDED, BrokerSpec, make_credentials, open_broker
 from broker.credentials import Credentials, new_password
 from broker.identity import CLUSTER
 from broker.join import Issuer, JoinDesk
@@ -30,7 +30,8 @@ from services.root.api import BUSY_BACKLOG, Api
 from services.root.catalog import Catalog
 from services.root.events import Feed
 from services.root.joining import RootJoining
-from services.root.lane import UsersLane
+from services.root.lane import LaneThread
+from services.root.lane_process import LaneProcess
 from services.root.network import RootNetwork
 from services.root.orchestrator import RootOrchestrator
 from services.root.secrets import SecretDesk, Secrets, key_at
@@ -136,12 +137,14 @@ async def run_root(cfg: RootConfig, ready: asyncio.Event | None = None) -> None:
                 if renewer:
                     inbox.on(renewer.requests, lambda m: renewer.answer(session, m))
                 await inbox.subscribe(session)
-                # The users' requests come on a connection of their own, on a thread of its own: they never
+                # The users' requests come on a connection of their own, on a loop of their own: they never
                 # queue behind the clusters' traffic, nor (services/list) behind the root's work.
-                lane = await stack.enter_async_context(UsersLane(broker.url, *broker.login("root"), api))
+                # With the broker in a process of its own, so is the lane (services/root/lane_process.py).
+                lane_kind: type[LaneThread | LaneProcess] = LaneThread if cfg.broker.kind == EMBEDDED else LaneProcess
+                lane = lane_kind(broker.url, *broker.login("root"), api, orchestrator.states_now)
+                await stack.enter_async_context(lane)
                 orchestrator.on_states = lane.publish
-                assert lane.session is not None
-                measured.watch_session("users", lane.session)
+                measured.watch_session("users", lane.traffic)
                 session.announce()  # oak/root/avail online: clients wait for it before their first request
                 await ensure_admin(cfg, credentials, public, tier.cafile if tier else None)
                 log.info("root serving on %s (scheduling: %s)", public, ", ".join(scheduling.names))
@@ -152,7 +155,7 @@ async def run_root(cfg: RootConfig, ready: asyncio.Event | None = None) -> None:
                 gc.freeze()
                 if ready:
                     ready.set()
-                await serve(session, inbox, orchestrator.run(), lane.thread.ended(), api.run(),
+                await serve(session, inbox, orchestrator.run(), lane.run(), api.run(),
                             metrics.serve(measured, cfg.metrics), feed.run())
     finally:
         store.close()

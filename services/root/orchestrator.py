@@ -15,13 +15,14 @@ and what users see of their services (views.py).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Callable
 from types import MappingProxyType
 from typing import Any
 
-from services.common import channels, models
+from services.common import channels, envelope, models
 from services.common.delta import Change, DeltaPublisher, DeltaReceiver
 from services.common.inbox import Inbox, Received
 from services.common.liveness import CLUSTER_BEAT_EVERY, Liveness, epoch
@@ -35,11 +36,13 @@ from services.root import rollout
 from services.root.catalog import Catalog, Instance, Service
 from services.root.clusters import FAILOVER_GRACE, SILENT_AFTER, STARTUP_GRACE, STUCK_AFTER, ClusterView
 from services.root.events import Feed
+from services.root.lane import StatesChange
 from services.root.network import RootNetwork, overlay_routes
 from services.root.placement import Placement
-from services.root.views import PublishedStates, ServiceStates, cluster_rows, node_rows
+from services.root.views import ServiceStates, cluster_rows, node_rows
 
 log = logging.getLogger(__name__)
+Published = dict[str, bytes]  # the service states published in one pass, as JSON, by service id
 TICK = 0.5
 INFRASTRUCTURE_EVERY = 4  # ticks: the users' infrastructure view is refreshed at most every 2 s
 BEAT_EVERY = round(CLUSTER_BEAT_EVERY / TICK)  # ticks between two of the root's heartbeats to every cluster
@@ -71,8 +74,8 @@ class RootOrchestrator:
         self._states_in: dict[str, DeltaReceiver] = {}
         self.views = ServiceStates(self.instance_status)
         self._published_state = LastSent()  # each service's state, by service id
-        self.on_states: Callable[[PublishedStates], None] | None = None  # takes every user's, after each publication
-        self._listed = PublishedStates(float("-inf"), MappingProxyType({}))
+        self.on_states: Callable[[StatesChange], None] | None = None  # takes what each publication changed
+        self._states_taken_at = float("-inf")  # when the last publication began
         self._cleared: set[str] = set()  # owners of services deleted since the last publication
         self._dirty: set[str] = set()
         self._reconciling = asyncio.Lock()
@@ -479,18 +482,19 @@ class RootOrchestrator:
 
     async def flush_states(self) -> None:
         """Republish the retained state of every service that changed (a thousand rows each, at most: the
-        event loop gets a turn between services), then hand :attr:`on_states` every user's."""
+        event loop gets a turn between services), then hand :attr:`on_states` what changed."""
         taken_at = time.monotonic()
         dirty, self._dirty = self._dirty, set()
         if self.network and (self._net_dirty or dirty):
             self._net_dirty = False
             self.network.publish(self.catalog, self.clusters.values())
-        await self._publish_states(dirty)
-        self._list_states(taken_at, dirty)
+        self._list_states(taken_at, dirty, await self._publish_states(dirty))
 
-    async def _publish_states(self, dirty: set[str]) -> None:
+    async def _publish_states(self, dirty: set[str]) -> Published:
+        """Publish the state of each service in *dirty* that changed; return those, as JSON."""
+        published: Published = {}
         if not dirty:
-            return
+            return published
         by_service: dict[str, list[Instance]] = {sid: [] for sid in dirty}  # one pass over the catalog for all
         for instance in self.catalog.instances.values():
             mine = by_service.get(instance.sid)
@@ -504,25 +508,34 @@ class RootOrchestrator:
                 continue
             state = self.views.state(service, sorted(by_service[sid], key=lambda i: i.number))
             if self._published_state.fresh(sid, state):
-                self.session.send(channels.API_SERVICE_STATE, self.views.body(state), user=service.owner,
-                                  job=service.job_name)
+                text = self.views.json_text(state)
+                published[sid] = text.encode()
+                self.session.send(channels.API_SERVICE_STATE, envelope.encode_json("service.state", text, "root"),
+                                  user=service.owner, job=service.job_name)
+        return published
 
-    def _list_states(self, taken_at: float, dirty: set[str]) -> None:
-        """Hand :attr:`on_states` every user's services as now published, those of the owners of *dirty*
-        (and of services deleted since) made again, the others' kept."""
-        if self.on_states is None:
-            return
+    def _list_states(self, taken_at: float, dirty: set[str], published: Published) -> None:
+        """Hand :attr:`on_states` what this publication changed: the states published, and the services of
+        the owners of *dirty* (and of services deleted since)."""
+        self._states_taken_at = taken_at
         owners = self._cleared | {s.owner for sid in dirty if (s := self.catalog.services.get(sid))}
         self._cleared = set()
-        by_user = self._listed.by_user
-        if owners:
-            listed = dict(by_user)
-            for owner in owners:
-                states = (self._published_state.last(s.sid) for s in self.catalog.services_of(owner))
-                listed[owner] = tuple(state for state in states if isinstance(state, dict))
-            by_user = MappingProxyType(listed)
-        self._listed = PublishedStates(taken_at, by_user)
-        self.on_states(self._listed)
+        if self.on_states is None:
+            return
+        lists = {owner: tuple(s.sid for s in self.catalog.services_of(owner)) for owner in owners}
+        self.on_states(StatesChange(taken_at, MappingProxyType(published), MappingProxyType(lists)))
+
+    def states_now(self) -> StatesChange:
+        """Every service's state as last published, whole: what a users' lane that starts begins with."""
+        put: dict[str, bytes] = {}
+        lists: dict[str, list[str]] = {}
+        for service in sorted(self.catalog.services.values(), key=lambda s: s.job_name):
+            lists.setdefault(service.owner, []).append(service.sid)
+            state = self._published_state.last(service.sid)
+            if isinstance(state, dict):
+                put[service.sid] = json.dumps(state, separators=(",", ":")).encode()
+        return StatesChange(self._states_taken_at, MappingProxyType(put),
+                            MappingProxyType({owner: tuple(sids) for owner, sids in lists.items()}), whole=True)
 
     def mark(self, service: Service) -> None:
         """Note that *service* changed, so its state is republished (by the pass this kicks, after the

@@ -5,25 +5,14 @@ infrastructure, clusters and workers, for ``clusters/list``, ``nodes/list`` and 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from services.common import envelope, models
+from services.common import models
 from services.common.models import InstanceStatus
 from services.root.catalog import Instance, Service
 from services.root.clusters import ClusterView
 from services.root.rollout import Rollout
-
-
-@dataclass(frozen=True)
-class PublishedStates:
-    """Every user's services as the root last published them (what ``services/list`` answers), and when it
-    began that publication (monotonic): a request the root answered before then is in it. Replaced whole,
-    never changed: the users' lane (services/root/lane.py) reads it from its own thread."""
-
-    taken_at: float
-    by_user: Mapping[str, tuple[Mapping[str, Any], ...]]
 
 
 class ServiceStates:
@@ -74,11 +63,11 @@ class ServiceStates:
         """The JSON text of an instance's last row."""
         return self._rows[iid][2]
 
-    def body(self, state: dict[str, Any]) -> bytes:
-        """The envelope of a :meth:`state`, its rows' JSON taken as they were made."""
+    def json_text(self, state: dict[str, Any]) -> str:
+        """A :meth:`state` as JSON text, its rows' taken as they were made (the ``data`` of its envelope)."""
         head = json.dumps({k: v for k, v in state.items() if k != "instances"}, separators=(",", ":"))
         rows = ",".join(self._rows[row["iid"]][2] for row in state["instances"])
-        return envelope.encode_json("service.state", f'{head[:-1]},"instances":[{rows}]}}', "root")
+        return f'{head[:-1]},"instances":[{rows}]}}'
 
     def forget(self, iid: str) -> None:
         """*iid* was removed."""
