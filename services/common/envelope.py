@@ -41,10 +41,11 @@ def encode(kind: str, data: dict[str, Any], src: str) -> bytes:
     ).encode()
 
 
-def encode_json(kind: str, data: str, src: str) -> bytes:
-    """:func:`encode` for *data* already in JSON text (the caller keeps parts of it): the same bytes."""
+def encode_json(kind: str, data: str | bytes, src: str) -> bytes:
+    """:func:`encode` for *data* already in JSON (text, or UTF-8 bytes the caller keeps too): the same bytes."""
     head = json.dumps({"v": VERSION, "kind": kind, "ts": round(time.time(), 3), "src": src}, separators=(",", ":"))
-    return f'{head[:-1]},"data":{data}}}'.encode()
+    body = data.encode() if isinstance(data, str) else data
+    return b"".join((head[:-1].encode(), b',"data":', body, b"}"))
 
 
 _SENT = re.compile(rb'"ts":\s*([0-9]+(?:\.[0-9]+)?)')

@@ -508,9 +508,8 @@ class RootOrchestrator:
                 continue
             state = self.views.state(service, sorted(by_service[sid], key=lambda i: i.number))
             if self._published_state.fresh(sid, state):
-                text = self.views.json_text(state)
-                published[sid] = text.encode()
-                self.session.send(channels.API_SERVICE_STATE, envelope.encode_json("service.state", text, "root"),
+                data = published[sid] = self.views.json_text(state).encode()
+                self.session.send(channels.API_SERVICE_STATE, envelope.encode_json("service.state", data, "root"),
                                   user=service.owner, job=service.job_name)
         return published
 
