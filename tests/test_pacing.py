@@ -20,6 +20,22 @@ def test_an_idle_tier_waits_only_for_the_cost_spacing() -> None:
     assert with_idle_coalesce.delay(0.0, busy=False) == 0.002
 
 
+def test_an_idle_tier_may_run_a_few_times_in_a_row_within_its_burst() -> None:
+    pacing = ReportThrottle(minimum=0.2, factor=10, coalesce=0.005, burst=0.1)
+    pacing.ran(100.0, 100.004)  # owes 40 ms
+    assert pacing.delay(100.004, busy=False) == 0.0  # within the burst: at once
+    pacing.ran(100.004, 100.008)
+    assert pacing.delay(100.008, busy=False) == 0.0  # 80 ms owed, still within
+    pacing.ran(100.008, 100.012)  # 120 ms owed: 20 ms past the burst
+    assert abs(pacing.delay(100.012, busy=False) - 0.008) < 1e-9  # paid at 100.12; may run 0.1 s before
+    assert abs(pacing.delay(100.012, busy=True) - 0.196) < 1e-9  # busy: the minimum spacing, as before
+    pacing.ran(100.02, 100.024)  # ran at 100.02, before it was paid: now owes up to 100.16
+    assert abs(pacing.delay(100.024, busy=False) - 0.036) < 1e-9  # a stream is spaced by its cost
+    assert pacing.delay(101.0, busy=False) == 0.0  # paid long ago: the burst is whole again
+    pacing.ran(101.0, 101.004)
+    assert pacing.delay(101.004, busy=False) == 0.0
+
+
 async def test_a_trigger_runs_once_for_asks_before_and_once_for_asks_during_a_run() -> None:
     runs = []
     release = asyncio.Event()

@@ -36,7 +36,7 @@ from services.common.plugin_api import Candidate
 from services.common.retained import LastSent
 from services.common.scheduling import Profile
 from services.common.store import Store
-from services.common.throttle import ReportThrottle, Trigger
+from services.common.throttle import IDLE_BURST, ReportThrottle, Trigger
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,9 @@ WATCH_TICK = 0.25  # seconds between two looks for silent workers and instances 
 # STUCK_AFTER is moved, and the worker marked suspect: it gets no new instances until it makes progress.
 STUCK_AFTER = 20.0
 PLAN_IN_THREAD_FROM = 100  # pending instances from which a placement pass runs in a thread
-# The state report is throttled by its own cost (ReportThrottle): the next one waits REPORT_COST_FACTOR
-# times what the last one took, and while messages wait for the cluster, at least REPORT_MIN_INTERVAL.
+# The state report is throttled by its own cost (ReportThrottle): over time, reports wait REPORT_COST_FACTOR
+# times what they take (the few of one deploy go at once), and while messages wait for the cluster, at
+# least REPORT_MIN_INTERVAL apart.
 REPORT_MIN_INTERVAL = 0.2
 REPORT_COST_FACTOR = 10.0
 
@@ -591,7 +592,7 @@ class ClusterOrchestrator:
         """Whenever something changed (or every STATE_INTERVAL), after the throttle's delay: the peers, the
         net and the state for the root (what changed at once, the whole once settled)."""
         out = DeltaPublisher(self.session, channels.upstream(channels.CLUSTER_STATE), f"cluster/{self.name}")
-        throttle = ReportThrottle(REPORT_MIN_INTERVAL, REPORT_COST_FACTOR)
+        throttle = ReportThrottle(REPORT_MIN_INTERVAL, REPORT_COST_FACTOR, burst=IDLE_BURST)
         try:
             while True:
                 with contextlib.suppress(TimeoutError):

@@ -17,25 +17,33 @@ from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 SLICE = 0.001  # seconds a long pass runs before it lets the rest of the event loop have a turn
+IDLE_BURST = 0.1  # seconds of cost spacing an idle tier's reports may run ahead (ReportThrottle.burst)
 
 
 @dataclass
 class ReportThrottle:
     """Spaces runs by their own cost, and while the tier is busy (messages wait in its inbox) by a
-    minimum too: the next one starts at least ``factor`` × the last one's cost after the last one started
-    (so the work uses at most ~1/factor of the loop), and while busy, at least *minimum* after it and
-    never sooner than *coalesce* after it was asked for.
+    minimum too: the work uses at most ~1/``factor`` of the loop over time, and while busy, the next run
+    starts at least *minimum* (and ``factor`` × the last one's cost) after the last one started and never
+    sooner than *coalesce* after it was asked for.
 
     This is what makes the batching adaptive: an idle tier runs the next one at once (a deploy on a quiet
     system is not held up), a busy one batches what arrives meanwhile into one run per *minimum*.
+
+    While idle, the cost is paid like a leaky bucket (GCRA): every run owes ``factor`` × its cost of
+    time, and a run may start up to *burst* seconds before what is owed is paid. So the few runs one
+    change sets off in a row (a deploy: placed, CREATING, RUNNING) all go at once, and a long stream of
+    them is still spaced by their cost.
     """
 
     minimum: float
     factor: float = 10.0
     coalesce: float = 0.005
     idle_coalesce: float = 0.0  # what an idle tier still waits for more changes
+    burst: float = 0.0  # seconds an idle tier may run ahead of what its runs' cost allows
     _started: float = float("-inf")
     _cost: float = 0.0
+    _paid_at: float = float("-inf")  # when the runs so far have paid for their cost (factor × cost each)
 
     @property
     def gap(self) -> float:
@@ -46,12 +54,13 @@ class ReportThrottle:
         """How long to wait, at *now*, before the next run (*busy*: messages wait for the tier; an idle one
         neither coalesces nor keeps the minimum spacing)."""
         if not busy:
-            return max(self.idle_coalesce, self._started + self.factor * self._cost - now)
+            return max(self.idle_coalesce, self._paid_at - self.burst - now)
         return max(self.coalesce, self._started + self.gap - now)
 
     def ran(self, started: float, ended: float) -> None:
         """Record a run from *started* to *ended*."""
         self._started, self._cost = started, ended - started
+        self._paid_at = max(self._paid_at, started) + self.factor * self._cost
 
 
 class Trigger:

@@ -212,11 +212,12 @@ class Catalog:
         names = {f"{owner}/{s.job_name}/" for s in services}
         revived = tuple(key for key in self.deleted_volumes if key[:key.rindex("/") + 1] in names)
         if revived:  # a service of that name again: its volumes, where a worker still holds them, are its own
-            await self.store.put_many(DELETED_VOLUMES, {}, revived)
-            self.deleted_volumes.difference_update(revived)
-        await self.store.put_many(REVISIONS, {_revision_key(r.sid, 1): _revision_doc(r) for r in revisions})
-        await self.store.put_many(SERVICES, {s.sid: models.dump(s) for s in services})
-        await self.store.put(APPS, app_id, models.dump(app))
+            self.store.apply(DELETED_VOLUMES, {}, revived)
+        self.store.apply(REVISIONS, {_revision_key(r.sid, 1): _revision_doc(r) for r in revisions})
+        self.store.apply(SERVICES, {s.sid: models.dump(s) for s in services})
+        self.store.apply(APPS, {app_id: models.dump(app)})
+        await self.store.sync()  # one write: the application is on disk whole or not at all
+        self.deleted_volumes.difference_update(revived)
         self.apps[app_id] = app
         self.services.update({s.sid: s for s in services})
         self.revisions.update({_revision_key(r.sid, 1): r for r in revisions})
@@ -230,15 +231,16 @@ class Catalog:
 
     async def _delete_app(self, app: App, volumes: Sequence[str]) -> list[Service]:
         if volumes:
-            await self.store.put_many(DELETED_VOLUMES, {key: {"at": time.time()} for key in volumes})
-            self.deleted_volumes.update(volumes)
+            self.store.apply(DELETED_VOLUMES, {key: {"at": time.time()} for key in volumes})
         gone = [self.services[sid] for sid in app.services if sid in self.services]
         iids = tuple(i.iid for s in gone for i in self.instances_of(s.sid))
-        await self.store.put_many(INSTANCES, {}, iids)
-        await self.store.put_many(SERVICES, {}, tuple(s.sid for s in gone))
+        self.store.apply(INSTANCES, {}, iids)
+        self.store.apply(SERVICES, {}, tuple(s.sid for s in gone))
         revisions = tuple(key for key, r in self.revisions.items() if r.sid in app.services)
-        await self.store.put_many(REVISIONS, {}, revisions)
-        await self.store.delete(APPS, app.app_id)
+        self.store.apply(REVISIONS, {}, revisions)
+        self.store.apply(APPS, {}, (app.app_id,))
+        await self.store.sync()  # one write: the application is gone from disk whole or not at all
+        self.deleted_volumes.update(volumes)
         for key in revisions:
             del self.revisions[key]
         for iid in iids:
@@ -280,10 +282,9 @@ class Catalog:
         default) and without *removed* ones, then take it all in."""
         numbered = len(added) if numbered is None else numbered
         updated = replace(service, replicas=replicas, next_number=service.next_number + numbered)
-        await self.store.put_many(
-            INSTANCES, {i.iid: models.dump(i) for i in added}, tuple(i.iid for i in removed)
-        )
-        await self.store.put(SERVICES, updated.sid, models.dump(updated))
+        self.store.apply(INSTANCES, {i.iid: models.dump(i) for i in added}, tuple(i.iid for i in removed))
+        self.store.apply(SERVICES, {updated.sid: models.dump(updated)})
+        await self.store.sync()  # one write for the service and its instances
         self.services[updated.sid] = updated
         for instance in removed:
             del self.instances[instance.iid]
@@ -307,12 +308,12 @@ class Catalog:
         while chunk := dict(itertools.islice(records, WRITE_CHUNK)):
             self.store.apply(INSTANCES, {iid: models.dump(i) for iid, i in chunk.items()})
             await slices.turn()
-        await self.store.sync()
-        self.instances.update({iid: i for iid, i in updated.items() if iid in self.instances})
         new_clusters = {c for c in changes.values() if c and c not in self.known_clusters}
         if new_clusters:
-            await self.store.put_many(CLUSTERS, {c: {} for c in new_clusters})
-            self.known_clusters |= new_clusters
+            self.store.apply(CLUSTERS, {c: {} for c in new_clusters})
+        await self.store.sync()
+        self.instances.update({iid: i for iid, i in updated.items() if iid in self.instances})
+        self.known_clusters |= new_clusters
 
     # ---- revisions and rollouts -----------------------------------------------------------------
 
@@ -329,8 +330,9 @@ class Catalog:
                               rollout=Rollout(number, state, "" if running else "no instance to replace",
                                               previous=service.revision))
             key = _revision_key(service.sid, number)
-            await self.store.put(REVISIONS, key, _revision_doc(revision))
-            await self.store.put(SERVICES, service.sid, models.dump(updated))
+            self.store.apply(REVISIONS, {key: _revision_doc(revision)})
+            self.store.apply(SERVICES, {service.sid: models.dump(updated)})
+            await self.store.sync()  # one write for the revision and the service that runs it
             self.revisions[key] = revision
             self.services[service.sid] = updated
             return updated

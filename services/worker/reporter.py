@@ -9,13 +9,13 @@ from typing import TYPE_CHECKING
 from services.common import channels, models
 from services.common.mqtt import MqttSession
 from services.common.plugin_api import Collector
-from services.common.throttle import ReportThrottle
+from services.common.throttle import IDLE_BURST, ReportThrottle
 
 if TYPE_CHECKING:
     from services.worker.engine import Engine
     from services.worker.prober import Prober
 
-COALESCE = 0.005  # seconds a report waits for more changes, at least
+COALESCE = 0.005  # seconds a busy worker's report waits for more changes, at least
 COST_FACTOR = 10  # reports start at least this many times what the last one cost apart
 
 
@@ -28,7 +28,7 @@ class Reporter:
         self.engine: Engine | None = None
         self.prober: Prober | None = None
         self._changed = asyncio.Event()
-        self.throttle = ReportThrottle(0.0, COST_FACTOR, COALESCE)
+        self.throttle = ReportThrottle(0.0, COST_FACTOR, COALESCE, burst=IDLE_BURST)
 
     def poke(self) -> None:
         """Ask for a report now (an instance changed)."""
@@ -45,10 +45,10 @@ class Reporter:
         }
 
     async def run(self, session: MqttSession, interval: float) -> None:
-        """Publish now, then whenever poked and at least every *interval* seconds. Changes in a burst
-        share a report: after a change the next waits at least 5 ms, and starts at least ten times what
-        the last one cost after it (a worker holding a thousand instances is not kept busy re-sending all
-        of them per change)."""
+        """Publish now, then whenever poked and at least every *interval* seconds. An idle worker reports
+        a change at once; over time reports are spaced by ten times what they cost (a worker holding a
+        thousand instances is not kept busy re-sending all of them per change), and while messages wait
+        for the worker, changes share a report at least 5 ms after the first."""
         loop = asyncio.get_running_loop()
         while True:
             self._changed.clear()
@@ -57,7 +57,7 @@ class Reporter:
             self.throttle.ran(began, loop.time())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), interval)
-                await asyncio.sleep(self.throttle.delay(loop.time()))
+                await asyncio.sleep(self.throttle.delay(loop.time(), session.backlog > 0))
                 continue
             if self.engine:
                 await self.engine.sample()
