@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from broker.ca import fingerprint, load_certs
+from plugins.runtimes.spares import Spares
 from services.cli.client import Profile
 
 REPO = Path(__file__).resolve().parents[1]
@@ -138,6 +139,7 @@ class Stack:
         self.token = secrets.token_urlsafe(16)  # every tier's --join-token: joining needs one by default
         self.root_port = free_port()
         self.cluster_ports: dict[str, int] = {}
+        self.worker_dirs: dict[str, Path] = {}  # each worker's data directory
 
     def _start(self, name: str, args: list[str]) -> Proc:
         proc = Proc(name, args, self.base, self.env).start()
@@ -171,6 +173,7 @@ class Stack:
 
     def worker(self, name: str, cluster: str, *extra: str, home: str = "") -> Proc:
         """Start a worker called *name* under *cluster*, in data dir *home* (its own: ``base/name``)."""
+        self.worker_dirs[name] = self.base / (home or name)
         return self._start(name, oak("worker", "--name", name, "--data-dir", str(self.base / (home or name)),
                                      "--cluster", f"{self.scheme}127.0.0.1:{self.cluster_ports[cluster]}",
                                      f"--join-token={self.token}", *self.pin(), *QUIET, *extra))
@@ -184,9 +187,12 @@ class Stack:
         return "\n".join(f"--- {name} ---\n{proc.tail()}" for name, proc in self.procs.items())
 
     def stop(self) -> None:
-        """Stop every process (workers first, so their instances stop with them)."""
+        """Stop every process (workers first, so their instances stop with them), and remove the spare
+        sandboxes a worker killed with -9 left (plugins/runtimes/spares.py)."""
         for proc in sorted(self.procs.values(), key=lambda p: p.name == "root"):
             proc.stop()
+        for name, data_dir in self.worker_dirs.items():
+            Spares(name, 0, data_dir).sweep()
 
 
 async def eventually(check: Callable[[], Any], timeout: float = 20.0, interval: float = 0.1,

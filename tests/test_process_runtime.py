@@ -30,11 +30,14 @@ counter = iter(range(10_000))
 
 
 class Started:
-    """The runtime under test plus every handle it started, all stopped at the end of the test."""
+    """The runtime under test plus every handle it started, all stopped at the end of the test. *warm*: each
+    start takes a spare sandbox (made before it), as a worker's usually do."""
 
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, warm: bool = False) -> None:
         self.tmp_path = tmp_path
-        self.rt = ProcessRuntime(str(tmp_path / "data"))
+        # a worker's name of its own: a runtime sweeps the spares its worker's earlier runs left
+        self.rt = ProcessRuntime(str(tmp_path / "data"), f"t{os.getpid()}" if warm else "", spares=1 if warm else 0)
+        self.warm = warm
         self.handles: list[Handle] = []
 
     def spec(self, cmd: list[str], env: tuple[str, ...] = (), number: int = 1) -> LaunchSpec:
@@ -43,18 +46,37 @@ class Started:
                           str(self.tmp_path / "logs" / "deep" / f"{iid}.log"), str(self.tmp_path / "work" / iid))
 
     async def start(self, spec: LaunchSpec) -> Handle:
+        if self.rt.spares is not None:
+            await self.rt.spares.filled()
         handle = await self.rt.start(spec)
         self.handles.append(handle)
         return handle
 
+    def took_a_spare(self, handle: Handle) -> bool:
+        """Whether *handle*'s instance started in a spare sandbox."""
+        return self.rt.spares is not None and str(handle.data["cgroup"]).startswith(self.rt.spares.prefix)
 
-@pytest.fixture
-async def started(tmp_path: Path) -> AsyncIterator[Started]:
-    s = Started(tmp_path)
+
+def spare_groups(prefix: str) -> list[str]:
+    """The names of the groups, spare or taken, whose names begin with *prefix*."""
+    parent = next(iter(Cgroup(prefix).dirs.values())).parent
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith(prefix)) if parent.is_dir() else []
+
+
+@pytest.fixture(params=["cold", "warm"])
+async def started(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Started]:
+    """A runtime that starts in new sandboxes, or (as root, where there are sandboxes) in spare ones."""
+    if request.param == "warm" and (os.geteuid() != 0 or shutil.which("unshare") is None):
+        pytest.skip("spare sandboxes are cgroups: they need root (and unshare, for the sandbox)")
+    s = Started(tmp_path, warm=request.param == "warm")
     yield s
     for handle in s.handles:
         await ProcessRuntime(str(tmp_path / "data")).stop(handle, 0.5)
         assert not await s.rt.adopt(handle)
+    if s.rt.spares is not None:
+        prefix = s.rt.spares.prefix
+        await s.rt.close()
+        assert spare_groups(prefix) == [], "a spare's group outlived its runtime"
 
 
 def is_signal_exit(end: Exit, sig: signal.Signals) -> bool:
@@ -106,7 +128,7 @@ async def test_the_cpu_quota_is_set_once_the_instance_is_ready(started: Started)
     if os.geteuid() != 0 or shutil.which("unshare") is None:
         pytest.skip("cgroups and namespaces need root and unshare")
     handle = await started.start(replace(started.spec(["sleep", "30"]), vcpus=0.5))
-    group = Cgroup(handle.iid)
+    group = ProcessRuntime.cgroup(handle)
     await eventually(lambda: group.cpu_limit() == 0.5, 5, 0.01, what="the CPU quota set")
     group.limit_cpu(2.0)  # as a worker that ended before its instance was ready left it
     assert await ProcessRuntime(str(started.tmp_path / "data")).adopt(handle)
@@ -236,3 +258,79 @@ def test_loads_when_registered_directly(tmp_path: Path, monkeypatch: pytest.Monk
     assert pm.hook.oak_make_runtime(name="container-or-other", config={"data_dir": str(tmp_path)}) is None
     with pytest.raises(plugins.PluginError, match="no runtime plugin named 'nope'"):
         plugins.load_runtime(pm, "nope", {"data_dir": str(tmp_path)})
+
+
+def memory_limit_mb(group: Cgroup) -> int:
+    """The memory limit of *group*, in MB."""
+    path = group.dirs[""] / "memory.max" if group.version == 2 else group.dirs["memory"] / "memory.limit_in_bytes"
+    return int(path.read_text()) // 2**20
+
+
+async def test_the_instance_gets_exactly_its_environment_limit_and_log(started: Started) -> None:
+    """Cold or from a spare, the instance's process has exactly the environment the runtime gives (nothing of
+    the worker's, secrets never in an argv; the shell entering its group adds PWD), its own memory limit, and
+    a private log."""
+    spec = replace(started.spec(["sleep", "30"], env=("GREETING=hello 'world'", "SECRET=s3cr3t $x")), memory_mb=64)
+    handle = await started.start(spec)
+    assert started.took_a_spare(handle) == started.warm, handle.data
+
+    def environ_of_pid() -> dict[str, str]:  # empty while the kernel is still exec'ing it
+        entries = Path(f"/proc/{handle.pid}/environ").read_bytes().split(b"\0")
+        return dict(e.decode().split("=", 1) for e in entries if e)
+
+    environ = await eventually(environ_of_pid, 5, 0.01, what="the instance's environment readable")
+    assert environ.pop("PWD", spec.work_dir) == spec.work_dir  # the shell entering the group exports it
+    assert environ == started.rt.environment(spec)
+    assert b"s3cr3t" not in Path(f"/proc/{handle.pid}/cmdline").read_bytes()
+    assert Path(spec.log_path).stat().st_mode & 0o777 == 0o600
+    if started.rt.sandboxed:
+        group = ProcessRuntime.cgroup(handle)
+        assert handle.pid in group.pids()
+        assert memory_limit_mb(group) == 64
+
+
+async def test_a_start_a_spare_cannot_take_goes_cold(started: Started) -> None:
+    """A command a shell cannot carry on one line (a newline in an argument) starts the usual way."""
+    if not started.warm:
+        pytest.skip("about spare sandboxes")
+    spec = started.spec(["sh", "-c", 'printf "%s" "$0" | wc -l', "two\nlines"])
+    assert started.rt.spares is not None
+    await started.rt.spares.filled()
+    handle = await started.rt.start(spec)
+    started.handles.append(handle)
+    assert not started.took_a_spare(handle)
+    assert handle.data["cgroup"] == started.rt.group(spec.iid)
+    assert await asyncio.wait_for(started.rt.wait(handle), 10) == Exit(0, "exited with code 0")
+    assert Path(spec.log_path).read_text().strip() == "1"
+
+
+async def test_spares_of_a_dead_worker_end_and_are_swept(tmp_path: Path) -> None:
+    """A worker killed with -9 leaves its spare reading a pipe nobody writes: it exits, and the next run of
+    that worker removes its group; the group of a spare an instance took is that instance's and stays."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("spare sandboxes are cgroups: they need root (and unshare, for the sandbox)")
+    owner = f"dead{os.getpid()}"
+    first = ProcessRuntime(str(tmp_path / "data"), owner, spares=1)
+    assert first.spares is not None
+    prefix = first.spares.prefix
+    await first.spares.filled()
+    spec = LaunchSpec(f"i{next(counter)}", "app.ns.svc.ns", 1, "process", "", ("sleep", "30"), (), 0, 0.0, False,
+                      str(tmp_path / "i.log"), str(tmp_path / "work"))
+    instance = await first.start(spec)  # takes the spare; another is made
+    await first.spares.filled()
+    left = first.spares.take()  # as the worker dies: its end of the pipe closes
+    assert left is not None
+    assert left.child.stdin is not None
+    left.child.stdin.close()
+    assert await asyncio.wait_for(left.child.wait(), 5) == 0
+    assert left.cgroup.name in spare_groups(prefix)
+    await first.spares.close()
+    again = ProcessRuntime(str(tmp_path / "data"), owner, spares=1)
+    assert again.spares is not None
+    await again.spares.filled()
+    assert left.cgroup.name not in spare_groups(prefix)  # swept
+    assert instance.data["cgroup"] in spare_groups(prefix)  # the instance's, left alone
+    assert await again.adopt(instance)
+    await again.stop(instance, 0.5)
+    await again.close()
+    assert spare_groups(prefix) == []

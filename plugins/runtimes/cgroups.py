@@ -132,16 +132,21 @@ class Cgroup:
                 (parent / "cgroup.subtree_control").write_text("+io")
         for path in self.dirs.values():
             path.mkdir(parents=True, exist_ok=True)
-        if memory_mb:
-            limit = str(memory_mb * 2**20)
-            self._file("memory", "memory.limit_in_bytes", "memory.max").write_text(limit)
-            if self.version == 1:
-                with contextlib.suppress(OSError):  # absent without swap accounting
-                    (self.dirs["memory"] / "memory.memsw.limit_in_bytes").write_text(limit)
-            else:
-                with contextlib.suppress(OSError):
-                    (self.dirs[""] / "memory.swap.max").write_text("0")
+        self.limit_memory(memory_mb)
         self.limit_cpu(vcpus)
+
+    def limit_memory(self, memory_mb: int) -> None:
+        """Set the group's memory limit (MB, 0 = none), swap included."""
+        if not memory_mb:
+            return
+        limit = str(memory_mb * 2**20)
+        self._file("memory", "memory.limit_in_bytes", "memory.max").write_text(limit)
+        if self.version == 1:
+            with contextlib.suppress(OSError):  # absent without swap accounting
+                (self.dirs["memory"] / "memory.memsw.limit_in_bytes").write_text(limit)
+        else:
+            with contextlib.suppress(OSError):
+                (self.dirs[""] / "memory.swap.max").write_text("0")
 
     def limit_cpu(self, vcpus: float) -> None:
         """Set the group's CPU quota (vCPUs, 0 = none)."""

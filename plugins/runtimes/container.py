@@ -417,6 +417,7 @@ class ContainerRuntime(SupervisedRuntime):
 
     async def close(self) -> None:
         """When the worker stops: stop the containerd it started (its instances are stopped by now)."""
+        await super().close()
         if self.engine == "containerd":
             await asyncio.to_thread(self.containerd.stop)
 

@@ -88,8 +88,8 @@ class ProcessRuntime(SupervisedRuntime):
     name = NAME
     virtualizations = ("process",)
 
-    def __init__(self, data_dir: str, owner: str = "") -> None:
-        super().__init__(data_dir, owner)
+    def __init__(self, data_dir: str, owner: str = "", spares: int = 0) -> None:
+        super().__init__(data_dir, owner, spares)
         if not self.sandboxed:
             log.warning("process runtime: not running as root, so instances get no namespaces and no "
                         "memory/CPU limits")
@@ -153,5 +153,9 @@ class ProcessRuntime(SupervisedRuntime):
 
 @hookimpl
 def oak_make_runtime(name: str, config: dict[str, Any]) -> ProcessRuntime | None:
-    """Build the process runtime when asked for it by name."""
-    return ProcessRuntime(data_dir=config["data_dir"], owner=str(config.get("node", ""))) if name == NAME else None
+    """Build the process runtime when asked for it by name (with ``spares`` sandboxes made ahead of starts,
+    when the config asks for them: a worker does)."""
+    if name != NAME:
+        return None
+    return ProcessRuntime(data_dir=config["data_dir"], owner=str(config.get("node", "")),
+                          spares=int(config.get("spares", 0)))

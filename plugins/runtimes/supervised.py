@@ -20,6 +20,7 @@ from typing import Any, BinaryIO
 import psutil
 
 from plugins.runtimes.cgroups import ENTERING, Cgroup, group_name
+from plugins.runtimes.spares import REFILL_DELAY, WAITING, Spares, launch_line, until_execed
 from services.common.plugin_api import Exit, Handle, InstanceStats, LaunchSpec
 from services.common.private import private_dir, private_opener
 
@@ -60,24 +61,17 @@ def open_log(spec: LaunchSpec) -> BinaryIO:
     return open(path, "ab", opener=private_opener)  # noqa: SIM115 - the caller closes it
 
 
-async def _until_execed(child: asyncio.subprocess.Process, timeout: float = 2.0) -> None:
-    """Wait until *child*, started as :meth:`Cgroup.entered_by`'s shell, has exec'd its command (or ended)."""
-    cmdline = Path(f"/proc/{child.pid}/cmdline")
-    with contextlib.suppress(TimeoutError, OSError):
-        async with asyncio.timeout(timeout):
-            while child.returncode is None and cmdline.read_bytes().startswith(ENTERING):  # noqa: ASYNC240 (procfs)
-                await asyncio.sleep(0.0005)
-
-
 class SupervisedRuntime:
     """Base of runtimes whose instance is one child process (plus its cgroup)."""
 
     name = "supervised"
     virtualizations: tuple[str, ...] = ()
 
-    def __init__(self, data_dir: str, owner: str = "") -> None:
+    def __init__(self, data_dir: str, owner: str = "", spares: int = 0) -> None:
         self.data_dir = Path(data_dir)
         self.owner = owner  # the worker's name, in its instances' cgroup names (cgroups.group_name)
+        # sandboxes made ahead of the starts that take them (spares.py); only where it makes the cgroups
+        self.spares = Spares(owner, spares, self.data_dir) if spares and self.sandboxed else None
         self._children: dict[int, asyncio.subprocess.Process] = {}
         self._settling: dict[int, asyncio.Task[None]] = {}  # started instances not yet ready (see start)
         self._probes: dict[str, psutil.Process] = {}
@@ -123,10 +117,54 @@ class SupervisedRuntime:
     # ---- the Runtime protocol ---------------------------------------------------------------------
 
     async def start(self, spec: LaunchSpec) -> Handle:
-        """Start the instance's child process."""
+        """Start the instance's child process: in a spare sandbox when one is ready, else in a new one."""
         await asyncio.to_thread(self.prepare, spec)
-        cgroup = Cgroup(self.group(spec.iid)) if self.makes_cgroup(spec.virtualization) and self.sandboxed else None
+        owned = self.makes_cgroup(spec.virtualization) and self.sandboxed
         memory_mb, vcpus = self.limits(spec)
+        warm = await self._start_warm(spec, memory_mb) if owned else None
+        child, cgroup = warm if warm else await self._start_cold(spec, memory_mb, owned)
+        if self.spares is not None:
+            self.spares.fill(REFILL_DELAY)  # for the next start, once this one is reported
+        # The instance runs (its sandbox's first process, as a container's init); what it still sets up on
+        # its way to the command is awaited apart, and the CPU quota set then: stop waits for it.
+        settling = asyncio.create_task(self._settle(child, cgroup, vcpus))
+        self._settling[child.pid] = settling
+        settling.add_done_callback(lambda _: self._settling.pop(child.pid, None))
+        self._children[child.pid] = child
+        try:
+            started = psutil.Process(child.pid).create_time()
+        except psutil.Error:
+            started = 0.0
+        return Handle(spec.iid, self.name, child.pid, started,
+                      {"memory_mb": spec.memory_mb, "vcpus": vcpus,
+                       "cgroup": cgroup.name if cgroup else self.group(spec.iid),
+                       "own_cgroup": cgroup is not None, **self.remembered(spec)})
+
+    async def _start_warm(self, spec: LaunchSpec, memory_mb: int) -> tuple[asyncio.subprocess.Process, Cgroup] | None:
+        """Start the instance by handing its command to a spare sandbox (its group's memory limit set
+        first); None when no spare is ready or this start cannot use one."""
+        if self.spares is None:
+            return None
+        with open_log(spec):
+            line = launch_line(self.command(spec), self.environment(spec), spec.work_dir, spec.log_path)
+        spare = self.spares.take() if line else None
+        if spare is None or line is None:
+            return None
+        try:
+            spare.cgroup.limit_memory(memory_mb)
+        except OSError:
+            await asyncio.to_thread(spare.kill)
+            return None
+        assert spare.child.stdin is not None
+        spare.child.stdin.write(line)
+        spare.child.stdin.close()
+        await until_execed(spare.child, WAITING)
+        return spare.child, spare.cgroup
+
+    async def _start_cold(self, spec: LaunchSpec, memory_mb: int, owned: bool
+                          ) -> tuple[asyncio.subprocess.Process, Cgroup | None]:
+        """Start the instance in a group made now (when *owned*), or none."""
+        cgroup = Cgroup(self.group(spec.iid)) if owned else None
         if cgroup is not None:
             try:
                 # Memory is limited from the command's first instruction; the CPU quota once the instance
@@ -154,20 +192,13 @@ class SupervisedRuntime:
             # with a preexec_fn
             with contextlib.suppress(OSError):
                 cgroup.add(child.pid)
-            await _until_execed(child)
-        # The instance runs (its sandbox's first process, as a container's init); what it still sets up on
-        # its way to the command is awaited apart, and the CPU quota set then: stop waits for it.
-        settling = asyncio.create_task(self._settle(child, cgroup, vcpus))
-        self._settling[child.pid] = settling
-        settling.add_done_callback(lambda _: self._settling.pop(child.pid, None))
-        self._children[child.pid] = child
-        try:
-            started = psutil.Process(child.pid).create_time()
-        except psutil.Error:
-            started = 0.0
-        return Handle(spec.iid, self.name, child.pid, started,
-                      {"memory_mb": spec.memory_mb, "vcpus": vcpus, "cgroup": self.group(spec.iid),
-                       "own_cgroup": cgroup is not None, **self.remembered(spec)})
+            await until_execed(child, ENTERING)
+        return child, cgroup
+
+    async def close(self) -> None:
+        """When the worker stops: remove the spare sandboxes (its instances are stopped by now)."""
+        if self.spares is not None:
+            await self.spares.close()
 
     def remembered(self, spec: LaunchSpec) -> dict[str, Any]:
         """What else the handle of *spec*'s instance keeps (for a restarted worker)."""

@@ -64,6 +64,7 @@ class WorkerConfig:
     direct_routing: DirectRouting = "auto"  # DirectRouting: workers on the same link reached without VXLAN
     host_netns: str = ""  # the namespace playing this worker's host ("" = its own; tests use one per worker)
     oci_runtimes: tuple[str, ...] = ()  # --oci-runtime NAME=PATH [FLAGS]: more OCI runtimes for the container runtime
+    spares: int = 2  # sandboxes the process runtime keeps ready for starts, as root (plugins/runtimes/spares.py)
     gpus: bool = True  # look for NVIDIA GPUs (--no-gpus: offer none; `oak sim` workers never look)
     metrics: Endpoint = Endpoint()  # where Prometheus scrapes this worker (port 0: nowhere)
     on_connected: Callable[[str], None] | None = None  # told this worker's name once it serves (`oak sim` counts)
@@ -109,7 +110,7 @@ async def run_worker(cfg: WorkerConfig) -> None:
     runtimes = {}
     for name in cfg.runtimes:
         runtime = plugins.load_runtime(pm, name, {"data_dir": str(cfg.data_dir), "node": cfg.name,
-                                                  "oci_runtimes": list(cfg.oci_runtimes)})
+                                                  "oci_runtimes": list(cfg.oci_runtimes), "spares": cfg.spares})
         for virtualization in runtime.virtualizations:
             runtimes[virtualization] = runtime
     collector = plugins.load_collector(pm, cfg.collector)
