@@ -121,6 +121,26 @@ async def test_costly_reports_are_spaced_by_their_cost() -> None:
     assert 2 <= len(sent.published) <= 8, f"{len(sent.published)} reports in a second of changes"
 
 
+async def test_a_worker_batches_its_reports_only_while_busy(tmp_path: Path) -> None:
+    """Idle, a change is reported at once (a lone deploy's RUNNING is not held up); while an instance is
+    starting, or messages wait for the worker, changes are batched (ten instances started together share a
+    few reports)."""
+    eng = make(tmp_path)
+    reporter, session = Reporter("w1", Slow()), FakeSession()  # type: ignore[arg-type]
+    reporter.engine = eng
+    assert not reporter.busy(session)  # type: ignore[arg-type]
+    await eng.apply({"i1": spec("i1", ["sleep", "30"])})
+    assert eng.starting()
+    assert reporter.busy(session)  # type: ignore[arg-type]
+    await eventually(lambda: not eng.starting(), what="i1 started")
+    assert not reporter.busy(session)  # type: ignore[arg-type]
+    session.backlog = 3
+    assert reporter.busy(session)  # type: ignore[arg-type]
+    await eng.apply({})
+    await eventually(lambda: not eng.slots, what="i1 removed")
+    await eng.close()
+
+
 async def test_gpus_are_held_across_restarts_and_freed_on_removal(tmp_path: Path) -> None:
     """Each instance asking for a GPU gets one nobody else holds, as ``CUDA_VISIBLE_DEVICES``; a restarted
     engine knows who holds which; one asking for more than is free waits, saying so, and starts once an

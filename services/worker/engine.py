@@ -108,6 +108,10 @@ class Engine:
 
     # ---- state -------------------------------------------------------------------------------
 
+    def starting(self) -> bool:
+        """Whether an instance is on its way to running (its start's report is still to come)."""
+        return any(slot.status.status == models.CREATING for slot in self.slots.values())
+
     def statuses(self) -> dict[str, InstanceStatus]:
         """The observed status of every instance this node holds."""
         out = {}

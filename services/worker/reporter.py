@@ -44,11 +44,16 @@ class Reporter:
             "volumes": dict(self.engine.volume_sizes) if self.engine else {},
         }
 
+    def busy(self, session: MqttSession) -> bool:
+        """Whether changes should be batched: messages wait for the worker, or instances are starting."""
+        return session.backlog > 0 or (self.engine is not None and self.engine.starting())
+
     async def run(self, session: MqttSession, interval: float) -> None:
         """Publish now, then whenever poked and at least every *interval* seconds. An idle worker reports
         a change at once; over time reports are spaced by ten times what they cost (a worker holding a
-        thousand instances is not kept busy re-sending all of them per change), and while messages wait
-        for the worker, changes share a report at least 5 ms after the first."""
+        thousand instances is not kept busy re-sending all of them per change). A busy one (messages wait
+        for it, or instances are still starting) batches: changes share a report at least 5 ms after the
+        first, so ten instances started together take two or three reports, not ten."""
         loop = asyncio.get_running_loop()
         while True:
             self._changed.clear()
@@ -57,7 +62,7 @@ class Reporter:
             self.throttle.ran(began, loop.time())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), interval)
-                await asyncio.sleep(self.throttle.delay(loop.time(), session.backlog > 0))
+                await asyncio.sleep(self.throttle.delay(loop.time(), self.busy(session)))
                 continue
             if self.engine:
                 await self.engine.sample()
