@@ -81,11 +81,19 @@ class Spare:
     cgroup: Cgroup
     child: asyncio.subprocess.Process
 
-    def kill(self) -> None:
-        """End the shell and remove its group (blocking: cgroup files)."""
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.child.pid, signal.SIGKILL)
-        self.cgroup.remove()
+    def end(self) -> None:
+        """Close its pipe and kill the shell if it still runs."""
+        if self.child.stdin is not None:
+            self.child.stdin.close()
+        if self.child.returncode is None:  # not reaped: its PID is still its own
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.child.pid, signal.SIGKILL)
+
+    async def remove(self) -> None:
+        """End the shell, wait for it, and delete its group."""
+        self.end()
+        await self.child.wait()
+        await asyncio.to_thread(self.cgroup.remove)
 
 
 class Spares:
@@ -113,7 +121,8 @@ class Spares:
             spare = self._ready.pop()
             if spare.child.returncode is None:
                 return spare
-            spare.cgroup.remove()
+            spare.end()
+            spare.cgroup.remove()  # it ended: nothing in it to wait for
         return None
 
     def fill(self, after: float = 0.0) -> None:
@@ -150,7 +159,7 @@ class Spares:
         if child.returncode is not None or not cgroup.pids():
             log.warning("no spare sandbox (starts make their sandbox as they go): its shell could not enter %s",
                         cgroup.name)
-            await asyncio.to_thread(spare.kill)
+            await spare.remove()
             return None
         return spare
 
@@ -181,6 +190,4 @@ class Spares:
                 await self._making
         ready, self._ready = self._ready, []
         for spare in ready:
-            await asyncio.to_thread(spare.kill)
-            with contextlib.suppress(ProcessLookupError):
-                await spare.child.wait()
+            await spare.remove()

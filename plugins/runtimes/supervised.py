@@ -153,7 +153,7 @@ class SupervisedRuntime:
         try:
             spare.cgroup.limit_memory(memory_mb)
         except OSError:
-            await asyncio.to_thread(spare.kill)
+            await spare.remove()
             return None
         assert spare.child.stdin is not None
         spare.child.stdin.write(line)
