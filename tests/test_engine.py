@@ -122,9 +122,8 @@ async def test_costly_reports_are_spaced_by_their_cost() -> None:
 
 
 async def test_a_worker_batches_its_reports_only_while_busy(tmp_path: Path) -> None:
-    """Idle, a change is reported at once (a lone deploy's RUNNING is not held up); while an instance is
-    starting, or messages wait for the worker, changes are batched (ten instances started together share a
-    few reports)."""
+    """Idle, a worker's reports may run ahead of their cost spacing (a lone deploy's RUNNING is not held up
+    behind its CREATING); while an instance is starting, or messages wait for the worker, they keep it."""
     eng = make(tmp_path)
     reporter, session = Reporter("w1", Slow()), FakeSession()  # type: ignore[arg-type]
     reporter.engine = eng

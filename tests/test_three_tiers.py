@@ -10,6 +10,7 @@ from typing import Any
 import psutil
 import pytest
 
+from plugins.runtimes.cgroups import PARENT, Cgroup
 from services.cli.client import ApiFailure, OakClient, Profile
 from services.common import channels
 from tests.conftest import Stack, dumps, eventually, sla, sleeper
@@ -41,6 +42,15 @@ def sleeps(token: str, under: Path) -> list[psutil.Process]:
                 and str(proc.info["cwd"] or "").startswith(str(under))):
             found.append(proc)
     return found
+
+
+def instance_group(pid: int) -> str | None:
+    """The name of the instance cgroup process *pid* is in (None without one)."""
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        path = line.split(":", 2)[2]
+        if f"/{PARENT}/" in path:
+            return path.rsplit("/", 1)[1]
+    return None
 
 
 async def two_on_one_worker(stack: Stack, api: Any, app: str, port: int) -> tuple[OakClient, dict[str, Any]]:
@@ -113,7 +123,9 @@ async def test_worker_killed_moves_its_instances(stack: Stack, api: Any) -> None
     await eventually(lambda: _online_nodes(client, 2), what="w2 online")
 
     stack.procs["w1"].kill9()
+    groups = []
     for orphan in sleeps("6011", stack.base):  # the dead worker's children; a real machine would have died with them
+        groups.append(instance_group(orphan.pid))
         orphan.kill()
 
     async def moved() -> bool:
@@ -123,6 +135,8 @@ async def test_worker_killed_moves_its_instances(stack: Stack, api: Any) -> None
     await eventually(moved, timeout=20, what="instances RUNNING on w2")
     after = await state(client, "move.test.job.test")
     assert [i["iid"] for i in after["instances"]] == [i["iid"] for i in first["instances"]]
+    for group in filter(None, groups):  # what the dead worker would have removed
+        Cgroup(group).remove()
 
 
 @pytest.mark.timeout(150)

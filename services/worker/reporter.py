@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from services.worker.engine import Engine
     from services.worker.prober import Prober
 
-COALESCE = 0.005  # seconds a busy worker's report waits for more changes, at least
+COALESCE = 0.005  # seconds a report waits for more changes, at least (a start's CREATING and RUNNING share one)
 COST_FACTOR = 10  # reports start at least this many times what the last one cost apart
 
 
@@ -28,7 +28,7 @@ class Reporter:
         self.engine: Engine | None = None
         self.prober: Prober | None = None
         self._changed = asyncio.Event()
-        self.throttle = ReportThrottle(0.0, COST_FACTOR, COALESCE, burst=IDLE_BURST)
+        self.throttle = ReportThrottle(0.0, COST_FACTOR, COALESCE, idle_coalesce=COALESCE, burst=IDLE_BURST)
 
     def poke(self) -> None:
         """Ask for a report now (an instance changed)."""
@@ -49,11 +49,11 @@ class Reporter:
         return session.backlog > 0 or (self.engine is not None and self.engine.starting())
 
     async def run(self, session: MqttSession, interval: float) -> None:
-        """Publish now, then whenever poked and at least every *interval* seconds. An idle worker reports
-        a change at once; over time reports are spaced by ten times what they cost (a worker holding a
-        thousand instances is not kept busy re-sending all of them per change). A busy one (messages wait
-        for it, or instances are still starting) batches: changes share a report at least 5 ms after the
-        first, so ten instances started together take two or three reports, not ten."""
+        """Publish now, then whenever poked and at least every *interval* seconds. A change is reported 5 ms
+        after it (what changes meanwhile shares the report). Over time reports are spaced by ten times what
+        they cost (a worker holding a thousand instances is not kept busy re-sending all of them per
+        change); an idle worker may run 0.1 s of that ahead, so a start's reports are not held back, and a
+        busy one (messages wait for it, or instances are still starting) keeps the spacing after each."""
         loop = asyncio.get_running_loop()
         while True:
             self._changed.clear()
