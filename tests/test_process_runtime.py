@@ -274,9 +274,10 @@ async def test_the_instance_gets_exactly_its_environment_limit_and_log(started: 
     handle = await started.start(spec)
     assert started.took_a_spare(handle) == started.warm, handle.data
 
-    def environ_of_pid() -> dict[str, str]:  # empty while the kernel is still exec'ing it
+    def environ_of_pid() -> dict[str, str] | None:  # empty while the kernel is still exec'ing it
         entries = Path(f"/proc/{handle.pid}/environ").read_bytes().split(b"\0")
-        return dict(e.decode().split("=", 1) for e in entries if e)
+        environ = dict(e.decode().split("=", 1) for e in entries if e)
+        return environ if "HOSTNAME" in environ else None
 
     environ = await eventually(environ_of_pid, 5, 0.01, what="the instance's environment readable")
     assert environ.pop("PWD", spec.work_dir) == spec.work_dir  # the shell entering the group exports it

@@ -4,6 +4,7 @@ the services that use it."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import os
@@ -94,34 +95,37 @@ async def test_secrets_reach_the_instance_and_nowhere_else(stack: Stack, api: An
     home = stack.base / "root"
     outputs: list[str] = []
 
-    def oak(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        done = run_oak(home, *args, check=check)
+    async def oak(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run the CLI in a thread: this loop keeps the admin's connection alive meanwhile (blocked for as
+        long as the CLI calls and the reads below take on a slow machine, its broker closed it)."""
+        done = await asyncio.to_thread(run_oak, home, *args, check=check)
         outputs.extend((done.stdout, done.stderr))
         return done
 
-    oak("app", "create", str(_write(stack.base / "sla.json", dumps(sla(
+    await oak("app", "create", str(_write(stack.base / "sla.json", dumps(sla(
         service("box", "container", busybox_image), service("proc", "process", None), app="sec")))))
-    refused = oak("service", "deploy", "sec.test.box.test", check=False)
+    refused = await oak("service", "deploy", "sec.test.box.test", check=False)
     assert refused.returncode != 0
     assert "needs the secret(s) db-pass, tls-key" in refused.stderr
-    oak("secret", "set", "db-pass", "--value", WORD)
-    oak("secret", "set", "tls-key", "--from-file", str(_write(stack.base / "key.pem", KEY)))
+    await oak("secret", "set", "db-pass", "--value", WORD)
+    await oak("secret", "set", "tls-key", "--from-file", str(_write(stack.base / "key.pem", KEY)))
     (stack.base / "key.pem").unlink()
     for job in ("sec.test.box.test", "sec.test.proc.test"):
-        oak("service", "deploy", job)
+        await oak("service", "deploy", job)
     for job in ("sec.test.box.test", "sec.test.proc.test"):
         await eventually(lambda job=job: logs_say(client, job, WORD.encode(), KEY), 60, interval=0.3,
                          what=f"{job} printing the digests of its secrets")
-    listing = oak("secret", "list").stdout
+    listing = (await oak("secret", "list")).stdout
     assert "sec.test.box.test, sec.test.proc.test" in listing
     for args in (("service", "inspect", "sec.test.box.test"), ("service", "history", "sec.test.proc.test", "--json"),
                  ("service", "logs", "sec.test.box.test"), ("secret", "list", "--json")):
-        oak(*args)
-    assert "used by" in oak("secret", "delete", "db-pass", check=False).stderr
+        await oak(*args)
+    assert "used by" in (await oak("secret", "delete", "db-pass", check=False)).stderr
 
-    retained = _retained(stack, ["-t", "oak/api/admin/#"], stack.root_port, "root") \
-        + _retained(stack, ["-t", "oak/clusters/c1/#"], stack.root_port, "c1") \
-        + _retained(stack, ["-t", "oak/nodes/w1/#"], stack.cluster_ports["c1"], "w1")
+    retained = "".join(await asyncio.gather(
+        asyncio.to_thread(_retained, stack, ["-t", "oak/api/admin/#"], stack.root_port, "root"),
+        asyncio.to_thread(_retained, stack, ["-t", "oak/clusters/c1/#"], stack.root_port, "c1"),
+        asyncio.to_thread(_retained, stack, ["-t", "oak/nodes/w1/#"], stack.cluster_ports["c1"], "w1")))
     assert "sec.test.box.test" in retained, "the retained topics were read"
     leaks = [WORD.encode(), b"line two", base64.b64encode(WORD.encode()), base64.b64encode(KEY)[:24]]
     assert not [leak for leak in leaks if leak in retained.encode()], "a secret in a retained topic"
@@ -130,19 +134,23 @@ async def test_secrets_reach_the_instance_and_nowhere_else(stack: Stack, api: An
     # own tmpfs and containerd's state: containerd keeps each container's spec, its variables included, in
     # its metadata (as it does under Kubernetes); secrets given as files are not there.
     tmpfs, containerd = stack.base / "w1" / "secrets", stack.base / "w1" / "containerd"
-    files = [p for p in stack.base.rglob("*") if p.is_file() and not p.is_symlink()
-             and tmpfs not in p.parents and containerd not in p.parents]
-    found = [str(p) for p in files if any(leak in p.read_bytes() for leak in leaks)]
+
+    def leaking_files() -> list[str]:
+        files = [p for p in stack.base.rglob("*") if p.is_file() and not p.is_symlink()
+                 and tmpfs not in p.parents and containerd not in p.parents]
+        return [str(p) for p in files if any(leak in p.read_bytes() for leak in leaks)]
+
+    found = await asyncio.to_thread(leaking_files)
     assert not found, f"a secret in files the tiers wrote: {found}"
     if os.geteuid() == 0:
         assert all(os.path.ismount(d) for d in tmpfs.iterdir()), "each instance's secrets are on a tmpfs"
 
-    rolled = oak("secret", "set", "db-pass", "--value", "n3w-w0rd").stdout
+    rolled = (await oak("secret", "set", "db-pass", "--value", "n3w-w0rd")).stdout
     assert "rolling sec.test.box.test, sec.test.proc.test" in rolled
     for job in ("sec.test.box.test", "sec.test.proc.test"):
         await eventually(lambda job=job: logs_say(client, job, b"n3w-w0rd", KEY), 60, interval=0.3,
                          what=f"{job} restarted with the new value")
-    history = oak("service", "history", "sec.test.box.test").stdout
+    history = (await oak("service", "history", "sec.test.box.test")).stdout
     assert "secret db-pass" in history
     await client.request("apps", "delete", {"app": "sec"})
     await eventually(lambda: not any(tmpfs.iterdir()), 20, what="the instances' secret files gone")

@@ -43,13 +43,15 @@ MADE_TIMEOUT = 10.0  # seconds a new spare's shell may take to enter its group (
 REFILL_DELAY = 0.1
 
 
-async def until_execed(child: asyncio.subprocess.Process, prefix: bytes, timeout: float = BECOME_TIMEOUT) -> None:
-    """Wait until *child*, whose command line starts with *prefix* while it is one of the runtime's shells,
-    has exec'd what that shell runs (or ended)."""
+async def until_execed(child: asyncio.subprocess.Process, *shells: bytes, timeout: float = BECOME_TIMEOUT) -> None:
+    """Wait until *child*, whose command line starts with one of *shells* while it is one of the runtime's
+    shells, has exec'd what that shell runs (or ended). An empty command line is a process between two
+    programs (or ended, not yet reaped): waited for too."""
     cmdline = Path(f"/proc/{child.pid}/cmdline")
     with contextlib.suppress(TimeoutError, OSError):
         async with asyncio.timeout(timeout):
-            while child.returncode is None and cmdline.read_bytes().startswith(prefix):  # noqa: ASYNC240 (procfs)
+            while child.returncode is None and (not (line := cmdline.read_bytes())  # noqa: ASYNC240 (procfs)
+                                                or line.startswith(shells)):
                 await asyncio.sleep(0.0005)
 
 
@@ -155,8 +157,8 @@ class Spares:
             await asyncio.to_thread(cgroup.remove)
             return None
         spare = Spare(cgroup, child)
-        await until_execed(child, ENTERING, MADE_TIMEOUT)
-        if child.returncode is not None or not cgroup.pids():
+        await until_execed(child, ENTERING, timeout=MADE_TIMEOUT)
+        if child.returncode is not None or not _waiting(child.pid) or not cgroup.pids():
             log.warning("no spare sandbox (starts make their sandbox as they go): its shell could not enter %s",
                         cgroup.name)
             await spare.remove()

@@ -158,7 +158,7 @@ class SupervisedRuntime:
         assert spare.child.stdin is not None
         spare.child.stdin.write(line)
         spare.child.stdin.close()
-        await until_execed(spare.child, WAITING)
+        await until_execed(spare.child, ENTERING, WAITING)  # it may still be entering its group
         return spare.child, spare.cgroup
 
     async def _start_cold(self, spec: LaunchSpec, memory_mb: int, owned: bool
