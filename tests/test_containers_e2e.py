@@ -139,12 +139,16 @@ async def test_containers_run_log_die_and_leave_nothing(stack: Stack, api: Any, 
 
     def nothing_left() -> bool:
         listed = subprocess.run(["runc", "--root", str(state_dir), "list", "-q"], capture_output=True, text=True)
-        bundles = list((stack.base / "ctr" / "bundles").glob("*"))
-        groups = [i["iid"] for i in web + [hog] if Cgroup(group_name(i["iid"], i["node"])).exists()]
-        tasks = ctr_ls(home, "task") + ctr_ls(home, "container") if engine == "containerd" else []
-        return listed.stdout.strip() == "" and not bundles and not groups and not tasks
+        left = {
+            "runc containers": listed.stdout.split(),
+            "bundles": [b.name for b in (stack.base / "ctr" / "bundles").glob("*")],
+            "cgroups": [i["iid"] for i in web + [hog] if Cgroup(group_name(i["iid"], i["node"])).exists()],
+            "containerd": ctr_ls(home, "task") + ctr_ls(home, "container") if engine == "containerd" else [],
+        }
+        assert not any(left.values()), {what: names for what, names in left.items() if names}  # says what is left
+        return True
 
-    await eventually(nothing_left, 30, what="no container, task, bundle or cgroup left")
+    await eventually(nothing_left, 60, what="no container, task, bundle or cgroup left")
     assert ROOT.exists()
     if engine == "containerd":
         stack.procs["ctr"].stop()

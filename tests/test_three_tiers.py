@@ -10,6 +10,7 @@ from typing import Any
 import psutil
 import pytest
 
+from plugins.runtimes import cgroups
 from plugins.runtimes.cgroups import PARENT, Cgroup
 from services.cli.client import ApiFailure, OakClient, Profile
 from services.common import channels
@@ -46,11 +47,8 @@ def sleeps(token: str, under: Path) -> list[psutil.Process]:
 
 def instance_group(pid: int) -> str | None:
     """The name of the instance cgroup process *pid* is in (None without one)."""
-    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
-        path = line.split(":", 2)[2]
-        if f"/{PARENT}/" in path:
-            return path.rsplit("/", 1)[1]
-    return None
+    *parents, name = cgroups.process_path("" if cgroups.version() == 2 else "memory", pid).split("/")
+    return name if PARENT in parents else None
 
 
 async def two_on_one_worker(stack: Stack, api: Any, app: str, port: int) -> tuple[OakClient, dict[str, Any]]:

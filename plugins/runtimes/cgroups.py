@@ -9,6 +9,7 @@ there, as runc's containers do: the worker's socket load balancing hangs off tha
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import time
@@ -32,9 +33,10 @@ def version() -> int | None:
     return None
 
 
-def _own_path(controller: str) -> str:
-    """This process's cgroup path for *controller* ('' for the unified hierarchy)."""
-    for line in Path("/proc/self/cgroup").read_text().splitlines():
+def process_path(controller: str, pid: int | str = "self") -> str:
+    """The cgroup path of process *pid* (this one by default) for *controller* ('' for the unified hierarchy),
+    relative to the hierarchy's root."""
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
         _, names, path = line.split(":", 2)
         if (controller == "" and names == "") or controller in names.split(","):
             return path.lstrip("/")
@@ -53,7 +55,7 @@ def cgroup2_mount() -> Path | None:
 def instances_cgroup2() -> Path | None:
     """The cgroup v2 directory holding every instance's group (None without a cgroup v2 mount)."""
     mount = cgroup2_mount()
-    return mount / _own_path("") / PARENT if mount else None
+    return mount / process_path("") / PARENT if mount else None
 
 
 def group_name(iid: str, owner: str = "") -> str:
@@ -72,8 +74,8 @@ def absolute_path(name: str) -> str | None:
     hierarchy it uses (so a runtime started by someone else, e.g. a system containerd, puts the
     group where :class:`Cgroup` looks); None when it does not."""
     if version() == 2:
-        return "/" + "/".join(p for p in (_own_path(""), relative_path(name)) if p)
-    own = {_own_path(c) for c in V1_CONTROLLERS + tuple(c for c in V1_OPTIONAL if (ROOT / c).exists())}
+        return "/" + "/".join(p for p in (process_path(""), relative_path(name)) if p)
+    own = {process_path(c) for c in V1_CONTROLLERS + tuple(c for c in V1_OPTIONAL if (ROOT / c).exists())}
     if len(own) != 1:
         return None
     return "/" + "/".join(p for p in (own.pop(), relative_path(name)) if p)
@@ -97,6 +99,19 @@ ENTER_SCRIPT = ('n=$1; shift; while [ "$n" -gt 0 ]; do echo $$ > "$1" || { echo 
                 'exit 125; }; shift; n=$((n - 1)); done; exec "$@"')
 ENTERING_ARGS = ("/bin/sh", "-c", ENTER_SCRIPT, "oak-cgroup")
 ENTERING = "\0".join(ENTERING_ARGS).encode()  # how /proc/<pid>/cmdline starts while the shell has not exec'd
+BECOME_TIMEOUT = 2.0  # seconds one of the runtime's shells may take to exec the command it was given
+
+
+async def until_execed(child: asyncio.subprocess.Process, *shells: bytes, timeout: float = BECOME_TIMEOUT) -> None:
+    """Wait until *child*, whose command line starts with one of *shells* while it is one of the runtime's
+    shells, has exec'd what that shell runs (or ended). An empty command line is a process between two
+    programs (or ended, not yet reaped): waited for too."""
+    cmdline = Path(f"/proc/{child.pid}/cmdline")
+    with contextlib.suppress(TimeoutError, OSError):
+        async with asyncio.timeout(timeout):
+            while child.returncode is None and (not (line := cmdline.read_bytes())  # noqa: ASYNC240 (procfs)
+                                                or line.startswith(shells)):
+                await asyncio.sleep(0.0005)
 
 
 class Cgroup:
@@ -106,10 +121,10 @@ class Cgroup:
         self.name = name
         self.version = version()
         if self.version == 2:
-            self.dirs = {"": ROOT / _own_path("") / relative_path(name)}
+            self.dirs = {"": ROOT / process_path("") / relative_path(name)}
         elif self.version == 1:
             controllers = V1_CONTROLLERS + tuple(c for c in V1_OPTIONAL if (ROOT / c).exists())
-            self.dirs = {c: ROOT / c / _own_path(c) / relative_path(name) for c in controllers}
+            self.dirs = {c: ROOT / c / process_path(c) / relative_path(name) for c in controllers}
             unified = instances_cgroup2()
             if unified is not None:
                 self.dirs["unified"] = unified / name

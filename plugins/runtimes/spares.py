@@ -27,7 +27,7 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
-from plugins.runtimes.cgroups import ENTERING, Cgroup, group_name
+from plugins.runtimes.cgroups import ENTERING, Cgroup, group_name, until_execed
 
 log = logging.getLogger(__name__)
 
@@ -36,23 +36,10 @@ WAIT_SCRIPT = 'IFS= read -r line || exit 0; eval "$line"'
 WAIT_ARGS = ("/bin/sh", "-c", WAIT_SCRIPT, "oak-spare")
 WAITING = "\0".join(WAIT_ARGS).encode()  # how /proc/<pid>/cmdline starts while the spare waits
 SHELL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-BECOME_TIMEOUT = 2.0  # seconds a spare may take to exec the command it was given
 MADE_TIMEOUT = 10.0  # seconds a new spare's shell may take to enter its group (nothing waits for it)
 # Seconds after a start before the next spare is made: making one (a fork, a move into a new group) beside
 # the start's last steps (its status written and reported) slowed those by as much as the spare saved.
 REFILL_DELAY = 0.1
-
-
-async def until_execed(child: asyncio.subprocess.Process, *shells: bytes, timeout: float = BECOME_TIMEOUT) -> None:
-    """Wait until *child*, whose command line starts with one of *shells* while it is one of the runtime's
-    shells, has exec'd what that shell runs (or ended). An empty command line is a process between two
-    programs (or ended, not yet reaped): waited for too."""
-    cmdline = Path(f"/proc/{child.pid}/cmdline")
-    with contextlib.suppress(TimeoutError, OSError):
-        async with asyncio.timeout(timeout):
-            while child.returncode is None and (not (line := cmdline.read_bytes())  # noqa: ASYNC240 (procfs)
-                                                or line.startswith(shells)):
-                await asyncio.sleep(0.0005)
 
 
 def launch_line(command: list[str], env: dict[str, str], work_dir: str, log_path: str) -> bytes | None:

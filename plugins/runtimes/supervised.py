@@ -19,8 +19,8 @@ from typing import Any, BinaryIO
 
 import psutil
 
-from plugins.runtimes.cgroups import ENTERING, Cgroup, group_name
-from plugins.runtimes.spares import REFILL_DELAY, WAITING, Spares, launch_line, until_execed
+from plugins.runtimes.cgroups import ENTERING, Cgroup, group_name, until_execed
+from plugins.runtimes.spares import REFILL_DELAY, WAITING, Spares, launch_line
 from services.common.plugin_api import Exit, Handle, InstanceStats, LaunchSpec
 from services.common.private import private_dir, private_opener
 
@@ -121,8 +121,10 @@ class SupervisedRuntime:
         await asyncio.to_thread(self.prepare, spec)
         owned = self.makes_cgroup(spec.virtualization) and self.sandboxed
         memory_mb, vcpus = self.limits(spec)
-        warm = await self._start_warm(spec, memory_mb) if owned else None
-        child, cgroup = warm if warm else await self._start_cold(spec, memory_mb, owned)
+        command, env = self.command(spec), self.environment(spec)
+        with open_log(spec) as log_file:
+            warm = await self._start_warm(spec, command, env, memory_mb) if owned else None
+            child, cgroup = warm or await self._start_cold(spec, command, env, log_file, memory_mb, owned)
         if self.spares is not None:
             self.spares.fill(REFILL_DELAY)  # for the next start, once this one is reported
         # The instance runs (its sandbox's first process, as a container's init); what it still sets up on
@@ -140,13 +142,13 @@ class SupervisedRuntime:
                        "cgroup": cgroup.name if cgroup else self.group(spec.iid),
                        "own_cgroup": cgroup is not None, **self.remembered(spec)})
 
-    async def _start_warm(self, spec: LaunchSpec, memory_mb: int) -> tuple[asyncio.subprocess.Process, Cgroup] | None:
-        """Start the instance by handing its command to a spare sandbox (its group's memory limit set
-        first); None when no spare is ready or this start cannot use one."""
+    async def _start_warm(self, spec: LaunchSpec, command: list[str], env: dict[str, str], memory_mb: int
+                          ) -> tuple[asyncio.subprocess.Process, Cgroup] | None:
+        """Start the instance by handing *command* to a spare sandbox (its group's memory limit set first;
+        the spare opens the log itself); None when no spare is ready or this start cannot use one."""
         if self.spares is None:
             return None
-        with open_log(spec):
-            line = launch_line(self.command(spec), self.environment(spec), spec.work_dir, spec.log_path)
+        line = launch_line(command, env, spec.work_dir, spec.log_path)
         spare = self.spares.take() if line else None
         if spare is None or line is None:
             return None
@@ -161,9 +163,9 @@ class SupervisedRuntime:
         await until_execed(spare.child, ENTERING, WAITING)  # it may still be entering its group
         return spare.child, spare.cgroup
 
-    async def _start_cold(self, spec: LaunchSpec, memory_mb: int, owned: bool
-                          ) -> tuple[asyncio.subprocess.Process, Cgroup | None]:
-        """Start the instance in a group made now (when *owned*), or none."""
+    async def _start_cold(self, spec: LaunchSpec, command: list[str], env: dict[str, str], log_file: BinaryIO,
+                          memory_mb: int, owned: bool) -> tuple[asyncio.subprocess.Process, Cgroup | None]:
+        """Start the instance in a group made now (when *owned*), or none, its output going to *log_file*."""
         cgroup = Cgroup(self.group(spec.iid)) if owned else None
         if cgroup is not None:
             try:
@@ -174,18 +176,15 @@ class SupervisedRuntime:
                 cgroup.create(memory_mb, 0)
             except OSError as exc:
                 raise RuntimeError(f"cannot create the cgroup: {exc}") from None
-        with open_log(spec) as log_file:
-            try:
-                command = self.command(spec)
-                child = await asyncio.create_subprocess_exec(
-                    *(cgroup.entered_by(command) if cgroup else command), cwd=spec.work_dir,
-                    env=self.environment(spec), stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file,
-                    start_new_session=True,
-                )
-            except OSError as exc:
-                if cgroup:
-                    cgroup.remove()
-                raise RuntimeError(f"cannot start: {exc}") from None
+        try:
+            child = await asyncio.create_subprocess_exec(
+                *(cgroup.entered_by(command) if cgroup else command), cwd=spec.work_dir, env=env,
+                stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file, start_new_session=True,
+            )
+        except OSError as exc:
+            if cgroup:
+                cgroup.remove()
+            raise RuntimeError(f"cannot start: {exc}") from None
         if cgroup:  # the shell joins it before the command runs; the move is made here too, at once and on
             # the loop (the first move into a new group costs the kernel some 16 ms; left to the shell alone,
             # starts measured slower), and start returns once the shell has become the command, as it did
