@@ -86,7 +86,9 @@ async def runtime_baseline(rounds: int, data_dir: Path) -> list[float]:
 
 async def deploy_rounds(client: OakClient, app: str, rounds: int) -> list[float]:
     """Milliseconds from ``services/deploy`` of a one-replica ``sleep`` service until its retained state
-    says RUNNING (then undeployed), *rounds* times."""
+    says RUNNING, *rounds* times; each round then undeploys it and waits until the cluster has reported the
+    instance gone, so the next one measures a deploy on an idle stack (the root says UNDEPLOYED before the
+    worker has stopped it)."""
     await client.request("apps", "create", raw=sla(app, "svc", ["sleep", "3600"]))
     job = f"{app}.bench.svc.bench"
     await client.session.subscribe_confirmed(channels.API_SERVICE_STATE.topic(user=client.profile.username, job=job))
@@ -97,7 +99,12 @@ async def deploy_rounds(client: OakClient, app: str, rounds: int) -> list[float]
         latencies.append((await wait_status(client, job, "RUNNING") - t0) * 1000)
         await client.request("services", "undeploy", {"service": job})
         await wait_status(client, job, "UNDEPLOYED")
+        await eventually(lambda: _no_instances(client), 30, 0.01, what="the undeploy reported")
     return latencies
+
+
+async def _no_instances(client: OakClient) -> bool:
+    return all(cluster["instances"] == 0 for cluster in await client.request("clusters", "list"))
 
 
 async def submit_to_running(rounds: int) -> None:
