@@ -15,6 +15,7 @@ class FakeSession:
     """Records what a tier publishes (``send`` is the real session's, over this ``publish``)."""
 
     backlog = 0  # nothing waits: the tier is idle
+    lag = 0.0  # seconds the oldest message waiting for the tier has waited (set it to make the tier behind)
 
     def __init__(self) -> None:
         self.published: list[tuple[str, bytes]] = []
@@ -26,10 +27,11 @@ class FakeSession:
         pass
 
     def horizon(self) -> float:
-        """Nothing waits: every message received has been read."""
-        return time.monotonic()
+        """When the oldest message waiting arrived (*lag* ago; now when nothing waits)."""
+        return time.monotonic() - self.lag
 
     send = MqttSession.send
+    waited = MqttSession.waited
 
 
 class Listener(Protocol):

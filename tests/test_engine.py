@@ -123,7 +123,7 @@ async def test_costly_reports_are_spaced_by_their_cost() -> None:
 
 async def test_a_worker_batches_its_reports_only_while_busy(tmp_path: Path) -> None:
     """Idle, a worker's reports may run ahead of their cost spacing (a lone deploy's RUNNING is not held up
-    behind its CREATING); while an instance is starting, or messages wait for the worker, they keep it."""
+    behind its CREATING); while an instance is starting, or the worker is behind on its messages, they keep it."""
     eng = make(tmp_path)
     reporter, session = Reporter("w1", Slow()), FakeSession()  # type: ignore[arg-type]
     reporter.engine = eng
@@ -133,7 +133,9 @@ async def test_a_worker_batches_its_reports_only_while_busy(tmp_path: Path) -> N
     assert reporter.busy(session)  # type: ignore[arg-type]
     await eventually(lambda: not eng.starting(), what="i1 started")
     assert not reporter.busy(session)  # type: ignore[arg-type]
-    session.backlog = 3
+    session.lag = 0.001  # a message that just arrived is no backlog
+    assert not reporter.busy(session)  # type: ignore[arg-type]
+    session.lag = 0.05  # one that has waited 50 ms is
     assert reporter.busy(session)  # type: ignore[arg-type]
     await eng.apply({})
     await eventually(lambda: not eng.slots, what="i1 removed")

@@ -1,12 +1,19 @@
 """Adaptive pacing (services/common/throttle.py): an idle tier runs its batched work at once, a busy one
-spaces it; a Trigger runs once for the asks made before it starts and once more for those during it."""
+(behind on its messages) spaces it; a Trigger runs once for the asks made before it starts and once more
+for those during it."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
-from services.common.throttle import ReportThrottle, TimeSlices, Trigger
+from services.cluster.orchestrator import ClusterOrchestrator
+from services.common.mqtt import BrokerUrl, MqttSession
+from services.common.scheduling import Profile
+from services.common.store import Store
+from services.common.throttle import BUSY_WAIT, ReportThrottle, TimeSlices, Trigger, behind
+from tests.fakes import FakeSession
 
 
 def test_an_idle_tier_waits_only_for_the_cost_spacing() -> None:
@@ -91,3 +98,25 @@ async def test_a_long_pass_lets_the_loop_turn_once_its_slice_is_used_up() -> Non
         await slices.turn()
     assert ran[0] - began < 0.05, "the waiting task ran once the slice was used up"
     await waiting
+
+
+async def test_a_tier_is_behind_only_while_a_message_has_waited() -> None:
+    """One message that just arrived (a heartbeat beside a report) is no backlog; one that has waited past
+    BUSY_WAIT is, until it is taken."""
+    session = MqttSession(BrokerUrl("127.0.0.1", 1), "probe", "u", "p")
+    assert not behind(session.waited())
+    session._on_message(None, "oak/x", b"{}", 1, {})  # type: ignore[arg-type]  # as gmqtt hands one over
+    assert not behind(session.waited())
+    await asyncio.sleep(2 * BUSY_WAIT)
+    assert behind(session.waited())
+    await session.get(1)
+    assert not behind(session.waited())
+
+
+async def test_a_cluster_batches_only_while_it_is_behind(tmp_path: Path) -> None:
+    session = FakeSession()
+    orch = ClusterOrchestrator("c1", Store(tmp_path / "c.json"), Profile(()), session)  # type: ignore[arg-type]
+    session.backlog, session.lag = 1, 0.001
+    assert not orch._busy()
+    session.lag = 5 * BUSY_WAIT
+    assert orch._busy()

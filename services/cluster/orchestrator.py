@@ -36,7 +36,7 @@ from services.common.plugin_api import Candidate
 from services.common.retained import LastSent
 from services.common.scheduling import Profile
 from services.common.store import Store
-from services.common.throttle import IDLE_BURST, ReportThrottle, Trigger
+from services.common.throttle import IDLE_BURST, ReportThrottle, Trigger, behind
 
 log = logging.getLogger(__name__)
 
@@ -306,8 +306,8 @@ class ClusterOrchestrator:
         self._changed.set()
 
     def _busy(self) -> bool:
-        """Whether messages wait for this cluster: then reports and placements batch."""
-        return self.session.backlog > 0
+        """Whether this cluster is behind on its messages: then reports and placements batch."""
+        return behind(self.session.waited())
 
     def place_soon(self) -> None:
         """Have :meth:`place_pending` run shortly (once for what several callers lost at nearly the same time)."""

@@ -169,8 +169,8 @@ CLUSTER_STATE, CLUSTER_STATE_DELTA = _whole_and_delta(
     "`cluster.state`, once changes settle (at least every 10 s while they go on): `nodes` (each worker's "
     "capacity, free capacity after placed demands, load, runtimes, volumes), `instances` (`{iid: status}`) and "
     "`overlay`, with `epoch` and `seq`", "cluster.state", CLUSTER, (),
-    "`cluster.state.delta`, on change (at once when idle; spaced by its cost while messages wait for the "
-    "cluster): what changed since `seq - 1`", ("nodes", "instances", "overlay"))
+    "`cluster.state.delta`, on change (at once when idle; spaced by its cost while the cluster is behind on "
+    "its messages): what changed since `seq - 1`", ("nodes", "instances", "overlay"))
 CLUSTER_ANSWER: Channel[dict[str, Any]] = Channel(
     f"{BASE}/clusters/{{cluster}}/up/res/{{verb}}",
     "a worker's answer to a command, passed up unchanged: log chunks `{\"id\", \"iid\", \"node\", \"lines\", "

@@ -307,6 +307,10 @@ class MqttSession:
         still waiting arrived, or now. A reader judging its peers' silence looks no further."""
         return self._arrivals[0] if self._arrivals else time.monotonic()
 
+    def waited(self) -> float:
+        """Seconds the oldest message still waiting to be taken has waited (0 when none waits)."""
+        return time.monotonic() - self.horizon()
+
     def quiet_for(self) -> float:
         """Seconds since the broker last sent this session anything (a message, an acknowledgement, a
         ping's answer), connected or not: how long this side has been cut off, if it is."""

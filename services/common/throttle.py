@@ -18,11 +18,20 @@ from dataclasses import dataclass
 log = logging.getLogger(__name__)
 SLICE = 0.001  # seconds a long pass runs before it lets the rest of the event loop have a turn
 IDLE_BURST = 0.1  # seconds of cost spacing an idle tier's reports may run ahead (ReportThrottle.burst)
+# A tier is busy (batches) while the oldest message waiting for it has waited longer than this: a standing
+# queue, as CoDel judges one by its sojourn time. Counting the messages instead made one heartbeat that
+# arrived beside a report hold a quiet cluster's next report for its busy spacing (200 ms).
+BUSY_WAIT = 0.01
+
+
+def behind(waited: float) -> bool:
+    """Whether a tier whose oldest waiting message has waited *waited* seconds is behind (see BUSY_WAIT)."""
+    return waited > BUSY_WAIT
 
 
 @dataclass
 class ReportThrottle:
-    """Spaces runs by their own cost, and while the tier is busy (messages wait in its inbox) by a
+    """Spaces runs by their own cost, and while the tier is busy (a queue stands in its inbox) by a
     minimum too: the work uses at most ~1/``factor`` of the loop over time, and while busy, the next run
     starts at least *minimum* (and ``factor`` × the last one's cost) after the last one started and never
     sooner than *coalesce* after it was asked for.
@@ -51,7 +60,7 @@ class ReportThrottle:
         return max(self.minimum, self.factor * self._cost)
 
     def delay(self, now: float, busy: bool = True) -> float:
-        """How long to wait, at *now*, before the next run (*busy*: messages wait for the tier; an idle one
+        """How long to wait, at *now*, before the next run (*busy*: the tier is behind, see :func:`behind`; an idle one
         neither coalesces nor keeps the minimum spacing)."""
         if not busy:
             return max(self.idle_coalesce, self._paid_at - self.burst - now)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from services.common import channels, models
 from services.common.mqtt import MqttSession
 from services.common.plugin_api import Collector
-from services.common.throttle import IDLE_BURST, ReportThrottle
+from services.common.throttle import IDLE_BURST, ReportThrottle, behind
 
 if TYPE_CHECKING:
     from services.worker.engine import Engine
@@ -45,8 +45,8 @@ class Reporter:
         }
 
     def busy(self, session: MqttSession) -> bool:
-        """Whether changes should be batched: messages wait for the worker, or instances are starting."""
-        return session.backlog > 0 or (self.engine is not None and self.engine.starting())
+        """Whether changes should be batched: the worker is behind on its messages, or instances are starting."""
+        return behind(session.waited()) or (self.engine is not None and self.engine.starting())
 
     async def run(self, session: MqttSession, interval: float) -> None:
         """Publish now, then whenever poked and at least every *interval* seconds. A change is reported 5 ms
