@@ -12,7 +12,7 @@ import pytest
 
 from plugins.runtimes.process import ProcessRuntime
 from plugins.runtimes.sim import SimRuntime
-from services.common import models
+from services.common import envelope, models
 from services.common.models import InstanceSpec
 from services.common.sla import ServiceSpec
 from services.common.store import Store
@@ -137,6 +137,34 @@ async def test_a_worker_batches_its_reports_only_while_busy(tmp_path: Path) -> N
     assert not reporter.busy(session)  # type: ignore[arg-type]
     session.lag = 0.05  # one that has waited 50 ms is
     assert reporter.busy(session)  # type: ignore[arg-type]
+    await eng.apply({})
+    await eventually(lambda: not eng.slots, what="i1 removed")
+    await eng.close()
+
+
+class Quick:
+    """A collector with nothing to say."""
+
+    def sample(self) -> dict[str, object]:
+        return {}
+
+
+async def test_a_start_on_an_idle_worker_is_one_report_of_running(tmp_path: Path) -> None:
+    """A start's CREATING waits for its RUNNING (up to START_HOLD): one report crosses the tiers, not two."""
+    reporter, session = Reporter("w1", Quick()), FakeSession()  # type: ignore[arg-type]
+    eng = Engine("w1", {"process": ProcessRuntime(data_dir=str(tmp_path))}, Store(tmp_path / "w.json"), tmp_path,
+                 on_change=reporter.poke)
+    reporter.engine = eng
+    task = asyncio.create_task(reporter.run(session, 60))  # type: ignore[arg-type]
+    await eventually(lambda: session.published, what="the first report")
+    await eng.apply({"i1": spec("i1", ["sleep", "7004"])})
+    await eventually(lambda: len(session.published) > 1, what="the start reported")
+    await eventually(lambda: not eng.starting(), what="i1 started")
+    reported = [envelope.decode(payload).data["instances"] for _, payload in session.published[1:]]
+    assert [r["i1"]["status"] for r in reported] == [models.RUNNING]
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
     await eng.apply({})
     await eventually(lambda: not eng.slots, what="i1 removed")
     await eng.close()
