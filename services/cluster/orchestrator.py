@@ -45,8 +45,8 @@ RECEIVED = "received"  # "desired" -> the epoch and seq of the root's desired ma
 STATE_INTERVAL = 2.0
 RETRY_INTERVAL = 1.0
 # A placement pass runs PLACE_COALESCE after it is asked for (changes arriving together share it) while the
-# cluster keeps up with its messages; while messages wait for it (a burst of deploys, many workers lost)
-# passes run PLACE_SPACING apart, so what arrives meanwhile shares a pass.
+# cluster keeps up with its messages; while it is behind on them (throttle.behind: a burst of deploys, many
+# workers lost) passes run PLACE_SPACING apart, so what arrives meanwhile shares a pass.
 PLACE_COALESCE = 0.002
 PLACE_SPACING = 0.05
 STARTUP_GRACE = 10.0
@@ -56,8 +56,8 @@ WATCH_TICK = 0.25  # seconds between two looks for silent workers and instances 
 STUCK_AFTER = 20.0
 PLAN_IN_THREAD_FROM = 100  # pending instances from which a placement pass runs in a thread
 # The state report is throttled by its own cost (ReportThrottle): over time, reports wait REPORT_COST_FACTOR
-# times what they take (the few of one deploy go at once), and while messages wait for the cluster, at
-# least REPORT_MIN_INTERVAL apart.
+# times what they take (the few of one deploy go at once), and while the cluster is behind on its messages,
+# at least REPORT_MIN_INTERVAL apart.
 REPORT_MIN_INTERVAL = 0.2
 REPORT_COST_FACTOR = 10.0
 
