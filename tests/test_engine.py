@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,7 +16,7 @@ from plugins.runtimes.sim import SimRuntime
 from services.common import envelope, models
 from services.common.models import InstanceSpec
 from services.common.sla import ServiceSpec
-from services.common.store import Store
+from services.common.store import Store, parse_line
 from services.worker import engine as engine_module
 from services.worker import gpus
 from services.worker.engine import Engine, backoff
@@ -124,13 +125,22 @@ async def test_costly_reports_are_spaced_by_their_cost() -> None:
 async def test_a_worker_batches_its_reports_only_while_busy(tmp_path: Path) -> None:
     """Idle, a worker's reports may run ahead of their cost spacing (a lone deploy's RUNNING is not held up
     behind its CREATING); while an instance is starting, or the worker is behind on its messages, they keep it."""
-    eng = make(tmp_path)
+    runtime, gate = SimRuntime(), asyncio.Event()
+    start = runtime.start
+
+    async def gated_start(launch: Any) -> Any:
+        await gate.wait()
+        return await start(launch)
+
+    runtime.start = gated_start  # type: ignore[method-assign]
+    eng = Engine("w1", {"process": runtime}, Store(tmp_path / "w.json"), tmp_path)  # type: ignore[dict-item]
     reporter, session = Reporter("w1", Slow()), FakeSession()  # type: ignore[arg-type]
     reporter.engine = eng
     assert not reporter.busy(session)  # type: ignore[arg-type]
     await eng.apply({"i1": spec("i1", ["sleep", "30"])})
     assert eng.starting()
     assert reporter.busy(session)  # type: ignore[arg-type]
+    gate.set()
     await eventually(lambda: not eng.starting(), what="i1 started")
     assert not reporter.busy(session)  # type: ignore[arg-type]
     session.lag = 0.001  # a message that just arrived is no backlog
@@ -140,6 +150,41 @@ async def test_a_worker_batches_its_reports_only_while_busy(tmp_path: Path) -> N
     await eng.apply({})
     await eventually(lambda: not eng.slots, what="i1 removed")
     await eng.close()
+
+
+async def test_new_instances_start_while_their_creating_is_written(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A start does not wait for the store to write CREATING; its RUNNING (with the handle the worker adopts
+    by, and before any report of it) is written with it or after it."""
+    store = Store(tmp_path / "w.json")
+    runtime = SimRuntime()
+    events: list[str] = []
+    append = store._append
+
+    def slow_append(line: bytes, version: int) -> None:
+        time.sleep(0.2)  # a slow disk (runs in the store's thread)
+        append(line, version)
+        events.append("written " + ",".join(sorted({d["status"]["status"] for c in store_lines(line) for d in c})))
+
+    start = runtime.start
+
+    async def recorded_start(launch: Any) -> Any:
+        events.append("started")
+        return await start(launch)
+
+    monkeypatch.setattr(store, "_append", slow_append)
+    monkeypatch.setattr(runtime, "start", recorded_start)
+    eng = Engine("w1", {"process": runtime}, store, tmp_path)  # type: ignore[dict-item]
+    await eng.apply({"i1": spec("i1", ["sleep", "7005"])})
+    await eventually(lambda: any("RUNNING" in e for e in events), what="RUNNING written")
+    assert events[0] == "started", events  # before anything was on disk
+    assert "CREATING" in events[1], events  # RUNNING in the same line (one write), or a later one
+    await eng.close()
+
+
+def store_lines(line: bytes) -> list[list[dict[str, Any]]]:
+    """The documents of one journal line, per change."""
+    return [list(docs.values()) for _, docs, _ in parse_line(line)]
 
 
 class Quick:

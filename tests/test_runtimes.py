@@ -95,7 +95,7 @@ async def test_exit_codes_and_logs(runtime: tuple[SupervisedRuntime, str], tmp_p
                   env=("GREETING=hello",))
     end = await rt.wait(await rt.start(spec))
     assert (end.code, end.reason) == (3, "exited with code 3")
-    for _ in range(100):  # containerd's shim may still be copying the last lines when the task is reaped
+    for _ in range(200):  # containerd's shim may still be copying the last lines when the task is reaped
         if len(Path(spec.log_path).read_text().splitlines()) >= 2:
             break
         await asyncio.sleep(0.05)

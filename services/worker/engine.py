@@ -127,22 +127,23 @@ class Engine:
         return out
 
     @staticmethod
-    def _doc(slot: Slot) -> dict[str, object]:
+    def _doc(slot: Slot, status: InstanceStatus | None = None) -> dict[str, object]:
+        """What the store keeps of *slot*, with *status* instead of its current one when given."""
         handle = models.dump(slot.handle) if slot.handle else None
-        return {"spec": slot.spec.doc, "handle": handle, "status": models.dump(slot.status), "gpus": list(slot.gpus)}
-
-    async def _save(self, slot: Slot) -> None:
-        await self.store.put(TABLE, slot.spec.iid, self._doc(slot))
+        return {"spec": slot.spec.doc, "handle": handle, "status": models.dump(status or slot.status),
+                "gpus": list(slot.gpus)}
 
     def _set(self, slot: Slot, status: InstanceStatus) -> None:
         slot.status = replace(status, since=round(time.time(), 3))
         self.on_change()
 
     async def _record(self, slot: Slot, status: InstanceStatus) -> None:
-        """Set and store *status* (with the handle), and only then report it: whatever the cluster has
-        heard of is on disk, so a worker killed right after still adopts what it reported."""
-        slot.status = replace(status, since=round(time.time(), 3))
-        await self._save(slot)
+        """Store *status* (with the handle), and only then make it the slot's and report it: whatever the
+        cluster hears of (in this report or any other made meanwhile) is on disk, so a worker killed right
+        after still adopts what it reported."""
+        status = replace(status, since=round(time.time(), 3))
+        await self.store.put(TABLE, slot.spec.iid, self._doc(slot, status))
+        slot.status = status
         self.on_change()
 
     # ---- reconciliation ----------------------------------------------------------------------
@@ -200,10 +201,11 @@ class Engine:
                for iid, spec in desired.items() if iid not in self.slots}
         self._doomed -= {key for slot in new.values() for key in slot.spec.volume_keys}  # wanted again
         self.slots.update(new)
+        for slot in new.values():  # they start while their CREATING is written: what they store next (the
+            # RUNNING with its handle, before any report of it) is written after it
+            slot.task = asyncio.create_task(self._supervise(slot, adopted=False))
         if new:
             await self.store.put_many(TABLE, {iid: self._doc(slot) for iid, slot in new.items()})  # one write
-        for slot in new.values():
-            slot.task = asyncio.create_task(self._supervise(slot, adopted=False))
         self.on_change()
         if self.metrics:
             self.metrics.reconcile_seconds.observe(time.perf_counter() - began)
