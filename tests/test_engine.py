@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from plugins.collectors.sim import SimCollector
 from plugins.runtimes.process import ProcessRuntime
 from plugins.runtimes.sim import SimRuntime
 from services.common import envelope, models
@@ -187,16 +188,9 @@ def store_lines(line: bytes) -> list[list[dict[str, Any]]]:
     return [list(docs.values()) for _, docs, _ in parse_line(line)]
 
 
-class Quick:
-    """A collector with nothing to say."""
-
-    def sample(self) -> dict[str, object]:
-        return {}
-
-
 async def test_a_start_on_an_idle_worker_is_one_report_of_running(tmp_path: Path) -> None:
     """A start's CREATING waits for its RUNNING (up to START_HOLD): one report crosses the tiers, not two."""
-    reporter, session = Reporter("w1", Quick()), FakeSession()  # type: ignore[arg-type]
+    reporter, session = Reporter("w1", SimCollector()), FakeSession()  # type: ignore[arg-type]
     eng = Engine("w1", {"process": ProcessRuntime(data_dir=str(tmp_path))}, Store(tmp_path / "w.json"), tmp_path,
                  on_change=reporter.poke)
     reporter.engine = eng
