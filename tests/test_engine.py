@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from plugins.collectors.sim import SimCollector
@@ -100,6 +101,20 @@ async def test_many_new_instances_share_one_store_write(tmp_path: Path) -> None:
     await eventually(lambda: not eng.slots, what="all removed")
     await eng.close()
 
+
+async def test_an_instance_removed_while_it_starts_leaves_nothing_running(tmp_path: Path) -> None:
+    """A removal landing at any moment of a start (the process runtime's start spawns and waits in threads
+    and child processes, which a cancel cannot call back) ends what the start started."""
+    eng = make(tmp_path)
+    marker = "7012"
+    for delay_ms in range(0, 40, 2):
+        await eng.apply({"i1": spec("i1", ["sleep", marker])})
+        await asyncio.sleep(delay_ms / 1000)
+        await eng.apply({})
+        await eventually(lambda: not eng.slots and not eng._stopping, what="i1 removed")
+        left = [p.pid for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == ["sleep", marker]]
+        assert not left, f"removed {delay_ms} ms into its start, yet still running: {left}"
+    await eng.close()
 
 class Slow:
     """A collector whose sample takes 20 ms, as a report of a thousand instances may."""

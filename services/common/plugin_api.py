@@ -120,7 +120,10 @@ class Runtime(Protocol):
     virtualizations: tuple[str, ...]
 
     async def start(self, spec: LaunchSpec) -> Handle:
-        """Start the instance; raise :class:`RuntimeError` with a readable message when it cannot start."""
+        """Start the instance; raise :class:`RuntimeError` with a readable message when it cannot start.
+
+        A start is never cancelled: an instance removed while it starts waits for the start to end, and
+        what it started is then stopped. A start need not clean up after a cancel."""
         ...
 
     async def wait(self, handle: Handle) -> Exit:

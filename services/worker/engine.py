@@ -251,7 +251,7 @@ class Engine:
                         launch = await self._with_secrets(launch, spec)
                     if spec.service.vgpus:
                         launch = self._with_gpus(slot, launch)
-                    slot.handle = await runtime.start(launch)
+                    slot.handle = await _start(runtime, launch, slot)
                 except Exception as exc:  # a runtime's failure is the instance's, never the worker's
                     if not isinstance(exc, RuntimeError):
                         log.exception("runtime %s failed to start %s", runtime.name, spec.iid)
@@ -472,6 +472,20 @@ class Engine:
         await asyncio.gather(*stops, *self._stopping, return_exceptions=True)
         for slot in self.slots.values():  # stopped: their next start fetches the secrets again
             await self._clear_secrets(slot.spec)
+
+
+async def _start(runtime: Runtime, launch: LaunchSpec, slot: Slot) -> Handle:
+    """*runtime*'s start, run to its end even when the supervisor is cancelled meanwhile (by a removal or the
+    worker's stop): a start in a thread or a child process goes on regardless, so what it started becomes
+    the slot's handle, for whoever cancelled to stop, instead of running on unknown to anyone."""
+    starting = asyncio.ensure_future(runtime.start(launch))
+    try:
+        return await asyncio.shield(starting)
+    except asyncio.CancelledError:
+        await asyncio.wait([starting])
+        if not starting.cancelled() and starting.exception() is None:
+            slot.handle = starting.result()
+        raise
 
 
 def _volume_sizes(root: Path) -> dict[str, int]:
