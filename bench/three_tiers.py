@@ -6,7 +6,8 @@
 * worker death to RUNNING elsewhere: kill -9 a worker and time until its instances run on the other;
 * idle footprint of a 1-DOC stack (``oak up``): RSS and CPU of the process tree.
 
-Run: ``.venv/bin/python -m bench.three_tiers [--rounds N]``
+Run: ``.venv/bin/python -m bench.three_tiers [--rounds N] [--broker mosquitto]`` (``--broker``: the root's and
+the cluster's broker for submit-to-RUNNING, recorded as ``submit_to_running_mosquitto``; embedded by default)
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 import psutil
 
 from bench.common import record, summary
+from broker.backend import EMBEDDED, MOSQUITTO
 from plugins.runtimes.process import ProcessRuntime
 from services.cli.client import OakClient, Profile, decode_state
 from services.common import channels
@@ -107,9 +109,9 @@ async def _no_instances(client: OakClient) -> bool:
     return all(cluster["instances"] == 0 for cluster in await client.request("clusters", "list"))
 
 
-async def submit_to_running(rounds: int) -> None:
+async def submit_to_running(rounds: int, broker: str = EMBEDDED) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        stack = Stack(Path(tmp))
+        stack = Stack(Path(tmp), root_args=("--broker", broker), cluster_args=("--broker", broker))
         try:
             stack.root()
             stack.cluster("c1")
@@ -123,8 +125,11 @@ async def submit_to_running(rounds: int) -> None:
             stack.stop()
         sandboxed = await runtime_baseline(rounds, Path(tmp) / "runtime")
     lat, base, alone = summary(latencies), summary(baseline), summary(sandboxed)
-    record("submit_to_running", {
-        "command": "python -m bench.three_tiers", "unit": "ms", "orchestrated": lat, "direct_spawn": base,
+    name, command = "submit_to_running", "python -m bench.three_tiers"
+    if broker != EMBEDDED:
+        name, command = f"{name}_{broker}", f"{command} --broker {broker}"
+    record(name, {
+        "command": command, "broker": broker, "unit": "ms", "orchestrated": lat, "direct_spawn": base,
         "ratio_median": lat["median"] / base["median"], "added_median_ms": lat["median"] - base["median"],
         "runtime_start": alone, "ratio_to_runtime_start": lat["median"] / alone["median"],
         "added_to_runtime_start_ms": lat["median"] - alone["median"],
@@ -227,8 +232,10 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--failovers", type=int, default=5)
     p.add_argument("--idle-seconds", type=float, default=30)
+    p.add_argument("--broker", choices=(EMBEDDED, MOSQUITTO), default=EMBEDDED,
+                   help="the root's and the cluster's broker for submit-to-RUNNING")
     args = p.parse_args()
-    asyncio.run(submit_to_running(args.rounds))
+    asyncio.run(submit_to_running(args.rounds, args.broker))
     if args.failovers:
         asyncio.run(worker_death(args.failovers))
     if args.idle_seconds > 0:
