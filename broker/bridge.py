@@ -1,19 +1,26 @@
-"""The root <-> cluster bridge: two MQTT sessions forwarding disjoint topic prefixes.
+"""The root <-> cluster bridge: the cluster orchestrator's traffic with the root, carried in-process.
 
 On the root broker, as ``cluster:<cid>`` with a persistent session (nothing is lost while it
 reconnects) and a last will that marks the cluster offline at the root:
 
-    root  ``oak/clusters/<cid>/down/<channel>``  ->  cluster  ``oak/downstream/<channel>``
-    root  ``oak/clusters/<cid>/up/<channel>``    <-  cluster  ``oak/upstream/<channel>``
+    root  ``oak/clusters/<cid>/down/<channel>``  ->  orchestrator  ``oak/downstream/<channel>``
+    root  ``oak/clusters/<cid>/up/<channel>``    <-  orchestrator  ``oak/upstream/<channel>``
 
-The prefixes never overlap, so no message loops. Only the channels of the table pass (anything else
-is dropped); the retain flag is not carried by MQTT 3.1.1 on live deliveries, so it is restored from
-the table (:func:`services.common.channels.bridged`). QoS is kept.
+The orchestrator reads and writes its side of these channels on its own session, as if its broker
+carried them, but they never pass through that broker: what the root sends joins the session's
+incoming messages (:meth:`MqttSession.take_in`), and what it publishes upstream goes straight to the
+root (:meth:`MqttSession.divert`). Forwarding through the cluster's broker cost two more passes
+through a broker and a client, each way, on the cluster's event loop, for every message.
+
+Only the channels of the table pass (anything else is dropped). QoS is kept; a message from the root is
+marked retained as the root's broker marked it (a retained copy delivered as the bridge subscribed), and
+one to the root is retained as the table says (:func:`services.common.channels.bridged`). mosquitto's own bridge
+(:mod:`broker.mosquitto_files`) replaces this one with a mosquitto cluster broker when asked for; the
+orchestrator's side of the channels is then on its broker.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from services.common import channels
@@ -23,26 +30,48 @@ log = logging.getLogger(__name__)
 
 
 class Bridge:
-    """Forwards between the root broker (*root*) and the cluster's own broker (*local*)."""
+    """Carries the root's messages for the cluster *cluster_id* to the orchestrator's session *local*, and
+    what *local* publishes upstream to the root (*root*, connected by :meth:`run`)."""
 
     def __init__(self, cluster_id: str, root: MqttSession, local: MqttSession) -> None:
         self.cluster_id = cluster_id
         self.root = root
         self.local = local
+        self._reached = False
+        self._early: dict[str, bytes] = {}  # retained upstream topics published before the root was reached
+        local.divert(channels.UPSTREAM_BASE + "/", self._up)
 
     async def run(self) -> None:
-        """Forward both ways until cancelled."""
-        self.root.subscribe(channels.down_filter(self.cluster_id))
-        self.local.subscribe(channels.UPSTREAM_BASE + "/#")
-        async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(self._pump(self.root, self.local))
-            tasks.create_task(self._pump(self.local, self.root))
+        """Reach the root, then carry messages both ways until cancelled."""
+        async with self.root:
+            log.info("cluster %s bridged to the root at %s", self.cluster_id, self.root.url)
+            self.root.subscribe(channels.down_filter(self.cluster_id))
+            self._reached = True
+            for topic, payload in self._early.items():
+                self.root.publish(topic, payload, retain=True)
+            self._early.clear()
+            try:
+                async for message in self.root.messages():
+                    self._down(message.topic, message.payload, message.retain, message.qos)
+            finally:
+                self._reached = False
 
-    async def _pump(self, source: MqttSession, target: MqttSession) -> None:
-        async for message in source.messages():
-            where = channels.bridged(message.topic, self.cluster_id)
-            if where is None:
-                log.warning("not bridging %s: no such channel", message.topic)
-                continue
-            topic, retained = where
-            target.publish(topic, message.payload, retain=retained, qos=message.qos)
+    def _down(self, topic: str, payload: bytes, retain: bool, qos: int) -> None:
+        where = channels.bridged(topic, self.cluster_id)
+        if where is None:
+            log.warning("not bridging %s: no such channel", topic)
+            return
+        self.local.take_in(where[0], payload, retain=retain, qos=qos)
+
+    def _up(self, topic: str, payload: bytes, retain: bool, qos: int) -> None:
+        where = channels.bridged(topic, self.cluster_id)
+        if where is None:
+            log.warning("not bridging %s: no such channel", topic)
+            return
+        at_root, retained = where
+        if self._reached:
+            self.root.publish(at_root, payload, retain=retained, qos=qos)
+        elif retained:  # the root gets it once reached (an update meanwhile replaces it)
+            self._early[at_root] = payload
+        else:  # nothing to deliver it to yet, as for any message published before its reader subscribed
+            log.debug("not bridging %s: the root is not reached yet", topic)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -129,8 +130,11 @@ async def test_join_gives_own_credentials_once(tmp_path: Path, broker: EmbeddedB
         serving.cancel()
 
 
-async def test_bridge_forwards_both_ways_and_keeps_retain(tmp_path: Path) -> None:
-    """Root down/* reaches the cluster as downstream/*, upstream/* reaches the root as up/*, retained."""
+async def test_bridge_carries_the_orchestrators_traffic_both_ways_past_its_broker(tmp_path: Path) -> None:
+    """Root down/* reaches the orchestrator's session as downstream/* (marked retained as the root's broker
+    marked it), its upstream/* reaches the root as up/*, retained as the table says; none of it passes
+    through the cluster's broker. A retained topic published up before the root is reached gets there once
+    it is; a topic that is no channel is not carried."""
     root_creds = Credentials(Store(tmp_path / "root.json"))
     local_creds = Credentials(Store(tmp_path / "local.json"))
     await root_creds.load()
@@ -140,31 +144,40 @@ async def test_bridge_forwards_both_ways_and_keeps_retain(tmp_path: Path) -> Non
             EmbeddedBroker(Listeners(port=0), local_creds) as local:
         root_side = MqttSession(url(root), "cluster.c1", "cluster:c1", "c1pw",
                                 avail_topic=channels.CLUSTER_AVAIL.topic(cluster="c1"), clean_session=False)
-        local_side = MqttSession(url(local), "bridge", "svc:bridge", local_creds.service_password("svc:bridge"))
         root_app = MqttSession(url(root), "root", "svc:root", root_creds.service_password("svc:root"))
         cluster_app = MqttSession(url(local), "cl", "svc:cl", local_creds.service_password("svc:cl"))
         watch_root = MqttSession(url(root), "watch", "svc:watch", root_creds.service_password("svc:watch"))
         watch_local = MqttSession(url(local), "watch", "svc:watch", local_creds.service_password("svc:watch"))
-        async with root_side, local_side, root_app, cluster_app, watch_root, watch_local:
+        async with root_app, cluster_app, watch_root, watch_local:
             await watch_root.subscribe_confirmed(channels.CLUSTER_STATE.topic(cluster="c1"))
-            await watch_local.subscribe_confirmed(channels.downstream(channels.CLUSTER_DESIRED).topic())
-            bridge = asyncio.create_task(Bridge("c1", root_side, local_side).run())
+            await watch_local.subscribe_confirmed("oak/#")
+            bridge = Bridge("c1", root_side, cluster_app)
+            cluster_app.send(channels.upstream(channels.CLUSTER_INFO), b"I")  # before the root is reached
             root_app.publish(channels.CLUSTER_DESIRED.topic(cluster="c1") + "/unknown", b"X", retain=True)
             root_app.publish(channels.CLUSTER_DESIRED.topic(cluster="c1"), b"D", retain=True)
-            cluster_app.publish(channels.upstream(channels.CLUSTER_STATE).topic(), b"S", retain=True)
-            assert (await watch_local.get(5)).payload == b"D", "forwarded down"
-            assert (await watch_root.get(5)).payload == b"S", "forwarded up"
-            # Late subscribers see retained copies on both sides: the retain flag survived the bridge.
+            await asyncio.sleep(0.2)
+            running = asyncio.create_task(bridge.run())
             downstream = channels.downstream(channels.CLUSTER_DESIRED).topic()
-            await cluster_app.subscribe_confirmed("oak/downstream/#")
+            got = await cluster_app.get(5)
+            assert (got.topic, got.payload, got.retain) == (downstream, b"D", True), "the retained copy, down"
+            root_app.publish(channels.CLUSTER_DESIRED.topic(cluster="c1"), b"D2", retain=True)
+            got = await cluster_app.get(5)
+            assert (got.topic, got.payload, got.retain) == (downstream, b"D2", False), "a live one, down"
+            cluster_app.send(channels.upstream(channels.CLUSTER_STATE), b"S")
+            assert (await watch_root.get(5)).payload == b"S", "carried up"
+            # A late subscriber at the root sees retained copies: the retain flag was restored from the table.
             await root_app.subscribe_confirmed(channels.CLUSTER_STATE.topic(cluster="c1"),
+                                               channels.CLUSTER_INFO.topic(cluster="c1"),
                                                channels.CLUSTER_AVAIL.topic(cluster="c1"))
-            received = [await cluster_app.get(2), await root_app.get(2), await root_app.get(2)]
-            got = {(m.topic, m.payload) for m in received}
-            assert got == {(downstream, b"D"), (channels.CLUSTER_STATE.topic(cluster="c1"), b"S"),
-                           (channels.CLUSTER_AVAIL.topic(cluster="c1"), b'{"state":"online"}')}
-            assert await nothing(cluster_app)  # a topic that is no channel is not bridged
-            bridge.cancel()
+            received = {(m.topic, m.payload) for m in [await root_app.get(2) for _ in range(3)]}
+            assert received == {(channels.CLUSTER_STATE.topic(cluster="c1"), b"S"),
+                                (channels.CLUSTER_INFO.topic(cluster="c1"), b"I"),
+                                (channels.CLUSTER_AVAIL.topic(cluster="c1"), b'{"state":"online"}')}
+            assert await nothing(cluster_app)  # a topic that is no channel is not carried
+            assert await nothing(watch_local, 0.1)  # and the cluster's broker saw none of it
+            running.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await running
 
 
 async def test_connecting_client_gets_no_retained_messages_of_other_subscriptions(

@@ -84,8 +84,7 @@ async def run_cluster(cfg: ClusterConfig, ready: asyncio.Event | None = None) ->
               if tier else cfg.listen)
     try:
         native = _native_bridge(cfg, login)
-        async with open_broker(cfg.broker, listen, credentials, cfg.data_dir, ("cluster", "bridge"),
-                               native) as broker:
+        async with open_broker(cfg.broker, listen, credentials, cfg.data_dir, ("cluster",), native) as broker:
             session = MqttSession(broker.url, "cluster", *broker.login("cluster"),
                                   avail_topic=channels.CLUSTER_SELF_AVAIL.topic())
             tokens = JoinTokens()  # the root's tokens for workers (down/tokens)
@@ -101,6 +100,7 @@ async def run_cluster(cfg: ClusterConfig, ready: asyncio.Event | None = None) ->
                                 channels.upstream(channels.CLUSTER_TOKEN_USED), {"id": token_id}))
             if cfg.open_join:
                 log.warning("OPEN JOIN: any worker that reaches port %d may join (--open-join)", broker.port)
+            bridge = None if native else Bridge(cfg.name, _root_side(cfg, login, bridge_tls), session)
             async with session:
                 orchestrator = ClusterOrchestrator(cfg.name, store, scheduling, session, cfg.location,
                                                    lambda node: _expiry(credentials, Identity(NODE, node).username),
@@ -127,7 +127,7 @@ async def run_cluster(cfg: ClusterConfig, ready: asyncio.Event | None = None) ->
                     inbox.on(renewer.requests, lambda m: renewer.answer(session, m))
                 if renewal:
                     inbox.on(channels.downstream(channels.CLUSTER_CERT), renewal.take)
-                await inbox.subscribe(session)
+                await inbox.subscribe(session, elsewhere=channels.DOWNSTREAM_BASE + "/" if bridge else "")
                 if tier:
                     session.send(channels.JOIN_CA, tier.discovery())
                 info = ClusterInfo(cfg.name, cfg.location, VERSION, ",".join(scheduling.names))
@@ -136,8 +136,7 @@ async def run_cluster(cfg: ClusterConfig, ready: asyncio.Event | None = None) ->
                 if ready:
                     ready.set()
                 await serve(session, inbox, orchestrator.run(), metrics.serve(measured, cfg.metrics),
-                            *([renewal.run()] if renewal else []),
-                    *([] if native else [_bridge(cfg, login, bridge_tls, broker.url, broker.login("bridge"))]))
+                            *([renewal.run()] if renewal else []), *([bridge.run()] if bridge else []))
     finally:
         store.close()
 
@@ -186,14 +185,8 @@ def _native_bridge(cfg: ClusterConfig, login: Login) -> NativeBridge | None:
     return NativeBridge(cfg.name, login.at(cfg.root), login.username, login.password, login.ca, login.cert, login.key)
 
 
-async def _bridge(cfg: ClusterConfig, login: Login, tls: ssl.SSLContext | None, local: BrokerUrl,
-                  service_login: tuple[str, str]) -> None:
-    """Forward between the brokers for as long as the cluster runs (logging in with *tls*, renewed in place)."""
-    root_side = MqttSession(
-        login.at(cfg.root), login.username, login.username, login.password, tls=tls,
-        avail_topic=channels.CLUSTER_AVAIL.topic(cluster=cfg.name), clean_session=False,
-    )
-    local_side = MqttSession(local, "bridge", *service_login)
-    async with root_side, local_side:
-        log.info("cluster %s bridged to the root at %s", cfg.name, cfg.root)
-        await Bridge(cfg.name, root_side, local_side).run()
+def _root_side(cfg: ClusterConfig, login: Login, tls: ssl.SSLContext | None) -> MqttSession:
+    """The bridge's session on the root broker (logging in with *tls*, renewed in place): persistent, with the
+    cluster's last will."""
+    return MqttSession(login.at(cfg.root), login.username, login.username, login.password, tls=tls,
+                       avail_topic=channels.CLUSTER_AVAIL.topic(cluster=cfg.name), clean_session=False)

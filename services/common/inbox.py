@@ -81,10 +81,11 @@ class Inbox:
         """The subscriptions this inbox needs."""
         return [route.topic_filter for route in self._routes]
 
-    async def subscribe(self, session: MqttSession) -> None:
-        """Subscribe to every channel, waiting for the broker's acknowledgements."""
+    async def subscribe(self, session: MqttSession, *, elsewhere: str = "") -> None:
+        """Subscribe to every channel, waiting for the broker's acknowledgements; not to those whose topics
+        start with *elsewhere*, which reach *session* another way (the cluster's in-process bridge)."""
         if not self._subscribed:
-            await session.subscribe_confirmed(*self.filters)
+            await session.subscribe_confirmed(*(f for f in self.filters if not (elsewhere and f.startswith(elsewhere))))
             self._subscribed = True
 
     async def deliver(self, session: MqttSession, message: Message) -> None:

@@ -18,7 +18,7 @@ import logging
 import ssl
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -158,6 +158,7 @@ class MqttSession:
         self.sent_count = 0
         self._closing = False
         self._announce = announce
+        self._diverted: tuple[str, Callable[[str, bytes, bool, int], None]] | None = None
 
     # ---- connection --------------------------------------------------------------------------
 
@@ -235,12 +236,22 @@ class MqttSession:
 
     def _on_message(self, client: gmqtt.Client, topic: str, payload: bytes, qos: int, properties: Any) -> int:
         retain = bool(properties.get("retain", 0)) if isinstance(properties, dict) else False
+        self._heard = time.monotonic()
+        self.take_in(topic, payload or b"", retain=retain, qos=qos)
+        return 0
+
+    def take_in(self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1) -> None:
+        """Have a message that came another way (the cluster's in-process bridge, from the root) read as if
+        this session's broker had delivered it."""
         now = time.monotonic()
-        self._heard = now
         self.received_count += 1
         self._arrivals.append(now)
-        self._queue.put_nowait(Message(topic, payload or b"", retain, qos, now))
-        return 0
+        self._queue.put_nowait(Message(topic, payload, retain, qos, now))
+
+    def divert(self, prefix: str, publish: Callable[[str, bytes, bool, int], None]) -> None:
+        """Hand what is published under *prefix* to *publish* (topic, payload, retain, qos) instead of this
+        session's broker: the cluster's in-process bridge takes the orchestrator's upstream to the root."""
+        self._diverted = (prefix, publish)
 
     # ---- traffic -----------------------------------------------------------------------------
 
@@ -276,6 +287,10 @@ class MqttSession:
 
         An empty retained payload clears the topic at the broker and here.
         """
+        if self._diverted is not None and topic.startswith(self._diverted[0]):
+            self.sent_count += 1
+            self._diverted[1](topic, payload, retain, qos)
+            return
         if retain:
             if payload:
                 self._retained[topic] = payload
