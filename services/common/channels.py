@@ -305,7 +305,8 @@ UPSTREAM_BASE, DOWNSTREAM_BASE = f"{BASE}/upstream", f"{BASE}/downstream"
 
 
 def _mirror(channel: Channel[T], base: str) -> Channel[T]:
-    """*channel* as the cluster orchestrator sees it on its own broker (the bridge carries it)."""
+    """*channel* as the cluster orchestrator sees it (the bridge carries it: broker/bridge.py in-process, or
+    mosquitto's own bridge through the cluster's broker)."""
     tail = "/".join(channel.pattern.split("/")[4:])
     return replace(channel, pattern=f"{base}/{tail}", publisher=SERVICE, readers=(),
                    doc=f"the bridge's side of `{_shown(channel.pattern)}`",
@@ -326,7 +327,7 @@ def upstream(channel: Channel[T]) -> Channel[T]:
 
 
 def downstream(channel: Channel[T]) -> Channel[T]:
-    """Where the bridge delivers one of the root's ``down`` channels on the cluster broker."""
+    """The cluster orchestrator's side of one of the root's ``down`` channels (where the bridge delivers it)."""
     return _DOWN[channel]
 
 
