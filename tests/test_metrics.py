@@ -117,7 +117,8 @@ async def test_every_tier_serves_its_metrics(stack: Stack, api: Any) -> None:
     assert value(worker, "oak_reconcile_duration_seconds_count") >= 1
     assert (value(root, "oak_clusters", state="online"), value(root, "oak_workers", state="online")) == (1, 1)
     assert value(cluster, "oak_workers", state="online") == 1
-    for samples, connection in ((root, "clusters"), (root, "users"), (cluster, "workers"), (worker, "cluster")):
+    for samples, connection in ((root, "clusters"), (root, "users"), (cluster, "workers"), (cluster, "root"),
+                                (worker, "cluster")):
         assert value(samples, "oak_mqtt_messages_received_total", connection=connection) > 0, connection
         assert value(samples, "oak_mqtt_messages_sent_total", connection=connection) > 0, connection
     for samples, db in ((root, "root"), (cluster, "cluster"), (worker, "worker")):

@@ -108,6 +108,8 @@ async def run_cluster(cfg: ClusterConfig, ready: asyncio.Event | None = None) ->
                 await orchestrator.restore()
                 measured = orchestrator.metrics = TierMetrics("cluster")
                 measured.watch_session("workers", session)
+                if bridge:
+                    measured.watch_session("root", bridge.root)
                 measured.watch_store("cluster", store)
                 measured.read(cluster_metrics.reader(orchestrator, broker.clients))
                 relay = Relay(orchestrator.assigned, session, lambda: list(orchestrator.nodes))

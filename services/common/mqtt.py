@@ -237,14 +237,14 @@ class MqttSession:
     def _on_message(self, client: gmqtt.Client, topic: str, payload: bytes, qos: int, properties: Any) -> int:
         retain = bool(properties.get("retain", 0)) if isinstance(properties, dict) else False
         self._heard = time.monotonic()
+        self.received_count += 1
         self.take_in(topic, payload or b"", retain=retain, qos=qos)
         return 0
 
     def take_in(self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1) -> None:
         """Have a message that came another way (the cluster's in-process bridge, from the root) read as if
-        this session's broker had delivered it."""
+        this session's broker had delivered it (it counts as the other way's traffic, not this session's)."""
         now = time.monotonic()
-        self.received_count += 1
         self._arrivals.append(now)
         self._queue.put_nowait(Message(topic, payload, retain, qos, now))
 
@@ -288,7 +288,6 @@ class MqttSession:
         An empty retained payload clears the topic at the broker and here.
         """
         if self._diverted is not None and topic.startswith(self._diverted[0]):
-            self.sent_count += 1
             self._diverted[1](topic, payload, retain, qos)
             return
         if retain:
