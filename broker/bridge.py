@@ -56,17 +56,21 @@ class Bridge:
             finally:
                 self._reached = False
 
-    def _down(self, topic: str, payload: bytes, retain: bool, qos: int) -> None:
+    def _where(self, topic: str) -> tuple[str, bool] | None:
+        """Where *topic* goes on the other side, and whether retained; None, with a warning, when it is no
+        channel of the table."""
         where = channels.bridged(topic, self.cluster_id)
         if where is None:
             log.warning("not bridging %s: no such channel", topic)
-            return
-        self.local.take_in(where[0], payload, retain=retain, qos=qos)
+        return where
+
+    def _down(self, topic: str, payload: bytes, retain: bool, qos: int) -> None:
+        if where := self._where(topic):
+            self.local.take_in(where[0], payload, retain=retain, qos=qos)
 
     def _up(self, topic: str, payload: bytes, retain: bool, qos: int) -> None:
-        where = channels.bridged(topic, self.cluster_id)
+        where = self._where(topic)
         if where is None:
-            log.warning("not bridging %s: no such channel", topic)
             return
         at_root, retained = where
         if self._reached:
