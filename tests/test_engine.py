@@ -116,6 +116,7 @@ async def test_an_instance_removed_while_it_starts_leaves_nothing_running(tmp_pa
         assert not left, f"removed {delay_ms} ms into its start, yet still running: {left}"
     await eng.close()
 
+
 class Slow:
     """A collector whose sample takes 20 ms, as a report of a thousand instances may."""
 
