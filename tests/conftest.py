@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from pathlib import Path
@@ -23,6 +24,45 @@ def need_binary(name: str) -> None:
     """Skip the test, saying why, when *name* is not installed."""
     if shutil.which(name) is None:
         pytest.skip(f"{name} is not installed (make test installs it when run as root)")
+
+
+DEBUG_LINES = ("Client ", "Subscribed (")  # what mosquitto_sub -d prints besides the messages
+
+
+def subscribed(command: list[str], out: Path | None = None, timeout: float = 15.0) -> subprocess.Popen[str]:
+    """mosquitto_sub *command*, started with ``-d`` and returned once the broker acknowledged its
+    subscription (no sleep and hope). Its output goes to a pipe, read with :func:`messages`, or to the file
+    *out* (a burst's answers would fill a pipe and stop it reading), read with :func:`message_lines`."""
+    need_binary("stdbuf")  # mosquitto_sub's output line by line, not when it ends
+    argv = ["stdbuf", "-oL", *command, "-d"]
+    if out is None:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if "received SUBACK" in line:
+                return proc
+    else:
+        with out.open("w") as sink:
+            proc = subprocess.Popen(argv, stdout=sink, text=True)
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None and time.monotonic() < deadline:
+            if "received SUBACK" in out.read_text():
+                return proc
+            time.sleep(0.02)
+        proc.kill()
+        proc.wait()
+    raise AssertionError(f"{command[0]} ended, or took over {timeout} s, before it subscribed")
+
+
+def message_lines(text: str) -> list[str]:
+    """The messages in what mosquitto_sub -d printed (see :func:`subscribed`), without its debug lines."""
+    return [line for line in text.splitlines() if line and not line.startswith(DEBUG_LINES)]
+
+
+def messages(proc: subprocess.Popen[str], timeout: float) -> list[str]:
+    """The message lines *proc* (from :func:`subscribed`, to a pipe) printed until it ended."""
+    out, _ = proc.communicate(timeout=timeout)
+    return message_lines(out)
 
 
 def either_broker(kind: str, tmp_path: Path) -> Iterator[Stack]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +20,7 @@ import pytest
 
 from services.common import channels
 from services.root.api import Api
-from tests.conftest import Stack, connect, need_binary, untimed
+from tests.conftest import Stack, connect, message_lines, need_binary, subscribed, untimed
 from tests.fakes import FakeSession, deliver_on
 from tests.stack import REPO, end, eventually
 
@@ -31,8 +30,6 @@ BURST = 1000
 async def ask(api: Api, session: FakeSession, topic: str, payload: bytes) -> None:
     """One user request, through the API channel as the root's inbox hands it over."""
     await deliver_on(channels.API_REQUEST, lambda request: api.handle(session, request), session, topic, payload)  # type: ignore[arg-type]
-# each answer reaches the file as it comes, so none is lost should mosquitto_sub have to be killed
-LINE_BUFFERED = ["stdbuf", "-oL"] if shutil.which("stdbuf") else []
 
 
 @pytest.fixture(params=["embedded", "mosquitto"])
@@ -54,7 +51,7 @@ def _stack(tmp_path: Path, broker: str, *extra: str) -> Iterator[Stack]:
 
 async def _burst(stack: Stack, action: str = "services/list") -> dict[str, list[dict[str, Any]]]:
     """Publish BURST *action* requests with mosquitto_pub -l (QoS 1, exiting at once); their answers,
-    by transaction, once no more come."""
+    by transaction, once every one is answered (or a minute has passed)."""
     stack.root()
     admin = await connect(stack)
     saved = json.loads((stack.base / "root" / "credentials.json").read_text())
@@ -62,22 +59,27 @@ async def _burst(stack: Stack, action: str = "services/list") -> dict[str, list[
     login = ["-V", "mqttv311", "-h", "127.0.0.1", "-p", str(stack.root_port), "--cafile", saved["ca"],
              "-u", user, "-P", saved["password"]]
     out = stack.base / "answers.txt"  # a file, not a pipe: a full pipe would stop mosquitto_sub reading
-    with out.open("w") as sink:
-        answers = subprocess.Popen([*LINE_BUFFERED, "mosquitto_sub", *login, "-i", f"{user}-answers", "-q", "1",
-                                    "-t", f"oak/api/{user}/response/#"], stdout=sink)
+    answers = subscribed(["mosquitto_sub", *login, "-i", f"{user}-answers", "-q", "1",
+                          "-t", f"oak/api/{user}/response/#"], out)
     try:
-        await asyncio.sleep(1)  # subscribed
         requests = "".join(json.dumps({"transaction": str(n)}) + "\n" for n in range(BURST))
         subprocess.run(["mosquitto_pub", *login, "-i", f"{user}-burst", "-q", "1", "-l",
                         "-t", f"oak/api/{user}/request/{action}"], input=requests, text=True, check=True,
                        cwd=REPO, timeout=60)
-        await asyncio.sleep(8)  # the root answers 1,000 in well under a second or two
+        with contextlib.suppress(AssertionError):  # the caller's assertions say which are missing
+            await eventually(lambda: len(_answered(out)) == BURST, 60, 0.1, what="every request answered")
         await admin.request("services", "list")  # the root is still serving
     finally:
         end(answers)
         await admin.__aexit__(None, None, None)
+    return _answered(out)
+
+
+def _answered(out: Path) -> dict[str, list[dict[str, Any]]]:
+    """The answers mosquitto_sub wrote to *out* so far (whole lines), by transaction."""
+    text = out.read_text()
     by_transaction: dict[str, list[dict[str, Any]]] = {}
-    for line in out.read_text().splitlines():
+    for line in message_lines(text[:text.rfind("\n") + 1]):
         answer = json.loads(line)
         if answer.get("transaction", "").isdigit():  # not the admin's own request
             by_transaction.setdefault(answer["transaction"], []).append(answer)

@@ -12,7 +12,7 @@ import pytest
 
 from services.common.envelope import decode
 from services.worker.kernel import overlay_unavailable
-from tests.conftest import need_binary, sla, sleeper, untimed
+from tests.conftest import messages, need_binary, sla, sleeper, subscribed, untimed
 from tests.netlab import Lab
 from tests.stack import REPO, Proc, Stack, free_port, oak
 
@@ -26,24 +26,6 @@ def run_oak(home: Path, *args: str, check: bool = True) -> subprocess.CompletedP
     if check and done.returncode != 0:
         raise AssertionError(f"oak {' '.join(args)} failed ({done.returncode}): {done.stderr}")
     return done
-
-
-def subscribed(command: list[str]) -> subprocess.Popen[str]:
-    """mosquitto_sub *command*, started with ``-d`` and returned once the broker acknowledged its
-    subscription (no sleep and hope); :func:`messages` reads its output without the debug lines."""
-    need_binary("stdbuf")  # mosquitto_sub's output line by line, not when it ends
-    proc = subprocess.Popen(["stdbuf", "-oL", *command, "-d"], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if "received SUBACK" in line:
-            return proc
-    raise AssertionError(f"{command[0]} ended before it subscribed")
-
-
-def messages(proc: subprocess.Popen[str], timeout: float) -> list[str]:
-    """The message lines *proc* (from :func:`subscribed`) printed until it ended."""
-    out, _ = proc.communicate(timeout=timeout)
-    return [line for line in out.splitlines() if line and not line.startswith(("Client ", "Subscribed ("))]
 
 
 def wait_until(check, timeout: float = 30.0, what: str = "condition"):  # type: ignore[no-untyped-def]

@@ -14,7 +14,6 @@ traceback (a traceback is for bugs).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 from collections.abc import Iterator
@@ -88,7 +87,8 @@ async def _flood_as_machine(stack: Stack, machine: str, port: int, topics: list[
         for topic in topics:
             for payload in payloads:
                 session.publish(topic, payload)
-        await asyncio.sleep(2)  # QoS 1: let them all go out before leaving
+        await eventually(lambda: session.unacknowledged == 0, 30, 0.05,
+                         what="the broker acknowledged every message (QoS 1) before leaving")
 
 
 @pytest.mark.timeout(180)

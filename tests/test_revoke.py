@@ -15,7 +15,19 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Stack, dumps, either_broker, eventually, fleet, machine_login, sla, sleeper, untimed
+from tests.conftest import (
+    Stack,
+    dumps,
+    either_broker,
+    eventually,
+    fleet,
+    machine_login,
+    messages,
+    sla,
+    sleeper,
+    subscribed,
+    untimed,
+)
 from tests.test_cli_and_scripts import run_oak
 from tests.test_three_tiers import _online_nodes, running, state
 
@@ -155,17 +167,14 @@ async def test_a_user_with_a_certificate_logs_in_without_a_password(stack: Stack
     assert (certs / "key.pem").stat().st_mode & 0o777 == 0o600
     tls = ["-V", "mqttv311", "-h", "127.0.0.1", "-p", str(port), "--cafile", str(certs / "ca.pem"), "--cert",
            str(certs / "cert.pem"), "--key", str(certs / "key.pem"), "-q", "1"]
-    answer = subprocess.Popen(["mosquitto_sub", *tls, "-t", "oak/api/bob/response/apps/list", "-C", "1", "-W", "10"],
-                              stdout=subprocess.PIPE, text=True)
-    time.sleep(1)
+    answer = subscribed(["mosquitto_sub", *tls, "-t", "oak/api/bob/response/apps/list", "-C", "1", "-W", "10"])
     # mosquitto's certificate listener names a client by its certificate: one session per user there, so the
     # request goes with bob's password, over TLS, beside the subscription made with bob's certificate.
     password = ["-V", "mqttv311", "-h", "127.0.0.1", "-p", str(stack.root_port), "--cafile", str(certs / "ca.pem"),
                 "-u", "bob", "-P", "bob-password-1", "-q", "1"]
     subprocess.run(["mosquitto_pub", *password, "-t", "oak/api/bob/request/apps/list", "-m", "{}"], check=True,
                    timeout=10)
-    out, _ = answer.communicate(timeout=15)
-    assert untimed(json.loads(out)) == {"ok": True, "data": []}
+    assert [untimed(json.loads(line)) for line in messages(answer, 15)] == [{"ok": True, "data": []}]
     spy = subprocess.run(["mosquitto_sub", *tls, "-t", "oak/api/admin/#", "-C", "1", "-W", "2"], capture_output=True,
                          text=True, timeout=10)
     assert spy.stdout == "", "bob's certificate reads the admin's API"

@@ -89,7 +89,6 @@ async def test_delivery_through_exact_and_wildcard_filters(broker: EmbeddedBroke
                 ("oak/api/alice/request/apps/r", b"retained", True)}
             with pytest.raises(TimeoutError):
                 await late.get(0.3)
-        await asyncio.sleep(0.1)
     stats = broker._broker.stats()  # type: ignore[union-attr]
     assert stats["published"] >= 2
     assert stats["delivered"] >= 2

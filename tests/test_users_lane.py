@@ -35,7 +35,7 @@ from services.common.store import Store
 from services.root.answers import listing, stamped
 from services.root.lane import LaneThread, StatesBook, StatesChange
 from services.root.lane_process import LENGTHS, MAX_HEAD, FrameError, LaneFailed, LaneProcess, frame, read_frame
-from tests.conftest import need_binary
+from tests.conftest import messages, need_binary, subscribed
 from tests.stack import end, eventually
 
 ALICE = ("alice", "alice-password-1")
@@ -99,18 +99,17 @@ async def test_services_list_is_answered_while_the_roots_loop_is_busy(tmp_path: 
     async with lane_on_a_broker(tmp_path, lane_kind) as (lane, api, url):
         await publish(lane, WEB)
         login = ["-V", "mqttv311", "-h", "127.0.0.1", "-p", str(url.port), "-u", ALICE[0], "-P", ALICE[1], "-q", "1"]
-        answers = subprocess.Popen(["mosquitto_sub", *login, "-i", "alice-sub", "-C", "1", "-W", "30", "-F", "%U %p",
-                                    "-t", "oak/api/alice/response/services/list"], stdout=subprocess.PIPE, text=True)
+        answers = subscribed(["mosquitto_sub", *login, "-i", "alice-sub", "-C", "1", "-W", "30", "-F", "%U %p",
+                              "-t", "oak/api/alice/response/services/list"])
         try:
-            await asyncio.sleep(1)  # subscribed
             subprocess.run(["mosquitto_pub", *login, "-i", "alice-pub", "-t", "oak/api/alice/request/services/list",
                             "-m", json.dumps({"transaction": "t1"})], check=True, timeout=10)
             time.sleep(3)  # the root's loop (this one) is busy: nothing of it runs meanwhile
             held_until = time.time()
-            out, _ = answers.communicate(timeout=30)
+            [out] = messages(answers, 30)
         finally:
             end(answers)
-    at, payload = out.strip().split(" ", 1)
+    at, payload = out.split(" ", 1)
     answer = json.loads(payload)
     assert float(at) < held_until, "answered while the root's loop was held"
     assert answer["ok"]
