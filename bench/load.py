@@ -37,8 +37,8 @@ from bench.three_tiers import sla
 from broker.probe import connect_packet
 from services.cli.client import CliError, OakClient, Profile
 from services.common.mqtt import tls_context
+from tests.conftest import message_lines, subscribed
 from tests.stack import Stack, end, eventually
-from tests.test_bursts import LINE_BUFFERED
 
 USERS = 5
 DEPLOYS = 50
@@ -133,18 +133,24 @@ def burst(base: Path, port: int, profile: Profile) -> int:
     out = base / "burst.txt"
     login = ["-V", "mqttv311", "-h", "127.0.0.1", "-p", str(port), "--cafile", str(profile.ca),
              "-u", profile.username, "-P", profile.password]
-    with out.open("w") as sink:
-        answers = subprocess.Popen([*LINE_BUFFERED, "mosquitto_sub", *login, "-i", f"{profile.username}-burst-answers",
-                                    "-q", "1", "-t", f"oak/api/{profile.username}/response/services/list"],
-                                   stdout=sink)
-        time.sleep(1)
+    answers = subscribed(["mosquitto_sub", *login, "-i", f"{profile.username}-burst-answers", "-q", "1",
+                          "-t", f"oak/api/{profile.username}/response/services/list"], out)
+
+    def answered() -> int:
+        return len({t for line in message_lines(out.read_text())
+                    if str(t := json.loads(line).get("transaction", "")).startswith("b")})
+
+    try:
         requests = "".join(json.dumps({"transaction": f"b{n}"}) + "\n" for n in range(BURST))
         subprocess.run(["mosquitto_pub", *login, "-i", f"{profile.username}-burst", "-q", "1", "-l",
                         "-t", f"oak/api/{profile.username}/request/services/list"], input=requests, text=True,
                        check=True, timeout=60)
-        time.sleep(2)
+        deadline = time.monotonic() + 30
+        while answered() < BURST and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
         end(answers)
-    return sum(1 for line in out.read_text().splitlines() if '"transaction": "b' in line)
+    return answered()
 
 
 async def deploys(profiles: list[Profile]) -> list[float]:

@@ -55,8 +55,10 @@ def subscribed(command: list[str], out: Path | None = None, timeout: float = 15.
 
 
 def message_lines(text: str) -> list[str]:
-    """The messages in what mosquitto_sub -d printed (see :func:`subscribed`), without its debug lines."""
-    return [line for line in text.splitlines() if line and not line.startswith(DEBUG_LINES)]
+    """The messages in what mosquitto_sub -d printed (see :func:`subscribed`), without its debug lines and
+    without a last line it is still writing."""
+    whole = text[:text.rfind("\n") + 1]
+    return [line for line in whole.splitlines() if line and not line.startswith(DEBUG_LINES)]
 
 
 def messages(proc: subprocess.Popen[str], timeout: float) -> list[str]:

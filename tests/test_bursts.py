@@ -77,9 +77,8 @@ async def _burst(stack: Stack, action: str = "services/list") -> dict[str, list[
 
 def _answered(out: Path) -> dict[str, list[dict[str, Any]]]:
     """The answers mosquitto_sub wrote to *out* so far (whole lines), by transaction."""
-    text = out.read_text()
     by_transaction: dict[str, list[dict[str, Any]]] = {}
-    for line in message_lines(text[:text.rfind("\n") + 1]):
+    for line in message_lines(out.read_text()):
         answer = json.loads(line)
         if answer.get("transaction", "").isdigit():  # not the admin's own request
             by_transaction.setdefault(answer["transaction"], []).append(answer)
