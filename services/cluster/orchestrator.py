@@ -44,9 +44,10 @@ DESIRED, ASSIGNED = "desired", "assigned"
 RECEIVED = "received"  # "desired" -> the epoch and seq of the root's desired map the stored one is (as of)
 STATE_INTERVAL = 2.0
 RETRY_INTERVAL = 1.0
-# A placement pass runs PLACE_COALESCE after it is asked for (changes arriving together share it) while the
-# cluster keeps up with its messages; while it is behind on them (throttle.behind: a burst of deploys, many
-# workers lost) passes run PLACE_SPACING apart, so what arrives meanwhile shares a pass.
+# A placement pass runs at once while the cluster keeps up with its messages (what arrives during a pass, or
+# during its write, shares the next one); while it is behind on them (throttle.behind: a burst of deploys,
+# many workers lost) passes run PLACE_SPACING apart, each PLACE_COALESCE after it was asked for at the
+# earliest, so what arrives meanwhile shares a pass.
 PLACE_COALESCE = 0.002
 PLACE_SPACING = 0.05
 STARTUP_GRACE = 10.0
@@ -90,7 +91,7 @@ class ClusterOrchestrator:
         self.liveness = Liveness()  # which workers are heard, which are gone since when
         self._held_until = 0.0  # while this cluster restarts its own broker (hold_offline)
         self._documents = StateReport(name)
-        pacing = ReportThrottle(PLACE_SPACING, factor=0.0, coalesce=PLACE_COALESCE, idle_coalesce=PLACE_COALESCE)
+        pacing = ReportThrottle(PLACE_SPACING, factor=0.0, coalesce=PLACE_COALESCE)
         self._placements = Trigger(lambda: self.place_pending(), pacing, "a placement pass", self._busy)
         self._maps_due: set[str] = set()  # workers whose desired maps changed in memory, published once on disk
         # Instances taken off a worker that went offline, by that worker: its retained map keeps listing

@@ -48,7 +48,6 @@ class ReportThrottle:
     minimum: float
     factor: float = 10.0
     coalesce: float = 0.005
-    idle_coalesce: float = 0.0  # what an idle tier still waits for more changes
     burst: float = 0.0  # seconds an idle tier may run ahead of what its runs' cost allows
     _started: float = float("-inf")
     _cost: float = 0.0
@@ -63,7 +62,7 @@ class ReportThrottle:
         """How long to wait, at *now*, before the next run (*busy*: the tier is behind, see :func:`behind`; an idle one
         neither coalesces nor keeps the minimum spacing)."""
         if not busy:
-            return max(self.idle_coalesce, self._paid_at - self.burst - now)
+            return max(0.0, self._paid_at - self.burst - now)
         return max(self.coalesce, self._started + self.gap - now)
 
     def ran(self, started: float, ended: float) -> None:
