@@ -102,15 +102,23 @@ ENTERING = "\0".join(ENTERING_ARGS).encode()  # how /proc/<pid>/cmdline starts w
 BECOME_TIMEOUT = 2.0  # seconds one of the runtime's shells may take to exec the command it was given
 
 
+def cmdline(pid: int) -> bytes | None:
+    """The command line of *pid* as procfs has it (NUL-separated; empty between two programs, or ended and
+    not yet reaped); None when there is no such process."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+
+
 async def until_execed(child: asyncio.subprocess.Process, *shells: bytes, timeout: float = BECOME_TIMEOUT) -> None:
     """Wait until *child*, whose command line starts with one of *shells* while it is one of the runtime's
     shells, has exec'd what that shell runs (or ended). An empty command line is a process between two
     programs (or ended, not yet reaped): waited for too."""
-    cmdline = Path(f"/proc/{child.pid}/cmdline")
-    with contextlib.suppress(TimeoutError, OSError):
+    with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(timeout):
-            while child.returncode is None and (not (line := cmdline.read_bytes())  # noqa: ASYNC240 (procfs)
-                                                or line.startswith(shells)):
+            while child.returncode is None and (line := cmdline(child.pid)) is not None \
+                    and (not line or line.startswith(shells)):
                 await asyncio.sleep(0.0005)
 
 

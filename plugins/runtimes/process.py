@@ -21,6 +21,7 @@ from typing import Any
 import psutil
 
 from plugins.runtimes import nvidia
+from plugins.runtimes.cgroups import cmdline
 from plugins.runtimes.supervised import READY_TIMEOUT, SupervisedRuntime
 from services.common.plugin_api import Handle, LaunchSpec, hookimpl
 
@@ -49,20 +50,13 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""
-
-
 def _runs_command(pid: int) -> bool:
     """Whether unshare *pid* (or nsenter become unshare) has an init shell whose child has exec'd the
     command. A TERM to the child between its fork and its exec is lost: it still holds the init's trap,
     which it drops at the exec (and the init does not know the child's PID yet)."""
     for init in _children(pid):
-        shell = _cmdline(init)
-        if any(_cmdline(command) not in (shell, b"") for command in _children(init)):
+        shell = cmdline(init)
+        if any(cmdline(command) not in (shell, b"", None) for command in _children(init)):
             return True
     return False
 

@@ -27,7 +27,7 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
-from plugins.runtimes.cgroups import ENTERING, Cgroup, group_name, until_execed
+from plugins.runtimes.cgroups import ENTERING, Cgroup, cmdline, group_name, until_execed
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +57,8 @@ def launch_line(command: list[str], env: dict[str, str], work_dir: str, log_path
 
 def _waiting(pid: int) -> bool:
     """True when *pid* is a spare's shell still waiting for its line (or is gone)."""
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().startswith(WAITING)
-    except OSError:
-        return True
+    line = cmdline(pid)
+    return line is None or line.startswith(WAITING)
 
 
 @dataclass
