@@ -33,6 +33,8 @@ class Bridge:
     """Carries the root's messages for the cluster *cluster_id* to the orchestrator's session *local*, and
     what *local* publishes upstream to the root (*root*, connected by :meth:`run`)."""
 
+    delivers = channels.DOWNSTREAM_BASE + "/"  # what reaches *local* from here, not from its broker
+
     def __init__(self, cluster_id: str, root: MqttSession, local: MqttSession) -> None:
         self.cluster_id = cluster_id
         self.root = root

@@ -129,7 +129,7 @@ async def run_cluster(cfg: ClusterConfig, ready: asyncio.Event | None = None) ->
                     inbox.on(renewer.requests, lambda m: renewer.answer(session, m))
                 if renewal:
                     inbox.on(channels.downstream(channels.CLUSTER_CERT), renewal.take)
-                await inbox.subscribe(session, elsewhere=channels.DOWNSTREAM_BASE + "/" if bridge else "")
+                await inbox.subscribe(session, elsewhere=bridge.delivers if bridge else "")
                 if tier:
                     session.send(channels.JOIN_CA, tier.discovery())
                 info = ClusterInfo(cfg.name, cfg.location, VERSION, ",".join(scheduling.names))
