@@ -25,6 +25,7 @@ from services.cluster.orchestrator import STUCK_AFTER, ClusterOrchestrator
 from services.cluster.relay import Relay
 from services.cluster.secrets import SecretRelay
 from services.common import channels, metrics, models, plugins, profile, topics
+from services.common.heap import Heap
 from services.common.inbox import Inbox, Received, serve
 from services.common.metrics import Endpoint, TierMetrics
 from services.common.models import ClusterInfo
@@ -137,7 +138,7 @@ async def run_cluster(cfg: ClusterConfig, ready: asyncio.Event | None = None) ->
                 log.info("cluster %s serving workers on port %d", cfg.name, broker.port)
                 if ready:
                     ready.set()
-                await serve(session, inbox, orchestrator.run(), metrics.serve(measured, cfg.metrics),
+                await serve(session, inbox, orchestrator.run(), metrics.serve(measured, cfg.metrics), Heap().run(),
                             *([renewal.run()] if renewal else []), *([bridge.run()] if bridge else []))
     finally:
         store.close()
