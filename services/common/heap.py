@@ -39,7 +39,6 @@ class Heap:
         self.longest = longest
         self.every = every
         self.collections = 0
-        self.last_pause = 0.0  # seconds the last full collection held the process
 
     def collect(self) -> None:
         """One full collection of everything (frozen or not), then freeze what is left."""
@@ -47,9 +46,8 @@ class Heap:
         gc.unfreeze()
         gc.collect()
         gc.freeze()
-        self.last_pause = time.perf_counter() - began
         self.collections += 1
-        log.debug("collected the garbage cycles in %.0f ms", self.last_pause * 1000)
+        log.debug("collected the garbage cycles in %.0f ms", (time.perf_counter() - began) * 1000)
 
     async def run(self) -> None:
         """Freeze every *every* seconds; collect once quiet (or overdue), until cancelled."""
