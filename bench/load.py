@@ -37,7 +37,7 @@ from bench.three_tiers import sla
 from broker.probe import connect_packet
 from services.cli.client import CliError, OakClient, Profile
 from services.common.mqtt import tls_context
-from tests.conftest import message_lines, subscribed
+from tests.conftest import answers_by_transaction, subscribed
 from tests.stack import Stack, end, eventually
 
 USERS = 5
@@ -137,8 +137,7 @@ def burst(base: Path, port: int, profile: Profile) -> int:
                           "-t", f"oak/api/{profile.username}/response/services/list"], out)
 
     def answered() -> int:
-        return len({t for line in message_lines(out.read_text())
-                    if str(t := json.loads(line).get("transaction", "")).startswith("b")})
+        return sum(1 for t in answers_by_transaction(out.read_text()) if t.startswith("b"))
 
     try:
         requests = "".join(json.dumps({"transaction": f"b{n}"}) + "\n" for n in range(BURST))

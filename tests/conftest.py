@@ -61,6 +61,15 @@ def message_lines(text: str) -> list[str]:
     return [line for line in whole.splitlines() if line and not line.startswith(DEBUG_LINES)]
 
 
+def answers_by_transaction(text: str) -> dict[str, list[dict[str, Any]]]:
+    """The API answers in what mosquitto_sub -d printed (whole lines), by their transaction."""
+    by_transaction: dict[str, list[dict[str, Any]]] = {}
+    for line in message_lines(text):
+        answer = json.loads(line)
+        by_transaction.setdefault(str(answer.get("transaction", "")), []).append(answer)
+    return by_transaction
+
+
 def messages(proc: subprocess.Popen[str], timeout: float) -> list[str]:
     """The message lines *proc* (from :func:`subscribed`, to a pipe) printed until it ended."""
     out, _ = proc.communicate(timeout=timeout)

@@ -20,7 +20,7 @@ import pytest
 
 from services.common import channels
 from services.root.api import Api
-from tests.conftest import Stack, connect, message_lines, need_binary, subscribed, untimed
+from tests.conftest import Stack, answers_by_transaction, connect, need_binary, subscribed, untimed
 from tests.fakes import FakeSession, deliver_on
 from tests.stack import REPO, end, eventually
 
@@ -76,13 +76,8 @@ async def _burst(stack: Stack, action: str = "services/list") -> dict[str, list[
 
 
 def _answered(out: Path) -> dict[str, list[dict[str, Any]]]:
-    """The answers mosquitto_sub wrote to *out* so far (whole lines), by transaction."""
-    by_transaction: dict[str, list[dict[str, Any]]] = {}
-    for line in message_lines(out.read_text()):
-        answer = json.loads(line)
-        if answer.get("transaction", "").isdigit():  # not the admin's own request
-            by_transaction.setdefault(answer["transaction"], []).append(answer)
-    return by_transaction
+    """The answers mosquitto_sub wrote to *out* so far, by transaction (not the admin's own request)."""
+    return {t: answers for t, answers in answers_by_transaction(out.read_text()).items() if t.isdigit()}
 
 
 @pytest.mark.timeout(120)
