@@ -89,13 +89,27 @@ async def test_restarted_engine_adopts_running_instances(tmp_path: Path) -> None
     await second.close()
 
 
+def gated_runtime() -> tuple[SimRuntime, asyncio.Event]:
+    """A simulated runtime whose starts wait for the event returned with it."""
+    runtime, gate = SimRuntime(), asyncio.Event()
+    start = runtime.start
+
+    async def gated_start(launch: Any) -> Any:
+        await gate.wait()
+        return await start(launch)
+
+    runtime.start = gated_start  # type: ignore[method-assign,assignment]
+    return runtime, gate
+
+
 async def test_many_new_instances_share_one_store_write(tmp_path: Path) -> None:
     """A desired map bringing 300 instances writes their CREATING records once, not 300 times in a row."""
-    store = Store(tmp_path / "w.json")
-    eng = Engine("w1", {"process": SimRuntime()}, store, tmp_path)
+    store, (runtime, gate) = Store(tmp_path / "w.json"), gated_runtime()
+    eng = Engine("w1", {"process": runtime}, store, tmp_path)  # type: ignore[dict-item]
     before = store.file_writes
     await eng.apply({f"i{n}": spec(f"i{n}", ["sleep", "1"]) for n in range(300)})  # returns before they start
     assert store.file_writes - before == 1, f"{store.file_writes - before} writes for one desired map"
+    gate.set()  # their RUNNING records come next (held until now: they might otherwise share or follow that write)
     await eventually(lambda: all(s.status == models.RUNNING for s in eng.statuses().values()), what="all RUNNING")
     await eng.apply({})
     await eventually(lambda: not eng.slots, what="all removed")
@@ -142,14 +156,7 @@ async def test_costly_reports_are_spaced_by_their_cost() -> None:
 async def test_a_worker_batches_its_reports_only_while_busy(tmp_path: Path) -> None:
     """Idle, a worker's reports may run ahead of their cost spacing (a lone deploy's RUNNING is not held up
     behind its CREATING); while an instance is starting, or the worker is behind on its messages, they keep it."""
-    runtime, gate = SimRuntime(), asyncio.Event()
-    start = runtime.start
-
-    async def gated_start(launch: Any) -> Any:
-        await gate.wait()
-        return await start(launch)
-
-    runtime.start = gated_start  # type: ignore[method-assign]
+    runtime, gate = gated_runtime()
     eng = Engine("w1", {"process": runtime}, Store(tmp_path / "w.json"), tmp_path)  # type: ignore[dict-item]
     reporter, session = Reporter("w1", Slow()), FakeSession()  # type: ignore[arg-type]
     reporter.engine = eng
