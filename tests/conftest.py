@@ -6,6 +6,7 @@ import asyncio
 import json
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from pathlib import Path
@@ -38,9 +39,15 @@ def subscribed(command: list[str], out: Path | None = None, timeout: float = 15.
     if out is None:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
         assert proc.stdout is not None
-        for line in proc.stdout:
-            if "received SUBACK" in line:
-                return proc
+        watchdog = threading.Timer(timeout, proc.kill)  # a client that never subscribes ends the loop below
+        watchdog.start()
+        try:
+            for line in proc.stdout:
+                if "received SUBACK" in line:
+                    return proc
+        finally:
+            watchdog.cancel()
+        proc.wait()
     else:
         with out.open("w") as sink:
             proc = subprocess.Popen(argv, stdout=sink, text=True)

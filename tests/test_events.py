@@ -14,7 +14,7 @@ import pytest
 
 from services.cli.client import ApiFailure
 from services.cli.views import event_line
-from tests.conftest import dumps, eventually, sla, sleeper
+from tests.conftest import dumps, eventually, messages, sla, sleeper, subscribed
 from tests.stack import REPO, Stack, oak
 from tests.test_three_tiers import _online_nodes, running
 
@@ -71,11 +71,12 @@ async def test_what_the_root_decided_and_saw(stack: Stack, api: Any) -> None:
     follower = await asyncio.create_subprocess_exec(
         *oak("events", "-f", "-n", "0", "--data-dir", str(stack.base / "root")), stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE, cwd=REPO)
-    script = await asyncio.create_subprocess_exec(
-        "mosquitto_sub", *stack_login(stack), "-t", "oak/api/admin/events", "-C", "1", "-W", "30",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    script = await asyncio.to_thread(
+        subscribed, ["mosquitto_sub", *stack_login(stack), "-t", "oak/api/admin/events", "-C", "1", "-W", "30"])
     try:
-        await asyncio.sleep(2)
+        assert follower.stderr is not None
+        ready = await asyncio.wait_for(follower.stderr.readline(), 30)
+        assert b"following new events" in ready, ready
         stack.procs["w1"].stop()
         got = ""
 
@@ -92,15 +93,17 @@ async def test_what_the_root_decided_and_saw(stack: Stack, api: Any) -> None:
             follower.terminate()
             _, err = await follower.communicate()
             raise AssertionError(f"follower printed {got!r}; said {err.decode()[-2000:]}") from None
-        out, _ = await asyncio.wait_for(script.communicate(), 40)
+        [out] = await asyncio.to_thread(messages, script, 40)
         batch = json.loads(out)
         assert batch["kind"] == "events", "an envelope, like every state the root sends"
         assert batch["data"]["events"], batch
     finally:
-        for proc in (follower, script):
-            if proc.returncode is None:
-                proc.terminate()
-                await proc.wait()
+        if follower.returncode is None:
+            follower.terminate()
+            await follower.wait()
+        if script.poll() is None:
+            script.terminate()
+            script.wait()
 
 
 def stack_login(stack: Stack) -> list[str]:

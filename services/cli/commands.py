@@ -430,6 +430,8 @@ async def _events(oak: OakClient, args: argparse.Namespace) -> tuple[Any, Render
     me = oak.profile.username
     recent, live = channels.API_EVENTS_RECENT.topic(user=me), channels.API_EVENTS.topic(user=me)
     await oak.session.subscribe_confirmed(recent, *([live] if args.follow else []))
+    if args.follow:  # on stderr: stdout holds only events, for scripts
+        print("oak: following new events (Ctrl-C stops)", file=sys.stderr, flush=True)
 
     def wanted(channel: channels.Channel[dict[str, Any]], payload: bytes) -> list[dict[str, Any]]:
         try:
