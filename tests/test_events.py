@@ -75,8 +75,12 @@ async def test_what_the_root_decided_and_saw(stack: Stack, api: Any) -> None:
         subscribed, ["mosquitto_sub", *stack_login(stack), "-t", "oak/api/admin/events", "-C", "1", "-W", "30"])
     try:
         assert follower.stderr is not None
-        ready = await asyncio.wait_for(follower.stderr.readline(), 30)
-        assert b"following new events" in ready, ready
+        said = b""
+        async with asyncio.timeout(30):  # it says so on stderr once its subscription is confirmed
+            while b"following new events" not in said:
+                line = await follower.stderr.readline()
+                assert line, f"oak events -f ended before it followed: {said.decode()}"
+                said += line
         stack.procs["w1"].stop()
         got = ""
 
