@@ -27,14 +27,14 @@ Other OCI runtimes (:mod:`plugins.runtimes.oci`): a service whose virtualization
 makes itself and removes after reading the exit (they lack runc's ``--keep``).
 
 With containerd: the layout is imported once per manifest digest, and ``ctr run -d`` starts the
-container with its output appended to the instance's log by containerd's shim (``--log-uri
-file://``), the same cgroup (``oakling/<iid>``, ``--cgroup``) with ``--memory-limit`` and
+container with its output appended to the instance's log by a logger containerd's shim runs (``--log-uri
+binary://``, :data:`LOGGER`), the same cgroup (``oakling/<iid>``, ``--cgroup``) with ``--memory-limit`` and
 ``--cpu-quota``, ``--with-ns network:<the instance's or the worker's namespace>``, ``--env`` and
 ``--privileged``.
 The handle is the task's init process; when it ends, the cgroup is read for an out-of-memory kill
-before ``ctr task delete`` gives the exit code (so it is known even for a container that ended
-while the worker was away). Stopping is ``ctr task kill`` TERM, then KILL; then the task, the
-container and its snapshot are deleted.
+before ``ctr task delete`` gives the exit code (so it is known even for a container that ended while
+the worker was away) once the logger has written everything. Stopping is ``ctr task kill`` TERM, then
+KILL; then the task, the container and its snapshot are deleted.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlencode
 
 import psutil
 
@@ -65,10 +66,22 @@ from services.common.private import private_opener, write_mode
 
 log = logging.getLogger(__name__)
 NAME = "container"
-# containerd's shim copies a task's output into its log file itself, and ``ctr task delete`` closes the
-# pipes: a last line still in one was lost (1 run in ~20 under load). The log gets this long without
-# growing, at most LOG_DRAIN, before the task is deleted.
-LOG_QUIET, LOG_DRAIN = 0.1, 1.0
+# containerd's shim, given a file:// log, copies the task's stdout and stderr into it with two copiers sharing
+# the file, and the first to reach its pipe's end closes it (containerd 1.6's copyPipes): what the other pipe
+# still held was lost, typically the last stderr lines of a container that crashed (1 exit in ~15 under load).
+# So the shim hands both pipes to this logger instead (``--log-uri binary://``): it appends each to the log
+# until its end, and ``ctr task delete`` returns once it has (the shim waits for the logger to exit).
+LOGGER = """#!/bin/sh
+# Oakling's containerd logger: the shim passes the task's stdout on fd 3 and its stderr on fd 4, and waits
+# for a byte on fd 5. Arguments: log PATH. It ends when both pipes have (the shim's TERM does not cut it short).
+trap '' TERM
+cat <&3 >>"$2" &
+cat <&4 >>"$2" &
+exec 3<&- 4<&-
+printf . >&5
+exec 5>&-
+wait
+"""
 TOOL_TIMEOUT = 300
 START_TIMEOUT = 30.0
 ENGINE_ENV = "OAK_CONTAINER_ENGINE"
@@ -425,7 +438,8 @@ class ContainerRuntime(SupervisedRuntime):
 
     def _ctr_run_args(self, spec: LaunchSpec, image: str, image_env: list[str]) -> list[str]:
         """``ctr run -d`` of *image* as the SLA says."""
-        args = ["run", "-d", "--log-uri", f"file://{Path(spec.log_path).resolve()}",
+        log_uri = f"binary://{quote(str(self._logger()))}?{urlencode({'log': str(Path(spec.log_path).resolve())})}"
+        args = ["run", "-d", "--log-uri", log_uri,
                 "--cgroup", absolute_path(self.group(spec.iid)) or relative_path(self.group(spec.iid))]
         if spec.memory_mb:
             args += ["--memory-limit", str(spec.memory_mb * 2**20)]
@@ -454,6 +468,17 @@ class ContainerRuntime(SupervisedRuntime):
             write_mode(env_file, "".join(f"{item}\n" for item in spec.secret_env), 0o400)
             args += ["--env-file", str(env_file)]
         return [*args, image, self._cid(spec.iid), *spec.cmd]
+
+    def _logger(self) -> Path:
+        """The logger containerd's shim runs for each task (:data:`LOGGER`), written here if it is not yet."""
+        path = (self.data_dir / "oak-logger").absolute()
+        if not path.exists() or path.read_text() != LOGGER:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            staged = path.with_name(f".oak-logger-{uuid.uuid4().hex}")
+            staged.write_text(LOGGER)
+            staged.chmod(0o700)
+            staged.replace(path)  # a shim starting meanwhile runs the old one or the new one, never half of one
+        return path
 
     def _prepare_containerd(self, spec: LaunchSpec) -> list[str]:
         layout, tag = self.image_layout(spec.code, Path(spec.log_path), spec.on_progress, spec.registry_auth)
@@ -497,7 +522,6 @@ class ContainerRuntime(SupervisedRuntime):
         await self._gone(handle)
         self._probes.pop(handle.iid, None)
         usage = self.cgroup(handle).usage()
-        await log_settled(handle.data.get("log"))
 
         def delete() -> int | None:
             self.containerd.ensure()
@@ -550,27 +574,3 @@ def oak_make_runtime(name: str, config: dict[str, Any]) -> ContainerRuntime | No
     if reason:
         raise ValueError(reason)
     return runtime
-
-
-async def log_settled(path: object) -> None:
-    """Return once the log file *path* has not grown for LOG_QUIET seconds (at most LOG_DRAIN)."""
-    if not isinstance(path, str) or not path:
-        return
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + LOG_DRAIN
-    size, quiet_since = -1, loop.time()
-    while loop.time() < deadline:
-        now_size = _size(path)
-        if now_size != size:
-            size, quiet_since = now_size, loop.time()
-        elif loop.time() - quiet_since >= LOG_QUIET:
-            return
-        await asyncio.sleep(0.01)
-
-
-def _size(path: str) -> int:
-    """The size of file *path* in bytes (0 while it does not exist)."""
-    try:
-        return os.stat(path).st_size
-    except FileNotFoundError:
-        return 0
