@@ -67,8 +67,8 @@ from services.common.private import private_opener, write_mode
 log = logging.getLogger(__name__)
 NAME = "container"
 # containerd's shim, given a file:// log, copies the task's stdout and stderr into it with two copiers sharing
-# the file, and the first to reach its pipe's end closes it (containerd 1.6's copyPipes): what the other pipe
-# still held was lost, typically the last stderr lines of a container that crashed (1 exit in ~15 under load).
+# the file, and the stdout copier closes it when its pipe ends (containerd 1.6's copyPipes): what stderr still
+# held was lost, typically the last lines of a container that crashed (1 exit in ~15 under load).
 # So the shim hands both pipes to this logger instead (``--log-uri binary://``): it appends each to the log
 # until its end, and ``ctr task delete`` returns once it has (the shim waits for the logger to exit).
 LOGGER = """#!/bin/sh
