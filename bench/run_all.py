@@ -41,8 +41,6 @@ def main() -> None:
         print(f"[{n}/{len(names)}] bench.{name}", file=sys.stderr, flush=True)
         started = time.monotonic()
         running = subprocess.Popen([sys.executable, "-m", f"bench.{name}"])
-        if stopped:  # the signal came between two benchmarks: this one never got it
-            running.terminate()
         code = running.wait()
         print(f"[{n}/{len(names)}] bench.{name}: {'ok' if code == 0 else 'FAILED'} in "
               f"{time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
