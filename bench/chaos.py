@@ -14,7 +14,7 @@ import random
 import tempfile
 from pathlib import Path
 
-from bench.common import record, stop_on_sigterm, summary
+from bench.common import record, summary
 from bench.three_tiers import _online, client_for
 from tests.chaos import CLUSTERS, Chaos, Fault, leftovers, plan, start_fleet
 from tests.stack import Stack, eventually
@@ -54,7 +54,6 @@ async def run(seed: int, count: int) -> None:
 
 
 def main() -> None:
-    stop_on_sigterm()
     p = argparse.ArgumentParser()
     p.add_argument("--faults", type=int, default=40)
     p.add_argument("--seed", type=int, default=None)

@@ -1,10 +1,9 @@
-"""Helpers for benchmarks: statistics, the results record, and stopping cleanly."""
+"""Helpers for benchmarks: statistics and the results record."""
 
 from __future__ import annotations
 
 import json
 import platform
-import signal
 import statistics
 import time
 from pathlib import Path
@@ -13,17 +12,6 @@ from typing import Any
 import psutil
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def stop_on_sigterm() -> None:
-    """Have SIGTERM (``timeout``, a cancelled CI job, ``kill``) end this benchmark as Ctrl-C does, by an
-    exception, so that its ``finally`` blocks stop the processes and remove the namespaces and files it made:
-    by default SIGTERM ends Python at once and leaves a whole simulated fleet running."""
-    signal.signal(signal.SIGTERM, _exit_on_signal)
-
-
-def _exit_on_signal(signum: int, _frame: object) -> None:
-    raise SystemExit(128 + signum)
 
 
 def percentile(values: list[float], q: float) -> float:

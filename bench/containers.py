@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.common import record, stop_on_sigterm, summary
+from bench.common import record, summary
 from bench.three_tiers import _online, client_for, wait_status
 from plugins.runtimes import containerd
 from plugins.runtimes.oci import OciRuntime
@@ -151,7 +151,6 @@ def compared(ours: list[float], name: str, baseline: list[float]) -> dict[str, A
 
 
 def main() -> None:
-    stop_on_sigterm()
     p = argparse.ArgumentParser()
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--engine", choices=["runc", "containerd", "both"], default="both")

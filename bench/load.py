@@ -32,7 +32,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from bench.common import percentile, record, stop_on_sigterm, summary
+from bench.common import percentile, record, summary
 from bench.three_tiers import sla
 from broker.probe import connect_packet
 from services.cli.client import CliError, OakClient, Profile
@@ -237,7 +237,6 @@ async def run(flood_seconds: float, sockets: int) -> None:
 
 
 def main() -> None:
-    stop_on_sigterm()
     p = argparse.ArgumentParser()
     p.add_argument("--flood", type=float, default=10.0, help="seconds of wrong passwords (25 a second)")
     p.add_argument("--sockets", type=int, default=10_000, help="idle connections to hold")

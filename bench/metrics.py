@@ -18,7 +18,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench.common import record, stop_on_sigterm
+from bench.common import record
 from bench.fleet import Fleet
 from bench.scale import Tracker, join, measure, place, started
 from bench.three_tiers import idle_up
@@ -83,7 +83,6 @@ async def fleet_case(with_metrics: bool, workers: int, instances: int, seconds: 
 
 
 def main() -> None:
-    stop_on_sigterm()
     p = argparse.ArgumentParser()
     p.add_argument("--seconds", type=float, default=60)
     p.add_argument("--workers", type=int, default=1000)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import record, stop_on_sigterm, summary
+from bench.common import record, summary
 from plugins.runtimes.cgroups import cgroup2_mount
 from services.worker import nftrules, socklb
 from services.worker.kernel import overlay_unavailable
@@ -175,13 +176,13 @@ def paired_ratio(over: list[float], under: list[float]) -> float:
 
 
 def main() -> None:
-    stop_on_sigterm()
     p = argparse.ArgumentParser()
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--direct-routing", choices=("auto", "on", "off"), default="auto",
                    help="as the workers' DirectRouting: auto (default: unwrapped once probed), on, off (VXLAN)")
     args = p.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # (so that the lab is removed)
     reason = overlay_unavailable()
     if reason:
         raise SystemExit(f"cannot run: {reason}")

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import record, stop_on_sigterm, summary
+from bench.common import record, summary
 from bench.three_tiers import _online, client_for
 from services.cli.client import OakClient
 from tests.stack import Stack, eventually
@@ -144,7 +144,6 @@ async def run(rounds: int) -> None:
 
 
 def main() -> None:
-    stop_on_sigterm()
     p = argparse.ArgumentParser()
     p.add_argument("--rounds", type=int, default=5)
     args = p.parse_args()

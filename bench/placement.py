@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 import time
 
-from bench.common import record, stop_on_sigterm
+from bench.common import record
 from services.common import profile
 from services.common.models import NodeSummary
 from services.common.plugin_api import Candidate, Demand
@@ -81,7 +81,6 @@ def root_tier(n_clusters: int, per_cluster: int, placements: int) -> float:
 
 
 def main() -> None:
-    stop_on_sigterm()
     framework, baseline = cluster_tier(1000, 2000)
     growth = {}
     for n in (10, 100, 1000, 10000):

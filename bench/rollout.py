@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import record, stop_on_sigterm, summary
+from bench.common import record, summary
 from bench.three_tiers import _online, client_for
 from services.cli.client import OakClient
 from tests.stack import Stack, eventually
@@ -97,7 +97,6 @@ async def run(rounds: int, replicas: int) -> None:
 
 
 def main() -> None:
-    stop_on_sigterm()
     p = argparse.ArgumentParser()
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--replicas", type=int, default=10)

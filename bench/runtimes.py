@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import record, stop_on_sigterm
+from bench.common import record
 from bench.containers import compared, direct_oci, orchestrated
 from plugins.runtimes import oci
 from tests import wasm_modules
@@ -74,7 +74,6 @@ def started_mark(stack: Stack) -> float | None:
 
 
 def main() -> None:
-    stop_on_sigterm()
     p = argparse.ArgumentParser()
     p.add_argument("--rounds", type=int, default=15)
     args = p.parse_args()

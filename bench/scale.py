@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import signal
 import sys
 import tempfile
 import time
@@ -35,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import percentile, record, stop_on_sigterm
+from bench.common import percentile, record
 from bench.fleet import Fleet, sample, window
 from services.cli.client import CliError, OakClient, Profile, decode_state
 from services.common import channels
@@ -276,7 +277,6 @@ async def run_case(workers: int, clusters: int, args: argparse.Namespace) -> dic
 
 
 def main() -> None:
-    stop_on_sigterm()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workers", default="10,100,1000", help="comma-separated fleet sizes")
     p.add_argument("--clusters", default="1,10", help="comma-separated cluster counts")
@@ -297,6 +297,7 @@ def main() -> None:
                    help="the root's and the user lane's niceness (below 0 needs root: the CPU scheduler favours "
                         "them over the fleet, as when the root runs on a machine of its own; default: 0)")
     args = p.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     cases = []
     try:
         for clusters in (int(c) for c in args.clusters.split(",")):

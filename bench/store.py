@@ -27,7 +27,7 @@ import types
 from pathlib import Path
 from typing import Any
 
-from bench.common import percentile, record, stop_on_sigterm, summary
+from bench.common import percentile, record, summary
 from services.common.models import InstanceSpec
 from services.common.sla import ServiceSpec
 from services.common.store import Store
@@ -115,7 +115,6 @@ async def main(docs: int, count: int, long: int) -> None:
 
 
 if __name__ == "__main__":
-    stop_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--docs", type=int, default=10_000)
     parser.add_argument("--changes", type=int, default=1000, help="timed changes of each store")

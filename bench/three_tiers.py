@@ -23,7 +23,7 @@ from pathlib import Path
 
 import psutil
 
-from bench.common import record, stop_on_sigterm, summary
+from bench.common import record, summary
 from broker.backend import EMBEDDED, MOSQUITTO
 from plugins.runtimes.process import ProcessRuntime
 from services.cli.client import OakClient, Profile, decode_state
@@ -228,7 +228,6 @@ async def idle_footprint(seconds: float) -> None:
 
 
 def main() -> None:
-    stop_on_sigterm()
     p = argparse.ArgumentParser()
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--failovers", type=int, default=5)

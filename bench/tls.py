@@ -33,7 +33,7 @@ from pathlib import Path
 
 import psutil
 
-from bench.common import record, stop_on_sigterm, summary
+from bench.common import record, summary
 from bench.three_tiers import deploy_rounds
 from services.cli.client import OakClient, Profile
 from tests.stack import eventually, free_port
@@ -177,7 +177,6 @@ def _commit(rev: str) -> str:
 
 
 def main() -> None:
-    stop_on_sigterm()
     p = argparse.ArgumentParser()
     p.add_argument("--rev", default="HEAD", help="the revision with TLS (default HEAD)")
     p.add_argument("--baseline-rev", default=BEFORE_TLS, help=f"a revision without TLS (default {BEFORE_TLS})")
